@@ -1,0 +1,237 @@
+"""Detection: run the attention rules, probe the shapes and masks they need in one run
+of the model on sample inputs, and turn candidates into `AttentionSite` records."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from attn_opt.patterns import eager, fused, projections
+from attn_opt.patterns.candidate import Candidate
+from attn_opt.patterns.layout import unexpanded
+from attn_opt.patterns.site import AttentionSite, Miss, NearMiss, Operand
+from attn_opt.rewriter.graph import GraphView, Value, layer_of
+from attn_opt.rewriter.pattern import Rule, run_rules
+
+# The rule set, read top to bottom. Fused forms first: they are exact matches.
+RULES = [
+    Rule("sdpa", frozenset({"SDPA"}), fused.match_sdpa, "torch scaled_dot_product_attention call"),
+    Rule("torch-mha", frozenset({"TorchMHA"}), fused.match_torch_mha, "nn.MultiheadAttention"),
+    Rule("onnx-attention", frozenset({"Attention"}), fused.match_onnx_attention, "ONNX Attention op (opset 23+)"),
+    Rule("ms-mha", frozenset({"com.microsoft.MultiHeadAttention"}), fused.match_ms_mha, "ORT MultiHeadAttention"),
+    Rule("ms-gqa", frozenset({"com.microsoft.GroupQueryAttention"}), fused.match_ms_gqa, "ORT GroupQueryAttention"),
+    Rule("ms-attention", frozenset({"com.microsoft.Attention"}), fused.match_ms_attention, "ORT Attention (packed QKV)"),
+    Rule("eager", frozenset({"Softmax"}), eager.match_eager, "MatMul → scale → mask → Softmax → MatMul"),
+]
+
+MASKED = -1e4  # an additive term at or below this hides the key (HF uses finfo.min, older code -1e4)
+
+
+@dataclass
+class Detection:
+    sites: list[AttentionSite]
+    near_misses: list[NearMiss]
+    counts: dict[str, int]
+    probe_error: str | None = None
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def detect(gv: GraphView, feeds: dict[str, np.ndarray] | None = None, probe: bool = True) -> Detection:
+    res = run_rules(gv, RULES, Miss)
+    cands = []
+    for rule, node, c in res.matches:
+        for op in ("k", "v"):  # see through repeat_kv: the op can take the kv heads as they are
+            src = unexpanded(getattr(c, op))
+            if src is not None:
+                setattr(c, op, src)
+            c.expanded_kv |= getattr(c, op).repeated
+        cands.append(c)
+    probed, err = {}, None
+    if probe and cands:
+        probed, err, feeds = _probe(gv, _needed(cands), feeds)
+    sites = [_finalize(gv, c, i, probed, err) for i, c in enumerate(cands)]
+    misses = [NearMiss(e.reason, e.nodes or (node.name,), rule.name) for rule, node, e in res.misses]
+    return Detection(sites, misses, dict(res.counts), err, feeds or {})
+
+
+def _probe(gv: GraphView, values: list[Value], feeds):
+    """Run once on sample inputs; if the model rejects batch 2, retry at batch 1 (the
+    opset-23 export of rotary embeddings only runs at the batch it was traced with)."""
+    attempts = [feeds] if feeds is not None else [None, 1]
+    err = None
+    for attempt in attempts:
+        try:
+            if attempt is None or isinstance(attempt, int):
+                f = gv.sample_inputs() if attempt is None else {k: a[:1] for k, a in gv.sample_inputs().items()}
+            else:
+                f = attempt
+            return gv.probe(values, f), None, f
+        except Exception as e:  # the sites stay, with what static shapes say
+            err = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return {}, err, feeds
+
+
+def _input_dependent(v: Value, depth: int = 64) -> bool:
+    """Whether `v` depends on graph-input data (not only on input shapes)."""
+    stack, seen = [v], set()
+    while stack and depth > 0:
+        x = stack.pop()
+        if x.is_input:
+            return True
+        n = x.producer
+        if n is None or id(n) in seen or n.op in ("Shape", "Size"):
+            continue
+        seen.add(id(n))
+        depth -= 1
+        stack.extend(i for i in n.inputs if i is not None and i.const is None)
+    return depth <= 0
+
+
+def _needed(cands: list[Candidate]) -> list[Value]:
+    vals = []
+    for c in cands:
+        vals += [c.q.value, c.k.value, c.v.value]
+        vals += [f for f, _ in c.scale_factors if f.const is None]
+        vals += [a for a in c.additive if a.const is None]
+        if c.bool_mask is not None and c.bool_mask.const is None:
+            vals.append(c.bool_mask)
+    return vals
+
+
+def _arr(v: Value | None, probed: dict) -> np.ndarray | None:
+    if v is None:
+        return None
+    return v.const if v.const is not None else probed.get(v.name)
+
+
+def _bhsd(op: Operand, probed: dict, static: bool = False) -> tuple | None:
+    """[B, H, S, D] of an operand, from the probe run (or static shapes)."""
+    if static:
+        shape = op.value.shape
+    else:
+        a = _arr(op.value, probed)
+        shape = None if a is None else a.shape
+    if shape is None or op.packed:
+        return shape
+    return tuple(shape[p] for p in op.perm) if op.perm else tuple(shape)
+
+
+def _masked(c: Candidate, probed: dict) -> tuple[np.ndarray | None, bool]:
+    """Which (b, h, i, j) the mask hides, and whether any unhidden term is non-zero."""
+    hidden, bias = None, False
+    if c.additive:
+        terms = [_arr(a, probed) for a in c.additive]
+        if any(t is None for t in terms):
+            return None, False
+        total = sum(np.asarray(t, dtype=np.float64) for t in terms)
+        hidden = total <= MASKED
+        bias = bool(np.any((total != 0) & ~hidden))
+    if c.bool_mask is not None:
+        cond = _arr(c.bool_mask, probed)
+        if cond is None:
+            return None, bias
+        b = ~cond.astype(bool) if c.bool_keep else cond.astype(bool)
+        hidden = b if hidden is None else (hidden | b)
+    return hidden, bias
+
+
+def _causal_pattern(hidden: np.ndarray, tq: int, tk: int) -> bool:
+    """Whether batch row 0 (never padded in sample inputs) hides exactly the future keys."""
+    if hidden.ndim < 2 or tq < 2:
+        return False
+    h = np.broadcast_to(hidden, hidden.shape[:-2] + (tq, tk))
+    row0 = h.reshape((-1,) + h.shape[-3:])[0] if h.ndim >= 3 else h
+    return bool(np.all(row0 == np.triu(np.ones((tq, tk), dtype=bool), 1 + tk - tq)))
+
+
+def _static_ints(shape: tuple | None) -> tuple | None:
+    return shape if shape is not None and all(isinstance(d, int) for d in shape) else None
+
+
+def _length(op: Operand, shape: tuple | None, seq_first: bool) -> int | None:
+    if shape is None:
+        return None
+    if op.packed and len(shape) == 3:
+        return int(shape[0] if seq_first else shape[1])
+    return int(shape[-2]) if len(shape) == 4 else None
+
+
+def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | None) -> AttentionSite:
+    notes = list(c.notes)
+    qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
+    q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)
+    heads, kv_heads, head_dim = c.heads_attr, c.kv_heads_attr, None
+    if q is not None and not c.q.packed and len(q) == 4:
+        heads, head_dim = heads or int(q[1]), int(q[3])
+    elif q is not None and c.q.packed and heads:
+        head_dim = int(q[-1]) // heads
+    if k is not None and not c.k.packed and len(k) == 4:
+        kv_heads = kv_heads or int(k[1])
+    kv_heads = kv_heads or heads
+    tq, tk = _length(c.q, q, c.seq_first), _length(c.k, k, c.seq_first)
+
+    def static_len(s):
+        return s[-2] if s is not None and len(s) == 4 and isinstance(s[-2], int) else None
+
+    if c.scale is not None:
+        scale = c.scale
+    elif c.rule == "eager":
+        try:
+            scale = eager.scale_value(c.scale_factors, probed)
+        except (TypeError, IndexError, ValueError):
+            scale = None
+    else:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else None
+
+    hidden, bias = _masked(c, probed) if probed or not (c.additive or c.bool_mask) else (None, False)
+    causal = c.causal_attr
+    if hidden is not None and tq and tk:
+        is_causal = _causal_pattern(hidden, tq, tk)
+        causal = causal or is_causal
+    has_mask = bool(c.additive or c.bool_mask is not None)
+    terms = list(c.additive) + ([c.bool_mask] if c.bool_mask is not None else [])
+    if (has_mask and hidden is not None and not hidden.any() and not bias
+            and not any(_input_dependent(t) for t in terms)):
+        has_mask = False  # a mask built from shapes alone that hides nothing (ViT's exports)
+        notes.append("its mask hides no key and depends on no input: treated as no mask")
+    if not has_mask:
+        mask = "causal" if c.causal_attr else "none"
+    elif hidden is not None and causal and not bias and not any(_input_dependent(t) for t in terms):
+        mask = "causal"
+    else:
+        mask = "boolean" if c.bool_mask is not None and not c.additive else "additive"
+    if err:
+        notes.append(f"shapes from static inference only: the model did not run ({err})")
+        causal = causal if (c.causal_attr or hidden is not None) else None
+
+    projs = {}
+    for name, op in (("q", c.q), ("k", c.k), ("v", c.v)):
+        p = projections.feeding(op.value)
+        if p is not None:
+            projs[name] = p
+    o = projections.reading(c.output)
+    if o is not None:
+        projs["o"] = o
+    if "q" in projs and "k" in projs:
+        kind = "self" if projs["q"].x is projs["k"].x else "cross"
+    elif c.q.value is c.k.value:
+        kind = "self"
+    else:
+        lq, lk = (qs[-2] if qs and len(qs) == 4 else None), (ks[-2] if ks and len(ks) == 4 else None)
+        kind = "cross" if (lq is not None and lk is not None and lq != lk) or (tq and tk and tq != tk) else "self"
+    order = {id(n): i for i, n in enumerate(gv.nodes)}
+    covered = sorted({id(n): n for n in c.covered}.values(), key=lambda n: order.get(id(n), 0))
+    return AttentionSite(
+        id=f"a{index}", rule=c.rule, kind=kind, q=c.q, k=c.k, v=c.v, output=c.output, scale=scale,
+        mask=mask, causal=causal, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        q_len=static_len(qs), k_len=static_len(ks), nodes=tuple(n.name for n in covered),
+        additive=tuple(c.additive), bool_mask=c.bool_mask, bool_keep=c.bool_keep,
+        mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
+        layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes))
+
+
+def _fill(c: Candidate, probed: dict) -> float | None:
+    a = _arr(c.fill, probed)
+    return None if a is None or a.size != 1 else float(a.reshape(-1)[0])

@@ -1,0 +1,217 @@
+"""The canonical eager attention pattern, anchored at Softmax:
+
+    MatMul(Q, Kᵀ) → (Mul | Div | pre-scaled Q or K | none) → (Add bias/mask | Where mask)*
+        → Softmax(-1) → (Cast | Dropout | NaN guard | none) → MatMul(·, V)
+
+Each stage is a table of tagged alternatives, not one pattern per exporter. Where the
+exporters differ is noted beside the alternative that covers them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attn_opt.patterns.candidate import Candidate
+from attn_opt.patterns.layout import operand, weight_like
+from attn_opt.patterns.site import Miss, Operand
+from attn_opt.rewriter.graph import GraphView, Node, Value
+
+# ops that carry the scores/probabilities through unchanged
+PASS = {"Cast", "Identity", "Dropout", "Contiguous"}
+SCALE = {"Mul", "Div"}
+MAX_STAGES = 12
+
+
+def is_scalar(v: Value | None) -> bool:
+    if v is None:
+        return False
+    if v.const is not None:
+        return v.const.size == 1
+    return v.shape is not None and all(d == 1 for d in v.shape)
+
+
+def _scale_of(n: Node, path: Value) -> tuple[Value, bool] | None:
+    """(factor, divides) when `n` multiplies/divides `path` by a scalar."""
+    a, b = n.input(0), n.input(1)
+    if n.op == "Div" and a is path and is_scalar(b):
+        return b, True
+    if n.op == "Mul" and a is path and is_scalar(b):
+        return b, False
+    if n.op == "Mul" and b is path and is_scalar(a):
+        return a, False
+    return None
+
+
+def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
+    """The MatMul that `v` is computed from through score ops (a weight product too, so
+    that the miss can name the weight)."""
+    for _ in range(budget):
+        n = v.producer
+        if n is None:
+            return None
+        if n.op in ("MatMul", "Einsum", "Gemm", "Linear"):
+            return n
+        if n.op in PASS or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
+            v = n.input(0)
+        elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
+            v = n.input(1)
+        elif n.op == "Add":
+            hits = [x for x in n.inputs if x is not None and _qk_matmul(x, budget - 1)]
+            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
+        elif n.op == "Where":
+            hits = [x for x in n.inputs[1:] if x is not None and _qk_matmul(x, budget - 1)]
+            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
+        else:
+            return None
+    return None
+
+
+def _walk_scores(c: Candidate, v: Value) -> Node:
+    """From the Softmax input back to the Q·Kᵀ MatMul, collecting scale and masks."""
+    for _ in range(MAX_STAGES):
+        n = v.producer
+        if n is None:
+            raise Miss("the softmax input is a graph input, not computed scores")
+        if n.op in ("MatMul", "Einsum"):
+            return n
+        c.covered.append(n)
+        if n.op in PASS:
+            v = n.input(0)
+        elif n.op in SCALE and (s := _scale_of(n, n.input(0)) or _scale_of(n, n.input(1))):
+            c.scale_factors.append(s)
+            v = n.input(0) if s[0] is not n.input(0) else n.input(1)
+        elif n.op == "Add":  # additive mask or bias (T5 adds position bias, then the mask)
+            paths = [x for x in n.inputs if _qk_matmul(x)]
+            if len(paths) != 1:
+                raise Miss("an Add before the softmax has no single score operand", n)
+            c.additive.extend(x for x in n.inputs if x is not paths[0])
+            v = paths[0]
+        elif n.op == "Where":  # boolean mask (TorchScript's masked_fill, aten.where)
+            cond, x, y = n.inputs
+            if _qk_matmul(x) and not _qk_matmul(y):
+                c.set_bool_mask(cond, keep=True, fill=y)
+                v = x
+            elif _qk_matmul(y) and not _qk_matmul(x):
+                c.set_bool_mask(cond, keep=False, fill=x)
+                v = y
+            else:
+                raise Miss("a Where before the softmax has no single score operand", n)
+        elif n.op in ("Gemm", "Linear", "Conv"):
+            w = next((i.name for i in n.inputs[1:] if i is not None and weight_like(i)), "?")
+            raise Miss(f"the scores are a {n.op} with the weight {w}, not a product with keys "
+                       "(a projection, classifier or router)", n)
+        elif n.op == "Tanh":
+            raise Miss("soft-capped scores (Tanh before the softmax) are not supported", n)
+        else:
+            raise Miss(f"the scores come from {n.op}, not from a Q·Kᵀ MatMul", n)
+    raise Miss("more than 12 ops between Q·Kᵀ and the softmax")
+
+
+def _strip_scale(c: Candidate, v: Value) -> Value:
+    """Q or K pre-scaled by a scalar (torch's SDPA decomposition scales both by d^-1/4)."""
+    while v.producer is not None and v.producer.op in SCALE and len(v.users) == 1:
+        s = _scale_of(v.producer, v.producer.input(0)) or _scale_of(v.producer, v.producer.input(1))
+        if s is None:
+            break
+        c.scale_factors.append(s)
+        c.covered.append(v.producer)
+        v = v.producer.input(0) if s[0] is not v.producer.input(0) else v.producer.input(1)
+    return v
+
+
+def _walk_probs(c: Candidate, p: Value) -> Node:
+    """From the Softmax output forward to the MatMul with V."""
+    c.probs = p
+    for _ in range(MAX_STAGES):
+        users = p.users
+        isnan = [u for u in users if u.op == "IsNaN"]
+        guards = [u for u in users if u.op == "Where" and isnan and u.input(0) is isnan[0].outputs[0]]
+        if guards:  # the NaN guard of torch's SDPA decomposition: where(isnan(p), 0, p)
+            c.covered += [isnan[0], guards[0]]
+            c.probs_shared |= len(users) > 2
+            p = guards[0].outputs[0]
+            continue
+        passes = [u for u in users if u.op in PASS]
+        matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]
+        if len(matmuls) == 1:
+            c.probs_shared |= len(users) > 1
+            return matmuls[0]
+        if len(passes) == 1:
+            c.probs_shared |= len(users) > 1
+            c.covered.append(passes[0])
+            p = passes[0].outputs[0]
+            continue
+        if not users:
+            raise Miss("the probabilities are not used")
+        raise Miss("the probabilities are not multiplied by values (used by "
+                   + ", ".join(sorted({u.op for u in users})) + ")", *users)
+    raise Miss("more than 12 ops between the softmax and the MatMul with V")
+
+
+def _einsum_terms(n: Node) -> tuple[str, str, str]:
+    eq = str(n.attrs.get("equation", "")).replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or len(out) != 4 or any(len(t) != 4 for t in terms):
+        raise Miss(f"einsum {eq!r} is not a 4-D batched product", n)
+    return terms[0], terms[1], out
+
+
+def _einsum_v(n: Node) -> Operand:
+    """V of einsum("bhqk,bhkd->bhqd", P, V), with its layout."""
+    pt, vt, out = _einsum_terms(n)
+    b, h, i, d = out
+    ks = (set(pt) & set(vt)) - set(out)
+    if len(ks) != 1 or pt.index(i) != 2:
+        raise Miss(f"einsum {pt},{vt}->{out} is not P·V", n)
+    (k,) = ks
+    return Operand(n.input(1), tuple(vt.index(x) for x in (b, h, k, d)))
+
+
+def _einsum_operands(n: Node) -> tuple[Operand, Operand]:
+    qt, kt, out = _einsum_terms(n)
+    b, h, i, j = out
+    d = (set(qt) & set(kt)) - set(out)
+    if len(d) != 1 or j in qt or i in kt:
+        raise Miss(f"einsum {qt},{kt}->{out} is not a batched Q·Kᵀ", n)
+    (d,) = d
+    q_perm = tuple(qt.index(x) for x in (b, h, i, d))
+    k_perm = tuple(kt.index(x) for x in (b, h, j, d))
+    return Operand(n.input(0), q_perm), Operand(n.input(1), k_perm)
+
+
+def match_eager(gv: GraphView, sm: Node) -> Candidate:
+    x = sm.input(0)
+    axis = int(sm.attrs.get("axis", -1))
+    if x.rank is not None and axis not in (-1, x.rank - 1):
+        raise Miss(f"softmax over axis {axis}, not the key axis", sm)
+    c = Candidate(rule="eager", anchor=sm)
+    qk = _walk_scores(c, x)
+    if any(weight_like(i) for i in qk.inputs if i is not None):
+        w = next(i for i in qk.inputs if i is not None and weight_like(i))
+        raise Miss(f"the scores are a MatMul with the weight {w.name}, not with keys "
+                   "(a projection or classifier, not attention)", qk, sm)
+    pv = _walk_probs(c, sm.outputs[0])
+    v_in = pv.input(1)
+    if v_in is None or weight_like(v_in):
+        raise Miss("the probabilities are multiplied by a weight, not by values", pv)
+    c.covered += [qk, sm, pv]
+    c.scores = qk.outputs[0]
+    if qk.op == "Einsum":
+        c.q, c.k = _einsum_operands(qk)
+    else:
+        c.q = operand(_strip_scale(c, qk.input(0)), transposed=False)
+        c.k = operand(_strip_scale(c, qk.input(1)), transposed=True)
+    c.v = _einsum_v(pv) if pv.op == "Einsum" else operand(v_in, transposed=False)
+    c.output = pv.outputs[0]
+    c.scope = sm.scope or qk.scope
+    return c
+
+
+def scale_value(factors, probed) -> float:
+    s = 1.0
+    for f, divides in factors:
+        val = f.const if f.const is not None else probed.get(f.name)
+        val = float(np.asarray(val).reshape(-1)[0])
+        s = s / val if divides else s * val
+    return s

@@ -1,0 +1,105 @@
+"""Attention that is already one op: torch's SDPA and nn.MultiheadAttention (FX), the
+ONNX `Attention` op (opset 23+), and ONNX Runtime's com.microsoft attention ops."""
+
+from __future__ import annotations
+
+from attn_opt.patterns.candidate import Candidate
+from attn_opt.patterns.layout import operand
+from attn_opt.patterns.site import Miss, Operand
+from attn_opt.rewriter.graph import GraphView, Node, Value
+
+
+def _mask(c: Candidate, m: Value | None) -> None:
+    if m is None:
+        return
+    if m.dtype == "bool":
+        c.bool_mask, c.bool_keep = m, True
+    else:
+        c.additive.append(m)
+
+
+def _base(rule: str, n: Node) -> Candidate:
+    c = Candidate(rule=rule, anchor=n, covered=[n], output=n.outputs[0], scope=n.scope)
+    s = n.attrs.get("scale")
+    c.scale = float(s) if s not in (None, 0.0) else None
+    return c
+
+
+def _four_d_or_packed(c: Candidate, q: Value, k: Value, v: Value) -> None:
+    packed = q.rank == 3
+    if packed:
+        c.q, c.k, c.v = Operand(q, packed=True), Operand(k, packed=True), Operand(v, packed=True)
+    else:
+        c.q, c.k, c.v = operand(q, False), operand(k, False), operand(v, False)
+
+
+def match_onnx_attention(gv: GraphView, n: Node) -> Candidate:
+    c = _base("onnx-attention", n)
+    if n.input(4) is not None or n.input(5) is not None:
+        c.notes.append("has past key/value inputs (KV cache)")
+    _four_d_or_packed(c, n.input(0), n.input(1), n.input(2))
+    _mask(c, n.input(3))
+    c.causal_attr = bool(n.attrs.get("is_causal", 0))
+    c.heads_attr = n.attrs.get("q_num_heads")
+    c.kv_heads_attr = n.attrs.get("kv_num_heads")
+    if n.attrs.get("softcap"):
+        c.notes.append(f"softcap={n.attrs['softcap']}")
+    return c
+
+
+def match_ms_mha(gv: GraphView, n: Node) -> Candidate:
+    c = _base("ms-mha", n)
+    q, k, v = n.input(0), n.input(1), n.input(2)
+    if k is None or v is None:
+        raise Miss("packed QKV MultiHeadAttention is not supported", n)
+    c.q, c.k, c.v = Operand(q, packed=True), Operand(k, packed=k.rank == 3), Operand(v, packed=v.rank == 3)
+    _mask(c, n.input(5))  # attention_bias
+    if n.input(4) is not None:
+        c.notes.append("key_padding_mask input")
+    c.causal_attr = bool(n.attrs.get("unidirectional", 0))
+    c.heads_attr = n.attrs.get("num_heads")
+    c.kv_heads_attr = c.heads_attr
+    return c
+
+
+def match_ms_gqa(gv: GraphView, n: Node) -> Candidate:
+    c = _base("ms-gqa", n)
+    c.q, c.k, c.v = (Operand(n.input(i), packed=True) for i in range(3))
+    c.causal_attr = True  # GroupQueryAttention is always causal
+    c.heads_attr = n.attrs.get("num_heads")
+    c.kv_heads_attr = n.attrs.get("kv_num_heads")
+    if n.attrs.get("local_window_size", -1) not in (-1, None):
+        c.notes.append(f"local_window_size={n.attrs['local_window_size']}")
+    return c
+
+
+def match_ms_attention(gv: GraphView, n: Node) -> Candidate:
+    c = _base("ms-attention", n)
+    x = n.input(0)  # the projections are inside the op: Q, K and V all come from x
+    c.q = c.k = c.v = Operand(x, packed=True)
+    c.causal_attr = bool(n.attrs.get("unidirectional", 0))
+    c.heads_attr = c.kv_heads_attr = n.attrs.get("num_heads")
+    _mask(c, n.input(5) if len(n.inputs) > 5 else None)
+    c.notes.append("Q/K/V projections are inside the op")
+    return c
+
+
+def match_sdpa(gv: GraphView, n: Node) -> Candidate:
+    c = _base("sdpa", n)
+    c.q, c.k, c.v = operand(n.input(0), False), operand(n.input(1), False), operand(n.input(2), False)
+    _mask(c, n.input(3))
+    c.causal_attr = bool(n.attrs.get("is_causal", False))
+    return c
+
+
+def match_torch_mha(gv: GraphView, n: Node) -> Candidate:
+    c = _base("torch-mha", n)
+    q, k, v = n.input(0), n.input(1), n.input(2)
+    c.q, c.k, c.v = Operand(q, packed=True), Operand(k, packed=True), Operand(v, packed=True)
+    _mask(c, n.input(3))
+    c.bool_keep = False  # nn.MultiheadAttention: True in a boolean attn_mask means "hidden"
+    c.causal_attr = bool(n.attrs.get("is_causal", False))
+    c.heads_attr = c.kv_heads_attr = n.attrs.get("num_heads")
+    c.notes.append("Q/K/V projections are inside the op")
+    c.seq_first = not n.attrs.get("batch_first", False)
+    return c

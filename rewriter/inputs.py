@@ -1,0 +1,100 @@
+"""Sample inputs generated from a model's signature (IR-neutral).
+
+Integer ids stay inside the embedding table they index, masks are ones (the last batch
+row padded when `pad=True`, so masks are real), floats are N(0, 1), all seeded.
+Dynamic dims take the user's `--input-shape` or a default, and the choice is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.graph import Dim
+
+DEFAULT_BATCH = 2
+DEFAULT_LEN = 16
+PAD_TAIL = 3
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    int_high: int | None = None  # exclusive bound for integer ids (embedding rows)
+
+
+def parse_shape_overrides(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """`NAME=1x4096` strings to {NAME: (1, 4096)}."""
+    out = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise UserError(f"bad --input-shape {item!r}: expected NAME=D1xD2x..., e.g. input_ids=1x4096") from None
+    return out
+
+
+def resolve_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    overrides = overrides or {}
+    unknown = set(overrides) - {s.name for s in specs}
+    if unknown:
+        raise UserError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {[s.name for s in specs]}")
+    symbols: dict[str, int] = {}
+    for s in specs:  # a symbol fixed by an override fixes every input that shares it
+        if s.name in overrides:
+            if len(overrides[s.name]) != len(s.shape):
+                raise UserError(f"--input-shape {s.name}: rank {len(overrides[s.name])}, the model wants rank {len(s.shape)}")
+            for d, v in zip(s.shape, overrides[s.name]):
+                if isinstance(d, str):
+                    symbols[d] = v
+    shapes = {}
+    for s in specs:
+        if s.name in overrides:
+            shapes[s.name] = overrides[s.name]
+            continue
+        dims = []
+        for i, d in enumerate(s.shape):
+            if isinstance(d, int):
+                dims.append(d)
+            elif isinstance(d, str) and d in symbols:
+                dims.append(symbols[d])
+            else:
+                size = DEFAULT_BATCH if i == 0 else DEFAULT_LEN
+                if isinstance(d, str):
+                    symbols[d] = size
+                dims.append(size)
+        shapes[s.name] = tuple(dims)
+    return shapes
+
+
+def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = resolve_shapes(specs, overrides)
+    feeds = {}
+    for s in specs:
+        shape, name = shapes[s.name], s.name.lower()
+        dt = np.dtype(s.dtype)
+        if dt == np.bool_ or (dt.kind in "iu" and "mask" in name):
+            x = np.ones(shape, dtype=dt)
+            if pad and len(shape) >= 2 and shape[0] > 1 and shape[-1] > PAD_TAIL:
+                x[-1, ..., -PAD_TAIL:] = 0
+        elif dt.kind in "iu":
+            if "position" in name:
+                x = np.broadcast_to(np.arange(shape[-1], dtype=dt), shape).copy()
+            elif s.int_high:
+                x = rng.integers(1 if s.int_high > 1 else 0, s.int_high, size=shape, dtype=dt)
+            else:
+                x = np.zeros(shape, dtype=dt)
+        elif dt.kind == "f":
+            x = rng.standard_normal(shape).astype(dt)
+        else:
+            raise UserError(f"cannot generate input {s.name!r} of type {dt}; pass --inputs FILE.npz")
+        feeds[s.name] = x
+    return feeds

@@ -1,0 +1,207 @@
+"""ONNX adapter: load a model safely, view it through `rewriter.graph`, run it in ORT."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.graph import GraphView, Node, Value, link
+from attn_opt.rewriter.inputs import InputSpec, make_inputs
+
+MS_DOMAIN = "com.microsoft"
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (and its external data) or raise a one-line UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no such file: {p}")
+    if p.is_dir():
+        raise UserError(f"{p} is a directory, not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=True)
+    except Exception as e:  # protobuf DecodeError, missing external data file, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{p} is not a readable ONNX model ({first})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise UserError(f"{p} is not an ONNX model (no graph found)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{p} is not a valid ONNX model ({first})") from None
+    return proto
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Static shape inference with data propagation; the model unchanged if it fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:
+        return proto
+
+
+def to_ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(proto)
+
+
+def _dims(shape) -> tuple | None:
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(d.value if getattr(d, "value", None) else None)
+    return tuple(out)
+
+
+def _dtype(v: ir.Value) -> str | None:
+    try:
+        return np.dtype(v.dtype.numpy()).name if v.dtype is not None else None
+    except Exception:
+        return None
+
+
+def _scope(node: ir.Node) -> str | None:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:  # the dynamo exporter: ['', 'model', ..., 'model.encoder.layer.0.attention.self', 'softmax']
+        try:
+            names = ast.literal_eval(scopes)
+            return names[-2] if len(names) >= 2 else None
+        except (ValueError, SyntaxError):
+            return None
+    name = node.name or ""
+    if name.startswith("/"):  # the TorchScript exporter: /model/encoder/layer.0/attention/self/Softmax
+        return ".".join(p for p in name.strip("/").split("/")[:-1])
+    return None
+
+
+def _op(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _attr_value(a):
+    v = a.value
+    if isinstance(v, (ir.TensorProtocol,)):
+        return v.numpy()
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return v
+
+
+def view(model: ir.Model, proto: onnx.ModelProto | None = None) -> GraphView:
+    g = model.graph
+    values: dict[int, Value] = {}
+
+    def val(v: ir.Value | None) -> Value | None:
+        if v is None:
+            return None
+        key = id(v)
+        if key not in values:
+            const = None
+            if v.const_value is not None:
+                const = v.const_value.numpy()
+            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape), dtype=_dtype(v),
+                                const=const, is_input=v.is_graph_input(), is_output=v.is_graph_output(),
+                                native=v)
+        return values[key]
+
+    nodes = []
+    for n in g:
+        node = Node(name=n.name or f"{n.op_type}_{len(nodes)}", op=_op(n), inputs=[val(i) for i in n.inputs],
+                    outputs=[val(o) for o in n.outputs],
+                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n)
+        if node.op == "Constant" and "value" in node.attrs:
+            node.outputs[0].const = np.asarray(node.attrs["value"])
+        elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
+            node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
+        nodes.append(node)
+    link(nodes)
+    gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
+    if proto is None:
+        proto = ir.serde.serialize_model(model)
+    gv.probe_fn = lambda vals, feeds: run(proto, feeds, [v.name for v in vals])
+    gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
+    return gv
+
+
+def _embedding_rows(v: Value, depth: int = 4) -> int | None:
+    """Rows of the embedding table an integer input indexes, following Cast/Reshape/..."""
+    frontier = [v]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            for u in x.users:
+                if u.op == "Gather" and u.input(1) is x and u.input(0) is not None and u.input(0).const is not None:
+                    return int(u.input(0).const.shape[0])
+                if u.op in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Squeeze", "Identity"):
+                    nxt.extend(u.outputs)
+        frontier = nxt
+    return None
+
+
+def input_specs(gv: GraphView) -> list[InputSpec]:
+    specs = []
+    for v in gv.inputs:
+        if v.const is not None:
+            continue
+        if v.shape is None or v.dtype is None:
+            raise UserError(f"input {v.name!r} has no static type or rank; pass --inputs FILE.npz")
+        high = _embedding_rows(v) if np.dtype(v.dtype).kind in "iu" else None
+        specs.append(InputSpec(v.name, v.dtype, v.shape, high))
+    return specs
+
+
+def session(proto: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if proto.ByteSize() < 1_800_000_000:
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=list(providers))
+    import tempfile  # over protobuf's 2 GB limit: go through a file with external data
+
+    tmp = tempfile.mkdtemp(prefix="attn-opt-")
+    path = os.path.join(tmp, "model.onnx")
+    onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
+    return ort.InferenceSession(path, opts, providers=list(providers))
+
+
+def run(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
+    """Run in ONNX Runtime; `extra` names intermediate values to return as well."""
+    if extra:
+        proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < 1_800_000_000 else _copy(proto)
+        have = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra if n not in have)
+    sess = session(proto)
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, out))
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    c = onnx.ModelProto()
+    c.CopyFrom(proto)
+    return c
+
+
+def load_view(path_or_proto) -> tuple[onnx.ModelProto, ir.Model, GraphView]:
+    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else load_proto(path_or_proto)
+    inferred = infer_shapes(proto)
+    model = to_ir(inferred)
+    return proto, model, view(model, proto)

@@ -1,0 +1,251 @@
+"""The shared table of hand-written attention variants.
+
+Each row is one alternative of the canonical pattern (scale, mask, layout, GQA, fused
+call) or a softmax that is *not* attention. Structural, numeric and negative tests all
+draw from this table, on every front end (symbolic_trace, torch.export, Dynamo, both
+ONNX exporters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+B, S, S_KV, D_MODEL, H, D = 2, 7, 5, 32, 4, 8  # odd lengths on purpose
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    make: Callable[[], nn.Module]
+    inputs: Callable[[], tuple[torch.Tensor, ...]]
+    sites: int
+    heads: int | None = H
+    kv_heads: int | None = H
+    causal: bool | None = False
+    masks: frozenset = frozenset({"none"})
+    kind: str = "self"
+    # front ends that cannot express this model, with the reason
+    skip: dict[str, str] = field(default_factory=dict)
+
+
+class _Attn(nn.Module):
+    """Q/K/V/O projections around an attention core written in `core`."""
+
+    def __init__(self, kv_heads: int = H, cross: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kv_heads = kv_heads
+        self.q = nn.Linear(D_MODEL, H * D)
+        self.k = nn.Linear(D_MODEL, kv_heads * D)
+        self.v = nn.Linear(D_MODEL, kv_heads * D)
+        self.o = nn.Linear(H * D, D_MODEL)
+        self.cross = cross
+
+    def split(self, x, heads):  # [B, S, heads*D] -> [B, heads, S, D]
+        return x.view(x.shape[0], x.shape[1], heads, D).transpose(1, 2)
+
+    def forward(self, x, *extra):
+        src = extra[0] if self.cross else x
+        q, k, v = self.split(self.q(x), H), self.split(self.k(src), self.kv_heads), self.split(self.v(src), self.kv_heads)
+        o = self.core(q, k, v, *(extra[1:] if self.cross else extra))
+        return self.o(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], H * D))
+
+
+def _core(fn):
+    class M(_Attn):
+        core = staticmethod(fn)
+
+    M.__name__ = fn.__name__
+    return M
+
+
+SCALE = 1 / math.sqrt(D)
+
+
+def div_scale(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D), dim=-1) @ v
+
+
+def mul_scale(q, k, v):
+    return torch.matmul(F.softmax(torch.matmul(q, k.transpose(2, 3)) * SCALE, dim=-1), v)
+
+
+def prescaled_q(q, k, v):
+    return torch.softmax((q * SCALE) @ k.transpose(-1, -2), -1) @ v
+
+
+def no_scale(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def additive_mask(q, k, v, mask):
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE + mask, dim=-1) @ v
+
+
+def bool_mask_where(q, k, v, mask):
+    s = q @ k.transpose(-2, -1) * SCALE
+    return torch.softmax(torch.where(mask, s, torch.finfo(s.dtype).min), dim=-1) @ v
+
+
+def causal_tril(q, k, v):
+    n = q.shape[-2]
+    keep = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
+    s = (q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))
+    return s.softmax(dim=-1) @ v
+
+
+def einsum_form(q, k, v):
+    p = torch.einsum("bhqd,bhkd->bhqk", q, k).mul(SCALE).softmax(-1)
+    return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+def dropout_cast(q, k, v):
+    p = F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(p, p=0.1, training=False) @ v
+
+
+def repeat_kv(q, k, v):
+    g = H // k.shape[1]
+    b, hk, s, d = k.shape
+    k = k[:, :, None, :, :].expand(b, hk, g, s, d).reshape(b, hk * g, s, d)
+    v = v[:, :, None, :, :].expand(b, hk, g, s, d).reshape(b, hk * g, s, d)
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1) @ v
+
+
+def repeat_interleave(q, k, v):
+    g = H // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1) @ v
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_gqa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def sdpa_bool_mask(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class PreTransposedK(_Attn):
+    """K laid out [B, H, D, S] straight from the projection (permute(0, 2, 3, 1))."""
+
+    def forward(self, x):
+        q = self.split(self.q(x), H)
+        kt = self.k(x).view(x.shape[0], x.shape[1], H, D).permute(0, 2, 3, 1)
+        v = self.split(self.v(x), H)
+        o = torch.softmax(q @ kt * SCALE, dim=-1) @ v
+        return self.o(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], H * D))
+
+
+class ProbsTwice(_Attn):
+    """The probabilities are also returned (output_attentions): still a site."""
+
+    def forward(self, x):
+        q, k, v = self.split(self.q(x), H), self.split(self.k(x), H), self.split(self.v(x), H)
+        p = torch.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1)
+        o = self.o((p @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], H * D))
+        return o, p
+
+
+class ClassifierHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(D_MODEL, 10)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x.mean(1)), dim=-1)
+
+
+class MoEGate(nn.Module):
+    """A mixture-of-experts router: softmax over expert logits, top-2, weighted sum."""
+
+    def __init__(self, experts: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(D_MODEL, experts)
+        self.experts = nn.ModuleList(nn.Linear(D_MODEL, D_MODEL) for _ in range(experts))
+
+    def forward(self, x):
+        w = torch.softmax(self.router(x), dim=-1)  # [B, S, E]
+        outs = torch.stack([e(x) for e in self.experts], dim=-1)  # [B, S, D, E]
+        top, idx = w.topk(2, dim=-1)
+        keep = torch.zeros_like(w).scatter(-1, idx, top)
+        return (outs * keep.unsqueeze(2)).sum(-1)
+
+
+class SoftmaxWeights(nn.Module):
+    """softmax(x W1) W2: a MatMul chain with weights, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(D_MODEL, 16))
+        self.w2 = nn.Parameter(torch.randn(16, D_MODEL))
+
+    def forward(self, x):
+        return torch.softmax(x @ self.w1, dim=-1) @ self.w2
+
+
+def _x():
+    torch.manual_seed(1)
+    return (torch.randn(B, S, D_MODEL),)
+
+
+def _x_additive():
+    torch.manual_seed(1)
+    m = torch.zeros(B, 1, 1, S)
+    m[-1, ..., -2:] = torch.finfo(torch.float32).min
+    return torch.randn(B, S, D_MODEL), m
+
+
+def _x_bool():
+    torch.manual_seed(1)
+    m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    m[-1, ..., -2:] = False
+    return torch.randn(B, S, D_MODEL), m
+
+
+def _x_cross():
+    torch.manual_seed(1)
+    return torch.randn(B, S, D_MODEL), torch.randn(B, S_KV, D_MODEL)
+
+
+PAD = frozenset({"additive", "boolean"})
+_NO_TS_GQA = {"torchscript": "the TorchScript exporter has no enable_gqa"}
+
+VARIANTS = [
+    Variant("div-scale", _core(div_scale), _x, 1),
+    Variant("mul-scale", _core(mul_scale), _x, 1),
+    Variant("prescaled-q", _core(prescaled_q), _x, 1),
+    Variant("no-scale", _core(no_scale), _x, 1),
+    Variant("additive-mask", _core(additive_mask), _x_additive, 1, masks=PAD),
+    Variant("bool-mask-where", _core(bool_mask_where), _x_bool, 1, masks=PAD),
+    Variant("causal-tril", _core(causal_tril), _x, 1, causal=True, masks=frozenset({"causal"})),
+    Variant("einsum", _core(einsum_form), _x, 1),
+    Variant("dropout-cast", _core(dropout_cast), _x, 1),
+    Variant("pre-transposed-k", PreTransposedK, _x, 1),
+    Variant("gqa-repeat-kv", lambda: _core(repeat_kv)(kv_heads=2), _x, 1, kv_heads=2),
+    Variant("gqa-repeat-interleave", lambda: _core(repeat_interleave)(kv_heads=2), _x, 1, kv_heads=2),
+    Variant("mqa-repeat-kv", lambda: _core(repeat_kv)(kv_heads=1), _x, 1, kv_heads=1),
+    Variant("sdpa-causal", _core(sdpa_causal), _x, 1, causal=True, masks=frozenset({"causal"})),
+    Variant("sdpa-gqa", lambda: _core(sdpa_gqa)(kv_heads=2), _x, 1, kv_heads=2, skip=_NO_TS_GQA),
+    Variant("sdpa-bool-mask", _core(sdpa_bool_mask), _x_bool, 1, masks=PAD),
+    Variant("cross-attention", lambda: _core(div_scale)(cross=True), _x_cross, 1, kind="cross"),
+    Variant("probs-twice", ProbsTwice, _x, 1),
+    # negatives: softmaxes that are not attention
+    Variant("classifier-head", ClassifierHead, _x, 0),
+    Variant("moe-gate", MoEGate, _x, 0),
+    Variant("softmax-weights", SoftmaxWeights, _x, 0),
+]
+BY_NAME = {v.name: v for v in VARIANTS}

@@ -1,0 +1,146 @@
+"""`attn-opt`: the command line.
+
+    attn-opt inspect MODEL [--json] [--why]
+    attn-opt zoo NAME -o model.onnx [--exporter dynamo|dynamo23|torchscript]
+
+Every user error is one line on stderr and exit status 2; nothing prints a traceback
+unless ATTN_OPT_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from attn_opt.rewriter.errors import UserError
+
+
+
+def _error(msg: str) -> None:
+    click.echo(msg.replace("\n", " "), err=True)
+
+
+def out_console() -> Console:
+    """Wide enough for the site table when stdout is a pipe or a file."""
+    con = Console(highlight=False)
+    return con if con.is_terminal else Console(highlight=False, width=200)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "?"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def sites_table(det, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("id", "layer", "kind", "heads", "kv heads", "head dim", "causal", "mask", "scale", "found by", "module"):
+        t.add_column(col)
+    for s in det.sites:
+        t.add_row(s.id, _fmt(s.layer), s.kind, _fmt(s.heads), _fmt(s.kv_heads), _fmt(s.head_dim), _fmt(s.causal),
+                  s.mask, _fmt(s.scale), s.rule, s.scope or "")
+    return t
+
+
+def misses_table(det) -> Table:
+    t = Table(title="softmaxes that are not attention sites, and why", title_justify="left")
+    t.add_column("nodes")
+    t.add_column("reason")
+    for m in det.near_misses:
+        t.add_row(", ".join(m.nodes), m.reason)
+    return t
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attn-opt")
+def cli():
+    """Find attention in ONNX models and torch.export programs, and rewrite it."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+@click.option("--why", is_flag=True, help="List every softmax that is not a site, with the reason.")
+def inspect(model: str, as_json: bool, why: bool):
+    """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
+    from attn_opt import inspect as run_inspect
+
+    det = run_inspect(model)
+    if as_json:
+        out = {"model": model, "sites": [s.to_json() for s in det.sites],
+               "near_misses": [m.to_json() for m in det.near_misses], "rule_counts": det.counts,
+               "probe_error": det.probe_error}
+        click.echo(json.dumps(out, indent=2))
+        return
+    con = out_console()
+    con.print(sites_table(det, f"{len(det.sites)} attention site(s) in {model}"))
+    if det.probe_error:
+        con.print(f"[yellow]note:[/] the model did not run on sample inputs ({det.probe_error}); "
+                  "figures that need a run are shown as ?")
+    if why:
+        con.print(misses_table(det) if det.near_misses else "every softmax in the model is an attention site")
+    elif det.near_misses:
+        con.print(f"{len(det.near_misses)} softmax(es) are not attention sites; --why says why")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
+@click.option("--exporter", type=click.Choice(["dynamo", "dynamo23", "torchscript"]), default="dynamo",
+              show_default=True)
+def zoo(name: str | None, output: str | None, exporter: str):
+    """Build a small random-weight model from the test zoo and export it to ONNX."""
+    from attn_opt.tools import zoo as z
+
+    if name is None:
+        for k, m in z.MODELS.items():
+            click.echo(f"{k:18s} {m.expected.sites} sites, {m.expected.heads} heads, {m.expected.kv_heads} kv heads")
+        return
+    if name not in z.MODELS:
+        raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(z.MODELS)}")
+    if not output:
+        raise UserError("missing -o OUTPUT.onnx")
+    from attn_opt.rewriter.io import atomic_path
+
+    with atomic_path(output) as tmp:
+        z.export_onnx(name, exporter, tmp)
+    click.echo(f"wrote {output} ({name}, {exporter} exporter)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="attn-opt", standalone_mode=False)
+    except click.exceptions.Abort:
+        _error("aborted")
+        return 130
+    except click.ClickException as e:
+        _error(f"error: {e.format_message()}")
+        return 2
+    except UserError as e:
+        _error(f"error: {e}")
+        return 2
+    except NotImplementedError as e:
+        _error(f"not supported: {e}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: still one line, with a way to see more
+        if os.environ.get("ATTN_OPT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _error(f"internal error: {type(e).__name__}: {first} (ATTN_OPT_DEBUG=1 shows the traceback)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

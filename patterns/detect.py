@@ -24,6 +24,8 @@ RULES = [
     Rule("ms-gqa", frozenset({"com.microsoft.GroupQueryAttention"}), fused.match_ms_gqa, "ORT GroupQueryAttention"),
     Rule("ms-attention", frozenset({"com.microsoft.Attention"}), fused.match_ms_attention, "ORT Attention (packed QKV)"),
     Rule("eager", frozenset({"Softmax"}), eager.match_eager, "MatMul → scale → mask → Softmax → MatMul"),
+    Rule("torch-leaf", frozenset(f"module:{m}" for m in fused.OPAQUE_MODULES), fused.opaque_module,
+         "torch.nn transformer modules that symbolic_trace keeps as leaves"),
 ]
 
 MASKED = -1e4  # an additive term at or below this hides the key (HF uses finfo.min, older code -1e4)
@@ -81,7 +83,7 @@ def _input_dependent(v: Value, depth: int = 64) -> bool:
         if x.is_input:
             return True
         n = x.producer
-        if n is None or id(n) in seen or n.op in ("Shape", "Size"):
+        if n is None or id(n) in seen or n.op in ("Shape", "Size", "ConstantOfShape"):
             continue
         seen.add(id(n))
         depth -= 1

@@ -102,4 +102,16 @@ def match_torch_mha(gv: GraphView, n: Node) -> Candidate:
     c.heads_attr = c.kv_heads_attr = n.attrs.get("num_heads")
     c.notes.append("Q/K/V projections are inside the op")
     c.seq_first = not n.attrs.get("batch_first", False)
+    if n.attrs.get("whole_layer"):
+        c.notes.append("torch's fused encoder-layer fast path: attention, MLP and norms in one op")
     return c
+
+
+OPAQUE_MODULES = ("TransformerEncoder", "TransformerEncoderLayer", "TransformerDecoder",
+                  "TransformerDecoderLayer", "Transformer")
+
+
+def opaque_module(gv: GraphView, n: Node) -> Candidate:
+    name = n.op.split(":", 1)[1]
+    raise Miss(f"nn.{name} is a leaf module under symbolic_trace, so its attention is hidden inside "
+               "one call_module; trace with torch.export or Dynamo to see it", n)

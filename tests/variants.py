@@ -50,15 +50,27 @@ class _Attn(nn.Module):
     def split(self, x, heads):  # [B, S, heads*D] -> [B, heads, S, D]
         return x.view(x.shape[0], x.shape[1], heads, D).transpose(1, 2)
 
-    def forward(self, x, *extra):
-        src = extra[0] if self.cross else x
+    def attend(self, x, src, *mask):
         q, k, v = self.split(self.q(x), H), self.split(self.k(src), self.kv_heads), self.split(self.v(src), self.kv_heads)
-        o = self.core(q, k, v, *(extra[1:] if self.cross else extra))
+        o = self.core(q, k, v, *mask)
         return self.o(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], H * D))
 
+    def forward(self, x):  # explicit signatures: symbolic_trace cannot take *args
+        return self.attend(x, x)
 
-def _core(fn):
-    class M(_Attn):
+
+class _Masked(_Attn):
+    def forward(self, x, mask):
+        return self.attend(x, x, mask)
+
+
+class _Cross(_Attn):
+    def forward(self, x, y):
+        return self.attend(x, y)
+
+
+def _core(fn, base=_Attn):
+    class M(base):
         core = staticmethod(fn)
 
     M.__name__ = fn.__name__
@@ -90,13 +102,13 @@ def additive_mask(q, k, v, mask):
 
 def bool_mask_where(q, k, v, mask):
     s = q @ k.transpose(-2, -1) * SCALE
-    return torch.softmax(torch.where(mask, s, torch.finfo(s.dtype).min), dim=-1) @ v
+    return torch.softmax(torch.where(mask, s, torch.finfo(torch.float32).min), dim=-1) @ v
 
 
 def causal_tril(q, k, v):
-    n = q.shape[-2]
-    keep = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
-    s = (q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))
+    s = q @ k.transpose(-2, -1) * SCALE
+    keep = torch.ones_like(s, dtype=torch.bool).tril()  # shapes only: still a causal mask
+    s = s.masked_fill(~keep, float("-inf"))
     return s.softmax(dim=-1) @ v
 
 
@@ -111,16 +123,16 @@ def dropout_cast(q, k, v):
 
 
 def repeat_kv(q, k, v):
-    g = H // k.shape[1]
-    b, hk, s, d = k.shape
-    k = k[:, :, None, :, :].expand(b, hk, g, s, d).reshape(b, hk * g, s, d)
-    v = v[:, :, None, :, :].expand(b, hk, g, s, d).reshape(b, hk * g, s, d)
+    b, hk, s = k.shape[0], k.shape[1], k.shape[2]  # no tuple unpacking: symbolic_trace
+    g = H // hk
+    k = k[:, :, None, :, :].expand(b, hk, g, s, D).reshape(b, hk * g, s, D)
+    v = v[:, :, None, :, :].expand(b, hk, g, s, D).reshape(b, hk * g, s, D)
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1) @ v
 
 
 def repeat_interleave(q, k, v):
     g = H // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    k, v = torch.repeat_interleave(k, g, dim=1), torch.repeat_interleave(v, g, dim=1)
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1) @ v
 
 
@@ -229,8 +241,8 @@ VARIANTS = [
     Variant("mul-scale", _core(mul_scale), _x, 1),
     Variant("prescaled-q", _core(prescaled_q), _x, 1),
     Variant("no-scale", _core(no_scale), _x, 1),
-    Variant("additive-mask", _core(additive_mask), _x_additive, 1, masks=PAD),
-    Variant("bool-mask-where", _core(bool_mask_where), _x_bool, 1, masks=PAD),
+    Variant("additive-mask", _core(additive_mask, _Masked), _x_additive, 1, masks=PAD),
+    Variant("bool-mask-where", _core(bool_mask_where, _Masked), _x_bool, 1, masks=PAD),
     Variant("causal-tril", _core(causal_tril), _x, 1, causal=True, masks=frozenset({"causal"})),
     Variant("einsum", _core(einsum_form), _x, 1),
     Variant("dropout-cast", _core(dropout_cast), _x, 1),
@@ -240,8 +252,8 @@ VARIANTS = [
     Variant("mqa-repeat-kv", lambda: _core(repeat_kv)(kv_heads=1), _x, 1, kv_heads=1),
     Variant("sdpa-causal", _core(sdpa_causal), _x, 1, causal=True, masks=frozenset({"causal"})),
     Variant("sdpa-gqa", lambda: _core(sdpa_gqa)(kv_heads=2), _x, 1, kv_heads=2, skip=_NO_TS_GQA),
-    Variant("sdpa-bool-mask", _core(sdpa_bool_mask), _x_bool, 1, masks=PAD),
-    Variant("cross-attention", lambda: _core(div_scale)(cross=True), _x_cross, 1, kind="cross"),
+    Variant("sdpa-bool-mask", _core(sdpa_bool_mask, _Masked), _x_bool, 1, masks=PAD),
+    Variant("cross-attention", lambda: _core(div_scale, _Cross)(cross=True), _x_cross, 1, kind="cross"),
     Variant("probs-twice", ProbsTwice, _x, 1),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),

@@ -137,8 +137,8 @@ class _MHA(nn.Module):
     def forward(self, x):
         mask = None
         if self.causal:
-            n = x.shape[1]
-            mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+            n = x.shape[1]  # new_ones, not torch.ones: symbolic_trace records method calls
+            mask = x.new_ones(n, n, dtype=torch.bool).triu(1)
         return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
 
 

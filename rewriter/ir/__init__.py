@@ -22,13 +22,20 @@ class Loaded:
 
 
 def _load_pt2(path: Path) -> Loaded:
+    import logging
+
     import torch
 
+    log = logging.getLogger("torch.export")  # it logs a traceback before raising
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable torch.export program ({first})") from None
+    finally:
+        log.setLevel(level)
     return _from_program(ep, str(path))
 
 

@@ -63,6 +63,11 @@ SPELLINGS: dict[str, list[Any]] = {
     + _aten("_scaled_dot_product_efficient_attention", "default")
     + _aten("_scaled_dot_product_flash_attention", "default"),
     "TorchMHA": _t(F.multi_head_attention_forward),
+    # inference fast paths of nn.MultiheadAttention / nn.TransformerEncoderLayer (no_grad)
+    "TorchFastMHA": _t(getattr(torch, "_native_multi_head_attention", None))
+    + _aten("_native_multi_head_attention", "default"),
+    "TorchEncoderLayer": _t(getattr(torch, "_transformer_encoder_layer_fwd", None))
+    + _aten("_transformer_encoder_layer_fwd", "default"),
     "Linear": _t(F.linear) + _aten("linear", "default"),
     "RepeatInterleave": _t(torch.repeat_interleave, "repeat_interleave") + _aten("repeat_interleave", "self_int"),
     "IsNaN": _t(torch.isnan, "isnan") + _aten("isnan", "default"),
@@ -70,6 +75,12 @@ SPELLINGS: dict[str, list[Any]] = {
     "Neg": _t(operator.neg, torch.neg, "neg") + _aten("neg", "default"),
     "Concat": _t(torch.cat, torch.concat) + _aten("cat", "default"),
     "Getitem": _t(operator.getitem),
+    # ops that read only shapes: a mask built from them does not depend on input data
+    "ConstantOfShape": _t(torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like,
+                          "new_ones", "new_zeros", "new_full", "new_empty")
+    + _aten("ones_like", "default") + _aten("zeros_like", "default") + _aten("full_like", "default")
+    + _aten("empty_like", "default") + _aten("new_ones", "default") + _aten("new_zeros", "default"),
+    "Shape": _t("size", "dim") + _aten("sym_size", "int") + _aten("size", "int"),
     "Gemm": _t(torch.addmm) + _aten("addmm", "default"),
     "Slice": _t("narrow", "select") + _aten("slice", "Tensor") + _aten("select", "int") + _aten("narrow", "default"),
     "Split": _t(torch.split, torch.chunk, torch.unbind, "split", "chunk", "unbind", "unflatten")
@@ -198,6 +209,12 @@ def _normalise(op: str, n: fx.Node, modules) -> tuple[str, list, dict]:
         return op, [a[0], a[1], a[2], _arg(n, 16, "attn_mask")], {  # F.multi_head_attention_forward
             "num_heads": _arg(n, 4, "num_heads"), "batch_first": False,
             "is_causal": bool(n.kwargs.get("is_causal", False))}
+    if op == "TorchFastMHA":  # (q, k, v, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, mask, ...)
+        return "TorchMHA", [a[0], a[1], a[2], _arg(n, 9, "mask")], {
+            "num_heads": a[4], "batch_first": True, "fast_path": True}
+    if op == "TorchEncoderLayer":  # (src, embed_dim, num_heads, ..., mask, mask_type)
+        return "TorchMHA", [a[0], a[0], a[0], _arg(n, 18, "mask")], {
+            "num_heads": a[2], "batch_first": True, "fast_path": True, "whole_layer": True}
     if op == "Gemm":  # addmm(bias, x, W) = x @ W + bias (GPT-2's Conv1D)
         return op, [a[1], a[2], a[0]], {}
     if op == "Linear":
@@ -334,3 +351,18 @@ def probe(gm: fx.GraphModule, placeholders: list[fx.Node], vals: list[Value], fe
     with torch.no_grad():
         rec.run(*args)
     return {k: _to_numpy(t) for k, t in rec.seen.items() if _to_numpy(t) is not None}
+
+
+def dynamo_graphs(model: torch.nn.Module, args: tuple) -> list[tuple[fx.GraphModule, list]]:
+    """The FX graphs Dynamo captures for `model(*args)` (one per graph break)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=False)(*args)
+    torch._dynamo.reset()
+    return graphs

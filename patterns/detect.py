@@ -231,7 +231,9 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         q_len=static_len(qs), k_len=static_len(ks), nodes=tuple(n.name for n in covered),
         additive=tuple(c.additive), bool_mask=c.bool_mask, bool_keep=c.bool_keep,
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
-        layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes))
+        layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
+        mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
+        run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 
 
 def _fill(c: Candidate, probed: dict) -> float | None:

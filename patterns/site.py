@@ -59,6 +59,8 @@ class AttentionSite:
     scope: str | None = None
     projections: dict[str, Projection] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    run_shape: tuple[int, ...] | None = None  # (B, H, Tq, Tk, D) seen on the sample inputs
+    mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # mask value name -> run shape
 
     @property
     def gqa(self) -> bool:

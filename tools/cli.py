@@ -93,6 +93,25 @@ def inspect(model: str, as_json: bool, why: bool):
 
 
 @cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-p", "--pass", "specs", multiple=True, metavar="NAME[:k=v,...]",
+              help="A pass to run, in order (fuse, sparse:window=128, ...). Lists inside a value use '+'.")
+@click.option("-o", "--output", help="Where to write the rewritten model (never the input).")
+@click.option("--report", "report_path", help="Write the per-pass report as JSON.")
+@click.option("--inputs", help="Fidelity inputs as .npz (default: generated from the model's signature).")
+@click.option("--input-shape", multiple=True, metavar="NAME=1x4096", help="Size of an input's dynamic dims.")
+@click.option("--layers", help="Only sites in these layers, e.g. 0-3,7.")
+@click.option("--sites", help="Only these site ids, e.g. a0,a3.")
+@click.option("--max-error", type=float, help="Stop if a pass moves outputs further (relative error).")
+@click.option("--force", is_flag=True, help="Write even when a fidelity bound is exceeded.")
+def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force):
+    """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
+    from attn_opt.tools.optimize import optimize as run
+
+    run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console())
+
+
+@cli.command()
 @click.argument("name", required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
 @click.option("--exporter", type=click.Choice(["dynamo", "dynamo23", "torchscript"]), default="dynamo",
@@ -117,6 +136,9 @@ def zoo(name: str | None, output: str | None, exporter: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
+        argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
     try:
         cli.main(args=argv, prog_name="attn-opt", standalone_mode=False)
     except click.exceptions.Abort:

@@ -166,9 +166,9 @@ def input_specs(gv: GraphView) -> list[InputSpec]:
 def session(proto: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
     if proto.ByteSize() < 1_800_000_000:

@@ -1,0 +1,141 @@
+"""sparse: keep only some (query, key) pairs, and skip the rest of the work.
+
+    sparse:window=W[,sinks=N][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
+
+window: query i sees |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal; `auto`
+follows the site). border=shift keeps exactly W keys per query at the ends
+(neighborhood attention). stride=S: S consecutive queries share one window of W keys
+(S = W is blocked attention). sinks=N: the first N tokens stay visible to every query.
+The site's own mask still applies on top; a query left with no visible key gives zeros.
+
+The lowering (backends/onnxruntime/banded.py) computes scores only inside a band of
+key blocks; the report gives both the pairs it computes and the analytic count
+Σ_i |keys(i)| of pairs the pattern keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from attn_opt.patterns.site import AttentionSite
+from attn_opt.rewriter.errors import NotSupported, UserError
+from attn_opt.rewriter.passbase import Pass, option
+
+
+@dataclass(frozen=True)
+class Sparse(Pass):
+    name: ClassVar[str] = "sparse"
+    exact: ClassVar[bool] = False
+    why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
+    window: int | None = option(None, "keys per query (W)")
+    sinks: int = option(0, "first tokens every query sees")
+    causal: str = option("auto", "causal window", choices=("auto", "true", "false"))
+    border: str = option("clip", "window at the sequence ends", choices=("clip", "shift"))
+    stride: int = option(1, "queries sharing one window")
+    dilation: int = option(1, "keep every d-th key")
+    block: int | None = option(None, "query block size of the banded lowering")
+    grid: str | None = option(None, "HxW token grid for 2-D neighborhoods")
+
+    def __post_init__(self):
+        if self.window is None:
+            raise UserError("sparse: window=W is required (e.g. sparse:window=128)")
+        if self.window < 1 or self.sinks < 0 or self.stride < 1 or self.dilation < 1:
+            raise UserError("sparse: window, stride and dilation must be >= 1 and sinks >= 0")
+        if self.block is not None and self.block < 1:
+            raise UserError("sparse: block must be >= 1")
+        if self.dilation > 1:
+            raise NotSupported("sparse: dilation > 1 is not implemented yet")
+        if self.grid is not None:
+            raise NotSupported("sparse: 2-D neighborhoods (grid=HxW) are not implemented yet")
+
+    def skip_reason(self, site: AttentionSite) -> str | None:
+        if any(op.packed for op in (site.q, site.k, site.v)):
+            return "Q/K/V are not in [B, H, S, D] layout"
+        if site.heads is None or site.kv_heads is None or site.heads % site.kv_heads:
+            return "head counts unknown (the model did not run on sample inputs)"
+        if site.kind == "cross":
+            return "a window needs self-attention (queries and keys on one axis)"
+        if site.probs_shared:
+            return "its attention probabilities are used outside the attention too"
+        for m in site.additive + ((site.bool_mask,) if site.bool_mask is not None else ()):
+            shape = site.mask_shapes.get(m.name)
+            if shape is None or len(shape) not in (2, 4):
+                return f"mask {m.name} has an unsupported or unknown shape {shape or m.shape}"
+        return None
+
+    def is_causal(self, site: AttentionSite) -> bool:
+        return site.causal is True if self.causal == "auto" else self.causal == "true"
+
+    def form(self, site: AttentionSite) -> "Form":
+        causal = self.is_causal(site)
+        w = self.window
+        if self.stride > 1:
+            return Form("stride", causal, w, self.stride, lo=0, keys=w, sinks=self.sinks)
+        span = w if causal else 2 * (w // 2) + 1
+        b = self.block or (64 if span >= 128 else max(8, span // 2))
+        if self.border == "shift" and not causal:
+            return Form("shift", causal, w, b, lo=span - 1, keys=b + 2 * (span - 1), sinks=self.sinks)
+        lo = w - 1 if causal else w // 2
+        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=self.sinks)
+
+    def rewrite_onnx(self, e, choice: str) -> str:
+        from attn_opt.backends.onnxruntime.banded import emit_banded
+
+        f = self.form(e.site)
+        e.commit(emit_banded(e, e.site, f))
+        return f.describe()
+
+
+@dataclass(frozen=True)
+class Form:
+    """One concrete sparsity pattern: which keys query i sees, and the banded layout."""
+
+    kind: str  # "window", "shift", "stride"
+    causal: bool
+    window: int
+    block: int  # queries per block
+    lo: int  # block j gathers keys from j*block - lo (window forms)
+    keys: int  # keys gathered per block
+    sinks: int
+
+    @property
+    def span(self) -> int:
+        return self.window if self.causal or self.kind == "stride" else 2 * (self.window // 2) + 1
+
+    def visible(self, t: int) -> np.ndarray:
+        """[t, t] boolean: the pairs this pattern keeps at sequence length t (reference)."""
+        i = np.arange(t)[:, None]
+        j = np.arange(t)[None, :]
+        if self.kind == "stride":
+            start = self._stride_start(i // self.block, t)
+            vis = (j >= start) & (j < start + self.window)
+        elif self.kind == "shift":
+            half = self.window // 2
+            start = np.maximum(np.minimum(i - half, t - self.span), 0)
+            vis = (j >= start) & (j < start + self.span)
+        elif self.causal:
+            vis = (i - j >= 0) & (i - j < self.window)
+        else:
+            vis = np.abs(i - j) <= self.window // 2
+        if self.causal:
+            vis &= j <= i
+        if self.sinks:
+            vis |= (j < self.sinks) & ((j <= i) if self.causal else True)
+        return vis
+
+    def _stride_start(self, group, t: int):
+        off = self.block - self.window if self.causal else (self.block - self.window) // 2
+        return np.maximum(np.minimum(group * self.block + off, t - self.window), 0)
+
+    def computed_pairs(self, t: int) -> int:
+        nb = -(-t // self.block)
+        return nb * self.block * (self.keys + self.sinks)
+
+    def describe(self) -> str:
+        kind = {"window": "causal window" if self.causal else "window", "shift": "shifted window",
+                "stride": "strided window"}[self.kind]
+        s = f"{kind} {self.window}, query blocks of {self.block}, {self.keys} keys gathered per block"
+        return s + (f", {self.sinks} sink tokens" if self.sinks else "")

@@ -1,0 +1,112 @@
+"""Passes are frozen dataclasses with a name and typed options, registered by name, so
+`sparse:window=128,sinks=4` parses into `Sparse(window=128, sinks=4)`, and an unknown
+name, option or bad value is a one-line error that lists what is accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from attn_opt.rewriter.errors import UserError
+
+
+def option(default: Any, help: str, choices: tuple | None = None):
+    """A pass option: its default, a one-line help and, for strings, the accepted values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    why: ClassVar[str] = ""
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def is_exact(self) -> bool:
+        """Exact for these options (a pass may be exact only in some settings)."""
+        return self.exact
+
+    def skip_reason(self, site) -> str | None:
+        """Why this pass cannot rewrite `site`, or None."""
+        return None
+
+
+def _convert(cls, fname: str, raw: str, typ, choices):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if origin is tuple:
+            parts = tuple(p for p in raw.split("+") if p)
+            conv = args[0] if args else str
+            vals = tuple(conv(p) for p in parts)
+            if choices and any(v not in choices for v in vals):
+                raise ValueError
+            return vals
+        if typ is str:
+            if choices and raw not in choices:
+                raise ValueError
+            return raw
+    except ValueError:
+        pass
+    else:
+        raise UserError(f"{cls.name}: option {fname} has an unsupported type")
+    want = f"one of {'|'.join(map(str, choices))}" if choices else getattr(typ, "__name__", str(typ))
+    raise UserError(f"{cls.name}: bad value {raw!r} for {fname} (expected {want})")
+
+
+def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
+    """`NAME[:key=value,...]` to a pass instance."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if name not in registry:
+        raise UserError(f"unknown pass {name!r}; passes: {', '.join(sorted(registry))}")
+    cls = registry[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if key not in fields:
+            accepted = ", ".join(fields) or "none"
+            raise UserError(f"{name}: unknown option {key!r}; options: {accepted}")
+        if not eq:
+            raise UserError(f"{name}: option {key} needs a value ({key}=...)")
+        kwargs[key] = _convert(cls, key, raw.strip(), hints[key], fields[key].metadata.get("choices"))
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{name}: {e}") from None
+
+
+def parse_ranges(text: str | None) -> set[int] | None:
+    """`0-3,7` to {0, 1, 2, 3, 7}."""
+    if not text:
+        return None
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.partition("-")
+            out |= set(range(int(lo), int(hi) + 1)) if sep else {int(lo)}
+    except ValueError:
+        raise UserError(f"bad --layers {text!r}: expected numbers and ranges, e.g. 0-3,7") from None
+    return out

@@ -86,9 +86,14 @@ def _upgrade(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
     if cur >= version:
         return proto
     try:
-        return onnx.version_converter.convert_version(proto, version)
+        new = onnx.version_converter.convert_version(proto, version)
     except Exception as e:
         raise UserError(f"cannot convert the model from opset {cur} to {version} for this pass ({e})") from None
+    meta = {n.name: n.metadata_props for n in proto.graph.node if n.name and n.metadata_props}
+    for n in new.graph.node:  # the converter drops node metadata (module scopes: layers)
+        if n.name in meta and not n.metadata_props:
+            n.metadata_props.extend(meta[n.name])
+    return new
 
 
 def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=None):

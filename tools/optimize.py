@@ -76,6 +76,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     proto = onnx_adapter.load_proto(model)
     _, _, gv = onnx_adapter.load_view(proto)
     feeds, note = load_feeds(onnx_adapter.input_specs(gv), inputs, input_shape)
+    feeds, note = _runnable(proto, feeds, note, generated=not inputs and not input_shape)
     ids = set(sites.split(",")) if sites else None
     try:
         out, report = run_pipeline(proto, chain, feeds, parse_ranges(layers), ids, max_error, force, note)
@@ -93,6 +94,26 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if report_path:
         _write_json(report_path, report.to_json())
     console.print(f"wrote {output}")
+
+
+def _runnable(proto, feeds, note, generated: bool):
+    """The model must run on the fidelity inputs; generated ones retry at batch 1 (some
+    exports only run at the batch they were traced with)."""
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+
+    tries = [feeds] + ([{k: v[:1] for k, v in feeds.items()}] if generated else [])
+    for i, f in enumerate(tries):
+        try:
+            onnx_adapter.run(proto, f)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            continue
+        if i:
+            note = dict(note, shapes={k: list(v.shape) for k, v in f.items()},
+                        retried="the model failed at batch 2 and runs at batch 1")
+        return f, note
+    raise UserError(f"the input model does not run in ONNX Runtime on these inputs ({first[:200]}); "
+                    "give --inputs FILE.npz or --input-shape NAME=DIMS")
 
 
 def _write_json(path: str, obj) -> None:

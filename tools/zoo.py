@@ -226,8 +226,9 @@ def export_module(model: nn.Module, args: tuple, names: tuple[str, ...], exporte
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", 1: f"{n}_len"})
-                    for n in names} if dynamic else None
+            axes = {n: ({0: "batch"} if n == "pixel_values" or args[i].dim() < 2 else
+                        {0: "batch", 1: "dec_seq" if n == "decoder_input_ids" else "seq"})
+                    for i, n in enumerate(names)} if dynamic else None
             torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
                               input_names=list(names), dynamic_axes=axes)
         else:

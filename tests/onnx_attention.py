@@ -79,8 +79,9 @@ def feeds(b=2, h=4, kvh=4, t=37, d=8, mask="padding", pad=5, seed=0) -> dict[str
     return f
 
 
-def reference(f: dict, visible: np.ndarray, causal=False) -> np.ndarray:
-    """softmax over the keys each row may see (pattern ∧ mask); a row that sees none gives 0."""
+def reference(f: dict, visible: np.ndarray | bool = True, causal=False, normalise=None) -> np.ndarray:
+    """`normalise` (default softmax) over the keys each row may see (pattern ∧ mask); a row
+    that sees none gives 0. GQA repeats K/V to the query heads."""
     q, k, v = (f[x].astype(np.float64) for x in "qkv")
     g = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
@@ -95,9 +96,7 @@ def reference(f: dict, visible: np.ndarray, causal=False) -> np.ndarray:
         vis &= m > -1e4
     if causal:
         vis &= np.tril(np.ones((t, t), bool))
-    s = np.where(vis, s, -np.inf)
-    mx = np.max(np.where(vis, s, -1e300), axis=-1, keepdims=True)
-    e = np.where(vis, np.exp(s - mx), 0.0)
-    den = e.sum(-1, keepdims=True)
-    p = np.divide(e, den, out=np.zeros_like(e), where=den > 0)
+    from attn_opt.rewriter import forms
+
+    p = (normalise or forms.softmax)(s, vis)
     return p @ v

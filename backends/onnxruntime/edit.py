@@ -36,6 +36,14 @@ class SiteEdit:
         arr = np.asarray(value, dtype=dtype)
         return self.op("Constant", [], {"value": ir.tensor(arr)})
 
+    def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
+        """A new weight of the model (so it shows in parameter counts and can be trained)."""
+        name = f"attn_opt.{self.site.id}.{suffix}"
+        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
+        self.model.graph.register_initializer(v)
+        return v
+
     def ints(self, *values: int) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64))
 
@@ -58,7 +66,11 @@ class SiteEdit:
         graph.insert_after(anchor, self.nodes)
         was_output = old.is_graph_output()
         name = old.name
+        ours = {id(n) for n in self.nodes}
+        keep = [(u.node, u.idx) for u in old.uses() if id(u.node) in ours]  # e.g. a gate reading O
         old.replace_all_uses_with(new_output, replace_graph_outputs=True)
+        for node, idx in keep:
+            node.replace_input_with(idx, old)
         if was_output:
             old.name = f"{name}__replaced"
             new_output.name = name

@@ -1,0 +1,105 @@
+"""Attention written out with standard ONNX ops from a site record, with the softmax
+replaced by a normaliser: the lowering of softplus, sinkfree and any form that changes
+how scores become probabilities.
+
+Layout inside: 5-D [B, Hkv, g, Tq, ·] (g = H / Hkv) so GQA reads each kv head once.
+`vis` is the boolean [.., Tq, Tk] of keys each row may see (the site's masks, causal);
+every normaliser gives 0 on keys outside it and a zero row where nothing is visible.
+Needs opset 18 (ReduceMax/ReduceSum take their axes as an input).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from attn_opt.backends.onnxruntime.edit import SiteEdit
+from attn_opt.patterns.detect import MASKED
+from attn_opt.patterns.site import AttentionSite
+
+MIN = np.float32(np.finfo(np.float32).min)
+TINY = np.float32(1e-30)
+Normaliser = Callable[[SiteEdit, ir.Value, ir.Value], ir.Value]
+
+
+def f32(e: SiteEdit, x) -> ir.Value:
+    return e.const(np.asarray(x, dtype=np.float32))
+
+
+def row_sum(e: SiteEdit, x: ir.Value) -> ir.Value:
+    return e.op("ReduceSum", [x, e.ints(-1)], {"keepdims": 1})
+
+
+def row_max(e: SiteEdit, x: ir.Value) -> ir.Value:
+    return e.op("ReduceMax", [x, e.ints(-1)], {"keepdims": 1})
+
+
+def safe_div(e: SiteEdit, num: ir.Value, den: ir.Value) -> ir.Value:
+    """num / den with 0 where den is 0 (a row that sees no key)."""
+    return e.op("Div", [num, e.op("Max", [den, f32(e, TINY)])])
+
+
+def softmax_visible(e: SiteEdit, s: ir.Value, vis: ir.Value) -> ir.Value:
+    ex = e.op("Where", [vis, e.op("Exp", [e.op("Sub", [s, row_max(e, e.op("Where", [vis, s, f32(e, MIN)]))])]),
+                        f32(e, 0)])
+    return safe_div(e, ex, row_sum(e, ex))
+
+
+def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
+    """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
+    x = m.native
+    shape = site.mask_shapes.get(m.name) or m.shape
+    if len(shape) == 2:
+        return e.op("Unsqueeze", [x, e.ints(0, 1, 2)])
+    if shape[1] == site.heads and site.heads > 1:
+        dims = e.op("Concat", [e.shape_dim(x, 0), e.ints(site.kv_heads, site.heads // site.kv_heads),
+                               e.op("Shape", [x], {"start": 2})], {"axis": 0})
+        return e.op("Reshape", [x, dims])
+    return e.op("Unsqueeze", [x, e.ints(2)])
+
+
+def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
+    hkv, g = site.kv_heads, site.heads // site.kv_heads
+    q5 = e.op("Reshape", [e.op("Mul", [q, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
+    k5 = e.op("Unsqueeze", [k, e.ints(2)])
+    s = e.op("MatMul", [q5, e.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})])  # [B, Hkv, g, Tq, Tk]
+    vis = None
+    for m in site.additive:
+        m5 = _mask5(e, site, m)
+        s = e.op("Add", [s, m5])
+        hide = e.op("Greater", [m5, f32(e, MASKED)])
+        vis = hide if vis is None else e.op("And", [vis, hide])
+    if site.bool_mask is not None:
+        c = _mask5(e, site, site.bool_mask)
+        if site.bool_mask.dtype != "bool":
+            c = e.op("Cast", [c], {"to": ir.DataType.BOOL})
+        c = c if site.bool_keep else e.op("Not", [c])
+        vis = c if vis is None else e.op("And", [vis, c])
+    if site.causal and (site.rule != "eager" or (not site.additive and site.bool_mask is None)):
+        # a fused op's is_causal (harmless where its mask is causal already)
+        tq, tk = e.shape_dim(q, 2), e.shape_dim(k, 2)
+        i = e.op("Unsqueeze", [e.op("Range", [e.const(np.int64(0)), e.op("Squeeze", [tq, e.ints(0)]),
+                                             e.const(np.int64(1))]), e.ints(1)])
+        j = e.op("Range", [e.const(np.int64(0)), e.op("Squeeze", [tk, e.ints(0)]), e.const(np.int64(1))])
+        tri = e.op("LessOrEqual", [j, e.op("Add", [i, e.op("Sub", [tk, tq])])])
+        vis = tri if vis is None else e.op("And", [vis, tri])
+    if vis is None:
+        vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
+    return s, vis
+
+
+def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser) -> ir.Value:
+    q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)
+    s, vis = scores_and_visibility(e, site, q, k)
+    p = normalise(e, s, vis)
+    o = e.op("MatMul", [p, e.op("Unsqueeze", [v, e.ints(2)])])  # [B, Hkv, g, Tq, Dv]
+    shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(site.heads), e.shape_dim(q, 2), e.shape_dim(v, 3)], {"axis": 0})
+    return e.op("Reshape", [o, shape])
+
+
+def per_head(e: SiteEdit, site: AttentionSite, values) -> ir.Value:
+    """A per-head constant as [1, Hkv, g, 1, 1] (query-head order)."""
+    arr = np.asarray(values, dtype=np.float32).reshape(site.kv_heads, site.heads // site.kv_heads, 1, 1)
+    return e.const(arr[None])

@@ -1,0 +1,84 @@
+"""gated (exact at insertion, trainable after): Gated Attention (Qiu et al. 2025), a
+head-specific, query-dependent sigmoid gate on the attention output before Wo:
+
+    O_h' = O_h ⊙ σ(X W_g[h] + b_g[h])
+
+X is the hidden state that fed the Q projection. mode=headwise: W_g is [D, H] (one
+scalar per head and token); mode=elementwise: [D, H·dv]. Inserted with W_g = 0 and
+b_g = 30, where σ rounds to exactly 1 in fp32, so the model is unchanged until trained
+gates are loaded (weights=FILE: .npz/.safetensors keys "<site>.weight", "<site>.bias").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.passbase import Pass, option
+from attn_opt.rewriter.weights import load_weights
+
+OPEN_BIAS = 30.0  # σ(30) = 1 - 9e-14: exactly 1.0 in fp32
+
+
+@dataclass(frozen=True)
+class Gated(Pass):
+    name: ClassVar[str] = "gated"
+    exact: ClassVar[bool] = True
+    why: ClassVar[str] = "a sigmoid gate per head on the attention output (Gated Attention)"
+    mode: str = option("headwise", "gate granularity", choices=("headwise", "elementwise"))
+    weights: str | None = option(None, "trained gates (.npz/.safetensors, keys <site>.weight/<site>.bias)")
+
+    def __post_init__(self):
+        if self.weights is not None:
+            load_weights(self.weights)
+
+    def is_exact(self) -> bool:
+        return self.weights is None
+
+    def skip_reason(self, site):
+        if "q" not in site.projections:
+            return "no Q projection found, so no hidden state to drive the gate"
+        if site.heads is None or site.head_dim is None:
+            return "heads or head size unknown (the model did not run on sample inputs)"
+        if site.output.rank not in (None, 4) or site.rule in ("ms-mha", "ms-gqa", "ms-attention", "torch-mha"):
+            return "the attention output is not [B, H, S, dv]"
+        return None
+
+    def gate_shape(self, site) -> tuple[int, int]:
+        p = site.projections["q"]
+        w = p.weight.const
+        d_model = int(w.shape[1] if p.transposed else w.shape[0])
+        width = site.heads * (1 if self.mode == "headwise" else site.head_dim)
+        return d_model, width
+
+    def site_weights(self, site) -> tuple[np.ndarray, np.ndarray]:
+        d_model, width = self.gate_shape(site)
+        if self.weights is None:
+            return np.zeros((d_model, width), np.float32), np.full(width, OPEN_BIAS, np.float32)
+        table = load_weights(self.weights)
+        got = []
+        for part, shape in (("weight", (d_model, width)), ("bias", (width,))):
+            key = f"{site.id}.{part}"
+            if key not in table:
+                raise UserError(f"gated: {self.weights} has no {key!r} (keys: {', '.join(sorted(table)[:8])})")
+            arr = np.asarray(table[key], dtype=np.float32)
+            if arr.shape != shape:
+                raise UserError(f"gated: {key} has shape {arr.shape}; site {site.id} ({self.mode}) needs {shape}")
+            got.append(arr)
+        return got[0], got[1]
+
+    def rewrite_onnx(self, e, choice) -> str:
+        site = e.site
+        w, b = self.site_weights(site)
+        x = site.projections["q"].x.native
+        g = e.op("Sigmoid", [e.op("Add", [e.op("MatMul", [x, e.initializer("gate.weight", w)]),
+                                          e.initializer("gate.bias", b)])])
+        o = site.output.native
+        k = 1 if self.mode == "headwise" else site.head_dim
+        shape = e.op("Concat", [e.shape_dim(o, 0), e.shape_dim(o, 2), e.ints(site.heads, k)], {"axis": 0})
+        g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]
+        e.commit(e.op("Mul", [o, g4]))
+        return f"{self.mode} gate from {site.projections['q'].x.name}: +{w.size + b.size} parameters"

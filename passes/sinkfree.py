@@ -16,8 +16,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from attn_opt.backends.onnxruntime.explicit import (MIN, emit_explicit, f32, per_head, row_max, row_sum, safe_div,
-                                                    softmax_visible)
 from attn_opt.passes._explicit_base import EXPLICIT_OPSET, explicit_skip_reason
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, option
@@ -74,45 +72,34 @@ class Sinkfree(Pass):
             raise UserError(f"sinkfree: {key} has {b.size} values; site {site.id} has {site.heads} heads")
         return np.broadcast_to(b, (site.heads,)).copy()
 
-    def rewrite_onnx(self, e, choice) -> str:
-        site = e.site
+    def reference(self, site):
+        """The NumPy normaliser of this form for `site` (rewriter/forms.py)."""
+        from attn_opt.rewriter import forms
+
         if self.mode == "logit":
-            b = self.site_bias(site)
-            norm = lambda e_, s, vis: self._logit(e_, s, vis, per_head(e_, site, b))  # noqa: E731
-            note = f"sink logit b = {np.array2string(b, precision=3)}"
+            b = self.site_bias(site).astype(np.float64)[None, :, None, None]
+            return lambda s, v: forms.sink_logit(s, v, b)
+        if self.mode == "redistribute":
+            return lambda s, v: forms.redistribute(s, v, self.alpha, self.sinks, self.heads)
+        return forms.relu
+
+    def spec(self, site) -> dict:
+        if self.mode == "logit":
+            return {"kind": "logit", "bias": self.site_bias(site).tolist()}
+        if self.mode == "redistribute":
+            return {"kind": "redistribute", "alpha": self.alpha, "sinks": self.sinks,
+                    "heads": list(self.heads) if self.heads else None}
+        return {"kind": "relu"}
+
+    def rewrite_onnx(self, e, choice) -> str:
+        from attn_opt.backends.onnxruntime.lower import emit_attention
+
+        site = e.site
+        emit_attention(e, site, site.pattern, self.spec(site))
+        if self.mode == "logit":
+            note = f"sink logit b = {np.array2string(self.site_bias(site), precision=3)}"
         elif self.mode == "redistribute":
-            norm = lambda e_, s, vis: self._redistribute(e_, s, vis, site)  # noqa: E731
             note = f"redistribute α={self.alpha:g} over the first {self.sinks} token(s)"
         else:
-            norm, note = self._relu, "ReLU(S)/n_i"
-        e.commit(emit_explicit(e, site, norm))
-        return note
-
-    @staticmethod
-    def _logit(e, s, vis, b):
-        m = e.op("Max", [row_max(e, e.op("Where", [vis, s, f32(e, MIN)])), b])
-        ex = e.op("Where", [vis, e.op("Exp", [e.op("Sub", [s, m])]), f32(e, 0)])
-        den = e.op("Add", [row_sum(e, ex), e.op("Exp", [e.op("Sub", [b, m])])])
-        return safe_div(e, ex, den)
-
-    def _redistribute(self, e, s, vis, site):
-        p = softmax_visible(e, s, vis)
-        n = self.sinks
-        head = e.op("Slice", [p, e.ints(0), e.ints(n), e.ints(-1)])
-        tail = e.op("Slice", [p, e.ints(n), e.ints(2 ** 62), e.ints(-1)])
-        m = row_sum(e, head)
-        rest = e.op("Sub", [f32(e, 1), m])
-        scaled = e.op("Concat", [e.op("Mul", [head, f32(e, self.alpha)]),
-                                 e.op("Mul", [tail, safe_div(e, e.op("Sub", [f32(e, 1), e.op("Mul", [m, f32(e, self.alpha)])]), rest)])],
-                      {"axis": -1})
-        keep = e.op("Less", [rest, f32(e, 1e-6)])  # a row all on the sinks is left as it is
-        if self.heads:
-            chosen = np.zeros(site.heads, np.float32)
-            chosen[list(self.heads)] = 1
-            keep = e.op("Or", [keep, e.op("Equal", [per_head(e, site, chosen), f32(e, 0)])])
-        return e.op("Where", [keep, p, scaled])
-
-    @staticmethod
-    def _relu(e, s, vis):
-        n = row_sum(e, e.op("Cast", [vis], {"to": 1}))
-        return safe_div(e, e.op("Where", [vis, e.op("Relu", [s]), f32(e, 0)]), n)
+            note = "ReLU(S)/n_i"
+        return note + (", sparse pattern kept" if site.pattern else "")

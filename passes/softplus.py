@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attn_opt.backends.onnxruntime.explicit import emit_explicit, f32, row_sum, safe_div
 from attn_opt.passes._explicit_base import EXPLICIT_OPSET, explicit_skip_reason
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, option
@@ -38,19 +37,12 @@ class Softplus(Pass):
     def needs_opset(self) -> int:
         return EXPLICIT_OPSET
 
-    def rewrite_onnx(self, e, choice) -> str:
-        e.commit(emit_explicit(e, e.site, self.normalise))
-        return f"softplus, λ={'log n_i / log %d' % self.n_train if self.n_train else '1'}, p={self.p:g}"
+    def spec(self) -> dict:
+        return {"kind": "softplus", "n_train": self.n_train, "p": self.p}
 
-    def normalise(self, e, s, vis):
-        zero = f32(e, 0)
-        if self.n_train:
-            n = row_sum(e, e.op("Cast", [vis], {"to": 1}))
-            lam = e.op("Div", [e.op("Log", [e.op("Max", [n, f32(e, 1)])]), f32(e, __import__("math").log(self.n_train))])
-            s = e.op("Mul", [s, lam])
-        a = e.op("Where", [vis, e.op("Softplus", [s]), zero])
-        a = safe_div(e, a, row_sum(e, a))
-        if self.p != 1:
-            a = e.op("Pow", [a, f32(e, self.p)])
-            a = safe_div(e, a, row_sum(e, a))
-        return a
+    def rewrite_onnx(self, e, choice) -> str:
+        from attn_opt.backends.onnxruntime.lower import emit_attention
+
+        emit_attention(e, e.site, e.site.pattern, self.spec())
+        return f"softplus, λ={'log n_i / log %d' % self.n_train if self.n_train else '1'}, p={self.p:g}" + (
+            ", sparse pattern kept" if e.site.pattern else "")

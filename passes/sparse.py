@@ -66,6 +66,9 @@ class Sparse(Pass):
                 return f"mask {m.name} has an unsupported or unknown shape {shape or m.shape}"
         return None
 
+    def needs_opset(self) -> int:
+        return 18  # ReduceMax/ReduceSum with axes as an input
+
     def is_causal(self, site: AttentionSite) -> bool:
         return site.causal is True if self.causal == "auto" else self.causal == "true"
 
@@ -81,12 +84,12 @@ class Sparse(Pass):
         lo = w - 1 if causal else w // 2
         return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=self.sinks)
 
-    def rewrite_onnx(self, e, choice: str) -> str:
-        from attn_opt.backends.onnxruntime.banded import emit_banded
+    def rewrite_onnx(self, e, choice) -> str:
+        from attn_opt.backends.onnxruntime.lower import emit_attention
 
-        f = self.form(e.site)
-        e.commit(emit_banded(e, e.site, f))
-        return f.describe()
+        emit_attention(e, e.site, self.options(), e.site.normaliser)
+        norm = e.site.normaliser["kind"]
+        return self.form(e.site).describe() + ("" if norm == "softmax" else f", {norm} normaliser kept")
 
 
 @dataclass(frozen=True)

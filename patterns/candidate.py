@@ -33,6 +33,8 @@ class Candidate:
     covered: list[Node] = field(default_factory=list)
     scope: str | None = None
     notes: list[str] = field(default_factory=list)
+    pattern: dict | None = None
+    normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:
         if self.bool_mask is not None:

@@ -15,6 +15,8 @@ from attn_opt.patterns.site import AttentionSite, Miss, NearMiss, Operand
 from attn_opt.rewriter.graph import GraphView, Value, layer_of
 from attn_opt.rewriter.pattern import Rule, run_rules
 
+SITE_TAG = "attn_opt.site"  # nodes a pass emitted for a site (their Softmax is not a new site)
+
 # The rule set, read top to bottom. Fused forms first: they are exact matches.
 RULES = [
     Rule("sdpa", frozenset({"SDPA"}), fused.match_sdpa, "torch scaled_dot_product_attention call"),
@@ -23,6 +25,7 @@ RULES = [
     Rule("ms-mha", frozenset({"com.microsoft.MultiHeadAttention"}), fused.match_ms_mha, "ORT MultiHeadAttention"),
     Rule("ms-gqa", frozenset({"com.microsoft.GroupQueryAttention"}), fused.match_ms_gqa, "ORT GroupQueryAttention"),
     Rule("ms-attention", frozenset({"com.microsoft.Attention"}), fused.match_ms_attention, "ORT Attention (packed QKV)"),
+    Rule("attn-opt", frozenset({"attn_opt.Attention"}), fused.match_attn_opt, "attention attn-opt rewrote (its form record)"),
     Rule("eager", frozenset({"Softmax"}), eager.match_eager, "MatMul → scale → mask → Softmax → MatMul"),
     Rule("torch-leaf", frozenset(f"module:{m}" for m in fused.OPAQUE_MODULES), fused.opaque_module,
          "torch.nn transformer modules that symbolic_trace keeps as leaves"),
@@ -41,7 +44,7 @@ class Detection:
 
 
 def detect(gv: GraphView, feeds: dict[str, np.ndarray] | None = None, probe: bool = True) -> Detection:
-    res = run_rules(gv, RULES, Miss)
+    res = run_rules(gv, RULES, Miss, skip=lambda n: SITE_TAG in n.meta and n.op != "attn_opt.Attention")
     cands = []
     for rule, node, c in res.matches:
         for op in ("k", "v"):  # see through repeat_kv: the op can take the kv heads as they are
@@ -232,6 +235,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         additive=tuple(c.additive), bool_mask=c.bool_mask, bool_keep=c.bool_keep,
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
+        pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 

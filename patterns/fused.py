@@ -115,3 +115,27 @@ def opaque_module(gv: GraphView, n: Node) -> Candidate:
     name = n.op.split(":", 1)[1]
     raise Miss(f"nn.{name} is a leaf module under symbolic_trace, so its attention is hidden inside "
                "one call_module; trace with torch.export or Dynamo to see it", n)
+
+
+def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
+    """A site attn-opt already rewrote: rebuilt from the record on its output node."""
+    import json
+
+    rec = json.loads(n.meta["attn_opt.form"])
+    c = Candidate(rule="attn-opt", anchor=n, output=n.outputs[0], scope=rec.get("scope"))
+    vals = {}
+    for key in ("q", "k", "v"):
+        v = gv.value(rec[key]["name"])
+        if v is None:
+            raise Miss(f"the record of rewritten site {rec['site']} names a missing value {rec[key]['name']}", n)
+        vals[key] = Operand(v, tuple(rec[key]["perm"]) if rec[key]["perm"] else None, repeated=rec[key]["repeated"])
+    c.q, c.k, c.v = vals["q"], vals["k"], vals["v"]
+    c.additive = [gv.value(a) for a in rec["additive"]]
+    if rec["bool"]:
+        c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
+    c.scale, c.causal_attr = rec["scale"], rec["causal"]
+    c.heads_attr, c.kv_heads_attr = rec["heads"], rec["kv_heads"]
+    c.pattern, c.normaliser = rec["pattern"], rec["normaliser"]
+    c.covered = [m for m in gv.nodes if m.meta.get("attn_opt.site") == rec["site"]
+                 and m.meta.get("attn_opt.pass") != "gated"]
+    return c

@@ -61,6 +61,8 @@ class AttentionSite:
     notes: tuple[str, ...] = ()
     run_shape: tuple[int, ...] | None = None  # (B, H, Tq, Tk, D) seen on the sample inputs
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # mask value name -> run shape
+    pattern: dict | None = None  # the sparse pattern attn-opt gave it (sparse options), or dense
+    normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})  # how scores become probabilities
 
     @property
     def gqa(self) -> bool:
@@ -75,6 +77,7 @@ class AttentionSite:
             "rule": self.rule, "nodes": list(self.nodes),
             "projections": {k: p.node for k, p in self.projections.items()},
             "notes": list(self.notes),
+            "form": {"pattern": self.pattern, "normaliser": self.normaliser},
         }
 
 

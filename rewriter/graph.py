@@ -47,6 +47,7 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     scope: str | None = None  # module path, e.g. "model.encoder.layer.0.attention.self"
     native: Any = None
+    meta: dict[str, str] = field(default_factory=dict)  # the IR's node metadata
 
     def input(self, i: int) -> Value | None:
         return self.inputs[i] if i < len(self.inputs) else None
@@ -68,6 +69,18 @@ class GraphView:
     ir: str  # "onnx" or "fx"
     probe_fn: Probe | None = None
     sample_inputs_fn: Callable[[], dict[str, np.ndarray]] | None = None
+
+    def value(self, name: str) -> Value | None:
+        """The value called `name` (inputs, node outputs and constants they read)."""
+        if not hasattr(self, "_by_name"):
+            self._by_name = {}
+            for n in self.nodes:
+                for v in list(n.inputs) + list(n.outputs):
+                    if v is not None:
+                        self._by_name.setdefault(v.name, v)
+            for v in self.inputs:
+                self._by_name.setdefault(v.name, v)
+        return self._by_name.get(name)
 
     def probe(self, values: Iterable[Value], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on `feeds` and return the named intermediate values."""

@@ -26,13 +26,15 @@ class MatchResult:
     counts: Counter = field(default_factory=Counter)  # "rule:matched" / "rule:missed"
 
 
-def run_rules(gv: GraphView, rules: list[Rule], miss_type: type[Exception]) -> MatchResult:
+def run_rules(gv: GraphView, rules: list[Rule], miss_type: type[Exception], skip=None) -> MatchResult:
     res = MatchResult()
     by_op: dict[str, list[Rule]] = {}
     for r in rules:
         for op in r.anchors:
             by_op.setdefault(op, []).append(r)
     for node in gv.nodes:
+        if skip is not None and skip(node):
+            continue
         for rule in by_op.get(node.op, ()):
             try:
                 m = rule.check(gv, node)

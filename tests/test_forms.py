@@ -127,3 +127,36 @@ def test_gated_weights_wrong_shape(variant_onnx, tmp_path):
     np.savez(tmp_path / "keys.npz", other=np.zeros(3))
     with pytest.raises(UserError, match="has no 'a0.weight'"):
         apply_pass(onnx.load(str(variant_onnx("mul-scale", "dynamo"))), passes.parse(f"gated:weights={tmp_path / 'keys.npz'}"))
+
+
+def test_compose_sparse_softplus_gated():
+    """The three passes rewrite the same site in turn: window × softplus, then a gate."""
+    from attn_opt.rewriter.ir.onnx_flops import count
+
+    model = attention_model(causal=True)
+    f = feeds()
+    chain = [passes.parse(s) for s in ("sparse:window=8", "softplus:n_train=16", "sinkfree:mode=relu")]
+    with pytest.raises(UserError, match="both replace the softmax"):
+        passes.check_chain(chain)
+    cur = model
+    for spec in ("sparse:window=8", "softplus:n_train=16"):
+        cur, rewritten, skipped, _ = apply_pass(cur, passes.parse(spec))
+        assert rewritten == ["a0"], skipped
+    form = passes.parse("sparse:window=8").form(type("S", (), {"causal": True})())
+    want = reference(f, form.visible(37), causal=True, normalise=lambda s, v: forms.softplus(s, v, n_train=16))
+    np.testing.assert_allclose(onnx_adapter.run(cur, f)["o"], want, rtol=1e-4, atol=2e-5)
+    assert count(cur, f).attention_matmul < count(model, f).matmul  # still banded after softplus
+    import attn_opt
+    site = attn_opt.inspect(cur).sites[0]
+    assert site.rule == "attn-opt" and site.pattern["window"] == 8 and site.normaliser["kind"] == "softplus"
+
+
+@pytest.mark.parametrize("chain,msg", [
+    (["softplus", "sinkfree:mode=relu"], "both replace the softmax"),
+    (["sparse:window=8", "fuse"], "would undo"),
+    (["sparse:window=8", "sparse:window=4"], "twice"),
+    (["mlpfree:collapse=qk", "softplus"], "mlpfree collapse with softplus"),
+])
+def test_refused_compositions(chain, msg):
+    with pytest.raises(UserError, match=msg):
+        passes.check_chain([passes.parse(s) for s in chain])

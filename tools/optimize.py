@@ -42,13 +42,13 @@ def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, d
 
 def pass_table(report) -> Table:
     t = Table(title="passes", title_justify="left")
-    for c in ("pass", "rewritten", "skipped", "exact", "max rel err", "cosine", "KL", "FLOPs", "attention FLOPs",
-              "params", "s"):
+    for c in ("pass", "rewritten", "skipped", "exact", "step err", "total err", "cosine", "KL", "FLOPs",
+              "attention FLOPs", "params", "s"):
         t.add_column(c)
     for p in report.passes:
         f = p.fidelity
         t.add_row(p.name, str(len(p.sites_rewritten)), str(len(p.sites_skipped)), "yes" if p.exact else "no",
-                  f"{f['max_rel_error']:.2e}", f"{f['cosine']:.6f}", "-" if f["kl"] is None else f"{f['kl']:.2e}",
+                  f"{p.step_fidelity['max_rel_error']:.2e}", f"{f['max_rel_error']:.2e}", f"{f['cosine']:.6f}", "-" if f["kl"] is None else f"{f['kl']:.2e}",
                   f"{p.flops_before:.3g} → {p.flops_after:.3g}",
                   f"{p.attention_flops_before:.3g} → {p.attention_flops_after:.3g}",
                   f"{p.params_before} → {p.params_after}", f"{p.seconds:.1f}")
@@ -69,6 +69,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if not output:
         raise UserError("missing -o OUTPUT.onnx")
     chain = [registry.parse(s) for s in specs]
+    registry.check_chain(chain)
     if not Path(model).exists():
         raise UserError(f"no such file: {model}")
     if _same_file(model, output) if Path(output).exists() else Path(model).resolve() == Path(output).resolve():
@@ -90,6 +91,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             console.print(f"  {p.name}: skipped {s['id']}: {s['reason']}")
         for n in p.notes:
             console.print(f"  {p.name}: {n}")
+        for sid, r in p.sink_ratio.items():
+            console.print(f"  {p.name}: {sid} sink ratio per head {r['before']} -> {r['after']}")
     save_onnx(out, output)
     if report_path:
         _write_json(report_path, report.to_json())

@@ -19,8 +19,6 @@ from attn_opt.backends.onnxruntime.edit import SiteEdit
 from attn_opt.patterns.detect import MASKED
 from attn_opt.patterns.site import AttentionSite
 
-MIN = np.float32(np.finfo(np.float32).min)
-
 
 class _Band:
     """In-graph index arithmetic shared by the parts of one site's rewrite."""
@@ -142,7 +140,11 @@ def _apply_masks(e, band, s, scores, vis, sinks: bool):
     return scores, vis
 
 
-def emit_banded(e: SiteEdit, s: AttentionSite, form) -> ir.Value:
+def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None) -> ir.Value:
+    """The banded form; `normalise(e, scores, visible)` turns scores into probabilities
+    (default softmax), zero outside `visible` and on rows that see nothing."""
+    if normalise is None:
+        from attn_opt.backends.onnxruntime.explicit import softmax_visible as normalise
     q, k, v = e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v)
     band = _Band(e, q, form)
     hkv, g, b = s.kv_heads, s.heads // s.kv_heads, form.block
@@ -160,14 +162,14 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form) -> ir.Value:
         ss = e.op("MatMul", [q6, e.op("Unsqueeze", [e.op("Transpose", [ks], {"perm": [0, 1, 3, 2]}), e.ints(2, 3)])])
         ss, svis = _apply_masks(e, band, s, ss, band.sink_visible(), sinks=True)
         parts.append((ss, svis, vs))
-    masked = [e.op("Where", [vis_, sc, e.const(MIN)]) for sc, vis_, _ in parts]
-    probs = e.op("Softmax", [e.op("Concat", masked, {"axis": -1}) if len(masked) > 1 else masked[0]], {"axis": -1})
+    full = [(sc, e.op("Expand", [vis_, e.op("Shape", [sc])]), vals) for sc, vis_, vals in parts]
+    cat = (lambda xs: e.op("Concat", xs, {"axis": -1}) if len(xs) > 1 else xs[0])  # noqa: E731
+    probs = normalise(e, cat([sc for sc, _, _ in full]), cat([vis_ for _, vis_, _ in full]))
     out = None
     offset = 0
     for sc, vis_, vals in parts:
         width = form.keys if vals is vb else form.sinks
         p = e.op("Slice", [probs, e.ints(offset), e.ints(offset + width), e.ints(-1)]) if len(parts) > 1 else probs
-        p = e.op("Where", [vis_, p, e.const(np.float32(0))])  # no visible key: zeros, not NaN
         o = e.op("MatMul", [p, vals])
         out = o if out is None else e.op("Add", [out, o])
         offset += width

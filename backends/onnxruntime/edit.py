@@ -60,8 +60,11 @@ class SiteEdit:
 
     def commit(self, new_output: ir.Value) -> None:
         """Insert the new nodes after the site's last node and use `new_output` for its output."""
+        self.commit_value(self.site.output.native, new_output)
+
+    def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:
+        """Insert the new nodes after `old`'s producer and use `new_output` in its place."""
         graph = self.model.graph
-        old = self.site.output.native
         anchor = old.producer()
         graph.insert_after(anchor, self.nodes)
         was_output = old.is_graph_output()

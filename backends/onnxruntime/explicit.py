@@ -99,7 +99,11 @@ def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser) -> ir
     return e.op("Reshape", [o, shape])
 
 
-def per_head(e: SiteEdit, site: AttentionSite, values) -> ir.Value:
-    """A per-head constant as [1, Hkv, g, 1, 1] (query-head order)."""
-    arr = np.asarray(values, dtype=np.float32).reshape(site.kv_heads, site.heads // site.kv_heads, 1, 1)
-    return e.const(arr[None])
+def emit_scores_probs(e: SiteEdit, site: AttentionSite, q: ir.Value | None = None, k: ir.Value | None = None) -> ir.Value:
+    """Softmax probabilities [B, H, Tq, Tk]; Q/K may be replaced (collapsed products)."""
+    q = q if q is not None else e.bhsd(site.q)
+    k = k if k is not None else e.bhsd(site.k)
+    s, vis = scores_and_visibility(e, site, q, k)
+    p5 = softmax_visible(e, s, vis)
+    shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(site.heads), e.op("Shape", [p5], {"start": 3})], {"axis": 0})
+    return e.op("Reshape", [p5, shape])

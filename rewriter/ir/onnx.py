@@ -16,6 +16,7 @@ from attn_opt.rewriter.graph import GraphView, Node, Value, link
 from attn_opt.rewriter.inputs import InputSpec, make_inputs
 
 MS_DOMAIN = "com.microsoft"
+FORM_KEY = "attn_opt.form"
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -121,7 +122,10 @@ def view(model: ir.Model, proto: onnx.ModelProto | None = None) -> GraphView:
     for n in g:
         node = Node(name=n.name or f"{n.op_type}_{len(nodes)}", op=_op(n), inputs=[val(i) for i in n.inputs],
                     outputs=[val(o) for o in n.outputs],
-                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n)
+                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n,
+                    meta=dict(n.metadata_props))
+        if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
+            node.op = "attn_opt.Attention"
         if node.op == "Constant" and "value" in node.attrs:
             node.outputs[0].const = np.asarray(node.attrs["value"])
         elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:

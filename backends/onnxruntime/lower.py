@@ -1,0 +1,107 @@
+"""Lower one attention form to ONNX: a sparse pattern (or dense) × a normaliser.
+
+Every form-changing pass (sparse, softplus, sinkfree) calls `emit_attention` with the
+site's current form plus its own change, so passes compose on the same site: the
+output node carries a record of the form and operands (metadata "attn_opt.form"), and
+detection reads that record back as the site for the next pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from attn_opt.backends.onnxruntime.edit import SiteEdit
+from attn_opt.backends.onnxruntime.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
+                                                    softmax_visible)
+from attn_opt.patterns.site import AttentionSite
+from attn_opt.rewriter.ir.onnx import FORM_KEY
+
+
+def per_head(e: SiteEdit, site: AttentionSite, values, ndim: int):
+    """A per-head constant shaped [1, Hkv, g, 1, ...] to broadcast over `ndim`-D scores."""
+    arr = np.asarray(values, dtype=np.float32).reshape((1, site.kv_heads, site.heads // site.kv_heads)
+                                                       + (1,) * (ndim - 3))
+    return e.const(arr)
+
+
+def normaliser_fn(spec: dict, site: AttentionSite, ndim: int):
+    kind = spec["kind"]
+    if kind == "softmax":
+        return softmax_visible
+    if kind == "softplus":
+        return lambda e, s, vis: _softplus(e, s, vis, spec.get("n_train"), spec.get("p", 1.0))
+    if kind == "logit":
+        return lambda e, s, vis: _logit(e, s, vis, per_head(e, site, spec["bias"], ndim))
+    if kind == "redistribute":
+        return lambda e, s, vis: _redistribute(e, s, vis, site, spec, ndim)
+    if kind == "relu":
+        return _relu
+    raise ValueError(f"unknown normaliser {kind!r}")
+
+
+def _softplus(e, s, vis, n_train, p):
+    if n_train:
+        n = row_sum(e, e.op("Cast", [vis], {"to": 1}))
+        s = e.op("Mul", [s, e.op("Div", [e.op("Log", [e.op("Max", [n, f32(e, 1)])]), f32(e, math.log(n_train))])])
+    a = e.op("Where", [vis, e.op("Softplus", [s]), f32(e, 0)])
+    a = safe_div(e, a, row_sum(e, a))
+    if p != 1:
+        a = e.op("Pow", [a, f32(e, p)])
+        a = safe_div(e, a, row_sum(e, a))
+    return a
+
+
+def _logit(e, s, vis, b):
+    m = e.op("Max", [row_max(e, e.op("Where", [vis, s, f32(e, MIN)])), b])
+    ex = e.op("Where", [vis, e.op("Exp", [e.op("Sub", [s, m])]), f32(e, 0)])
+    return safe_div(e, ex, e.op("Add", [row_sum(e, ex), e.op("Exp", [e.op("Sub", [b, m])])]))
+
+
+def _redistribute(e, s, vis, site, spec, ndim):
+    p = softmax_visible(e, s, vis)
+    n, alpha = spec["sinks"], spec["alpha"]
+    head = e.op("Slice", [p, e.ints(0), e.ints(n), e.ints(-1)])
+    tail = e.op("Slice", [p, e.ints(n), e.ints(2 ** 62), e.ints(-1)])
+    m = row_sum(e, head)
+    rest = e.op("Sub", [f32(e, 1), m])
+    factor = safe_div(e, e.op("Sub", [f32(e, 1), e.op("Mul", [m, f32(e, alpha)])]), rest)
+    scaled = e.op("Concat", [e.op("Mul", [head, f32(e, alpha)]), e.op("Mul", [tail, factor])], {"axis": -1})
+    keep = e.op("Less", [rest, f32(e, 1e-6)])  # a row all on the sinks is left as it is
+    if spec.get("heads"):
+        chosen = np.zeros(site.heads, np.float32)
+        chosen[list(spec["heads"])] = 1
+        keep = e.op("Or", [keep, e.op("Equal", [per_head(e, site, chosen, ndim), f32(e, 0)])])
+    return e.op("Where", [keep, p, scaled])
+
+
+def _relu(e, s, vis):
+    return safe_div(e, e.op("Where", [vis, e.op("Relu", [s]), f32(e, 0)]), row_sum(e, e.op("Cast", [vis], {"to": 1})))
+
+
+def _record(site: AttentionSite, pattern, normaliser) -> str:
+    def op(o):
+        return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated}
+
+    return json.dumps({
+        "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
+        "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
+        "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
+        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser})
+
+
+def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, normaliser: dict):
+    """Emit `site` with this form, commit it, and record the form on the output node."""
+    if pattern:
+        from attn_opt.backends.onnxruntime.banded import emit_banded
+        from attn_opt.passes.sparse import Sparse
+
+        out = emit_banded(e, site, Sparse(**pattern).form(site), normaliser_fn(normaliser, site, 6))
+    else:
+        out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
+    out = e.op("Identity", [out])  # the record's carrier: one node whose output is the site's
+    out.producer().metadata_props[FORM_KEY] = _record(site, pattern, normaliser)
+    e.commit(out)
+    return out

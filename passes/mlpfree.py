@@ -228,6 +228,7 @@ def mlp_blocks(gv) -> list[tuple]:
                 continue
             inside = {id(v) for n in nodes for v in n.outputs}
             closed_in = all(v is None or v is x or v.const is not None or id(v) in inside or weight_like(v)
+                            or v.dtype in ("int64", "int32")  # shape data computed elsewhere (dynamo exports)
                             for n in nodes for v in n.inputs)
             single_exit = all(all(id(u) in region for u in v.users) or v is y
                               for n in nodes for v in n.outputs) and all(u is add for u in y.users)

@@ -44,7 +44,7 @@ class Detection:
 
 
 def detect(gv: GraphView, feeds: dict[str, np.ndarray] | None = None, probe: bool = True) -> Detection:
-    res = run_rules(gv, RULES, Miss, skip=lambda n: SITE_TAG in n.meta and n.op != "attn_opt.Attention")
+    res = run_rules(gv, RULES, Miss, skip=lambda n: n.op == "Softmax" and SITE_TAG in n.meta)
     cands = []
     for rule, node, c in res.matches:
         for op in ("k", "v"):  # see through repeat_kv: the op can take the kv heads as they are

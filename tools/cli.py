@@ -60,6 +60,48 @@ def misses_table(det) -> Table:
     return t
 
 
+def attention_table(stats, window) -> Table:
+    t = Table(title="attention per head (mean over rows of the sample inputs)", title_justify="left")
+    for c in ("site", "layer", "head", "to token 0", "to tokens 1-3", "sinks", "entropy",
+              f"outside window {window}" if window else "outside window", "state"):
+        t.add_column(c)
+    for h in stats:
+        t.add_row(h.site, _fmt(h.layer), str(h.head), f"{h.first_tokens[0]:.3f}",
+                  " ".join(f"{x:.3f}" for x in h.first_tokens[1:]), ",".join(map(str, h.sinks)) or "-",
+                  f"{h.entropy:.2f}", "-" if h.outside_window is None else f"{h.outside_window:.3f}", h.state)
+    return t
+
+
+def _npz(path: str) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"cannot read --inputs {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def _attention(model: str, det, feeds, window, heatmaps):
+    from attn_opt.patterns.diagnostics import head_stats, probabilities
+    from attn_opt.rewriter.ir import load
+
+    if not det.sites:
+        raise UserError(f"{model} has no attention sites: nothing to diagnose")
+    if det.probe_error:
+        raise UserError(f"the model does not run on {'these' if feeds else 'generated'} inputs ({det.probe_error}); "
+                        "give --inputs FILE.npz")
+    gv = load(model).view
+    feeds = feeds if feeds is not None else det.feeds
+    probs = probabilities(gv, det.sites, feeds)
+    stats = [h for s in det.sites if s.id in probs for h in head_stats(s, probs[s.id], window)]
+    if heatmaps:
+        from attn_opt.tools.heatmap import write_heatmaps
+
+        write_heatmaps(probs, det.sites, heatmaps)
+    return stats
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
 def cli():
@@ -70,15 +112,23 @@ def cli():
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--why", is_flag=True, help="List every softmax that is not a site, with the reason.")
-def inspect(model: str, as_json: bool, why: bool):
+@click.option("--attention", is_flag=True, help="Run the model and report sinks, entropy, dormant heads per head.")
+@click.option("--inputs", help="Inputs for --attention as .npz (default: generated from the signature).")
+@click.option("--window", type=int, help="With --attention: report the attention mass outside this window.")
+@click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
+def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps):
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
     from attn_opt import inspect as run_inspect
 
-    det = run_inspect(model)
+    feeds = _npz(inputs) if inputs else None
+    det = run_inspect(model, feeds=feeds)
+    stats = _attention(model, det, feeds, window, heatmaps) if attention else None
     if as_json:
         out = {"model": model, "sites": [s.to_json() for s in det.sites],
                "near_misses": [m.to_json() for m in det.near_misses], "rule_counts": det.counts,
                "probe_error": det.probe_error}
+        if stats is not None:
+            out["attention"] = [h.to_json() for h in stats]
         click.echo(json.dumps(out, indent=2))
         return
     con = out_console()
@@ -86,6 +136,8 @@ def inspect(model: str, as_json: bool, why: bool):
     if det.probe_error:
         con.print(f"[yellow]note:[/] the model did not run on sample inputs ({det.probe_error}); "
                   "figures that need a run are shown as ?")
+    if stats is not None:
+        con.print(attention_table(stats, window))
     if why:
         con.print(misses_table(det) if det.near_misses else "every softmax in the model is an attention site")
     elif det.near_misses:

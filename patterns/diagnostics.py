@@ -1,0 +1,97 @@
+"""Attention diagnostics on sample inputs, per site and head.
+
+The probabilities come from one run of the model: a site's Softmax output where the
+graph has one (exposed as an extra output of a temporary copy), else computed from its
+probed Q, K and masks (patterns/evaluate.py). Per head:
+
+- first_tokens: mean attention each of the first tokens receives (the sink ratio is [0]);
+- sinks: tokens whose mean received attention exceeds `sink_threshold`;
+- entropy: mean attention entropy of a row, in nats;
+- outside_window: mean attention mass on keys outside a window of `window` (if given);
+- state: "dormant" when the first token takes at least `dormant_threshold` of the
+  attention (the head parks its mass on the sink, Guo et al. 2024), else "active".
+Rows that see no key (fully padded) are left out of every mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from attn_opt.patterns import evaluate
+from attn_opt.patterns.site import AttentionSite
+
+SINK_THRESHOLD = 0.2
+DORMANT_THRESHOLD = 0.5
+FIRST = 4
+
+
+@dataclass
+class HeadStats:
+    site: str
+    layer: int | None
+    head: int
+    first_tokens: list[float]
+    sinks: list[int]
+    entropy: float
+    outside_window: float | None
+    state: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def outside_mask(tq: int, tk: int, window: int, causal: bool) -> np.ndarray:
+    i = np.arange(tq)[:, None] + (tk - tq)
+    j = np.arange(tk)[None, :]
+    inside = ((i - j >= 0) & (i - j < window)) if causal else (np.abs(i - j) <= window // 2)
+    return ~inside
+
+
+def probabilities(gv, sites: list[AttentionSite], feeds) -> dict[str, np.ndarray]:
+    """Per site, [B, H, Tq, Tk] attention probabilities on `feeds` (float64)."""
+    values = []
+    for s in sites:
+        values += [s.probs] if s.probs is not None and s.rule == "eager" else evaluate.needed(s)
+    probed = gv.probe(values, feeds)
+    out = {}
+    for s in sites:
+        try:
+            if s.probs is not None and s.rule == "eager" and s.probs.name in probed:
+                out[s.id] = np.asarray(probed[s.probs.name], dtype=np.float64)
+            else:
+                out[s.id] = evaluate.probabilities(s, probed)
+        except (ValueError, KeyError):
+            continue  # packed layouts: no per-head probabilities
+    return out
+
+
+def head_stats(site: AttentionSite, p: np.ndarray, window: int | None = None,
+               sink_threshold: float = SINK_THRESHOLD, dormant_threshold: float = DORMANT_THRESHOLD) -> list[HeadStats]:
+    rows = p.sum(-1) > 0.5  # [B, H, Tq]: rows that see some key
+    out = []
+    for h in range(p.shape[1]):
+        ph = p[:, h][rows[:, h]]  # [rows, Tk]
+        if ph.size == 0:
+            continue
+        received = ph.mean(0)
+        ent = float(np.mean(-np.sum(np.where(ph > 0, ph * np.log(np.where(ph > 0, ph, 1)), 0), -1)))
+        outside = None
+        if window:
+            mask = outside_mask(p.shape[2], p.shape[3], window, bool(site.causal))
+            per_row = (p[:, h] * mask).sum(-1)  # [B, Tq]
+            outside = float(per_row[rows[:, h]].mean())
+        out.append(HeadStats(site.id, site.layer, h, [float(x) for x in received[:FIRST]],
+                             [int(j) for j in np.nonzero(received > sink_threshold)[0]], ent, outside,
+                             "dormant" if received[0] >= dormant_threshold else "active"))
+    return out
+
+
+def diagnose(gv, sites: list[AttentionSite], feeds, window: int | None = None, **thresholds) -> list[HeadStats]:
+    probs = probabilities(gv, sites, feeds)
+    stats = []
+    for s in sites:
+        if s.id in probs:
+            stats += head_stats(s, probs[s.id], window, **thresholds)
+    return stats

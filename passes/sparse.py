@@ -1,11 +1,15 @@
 """sparse: keep only some (query, key) pairs, and skip the rest of the work.
 
-    sparse:window=W[,sinks=N][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
+    sparse:window=W[,sinks=N|auto][,heads=all|auto][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
 
 window: query i sees |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal; `auto`
 follows the site). border=shift keeps exactly W keys per query at the ends
 (neighborhood attention). stride=S: S consecutive queries share one window of W keys
 (S = W is blocked attention). sinks=N: the first N tokens stay visible to every query.
+sinks=auto picks N from attention diagnostics on the fidelity inputs: the leading tokens
+whose mean received attention exceeds sink_threshold. heads=auto keeps dense the heads
+whose attention mass outside the window exceeds dense_threshold (dense_heads=0+3 names
+them by hand), and sparsifies the rest; the report says which tokens and heads.
 The site's own mask still applies on top; a query left with no visible key gives zeros.
 
 The lowering (backends/onnxruntime/banded.py) computes scores only inside a band of
@@ -31,7 +35,11 @@ class Sparse(Pass):
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
     window: int | None = option(None, "keys per query (W)")
-    sinks: int = option(0, "first tokens every query sees")
+    sinks: str = option("0", "first tokens every query sees (a number, or auto)")
+    heads: str = option("all", "which heads to sparsify", choices=("all", "auto"))
+    dense_heads: tuple[int, ...] | None = option(None, "heads kept dense, e.g. 0+3")
+    sink_threshold: float = option(0.2, "sinks=auto: mean received attention that makes a token a sink")
+    dense_threshold: float = option(0.3, "heads=auto: attention mass outside the window that keeps a head dense")
     causal: str = option("auto", "causal window", choices=("auto", "true", "false"))
     border: str = option("clip", "window at the sequence ends", choices=("clip", "shift"))
     stride: int = option(1, "queries sharing one window")
@@ -42,8 +50,12 @@ class Sparse(Pass):
     def __post_init__(self):
         if self.window is None:
             raise UserError("sparse: window=W is required (e.g. sparse:window=128)")
-        if self.window < 1 or self.sinks < 0 or self.stride < 1 or self.dilation < 1:
+        if self.sinks != "auto" and not str(self.sinks).isdigit():
+            raise UserError(f"sparse: bad value {self.sinks!r} for sinks (expected a number >= 0 or auto)")
+        if self.window < 1 or self.stride < 1 or self.dilation < 1:
             raise UserError("sparse: window, stride and dilation must be >= 1 and sinks >= 0")
+        if self.heads == "auto" and self.dense_heads is not None:
+            raise UserError("sparse: give heads=auto or dense_heads=..., not both")
         if self.block is not None and self.block < 1:
             raise UserError("sparse: block must be >= 1")
         if self.dilation > 1:
@@ -52,6 +64,11 @@ class Sparse(Pass):
             raise NotSupported("sparse: 2-D neighborhoods (grid=HxW) are not implemented yet")
 
     def skip_reason(self, site: AttentionSite) -> str | None:
+        if self.dense_heads is not None or self.heads == "auto":
+            if site.kv_heads != site.heads:
+                return "dense heads need one kv head per query head (this site is GQA/MQA)"
+            if any(len(sh) == 4 and sh[1] > 1 for sh in site.mask_shapes.values()):
+                return "dense heads need masks shared by all heads"
         if any(op.packed for op in (site.q, site.k, site.v)):
             return "Q/K/V are not in [B, H, S, D] layout"
         if site.heads is None or site.kv_heads is None or site.heads % site.kv_heads:
@@ -69,6 +86,40 @@ class Sparse(Pass):
     def needs_opset(self) -> int:
         return 18  # ReduceMax/ReduceSum with axes as an input
 
+    def needs_diagnostics(self) -> bool:
+        return self.sinks == "auto" or self.heads == "auto"
+
+    def resolve(self, site: AttentionSite, diag: dict | None) -> tuple["Sparse", str]:
+        """sinks=auto / heads=auto made concrete from this site's diagnostics: head
+        statistics, and the probabilities to measure what the pattern would drop."""
+        import dataclasses
+
+        import numpy as np
+
+        if not diag:
+            raise UserError(f"sparse: no attention probabilities for site {site.id} to choose sinks/heads from")
+        stats = diag["stats"]
+        notes, changes = [], {}
+        if self.sinks == "auto":
+            received = np.mean([h.first_tokens for h in stats], axis=0) if stats else np.zeros(1)
+            n = 0
+            while n < len(received) and received[n] > self.sink_threshold:
+                n += 1
+            found = sorted({j for h in stats for j in h.sinks})
+            notes.append(f"sink tokens {list(range(n)) or 'none'} kept (mean received attention > "
+                         f"{self.sink_threshold:g}; per-head sinks found at {found or 'none'})")
+            changes["sinks"] = str(n)
+        if self.heads == "auto":
+            p = diag["probs"]  # [B, H, Tq, Tk]
+            kept = dataclasses.replace(self, **changes, heads="all").form(site).visible(p.shape[-1])[-p.shape[2]:]
+            rows = p.sum(-1) > 0.5
+            dropped = [float((p[:, h] * ~kept).sum(-1)[rows[:, h]].mean()) for h in range(p.shape[1])]
+            dense = [h for h, m in enumerate(dropped) if m > self.dense_threshold]
+            notes.append(f"heads {dense or 'none'} kept dense (attention the pattern drops per head "
+                         f"{[round(m, 3) for m in dropped]} vs {self.dense_threshold:g})")
+            changes.update(heads="all", dense_heads=tuple(dense) or None)
+        return dataclasses.replace(self, **changes), "; ".join(notes)
+
     def is_causal(self, site: AttentionSite) -> bool:
         return site.causal is True if self.causal == "auto" else self.causal == "true"
 
@@ -76,20 +127,30 @@ class Sparse(Pass):
         causal = self.is_causal(site)
         w = self.window
         if self.stride > 1:
-            return Form("stride", causal, w, self.stride, lo=0, keys=w, sinks=self.sinks)
+            return Form("stride", causal, w, self.stride, lo=0, keys=w, sinks=int(self.sinks))
         span = w if causal else 2 * (w // 2) + 1
         b = self.block or (64 if span >= 128 else max(8, span // 2))
         if self.border == "shift" and not causal:
-            return Form("shift", causal, w, b, lo=span - 1, keys=b + 2 * (span - 1), sinks=self.sinks)
+            return Form("shift", causal, w, b, lo=span - 1, keys=b + 2 * (span - 1), sinks=int(self.sinks))
         lo = w - 1 if causal else w // 2
-        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=self.sinks)
+        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=int(self.sinks))
 
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
 
-        emit_attention(e, e.site, self.options(), e.site.normaliser)
+        concrete, note = self.resolve(e.site, e.diagnostics) if self.needs_diagnostics() else (self, "")
+        if concrete.dense_heads and max(concrete.dense_heads) >= e.site.heads:
+            raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({e.site.heads} heads)")
+        emit_attention(e, e.site, concrete.options(), e.site.normaliser)
         norm = e.site.normaliser["kind"]
-        return self.form(e.site).describe() + ("" if norm == "softmax" else f", {norm} normaliser kept")
+        text = concrete.form(e.site).describe() + ("" if norm == "softmax" else f", {norm} normaliser kept")
+        if concrete.dense_heads:
+            text += f", heads {list(concrete.dense_heads)} dense"
+        run = e.site.run_shape
+        if run and run[2] == run[3] and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
+            text += (f"; at the sample length {run[2]} the band computes more pairs than dense "
+                     f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
+        return text + (f"; {note}" if note else "")
 
 
 @dataclass(frozen=True)

@@ -125,12 +125,20 @@ def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=Non
     det = detect(gv, feeds=None)
     chosen, skipped = _select(det.sites, layers, ids)
     rewritten, notes = [], []
+    diag = {}
+    if getattr(p, "needs_diagnostics", lambda: False)():
+        from attn_opt.patterns.diagnostics import head_stats, probabilities
+
+        probs = probabilities(gv, chosen, feeds if feeds is not None else gv.sample_inputs())
+        diag = {s.id: {"stats": head_stats(s, probs[s.id], getattr(p, "window", None)), "probs": probs[s.id]}
+                for s in chosen if s.id in probs}
     for site in chosen:
         reason = p.skip_reason(site)
         if reason:
             skipped.append({"id": site.id, "reason": reason})
             continue
         edit = SiteEdit(model, site, p.name)
+        edit.diagnostics = diag.get(site.id)
         note = p.rewrite_onnx(edit, _choice(p, site))
         rewritten.append(site.id)
         if note:

@@ -114,3 +114,33 @@ def test_bad_specs(spec, msg):
 
     with pytest.raises(UserError, match=msg):
         passes.parse(spec)
+
+
+def test_dense_heads_match_reference():
+    """Head-aware hybrid: heads 0 and 2 dense, the rest windowed."""
+    model = attention_model()
+    f = feeds()
+    spec = passes.parse("sparse:window=8,dense_heads=0+2")
+    new, rewritten, skipped, notes = apply_pass(model, spec)
+    assert rewritten == ["a0"], skipped
+    window = spec.form(type("S", (), {"causal": False})()).visible(37)
+    per_head = np.stack([np.ones_like(window) if h in (0, 2) else window for h in range(4)])[None]
+    np.testing.assert_allclose(_run(new, f), reference(f, per_head), rtol=1e-4, atol=1e-5)
+
+
+def test_sinks_and_heads_auto_follow_the_diagnostics():
+    """A mask that pulls every query to token 0 makes it a sink; heads whose mass lies
+    outside the window stay dense. The choices come from the fidelity inputs."""
+    model = attention_model()
+    f = feeds()
+    f["mask"] = f["mask"].copy()
+    f["mask"][..., 0] = np.where(f["mask"][..., 0] > -1, 6.0, f["mask"][..., 0])  # token 0 draws attention
+    p = passes.parse("sparse:window=4,sinks=auto,heads=auto,dense_threshold=0.9")
+    new, rewritten, _, notes = apply_pass(model, p, feeds=f)
+    assert rewritten == ["a0"]
+    assert "sink tokens [0] kept" in notes[0] and "heads none kept dense" in notes[0]
+    form = passes.parse("sparse:window=4,sinks=1").form(type("S", (), {"causal": False})())
+    np.testing.assert_allclose(_run(new, f), reference(f, form.visible(37)), rtol=1e-4, atol=1e-5)
+    p = passes.parse("sparse:window=4,heads=auto,dense_threshold=0.0")  # every head has mass outside
+    _, _, _, notes = apply_pass(model, p, feeds=f)
+    assert "heads [0, 1, 2, 3] kept dense" in notes[0]

@@ -140,12 +140,12 @@ def _apply_masks(e, band, s, scores, vis, sinks: bool):
     return scores, vis
 
 
-def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None) -> ir.Value:
+def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -> ir.Value:
     """The banded form; `normalise(e, scores, visible)` turns scores into probabilities
     (default softmax), zero outside `visible` and on rows that see nothing."""
     if normalise is None:
         from attn_opt.backends.onnxruntime.explicit import softmax_visible as normalise
-    q, k, v = e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v)
+    q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
     band = _Band(e, q, form)
     hkv, g, b = s.kv_heads, s.heads // s.kv_heads, form.block
     qs = e.op("Mul", [q, e.const(np.float32(s.scale))])

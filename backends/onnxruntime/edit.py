@@ -19,6 +19,7 @@ class SiteEdit:
         self.model, self.site, self.pass_name = model, site, pass_name
         self.nodes: list[ir.Node] = []
         self._n = 0
+        self.diagnostics = None  # head statistics of this site, for passes that ask for them
 
     def _name(self, op: str) -> str:
         self._n += 1

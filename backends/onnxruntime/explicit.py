@@ -90,8 +90,8 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
     return s, vis
 
 
-def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser) -> ir.Value:
-    q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)
+def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser, qkv=None) -> ir.Value:
+    q, k, v = qkv or (e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v))
     s, vis = scores_and_visibility(e, site, q, k)
     p = normalise(e, s, vis)
     o = e.op("MatMul", [p, e.op("Unsqueeze", [v, e.ints(2)])])  # [B, Hkv, g, Tq, Dv]

@@ -94,7 +94,9 @@ def _record(site: AttentionSite, pattern, normaliser) -> str:
 
 def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, normaliser: dict):
     """Emit `site` with this form, commit it, and record the form on the output node."""
-    if pattern:
+    if pattern and pattern.get("dense_heads"):
+        out = _split_heads(e, site, pattern, normaliser)
+    elif pattern:
         from attn_opt.backends.onnxruntime.banded import emit_banded
         from attn_opt.passes.sparse import Sparse
 
@@ -105,3 +107,31 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, norma
     out.producer().metadata_props[FORM_KEY] = _record(site, pattern, normaliser)
     e.commit(out)
     return out
+
+
+def _split_heads(e: SiteEdit, site: AttentionSite, pattern: dict, normaliser: dict):
+    """Head-aware hybrid: the dense heads through the explicit form, the rest banded,
+    then the heads put back in order (masks are shared by all heads here)."""
+    import dataclasses
+
+    from attn_opt.backends.onnxruntime.banded import emit_banded
+    from attn_opt.passes.sparse import Sparse
+
+    dense = sorted(pattern["dense_heads"])
+    sparse = [h for h in range(site.heads) if h not in dense]
+    q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)
+    outs = []
+    for heads, banded in ((dense, False), (sparse, True)):
+        if not heads:
+            continue
+        idx = e.ints(*heads)
+        sub = dataclasses.replace(site, heads=len(heads), kv_heads=len(heads))
+        qkv = [e.op("Gather", [x, idx], {"axis": 1}) for x in (q, k, v)]
+        if banded:
+            form = Sparse(**dict(pattern, dense_heads=None)).form(site)
+            outs.append(emit_banded(e, sub, form, normaliser_fn(normaliser, sub, 6), qkv=qkv))
+        else:
+            outs.append(emit_explicit(e, sub, normaliser_fn(normaliser, sub, 5), qkv=qkv))
+    order = dense + sparse
+    inverse = [order.index(h) for h in range(site.heads)]
+    return e.op("Gather", [e.op("Concat", outs, {"axis": 1}) if len(outs) > 1 else outs[0], e.ints(*inverse)], {"axis": 1})

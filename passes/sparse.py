@@ -58,8 +58,8 @@ class Sparse(Pass):
             raise UserError("sparse: give heads=auto or dense_heads=..., not both")
         if self.block is not None and self.block < 1:
             raise UserError("sparse: block must be >= 1")
-        if self.dilation > 1:
-            raise NotSupported("sparse: dilation > 1 is not implemented yet")
+        if self.dilation > 1 and (self.stride > 1 or self.border == "shift"):
+            raise NotSupported("sparse: dilation with stride or border=shift is not implemented yet")
         if self.grid is not None:
             raise NotSupported("sparse: 2-D neighborhoods (grid=HxW) are not implemented yet")
 
@@ -133,7 +133,7 @@ class Sparse(Pass):
         if self.border == "shift" and not causal:
             return Form("shift", causal, w, b, lo=span - 1, keys=b + 2 * (span - 1), sinks=int(self.sinks))
         lo = w - 1 if causal else w // 2
-        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=int(self.sinks))
+        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=int(self.sinks), dilation=self.dilation)
 
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
@@ -164,6 +164,7 @@ class Form:
     lo: int  # block j gathers keys from j*block - lo (window forms)
     keys: int  # keys gathered per block
     sinks: int
+    dilation: int = 1  # keep every d-th key: a window over the positions of one residue class
 
     @property
     def span(self) -> int:
@@ -181,9 +182,9 @@ class Form:
             start = np.maximum(np.minimum(i - half, t - self.span), 0)
             vis = (j >= start) & (j < start + self.span)
         elif self.causal:
-            vis = (i - j >= 0) & (i - j < self.window)
+            vis = (i - j >= 0) & (i - j < self.window * self.dilation) & ((i - j) % self.dilation == 0)
         else:
-            vis = np.abs(i - j) <= self.window // 2
+            vis = (np.abs(i - j) <= self.window // 2 * self.dilation) & ((i - j) % self.dilation == 0)
         if self.causal:
             vis &= j <= i
         if self.sinks:
@@ -201,5 +202,6 @@ class Form:
     def describe(self) -> str:
         kind = {"window": "causal window" if self.causal else "window", "shift": "shifted window",
                 "stride": "strided window"}[self.kind]
-        s = f"{kind} {self.window}, query blocks of {self.block}, {self.keys} keys gathered per block"
+        s = f"{kind} {self.window}" + (f" dilated by {self.dilation}" if self.dilation > 1 else "") + \
+            f", query blocks of {self.block}, {self.keys} keys gathered per block"
         return s + (f", {self.sinks} sink tokens" if self.sinks else "")

@@ -27,6 +27,10 @@ CASES = [  # (spec, model kwargs)
     ("sparse:window=8,causal=true", dict(kvh=1, causal=True)),  # MQA
     ("sparse:window=8,block=5", dict(t=23)),  # a ragged last block
     ("sparse:window=100", dict()),  # wider than the sequence
+    ("sparse:window=5,dilation=2", dict()),
+    ("sparse:window=4,dilation=3,causal=true", dict(causal=True)),
+    ("sparse:window=5,dilation=2,sinks=2", dict(mask="full")),
+    ("sparse:window=4,dilation=4", dict(kvh=2, mask="bool")),
 ]
 
 
@@ -106,7 +110,7 @@ def test_flops_fall_with_length():
     ("sparse:window=abc", "bad value"),
     ("sparse:window=8,border=wrap", "one of clip|shift"),
     ("sparse:windw=8", "unknown option"),
-    ("sparse:window=8,dilation=2", "not implemented"),
+    ("sparse:window=8,dilation=2,stride=2", "not implemented"),
     ("sparsity:window=8", "unknown pass"),
 ])
 def test_bad_specs(spec, msg):

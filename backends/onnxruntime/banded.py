@@ -37,6 +37,25 @@ class _Band:
         tm1 = e.op("Sub", [self.t, i64(1)])
         self.p_clip = e.op("Max", [e.op("Min", [self.p, tm1]), i64(0)])
         self.p3 = e.op("Unsqueeze", [self.p, e.ints(1)])  # [nb, 1, Lk]
+        # positions in the original sequence: the same unless dilation permuted it
+        self.perm = self.inverse = None
+        self.qpos, self.kpos, self.key_index = self.i, self.p3, self.p_clip
+        if getattr(form, "dilation", 1) > 1:
+            self._dilate(q, tm1)
+
+    def _dilate(self, q, tm1):
+        """Sort positions by (i mod δ, i div δ): each dilated window becomes a contiguous
+        band of that order. perm[k] is the original position at sorted place k."""
+        e, d = self.e, self.f.dilation
+        i64 = lambda x: e.const(np.int64(x))  # noqa: E731
+        t1 = e.op("Unsqueeze", [self.t, e.ints(0)])
+        pos = e.op("Range", [i64(0), self.t, i64(1)])
+        key = e.op("Add", [e.op("Mul", [e.op("Mod", [pos, i64(d)]), self.t]), pos])
+        self.perm = e.op("TopK", [key, t1], {"largest": 0, "sorted": 1}, outputs=2)[1]
+        self.inverse = e.op("TopK", [self.perm, t1], {"largest": 0, "sorted": 1}, outputs=2)[1]
+        self.qpos = e.op("Gather", [self.perm, e.op("Min", [self.i, tm1])])
+        self.kpos = e.op("Gather", [self.perm, e.op("Unsqueeze", [self.p_clip, e.ints(1)])])
+        self.key_index = e.op("Gather", [self.perm, self.p_clip])  # original key positions, [nb, Lk]
 
     def _start(self, j):
         e, f = self.e, self.f
@@ -55,6 +74,7 @@ class _Band:
             (lambda a, c: e.op("LessOrEqual", [a, c]))
         land = lambda a, c: e.op("And", [a, c])  # noqa: E731
         valid = land(ge(p, i64(0)), lt(p, self.t))
+        i, p = self.qpos, self.kpos  # original positions from here on
         d = e.op("Sub", [i, p])  # i - p
         if f.kind == "stride":
             vis = valid
@@ -64,9 +84,11 @@ class _Band:
                                              e.op("Sub", [self.t, i64(span)])]), i64(0)])
             vis = land(valid, land(ge(p, start), lt(p, e.op("Add", [start, i64(span)]))))
         elif f.causal:
-            vis = land(valid, lt(d, i64(f.window)))
+            vis = land(valid, lt(d, i64(f.window * f.dilation)))
         else:
-            vis = land(valid, le(e.op("Abs", [d]), i64(f.window // 2)))
+            vis = land(valid, le(e.op("Abs", [d]), i64(f.window // 2 * f.dilation)))
+        if f.dilation > 1:  # only keys in the query's residue class
+            vis = land(vis, e.op("Equal", [e.op("Mod", [d, i64(f.dilation)]), i64(0)]))
         if f.causal:
             vis = land(vis, ge(d, i64(0)))
         if f.sinks:  # sink keys are attended through their own key set: not twice
@@ -80,7 +102,7 @@ class _Band:
         ps = e.op("Reshape", [e.op("Range", [i64(0), i64(f.sinks), i64(1)]), e.ints(1, 1, f.sinks)])
         vis = e.op("Less", [ps, self.t])
         if f.causal:
-            vis = e.op("And", [vis, e.op("LessOrEqual", [ps, self.i])])
+            vis = e.op("And", [vis, e.op("LessOrEqual", [ps, self.qpos])])
         return e.op("Expand", [vis, e.op("Concat", [e.op("Shape", [self.i], {"end": 2}), e.ints(f.sinks)], {"axis": 0})])
 
 
@@ -108,6 +130,8 @@ def _gather_mask(e: SiteEdit, band: _Band, s: AttentionSite, m, sinks: bool):
         shape = (1, 1) + tuple(shape)
     hk, hg = _heads_split(s, shape[1])
     per_query = shape[2] != 1 or s.run_shape is None or s.run_shape[2] == 1
+    if per_query and band.perm is not None:  # rows follow the queries' sorted order
+        x = e.op("Gather", [x, band.perm], {"axis": 2})
     if sinks:
         x = e.op("Slice", [x, e.ints(0), e.ints(f.sinks), e.ints(3)])
         if not per_query:
@@ -115,12 +139,12 @@ def _gather_mask(e: SiteEdit, band: _Band, s: AttentionSite, m, sinks: bool):
         x = _pad_seq(e, x, e.op("Sub", [e.op("Unsqueeze", [band.tp, e.ints(0)]), e.shape_dim(x, 2)]), 2, 4)
         return e.op("Reshape", [x, e.ints(0, hk, hg, -1, f.block, f.sinks)])
     if not per_query:
-        g = e.op("Gather", [x, band.p_clip], {"axis": 3})  # [Bm, Hm, 1, nb, Lk]
+        g = e.op("Gather", [x, band.key_index], {"axis": 3})  # [Bm, Hm, 1, nb, Lk]
         g = e.op("Transpose", [g], {"perm": [0, 1, 3, 2, 4]})
         return e.op("Reshape", [g, e.ints(0, hk, hg, -1, 1, f.keys)])
     x = _pad_seq(e, x, e.op("Sub", [e.op("Unsqueeze", [band.tp, e.ints(0)]), e.shape_dim(x, 2)]), 2, 4)
     x5 = e.op("Reshape", [x, e.op("Concat", [e.ints(0, 0, -1, f.block), e.shape_dim(x, 3)], {"axis": 0})])
-    idx = e.op("Unsqueeze", [band.p_clip, e.ints(0, 1, 3)])  # [1, 1, nb, 1, Lk]
+    idx = e.op("Unsqueeze", [band.key_index, e.ints(0, 1, 3)])  # [1, 1, nb, 1, Lk]
     shp = e.op("Concat", [e.op("Shape", [x5], {"end": 4}), e.ints(f.keys)], {"axis": 0})
     g = e.op("GatherElements", [x5, e.op("Expand", [idx, shp])], {"axis": 4})
     return e.op("Reshape", [g, e.ints(0, hk, hg, -1, f.block, f.keys)])
@@ -148,6 +172,9 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -
     q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
     band = _Band(e, q, form)
     hkv, g, b = s.kv_heads, s.heads // s.kv_heads, form.block
+    k_full, v_full = k, v  # sink keys are the first tokens of the original order
+    if band.perm is not None:
+        q, k, v = (e.op("Gather", [x, band.perm], {"axis": 2}) for x in (q, k, v))
     qs = e.op("Mul", [q, e.const(np.float32(s.scale))])
     qp = _pad_seq(e, qs, e.op("Sub", [e.op("Unsqueeze", [band.tp, e.ints(0)]), e.shape_dim(q, 2)]), 2, 4)
     q6 = e.op("Reshape", [qp, e.ints(0, hkv, g, -1, b, s.head_dim)])  # [B, Hkv, g, nb, b, D]
@@ -157,8 +184,8 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -
     scores, vis = _apply_masks(e, band, s, scores, band.window_visible(), sinks=False)
     parts = [(scores, vis, vb)]
     if form.sinks:
-        ks = e.op("Slice", [k, e.ints(0), e.ints(form.sinks), e.ints(2)])
-        vs = e.op("Unsqueeze", [e.op("Slice", [v, e.ints(0), e.ints(form.sinks), e.ints(2)]), e.ints(2, 3)])
+        ks = e.op("Slice", [k_full, e.ints(0), e.ints(form.sinks), e.ints(2)])
+        vs = e.op("Unsqueeze", [e.op("Slice", [v_full, e.ints(0), e.ints(form.sinks), e.ints(2)]), e.ints(2, 3)])
         ss = e.op("MatMul", [q6, e.op("Unsqueeze", [e.op("Transpose", [ks], {"perm": [0, 1, 3, 2]}), e.ints(2, 3)])])
         ss, svis = _apply_masks(e, band, s, ss, band.sink_visible(), sinks=True)
         parts.append((ss, svis, vs))
@@ -176,4 +203,5 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -
     shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(s.heads), e.op("Unsqueeze", [band.tp, e.ints(0)]),
                             e.shape_dim(v, 3)], {"axis": 0})
     o4 = e.op("Reshape", [out, shape])  # [B, H, Tp, Dv]
-    return e.op("Slice", [o4, e.ints(0), e.op("Unsqueeze", [band.t, e.ints(0)]), e.ints(2)])
+    out = e.op("Slice", [o4, e.ints(0), e.op("Unsqueeze", [band.t, e.ints(0)]), e.ints(2)])
+    return out if band.inverse is None else e.op("Gather", [out, band.inverse], {"axis": 2})

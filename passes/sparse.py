@@ -34,7 +34,7 @@ class Sparse(Pass):
     name: ClassVar[str] = "sparse"
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
-    window: int | None = option(None, "keys per query (W)")
+    window: str | None = option(None, "keys per query (W), or KHxKW with grid=HxW")
     sinks: str = option("0", "first tokens every query sees (a number, or auto)")
     heads: str = option("all", "which heads to sparsify", choices=("all", "auto"))
     dense_heads: tuple[int, ...] | None = option(None, "heads kept dense, e.g. 0+3")
@@ -50,6 +50,16 @@ class Sparse(Pass):
     def __post_init__(self):
         if self.window is None:
             raise UserError("sparse: window=W is required (e.g. sparse:window=128)")
+        if self.grid is not None:
+            object.__setattr__(self, "kernel", _pair(self.window, "window"))
+            object.__setattr__(self, "grid_shape", _pair(self.grid, "grid"))
+            if self.stride > 1 or self.dilation > 1 or self.sinks != "0" or self.heads != "all":
+                raise NotSupported("sparse: grid=HxW with stride, dilation, sinks or heads is not implemented yet")
+            return
+        try:
+            object.__setattr__(self, "window", int(self.window))
+        except ValueError:
+            raise UserError(f"sparse: bad value {self.window!r} for window (a number; KHxKW needs grid=HxW)") from None
         if self.sinks != "auto" and not str(self.sinks).isdigit():
             raise UserError(f"sparse: bad value {self.sinks!r} for sinks (expected a number >= 0 or auto)")
         if self.window < 1 or self.stride < 1 or self.dilation < 1:
@@ -60,10 +70,16 @@ class Sparse(Pass):
             raise UserError("sparse: block must be >= 1")
         if self.dilation > 1 and (self.stride > 1 or self.border == "shift"):
             raise NotSupported("sparse: dilation with stride or border=shift is not implemented yet")
-        if self.grid is not None:
-            raise NotSupported("sparse: 2-D neighborhoods (grid=HxW) are not implemented yet")
 
     def skip_reason(self, site: AttentionSite) -> str | None:
+        if self.grid is not None:
+            gh, gw = self.grid_shape
+            if site.run_shape is None or site.run_shape[2] < gh * gw or site.run_shape[2] != site.run_shape[3]:
+                return f"the sequence ({site.run_shape and site.run_shape[2]} tokens) does not hold a {gh}x{gw} grid"
+            if site.mask != "none":
+                return "a 2-D neighborhood needs an unmasked site (vision tokens)"
+            if self.kernel[0] > gh or self.kernel[1] > gw:
+                return f"kernel {self.window} is larger than the {self.grid} grid"
         if self.dense_heads is not None or self.heads == "auto":
             if site.kv_heads != site.heads:
                 return "dense heads need one kv head per query head (this site is GQA/MQA)"
@@ -124,6 +140,11 @@ class Sparse(Pass):
         return site.causal is True if self.causal == "auto" else self.causal == "true"
 
     def form(self, site: AttentionSite) -> "Form":
+        if self.grid is not None:
+            (kh, kw), (gh, gw) = self.kernel, self.grid_shape
+            prefix = (site.run_shape[2] - gh * gw) if site.run_shape else None
+            return Form("grid", False, kh, gw, lo=0, keys=kh * gw, sinks=prefix or 0,
+                        kernel=(kh, kw), grid=(gh, gw), shift=self.border == "shift")
         causal = self.is_causal(site)
         w = self.window
         if self.stride > 1:
@@ -165,6 +186,9 @@ class Form:
     keys: int  # keys gathered per block
     sinks: int
     dilation: int = 1  # keep every d-th key: a window over the positions of one residue class
+    kernel: tuple[int, int] | None = None  # grid: neighborhood rows x columns
+    grid: tuple[int, int] | None = None  # grid: token rows x columns (after `sinks` prefix tokens)
+    shift: bool = False  # grid: neighborhoods shifted inward at the borders (exactly kh x kw keys)
 
     @property
     def span(self) -> int:
@@ -174,6 +198,8 @@ class Form:
         """[t, t] boolean: the pairs this pattern keeps at sequence length t (reference)."""
         i = np.arange(t)[:, None]
         j = np.arange(t)[None, :]
+        if self.kind == "grid":
+            return self._grid_visible(t)
         if self.kind == "stride":
             start = self._stride_start(i // self.block, t)
             vis = (j >= start) & (j < start + self.window)
@@ -191,17 +217,50 @@ class Form:
             vis |= (j < self.sinks) & ((j <= i) if self.causal else True)
         return vis
 
+    def _grid_visible(self, t: int) -> np.ndarray:
+        (kh, kw), (gh, gw), n = self.kernel, self.grid, t - self.grid[0] * self.grid[1]
+        g = np.arange(gh * gw)
+        r, c = g // gw, g % gw
+        if self.shift:
+            rs, cs = np.clip(r - kh // 2, 0, gh - kh), np.clip(c - kw // 2, 0, gw - kw)
+            near = ((r[None] >= rs[:, None]) & (r[None] < rs[:, None] + kh)
+                    & (c[None] >= cs[:, None]) & (c[None] < cs[:, None] + kw))
+        else:
+            near = (np.abs(r[:, None] - r[None]) <= kh // 2) & (np.abs(c[:, None] - c[None]) <= kw // 2)
+        vis = np.ones((t, t), bool)  # prefix tokens (class, registers) see and are seen by all
+        vis[n:, n:] = near
+        return vis
+
     def _stride_start(self, group, t: int):
         off = self.block - self.window if self.causal else (self.block - self.window) // 2
         return np.maximum(np.minimum(group * self.block + off, t - self.window), 0)
 
     def computed_pairs(self, t: int) -> int:
+        if self.kind == "grid":
+            n = t - self.grid[0] * self.grid[1]
+            return n * t + self.grid[0] * self.grid[1] * (self.keys + n)
         nb = -(-t // self.block)
         return nb * self.block * (self.keys + self.sinks)
 
     def describe(self) -> str:
+        if self.kind == "grid":
+            return (f"{self.kernel[0]}x{self.kernel[1]} neighborhood on a {self.grid[0]}x{self.grid[1]} grid"
+                    f"{' (shifted at borders)' if self.shift else ''}, {self.sinks} global prefix token(s), "
+                    f"{self.keys} keys gathered per grid row")
         kind = {"window": "causal window" if self.causal else "window", "shift": "shifted window",
                 "stride": "strided window"}[self.kind]
         s = f"{kind} {self.window}" + (f" dilated by {self.dilation}" if self.dilation > 1 else "") + \
             f", query blocks of {self.block}, {self.keys} keys gathered per block"
         return s + (f", {self.sinks} sink tokens" if self.sinks else "")
+
+
+def _pair(text: str, what: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in str(text).lower().split("x")]
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or min(parts) < 1:
+            raise ValueError
+        return parts[0], parts[1]
+    except ValueError:
+        raise UserError(f"sparse: bad value {text!r} for {what} (expected HxW, e.g. 7x7)") from None

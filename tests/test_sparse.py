@@ -148,3 +148,32 @@ def test_sinks_and_heads_auto_follow_the_diagnostics():
     p = passes.parse("sparse:window=4,heads=auto,dense_threshold=0.0")  # every head has mass outside
     _, _, _, notes = apply_pass(model, p, feeds=f)
     assert "heads [0, 1, 2, 3] kept dense" in notes[0]
+
+
+@pytest.mark.parametrize("spec", ["sparse:window=3x3,grid=5x6", "sparse:window=3x5,grid=5x6,border=shift",
+                                  "sparse:window=1x3,grid=5x6"])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_grid_neighborhoods(spec, prefix):
+    """2-D neighborhoods on a 5 x 6 token grid after `prefix` global tokens."""
+    t = prefix + 30
+    model = attention_model(t=t, mask=None)
+    f = feeds(t=t, mask=None)
+    p = passes.parse(spec)
+    new, rewritten, skipped, _ = apply_pass(model, p)
+    assert rewritten == ["a0"], skipped
+    form = p.form(type("S", (), {"causal": False, "run_shape": (2, 4, t, t, 8)})())
+    np.testing.assert_allclose(_run(new, f), reference(f, form.visible(t)), rtol=1e-4, atol=1e-5)
+
+
+def test_grid_on_vit(zoo_onnx):
+    """ViT: 16x16 pixels in 4x4 patches is a 4x4 grid after the class token."""
+    import onnx
+
+    proto = onnx.load(str(zoo_onnx("vit-eager", "dynamo")))
+    new, rewritten, skipped, notes = apply_pass(proto, passes.parse("sparse:window=3x3,grid=4x4"))
+    assert rewritten == ["a0", "a1"], skipped
+    assert "1 global prefix token" in notes[0]
+    x = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    assert all(np.isfinite(o).all() for o in onnx_adapter.run(new, x).values())
+    _, _, skipped, _ = apply_pass(proto, passes.parse("sparse:window=3x3,grid=5x5"))
+    assert "does not hold a 5x5 grid" in skipped[0]["reason"]

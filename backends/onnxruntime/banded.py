@@ -60,6 +60,12 @@ class _Band:
     def _start(self, j):
         e, f = self.e, self.f
         i64 = lambda x: e.const(np.int64(x))  # noqa: E731
+        if f.kind == "grid":  # block j is grid row j; it gathers kh rows of keys around it
+            (kh, _), (gh, gw) = f.kernel, f.grid
+            r = e.op("Sub", [j, i64(kh // 2)])
+            if f.shift:
+                r = e.op("Max", [e.op("Min", [r, i64(gh - kh)]), i64(0)])
+            return e.op("Mul", [r, i64(gw)])
         if f.kind != "stride":
             return e.op("Sub", [e.op("Mul", [j, i64(f.block)]), i64(f.lo)])
         off = f.block - f.window if f.causal else (f.block - f.window) // 2
@@ -76,7 +82,9 @@ class _Band:
         valid = land(ge(p, i64(0)), lt(p, self.t))
         i, p = self.qpos, self.kpos  # original positions from here on
         d = e.op("Sub", [i, p])  # i - p
-        if f.kind == "stride":
+        if f.kind == "grid":
+            vis = land(valid, self._grid_near(i, p))
+        elif f.kind == "stride":
             vis = valid
         elif f.kind == "shift":
             span = f.span
@@ -91,9 +99,26 @@ class _Band:
             vis = land(vis, e.op("Equal", [e.op("Mod", [d, i64(f.dilation)]), i64(0)]))
         if f.causal:
             vis = land(vis, ge(d, i64(0)))
-        if f.sinks:  # sink keys are attended through their own key set: not twice
+        if f.sinks and f.kind != "grid":  # sink keys are attended through their own key set: not twice
             vis = land(vis, ge(p, i64(f.sinks)))
         return vis
+
+    def _grid_near(self, i, p):
+        """Key p is in query i's kh x kw neighborhood (grid indices, row-major)."""
+        e, f = self.e, self.f
+        (kh, kw), (gh, gw) = f.kernel, f.grid
+        i64 = lambda x: e.const(np.int64(x))  # noqa: E731
+        ri, ci = e.op("Div", [i, i64(gw)]), e.op("Mod", [i, i64(gw)])
+        pc = e.op("Max", [p, i64(0)])
+        rp, cp = e.op("Div", [pc, i64(gw)]), e.op("Mod", [pc, i64(gw)])
+        near = []
+        for q_, k_, size, extent in ((ri, rp, kh, gh), (ci, cp, kw, gw)):
+            if f.shift:
+                lo = e.op("Max", [e.op("Min", [e.op("Sub", [q_, i64(size // 2)]), i64(extent - size)]), i64(0)])
+                near.append(e.op("And", [e.op("GreaterOrEqual", [k_, lo]), e.op("Less", [k_, e.op("Add", [lo, i64(size)])])]))
+            else:
+                near.append(e.op("LessOrEqual", [e.op("Abs", [e.op("Sub", [q_, k_])]), i64(size // 2)]))
+        return e.op("And", near)
 
     def sink_visible(self):
         """[nb, b, n] bool for the n sink keys."""
@@ -164,7 +189,7 @@ def _apply_masks(e, band, s, scores, vis, sinks: bool):
     return scores, vis
 
 
-def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -> ir.Value:
+def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None, sink_kv=None) -> ir.Value:
     """The banded form; `normalise(e, scores, visible)` turns scores into probabilities
     (default softmax), zero outside `visible` and on rows that see nothing."""
     if normalise is None:
@@ -172,7 +197,7 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None) -
     q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
     band = _Band(e, q, form)
     hkv, g, b = s.kv_heads, s.heads // s.kv_heads, form.block
-    k_full, v_full = k, v  # sink keys are the first tokens of the original order
+    k_full, v_full = sink_kv or (k, v)  # sink keys are the first tokens of the original order
     if band.perm is not None:
         q, k, v = (e.op("Gather", [x, band.perm], {"axis": 2}) for x in (q, k, v))
     qs = e.op("Mul", [q, e.const(np.float32(s.scale))])

@@ -94,7 +94,9 @@ def _record(site: AttentionSite, pattern, normaliser) -> str:
 
 def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, normaliser: dict):
     """Emit `site` with this form, commit it, and record the form on the output node."""
-    if pattern and pattern.get("dense_heads"):
+    if pattern and pattern.get("grid"):
+        out = _grid(e, site, pattern, normaliser)
+    elif pattern and pattern.get("dense_heads"):
         out = _split_heads(e, site, pattern, normaliser)
     elif pattern:
         from attn_opt.backends.onnxruntime.banded import emit_banded
@@ -135,3 +137,24 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: dict, normaliser: di
     order = dense + sparse
     inverse = [order.index(h) for h in range(site.heads)]
     return e.op("Gather", [e.op("Concat", outs, {"axis": 1}) if len(outs) > 1 else outs[0], e.ints(*inverse)], {"axis": 1})
+
+
+def _grid(e: SiteEdit, site: AttentionSite, pattern: dict, normaliser: dict):
+    """Vision tokens: the prefix (class/register tokens) attends densely and stays visible
+    to all; grid tokens attend to their kh x kw neighborhood, banded by grid row."""
+    import dataclasses
+
+    from attn_opt.backends.onnxruntime.banded import emit_banded
+    from attn_opt.passes.sparse import Sparse
+
+    site = dataclasses.replace(site, additive=(), bool_mask=None)  # mask kind "none": any term is a no-op
+    form = Sparse(**pattern).form(site)
+    n = form.sinks
+    q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)
+    tail = [e.op("Slice", [x, e.ints(n), e.ints(2 ** 62), e.ints(2)]) for x in (q, k, v)]
+    out = emit_banded(e, site, form, normaliser_fn(normaliser, site, 6), qkv=tail, sink_kv=(k, v))
+    if not n:
+        return out
+    head = e.op("Slice", [q, e.ints(0), e.ints(n), e.ints(2)])
+    dense = emit_explicit(e, site, normaliser_fn(normaliser, site, 5), qkv=(head, k, v))
+    return e.op("Concat", [dense, out], {"axis": 2})

@@ -16,6 +16,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None):
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output should get the usual mode
     try:
         yield tmp
         os.replace(tmp, dest)

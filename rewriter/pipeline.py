@@ -55,6 +55,7 @@ class PassReport:
 class Report:
     inputs: dict
     passes: list[PassReport] = field(default_factory=list)
+    models: list = field(default_factory=list, repr=False)  # the model after each pass (not in JSON)
 
     def to_json(self) -> dict:
         return {"inputs": self.inputs, "passes": [p.to_json() for p in self.passes]}
@@ -201,5 +202,6 @@ def run_pipeline(proto: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np
             err = FidelityError(f"{problem}; nothing written (use --force to write anyway)")
             err.report = report
             raise err
+        report.models.append(new)
         cur, prev, flops_cur = new, out, flops_new
     return cur, report

@@ -156,11 +156,76 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
 @click.option("--sites", help="Only these site ids, e.g. a0,a3.")
 @click.option("--max-error", type=float, help="Stop if a pass moves outputs further (relative error).")
 @click.option("--force", is_flag=True, help="Write even when a fidelity bound is exceeded.")
-def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force):
+@click.option("--html", help="Write a page showing what every pass changed (a tab per pass).")
+def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
-    run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console())
+    run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(), html)
+
+
+@cli.command()
+@click.argument("before", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("after", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", help="Write the side-by-side page (one self-contained HTML file).")
+@click.option("--text", is_flag=True, help="Print a summary: sites changed, ops added/removed, FLOPs and params.")
+def diff(before, after, output, text):
+    """Show what changed between two models (.onnx or .pt2)."""
+    from attn_opt.rewriter.io import atomic_path
+    from attn_opt.rewriter.ir import load
+    from attn_opt.tools.diff import diff_views
+
+    if not output and not text:
+        raise UserError("give -o DIFF.html, --text, or both")
+    lb, la = load(before), load(after)
+    if lb.ir != la.ir:
+        raise UserError(f"cannot diff a {lb.ir} model against a {la.ir} model")
+    d = diff_views(lb.view, la.view, title=f"{before} → {after}")
+    if text:
+        print_diff_summary(d, lb, la)
+    if output:
+        from pathlib import Path
+
+        from attn_opt.tools.visualizer import render
+
+        with atomic_path(output) as tmp:
+            Path(tmp).write_text(render([(d, None)]))
+        click.echo(f"wrote {output}")
+
+
+def print_diff_summary(d, lb, la) -> None:
+    s = d.summary()
+    con = out_console()
+    con.print(f"nodes {s['nodes_before']} → {s['nodes_after']}: {s['added']} added, {s['removed']} removed, "
+              f"{s['changed']} changed")
+    t = Table(title="attention sites", title_justify="left")
+    t.add_column("site")
+    t.add_column("before")
+    t.add_column("after")
+    for k in sorted(set(s["sites_before"]) | set(s["sites_after"])):
+        t.add_row(k, s["sites_before"].get(k, "-"), s["sites_after"].get(k, "-"))
+    con.print(t)
+    ops = Table(title="ops added / removed", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("added")
+    ops.add_column("removed")
+    for op in sorted(set(s["ops_added"]) | set(s["ops_removed"])):
+        ops.add_row(op, str(s["ops_added"].get(op, 0)), str(s["ops_removed"].get(op, 0)))
+    con.print(ops)
+    if lb.ir == "onnx":
+        from attn_opt.rewriter.inputs import make_inputs
+        from attn_opt.rewriter.ir import onnx as onnx_adapter
+        from attn_opt.rewriter.ir import onnx_flops
+
+        try:
+            feeds = make_inputs(onnx_adapter.input_specs(lb.view), pad=False)
+            fb, fa = onnx_flops.count(lb.native, feeds), onnx_flops.count(la.native, feeds)
+            con.print(f"FLOPs {fb.total:.4g} → {fa.total:.4g} ({fa.total - fb.total:+.4g}) at "
+                      f"{ {k: list(v.shape) for k, v in feeds.items()} }")
+        except Exception as e:
+            con.print(f"FLOPs: not counted ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        pb, pa = onnx_flops.params(lb.native), onnx_flops.params(la.native)
+        con.print(f"parameters {pb} → {pa} ({pa - pb:+d})")
 
 
 @cli.command()

@@ -57,7 +57,7 @@ def pass_table(report) -> Table:
 
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
-             force: bool, console: Console) -> None:
+             force: bool, console: Console, html: str | None = None) -> None:
     from attn_opt import passes as registry
     from attn_opt.rewriter.io import atomic_path, save_onnx
     from attn_opt.rewriter.ir import onnx as onnx_adapter
@@ -96,6 +96,9 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     save_onnx(out, output)
     if report_path:
         _write_json(report_path, report.to_json())
+    if html:
+        write_pipeline_page(proto, report, html)
+        console.print(f"wrote {html}")
     console.print(f"wrote {output}")
 
 
@@ -124,3 +127,19 @@ def _write_json(path: str, obj) -> None:
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2))
+
+
+def write_pipeline_page(proto, report, path: str) -> None:
+    """One page for the whole pipeline: a tab per pass (the model before it → after it)."""
+    from attn_opt.rewriter.io import atomic_path
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.tools.diff import diff_views
+    from attn_opt.tools.visualizer import render
+
+    steps, before = [], proto
+    for p, after in zip(report.passes, report.models):
+        d = diff_views(onnx_adapter.load_view(before)[2], onnx_adapter.load_view(after)[2], title=p.name)
+        steps.append((d, p.to_json()))
+        before = after
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(render(steps))

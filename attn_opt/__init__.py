@@ -13,7 +13,7 @@ from attn_opt.patterns.detect import Detection, detect
 from attn_opt.patterns.site import AttentionSite, NearMiss
 from attn_opt.rewriter.errors import NotSupported, UserError
 
-__all__ = ["inspect", "Detection", "AttentionSite", "NearMiss", "UserError", "NotSupported"]
+__all__ = ["inspect", "optimize", "backend", "Detection", "AttentionSite", "NearMiss", "UserError", "NotSupported"]
 __version__ = "0.1.0"
 
 
@@ -23,3 +23,40 @@ def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
 
     loaded = load(model, example_inputs)
     return detect(loaded.view, feeds=feeds)
+
+
+def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False):
+    """Run passes; returns (rewritten model, report).
+
+    ONNX (a path or ModelProto): the rewritten ModelProto. nn.Module, ExportedProgram or
+    GraphModule: a GraphModule (fidelity against the original in PyTorch, FLOPs by
+    FlopCounterMode); needs `example_inputs` unless the program carries them.
+    """
+    from attn_opt import passes as registry
+    from attn_opt.rewriter.ir import load
+
+    chain = [registry.parse(p) if isinstance(p, str) else p for p in passes]
+    registry.check_chain(chain)
+    loaded = load(model, example_inputs)
+    if loaded.ir == "onnx":
+        from attn_opt.rewriter.inputs import make_inputs
+        from attn_opt.rewriter.ir import onnx as onnx_adapter
+        from attn_opt.rewriter.pipeline import run_pipeline
+
+        feeds = feeds or make_inputs(onnx_adapter.input_specs(loaded.view))
+        return run_pipeline(loaded.native, chain, feeds, force=force)
+    import torch
+
+    from attn_opt.rewriter.fx_pipeline import run_fx_pipeline
+
+    if example_inputs is None:
+        example_inputs = tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
+    reference = model if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule) else None
+    return run_fx_pipeline(loaded.native, chain, tuple(example_inputs), reference=reference, force=force)
+
+
+def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):
+    """A torch.compile backend: torch.compile(m, backend=attn_opt.backend(passes=[...]))."""
+    from attn_opt.backends.torch_compile import backend as make
+
+    return make(passes, check, inner)

@@ -123,7 +123,7 @@ def _walk_probs(c: Candidate, p: Value) -> Node:
     """From the Softmax output forward to the MatMul with V."""
     c.probs = p
     for _ in range(MAX_STAGES):
-        users = p.users
+        users = [u for u in p.users if u.op != "Assert"]  # torch.export's metadata checks are not uses
         isnan = [u for u in users if u.op == "IsNaN"]
         guards = [u for u in users if u.op == "Where" and isnan and u.input(0) is isnan[0].outputs[0]]
         if guards:  # the NaN guard of torch's SDPA decomposition: where(isnan(p), 0, p)

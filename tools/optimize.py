@@ -74,6 +74,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         raise UserError(f"no such file: {model}")
     if _same_file(model, output) if Path(output).exists() else Path(model).resolve() == Path(output).resolve():
         raise UserError("the output path is the input model; choose another -o (the input is never modified)")
+    if Path(model).suffix == ".pt2":
+        return _optimize_pt2(model, chain, output, report_path, force, console)
     proto = onnx_adapter.load_proto(model)
     _, _, gv = onnx_adapter.load_view(proto)
     feeds, note = load_feeds(onnx_adapter.input_specs(gv), inputs, input_shape)
@@ -143,3 +145,27 @@ def write_pipeline_page(proto, report, path: str) -> None:
         before = after
     with atomic_path(path) as tmp:
         Path(tmp).write_text(render(steps))
+
+
+def _optimize_pt2(model: str, chain, output: str, report_path: str | None, force: bool, console: Console) -> None:
+    """A torch.export program: the passes on its graph, checked in PyTorch, saved as .pt2."""
+    import torch
+
+    from attn_opt.rewriter.io import atomic_path
+    from attn_opt.rewriter.ir import load
+    from attn_opt.rewriter.fx_pipeline import run_fx_pipeline
+
+    loaded = load(model)
+    ex = getattr(loaded.program, "example_inputs", None)
+    args = tuple(ex[0]) if ex and not ex[1] else tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
+    gm, report = run_fx_pipeline(loaded.native, chain, args, force=force)
+    console.print(pass_table(report))
+    for p in report.passes:
+        for s in p.sites_skipped:
+            console.print(f"  {p.name}: skipped {s['id']}: {s['reason']}")
+    program = torch.export.export(gm, args)
+    with atomic_path(output) as tmp:
+        torch.export.save(program, tmp)
+    if report_path:
+        _write_json(report_path, report.to_json())
+    console.print(f"wrote {output}")

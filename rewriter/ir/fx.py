@@ -75,6 +75,8 @@ SPELLINGS: dict[str, list[Any]] = {
     "Neg": _t(operator.neg, torch.neg, "neg") + _aten("neg", "default"),
     "Concat": _t(torch.cat, torch.concat) + _aten("cat", "default"),
     "Getitem": _t(operator.getitem),
+    "Assert": _aten("_assert_tensor_metadata", "default") + _aten("_assert_async", "default", "msg")
+    + _aten("_assert_scalar", "default"),
     # ops that read only shapes: a mask built from them does not depend on input data
     "ConstantOfShape": _t(torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like,
                           "new_ones", "new_zeros", "new_full", "new_empty")

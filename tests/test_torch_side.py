@@ -1,0 +1,101 @@
+"""The PyTorch side: fuse on torch.fx, attn_opt.optimize() on modules, and the
+`attn_opt` torch.compile backend (found through its entry point, without an import)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attn_opt
+from attn_opt.rewriter.errors import NotSupported
+from attn_opt.tools import zoo
+from variants import BY_NAME, VARIANTS
+
+
+@pytest.mark.parametrize("v", [v for v in VARIANTS if v.sites], ids=lambda v: v.name)
+def test_fx_fuse_on_variants(v):
+    model, x = v.make().eval(), v.inputs()
+    gm, report = attn_opt.optimize(model, ["fuse"], example_inputs=x)
+    p = report.passes[0]
+    assert len(p.sites_rewritten) + len(p.sites_skipped) == v.sites
+    assert p.step_fidelity["max_rel_error"] <= 1e-4
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+    assert len(sdpa) == v.sites
+    with torch.no_grad():
+        want, got = model(*x), gm(*x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert-eager", "llama-eager", "gpt2-eager", "t5-eager"])
+def test_fx_fuse_agrees_with_onnx(zoo_onnx, name):
+    """The same pass on the FX graph and on the ONNX export: same sites rewritten, exact."""
+    model, args, _ = zoo.MODELS[name].build()
+    _, fx_report = attn_opt.optimize(model, ["fuse"], example_inputs=args)
+    _, onnx_report = attn_opt.optimize(str(zoo_onnx(name, "dynamo")), ["fuse:target=onnx"])
+    f, o = fx_report.passes[0], onnx_report.passes[0]
+    assert f.sites_rewritten == o.sites_rewritten == [f"a{i}" for i in range(zoo.MODELS[name].expected.sites)]
+    assert f.step_fidelity["max_rel_error"] <= 1e-4 and o.step_fidelity["max_rel_error"] <= 1e-4
+
+
+def test_forms_not_lowered_to_fx_say_so():
+    v = BY_NAME["mul-scale"]
+    with pytest.raises(NotSupported, match="not lowered to torch.fx yet"):
+        attn_opt.optimize(v.make().eval(), ["sparse:window=4"], example_inputs=v.inputs())
+
+
+def test_backend_falls_back_and_passes_through(caplog):
+    v = BY_NAME["mul-scale"]
+    m, x = v.make().eval(), v.inputs()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="attn_opt"):
+        out = torch.compile(m, backend=attn_opt.backend(passes=["sparse:window=4"], inner="eager"))(*x)
+    torch.testing.assert_close(out, m(*x))
+    assert "not lowered to torch.fx yet" in caplog.text and "untouched" in caplog.text
+    neg = BY_NAME["classifier-head"]
+    torch._dynamo.reset()
+    out = torch.compile(neg.make().eval(), backend=attn_opt.backend(inner="eager"))(*neg.inputs())
+    torch.testing.assert_close(out, neg.make().eval()(*neg.inputs()))
+    torch._dynamo.reset()
+
+
+def test_torch_compile_by_name_in_a_fresh_process():
+    """backend="attn_opt" without importing attn_opt; Inductor behind it; matches eager."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from variants import BY_NAME
+        from attn_opt.tools import zoo
+        assert "attn_opt.backends" not in sys.modules
+        cases = [(BY_NAME[n].make().eval(), BY_NAME[n].inputs()) for n in ("gqa-repeat-kv", "causal-tril", "additive-mask")]
+        cases.append(zoo.MODELS["bert-eager"].build()[:2])
+        for m, x in cases:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                want, got = m(*x), torch.compile(m, backend="attn_opt")(*x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        print("ok", "attn_opt.backends.torch_compile" in sys.modules)
+    """) % str(__import__("pathlib").Path(__file__).parent)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("ok True")
+
+
+def test_pt2_on_the_command_line(tmp_path):
+    model, args, _ = zoo.MODELS["llama-eager"].build()
+    src, out = tmp_path / "m.pt2", tmp_path / "o.pt2"
+    torch.export.save(torch.export.export(model, args), str(src))
+    before = src.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "attn_opt", str(src), "--pass", "fuse", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert src.read_bytes() == before
+    det = attn_opt.inspect(str(out))
+    assert [s.rule for s in det.sites] == ["sdpa", "sdpa"] and [s.kv_heads for s in det.sites] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(out)).module()(*args), model(*args), rtol=1e-4, atol=1e-5)

@@ -8,6 +8,10 @@ import hashlib
 import os
 from pathlib import Path
 
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before
+# triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 CACHE = Path(os.environ.get("ATTN_OPT_CACHE", Path.home() / ".cache" / "attn-opt"))

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from rich.console import Console
-from rich.table import Table
+from _report import write
 
 from attn_opt import passes
 from attn_opt.rewriter.inputs import make_inputs
@@ -26,7 +25,6 @@ from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import run_pipeline
 from attn_opt.tools import zoo
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = [("bert-eager", "dynamo", {"input_ids": (2, 32), "attention_mask": (2, 32)}),
           ("gpt2-sdpa", "torchscript", {"input_ids": (2, 32), "attention_mask": (2, 32)})]
 FORMS = ["fuse", "sparse:window=8", "sparse:window=8,sinks=2", "sparse:window=8,stride=8",
@@ -55,30 +53,22 @@ def main() -> int:
                              "params": [p.params_before, p.params_after],
                              "sink_ratio": [float(np.mean(sink[0])), float(np.mean(sink[1]))] if sink[0] else None})
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    report(rows)
+    write_results(rows)
     return 0
 
 
-def report(rows) -> None:
+def write_results(rows) -> None:
     cols = ["model", "form", "exact", "sites", "max rel err", "cosine", "attn FLOPs", "params", "sink ratio"]
-    t = Table(title="rewrite forms: fidelity, FLOPs, parameters")
-    for c in cols:
-        t.add_column(c)
-    md = ["# Rewrite forms on zoo models (random weights, 2 x 32 tokens)", "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table = []
     for r in rows:
         sink = "-" if r["sink_ratio"] is None else f"{r['sink_ratio'][0]:.3f} → {r['sink_ratio'][1]:.3f}"
-        vals = [r["model"], r["form"], "yes" if r["exact"] else "no",
-                f"{r['rewritten']}" + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""),
-                f"{r['max_rel_error']:.2e}", f"{r['cosine']:.6f}",
-                f"{r['attention_flops'][0]:.3g} → {r['attention_flops'][1]:.3g}",
-                f"{r['params'][0]} → {r['params'][1]}", sink]
-        t.add_row(*vals)
-        md.append("| " + " | ".join(vals) + " |")
-    Console(width=200).print(t)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "forms.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "forms.json").write_text(json.dumps(rows, indent=1))
+        table.append([r["model"], r["form"], "yes" if r["exact"] else "no",
+                      f"{r['rewritten']}" + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""),
+                      f"{r['max_rel_error']:.2e}", f"{r['cosine']:.6f}",
+                      f"{r['attention_flops'][0]:.3g} → {r['attention_flops'][1]:.3g}",
+                      f"{r['params'][0]} → {r['params'][1]}", sink])
+    write("forms", "rewrite forms: fidelity, FLOPs, parameters", cols, table, rows,
+          ["# Rewrite forms on zoo models (random weights, 2 x 32 tokens)", ""])
 
 
 if __name__ == "__main__":

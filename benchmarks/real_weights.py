@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import RESULTS, write
 
 from attn_opt import passes
 from attn_opt.patterns.detect import detect
@@ -34,7 +33,6 @@ from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import run_pipeline
 from attn_opt.tools import zoo
 
-RESULTS = Path(__file__).parent / "results"
 WINDOWS = (8, 16, 32, 64)
 
 
@@ -133,23 +131,16 @@ def main() -> int:
 
 
 def report_table(rows, n_sentences: int, shape, sink_by_layer) -> None:
-    t = Table(title=f"all-MiniLM-L6-v2 on {n_sentences} real sentences (batch {shape})")
-    for c in ("form", "embedding cosine", "Spearman of similarities", "attention GFLOP", "vs dense"):
-        t.add_column(c)
-    md = [f"# Real weights: all-MiniLM-L6-v2, {n_sentences} sentences from installed documentation", "",
-          f"Inputs: {shape[0]} sentences padded to {shape[1]} tokens. Mean attention on [CLS] per layer: {sink_by_layer}.",
-          "Cosine: mean over sentences of the embedding cosine to the original model; Spearman: rank correlation",
-          "of all pairwise sentence similarities with the original's. Attention FLOPs counted from each graph.", "",
-          "| form | embedding cosine | Spearman | attention GFLOP | vs dense |", "|---|---|---|---|---|"]
-    for r in rows:
-        vals = [r["form"], f"{r['cosine']:.4f}", f"{r['spearman']:.4f}", f"{r['attention_flops'] / 1e9:.3f}",
-                f"{r['attention_flops'] / r['dense_attention_flops']:.2f}"]
-        t.add_row(*vals)
-        md.append("| " + " | ".join(vals) + " |")
-    Console(width=160).print(t)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "real_weights.md").write_text("\n".join(md) + "\n\n![fidelity vs attention FLOPs](real_weights.png)\n")
-    (RESULTS / "real_weights.json").write_text(json.dumps(rows, indent=1))
+    cols = ["form", "embedding cosine", "Spearman", "attention GFLOP", "vs dense"]
+    table = [[r["form"], f"{r['cosine']:.4f}", f"{r['spearman']:.4f}", f"{r['attention_flops'] / 1e9:.3f}",
+              f"{r['attention_flops'] / r['dense_attention_flops']:.2f}"] for r in rows]
+    preface = [f"# Real weights: all-MiniLM-L6-v2, {n_sentences} sentences from installed documentation", "",
+               f"Inputs: {shape[0]} sentences padded to {shape[1]} tokens. Mean attention on [CLS] per layer: "
+               f"{sink_by_layer}.",
+               "Cosine: mean over sentences of the embedding cosine to the original model; Spearman: rank correlation",
+               "of all pairwise sentence similarities with the original's. Attention FLOPs counted from each graph.", ""]
+    write("real_weights", f"all-MiniLM-L6-v2 on {n_sentences} real sentences (batch {shape})", cols, table, rows,
+          preface, "![fidelity vs attention FLOPs](real_weights.png)")
     plot(rows)
 
 

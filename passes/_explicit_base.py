@@ -1,5 +1,5 @@
-"""What the passes that rewrite the normaliser share: which sites they can take, the
-opset they need, and the rewrite through backends/onnxruntime/explicit.py."""
+"""What the form passes (sparse, softplus, sinkfree) share: which sites the form lowering
+(backends/onnxruntime/lower.py) can take, and the opset it needs."""
 
 from __future__ import annotations
 

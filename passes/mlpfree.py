@@ -86,9 +86,10 @@ class Mlpfree(Pass):
     def is_exact(self) -> bool:
         return not self.symmetric and not self.drop_mlp
 
+    def touches_sites(self) -> bool:
+        return bool(self.collapse)  # drop_mlp alone rewrites feed-forward blocks, not attention
+
     def skip_reason(self, site: AttentionSite) -> str | None:
-        if not self.collapse:
-            return "no collapse asked for"
         if site.rule not in ("eager", "onnx-attention"):
             return f"a {site.rule} op: collapse needs Q/K/V in [B, H, S, D] from their projections"
         if site.heads is None or site.head_dim is None or site.scale is None:

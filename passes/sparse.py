@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from attn_opt.passes._explicit_base import EXPLICIT_OPSET, explicit_skip_reason
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.errors import NotSupported, UserError
 from attn_opt.rewriter.passbase import Pass, option
@@ -85,22 +86,17 @@ class Sparse(Pass):
                 return "dense heads need one kv head per query head (this site is GQA/MQA)"
             if any(len(sh) == 4 and sh[1] > 1 for sh in site.mask_shapes.values()):
                 return "dense heads need masks shared by all heads"
-        if any(op.packed for op in (site.q, site.k, site.v)):
-            return "Q/K/V are not in [B, H, S, D] layout"
-        if site.heads is None or site.kv_heads is None or site.heads % site.kv_heads:
-            return "head counts unknown (the model did not run on sample inputs)"
+        reason = explicit_skip_reason(site)  # the same lowering as the other forms
+        if reason:
+            return reason
+        if site.heads % site.kv_heads:
+            return f"{site.heads} heads do not group over {site.kv_heads} kv heads"
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
-        if site.probs_shared:
-            return "its attention probabilities are used outside the attention too"
-        for m in site.additive + ((site.bool_mask,) if site.bool_mask is not None else ()):
-            shape = site.mask_shapes.get(m.name)
-            if shape is None or len(shape) not in (2, 4):
-                return f"mask {m.name} has an unsupported or unknown shape {shape or m.shape}"
         return None
 
     def needs_opset(self) -> int:
-        return 18  # ReduceMax/ReduceSum with axes as an input
+        return EXPLICIT_OPSET
 
     def needs_diagnostics(self) -> bool:
         return self.sinks == "auto" or self.heads == "auto"

@@ -124,7 +124,7 @@ def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=Non
         proto = _upgrade(proto, need)
     _, model, gv = onnx_adapter.load_view(proto)
     det = detect(gv, feeds=None)
-    chosen, skipped = _select(det.sites, layers, ids)
+    chosen, skipped = _select(det.sites, layers, ids) if getattr(p, "touches_sites", lambda: True)() else ([], [])
     rewritten, notes = [], []
     diag = {}
     if getattr(p, "needs_diagnostics", lambda: False)():

@@ -158,3 +158,19 @@ def test_npz_inputs(zoo_onnx, tmp_path):
     np.savez(tmp_path / "bad.npz", tokens=ids)
     r = cli(zoo_onnx("bert-eager", "dynamo"), "--pass", "fuse", "--inputs", tmp_path / "bad.npz", "-o", tmp_path / "o.onnx")
     assert r.returncode == 2 and "lacks" in r.stderr
+
+
+def test_external_data_model(zoo_onnx, tmp_path):
+    """A model whose weights live in a separate file is read whole, rewritten, and the
+    input files are left as they were."""
+    src = tmp_path / "ext.onnx"
+    proto = onnx.load(str(zoo_onnx("bert-eager", "dynamo")))
+    onnx.save_model(proto, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    before = (digest(src), digest(tmp_path / "ext.onnx.data"))
+    assert len(attn_opt.inspect(str(src)).sites) == 2
+    out = tmp_path / "out" / "fused.onnx"
+    r = cli(src, "--pass", "fuse", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert (digest(src), digest(tmp_path / "ext.onnx.data")) == before
+    assert len(attn_opt.inspect(str(out)).sites) == 2

@@ -1,8 +1,9 @@
-"""Lowering on torch.fx: a site becomes calls inserted into the GraphModule.
+"""Lowering on torch.fx: a site becomes calls inserted into the GraphModule, built from
+the AttentionSite record (the same record the ONNX emitters read).
 
-`fuse` is implemented here: one `F.scaled_dot_product_attention` per eager site, built
-from the AttentionSite record (the same record the ONNX emitters read). The other forms
-are not lowered to FX yet; asking for them on a torch model says so.
+fuse: one `F.scaled_dot_product_attention`. The forms (sparse, softplus, sinkfree): one
+call to `backends.torch_forms.attention` carrying the form record, so the next pass can
+read the site back. gated: an `nn.Linear` gate registered on the module (trainable).
 """
 
 from __future__ import annotations
@@ -60,3 +61,73 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
         if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
             g.erase_node(n)
     new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+
+
+def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
+    """The replaced nodes go: export's metadata assertions on them first, then every covered
+    node left without users (dead-code elimination keeps dropout: it counts as impure)."""
+    covered = set(site.nodes)
+    for n in list(g.nodes):
+        if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
+            g.erase_node(n)
+    for n in reversed(list(g.nodes)):
+        if n.name in covered and not n.users and n.op == "call_function":
+            g.erase_node(n)
+
+
+def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, normaliser: dict, bias=None) -> None:
+    """Replace `site` by one call computing it with this pattern and normaliser."""
+    from attn_opt.backends.torch_forms import attention
+    from attn_opt.patterns.record import FORM_KEY, form_record
+
+    g = gm.graph
+    out = site.output.native
+    with g.inserting_before(out):
+        q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
+        additive = [_node(t, g) for t in site.additive]
+        boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
+        kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
+                  "pattern": pattern, "normaliser": normaliser}
+        if bias is not None:
+            kwargs["bias"] = g.get_attr(bias)
+        new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
+    new.meta[FORM_KEY] = form_record(site, pattern, normaliser)
+    new.meta["attn_opt.site"] = site.id
+    out.replace_all_uses_with(new)
+    new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+    _drop_asserts(g, site)
+
+
+def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> None:
+    """O ⊙ σ(X W + b) per head, W and b an nn.Linear registered as a submodule."""
+    import torch.nn as nn
+
+    g = gm.graph
+    name = f"attn_opt_{site.id}_gate"
+    lin = nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(weight.T.copy()))
+        lin.bias.copy_(torch.from_numpy(bias))
+    gm.add_submodule(name, lin)
+    out = site.output.native
+    k = 1 if mode == "headwise" else site.head_dim
+    x = site.projections["q"].x.native
+    users = list(out.users)
+    with g.inserting_after(out):
+        logits = g.call_module(name, (x,))
+    with g.inserting_after(logits):
+        sig = g.call_function(torch.sigmoid, (logits,))
+    with g.inserting_after(sig):
+        shape = g.call_function(getattr, (out, "shape"))
+    with g.inserting_after(shape):
+        b_ = g.call_function(operator.getitem, (shape, 0))
+    with g.inserting_after(b_):
+        t_ = g.call_function(operator.getitem, (shape, 2))
+    with g.inserting_after(t_):
+        g4 = g.call_function(torch.reshape, (sig, (b_, t_, site.heads, k)))
+    with g.inserting_after(g4):
+        g4t = g.call_function(torch.transpose, (g4, 1, 2))
+    with g.inserting_after(g4t):
+        gated = g.call_function(operator.mul, (out, g4t))
+    for u in users:
+        u.replace_input_with(out, gated)

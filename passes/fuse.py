@@ -43,11 +43,12 @@ class Fuse(Pass):
     def needs_opset(self) -> int | None:
         return 23  # target=ort still uses Attention for GQA sites
 
-    def rewrite_fx(self, gm, site: AttentionSite) -> None:
+    def rewrite_fx(self, gm, site: AttentionSite, diag=None) -> str:
         """On torch.fx: one F.scaled_dot_product_attention (target does not apply)."""
         from attn_opt.backends.torch_fx import fuse_site
 
         fuse_site(gm, site)
+        return "scaled_dot_product_attention"
 
     def choose(self, site: AttentionSite) -> tuple[str, str]:
         """(target, why) for one site."""

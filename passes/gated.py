@@ -70,6 +70,13 @@ class Gated(Pass):
             got.append(arr)
         return got[0], got[1]
 
+    def rewrite_fx(self, gm, site, diag=None) -> str:
+        from attn_opt.backends.torch_fx import gate
+
+        w, b = self.site_weights(site)
+        gate(gm, site, w, b, self.mode)
+        return f"{self.mode} gate: nn.Linear attn_opt_{site.id}_gate, +{w.size + b.size} parameters"
+
     def rewrite_onnx(self, e, choice) -> str:
         site = e.site
         w, b = self.site_weights(site)

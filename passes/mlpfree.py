@@ -107,6 +107,24 @@ class Mlpfree(Pass):
     def needs_opset(self) -> int:
         return 18
 
+    def rewrite_fx(self, gm, site, diag=None) -> str:
+        from attn_opt.rewriter.errors import NotSupported
+
+        raise NotSupported("mlpfree collapse is not lowered to torch.fx yet (it runs on ONNX models)")
+
+    def rewrite_graph_fx(self, gm, gv) -> list[str]:
+        """drop_mlp on torch.fx (collapse is lowered to ONNX only)."""
+        notes = []
+        for add, x, nodes in mlp_blocks(gv):
+            add.outputs[0].native.replace_all_uses_with(x.native)
+            dead = {n.name for n in nodes} | {add.name}
+            for n in reversed(list(gm.graph.nodes)):  # dropout counts as impure: erase the block by hand
+                if n.name in dead or ("_assert" in str(n.target) and any(getattr(a, "name", None) in dead for a in n.args)):
+                    if not n.users:
+                        gm.graph.erase_node(n)
+            notes.append(f"dropped the feed-forward block ending at {add.name} ({len(nodes)} nodes)")
+        return notes or ["drop_mlp: no feed-forward block found"]
+
     def rewrite_graph(self, model, gv) -> list[str]:
         """drop_mlp: x + MLP(norm(x)) becomes x, for every feed-forward block found."""
         if not self.drop_mlp:
@@ -231,8 +249,11 @@ def mlp_blocks(gv) -> list[tuple]:
             closed_in = all(v is None or v is x or v.const is not None or id(v) in inside or weight_like(v)
                             or v.dtype in ("int64", "int32")  # shape data computed elsewhere (dynamo exports)
                             for n in nodes for v in n.inputs)
-            single_exit = all(all(id(u) in region for u in v.users) or v is y
-                              for n in nodes for v in n.outputs) and all(u is add for u in y.users)
+            def users(v):  # torch.export's metadata assertions are not uses
+                return [u for u in v.users if u.op != "Assert"]
+
+            single_exit = all(all(id(u) in region for u in users(v)) or v is y
+                              for n in nodes for v in n.outputs) and all(u is add for u in users(y))
             products = sum(n.op in ("MatMul", "Gemm", "Linear") and any(weight_like(i) for i in n.inputs[1:]) for n in nodes)
             if closed_in and single_exit and products >= 2 and any(n.op in ACTIVATIONS for n in nodes):
                 blocks.append((add, x, nodes))

@@ -91,6 +91,19 @@ class Sinkfree(Pass):
                     "heads": list(self.heads) if self.heads else None}
         return {"kind": "relu"}
 
+    def rewrite_fx(self, gm, site, diag=None) -> str:
+        """On torch.fx the sink logits are an nn.Parameter of the module (trainable)."""
+        import torch
+
+        from attn_opt.backends.torch_fx import emit_form
+
+        bias = None
+        if self.mode == "logit" and np.all(np.isfinite(self.site_bias(site))):
+            bias = f"attn_opt_{site.id}_sink_logit"
+            gm.register_parameter(bias, torch.nn.Parameter(torch.from_numpy(self.site_bias(site))))
+        emit_form(gm, site, site.pattern, self.spec(site), bias=bias)
+        return f"sinkfree {self.mode}" + (f", sink logits in parameter {bias}" if bias else "")
+
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
 

@@ -40,6 +40,12 @@ class Softplus(Pass):
     def spec(self) -> dict:
         return {"kind": "softplus", "n_train": self.n_train, "p": self.p}
 
+    def rewrite_fx(self, gm, site, diag=None) -> str:
+        from attn_opt.backends.torch_fx import emit_form
+
+        emit_form(gm, site, site.pattern, self.spec())
+        return "softplus"
+
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
 

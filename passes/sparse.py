@@ -152,12 +152,23 @@ class Sparse(Pass):
         lo = w - 1 if causal else w // 2
         return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=int(self.sinks), dilation=self.dilation)
 
+    def concrete(self, site: AttentionSite, diag) -> tuple["Sparse", str]:
+        concrete, note = self.resolve(site, diag) if self.needs_diagnostics() else (self, "")
+        if concrete.dense_heads and max(concrete.dense_heads) >= site.heads:
+            raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({site.heads} heads)")
+        return concrete, note
+
+    def rewrite_fx(self, gm, site: AttentionSite, diag=None) -> str:
+        from attn_opt.backends.torch_fx import emit_form
+
+        concrete, note = self.concrete(site, diag)
+        emit_form(gm, site, concrete.options(), site.normaliser)
+        return concrete.form(site).describe() + (f"; {note}" if note else "")
+
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
 
-        concrete, note = self.resolve(e.site, e.diagnostics) if self.needs_diagnostics() else (self, "")
-        if concrete.dense_heads and max(concrete.dense_heads) >= e.site.heads:
-            raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({e.site.heads} heads)")
+        concrete, note = self.concrete(e.site, e.diagnostics)
         emit_attention(e, e.site, concrete.options(), e.site.normaliser)
         norm = e.site.normaliser["kind"]
         text = concrete.form(e.site).describe() + ("" if norm == "softmax" else f", {norm} normaliser kept")

@@ -46,7 +46,48 @@ def test_fx_fuse_agrees_with_onnx(zoo_onnx, name):
 def test_forms_not_lowered_to_fx_say_so():
     v = BY_NAME["mul-scale"]
     with pytest.raises(NotSupported, match="not lowered to torch.fx yet"):
-        attn_opt.optimize(v.make().eval(), ["sparse:window=4"], example_inputs=v.inputs())
+        attn_opt.optimize(v.make().eval(), ["mlpfree:collapse=qk"], example_inputs=v.inputs())
+
+
+FX_SPECS = ["sparse:window=4", "sparse:window=4,sinks=1", "sparse:window=5,dilation=2", "softplus:n_train=16",
+            "sinkfree:mode=logit,bias=0.5", "sinkfree:mode=redistribute,alpha=0.3", "sinkfree:mode=relu",
+            "gated", "mlpfree:drop_mlp=true"]
+
+
+@pytest.mark.parametrize("spec", FX_SPECS)
+@pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])
+def test_fx_pass_agrees_with_onnx(zoo_onnx, name, spec):
+    """The same pass on the FX graph and on the ONNX export, on the same inputs: the same
+    sites, fidelity within 1e-4, matrix-FLOP change within 1%."""
+    import onnx
+
+    from attn_opt import passes
+    from attn_opt.rewriter.ir import onnx_flops
+    from attn_opt.rewriter.pipeline import run_pipeline
+
+    model, args, names = zoo.MODELS[name].build()
+    _, fx_report = attn_opt.optimize(model, [spec], example_inputs=args)
+    proto = onnx.load(str(zoo_onnx(name, "dynamo")))
+    feeds = {n: a.numpy() for n, a in zip(names, args)}
+    out, onnx_report = run_pipeline(proto, [passes.parse(spec)], feeds, force=True)
+    f, o = fx_report.passes[0], onnx_report.passes[0]
+    assert f.sites_rewritten == o.sites_rewritten
+    assert abs(f.fidelity["max_rel_error"] - o.fidelity["max_rel_error"]) <= 1e-4
+    assert abs(f.fidelity["cosine"] - o.fidelity["cosine"]) <= 1e-4
+    fx_change = f.flops_after / f.flops_before
+    onnx_change = onnx_flops.count(out, feeds).matmul / onnx_flops.count(proto, feeds).matmul
+    assert fx_change == pytest.approx(onnx_change, rel=0.01)
+
+
+def test_fx_new_parameters_are_trainable():
+    model, args, _ = zoo.MODELS["bert-eager"].build()
+    gm, _ = attn_opt.optimize(model, ["gated", "sinkfree:mode=logit,bias=0"], example_inputs=args)
+    new = {n: p for n, p in gm.named_parameters() if n.startswith("attn_opt_")}
+    assert sorted(new) == ["attn_opt_a0_gate.bias", "attn_opt_a0_gate.weight", "attn_opt_a0_sink_logit",
+                           "attn_opt_a1_gate.bias", "attn_opt_a1_gate.weight", "attn_opt_a1_sink_logit"]
+    gm.train()
+    gm(*args).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in new.values())
 
 
 def test_backend_falls_back_and_passes_through(caplog):
@@ -54,7 +95,7 @@ def test_backend_falls_back_and_passes_through(caplog):
     m, x = v.make().eval(), v.inputs()
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="attn_opt"):
-        out = torch.compile(m, backend=attn_opt.backend(passes=["sparse:window=4"], inner="eager"))(*x)
+        out = torch.compile(m, backend=attn_opt.backend(passes=["mlpfree:collapse=qk"], inner="eager"))(*x)
     torch.testing.assert_close(out, m(*x))
     assert "not lowered to torch.fx yet" in caplog.text and "untouched" in caplog.text
     neg = BY_NAME["classifier-head"]

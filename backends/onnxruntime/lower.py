@@ -8,7 +8,6 @@ detection reads that record back as the site for the next pass.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from attn_opt.backends.onnxruntime.edit import SiteEdit
 from attn_opt.backends.onnxruntime.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                                     softmax_visible)
+from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.ir.onnx import FORM_KEY
 
@@ -81,17 +81,6 @@ def _relu(e, s, vis):
     return safe_div(e, e.op("Where", [vis, e.op("Relu", [s]), f32(e, 0)]), row_sum(e, e.op("Cast", [vis], {"to": 1})))
 
 
-def _record(site: AttentionSite, pattern, normaliser) -> str:
-    def op(o):
-        return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated}
-
-    return json.dumps({
-        "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
-        "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
-        "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
-        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser})
-
-
 def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, normaliser: dict):
     """Emit `site` with this form, commit it, and record the form on the output node."""
     if pattern and pattern.get("grid"):
@@ -106,7 +95,7 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, norma
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
     out = e.op("Identity", [out])  # the record's carrier: one node whose output is the site's
-    out.producer().metadata_props[FORM_KEY] = _record(site, pattern, normaliser)
+    out.producer().metadata_props[FORM_KEY] = form_record(site, pattern, normaliser)
     e.commit(out)
     return out
 

@@ -72,6 +72,10 @@ SPELLINGS: dict[str, list[Any]] = {
     "RepeatInterleave": _t(torch.repeat_interleave, "repeat_interleave") + _aten("repeat_interleave", "self_int"),
     "IsNaN": _t(torch.isnan, "isnan") + _aten("isnan", "default"),
     "Tanh": _t(torch.tanh, "tanh") + _aten("tanh", "default"),
+    "Gelu": _t(F.gelu, "gelu") + _aten("gelu", "default"),
+    "Relu": _t(F.relu, torch.relu, "relu") + _aten("relu", "default"),
+    "Silu": _t(F.silu, "silu") + _aten("silu", "default"),
+    "Sigmoid": _t(torch.sigmoid, F.sigmoid, "sigmoid") + _aten("sigmoid", "default"),
     "Neg": _t(operator.neg, torch.neg, "neg") + _aten("neg", "default"),
     "Concat": _t(torch.cat, torch.concat) + _aten("cat", "default"),
     "Getitem": _t(operator.getitem),
@@ -96,7 +100,12 @@ for _op, _targets in SPELLINGS.items():
         _BY_TARGET[_t_] = _op
 
 
+FX_META = ("attn_opt.form", "attn_opt.site", "attn_opt.pass")  # what attn-opt leaves on nodes it emits
+
+
 def op_of(n: fx.Node, modules: dict[str, torch.nn.Module]) -> str:
+    if "attn_opt.form" in n.meta:  # a site attn-opt rewrote: one call carrying its record
+        return "attn_opt.Attention"
     if n.op == "call_module":
         mod = modules.get(str(n.target))
         if isinstance(mod, torch.nn.MultiheadAttention):
@@ -193,7 +202,8 @@ def _normalise(op: str, n: fx.Node, modules) -> tuple[str, list, dict]:
         return "Transpose", [a[0]], {"perm": [_dim(d, r) for d in dims]}
     if op == "Unsqueeze":
         return op, [a[0]], {"axes": [_arg(n, 1, "dim")]}
-    if op in ("Reshape", "Expand", "Contiguous", "Cast", "Dropout", "IsNaN", "Tanh", "Neg"):
+    if op in ("Reshape", "Expand", "Contiguous", "Cast", "Dropout", "IsNaN", "Tanh", "Neg", "Gelu", "Relu", "Silu",
+              "Sigmoid"):
         return op, [a[0]], {}
     if op == "Einsum":
         ops = a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:]
@@ -289,7 +299,7 @@ def view(gm: fx.GraphModule, example_inputs: list | tuple | None = None) -> Grap
         op = op_of(n, modules)
         op, args, attrs = _normalise(op, n, modules)
         nodes.append(Node(name=n.name, op=op, inputs=[inp(x) for x in args], outputs=[v], attrs=attrs,
-                          scope=scope_of(n), native=n))
+                          scope=scope_of(n), native=n, meta={k: n.meta[k] for k in FX_META if k in n.meta}))
     link(nodes)
     gv = GraphView(nodes=nodes, inputs=[values[p] for p in placeholders if values[p].is_input],
                    outputs=[v for v in values.values() if v.is_output], ir="fx")

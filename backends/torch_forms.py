@@ -1,0 +1,269 @@
+"""The attention forms in PyTorch: what the torch.fx lowering calls.
+
+`attention(q, k, v, ...)` computes a site with a sparse pattern (or dense) and a
+normaliser, with the same algorithms as the ONNX lowering (backends/onnxruntime/): the
+banded form gathers one key band per query block, so its matrix products, and the FLOPs
+torch's FlopCounterMode counts, are those of the ONNX graph. Each rewritten site is one
+call to this function in the GraphModule; detection reads its record back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MASKED = -1e4
+
+
+# -- normalisers: scores, visible -> probabilities (0 outside, zero rows where nothing is visible)
+def _safe_div(num, den):
+    return num / den.clamp(min=1e-30)
+
+
+def softmax(s, vis):
+    m = torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True)
+    e = torch.where(vis, torch.exp(s - m), 0.0)
+    return _safe_div(e, e.sum(-1, keepdim=True))
+
+
+def normalise(spec: dict, s, vis, per_head, n_heads: int):
+    kind = spec["kind"]
+    if kind == "softmax":
+        return softmax(s, vis)
+    if kind == "softplus":
+        if spec.get("n_train"):
+            n = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+            s = s * (torch.log(n) / math.log(spec["n_train"]))
+        a = torch.where(vis, F.softplus(s), 0.0)
+        a = _safe_div(a, a.sum(-1, keepdim=True))
+        if spec.get("p", 1.0) != 1.0:
+            a = a ** spec["p"]
+            a = _safe_div(a, a.sum(-1, keepdim=True))
+        return a
+    if kind == "logit":
+        b = per_head(spec["bias"])
+        m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
+        e = torch.where(vis, torch.exp(s - m), 0.0)
+        return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
+    if kind == "redistribute":
+        p = softmax(s, vis)
+        n, alpha = spec["sinks"], spec["alpha"]
+        m = p[..., :n].sum(-1, keepdim=True)
+        rest = 1 - m
+        scaled = torch.cat([alpha * p[..., :n], p[..., n:] * _safe_div(1 - alpha * m, rest)], -1)
+        keep = rest < 1e-6  # a row all on the sinks is left as it is
+        if spec.get("heads"):
+            keep = keep | (per_head([1.0 if h in spec["heads"] else 0.0 for h in range(n_heads)]) == 0)
+        return torch.where(keep, p, scaled)
+    if kind == "relu":
+        n = vis.sum(-1, keepdim=True).to(s.dtype)
+        return _safe_div(torch.where(vis, torch.relu(s), 0.0), n)
+    raise ValueError(f"unknown normaliser {kind!r}")
+
+
+def _four(m: torch.Tensor) -> torch.Tensor:
+    return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
+
+
+def _masks(additive, bool_mask, bool_keep):
+    """(bias, keep): the summed additive terms and the boolean 'attend here', both 4-D or None."""
+    bias = None
+    for t in additive:
+        bias = _four(t) if bias is None else bias + _four(t)
+    keep = None
+    if bool_mask is not None:
+        keep = _four(bool_mask.bool())
+        keep = keep if bool_keep else ~keep
+    return bias, keep
+
+
+def _heads5(x, h, hkv):
+    """[Bm, Hm, a, b] -> [Bm, hk, hg, a, b] to broadcast over the grouped layout."""
+    g = h // hkv
+    return x.reshape(x.shape[0], hkv, g, *x.shape[2:]) if x.shape[1] == h and h > 1 else x.unsqueeze(2)
+
+
+def _explicit(q, k, v, bias, keep, scale, causal, norm):
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    q5 = (q * scale).reshape(b, hkv, h // hkv, tq, d)
+    s = q5 @ k.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, g, Tq, Tk]
+    vis = torch.ones((1,) * 5, dtype=torch.bool, device=q.device)
+    if bias is not None:
+        b5 = _heads5(bias, h, hkv)
+        s = s + b5
+        vis = vis & (b5 > MASKED)
+    if keep is not None:
+        vis = vis & _heads5(keep, h, hkv)
+    if causal:
+        i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        vis = vis & (torch.arange(tk, device=q.device)[None, :] <= i)
+    p = norm(s, vis.expand(s.shape), 5)
+    return (p @ v.unsqueeze(2)).reshape(b, h, tq, v.shape[-1])
+
+
+class _Band:
+    """Query blocks and the key band each gathers (see backends/onnxruntime/banded.py)."""
+
+    def __init__(self, form, t: int, device):
+        self.f, self.t = form, t
+        b, lk = form.block, form.keys
+        self.nb = -(-t // b)
+        self.tp = self.nb * b
+        ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+        j = ar(self.nb)
+        self.i = ar(self.tp).reshape(self.nb, b, 1)
+        self.p = self._start(j)[:, None] + ar(lk)[None, :]  # [nb, Lk]
+        self.p_clip = self.p.clamp(0, t - 1)
+        self.qpos, self.kpos, self.key_index = self.i, self.p[:, None, :], self.p_clip
+        self.perm = self.inverse = None
+        if getattr(form, "dilation", 1) > 1:  # residue classes made contiguous
+            pos = ar(t)
+            self.perm = torch.argsort((pos % form.dilation) * t + pos, stable=True)
+            self.inverse = torch.argsort(self.perm)
+            self.qpos = self.perm[self.i.clamp(max=t - 1)]
+            self.key_index = self.perm[self.p_clip]
+            self.kpos = self.key_index[:, None, :]
+
+    def _start(self, j):
+        f = self.f
+        if f.kind == "grid":
+            (kh, _), (gh, gw) = f.kernel, f.grid
+            r = j - kh // 2
+            return (r.clamp(0, gh - kh) if f.shift else r) * gw
+        if f.kind != "stride":
+            return j * f.block - f.lo
+        off = f.block - f.window if f.causal else (f.block - f.window) // 2
+        return torch.minimum(j * f.block + off, torch.tensor(self.t - f.window)).clamp(min=0)
+
+    def window_visible(self):
+        f, i, p = self.f, self.qpos, self.kpos
+        valid = (self.p[:, None, :] >= 0) & (self.p[:, None, :] < self.t)
+        d = i - p
+        if f.kind == "grid":
+            (kh, kw), (gh, gw) = f.kernel, f.grid
+            pc = p.clamp(min=0)
+            near = []
+            for a, c, size, extent in ((i // gw, pc // gw, kh, gh), (i % gw, pc % gw, kw, gw)):
+                if f.shift:
+                    lo = (a - size // 2).clamp(max=extent - size).clamp(min=0)
+                    near.append((c >= lo) & (c < lo + size))
+                else:
+                    near.append((a - c).abs() <= size // 2)
+            vis = valid & near[0] & near[1]
+        elif f.kind == "stride":
+            vis = valid
+        elif f.kind == "shift":
+            start = (i - f.window // 2).clamp(max=self.t - f.span).clamp(min=0)
+            vis = valid & (p >= start) & (p < start + f.span)
+        elif f.causal:
+            vis = valid & (d < f.window * f.dilation)
+        else:
+            vis = valid & (d.abs() <= f.window // 2 * f.dilation)
+        if f.dilation > 1:
+            vis = vis & (d % f.dilation == 0)
+        if f.causal:
+            vis = vis & (d >= 0)
+        if f.sinks and f.kind != "grid":
+            vis = vis & (p >= f.sinks)
+        return vis
+
+    def sink_visible(self):
+        ps = torch.arange(self.f.sinks, device=self.i.device).reshape(1, 1, -1)
+        vis = ps < self.t
+        if self.f.causal:
+            vis = vis & (ps <= self.qpos)
+        return vis.expand(self.nb, self.f.block, self.f.sinks)
+
+    def gather_mask(self, x, h, hkv, sinks: bool):
+        """A 4-D mask as [Bm, hk, hg, nb|1, 1|b, Lk or n]."""
+        f, nb, b = self.f, self.nb, self.f.block
+        hk, hg = (hkv, h // hkv) if x.shape[1] == h and h > 1 else (1, 1)
+        per_query = x.shape[2] != 1
+        if per_query and self.perm is not None:
+            x = x[:, :, self.perm]
+        if per_query:
+            x = F.pad(x, (0, 0, 0, self.tp - x.shape[2]))
+        if sinks:
+            x = x[..., : f.sinks]
+            return x.reshape(x.shape[0], hk, hg, nb if per_query else 1, b if per_query else 1, f.sinks)
+        if not per_query:
+            g = x[..., self.key_index]  # [Bm, Hm, 1, nb, Lk]
+            return g.permute(0, 1, 3, 2, 4).reshape(x.shape[0], hk, hg, nb, 1, f.keys)
+        x5 = x.reshape(x.shape[0], x.shape[1], nb, b, x.shape[-1])
+        idx = self.key_index[None, None, :, None, :].expand(x5.shape[0], x5.shape[1], nb, b, f.keys)
+        return torch.gather(x5, 4, idx).reshape(x.shape[0], hk, hg, nb, b, f.keys)
+
+
+def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None):
+    bsz, h, t, d = q.shape
+    hkv = k.shape[1]
+    band = _Band(form, t, q.device)
+    k_full, v_full = sink_kv or (k, v)
+    if band.perm is not None:
+        q, k, v = q[:, :, band.perm], k[:, :, band.perm], v[:, :, band.perm]
+    q6 = F.pad(q * scale, (0, 0, 0, band.tp - t)).reshape(bsz, hkv, h // hkv, band.nb, form.block, d)
+    kb, vb = k[:, :, band.p_clip].unsqueeze(2), v[:, :, band.p_clip].unsqueeze(2)  # [B, Hkv, 1, nb, Lk, ·], sorted order
+
+    def masked(s, vis, sinks):
+        if bias is not None:
+            mb = band.gather_mask(bias, h, hkv, sinks)
+            s, vis = s + mb, vis & (mb > MASKED)
+        if keep is not None:
+            vis = vis & band.gather_mask(keep, h, hkv, sinks)
+        return s, vis.expand(s.shape)
+
+    parts = [masked(q6 @ kb.transpose(-1, -2), band.window_visible(), False) + (vb,)]
+    if form.sinks:
+        ks = k_full[:, :, : form.sinks].transpose(-1, -2)[:, :, None, None]
+        vs = v_full[:, :, : form.sinks][:, :, None, None]
+        parts.append(masked(q6 @ ks, band.sink_visible(), True) + (vs,))
+    p = norm(torch.cat([s for s, _, _ in parts], -1), torch.cat([m for _, m, _ in parts], -1), 6)
+    out, off = 0, 0
+    for s, _, vals in parts:
+        out = out + p[..., off: off + s.shape[-1]] @ vals
+        off += s.shape[-1]
+    out = out.reshape(bsz, h, band.tp, v.shape[-1])[:, :, :t]
+    return out if band.inverse is None else out[:, :, band.inverse]
+
+
+def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
+              pattern=None, normaliser=None, bias=None):
+    """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]."""
+    import types
+
+    from attn_opt.passes.sparse import Sparse
+
+    spec = dict(normaliser or {"kind": "softmax"})
+    if bias is not None:  # a trained per-head sink logit (an nn.Parameter of the module)
+        spec["bias"] = bias
+    h, hkv = q.shape[1], k.shape[1]
+
+    def per_head(values, ndim=5):
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
+        return t.to(q.dtype).reshape((1, hkv, h // hkv) + (1,) * (ndim - 3))
+
+    def norm(s, vis, ndim):
+        return normalise(spec, s, vis, lambda vals: per_head(vals, ndim), h)
+
+    mask_bias, keep = _masks(additive, bool_mask, bool_keep)
+    if not pattern:
+        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm)
+    site = types.SimpleNamespace(causal=causal, run_shape=(q.shape[0], h, q.shape[2], k.shape[2], q.shape[3]))
+    form = Sparse(**pattern).form(site)
+    if pattern.get("grid"):
+        n = form.sinks
+        grid = _banded(q[:, :, n:], k[:, :, n:], v[:, :, n:], None, None, scale, form, norm, sink_kv=(k, v))
+        return torch.cat([_explicit(q[:, :, :n], k, v, None, None, scale, False, norm), grid], 2) if n else grid
+    if pattern.get("dense_heads"):
+        dense = sorted(pattern["dense_heads"])
+        rest = [x for x in range(h) if x not in dense]
+        sparse_form = Sparse(**dict(pattern, dense_heads=None)).form(site)
+        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm)] if dense else []
+        if rest:
+            outs.append(_banded(q[:, rest], k[:, rest], v[:, rest], mask_bias, keep, scale, sparse_form, norm))
+        order = dense + rest
+        return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
+    return _banded(q, k, v, mask_bias, keep, scale, form, norm)

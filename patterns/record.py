@@ -1,0 +1,22 @@
+"""The record a rewritten site carries (ONNX node metadata, FX node meta): its form and
+the names of the values it reads, so detection can read the site back and the next pass
+can rewrite it again. IR-neutral: names and permutations only."""
+
+from __future__ import annotations
+
+import json
+
+from attn_opt.patterns.site import AttentionSite
+
+FORM_KEY = "attn_opt.form"
+
+
+def form_record(site: AttentionSite, pattern, normaliser) -> str:
+    def op(o):
+        return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated}
+
+    return json.dumps({
+        "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
+        "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
+        "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
+        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser})

@@ -229,9 +229,45 @@ def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None):
     return out if band.inverse is None else out[:, :, band.inverse]
 
 
+def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec) -> dict | None:
+    """The Triton kernel's arguments for this site, or None where the form is beyond it
+    (stride, shifted or 2-D windows, dense heads, redistribute/relu, masks other than a
+    per-key padding mask, Tq != Tk with a window or causal, dv != d)."""
+    if v.shape[-1] != q.shape[-1] or ((causal or pattern) and q.shape[2] != k.shape[2]):
+        return None
+    args = {"causal": bool(causal)}
+    if pattern:
+        if pattern.get("grid") or pattern.get("dense_heads") or int(pattern.get("stride", 1)) > 1 \
+                or pattern.get("border", "clip") != "clip" or not str(pattern.get("sinks", "0")).isdigit():
+            return None
+        args.update(window=int(pattern["window"]), dilation=int(pattern.get("dilation", 1)),
+                    sinks=int(pattern.get("sinks", "0")))
+    kind = spec["kind"]
+    if kind == "softplus":
+        args.update(normaliser="softplus", n_train=spec.get("n_train"), power=spec.get("p", 1.0))
+    elif kind == "logit":
+        b = spec["bias"]
+        args["sink_logit"] = (b if isinstance(b, torch.Tensor) else torch.tensor(b)).to(q.device).float().reshape(-1)
+    elif kind != "softmax":
+        return None
+    terms = list(additive)
+    if bool_mask is not None:
+        keep = bool_mask.bool() if bool_keep else ~bool_mask.bool()
+        terms.append(torch.where(keep, 0.0, torch.finfo(torch.float32).min))
+    if len(terms) > 1:
+        return None
+    if terms:
+        m = _four(terms[0])
+        if m.shape[1] != 1 or m.shape[2] != 1:
+            return None
+        args["key_bias"] = m.reshape(m.shape[0], m.shape[-1]).expand(q.shape[0], -1).float()
+    return args
+
+
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
-              pattern=None, normaliser=None, bias=None):
-    """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]."""
+              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None):
+    """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]. CUDA tensors
+    go to the Triton kernel where it covers the form (`use_triton` overrides the choice)."""
     import types
 
     from attn_opt.passes.sparse import Sparse
@@ -240,6 +276,12 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
     if bias is not None:  # a trained per-head sink logit (an nn.Parameter of the module)
         spec["bias"] = bias
     h, hkv = q.shape[1], k.shape[1]
+    if q.is_cuda if use_triton is None else use_triton:
+        args = kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec)
+        if args is not None:
+            from attn_opt.backends.triton.launcher import attention as kernel
+
+            return kernel(q, k, v, scale=scale, **args)
 
     def per_head(values, ndim=5):
         t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
@@ -267,3 +309,39 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         order = dense + rest
         return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
     return _banded(q, k, v, mask_bias, keep, scale, form, norm)
+
+
+def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
+              xv=None, w_vo=None, o_bias=None):
+    """mlpfree on torch: scores_h = scale · X̃q W_qk,h X̃kᵀ (X̃ = [X, 1]); the output is P V as
+    [B, H, Tq, dv], or with w_vo the output projection's result Σ_h P_h X̃v W_vo,h (+ bias)."""
+    def aug(x):
+        return torch.cat([x, torch.ones_like(x[..., :1])], -1)
+
+    b = xq.shape[0]
+    if w_qk is not None:
+        tq, dm = xq.shape[1], w_qk.shape[0]
+        q = (aug(xq) @ w_qk).reshape(b, tq, heads, dm).transpose(1, 2)  # [B, H, Tq, D+1]
+        k = aug(xk).unsqueeze(1)  # one shared "head"
+    else:
+        q, k = xq, xk  # already [B, H, T, d] and [B, Hkv, T, d]
+        tq = q.shape[2]
+    mask_bias, keep = _masks(additive, bool_mask, bool_keep)
+    s = (q * scale) @ k.transpose(-1, -2) if k.shape[1] == q.shape[1] or k.shape[1] == 1 else None
+    if s is None:
+        s = ((q * scale).reshape(b, k.shape[1], -1, tq, q.shape[-1]) @ k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+    vis = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=s.device)
+    if mask_bias is not None:
+        s, vis = s + mask_bias, vis & (mask_bias > MASKED)
+    if keep is not None:
+        vis = vis & keep
+    if causal:
+        tk = s.shape[-1]
+        vis = vis & (torch.arange(tk, device=s.device)[None, :] <= torch.arange(tq, device=s.device)[:, None] + tk - tq)
+    p = softmax(s, vis.expand(s.shape))  # [B, H, Tq, Tk]
+    if w_vo is None:
+        return p @ v.repeat_interleave(heads // v.shape[1], 1)
+    d_model = w_vo.shape[1] // heads
+    vh = (aug(xv) @ w_vo).reshape(b, xv.shape[1], heads, d_model).transpose(1, 2)
+    out = (p @ vh).sum(1)
+    return out if o_bias is None else out + o_bias

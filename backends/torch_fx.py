@@ -131,3 +131,35 @@ def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> No
         gated = g.call_function(operator.mul, (out, g4t))
     for u in users:
         u.replace_input_with(out, gated)
+
+
+def emit_collapse(gm: fx.GraphModule, site: AttentionSite, w: dict) -> None:
+    """mlpfree's collapsed products as one call; the new matrices are nn.Parameters."""
+    from attn_opt.backends.torch_forms import collapsed
+
+    g = gm.graph
+
+    def param(key):
+        if key not in w:
+            return None
+        name = f"attn_opt_{site.id}_{key}"
+        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(w[key].astype("float32"))))
+        return name
+
+    pq, pvo = param("w_qk"), param("w_vo")
+    vo = pvo is not None
+    o = w.get("o")
+    target = next(n for n in g.nodes if n.name == o.node) if vo else site.output.native
+    with g.inserting_before(target):
+        xq = w["xq"].native if pq else _bhsd(site.q, g)
+        xk = w["xk"].native if pq else _bhsd(site.k, g)
+        kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
+                  "heads": site.heads, "xv": w["xv"].native if vo else None,
+                  "w_vo": g.get_attr(pvo) if vo else None,
+                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None}
+        new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
+                                          [_node(t, g) for t in site.additive],
+                                          _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)
+    target.replace_all_uses_with(new)
+    g.eliminate_dead_code()  # the output projection and P·V first, so the site's own nodes lose their users
+    _drop_asserts(g, site)

@@ -107,13 +107,10 @@ class Mlpfree(Pass):
     def needs_opset(self) -> int:
         return 18
 
-    def rewrite_fx(self, gm, site, diag=None) -> str:
-        from attn_opt.rewriter.errors import NotSupported
-
-        raise NotSupported("mlpfree collapse is not lowered to torch.fx yet (it runs on ONNX models)")
-
     def rewrite_graph_fx(self, gm, gv) -> list[str]:
-        """drop_mlp on torch.fx (collapse is lowered to ONNX only)."""
+        """drop_mlp on torch.fx."""
+        if not self.drop_mlp:
+            return []
         notes = []
         for add, x, nodes in mlp_blocks(gv):
             add.outputs[0].native.replace_all_uses_with(x.native)
@@ -141,38 +138,57 @@ class Mlpfree(Pass):
             notes.append("drop_mlp: no feed-forward block found")
         return notes
 
-    def rewrite_onnx(self, e, choice) -> str:
-        site = e.site
+    def weights(self, site: AttentionSite) -> dict:
+        """The collapsed matrices of `site` (shared by both IRs): w_qk [D+1, H·(D+1)] with the
+        hidden states xq, xk; w_vo [D+1, H·D] with xv and the output projection; notes."""
         h, d, g = site.heads, site.head_dim, site.heads // site.kv_heads
-        notes = []
-        q_in = k_in = None
-        work = site
+        out: dict = {"notes": []}
         if "qk" in self.collapse:
             lq, lk = plain_projection(site, "q"), plain_projection(site, "k")
-            dm = lq.w.shape[0] + 1
             wq, wk = lq.augmented, lk.augmented
             heads = []
             for i in range(h):
                 w = wq[:, i * d:(i + 1) * d] @ wk[:, (i // g) * d:(i // g + 1) * d].T  # [D+1, D+1]
                 heads.append((w + w.T) / 2 if self.symmetric else w)
-            w_qk = np.concatenate(heads, axis=1)
-            q_in = _heads(e, e.op("MatMul", [_augment(e, lq.x.native), e.initializer("w_qk", w_qk)]), h, dm)
-            k_in = e.op("Unsqueeze", [_augment(e, lk.x.native), e.ints(1)])  # one shared "head": [B, 1, T, D+1]
-            work = dataclasses.replace(work, kv_heads=1, head_dim=dm)
-            notes.append(_size_note("qk", h, dm, d, self.symmetric))
-        probs = emit_scores_probs(e, work, q_in, k_in)  # [B, H, Tq, Tk]
+            out.update(w_qk=np.concatenate(heads, axis=1), xq=lq.x, xk=lk.x, dm=wq.shape[0])
+            out["notes"].append(_size_note("qk", h, wq.shape[0], d, self.symmetric))
         if "vo" in self.collapse:
-            lv = plain_projection(site, "v")
-            o = site.projections["o"]
+            lv, o = plain_projection(site, "v"), site.projections["o"]
             wo = (o.weight.const.T if o.transposed else o.weight.const).astype(np.float64)  # [H*dv, D]
             dv = wo.shape[0] // h
             wv = lv.augmented
-            w_vo = np.concatenate([wv[:, (i // g) * dv:(i // g + 1) * dv] @ wo[i * dv:(i + 1) * dv] for i in range(h)], axis=1)
-            dm = wv.shape[0]
-            v_all = _heads(e, e.op("MatMul", [_augment(e, lv.x.native), e.initializer("w_vo", w_vo)]), h, dm - 1)
+            out.update(w_vo=np.concatenate([wv[:, (i // g) * dv:(i // g + 1) * dv] @ wo[i * dv:(i + 1) * dv]
+                                            for i in range(h)], axis=1), xv=lv.x, o=o)
+            out["notes"].append(_size_note("vo", h, wv.shape[0], dv, False))
+        return out
+
+    def rewrite_fx(self, gm, site, diag=None) -> str:
+        from attn_opt.backends.torch_fx import emit_collapse
+
+        w = self.weights(site)
+        emit_collapse(gm, site, w)
+        return "; ".join(w["notes"])
+
+    def rewrite_onnx(self, e, choice) -> str:
+        site = e.site
+        h, g = site.heads, site.heads // site.kv_heads
+        w = self.weights(site)
+        q_in = k_in = None
+        work = site
+        if "w_qk" in w:
+            dm = w["dm"]
+            q_in = _heads(e, e.op("MatMul", [_augment(e, w["xq"].native), e.initializer("w_qk", w["w_qk"])]), h, dm)
+            k_in = e.op("Unsqueeze", [_augment(e, w["xk"].native), e.ints(1)])  # one shared "head": [B, 1, T, D+1]
+            work = dataclasses.replace(work, kv_heads=1, head_dim=dm)
+        probs = emit_scores_probs(e, work, q_in, k_in)  # [B, H, Tq, Tk]
+        if "w_vo" in w:
+            o = w["o"]
+            d_model = w["w_vo"].shape[1] // h
+            v_all = _heads(e, e.op("MatMul", [_augment(e, w["xv"].native), e.initializer("w_vo", w["w_vo"])]), h, d_model)
             out = e.op("ReduceSum", [e.op("MatMul", [probs, v_all]), e.ints(1)], {"keepdims": 0})  # Σ_h P_h V'_h
+            if o.bias is not None:  # a Gemm/Linear output projection adds its bias itself
+                out = e.op("Add", [out, o.bias.native])
             e.commit_value(_output_of(e, o.node), out)
-            notes.append(_size_note("vo", h, dm, dv, False))
         else:
             v = e.bhsd(site.v)
             shape = e.op("Concat", [e.shape_dim(v, 0), e.ints(site.kv_heads, g), e.op("Shape", [probs], {"start": 2})],
@@ -181,7 +197,7 @@ class Mlpfree(Pass):
             full = e.op("Concat", [e.shape_dim(v, 0), e.ints(h), e.op("Shape", [probs], {"start": 2, "end": 3}),
                                    e.shape_dim(v, 3)], {"axis": 0})
             e.commit(e.op("Reshape", [o5, full]))
-        return "; ".join(notes)
+        return "; ".join(w["notes"])
 
 
 def _augment(e, x):

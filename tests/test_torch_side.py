@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import attn_opt
-from attn_opt.rewriter.errors import NotSupported
 from attn_opt.tools import zoo
 from variants import BY_NAME, VARIANTS
 
@@ -43,13 +42,20 @@ def test_fx_fuse_agrees_with_onnx(zoo_onnx, name):
     assert f.step_fidelity["max_rel_error"] <= 1e-4 and o.step_fidelity["max_rel_error"] <= 1e-4
 
 
-def test_forms_not_lowered_to_fx_say_so():
-    v = BY_NAME["mul-scale"]
-    with pytest.raises(NotSupported, match="not lowered to torch.fx yet"):
-        attn_opt.optimize(v.make().eval(), ["mlpfree:collapse=qk"], example_inputs=v.inputs())
+def test_untraceable_module_is_reported():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values: torch.export cannot trace it
+                return x * 2
+            return x
+
+    from attn_opt.rewriter.errors import UserError
+
+    with pytest.raises(UserError, match="torch.export could not trace the module"):
+        attn_opt.optimize(DataDependent(), ["fuse"], example_inputs=(torch.randn(2, 3),))
 
 
-FX_SPECS = ["sparse:window=4", "sparse:window=4,sinks=1", "sparse:window=5,dilation=2", "softplus:n_train=16",
+FX_SPECS = ["mlpfree:collapse=qk", "mlpfree:collapse=vo", "mlpfree:collapse=qk+vo", "sparse:window=4", "sparse:window=4,sinks=1", "sparse:window=5,dilation=2", "softplus:n_train=16",
             "sinkfree:mode=logit,bias=0.5", "sinkfree:mode=redistribute,alpha=0.3", "sinkfree:mode=relu",
             "gated", "mlpfree:drop_mlp=true"]
 
@@ -90,14 +96,18 @@ def test_fx_new_parameters_are_trainable():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in new.values())
 
 
-def test_backend_falls_back_and_passes_through(caplog):
+def test_backend_falls_back_and_passes_through(caplog, tmp_path):
+    import numpy as np
+
     v = BY_NAME["mul-scale"]
     m, x = v.make().eval(), v.inputs()
+    np.savez(tmp_path / "w.npz", other=np.zeros(4, np.float32))  # no key for the site: the pass fails
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="attn_opt"):
-        out = torch.compile(m, backend=attn_opt.backend(passes=["mlpfree:collapse=qk"], inner="eager"))(*x)
+        out = torch.compile(m, backend=attn_opt.backend(passes=[f"sinkfree:mode=logit,weights={tmp_path / 'w.npz'}"],
+                                                        inner="eager"))(*x)
     torch.testing.assert_close(out, m(*x))
-    assert "not lowered to torch.fx yet" in caplog.text and "untouched" in caplog.text
+    assert "has no 'a0.sink_logit'" in caplog.text and "untouched" in caplog.text
     neg = BY_NAME["classifier-head"]
     torch._dynamo.reset()
     out = torch.compile(neg.make().eval(), backend=attn_opt.backend(inner="eager"))(*neg.inputs())
@@ -114,7 +124,7 @@ def test_torch_compile_by_name_in_a_fresh_process():
         from attn_opt.tools import zoo
         assert "attn_opt.backends" not in sys.modules
         cases = [(BY_NAME[n].make().eval(), BY_NAME[n].inputs()) for n in ("gqa-repeat-kv", "causal-tril", "additive-mask")]
-        cases.append(zoo.MODELS["bert-eager"].build()[:2])
+        cases += [zoo.MODELS[n].build()[:2] for n in ("bert-eager", "llama-sdpa", "gpt2-eager", "torch-mha", "torch-encoder")]
         for m, x in cases:
             torch._dynamo.reset()
             with torch.no_grad():

@@ -62,3 +62,33 @@ def test_padded_window_rows_are_zero():
     bias[0, 28:] = torch.finfo(torch.float32).min
     out = attention(q, k, v, window=8, key_bias=bias)
     assert torch.isfinite(out).all() and (out[0, 0, 33:] == 0).all()
+
+
+@pytest.mark.parametrize("pattern,normaliser,mask", [
+    (None, None, "padding"),
+    ({"window": 6, "sinks": "2"}, None, "padding"),
+    ({"window": 5, "dilation": 2, "causal": "true"}, {"kind": "softplus", "n_train": 16, "p": 2.0}, None),
+    ({"window": 8}, {"kind": "logit", "bias": [-1.0, 0.0, 0.5, 2.0]}, "bool"),
+])
+def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
+    """torch_forms.attention hands the forms the kernel covers to it (as it does for CUDA
+    tensors); the result equals its PyTorch path."""
+    from attn_opt.backends.torch_forms import attention as form_attention, kernel_args
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 29, 8, generator=g) for _ in range(3))
+    additive, boolean = [], None
+    if mask == "padding":
+        m = torch.zeros(2, 1, 1, 29)
+        m[-1, ..., -7:] = torch.finfo(torch.float32).min
+        additive = [m]
+    elif mask == "bool":
+        boolean = torch.ones(2, 1, 1, 29, dtype=torch.bool)
+        boolean[-1, ..., -7:] = False
+    pat = None if pattern is None else {"causal": "auto", **pattern}
+    causal = bool(pattern and pattern.get("causal") == "true")
+    kw = dict(scale=8 ** -0.5, causal=causal, pattern=pat, normaliser=normaliser)
+    assert kernel_args(q, k, v, additive, boolean, True, causal, pat, normaliser or {"kind": "softmax"}) is not None
+    got = form_attention(q, k, v, additive, boolean, use_triton=True, **kw)
+    want = form_attention(q, k, v, additive, boolean, use_triton=False, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

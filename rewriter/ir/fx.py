@@ -283,6 +283,10 @@ def view(gm: fx.GraphModule, example_inputs: list | tuple | None = None) -> Grap
         return Value(name=f"literal{literal_count}", shape=arr.shape, dtype=arr.dtype.name, const=arr)
 
     for n in gm.graph.nodes:
+        same = _same_as(n, values)
+        if same is not None:  # no-op slices, detach, cat with an empty cache: the value itself
+            values[n] = val(same)
+            continue
         v = val(n)
         if n.op == "get_attr":
             v.const = _to_numpy(_fetch(gm, str(n.target)))
@@ -310,6 +314,38 @@ def view(gm: fx.GraphModule, example_inputs: list | tuple | None = None) -> Grap
     else:
         gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
+
+
+_ALIASES = set(_aten("detach", "default") + _aten("detach_", "default") + _aten("lift_fresh_copy", "default")
+               + _aten("alias", "default"))
+
+
+def _same_as(n: fx.Node, values: dict) -> fx.Node | None:
+    """The node whose value `n` merely repeats, or None."""
+    if n.op != "call_function":
+        return None
+    if n.target in _ALIASES or _noop_slice(n):
+        return n.args[0]
+    if n.target in _aten("cat", "default") and isinstance(n.args[0], (list, tuple)):
+        rest = [x for x in n.args[0] if not _empty(x, values)]
+        return rest[0] if len(rest) == 1 and len(n.args[0]) > 1 else None
+    return None
+
+
+def _empty(x, values: dict) -> bool:
+    v = values.get(x) if isinstance(x, fx.Node) else None
+    if v is not None and v.const is not None:
+        return v.const.size == 0
+    t = _meta_tensor(x)
+    return t is not None and any(isinstance(d, int) and d == 0 for d in t.shape)
+
+
+def _noop_slice(n: fx.Node) -> bool:
+    if n.op != "call_function" or n.target not in _aten("slice", "Tensor"):
+        return False
+    args = list(n.args) + [None] * (5 - len(n.args))
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    return start == 0 and step == 1 and (end is None or end >= 2 ** 62)
 
 
 def _fetch(gm: fx.GraphModule, target: str):

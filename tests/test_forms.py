@@ -4,8 +4,6 @@ on zoo models; exact forms must be exact, and bad options and files are one-line
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 

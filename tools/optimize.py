@@ -59,7 +59,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None) -> None:
     from attn_opt import passes as registry
-    from attn_opt.rewriter.io import atomic_path, save_onnx
+    from attn_opt.rewriter.io import save_onnx
     from attn_opt.rewriter.ir import onnx as onnx_adapter
     from attn_opt.rewriter.passbase import parse_ranges
     from attn_opt.rewriter.pipeline import FidelityError, run_pipeline

@@ -176,7 +176,7 @@ class Sparse(Pass):
             text += f", heads {list(concrete.dense_heads)} dense"
         run = e.site.run_shape
         if run and run[2] == run[3] and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
-            text += (f"; at the sample length {run[2]} the band computes more pairs than dense "
+            text += (f"; at the input length {run[2]} the band computes more pairs than dense "
                      f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
         return text + (f"; {note}" if note else "")
 

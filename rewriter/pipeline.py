@@ -123,7 +123,7 @@ def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=Non
     if need:
         proto = _upgrade(proto, need)
     _, model, gv = onnx_adapter.load_view(proto)
-    det = detect(gv, feeds=None)
+    det = detect(gv, feeds=feeds)  # shapes as the fidelity inputs have them
     chosen, skipped = _select(det.sites, layers, ids) if getattr(p, "touches_sites", lambda: True)() else ([], [])
     rewritten, notes = [], []
     diag = {}

@@ -63,16 +63,18 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
     new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
 
 
-def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
-    """The replaced nodes go: export's metadata assertions on them first, then every covered
-    node left without users (dead-code elimination keeps dropout: it counts as impure)."""
-    covered = set(site.nodes)
-    for n in list(g.nodes):
-        if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
-            g.erase_node(n)
+def erase_dead(g: fx.Graph, names: set[str]) -> None:
+    """Erase the named nodes once nothing uses them, and export's metadata assertions on them.
+    Dead-code elimination alone keeps them: dropout counts as impure."""
     for n in reversed(list(g.nodes)):
-        if n.name in covered and not n.users and n.op == "call_function":
+        asserting = "_assert" in str(n.target) and any(getattr(a, "name", None) in names for a in n.args)
+        if (asserting or (n.name in names and n.op == "call_function")) and not n.users:
             g.erase_node(n)
+
+
+def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
+    """The replaced nodes of `site` go."""
+    erase_dead(g, set(site.nodes))
 
 
 def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, normaliser: dict, bias=None) -> None:

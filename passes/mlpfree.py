@@ -113,12 +113,10 @@ class Mlpfree(Pass):
             return []
         notes = []
         for add, x, nodes in mlp_blocks(gv):
+            from attn_opt.backends.torch_fx import erase_dead
+
             add.outputs[0].native.replace_all_uses_with(x.native)
-            dead = {n.name for n in nodes} | {add.name}
-            for n in reversed(list(gm.graph.nodes)):  # dropout counts as impure: erase the block by hand
-                if n.name in dead or ("_assert" in str(n.target) and any(getattr(a, "name", None) in dead for a in n.args)):
-                    if not n.users:
-                        gm.graph.erase_node(n)
+            erase_dead(gm.graph, {n.name for n in nodes} | {add.name})
             notes.append(f"dropped the feed-forward block ending at {add.name} ({len(nodes)} nodes)")
         return notes or ["drop_mlp: no feed-forward block found"]
 

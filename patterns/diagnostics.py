@@ -95,3 +95,9 @@ def diagnose(gv, sites: list[AttentionSite], feeds, window: int | None = None, *
         if s.id in probs:
             stats += head_stats(s, probs[s.id], window, **thresholds)
     return stats
+
+
+def for_pass(gv, sites: list[AttentionSite], feeds, window: int | None) -> dict[str, dict]:
+    """Per site, what a pass that chooses from diagnostics gets: {"stats": [...], "probs": P}."""
+    probs = probabilities(gv, sites, feeds)
+    return {s.id: {"stats": head_stats(s, probs[s.id], window), "probs": probs[s.id]} for s in sites if s.id in probs}

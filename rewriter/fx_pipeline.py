@@ -45,11 +45,9 @@ def apply_fx(gm: fx.GraphModule, p, example_inputs, notes: list | None = None):
     sites = det.sites if getattr(p, "touches_sites", lambda: True)() else []
     diag = {}
     if getattr(p, "needs_diagnostics", lambda: False)():
-        from attn_opt.patterns.diagnostics import head_stats, probabilities
+        from attn_opt.patterns.diagnostics import for_pass
 
-        probs = probabilities(gv, sites, gv.sample_inputs())
-        diag = {s.id: {"stats": head_stats(s, probs[s.id], getattr(p, "window", None)), "probs": probs[s.id]}
-                for s in sites if s.id in probs}
+        diag = for_pass(gv, sites, gv.sample_inputs(), getattr(p, "window", None))
     rewritten, skipped = [], []
     for site in sites:
         reason = p.skip_reason(site)

@@ -98,3 +98,13 @@ def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool
             raise UserError(f"cannot generate input {s.name!r} of type {dt}; pass --inputs FILE.npz")
         feeds[s.name] = x
     return feeds
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Inputs from a .npz file, or a one-line UserError."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read --inputs {path}: {first}") from None

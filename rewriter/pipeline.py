@@ -117,22 +117,28 @@ def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
     return out
 
 
-def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=None, report: dict | None = None):
-    """One pass on a ModelProto: (new proto, rewritten ids, skipped [{id, reason}], notes)."""
-    need = getattr(p, "needs_opset", lambda: None)()
-    if need:
-        proto = _upgrade(proto, need)
+def load_detect(proto: onnx.ModelProto, feeds=None):
+    """(onnx_ir model, view, detection) of a proto; detection on the fidelity inputs."""
     _, model, gv = onnx_adapter.load_view(proto)
-    det = detect(gv, feeds=feeds)  # shapes as the fidelity inputs have them
+    return model, gv, detect(gv, feeds=feeds)  # shapes as the fidelity inputs have them
+
+
+def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=None, report: dict | None = None,
+               loaded=None):
+    """One pass on a ModelProto: (new proto, rewritten ids, skipped [{id, reason}], notes).
+    `loaded` is load_detect(proto, feeds) when the caller has it already (it is consumed)."""
+    need = getattr(p, "needs_opset", lambda: None)()
+    upgraded = _upgrade(proto, need) if need else proto
+    if loaded is None or upgraded is not proto:
+        loaded = load_detect(upgraded, feeds)
+    model, gv, det = loaded
     chosen, skipped = _select(det.sites, layers, ids) if getattr(p, "touches_sites", lambda: True)() else ([], [])
     rewritten, notes = [], []
     diag = {}
     if getattr(p, "needs_diagnostics", lambda: False)():
-        from attn_opt.patterns.diagnostics import head_stats, probabilities
+        from attn_opt.patterns.diagnostics import for_pass
 
-        probs = probabilities(gv, chosen, feeds if feeds is not None else gv.sample_inputs())
-        diag = {s.id: {"stats": head_stats(s, probs[s.id], getattr(p, "window", None)), "probs": probs[s.id]}
-                for s in chosen if s.id in probs}
+        diag = for_pass(gv, chosen, feeds if feeds is not None else gv.sample_inputs(), getattr(p, "window", None))
     for site in chosen:
         reason = p.skip_reason(site)
         if reason:
@@ -174,19 +180,19 @@ def run_pipeline(proto: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np
     ref = onnx_adapter.run(proto, feeds)
     logits = _logit_outputs(proto, ref)
     cur, prev = proto, ref
-    det0 = detect(onnx_adapter.load_view(cur)[2])
-    flops_cur = onnx_flops.count(cur, feeds, _attention_nodes(det0))
+    loaded = load_detect(cur, feeds)
+    flops_cur = onnx_flops.count(cur, feeds, _attention_nodes(loaded[2]))
     for p in passes:
         t0 = time.perf_counter()
         extra: dict = {}
-        new, rewritten, skipped, notes = apply_pass(cur, p, layers, ids, feeds, extra)
+        new, rewritten, skipped, notes = apply_pass(cur, p, layers, ids, feeds, extra, loaded)
         check_valid(new)
         out = onnx_adapter.run(new, feeds)
         per = {k: fidelity.compare(ref[k], out[k], logits=k in logits) for k in ref}
         fid = fidelity.worst(per)
         step = fidelity.worst({k: fidelity.compare(prev[k], out[k], logits=k in logits) for k in ref})
-        det = detect(onnx_adapter.load_view(new)[2])
-        flops_new = onnx_flops.count(new, feeds, _attention_nodes(det))
+        loaded = load_detect(new, feeds)  # for the FLOP count, and the next pass's sites
+        flops_new = onnx_flops.count(new, feeds, _attention_nodes(loaded[2]))
         rep = PassReport(p.name, p.options(), p.is_exact(), rewritten, skipped,
                          flops_cur.total, flops_new.total, flops_cur.attention, flops_new.attention,
                          onnx_flops.params(cur), onnx_flops.params(new), fid.to_json(), step.to_json(),

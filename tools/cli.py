@@ -72,16 +72,6 @@ def attention_table(stats, window) -> Table:
     return t
 
 
-def _npz(path: str) -> dict:
-    import numpy as np
-
-    try:
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UserError(f"cannot read --inputs {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-
-
 def _attention(model: str, det, feeds, window, heatmaps):
     from attn_opt.patterns.diagnostics import head_stats, probabilities
     from attn_opt.rewriter.ir import load
@@ -120,7 +110,9 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
     from attn_opt import inspect as run_inspect
 
-    feeds = _npz(inputs) if inputs else None
+    from attn_opt.rewriter.inputs import read_npz
+
+    feeds = read_npz(inputs) if inputs else None
     det = run_inspect(model, feeds=feeds)
     stats = _attention(model, det, feeds, window, heatmaps) if attention else None
     if as_json:

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -21,13 +20,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, dict]:
-    from attn_opt.rewriter.inputs import make_inputs, parse_shape_overrides
+    from attn_opt.rewriter.inputs import make_inputs, parse_shape_overrides, read_npz
 
     if npz:
-        try:
-            data = dict(np.load(npz))
-        except Exception as e:
-            raise UserError(f"cannot read --inputs {npz}: {e}") from None
+        data = read_npz(npz)
         missing = [s.name for s in specs if s.name not in data]
         if missing:
             raise UserError(f"--inputs {npz} lacks {missing}; it has {sorted(data)}")

@@ -27,7 +27,9 @@ def _visible(tq: int, tk: int, causal: bool, window: int, dilation: int, sinks: 
 
 def reference(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=0, key_bias=None,
               normaliser="softmax", n_train=None, power=1.0, sink_logit=None, gate=None):
-    """The forms in plain PyTorch (dense work, the same result as the kernel)."""
+    """The forms in plain PyTorch: dense scores, the normalisers of the torch.fx lowering."""
+    from attn_opt.backends.torch_forms import normalise
+
     b, h, tq, d = q.shape
     g = h // k.shape[1]
     k, v = k.repeat_interleave(g, 1).float(), v.repeat_interleave(g, 1).float()
@@ -38,21 +40,10 @@ def reference(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=
         s = s + key_bias[:, None, None, :]
         vis = vis & (s > -1e4)
     if normaliser == "softplus":
-        if n_train:
-            n = vis.sum(-1, keepdim=True).clamp(min=1).float()
-            s = s * (torch.log(n) / math.log(n_train))
-        a = torch.where(vis, torch.nn.functional.softplus(s) ** power, 0.0)
-        den = a.sum(-1, keepdim=True)
+        spec = {"kind": "softplus", "n_train": n_train, "p": power}
     else:
-        m = torch.where(vis, s, -math.inf).amax(-1, keepdim=True)
-        if sink_logit is not None:
-            m = torch.maximum(m, sink_logit[None, :, None, None])
-        m = torch.where(torch.isfinite(m), m, 0.0)
-        a = torch.where(vis, torch.exp(s - m), 0.0)
-        den = a.sum(-1, keepdim=True)
-        if sink_logit is not None:
-            den = den + torch.exp(sink_logit[None, :, None, None] - m)
-    p = torch.where(den > 0, a / den.clamp(min=1e-30), 0.0)
+        spec = {"kind": "logit", "bias": sink_logit} if sink_logit is not None else {"kind": "softmax"}
+    p = normalise(spec, s, vis, lambda vals: torch.as_tensor(vals, dtype=s.dtype).reshape(1, h, 1, 1), h)
     out = p @ v
     if gate is not None:
         out = out * torch.sigmoid(gate)[..., None]

@@ -102,6 +102,10 @@ def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """Inputs from a .npz file, or a one-line UserError."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"cannot read --inputs {path}: not a .npz archive (write it with numpy.savez)")
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}

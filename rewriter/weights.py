@@ -15,6 +15,11 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no such weights file: {path}")
+    if p.suffix == ".npz":
+        import zipfile
+
+        if not zipfile.is_zipfile(p):
+            raise UserError(f"cannot read weights {path}: not a .npz archive (write it with numpy.savez)")
     try:
         if p.suffix == ".npz":
             with np.load(p) as z:

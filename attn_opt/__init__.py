@@ -25,34 +25,43 @@ def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
     return detect(loaded.view, feeds=feeds)
 
 
-def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False):
-    """Run passes; returns (rewritten model, report).
+def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False, layers=None,
+             sites=None, max_error: float | None = None, check: str = "model"):
+    """Run passes through the one pipeline; returns (rewritten model, report).
 
-    ONNX (a path or ModelProto): the rewritten ModelProto. nn.Module, ExportedProgram or
-    GraphModule: a GraphModule (fidelity against the original in PyTorch, FLOPs by
-    FlopCounterMode); needs `example_inputs` unless the program carries them.
+    ONNX (a path, ModelProto or OnnxModel): a ModelProto for a ModelProto, else an
+    OnnxModel (`.save(path)` writes it, with external data where the input had it).
+    nn.Module, ExportedProgram or GraphModule: a GraphModule, with fidelity against the
+    original module. `feeds` (name -> array) sets the fidelity inputs; otherwise
+    `example_inputs`, or inputs generated from the signature. `layers` / `sites` restrict
+    the passes, `max_error` bounds the relative error, `check` is "model", "sites"
+    (ONNX) or "none", as on the command line.
     """
     from attn_opt import passes as registry
     from attn_opt.rewriter.ir import load
+    from attn_opt.rewriter.pipeline import run_pipeline
 
     chain = [registry.parse(p) if isinstance(p, str) else p for p in passes]
     registry.check_chain(chain)
+    options = dict(layers=set(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
+                   max_error=max_error, force=force, check=check)
     loaded = load(model, example_inputs)
     if loaded.ir == "onnx":
         from attn_opt.rewriter.inputs import make_inputs
         from attn_opt.rewriter.ir import onnx as onnx_adapter
-        from attn_opt.rewriter.pipeline import run_pipeline
 
         feeds = feeds or make_inputs(onnx_adapter.input_specs(loaded.view))
-        return run_pipeline(loaded.native, chain, feeds, force=force)
+        import os
+
+        return run_pipeline(loaded.native if isinstance(model, (str, os.PathLike)) else model, chain, feeds, **options)
     import torch
 
     from attn_opt.rewriter.fx_pipeline import run_fx_pipeline
 
-    if example_inputs is None:
+    if example_inputs is None and feeds is None:
         example_inputs = tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
     reference = model if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule) else None
-    return run_fx_pipeline(loaded.native, chain, tuple(example_inputs), reference=reference, force=force)
+    return run_fx_pipeline(loaded.native, chain, example_inputs, reference=reference, feeds=feeds, **options)
 
 
 def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):

@@ -62,12 +62,16 @@ def _checked(original, run):
         out = run(*args)
         if not state["done"]:
             state["done"] = True
-            from attn_opt.rewriter import fidelity
-            from attn_opt.rewriter.fx_pipeline import _flatten, run_module
+            from torch.utils.flop_counter import FlopCounterMode
 
-            ref, flops = run_module(original.forward, args)
-            got = [t.detach().float().numpy() for t in _flatten(out)]
-            worst = fidelity.worst({str(i): fidelity.compare(a, b) for i, (a, b) in enumerate(zip(ref, got))})
+            from attn_opt.rewriter import fidelity
+            from attn_opt.rewriter.ir.fx_steps import CUSTOM_FLOPS, outputs_of
+
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+                ref = outputs_of(original.forward(*args))
+            flops = counter.get_total_flops()
+            got = outputs_of(out)
+            worst = fidelity.worst({k: fidelity.compare(ref[k], got[k]) for k in ref})
             log.info("attn_opt check: max rel error %.3g, cosine %.6f (eager graph: %d FLOPs counted)",
                      worst.max_rel_error, worst.cosine, flops)
             wrapper.fidelity = worst

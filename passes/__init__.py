@@ -23,6 +23,8 @@ NORMALISERS = ("softplus", "sinkfree")  # replace the softmax
 def check_chain(chain: list[Pass]) -> None:
     """Refuse, with the reason, a sequence of passes that cannot compose on one site."""
     names = [p.name for p in chain]
+    for p in chain:
+        p.check_options()
     for i, p in enumerate(chain):
         before = names[:i]
         if p.name in NORMALISERS and any(n in NORMALISERS for n in before):

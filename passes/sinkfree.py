@@ -30,17 +30,17 @@ class Sinkfree(Pass):
     mode: str = option("logit", "which form", choices=("logit", "redistribute", "relu"))
     bias: float | None = option(None, "logit: the null-slot logit b (all heads); -inf is softmax")
     weights: str | None = option(None, "logit: per-head b_h from .npz/.safetensors (key <site>.sink_logit)")
-    alpha: float | None = option(None, "redistribute: scale of the sink tokens' share")
-    sinks: int = option(1, "redistribute: how many first tokens are sinks")
-    heads: tuple[int, ...] | None = option(None, "redistribute: heads to change (default all), e.g. 0+3+5")
+    alpha: float | None = option(None, "redistribute: scale of the sink tokens' share", low=0, high=1)
+    sinks: int = option(1, "redistribute: how many first tokens are sinks", low=1)
+    heads: tuple[int, ...] | None = option(None, "redistribute: heads to change (default all), e.g. 0+3+5", low=0)
 
     def __post_init__(self):
         if self.mode == "logit" and (self.bias is None) == (self.weights is None):
             raise UserError("sinkfree: mode=logit needs exactly one of bias=B or weights=FILE")
-        if self.mode == "redistribute" and (self.alpha is None or not 0 <= self.alpha):
-            raise UserError("sinkfree: mode=redistribute needs alpha=A >= 0")
-        if self.sinks < 1:
-            raise UserError("sinkfree: sinks must be >= 1")
+        if self.mode == "redistribute" and self.alpha is None:
+            raise UserError("sinkfree: mode=redistribute needs alpha=A (0 to 1)")
+        if self.bias is not None and self.bias != self.bias:
+            raise UserError("sinkfree: bias cannot be nan")
         if self.mode != "logit" and (self.bias is not None or self.weights is not None):
             raise UserError(f"sinkfree: bias/weights belong to mode=logit, not mode={self.mode}")
         if self.weights is not None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from attn_opt.passes._explicit_base import EXPLICIT_OPSET, explicit_skip_reason
-from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, option
 
 
@@ -22,14 +21,8 @@ class Softplus(Pass):
     name: ClassVar[str] = "softplus"
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "softplus map with ℓ1 normalisation and length scaling instead of softmax"
-    n_train: int | None = option(None, "training length for the length scale λ_i = log n_i / log n_train")
-    p: float = option(1.0, "re-weighting power (>= 1)")
-
-    def __post_init__(self):
-        if self.n_train is not None and self.n_train < 2:
-            raise UserError("softplus: n_train must be >= 2")
-        if self.p < 1:
-            raise UserError("softplus: p must be >= 1")
+    n_train: int | None = option(None, "training length for the length scale λ_i = log n_i / log n_train", low=2)
+    p: float = option(1.0, "re-weighting power", low=1, high=1e6)
 
     def skip_reason(self, site):
         return explicit_skip_reason(site)

@@ -35,18 +35,20 @@ class Sparse(Pass):
     name: ClassVar[str] = "sparse"
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
-    window: str | None = option(None, "keys per query (W), or KHxKW with grid=HxW")
-    sinks: str = option("0", "first tokens every query sees (a number, or auto)")
+    window: str | None = option(None, "keys per query, or a KHxKW kernel with grid=HxW",
+                                accepts="W >= 1 (required), or KHxKW")
+    sinks: str = option("0", "first tokens every query sees", accepts=">= 0, or auto")
     heads: str = option("all", "which heads to sparsify", choices=("all", "auto"))
-    dense_heads: tuple[int, ...] | None = option(None, "heads kept dense, e.g. 0+3")
-    sink_threshold: float = option(0.2, "sinks=auto: mean received attention that makes a token a sink")
-    dense_threshold: float = option(0.3, "heads=auto: attention mass outside the window that keeps a head dense")
+    dense_heads: tuple[int, ...] | None = option(None, "heads kept dense, e.g. 0+3", low=0)
+    sink_threshold: float = option(0.2, "sinks=auto: mean received attention that makes a token a sink", low=0, high=1)
+    dense_threshold: float = option(0.3, "heads=auto: attention mass outside the window that keeps a head dense",
+                                    low=0, high=1)
     causal: str = option("auto", "causal window", choices=("auto", "true", "false"))
     border: str = option("clip", "window at the sequence ends", choices=("clip", "shift"))
-    stride: int = option(1, "queries sharing one window")
-    dilation: int = option(1, "keep every d-th key")
-    block: int | None = option(None, "query block size of the banded lowering")
-    grid: str | None = option(None, "HxW token grid for 2-D neighborhoods")
+    stride: int = option(1, "queries sharing one window", low=1)
+    dilation: int = option(1, "keep every d-th key", low=1)
+    block: int | None = option(None, "query block size of the banded lowering", low=1)
+    grid: str | None = option(None, "token grid for 2-D neighborhoods", accepts="HxW, H and W >= 1")
 
     def __post_init__(self):
         if self.window is None:
@@ -93,7 +95,16 @@ class Sparse(Pass):
             return f"{site.heads} heads do not group over {site.kv_heads} kv heads"
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
+        if isinstance(site.k_len, int) and self.keeps_every_key(site, site.k_len):
+            return (f"window {self.window} keeps all {site.k_len} keys, and the model's length is fixed at "
+                    f"{site.k_len}: nothing to drop")
         return None
+
+    def keeps_every_key(self, site: AttentionSite, n: int) -> bool:
+        """Whether on n keys the window alone (no stride, dilation or grid) keeps them all."""
+        if self.grid is not None or self.stride > 1 or self.dilation > 1:
+            return False
+        return self.window >= n if self.is_causal(site) else self.window // 2 >= n - 1
 
     def needs_opset(self) -> int:
         return EXPLICIT_OPSET
@@ -175,7 +186,10 @@ class Sparse(Pass):
         if concrete.dense_heads:
             text += f", heads {list(concrete.dense_heads)} dense"
         run = e.site.run_shape
-        if run and run[2] == run[3] and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
+        if run and self.keeps_every_key(e.site, run[3]):
+            text += (f"; at the fidelity inputs' length ({run[3]} keys) the window keeps every key: "
+                     "it drops keys only on longer inputs")
+        elif run and run[2] == run[3] and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
             text += (f"; at the input length {run[2]} the band computes more pairs than dense "
                      f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
         return text + (f"; {note}" if note else "")

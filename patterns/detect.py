@@ -44,6 +44,29 @@ class Detection:
 
 
 def detect(gv: GraphView, feeds: dict[str, np.ndarray] | None = None, probe: bool = True) -> Detection:
+    found = match(gv)
+    probed, err = {}, None
+    if probe and found.candidates:
+        probed, err, feeds = _probe(gv, needed(found), feeds)
+    return found.finish(gv, probed, err, feeds)
+
+
+@dataclass
+class Matched:
+    """What the rules found before anything ran: candidates and near misses."""
+
+    candidates: list[Candidate]
+    near_misses: list[NearMiss]
+    counts: dict[str, int]
+
+    def finish(self, gv: GraphView, probed: dict, err: str | None = None, feeds=None) -> Detection:
+        """Sites from the candidates, with shapes and masks read from the probed values."""
+        sites = [_finalize(gv, c, i, probed, err) for i, c in enumerate(self.candidates)]
+        return Detection(sites, self.near_misses, self.counts, err, feeds or {})
+
+
+def match(gv: GraphView) -> Matched:
+    """Run the rules (no model run): the candidates and why each other softmax is not one."""
     res = run_rules(gv, RULES, Miss, skip=lambda n: n.op == "Softmax" and SITE_TAG in n.meta)
     cands = []
     for rule, node, c in res.matches:
@@ -53,12 +76,13 @@ def detect(gv: GraphView, feeds: dict[str, np.ndarray] | None = None, probe: boo
                 setattr(c, op, src)
             c.expanded_kv |= getattr(c, op).repeated
         cands.append(c)
-    probed, err = {}, None
-    if probe and cands:
-        probed, err, feeds = _probe(gv, _needed(cands), feeds)
-    sites = [_finalize(gv, c, i, probed, err) for i, c in enumerate(cands)]
     misses = [NearMiss(e.reason, e.nodes or (node.name,), rule.name) for rule, node, e in res.misses]
-    return Detection(sites, misses, dict(res.counts), err, feeds or {})
+    return Matched(cands, misses, dict(res.counts))
+
+
+def needed(found: Matched) -> list[Value]:
+    """The values detection reads from a run of the model."""
+    return _needed(found.candidates)
 
 
 def _probe(gv: GraphView, values: list[Value], feeds):

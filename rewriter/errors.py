@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NotSupported(UserError):
     """A feature the tool does not implement (yet); said plainly rather than faked."""
+
+
+class DoesNotRun(UserError):
+    """The model does not run on the inputs given or generated."""

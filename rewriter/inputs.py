@@ -38,6 +38,8 @@ def parse_shape_overrides(items: list[str] | tuple[str, ...]) -> dict[str, tuple
             out[name] = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             raise UserError(f"bad --input-shape {item!r}: expected NAME=D1xD2x..., e.g. input_ids=1x4096") from None
+        if any(d < 1 for d in out[name]):
+            raise UserError(f"bad --input-shape {item!r}: every dimension must be >= 1")
     return out
 
 

@@ -27,6 +27,20 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(parent: str | os.PathLike):
+    """Yield a temporary folder inside `parent` for staging files that are then renamed
+    into place (same filesystem, so the renames are atomic); it is removed afterwards."""
+    import shutil
+
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".attn-opt-", dir=parent)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: larger models keep external data
 
 

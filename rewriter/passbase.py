@@ -12,9 +12,53 @@ from typing import Any, ClassVar
 from attn_opt.rewriter.errors import UserError
 
 
-def option(default: Any, help: str, choices: tuple | None = None):
-    """A pass option: its default, a one-line help and, for strings, the accepted values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, accepts: str | None = None):
+    """A pass option: its default, a one-line help, for strings the accepted values, for
+    numbers (and each number of a list) the inclusive range [low, high]; `accepts` words
+    what a string option that the pass parses itself takes."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
+                                                        "accepts": accepts})
+
+
+def accepted(f: dataclasses.Field) -> str:
+    """What an option accepts, in words: choices, or a range."""
+    m = f.metadata
+    if m.get("accepts"):
+        return m["accepts"]
+    if m.get("choices"):
+        return "|".join(map(str, m["choices"]))
+    low, high = m.get("low"), m.get("high")
+    if low is not None and high is not None:
+        return f"{low:g} to {high:g}"
+    if low is not None:
+        return f">= {low:g}"
+    if high is not None:
+        return f"<= {high:g}"
+    return "any"
+
+
+def type_name(typ) -> str:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return type_name(inner) + " (optional)"
+    if origin is tuple:
+        return f"list of {type_name(args[0]) if args else 'str'} (a+b+c)"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if low is None and high is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is None:
+            continue
+        if isinstance(v, float) and v != v:
+            raise UserError(f"{cls.name}: {fname} cannot be nan")
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise UserError(f"{cls.name}: {fname}={v:g} is out of range (expected {accepted(f)})")
 
 
 @dataclass(frozen=True)
@@ -33,6 +77,11 @@ class Pass:
     def skip_reason(self, site) -> str | None:
         """Why this pass cannot rewrite `site`, or None."""
         return None
+
+    def check_options(self) -> None:
+        """Every option inside its declared range (a pass built in Python, not parsed, too)."""
+        for f in dataclasses.fields(self):
+            _check_range(type(self), f.name, getattr(self, f.name), f)
 
 
 def _convert(cls, fname: str, raw: str, typ, choices):
@@ -92,6 +141,7 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
         if not eq:
             raise UserError(f"{name}: option {key} needs a value ({key}=...)")
         kwargs[key] = _convert(cls, key, raw.strip(), hints[key], fields[key].metadata.get("choices"))
+        _check_range(cls, key, kwargs[key], fields[key])
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -100,13 +150,26 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
 
 def parse_ranges(text: str | None) -> set[int] | None:
     """`0-3,7` to {0, 1, 2, 3, 7}."""
-    if not text:
+    if text is None:
         return None
     out: set[int] = set()
     try:
         for part in text.split(","):
-            lo, sep, hi = part.partition("-")
-            out |= set(range(int(lo), int(hi) + 1)) if sep else {int(lo)}
+            lo, sep, hi = part.strip().partition("-")
+            a, b = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+            if a < 0 or b < a:
+                raise ValueError
+            out |= set(range(a, b + 1))
     except ValueError:
-        raise UserError(f"bad --layers {text!r}: expected numbers and ranges, e.g. 0-3,7") from None
+        raise UserError(f"bad --layers {text!r}: expected layer numbers >= 0 and ranges lo-hi, e.g. 0-3,7") from None
     return out
+
+
+def parse_sites(text: str | None) -> set[str] | None:
+    """`a0,a3` to {"a0", "a3"}."""
+    if text is None:
+        return None
+    ids = {p.strip() for p in text.split(",") if p.strip()}
+    if not ids:
+        raise UserError(f"bad --sites {text!r}: expected site ids, e.g. a0,a3 (attn-opt inspect lists them)")
+    return ids

@@ -1,26 +1,36 @@
-"""The ONNX pipeline: detect → rewrite → check, once per pass, each step saying what it
-changed. Checks after every pass: onnx.checker (full), an ONNX Runtime session builds,
-fidelity against the untouched model on the same seeded inputs, FLOPs (all and
-attention) and parameters before and after. An exact pass past 1e-4 relative error, or
-any pass past --max-error, stops the pipeline unless forced."""
+"""The pass pipeline, one for both IRs: a flat list of named steps, each an adapter method
+(`rewriter/ir/onnx_steps.py`, `rewriter/ir/fx_steps.py`).
+
+    observe   view the model, match the rules, run it once on the fidelity inputs (outputs,
+              the values detection probes, the shapes FLOP counting needs), detect, count
+    select    the sites --layers / --sites choose
+    rewrite   each chosen site the pass does not skip (every skip has a reason)
+    validate  the rewritten graph is valid (onnx.checker / graph.lint)
+    observe   the rewritten model, the same way: its one run gives its outputs for
+              fidelity and the next pass's sites
+    fidelity  against the untouched model (outputs computed once) and the previous step
+    count     FLOPs (matrix products) and attention FLOPs, parameters
+
+An exact pass past its dtype's bound, or any pass past --max-error, stops the pipeline
+unless forced. With check="sites" the model is never run whole: each rewritten site is
+checked on the activations of the model before the pass, one segment at a time.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import onnx
 
-from attn_opt.backends.onnxruntime.edit import SiteEdit, sweep
-from attn_opt.patterns.detect import detect
 from attn_opt.rewriter import fidelity
-from attn_opt.rewriter.errors import UserError
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.ir import onnx_flops
+from attn_opt.rewriter.errors import DoesNotRun, UserError
 from attn_opt.rewriter.passbase import Pass
+from attn_opt.rewriter.progress import Progress
 
 EXACT_TOL = 1e-4
+CHECKS = ("model", "sites", "none")
 
 
 class FidelityError(UserError):
@@ -46,6 +56,8 @@ class PassReport:
     notes: list[str] = field(default_factory=list)
     sink_ratio: dict = field(default_factory=dict)  # site -> {"before": [per head], "after": [...]}
     seconds: float = 0.0
+    check: str = "model"
+    per_site: dict = field(default_factory=dict)  # check="sites": site -> fidelity of its output
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -56,23 +68,60 @@ class Report:
     inputs: dict
     passes: list[PassReport] = field(default_factory=list)
     models: list = field(default_factory=list, repr=False)  # the model after each pass (not in JSON)
+    check: str = "model"
+    flops_definition: str = ("matrix products (MatMul/Gemm/Einsum/Conv and the products inside attention "
+                             "ops), 2 FLOPs per multiply-add, at the fidelity inputs' shapes")
 
     def to_json(self) -> dict:
-        return {"inputs": self.inputs, "passes": [p.to_json() for p in self.passes]}
+        return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
+                "passes": [p.to_json() for p in self.passes]}
 
 
-def _logit_outputs(proto: onnx.ModelProto, outputs: dict[str, np.ndarray]) -> set[str]:
-    """Outputs that are logits: named so, or sized like a vocabulary (an embedding table)."""
-    vocab = {int(t.dims[0]) for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] >= 100}
-    return {k for k, v in outputs.items()
-            if "logit" in k.lower() or (np.ndim(v) >= 2 and np.shape(v)[-1] in vocab)}
+@dataclass
+class State:
+    """One model as the pipeline sees it: what its one run and its detection gave."""
+
+    model: Any  # OnnxModel or GraphModule
+    view: Any  # GraphView
+    det: Any  # Detection
+    outputs: dict[str, np.ndarray] | None  # None when the model was not run (check != "model")
+    flops: Any  # Flops
+    params: int
 
 
-def _attention_nodes(det) -> set[str]:
-    return {n for s in det.sites for n in s.nodes}
+@dataclass
+class Applied:
+    rewritten: list[str]
+    skipped: list[dict]
+    notes: list[str]
+    sink_ratio: dict = field(default_factory=dict)
 
 
-def _select(sites, layers: set[int] | None, ids: set[str] | None):
+def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> None:
+    """--sites / --layers naming what the model does not have is a typo: refuse it."""
+    have = [s.id for s in sites]
+    if ids is not None and set(ids) - set(have):
+        missing = sorted(set(ids) - set(have))
+        raise UserError(f"no site {', '.join(map(repr, missing))}; sites: {', '.join(have) or 'none'}")
+    known = sorted({s.layer for s in sites if s.layer is not None})
+    if layers is not None and set(layers) - set(known):
+        missing = sorted(set(layers) - set(known))
+        raise UserError(f"no attention in layer {', '.join(map(str, missing))}; "
+                        f"layers with sites: {_ranges(known) or 'none (no layer numbers found)'}")
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
+        i = j + 1
+    return ",".join(out)
+
+
+def select(sites, layers: set[int] | None, ids: set[str] | None):
     chosen, skipped = [], []
     for s in sites:
         if ids is not None and s.id not in ids:
@@ -84,19 +133,32 @@ def _select(sites, layers: set[int] | None, ids: set[str] | None):
     return chosen, skipped
 
 
-def _upgrade(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    cur = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if cur >= version:
-        return proto
-    try:
-        new = onnx.version_converter.convert_version(proto, version)
-    except Exception as e:
-        raise UserError(f"cannot convert the model from opset {cur} to {version} for this pass ({e})") from None
-    meta = {n.name: n.metadata_props for n in proto.graph.node if n.name and n.metadata_props}
-    for n in new.graph.node:  # the converter drops node metadata (module scopes: layers)
-        if n.name in meta and not n.metadata_props:
-            n.metadata_props.extend(meta[n.name])
-    return new
+def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False) -> Applied:
+    """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes)."""
+    touches = getattr(p, "touches_sites", lambda: True)()
+    chosen, skipped = select(state.det.sites, layers, ids) if touches else ([], [])
+    diag = {}
+    if getattr(p, "needs_diagnostics", lambda: False)() and chosen:
+        from attn_opt.patterns.diagnostics import for_pass
+
+        diag = for_pass(state.view, chosen, feeds if feeds is not None else state.view.sample_inputs(),
+                        getattr(p, "window", None))
+    rewritten, notes = [], []
+    for site in chosen:
+        reason = p.skip_reason(site)
+        if reason:
+            skipped.append({"id": site.id, "reason": reason})
+            continue
+        note = steps.rewrite_site(state, site, p, diag.get(site.id))
+        rewritten.append(site.id)
+        if note:
+            notes.append(f"{site.id}: {note}")
+    notes += steps.rewrite_graph(state, p)
+    sinks = {}
+    if want_sinks and feeds is not None and hasattr(p, "reference") and rewritten:
+        sinks = sink_ratios(state.view, [s for s in chosen if s.id in rewritten], p, feeds)
+    steps.finish(state)
+    return Applied(rewritten, skipped, notes, sinks)
 
 
 def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
@@ -117,97 +179,127 @@ def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
     return out
 
 
-def load_detect(proto: onnx.ModelProto, feeds=None):
-    """(onnx_ir model, view, detection) of a proto; detection on the fidelity inputs."""
-    _, model, gv = onnx_adapter.load_view(proto)
-    return model, gv, detect(gv, feeds=feeds)  # shapes as the fidelity inputs have them
+def exact_bound(steps, state: State) -> float:
+    """How far an exact pass may move outputs: 1e-4 in fp32, scaled to coarser dtypes'
+    rounding (the outputs' own epsilon times 8)."""
+    eps = max((steps.output_epsilon(state) or 0.0), np.finfo(np.float32).eps)
+    return max(EXACT_TOL, 8 * eps) if eps > np.finfo(np.float32).eps else EXACT_TOL
 
 
-def apply_pass(proto: onnx.ModelProto, p: Pass, layers=None, ids=None, feeds=None, report: dict | None = None,
-               loaded=None):
-    """One pass on a ModelProto: (new proto, rewritten ids, skipped [{id, reason}], notes).
-    `loaded` is load_detect(proto, feeds) when the caller has it already (it is consumed)."""
-    need = getattr(p, "needs_opset", lambda: None)()
-    upgraded = _upgrade(proto, need) if need else proto
-    if loaded is None or upgraded is not proto:
-        loaded = load_detect(upgraded, feeds)
-    model, gv, det = loaded
-    chosen, skipped = _select(det.sites, layers, ids) if getattr(p, "touches_sites", lambda: True)() else ([], [])
-    rewritten, notes = [], []
-    diag = {}
-    if getattr(p, "needs_diagnostics", lambda: False)():
-        from attn_opt.patterns.diagnostics import for_pass
-
-        diag = for_pass(gv, chosen, feeds if feeds is not None else gv.sample_inputs(), getattr(p, "window", None))
-    for site in chosen:
-        reason = p.skip_reason(site)
-        if reason:
-            skipped.append({"id": site.id, "reason": reason})
-            continue
-        edit = SiteEdit(model, site, p.name)
-        edit.diagnostics = diag.get(site.id)
-        note = p.rewrite_onnx(edit, _choice(p, site))
-        rewritten.append(site.id)
-        if note:
-            notes.append(f"{site.id}: {note}")
-    if hasattr(p, "rewrite_graph"):
-        notes += p.rewrite_graph(model, gv)
-    if report is not None and feeds is not None and hasattr(p, "reference") and rewritten:
-        report["sink_ratio"] = sink_ratios(gv, [s for s in chosen if s.id in rewritten], p, feeds)
-    sweep(model)
-    return onnx_adapter.ir.serde.serialize_model(model), rewritten, skipped, notes
-
-
-def _choice(p: Pass, site):
-    choose = getattr(p, "choose", None)
-    return choose(site) if choose else None
-
-
-def check_valid(proto: onnx.ModelProto) -> None:
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise UserError(f"the rewritten model is not valid ONNX ({str(e).strip().splitlines()[0]})") from None
-
-
-def run_pipeline(proto: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np.ndarray],
-                 layers=None, ids=None, max_error: float | None = None, force: bool = False,
-                 input_note: dict | None = None) -> tuple[onnx.ModelProto, Report]:
+def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
+                 max_error: float | None = None, force: bool = False, input_note: dict | None = None,
+                 check: str = "model", reference: dict | None = None, keep_models: bool = False,
+                 progress: Progress | None = None):
+    """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
+    (the rewritten model, Report). `reference`: the untouched model's outputs if the
+    caller has them (e.g. an nn.Module before export)."""
     from attn_opt.passes import check_chain
 
+    if check not in CHECKS:
+        raise UserError(f"--check must be one of {', '.join(CHECKS)}")
+    if max_error is not None and not max_error >= 0:
+        raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
     check_chain(passes)
-    report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()})
-    ref = onnx_adapter.run(proto, feeds)
-    logits = _logit_outputs(proto, ref)
-    cur, prev = proto, ref
-    loaded = load_detect(cur, feeds)
-    flops_cur = onnx_flops.count(cur, feeds, _attention_nodes(loaded[2]))
+    progress = progress or Progress(None)
+    report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check)
+    with progress.step("observe the model (one run: outputs, probes, shapes)" if check == "model"
+                       else "observe the model (structure only)"):
+        cur = steps.observe(model, feeds, run=check == "model")
+    ref = reference if reference is not None else cur.outputs
+    check_selection(cur.det.sites, layers, ids)
     for p in passes:
         t0 = time.perf_counter()
-        extra: dict = {}
-        new, rewritten, skipped, notes = apply_pass(cur, p, layers, ids, feeds, extra, loaded)
-        check_valid(new)
-        out = onnx_adapter.run(new, feeds)
-        per = {k: fidelity.compare(ref[k], out[k], logits=k in logits) for k in ref}
-        fid = fidelity.worst(per)
-        step = fidelity.worst({k: fidelity.compare(prev[k], out[k], logits=k in logits) for k in ref})
-        loaded = load_detect(new, feeds)  # for the FLOP count, and the next pass's sites
-        flops_new = onnx_flops.count(new, feeds, _attention_nodes(loaded[2]))
-        rep = PassReport(p.name, p.options(), p.is_exact(), rewritten, skipped,
-                         flops_cur.total, flops_new.total, flops_cur.attention, flops_new.attention,
-                         onnx_flops.params(cur), onnx_flops.params(new), fid.to_json(), step.to_json(),
-                         {k: f.to_json() for k, f in per.items()}, notes, extra.get("sink_ratio", {}),
-                         time.perf_counter() - t0)
+        with progress.step(f"{p.name}: prepare"):
+            cur = steps.prepare(cur, p, feeds, run=check == "model")
+        before = steps.snapshot(cur) if keep_models or check == "sites" else None
+        prev_outputs, flops_before, params_before = cur.outputs, cur.flops, cur.params
+        with progress.step(f"{p.name}: rewrite sites"):
+            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model")
+        with progress.step(f"{p.name}: validate"):
+            steps.validate(cur.model)
+        per_site = {}
+        if check == "sites" and applied.rewritten:
+            with progress.step(f"{p.name}: check each rewritten site"):
+                per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
+        with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
+            try:
+                new = steps.observe(cur.model, feeds, run=check == "model")
+            except DoesNotRun as e:
+                raise UserError(f"{p.name}: the rewritten model does not run ({e}); nothing written") from None
+        rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
+                         flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
+                         new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
+                         sink_ratio=applied.sink_ratio, check=check)
+        fid = step = None
+        if check == "model":
+            logits = steps.logit_outputs(new)
+            per = {k: fidelity.compare(ref[k], new.outputs[k], logits=k in logits) for k in ref}
+            fid = fidelity.worst(per)
+            step = fidelity.worst({k: fidelity.compare(prev_outputs[k], new.outputs[k], logits=k in logits)
+                                   for k in ref})
+            rep.per_output = {k: f.to_json() for k, f in per.items()}
+        elif check == "sites" and per_site:
+            step = fidelity.worst(per_site)
+            rep.per_site = {k: f.to_json() for k, f in per_site.items()}
+            rep.notes.append("check=sites: each rewritten site's output compared with the site before the pass, "
+                             "on that model's own activations; the whole model was not run, so errors are per "
+                             "site and not compounded")
+        elif check == "none":
+            rep.notes.append("check=none: the model was validated, and run only segment by segment for what "
+                             "detection reads (shapes, masks); outputs not compared, no fidelity figures")
+        rep.fidelity = fid.to_json() if fid else (step.to_json() if step else {})
+        rep.step_fidelity = step.to_json() if step else {}
+        rep.seconds = time.perf_counter() - t0
         report.passes.append(rep)
-        problem = None
-        if p.is_exact() and not step.max_rel_error <= EXACT_TOL:
-            problem = f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {EXACT_TOL:g})"
-        elif max_error is not None and not fid.max_rel_error <= max_error:
-            problem = f"{p.name}: relative error {fid.max_rel_error:.3g} from the original exceeds --max-error {max_error:g}"
-        if problem and not force:
-            err = FidelityError(f"{problem}; nothing written (use --force to write anyway)")
-            err.report = report
-            raise err
-        report.models.append(new)
-        cur, prev, flops_cur = new, out, flops_new
-    return cur, report
+        _enforce(p, rep, fid, step, exact_bound(steps, new), max_error, force, report)
+        if keep_models:
+            report.models.append((before, steps.snapshot(new)))
+        cur = new
+    return cur.model, report
+
+
+def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
+    problem = None
+    if p.is_exact() and step is not None and not step.max_rel_error <= bound:
+        problem = f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {bound:g})"
+    elif max_error is not None and (fid or step) is not None and not (fid or step).max_rel_error <= max_error:
+        problem = (f"{p.name}: relative error {(fid or step).max_rel_error:.3g} from the original exceeds "
+                   f"--max-error {max_error:g}")
+    if problem and not force:
+        err = FidelityError(f"{problem}; nothing written (use --force to write anyway)")
+        err.report = report
+        raise err
+
+
+def run_pipeline(model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
+                 max_error: float | None = None, force: bool = False, input_note: dict | None = None, **options):
+    """The pipeline on an ONNX model (a ModelProto, OnnxModel or path): (rewritten, Report);
+    a ModelProto in gives a ModelProto out."""
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
+
+    import onnx
+
+    om = onnx_adapter.load(model)
+    out, report = run_passes(OnnxSteps(), om, passes, feeds, layers, ids, max_error, force, input_note, **options)
+    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), report
+
+
+def apply_pass(model, p: Pass, layers=None, ids=None, feeds=None):
+    """One pass without checks on an ONNX model (ModelProto or OnnxModel), detection on
+    `feeds` (default: generated): (rewritten model, rewritten ids, skipped, notes)."""
+    from attn_opt.patterns.detect import detect
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
+
+    import onnx
+
+    steps = OnnxSteps()
+    om = onnx_adapter.load(model)
+    need = getattr(p, "needs_opset", lambda: None)()
+    om = steps.upgrade(om, need, p.name) if need else om
+    om, _, gv = onnx_adapter.load_view(om)
+    state = State(om, gv, detect(gv, feeds=feeds), None, None, 0)
+    applied = rewrite(steps, state, p, layers, ids, feeds)
+    out = state.model
+    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), applied.rewritten, applied.skipped, applied.notes

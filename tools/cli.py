@@ -104,7 +104,7 @@ def cli():
 @click.option("--why", is_flag=True, help="List every softmax that is not a site, with the reason.")
 @click.option("--attention", is_flag=True, help="Run the model and report sinks, entropy, dormant heads per head.")
 @click.option("--inputs", help="Inputs for --attention as .npz (default: generated from the signature).")
-@click.option("--window", type=int, help="With --attention: report the attention mass outside this window.")
+@click.option("--window", type=click.IntRange(min=1), help="With --attention: report the attention mass outside this window.")
 @click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
 def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps):
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
@@ -139,21 +139,63 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-p", "--pass", "specs", multiple=True, metavar="NAME[:k=v,...]",
-              help="A pass to run, in order (fuse, sparse:window=128, ...). Lists inside a value use '+'.")
+              help="A pass to run, in order (fuse, sparse:window=128, ...). Lists inside a value use '+'. "
+                   "`attn-opt passes` lists every pass's options, defaults and accepted values.")
 @click.option("-o", "--output", help="Where to write the rewritten model (never the input).")
 @click.option("--report", "report_path", help="Write the per-pass report as JSON.")
 @click.option("--inputs", help="Fidelity inputs as .npz (default: generated from the model's signature).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x4096", help="Size of an input's dynamic dims.")
-@click.option("--layers", help="Only sites in these layers, e.g. 0-3,7.")
-@click.option("--sites", help="Only these site ids, e.g. a0,a3.")
-@click.option("--max-error", type=float, help="Stop if a pass moves outputs further (relative error).")
+@click.option("--layers", help="Only sites in these layers, e.g. 0-3,7 (an error if the model has no site there).")
+@click.option("--sites", help="Only these site ids, e.g. a0,a3 (an error if the model has no such site).")
+@click.option("--max-error", type=click.FloatRange(min=0), help="Stop if a pass moves outputs further (relative error, >= 0).")
 @click.option("--force", is_flag=True, help="Write even when a fidelity bound is exceeded.")
 @click.option("--html", help="Write a page showing what every pass changed (a tab per pass).")
-def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html):
+@click.option("--check", type=click.Choice(["model", "sites", "none"]),
+              help="How each pass is checked: run the whole model (default when it fits in memory), each "
+                   "rewritten site alone on the previous model's activations (one segment in memory at a "
+                   "time), or not run at all (structure only).")
+def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
-    run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(), html)
+    run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
+        html, check)
+
+
+@cli.command("passes")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+def passes_cmd(name: str | None, as_json: bool):
+    """List the passes, or one pass, with every option's type, default and accepted values."""
+    import dataclasses
+    import typing
+
+    from attn_opt.passes import REGISTRY
+    from attn_opt.rewriter.passbase import accepted, type_name
+
+    if name is not None and name not in REGISTRY:
+        raise UserError(f"unknown pass {name!r}; passes: {', '.join(sorted(REGISTRY))}")
+    out = {}
+    for pname, cls in sorted(REGISTRY.items()):
+        if name is not None and pname != name:
+            continue
+        hints = typing.get_type_hints(cls)
+        out[pname] = {"exact": cls.exact, "what": cls.why, "options": [
+            {"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "accepted": accepted(f),
+             "help": f.metadata.get("help", "")} for f in dataclasses.fields(cls)]}
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    con = out_console()
+    for pname, info in out.items():
+        t = Table(title=f"{pname}: {info['what']} ({'exact' if info['exact'] else 'approximate'})",
+                  title_justify="left")
+        for c in ("option", "type", "default", "accepted", "meaning"):
+            t.add_column(c)
+        for o in info["options"]:
+            t.add_row(o["name"], o["type"], _fmt(o["default"]) if o["default"] is not None else "-", o["accepted"],
+                      o["help"])
+        con.print(t)
 
 
 @cli.command()

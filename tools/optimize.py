@@ -36,53 +36,116 @@ def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, d
                    "defaults": "dynamic dims: batch 2, others 16 unless --input-shape"}
 
 
+def _num(d: dict, key: str, fmt: str) -> str:
+    v = d.get(key) if d else None
+    return "-" if v is None else format(v, fmt)
+
+
 def pass_table(report) -> Table:
-    t = Table(title="passes", title_justify="left")
+    t = Table(title=f"passes (check={report.check})", title_justify="left")
     for c in ("pass", "rewritten", "skipped", "exact", "step err", "total err", "cosine", "KL", "FLOPs",
               "attention FLOPs", "params", "s"):
         t.add_column(c)
     for p in report.passes:
         f = p.fidelity
         t.add_row(p.name, str(len(p.sites_rewritten)), str(len(p.sites_skipped)), "yes" if p.exact else "no",
-                  f"{p.step_fidelity['max_rel_error']:.2e}", f"{f['max_rel_error']:.2e}", f"{f['cosine']:.6f}", "-" if f["kl"] is None else f"{f['kl']:.2e}",
+                  _num(p.step_fidelity, "max_rel_error", ".2e"), _num(f, "max_rel_error", ".2e"),
+                  _num(f, "cosine", ".6f"), _num(f, "kl", ".2e"),
                   f"{p.flops_before:.3g} → {p.flops_after:.3g}",
                   f"{p.attention_flops_before:.3g} → {p.attention_flops_after:.3g}",
                   f"{p.params_before} → {p.params_after}", f"{p.seconds:.1f}")
     return t
 
 
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_check(check: str | None, weight_bytes: int) -> tuple[str, str | None]:
+    """--check as given, or model when the weights fit in memory twice over, else sites."""
+    if check:
+        return check, None
+    avail = available_memory()
+    if 2 * weight_bytes <= avail:
+        return "model", None
+    return "sites", (f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit twice in available memory "
+                     f"({avail / 2**30:.1f} GiB): each rewritten site is checked alone (--check=sites)")
+
+
+def _load(model: str):
+    """(steps, model, view for the input signature) of an .onnx or .pt2 file."""
+    if Path(model).suffix == ".pt2":
+        from attn_opt.rewriter.ir import load
+        from attn_opt.rewriter.ir.fx_steps import FxSteps
+
+        loaded = load(model)
+        return FxSteps(), loaded.native, loaded.view, loaded.program
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
+
+    om = onnx_adapter.load(model)
+    return OnnxSteps(), om, onnx_adapter.view(om), None
+
+
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
-             force: bool, console: Console, html: str | None = None) -> None:
+             force: bool, console: Console, html: str | None = None, check: str | None = None) -> None:
     from attn_opt import passes as registry
-    from attn_opt.rewriter.io import save_onnx
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.passbase import parse_ranges
-    from attn_opt.rewriter.pipeline import FidelityError, run_pipeline
+    from attn_opt.rewriter.errors import DoesNotRun
+    from attn_opt.rewriter.inputs import parse_shape_overrides
+    from attn_opt.rewriter.passbase import parse_ranges, parse_sites
+    from attn_opt.rewriter.pipeline import FidelityError, run_passes
+    from attn_opt.rewriter.progress import Progress
 
     if not specs:
         raise UserError(f"no --pass given; passes: {', '.join(sorted(registry.REGISTRY))}")
     if not output:
-        raise UserError("missing -o OUTPUT.onnx")
+        raise UserError("missing -o OUTPUT")
     chain = [registry.parse(s) for s in specs]
     registry.check_chain(chain)
     if not Path(model).exists():
         raise UserError(f"no such file: {model}")
     if _same_file(model, output) if Path(output).exists() else Path(model).resolve() == Path(output).resolve():
         raise UserError("the output path is the input model; choose another -o (the input is never modified)")
-    if Path(model).suffix == ".pt2":
-        return _optimize_pt2(model, chain, output, report_path, force, console)
-    proto = onnx_adapter.load_proto(model)
-    _, _, gv = onnx_adapter.load_view(proto)
-    feeds, note = load_feeds(onnx_adapter.input_specs(gv), inputs, input_shape)
-    feeds, note = _runnable(proto, feeds, note, generated=not inputs and not input_shape)
-    ids = set(sites.split(",")) if sites else None
-    try:
-        out, report = run_pipeline(proto, chain, feeds, parse_ranges(layers), ids, max_error, force, note)
-    except FidelityError as e:
-        if report_path and getattr(e, "report", None):
-            _write_json(report_path, e.report.to_json())
-        raise
+    pt2 = Path(model).suffix == ".pt2"
+    if pt2 != (Path(output).suffix == ".pt2"):
+        raise UserError(f"a {'.pt2' if pt2 else 'ONNX'} model is written as {'.pt2' if pt2 else '.onnx'}; "
+                        f"-o {output} has the other kind")
+    if max_error is not None and not max_error >= 0:
+        raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
+    if inputs and not Path(inputs).is_file():
+        raise UserError(f"no such file: {inputs} (--inputs)")
+    parse_shape_overrides(input_shape)
+    progress = Progress(console)
+    kwargs = dict(layers=parse_ranges(layers), ids=parse_sites(sites), max_error=max_error, force=force, check=check,
+                  keep_models=bool(html), progress=progress)
+    with progress.step("load"):
+        steps, native, gv, program = _load(model)
+    specs_ = steps_input_specs(steps, gv)
+    feeds, note = load_feeds(specs_, inputs, input_shape)
+    check, why = choose_check(check, native.weight_bytes() if not pt2 else 0)
+    kwargs["check"] = check
+    if why:
+        note = dict(note, check=why)
+        console.print(f"note: {why}")
+    tries = [feeds] + ([{k: v[:1] for k, v in feeds.items()}] if not inputs and not input_shape else [])
+    for i, f in enumerate(tries):
+        try:
+            note_i = note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
+                                             retried="the model failed at batch 2 and runs at batch 1")
+            out, report = run_passes(steps, native, chain, f, input_note=note_i, **kwargs)
+            feeds = f
+            break
+        except DoesNotRun:
+            if i + 1 == len(tries):
+                raise
+            steps, native, gv, program = _load(model)
+        except FidelityError as e:
+            if report_path and getattr(e, "report", None):
+                _write_json(report_path, e.report.to_json())
+            raise
     console.print(pass_table(report))
     for p in report.passes:
         for s in p.sites_skipped:
@@ -91,33 +154,37 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             console.print(f"  {p.name}: {n}")
         for sid, r in p.sink_ratio.items():
             console.print(f"  {p.name}: {sid} sink ratio per head {r['before']} -> {r['after']}")
-    save_onnx(out, output)
+    with progress.step("write"):
+        if pt2:
+            _save_pt2(out, feeds, output)
+            data = None
+        else:
+            data = out.save(output)
     if report_path:
         _write_json(report_path, report.to_json())
     if html:
-        write_pipeline_page(proto, report, html)
+        write_pipeline_page(steps, report, html, feeds)
         console.print(f"wrote {html}")
-    console.print(f"wrote {output}")
+    console.print(f"wrote {output}" + (f" (weights in {data.name})" if data else ""))
 
 
-def _runnable(proto, feeds, note, generated: bool):
-    """The model must run on the fidelity inputs; generated ones retry at batch 1 (some
-    exports only run at the batch they were traced with)."""
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
+def steps_input_specs(steps, gv):
+    if steps.ir == "onnx":
+        from attn_opt.rewriter.ir import onnx as adapter
+    else:
+        from attn_opt.rewriter.ir import fx as adapter
+    return adapter.input_specs(gv)
 
-    tries = [feeds] + ([{k: v[:1] for k, v in feeds.items()}] if generated else [])
-    for i, f in enumerate(tries):
-        try:
-            onnx_adapter.run(proto, f)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            continue
-        if i:
-            note = dict(note, shapes={k: list(v.shape) for k, v in f.items()},
-                        retried="the model failed at batch 2 and runs at batch 1")
-        return f, note
-    raise UserError(f"the input model does not run in ONNX Runtime on these inputs ({first[:200]}); "
-                    "give --inputs FILE.npz or --input-shape NAME=DIMS")
+
+def _save_pt2(gm, feeds, output: str) -> None:
+    import torch
+
+    from attn_opt.rewriter.io import atomic_path
+    from attn_opt.rewriter.ir.fx_steps import args_of
+
+    program = torch.export.export(gm, args_of(gm, feeds))
+    with atomic_path(output) as tmp:
+        torch.export.save(program, tmp)
 
 
 def _write_json(path: str, obj) -> None:
@@ -127,41 +194,15 @@ def _write_json(path: str, obj) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2))
 
 
-def write_pipeline_page(proto, report, path: str) -> None:
+def write_pipeline_page(steps, report, path: str, feeds) -> None:
     """One page for the whole pipeline: a tab per pass (the model before it → after it)."""
     from attn_opt.rewriter.io import atomic_path
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
     from attn_opt.tools.diff import diff_views
     from attn_opt.tools.visualizer import render
 
-    steps, before = [], proto
-    for p, after in zip(report.passes, report.models):
-        d = diff_views(onnx_adapter.load_view(before)[2], onnx_adapter.load_view(after)[2], title=p.name)
-        steps.append((d, p.to_json()))
-        before = after
+    pages = []
+    for p, (before, after) in zip(report.passes, report.models):
+        d = diff_views(steps.view_for_diff(before, feeds), steps.view_for_diff(after, feeds), title=p.name)
+        pages.append((d, p.to_json()))
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(render(steps))
-
-
-def _optimize_pt2(model: str, chain, output: str, report_path: str | None, force: bool, console: Console) -> None:
-    """A torch.export program: the passes on its graph, checked in PyTorch, saved as .pt2."""
-    import torch
-
-    from attn_opt.rewriter.io import atomic_path
-    from attn_opt.rewriter.ir import load
-    from attn_opt.rewriter.fx_pipeline import run_fx_pipeline
-
-    loaded = load(model)
-    ex = getattr(loaded.program, "example_inputs", None)
-    args = tuple(ex[0]) if ex and not ex[1] else tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
-    gm, report = run_fx_pipeline(loaded.native, chain, args, force=force)
-    console.print(pass_table(report))
-    for p in report.passes:
-        for s in p.sites_skipped:
-            console.print(f"  {p.name}: skipped {s['id']}: {s['reason']}")
-    program = torch.export.export(gm, args)
-    with atomic_path(output) as tmp:
-        torch.export.save(program, tmp)
-    if report_path:
-        _write_json(report_path, report.to_json())
-    console.print(f"wrote {output}")
+        Path(tmp).write_text(render(pages))

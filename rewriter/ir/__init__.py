@@ -15,7 +15,7 @@ from attn_opt.rewriter.graph import GraphView
 class Loaded:
     ir: str  # "onnx" or "fx"
     view: GraphView
-    native: Any  # onnx.ModelProto, or the GraphModule that was viewed
+    native: Any  # the OnnxModel, or the GraphModule that was viewed
     source: str  # what the user gave, for messages
     ir_model: Any = None  # onnx_ir.Model for ONNX
     program: Any = None  # the ExportedProgram, for .pt2 files
@@ -59,11 +59,11 @@ def load(obj: Any, example_inputs: tuple | list | None = None) -> Loaded:
         proto, model, gv = onnx_adapter.load_view(path)
         return Loaded("onnx", gv, proto, str(path), ir_model=model)
     kind = type(obj).__module__ + "." + type(obj).__name__
-    if kind.startswith("onnx") and type(obj).__name__ == "ModelProto":
+    if (kind.startswith("onnx") and type(obj).__name__ == "ModelProto") or type(obj).__name__ == "OnnxModel":
         from attn_opt.rewriter.ir import onnx as onnx_adapter
 
         proto, model, gv = onnx_adapter.load_view(obj)
-        return Loaded("onnx", gv, proto, "<ModelProto>", ir_model=model)
+        return Loaded("onnx", gv, proto, f"<{type(obj).__name__}>", ir_model=model)
     import torch
     from torch import fx
 

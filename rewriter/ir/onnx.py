@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -14,31 +13,29 @@ import onnx_ir as ir
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.graph import GraphView, Node, Value, link
 from attn_opt.rewriter.inputs import InputSpec, make_inputs
+from attn_opt.rewriter.ir.onnx_model import OnnxModel, _first_line
 
 MS_DOMAIN = "com.microsoft"
 FORM_KEY = "attn_opt.form"
 
 
-def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (and its external data) or raise a one-line UserError."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"no such file: {p}")
-    if p.is_dir():
-        raise UserError(f"{p} is a directory, not an ONNX model")
+def load(model) -> OnnxModel:
+    """A path, ModelProto or OnnxModel as an OnnxModel (weights left where they are)."""
+    if isinstance(model, OnnxModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return OnnxModel.from_proto(model)
+    om = OnnxModel.load(model)
     try:
-        proto = onnx.load(str(p), load_external_data=True)
-    except Exception as e:  # protobuf DecodeError, missing external data file, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{p} is not a readable ONNX model ({first})") from None
-    if not proto.graph.node and not proto.graph.output:
-        raise UserError(f"{p} is not an ONNX model (no graph found)")
-    try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(om.checkable_proto())
     except Exception as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{p} is not a valid ONNX model ({first})") from None
-    return proto
+        raise UserError(f"{model} is not a valid ONNX model ({_first_line(e)})") from None
+    return om
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The whole model as one proto (weights inline): for small models."""
+    return load(path).to_proto()
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -47,6 +44,16 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
         return proto
+
+
+def with_shapes(om: OnnxModel) -> OnnxModel:
+    """The model re-read from its weightless proto after shape inference, so its values
+    carry inferred shapes; the weights are shared, not copied."""
+    proto = infer_shapes(om.graph_proto())
+    model = ir.serde.deserialize_model(proto)
+    if om.folder:
+        ir.external_data.set_base_dir(model.graph, om.folder)
+    return OnnxModel(model, om.folder, om.source, om.external_input, om._keep)
 
 
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
@@ -101,8 +108,9 @@ def _attr_value(a):
     return v
 
 
-def view(model: ir.Model, proto: onnx.ModelProto | None = None) -> GraphView:
-    g = model.graph
+def view(om: OnnxModel) -> GraphView:
+    """The neutral view of a model (values carry the shapes `with_shapes` inferred)."""
+    g = om.ir.graph
     values: dict[int, Value] = {}
 
     def val(v: ir.Value | None) -> Value | None:
@@ -133,9 +141,7 @@ def view(model: ir.Model, proto: onnx.ModelProto | None = None) -> GraphView:
         nodes.append(node)
     link(nodes)
     gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
-    if proto is None:
-        proto = ir.serde.serialize_model(model)
-    gv.probe_fn = lambda vals, feeds: run(proto, feeds, [v.name for v in vals])
+    gv.probe_fn = lambda vals, feeds: om.run(feeds, [v.name for v in vals])
     gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
 
@@ -167,45 +173,17 @@ def input_specs(gv: GraphView) -> list[InputSpec]:
     return specs
 
 
-def session(proto: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(4)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    if threads:
-        opts.intra_op_num_threads = threads
-    if proto.ByteSize() < 1_800_000_000:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=list(providers))
-    import tempfile  # over protobuf's 2 GB limit: go through a file with external data
-
-    tmp = tempfile.mkdtemp(prefix="attn-opt-")
-    path = os.path.join(tmp, "model.onnx")
-    onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-    return ort.InferenceSession(path, opts, providers=list(providers))
+def session(model, threads: int | None = None):
+    """An ONNX Runtime session of a ModelProto or OnnxModel."""
+    return load(model).session(threads=threads)
 
 
-def run(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
-    """Run in ONNX Runtime; `extra` names intermediate values to return as well."""
-    if extra:
-        proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < 1_800_000_000 else _copy(proto)
-        have = {o.name for o in proto.graph.output}
-        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra if n not in have)
-    sess = session(proto)
-    names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip(names, out))
+def run(model, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
+    """Run a ModelProto or OnnxModel once in ORT; `extra` names intermediate values to return."""
+    return load(model).run(feeds, extra)
 
 
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    c = onnx.ModelProto()
-    c.CopyFrom(proto)
-    return c
-
-
-def load_view(path_or_proto) -> tuple[onnx.ModelProto, ir.Model, GraphView]:
-    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else load_proto(path_or_proto)
-    inferred = infer_shapes(proto)
-    model = to_ir(inferred)
-    return proto, model, view(model, proto)
+def load_view(model) -> tuple[OnnxModel, ir.Model, GraphView]:
+    """(model with inferred shapes, its onnx_ir graph, its view) of a path, proto or OnnxModel."""
+    om = with_shapes(load(model))
+    return om, om.ir, view(om)

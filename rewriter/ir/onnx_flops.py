@@ -26,6 +26,7 @@ FIVE_PER_ELEMENT = {"Softmax", "LogSoftmax", "LayerNormalization", "SimplifiedLa
 REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd", "ReduceLogSumExp"}
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 SITE_TAG = "attn_opt.site"
+COUNTED = {"MatMul", "Gemm", "Einsum", "Conv"} | ATTENTION_OPS | ELEMENTWISE | FIVE_PER_ELEMENT | REDUCE
 
 
 @dataclass
@@ -41,9 +42,9 @@ class Flops:
                 "attention_matmul": self.attention_matmul}
 
 
-def shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Concrete shape of every value: static inference with the inputs fixed, then one
-    ORT run for the values inference could not size."""
+def static_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Concrete shapes from static inference with the inputs fixed to the feeds' shapes
+    (on the weightless proto: initializers give their dims), and the values it could not size."""
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     for inp in m.graph.input:
@@ -68,9 +69,18 @@ def shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tu
             for a in n.attribute:
                 if a.name == "value":
                     out[n.output[0]] = tuple(a.t.dims)
-    missing = [v for n in m.graph.node for v in list(n.input) + list(n.output) if v and v not in out]
+    counted = {n.name for n in m.graph.node if n.op_type in COUNTED}
+    missing = [v for n in m.graph.node if n.name in counted for v in list(n.input) + list(n.output)[:1]
+               if v and v not in out]
+    return out, list(dict.fromkeys(missing))
+
+
+def shapes(model, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every value a count needs (a ModelProto or OnnxModel): static
+    inference, then one ORT run for the values inference could not size."""
+    out, missing = static_shapes(_graph(model), feeds)
     if missing:
-        got = run(proto, feeds, list(dict.fromkeys(missing)))
+        got = run(model, feeds, missing)
         out.update({k: tuple(np.shape(v)) for k, v in got.items()})
     return out
 
@@ -96,7 +106,7 @@ def _einsum(eq: str, shapes_in: list[tuple]) -> int:
 def _attention(n: onnx.NodeProto, shp: dict) -> int:
     q, k, v = (shp.get(n.input[i]) for i in range(3))
     if q is None or k is None or v is None:
-        return 0
+        return 0, 0
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
     if len(q) == 4:  # [B, H, Tq, d]
         b, h, tq, d = q
@@ -108,7 +118,7 @@ def _attention(n: onnx.NodeProto, shp: dict) -> int:
         tk = k[1] if len(k) == 3 else k[2]
         kvh = attrs.get("kv_num_heads") or h
         dv = (v[2] // kvh) if len(v) == 3 else v[3]
-    return 2 * b * h * tq * tk * (d + dv) + 5 * b * h * tq * tk
+    return 2 * b * h * tq * tk * (d + dv), 5 * b * h * tq * tk
 
 
 def node_flops(n: onnx.NodeProto, shp: dict) -> tuple[int, bool]:
@@ -129,7 +139,7 @@ def node_flops(n: onnx.NodeProto, shp: dict) -> tuple[int, bool]:
         if op == "Conv" and ins[1] and out:
             return 2 * prod(out) * prod(ins[1][1:]), True
         if op in ATTENTION_OPS:
-            return _attention(n, shp), True
+            return _attention(n, shp)[0], True
         if op in ELEMENTWISE and out:
             return prod(out), False
         if op in FIVE_PER_ELEMENT and out:
@@ -141,11 +151,25 @@ def node_flops(n: onnx.NodeProto, shp: dict) -> tuple[int, bool]:
     return 0, False
 
 
-def count(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], attention_nodes: set[str] = frozenset()) -> Flops:
-    shp = shapes(proto, feeds)
+def _graph(model) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else model.graph_proto()
+
+
+def count(model, feeds: dict[str, np.ndarray], attention_nodes: set[str] = frozenset()) -> Flops:
+    """FLOPs of a ModelProto or OnnxModel at the feeds' shapes."""
+    return count_shapes(_graph(model), shapes(model, feeds), attention_nodes)
+
+
+def count_shapes(proto: onnx.ModelProto, shp: dict, attention_nodes: set[str] = frozenset()) -> Flops:
+    """FLOPs of the graph's nodes at the given concrete shapes."""
     f = Flops()
     for n in proto.graph.node:
         fl, is_mm = node_flops(n, shp)
+        if n.op_type in ATTENTION_OPS:  # the softmax inside a fused op: not a matrix product
+            soft = _attention(n, shp)[1] if fl else 0
+            f.total += soft
+            f.by_op["softmax"] = f.by_op.get("softmax", 0) + soft
+            f.attention += soft
         if not fl:
             continue
         f.total += fl
@@ -158,10 +182,10 @@ def count(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], attention_nodes:
     return f
 
 
-def params(proto: onnx.ModelProto) -> int:
-    """Parameters: elements of floating-point initializers and Constant tensors of rank ≥ 1."""
+def params(model) -> int:
+    """Parameters: elements of floating-point initializers of rank ≥ 1."""
     total = 0
-    for t in proto.graph.initializer:
+    for t in _graph(model).graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                            onnx.TensorProto.DOUBLE) and len(t.dims) >= 1:
             total += prod(t.dims)

@@ -1,0 +1,141 @@
+"""The pipeline's steps on torch.fx GraphModules (see rewriter/pipeline.py for the list).
+
+One run of the module per step gives its outputs, the values detection probes and the
+FLOPs of every node (torch's FlopCounterMode per node, with the CPU SDPA kernel it does
+not know added), so FLOPs mean what they mean on ONNX: matrix products, 2 per
+multiply-add, attention FLOPs those of the nodes a site covers or a pass emitted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from attn_opt.patterns.detect import match, needed
+from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError
+from attn_opt.rewriter.ir import fx as fx_adapter
+from attn_opt.rewriter.ir.onnx_flops import Flops
+from attn_opt.rewriter.pipeline import State
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """torch's CPU SDPA kernel: Q·Kᵀ and P·V (FlopCounterMode has formulas only for GPU kernels)."""
+    b, h, lq, e = query_shape
+    return 2 * b * h * lq * key_shape[-2] * (e + value_shape[-1])
+
+
+CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
+class _Run(fx.Interpreter):
+    """Runs the module once, keeping the wanted values and each node's FLOPs."""
+
+    def __init__(self, gm, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.seen, self.flops = wanted, {}, {}
+
+    def run_node(self, n):
+        if n.op not in ("call_function", "call_method", "call_module"):
+            return super().run_node(n)
+        with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+            out = super().run_node(n)
+        self.flops[n.name] = counter.get_total_flops()
+        if n.name in self.wanted:
+            self.seen[n.name] = out[0] if isinstance(out, (tuple, list)) else out
+        return out
+
+
+def outputs_of(out) -> dict[str, np.ndarray]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    return {str(i): fx_adapter._to_numpy(t) for i, t in enumerate(tensors)}
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def args_of(gm: fx.GraphModule, feeds: dict[str, np.ndarray]) -> tuple:
+    ph = placeholders(gm)
+    missing = [p.name for p in ph if p.name not in feeds]
+    if missing:
+        raise UserError(f"no value for the program's inputs {missing}; it takes {[p.name for p in ph]}")
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[p.name])) for p in ph)
+
+
+def run_module(fn, args) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        return outputs_of(fn(*args))
+
+
+class FxSteps:
+    ir = "fx"
+
+    def observe(self, gm: fx.GraphModule, feeds, run: bool = True) -> State:
+        args = args_of(gm, feeds)
+        gv = fx_adapter.view(gm, args)
+        found = match(gv)
+        rec = _Run(gm, {v.name for v in needed(found)})
+        try:
+            with torch.no_grad():
+                out = rec.run(*args)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DoesNotRun(f"the program does not run on these inputs ({first[:300]})") from None
+        probed = {k: a for k, t in rec.seen.items() if (a := fx_adapter._to_numpy(t)) is not None}
+        gv.remember(feeds, probed)
+        det = found.finish(gv, probed, None, feeds)
+        covered = {n for s in det.sites for n in s.nodes}
+        tagged = {n.name for n in gm.graph.nodes if "attn_opt.site" in n.meta or "attn_opt.form" in n.meta}
+        total = sum(rec.flops.values())
+        att = sum(f for k, f in rec.flops.items() if k in covered or k in tagged)
+        params = sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers()
+                                                               if b.is_floating_point())
+        return State(gm, gv, det, outputs_of(out), Flops(total, total, att, att), params)
+
+    def prepare(self, state: State, p, feeds, run: bool = True) -> State:
+        return state
+
+    def snapshot(self, state: State) -> fx.GraphModule:
+        return copy.deepcopy(state.model)
+
+    def rewrite_site(self, state: State, site, p, diag) -> str | None:
+        rewrite = getattr(p, "rewrite_fx", None)
+        if rewrite is None:
+            raise NotSupported(f"{p.name} is not lowered to torch.fx yet (it runs on ONNX models)")
+        return rewrite(state.model, site, diag)
+
+    def rewrite_graph(self, state: State, p) -> list[str]:
+        if hasattr(p, "rewrite_graph_fx"):
+            return p.rewrite_graph_fx(state.model, state.view)
+        return []
+
+    def finish(self, state: State) -> None:
+        gm = state.model
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+    def validate(self, gm: fx.GraphModule) -> None:
+        try:
+            gm.graph.lint()
+        except Exception as e:
+            raise UserError(f"the rewritten graph is not valid ({str(e).splitlines()[0]})") from None
+
+    def logit_outputs(self, state: State) -> set[str]:
+        return set()
+
+    def output_epsilon(self, state: State) -> float | None:
+        eps = [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
+               if np.issubdtype(np.asarray(v).dtype, np.floating)]
+        return max(eps) if eps else None
+
+    def view_for_diff(self, gm: fx.GraphModule, feeds):
+        return fx_adapter.view(gm, args_of(gm, feeds))
+
+    def check_sites(self, before, after, site_ids, feeds):
+        raise NotSupported("--check=sites runs ONNX models segment by segment; a torch program is checked "
+                           "whole (--check=model) or not run (--check=none)")

@@ -145,11 +145,15 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "attn-opt" / "scale"))
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--llama8b-layers", type=int, default=4)
+    ap.add_argument("--build-only", action="store_true", help="Build (export) the models and stop.")
     args = ap.parse_args()
     work = Path(args.workdir)
     rows = []
     for name in args.models:
         path = build(name, work, args.llama8b_layers)
+        if args.build_only:
+            print(f"{name}: {path} ({weights_mb(path)} MB)")
+            continue
         out = work / "out"
         out.mkdir(parents=True, exist_ok=True)
         rows += run_model(name, path, out)

@@ -41,20 +41,3 @@ def atomic_dir(parent: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: larger models keep external data
-
-
-def save_onnx(proto, dest: str | os.PathLike) -> None:
-    """Write atomically; a model over the protobuf limit gets its weights in DEST.data."""
-    import onnx
-
-    dest = Path(dest)
-    if proto.ByteSize() < EXTERNAL_THRESHOLD:
-        with atomic_path(dest) as tmp:
-            onnx.save_model(proto, tmp)
-        return
-    data = dest.with_name(dest.name + ".data")
-    with atomic_path(data) as tmp_data, atomic_path(dest) as tmp:
-        onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        os.replace(Path(tmp).with_name(data.name), tmp_data)

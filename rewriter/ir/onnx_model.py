@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnx import external_data_helper
 
 from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.ir.onnx_wire import load_weightless, save_inline
 
 SPILL_BYTES = 1024  # inline tensors at least this large go to the weight file
 SPILL_MODEL_BYTES = 64 << 20  # models smaller than this keep their weights inline (no temp file)
@@ -59,17 +60,22 @@ class OnnxModel:
             raise UserError(f"no such file: {p}")
         if p.is_dir():
             raise UserError(f"{p} is a directory, not an ONNX model")
-        try:
-            proto = onnx.load(str(p), load_external_data=False)
-        except Exception as e:  # protobuf DecodeError, ...
+        big = p.stat().st_size >= SPILL_MODEL_BYTES
+        try:  # a large inline model: its weights stay in the file, referenced where they lie
+            proto = load_weightless(p, SPILL_BYTES) if big else onnx.load(str(p), load_external_data=False)
+        except Exception as e:  # protobuf DecodeError, a truncated file, ...
             raise UserError(f"{p} is not a readable ONNX model ({_first_line(e)})") from None
         if not proto.graph.node and not proto.graph.output:
             raise UserError(f"{p} is not an ONNX model (no graph found)")
         external = _uses_external(proto)
         if external:
             _check_data_files(proto, p.parent)
-        return cls._from_proto(proto, str(p.parent.resolve()) if external else None, str(p), external,
-                               size=p.stat().st_size)
+        inline = big and not any(external_data_helper.uses_external_data(t) and
+                                 external_data_helper.ExternalDataInfo(t).location != p.name
+                                 for t in proto.graph.initializer)
+        folder = str(p.parent.resolve()) if external else None
+        om = cls._from_proto(proto, folder, str(p), external and not inline, size=0)
+        return om
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, folder: str | None = None, source: str = "<ModelProto>"):
@@ -176,15 +182,12 @@ class OnnxModel:
         if data is not None and self.folder and any(
                 Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
             raise UserError(f"{data} holds the input model's weights; choose another -o")
-        model = self.ir
-        if data is None and self.folder:  # inline output: the weights come back into the proto
-            model = self.ir.clone()
-            for v in model.graph.initializers.values():  # mapped arrays, read while writing
-                if isinstance(v.const_value, ir.ExternalTensor):
-                    v.const_value = ir.Tensor(v.const_value.numpy(), name=v.const_value.name)
         with atomic_dir(dest.parent) as tmp:
             staged = Path(tmp) / dest.name
-            ir.save(model, staged, external_data=data.name if data else None, size_threshold_bytes=SPILL_BYTES)
+            if data is None and self.folder:  # inline output: weights streamed from their files
+                save_inline(self.graph_proto(), self.folder, staged)
+            else:
+                ir.save(self.ir, staged, external_data=data.name if data else None, size_threshold_bytes=SPILL_BYTES)
             if data is not None and (Path(tmp) / data.name).exists():
                 os.replace(Path(tmp) / data.name, data)
             os.replace(staged, dest)

@@ -1,0 +1,175 @@
+"""Reading an ONNX file whose weights are inline without reading the weights.
+
+protobuf has no way to parse a message while leaving some byte fields where they are, so
+this walks the wire format of the three messages on the path to the weights (ModelProto
+→ graph → initializer → raw_data), copies everything else, and turns each large
+`raw_data` into an external-data reference to its own bytes in the file. The result is
+a small graph proto whose weights ONNX Runtime and onnx_ir read from the original file
+(memory-mapped), so an inline 440 MB model is never parsed, copied or spilled.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import onnx
+
+# field numbers (onnx.proto3)
+MODEL_GRAPH = 7
+GRAPH_INITIALIZER = 5
+TENSOR_RAW_DATA = 9
+TENSOR_EXTERNAL_DATA = 13
+TENSOR_DATA_LOCATION = 14
+EXTERNAL = 1
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _enc_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, payload start, payload end) of each field."""
+    pos = start
+    while pos < end:
+        begin = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == VARINT:
+            _, nxt = _varint(buf, pos)
+            yield number, wire, begin, pos, nxt
+            pos = nxt
+        elif wire == I64:
+            yield number, wire, begin, pos, pos + 8
+            pos += 8
+        elif wire == LEN:
+            size, pos = _varint(buf, pos)
+            yield number, wire, begin, pos, pos + size
+            pos += size
+        elif wire == I32:
+            yield number, wire, begin, pos, pos + 4
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _enc_varint(number << 3 | LEN) + _enc_varint(len(payload)) + payload
+
+
+def _entry(key: str, value: str) -> bytes:
+    return _len_field(TENSOR_EXTERNAL_DATA, _len_field(1, key.encode()) + _len_field(2, value.encode()))
+
+
+def _tensor(buf, start: int, end: int, location: str, threshold: int) -> bytes:
+    parts, ref = [], None
+    for number, wire, begin, a, b in _fields(buf, start, end):
+        if number == TENSOR_RAW_DATA and wire == LEN and b - a >= threshold:
+            ref = (a, b - a)
+        else:
+            parts.append(bytes(buf[begin:b]))
+    if ref is not None:
+        parts.append(_enc_varint(TENSOR_DATA_LOCATION << 3 | VARINT) + _enc_varint(EXTERNAL))
+        parts += [_entry("location", location), _entry("offset", str(ref[0])), _entry("length", str(ref[1]))]
+    return b"".join(parts)
+
+
+def _graph(buf, start: int, end: int, location: str, threshold: int) -> bytes:
+    parts = []
+    for number, wire, begin, a, b in _fields(buf, start, end):
+        if number == GRAPH_INITIALIZER and wire == LEN:
+            parts.append(_len_field(GRAPH_INITIALIZER, _tensor(buf, a, b, location, threshold)))
+        else:
+            parts.append(bytes(buf[begin:b]))
+    return b"".join(parts)
+
+
+def load_weightless(path: str | os.PathLike, threshold: int) -> onnx.ModelProto:
+    """The model in `path` with each initializer's raw_data of at least `threshold` bytes
+    left in the file, referenced as external data (location: the file's own name)."""
+    location = os.path.basename(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        parts = []
+        for number, wire, begin, a, b in _fields(buf, 0, len(buf)):
+            if number == MODEL_GRAPH and wire == LEN:
+                parts.append(_len_field(MODEL_GRAPH, _graph(buf, a, b, location, threshold)))
+            else:
+                parts.append(bytes(buf[begin:b]))
+    return onnx.ModelProto.FromString(b"".join(parts))
+
+
+def _inline_tensor(buf, start: int, end: int, folder: str, files: dict) -> tuple[list, int]:
+    """A TensorProto with its external reference swapped for raw_data: (pieces, size);
+    a piece is bytes, or (mmap, offset, length) copied when written."""
+    pieces, info = [], {}
+    for number, wire, begin, a, b in _fields(buf, start, end):
+        if number == TENSOR_EXTERNAL_DATA:
+            entry = {n: bytes(buf[x:y]).decode() for n, _, _, x, y in _fields(buf, a, b)}
+            info[entry.get(1, "")] = entry.get(2, "")
+        elif number != TENSOR_DATA_LOCATION:
+            pieces.append(bytes(buf[begin:b]))
+    if not info:
+        return [bytes(buf[start:end])], end - start
+    location, offset = info["location"], int(info.get("offset", 0) or 0)
+    if location not in files:
+        with open(os.path.join(folder, location), "rb") as f:
+            files[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    length = int(info["length"]) if info.get("length") else len(files[location]) - offset
+    head = _enc_varint(TENSOR_RAW_DATA << 3 | LEN) + _enc_varint(length)
+    pieces += [head, (files[location], offset, length)]
+    return pieces, sum(len(p) for p in pieces[:-1]) + length
+
+
+def save_inline(proto: onnx.ModelProto, folder: str, dest: str | os.PathLike) -> None:
+    """Write `proto` with every external tensor's bytes inline, streamed from the weight
+    files in `folder`: the whole model is never held in memory."""
+    buf = proto.SerializeToString()
+    files: dict = {}
+    out = []  # pieces of the file, in order
+    try:
+        for number, wire, begin, a, b in _fields(buf, 0, len(buf)):
+            if number != MODEL_GRAPH or wire != LEN:
+                out.append(buf[begin:b])
+                continue
+            graph, size = [], 0
+            for n2, w2, begin2, a2, b2 in _fields(buf, a, b):
+                if n2 == GRAPH_INITIALIZER and w2 == LEN:
+                    pieces, tsize = _inline_tensor(buf, a2, b2, folder, files)
+                    head = _enc_varint(GRAPH_INITIALIZER << 3 | LEN) + _enc_varint(tsize)
+                    graph += [head] + pieces
+                    size += len(head) + tsize
+                else:
+                    graph.append(buf[begin2:b2])
+                    size += b2 - begin2
+            out += [_enc_varint(MODEL_GRAPH << 3 | LEN) + _enc_varint(size)] + graph
+        with open(dest, "wb") as f:
+            for piece in out:
+                if isinstance(piece, tuple):
+                    m, offset, length = piece
+                    for s in range(offset, offset + length, 64 << 20):
+                        f.write(m[s:min(s + (64 << 20), offset + length)])
+                else:
+                    f.write(piece)
+    finally:
+        for m in files.values():
+            m.close()

@@ -157,6 +157,8 @@ def main() -> int:
         out = work / "out"
         out.mkdir(parents=True, exist_ok=True)
         rows += run_model(name, path, out)
+    if args.build_only:
+        return 0
     cols = ["model", "weights MB", "tool", "check", "s", "peak RSS MB", "sites", "rc"]
     table = [[r["model"], str(r["weights_mb"]), r["tool"], r["check"], f"{r['seconds']:.1f}", str(r["peak_mb"]),
               "-" if r["sites"] is None else str(r["sites"]), str(r["rc"]) + ("" if r["rc"] == 0 else f" ({r['tail']})")]

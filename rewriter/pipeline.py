@@ -72,9 +72,11 @@ class Report:
     flops_definition: str = ("matrix products (MatMul/Gemm/Einsum/Conv and the products inside attention "
                              "ops), 2 FLOPs per multiply-add, at the fidelity inputs' shapes")
 
+    steps: list = field(default_factory=list)  # (step, seconds) of the whole invocation
+
     def to_json(self) -> dict:
         return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
-                "passes": [p.to_json() for p in self.passes]}
+                "passes": [p.to_json() for p in self.passes], "steps": self.steps}
 
 
 @dataclass
@@ -255,6 +257,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         if keep_models:
             report.models.append((before, steps.snapshot(new)))
         cur = new
+    report.steps = progress.seconds
     return cur.model, report
 
 

@@ -141,7 +141,7 @@ def view(om: OnnxModel) -> GraphView:
         nodes.append(node)
     link(nodes)
     gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
-    gv.probe_fn = lambda vals, feeds: om.run(feeds, [v.name for v in vals])
+    gv.probe_fn = lambda vals, feeds: om.probe(feeds, [v.name for v in vals])
     gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
 
@@ -174,8 +174,9 @@ def input_specs(gv: GraphView) -> list[InputSpec]:
 
 
 def session(model, threads: int | None = None):
-    """An ONNX Runtime session of a ModelProto or OnnxModel."""
-    return load(model).session(threads=threads)
+    """An ONNX Runtime session of a ModelProto or OnnxModel, set up for timing (weights
+    prepacked as ORT does by default)."""
+    return load(model).session(threads=threads, prepack=True)
 
 
 def run(model, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:

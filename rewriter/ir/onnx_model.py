@@ -22,11 +22,13 @@ import onnx_ir as ir
 from onnx import external_data_helper
 
 from attn_opt.rewriter.errors import UserError
-from attn_opt.rewriter.ir.onnx_wire import load_weightless, save_inline
+from attn_opt.rewriter.ir.onnx_wire import load_weightless, save_external, save_inline
 
 SPILL_BYTES = 1024  # inline tensors at least this large go to the weight file
 SPILL_MODEL_BYTES = 64 << 20  # models smaller than this keep their weights inline (no temp file)
 PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models must keep their weights outside
+SEGMENTED_ABOVE = 1 << 30  # probes of larger models run one segment at a time ...
+SEGMENT_BYTES = 256 << 20  # ... of about this many bytes of weights
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
@@ -134,8 +136,10 @@ class OnnxModel:
             raise UserError(f"the rewritten model is not valid ONNX ({_first_line(e)})") from None
 
     # ---- running ---------------------------------------------------------------------------
-    def session(self, extra: list[str] = (), threads: int | None = None):
-        """An ONNX Runtime session; `extra` names intermediate values to return as well."""
+    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False):
+        """An ONNX Runtime session; `extra` names intermediate values to return as well.
+        Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
+        asked for: the pipeline runs each session once, where it costs seconds and memory."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)
@@ -149,6 +153,8 @@ class OnnxModel:
             opts.intra_op_num_threads = threads
         if self.folder:
             opts.add_session_config_entry(FOLDER_KEY, self.folder)
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         data = proto.SerializeToString()
         del proto
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
@@ -161,6 +167,15 @@ class OnnxModel:
         out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
         del sess
         return dict(zip(names, out))
+
+    def probe(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The named values of one run; a model over SEGMENTED_ABOVE runs one segment of
+        weights at a time, so memory holds about one layer."""
+        if self.weight_bytes() <= SEGMENTED_ABOVE:
+            return self.run(feeds, names)
+        from attn_opt.rewriter.ir.onnx_segments import run_segmented
+
+        return run_segmented(self, feeds, set(names), SEGMENT_BYTES)
 
     # ---- writing ---------------------------------------------------------------------------
     def to_proto(self) -> onnx.ModelProto:
@@ -186,8 +201,10 @@ class OnnxModel:
             staged = Path(tmp) / dest.name
             if data is None and self.folder:  # inline output: weights streamed from their files
                 save_inline(self.graph_proto(), self.folder, staged)
-            else:
-                ir.save(self.ir, staged, external_data=data.name if data else None, size_threshold_bytes=SPILL_BYTES)
+            elif data is None:
+                ir.save(self.ir, staged)
+            else:  # weights copied file to file, the graph written once
+                save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
             if data is not None and (Path(tmp) / data.name).exists():
                 os.replace(Path(tmp) / data.name, data)
             os.replace(staged, dest)

@@ -173,3 +173,52 @@ def save_inline(proto: onnx.ModelProto, folder: str, dest: str | os.PathLike) ->
     finally:
         for m in files.values():
             m.close()
+
+
+def save_external(proto: onnx.ModelProto, folder: str | None, dest: str | os.PathLike, data_name: str,
+                  threshold: int) -> None:
+    """Write `proto` to `dest` with its weights in DEST's folder/`data_name`: external
+    tensors are copied file to file by the kernel (nothing passes through memory), inline
+    ones of at least `threshold` bytes are appended too."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    dest = os.fspath(dest)
+    data_path = os.path.join(os.path.dirname(dest), data_name)
+    with open(data_path, "wb") as out:
+        for t in proto.graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                src = os.path.join(folder or "", info.location)
+                length = info.length if info.length else os.path.getsize(src) - (info.offset or 0)
+                out.flush()  # the kernel copy writes at the descriptor's position
+                offset = out.tell()
+                with open(src, "rb") as f:
+                    _copy_range(f, out, info.offset or 0, length)
+            elif t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                offset, length = out.tell(), len(t.raw_data)
+                out.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                continue
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+    with open(dest, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
+def _copy_range(src, dst, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
+        except (AttributeError, OSError):  # no copy_file_range here: through a buffer
+            src.seek(offset + done)
+            chunk = src.read(min(64 << 20, length - done))
+            dst.write(chunk)
+            n = len(chunk)
+        if n <= 0:
+            raise OSError(f"short copy from {src.name}")
+        done += n

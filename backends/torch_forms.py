@@ -79,13 +79,26 @@ def _masks(additive, bool_mask, bool_keep):
     return bias, keep
 
 
+def as_original(s, vis, additive: bool, keep_given: bool, fill):
+    """Rows the site's *finite* fill hides completely get uniform weights in the original
+    (a softmax over equal scores): here they see every key, their scores carrying the fill
+    (backends/onnxruntime/explicit.py does the same); rows hidden by -inf keep none."""
+    finite = fill is not None and math.isfinite(fill)
+    if not additive and not finite:
+        return s, vis
+    if keep_given and finite:
+        s = torch.where(vis, s, torch.as_tensor(fill, dtype=s.dtype, device=s.device))
+    uniform = ~vis.any(-1, keepdim=True) & ~torch.isinf(s).any(-1, keepdim=True)
+    return s, vis | uniform
+
+
 def _heads5(x, h, hkv):
     """[Bm, Hm, a, b] -> [Bm, hk, hg, a, b] to broadcast over the grouped layout."""
     g = h // hkv
     return x.reshape(x.shape[0], hkv, g, *x.shape[2:]) if x.shape[1] == h and h > 1 else x.unsqueeze(2)
 
 
-def _explicit(q, k, v, bias, keep, scale, causal, norm):
+def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None):
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     q5 = (q * scale).reshape(b, hkv, h // hkv, tq, d)
@@ -100,7 +113,8 @@ def _explicit(q, k, v, bias, keep, scale, causal, norm):
     if causal:
         i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         vis = vis & (torch.arange(tk, device=q.device)[None, :] <= i)
-    p = norm(s, vis.expand(s.shape), 5)
+    s, vis = as_original(s, vis.expand(s.shape), bias is not None, keep is not None, fill)
+    p = norm(s, vis, 5)
     return (p @ v.unsqueeze(2)).reshape(b, h, tq, v.shape[-1])
 
 
@@ -265,7 +279,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec) 
 
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
-              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None):
+              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None, fill=None):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]. CUDA tensors
     go to the Triton kernel where it covers the form (`use_triton` overrides the choice)."""
     import types
@@ -292,7 +306,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
 
     mask_bias, keep = _masks(additive, bool_mask, bool_keep)
     if not pattern:
-        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm)
+        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill)
     site = types.SimpleNamespace(causal=causal, run_shape=(q.shape[0], h, q.shape[2], k.shape[2], q.shape[3]))
     form = Sparse(**pattern).form(site)
     if pattern.get("grid"):
@@ -303,7 +317,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         dense = sorted(pattern["dense_heads"])
         rest = [x for x in range(h) if x not in dense]
         sparse_form = Sparse(**dict(pattern, dense_heads=None)).form(site)
-        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm)] if dense else []
+        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill)] if dense else []
         if rest:
             outs.append(_banded(q[:, rest], k[:, rest], v[:, rest], mask_bias, keep, scale, sparse_form, norm))
         order = dense + rest
@@ -312,7 +326,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
-              xv=None, w_vo=None, o_bias=None):
+              xv=None, w_vo=None, o_bias=None, fill=None):
     """mlpfree on torch: scores_h = scale · X̃q W_qk,h X̃kᵀ (X̃ = [X, 1]); the output is P V as
     [B, H, Tq, dv], or with w_vo the output projection's result Σ_h P_h X̃v W_vo,h (+ bias)."""
     def aug(x):
@@ -338,7 +352,8 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     if causal:
         tk = s.shape[-1]
         vis = vis & (torch.arange(tk, device=s.device)[None, :] <= torch.arange(tq, device=s.device)[:, None] + tk - tq)
-    p = softmax(s, vis.expand(s.shape))  # [B, H, Tq, Tk]
+    s, vis = as_original(s, vis.expand(s.shape), mask_bias is not None, keep is not None, fill)
+    p = softmax(s, vis)  # [B, H, Tq, Tk]
     if w_vo is None:
         return p @ v.repeat_interleave(heads // v.shape[1], 1)
     d_model = w_vo.shape[1] // heads

@@ -8,6 +8,7 @@ read the site back. gated: an `nn.Linear` gate registered on the module (trainab
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from attn_opt.patterns.site import AttentionSite, Operand
+
+HIDE = -1e30  # a hidden key's bias: finite, so a row hidden completely gets uniform weights
 
 
 def _node(v, graph: fx.Graph):
@@ -45,11 +48,12 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
             keep = g.call_method("bool", (keep,))
             if not site.bool_keep:
                 keep = g.call_function(torch.logical_not, (keep,))
-            if mask is None:
+            fill = site.mask_value
+            if mask is None and (fill is None or not math.isfinite(fill)):
                 mask = keep
-            else:  # both: hidden keys get the lowest value, the rest keep their bias
-                low = torch.finfo(torch.float32).min
-                mask = g.call_function(torch.where, (keep, mask, low))
+            else:  # hidden keys get a finite fill, so a row hidden completely is uniform as in the original
+                low = max(fill, HIDE) if fill is not None and math.isfinite(fill) else HIDE
+                mask = g.call_function(torch.where, (keep, mask if mask is not None else 0.0, low))
         causal = site.mask == "causal"
         kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
         if site.gqa:
@@ -89,7 +93,7 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, nor
         additive = [_node(t, g) for t in site.additive]
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
-                  "pattern": pattern, "normaliser": normaliser}
+                  "pattern": pattern, "normaliser": normaliser, "fill": site.mask_value}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
@@ -158,7 +162,7 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, w: dict) -> None:
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
                   "heads": site.heads, "xv": w["xv"].native if vo else None,
                   "w_vo": g.get_attr(pvo) if vo else None,
-                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None}
+                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value}
         new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
                                           [_node(t, g) for t in site.additive],
                                           _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)

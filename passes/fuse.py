@@ -19,7 +19,7 @@ from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.passbase import Pass, option
 
 FUSED_RULES = ("onnx-attention", "ms-mha", "ms-gqa", "ms-attention", "sdpa", "torch-mha")
-MASK_MIN = float(np.finfo(np.float32).min)
+HIDE = {"float32": -1e30, "float64": -1e30, "bfloat16": -1e30, "float16": -6e4}  # hidden, yet finite
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,15 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
             cond = e.op("Cast", [cond], {"to": ir.DataType.BOOL})
         if not s.bool_keep:
             cond = e.op("Not", [cond])
+    dt = next((t.dtype for t in s.additive if t.dtype), None) or s.q.value.dtype or "float32"
+    low = e.const(np.asarray(HIDE.get(dt, HIDE["float32"]), dtype=_np_dtype(dt)))
+    if add is not None:  # ORT reads the dtype's lowest value as "no key" (a zero row, as for -inf),
+        lowest = e.const(np.asarray(_finfo_min(dt), dtype=_np_dtype(dt)))  # where the original's finite
+        add = e.op("Where", [e.op("Equal", [add, lowest]), low, add])  # fill gives uniform weights
     if add is not None and cond is not None:
-        mask = e.op("Where", [cond, add, e.const(np.float32(MASK_MIN))])
+        mask = e.op("Where", [cond, add, low])
+    elif cond is not None and s.mask_value is not None and np.isfinite(s.mask_value):
+        mask, add = e.op("Where", [cond, e.op("Sub", [low, low]), low]), True  # finite fill: additive
     else:
         mask = add if add is not None else cond
     tq = e.shape_dim(q, 2)
@@ -105,14 +112,29 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
     return e.op("Expand", [mask, target]), add is None
 
 
+def _finfo_min(name: str) -> float:
+    import ml_dtypes
+
+    return float(ml_dtypes.finfo(_np_dtype(name)).min)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
 def _ms_mha(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
     """MultiHeadAttention wants Q [B, S, H*D] and takes K/V as [B, H, S, D]; bias additive."""
     ensure_opset(e.model, MS, 1)
     q3 = e.op("Reshape", [e.op("Transpose", [q], {"perm": [0, 2, 1, 3]}), e.ints(0, 0, -1)])
-    if mask is not None and is_bool:
-        mask = e.op("Where", [mask, e.const(np.float32(0)), e.const(np.float32(MASK_MIN))])
+    if mask is not None and is_bool:  # a row hidden by a boolean mask gives zeros, as with -inf
+        mask = e.op("Where", [mask, e.const(np.float32(0)), e.const(np.float32(-np.inf))])
     inputs = [q3, k, v, None, None, mask]
     out3 = e.op("MultiHeadAttention", inputs, {"num_heads": int(s.heads), "scale": float(s.scale),
                                                 "unidirectional": int(s.mask == "causal")}, domain=MS)
+    out3 = e.op("Where", [e.op("IsNaN", [out3]), e.const(np.float32(0)), out3])  # a row with no key: 0, not NaN
     b_s_h_d = e.op("Reshape", [out3, e.ints(0, 0, int(s.heads), -1)])
     return e.op("Transpose", [b_s_h_d], {"perm": [0, 2, 1, 3]})

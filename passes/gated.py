@@ -80,12 +80,13 @@ class Gated(Pass):
     def rewrite_onnx(self, e, choice) -> str:
         site = e.site
         w, b = self.site_weights(site)
-        x = site.projections["q"].x.native
+        e.compute_in_fp32()
+        x = e.value(site.projections["q"].x)
         g = e.op("Sigmoid", [e.op("Add", [e.op("MatMul", [x, e.initializer("gate.weight", w)]),
                                           e.initializer("gate.bias", b)])])
-        o = site.output.native
+        o = e.value(site.output)
         k = 1 if self.mode == "headwise" else site.head_dim
         shape = e.op("Concat", [e.shape_dim(o, 0), e.shape_dim(o, 2), e.ints(site.heads, k)], {"axis": 0})
         g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]
-        e.commit(e.op("Mul", [o, g4]))
+        e.commit(e.back(e.op("Mul", [o, g4])))
         return f"{self.mode} gate from {site.projections['q'].x.name}: +{w.size + b.size} parameters"

@@ -171,22 +171,23 @@ class Mlpfree(Pass):
         site = e.site
         h, g = site.heads, site.heads // site.kv_heads
         w = self.weights(site)
+        e.compute_in_fp32()
         q_in = k_in = None
         work = site
         if "w_qk" in w:
             dm = w["dm"]
-            q_in = _heads(e, e.op("MatMul", [_augment(e, w["xq"].native), e.initializer("w_qk", w["w_qk"])]), h, dm)
-            k_in = e.op("Unsqueeze", [_augment(e, w["xk"].native), e.ints(1)])  # one shared "head": [B, 1, T, D+1]
+            q_in = _heads(e, e.op("MatMul", [_augment(e, e.value(w["xq"])), e.initializer("w_qk", w["w_qk"])]), h, dm)
+            k_in = e.op("Unsqueeze", [_augment(e, e.value(w["xk"])), e.ints(1)])  # one shared "head": [B, 1, T, D+1]
             work = dataclasses.replace(work, kv_heads=1, head_dim=dm)
         probs = emit_scores_probs(e, work, q_in, k_in)  # [B, H, Tq, Tk]
         if "w_vo" in w:
             o = w["o"]
             d_model = w["w_vo"].shape[1] // h
-            v_all = _heads(e, e.op("MatMul", [_augment(e, w["xv"].native), e.initializer("w_vo", w["w_vo"])]), h, d_model)
+            v_all = _heads(e, e.op("MatMul", [_augment(e, e.value(w["xv"])), e.initializer("w_vo", w["w_vo"])]), h, d_model)
             out = e.op("ReduceSum", [e.op("MatMul", [probs, v_all]), e.ints(1)], {"keepdims": 0})  # Σ_h P_h V'_h
             if o.bias is not None:  # a Gemm/Linear output projection adds its bias itself
-                out = e.op("Add", [out, o.bias.native])
-            e.commit_value(_output_of(e, o.node), out)
+                out = e.op("Add", [out, e.value(o.bias)])
+            e.commit_value(_output_of(e, o.node), e.back(out))
         else:
             v = e.bhsd(site.v)
             shape = e.op("Concat", [e.shape_dim(v, 0), e.ints(site.kv_heads, g), e.op("Shape", [probs], {"start": 2})],
@@ -194,7 +195,7 @@ class Mlpfree(Pass):
             o5 = e.op("MatMul", [e.op("Reshape", [probs, shape]), e.op("Unsqueeze", [v, e.ints(2)])])
             full = e.op("Concat", [e.shape_dim(v, 0), e.ints(h), e.op("Shape", [probs], {"start": 2, "end": 3}),
                                    e.shape_dim(v, 3)], {"axis": 0})
-            e.commit(e.op("Reshape", [o5, full]))
+            e.commit(e.back(e.op("Reshape", [o5, full])))
         return "; ".join(w["notes"])
 
 

@@ -22,7 +22,7 @@ class Softplus(Pass):
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "softplus map with ℓ1 normalisation and length scaling instead of softmax"
     n_train: int | None = option(None, "training length for the length scale λ_i = log n_i / log n_train", low=2)
-    p: float = option(1.0, "re-weighting power", low=1, high=1e6)
+    p: float = option(1.0, "re-weighting power", low=1)
 
     def skip_reason(self, site):
         return explicit_skip_reason(site)

@@ -95,10 +95,19 @@ class Sparse(Pass):
             return f"{site.heads} heads do not group over {site.kv_heads} kv heads"
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
-        if isinstance(site.k_len, int) and self.keeps_every_key(site, site.k_len):
-            return (f"window {self.window} keeps all {site.k_len} keys, and the model's length is fixed at "
-                    f"{site.k_len}: nothing to drop")
         return None
+
+    def coverage_note(self, site: AttentionSite) -> str:
+        """Said when the window keeps every key: at the model's fixed length, or at the
+        length of the fidelity inputs."""
+        if isinstance(site.k_len, int) and self.keeps_every_key(site, site.k_len):
+            return (f"; window {self.window} keeps all {site.k_len} keys and the model's length is fixed at "
+                    f"{site.k_len}: this rewrite drops nothing")
+        run = site.run_shape
+        if run and self.keeps_every_key(site, run[3]):
+            return (f"; at the fidelity inputs' length ({run[3]} keys) the window keeps every key: "
+                    "it drops keys only on longer inputs")
+        return ""
 
     def keeps_every_key(self, site: AttentionSite, n: int) -> bool:
         """Whether on n keys the window alone (no stride, dilation or grid) keeps them all."""
@@ -174,7 +183,7 @@ class Sparse(Pass):
 
         concrete, note = self.concrete(site, diag)
         emit_form(gm, site, concrete.options(), site.normaliser)
-        return concrete.form(site).describe() + (f"; {note}" if note else "")
+        return concrete.form(site).describe() + self.coverage_note(site) + (f"; {note}" if note else "")
 
     def rewrite_onnx(self, e, choice) -> str:
         from attn_opt.backends.onnxruntime.lower import emit_attention
@@ -186,10 +195,9 @@ class Sparse(Pass):
         if concrete.dense_heads:
             text += f", heads {list(concrete.dense_heads)} dense"
         run = e.site.run_shape
-        if run and self.keeps_every_key(e.site, run[3]):
-            text += (f"; at the fidelity inputs' length ({run[3]} keys) the window keeps every key: "
-                     "it drops keys only on longer inputs")
-        elif run and run[2] == run[3] and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
+        text += self.coverage_note(e.site)
+        if run and not self.keeps_every_key(e.site, run[3]) and run[2] == run[3] \
+                and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
             text += (f"; at the input length {run[2]} the band computes more pairs than dense "
                      f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
         return text + (f"; {note}" if note else "")

@@ -180,18 +180,34 @@ def _einsum_operands(n: Node) -> tuple[Operand, Operand]:
     return Operand(n.input(0), q_perm), Operand(n.input(1), k_perm)
 
 
+def _flattened(sm: Node) -> tuple[Value, Value, list[Node]] | None:
+    """Flatten(axis=r-1) → Softmax → Reshape: ONNX's version converter keeps an opset-11
+    softmax over the last axis this way when it moves a model to opset 13+.
+    (scores, probabilities, the two wrapping nodes), or None."""
+    fl, users = sm.input(0).producer, sm.outputs[0].users
+    if fl is None or fl.op != "Flatten" or len(users) != 1 or users[0].op != "Reshape":
+        return None
+    x = fl.input(0)
+    if x.rank is None or int(fl.attrs.get("axis", 1)) not in (x.rank - 1, -1):
+        return None
+    return x, users[0].outputs[0], [fl, users[0]]
+
+
 def match_eager(gv: GraphView, sm: Node) -> Candidate:
-    x = sm.input(0)
+    x, probs, wrap = sm.input(0), sm.outputs[0], []
+    if (flat := _flattened(sm)) is not None:
+        x, probs, wrap = flat
     axis = int(sm.attrs.get("axis", -1))
-    if x.rank is not None and axis not in (-1, x.rank - 1):
+    if not wrap and x.rank is not None and axis not in (-1, x.rank - 1):
         raise Miss(f"softmax over axis {axis}, not the key axis", sm)
     c = Candidate(rule="eager", anchor=sm)
+    c.covered += wrap
     qk = _walk_scores(c, x)
     if any(weight_like(i) for i in qk.inputs if i is not None):
         w = next(i for i in qk.inputs if i is not None and weight_like(i))
         raise Miss(f"the scores are a MatMul with the weight {w.name}, not with keys "
                    "(a projection or classifier, not attention)", qk, sm)
-    pv = _walk_probs(c, sm.outputs[0])
+    pv = _walk_probs(c, probs)
     v_in = pv.input(1)
     if v_in is None or weight_like(v_in):
         raise Miss("the probabilities are multiplied by a weight, not by values", pv)

@@ -41,4 +41,8 @@ def run_fx_pipeline(gm: fx.GraphModule, passes, example_inputs=None, reference=N
         from attn_opt.rewriter.ir.fx_steps import args_of
 
         ref = run_module(reference, args_of(gm, feeds))
+    if "variants" not in options:
+        from attn_opt.rewriter.inputs import fidelity_variants
+
+        options["variants"] = fidelity_variants(feeds, fx_adapter.input_specs(fx_adapter.view(gm)))
     return run_passes(FxSteps(), gm, list(passes), feeds, force=force, reference=ref, **options)

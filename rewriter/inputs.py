@@ -114,3 +114,45 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read --inputs {path}: {first}") from None
+
+
+def _is_mask(name: str, a: np.ndarray) -> bool:
+    return "mask" in name.lower() and a.ndim >= 2 and (a.dtype == np.bool_ or a.dtype.kind in "iu")
+
+
+def fidelity_variants(feeds: dict[str, np.ndarray], specs: list[InputSpec] | None = None,
+                      overrides: dict | None = None) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Inputs an exact pass must also be exact on, beside `feeds`:
+    - "padded": row 0 sees one token, row 1 none (more padding than any window), when the
+      model takes a padding mask (the batch is doubled if it has one row and may grow);
+    - "length+5": another sequence length, when the inputs were generated and a dim after
+      the batch is dynamic."""
+    out = []
+    masks = [k for k, a in feeds.items() if _is_mask(k, a)]
+    if masks:
+        padded = dict(feeds)
+        b = next(iter(feeds.values())).shape[0]
+        dynamic_batch = specs is not None and all(not isinstance(s.shape[0], int) for s in specs if s.shape)
+        if b == 1 and dynamic_batch:
+            padded = {k: np.concatenate([a, a]) if a.ndim else a for k, a in feeds.items()}
+        for k in masks:
+            m = padded[k].copy()
+            m[0] = 0
+            m[(0,) + (0,) * (m.ndim - 2)] = 1  # row 0: only its first token
+            if m.shape[0] > 1:
+                m[1] = 0  # row 1: fully padded
+            padded[k] = m
+        out.append(("padded", padded))
+    if specs is not None:
+        dyn = [s for s in specs if any(isinstance(d, str) or d is None for d in s.shape[1:])]
+        if dyn and not overrides:
+            longer = {}
+            for s in specs:
+                shape = feeds[s.name].shape
+                longer[s.name] = tuple(d + 5 if i > 0 and not isinstance(s.shape[i], int) else d
+                                       for i, d in enumerate(shape))
+            try:
+                out.append(("length+5", make_inputs(specs, longer, seed=1, pad=True)))
+            except UserError:
+                pass
+    return out

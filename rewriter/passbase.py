@@ -58,7 +58,7 @@ def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
         if isinstance(v, float) and v != v:
             raise UserError(f"{cls.name}: {fname} cannot be nan")
         if (low is not None and v < low) or (high is not None and v > high):
-            raise UserError(f"{cls.name}: {fname}={v:g} is out of range (expected {accepted(f)})")
+            raise UserError(f"{cls.name}: {fname} must be {accepted(f)} (got {v:g})")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class PassReport:
     seconds: float = 0.0
     check: str = "model"
     per_site: dict = field(default_factory=dict)  # check="sites": site -> fidelity of its output
+    fidelity_all: dict = field(default_factory=dict)  # worst over every input set (fidelity + variants)
+    step_fidelity_all: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -191,10 +193,11 @@ def exact_bound(steps, state: State) -> float:
 def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
                  max_error: float | None = None, force: bool = False, input_note: dict | None = None,
                  check: str = "model", reference: dict | None = None, keep_models: bool = False,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, variants: list | None = None):
     """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
     (the rewritten model, Report). `reference`: the untouched model's outputs if the
-    caller has them (e.g. an nn.Module before export)."""
+    caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the
+    passes are also checked on (padded rows, another length), with check="model"."""
     from attn_opt.passes import check_chain
 
     if check not in CHECKS:
@@ -209,6 +212,17 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         cur = steps.observe(model, feeds, run=check == "model")
     ref = reference if reference is not None else cur.outputs
     check_selection(cur.det.sites, layers, ids)
+    variants = list(variants or []) if check == "model" else []
+    ref_var, variant_notes = {}, []
+    for label, f in variants:
+        try:
+            ref_var[label] = steps.outputs_on(cur.model, f)
+        except Exception as e:  # a model that takes only its own length: checked on the rest
+            variant_notes.append(f"not checked on the {label} inputs: the model does not run on them "
+                                 f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})")
+    variants = [(label, f) for label, f in variants if label in ref_var]
+    report.inputs = dict(report.inputs, variants=[label for label, _ in variants])
+    prev_var = dict(ref_var)
     for p in passes:
         t0 = time.perf_counter()
         with progress.step(f"{p.name}: prepare"):
@@ -232,14 +246,26 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                          flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
                          new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
                          sink_ratio=applied.sink_ratio, check=check)
-        fid = step = None
+        fid = step = fid_all = step_all = None
         if check == "model":
             logits = steps.logit_outputs(new)
+            new_var = {}
+            for label, f in variants:
+                with progress.step(f"{p.name}: fidelity on the {label} inputs"):
+                    new_var[label] = steps.outputs_on(new.model, f)
             per = {k: fidelity.compare(ref[k], new.outputs[k], logits=k in logits) for k in ref}
-            fid = fidelity.worst(per)
-            step = fidelity.worst({k: fidelity.compare(prev_outputs[k], new.outputs[k], logits=k in logits)
-                                   for k in ref})
+            steps_ = {k: fidelity.compare(prev_outputs[k], new.outputs[k], logits=k in logits) for k in ref}
+            fid, step = fidelity.worst(per), fidelity.worst(steps_)  # the headline: the fidelity inputs
+            for label, outs in new_var.items():
+                for k in ref_var[label]:
+                    per[f"{k}@{label}"] = fidelity.compare(ref_var[label][k], outs[k], logits=k in logits)
+                    steps_[f"{k}@{label}"] = fidelity.compare(prev_var[label][k], outs[k], logits=k in logits)
+            if new_var:  # what the bounds are checked on: every input set
+                rep.fidelity_all, rep.step_fidelity_all = fidelity.worst(per).to_json(), fidelity.worst(steps_).to_json()
+                fid_all, step_all = fidelity.worst(per), fidelity.worst(steps_)
             rep.per_output = {k: f.to_json() for k, f in per.items()}
+            rep.notes += variant_notes
+            prev_var = new_var
         elif check == "sites" and per_site:
             step = fidelity.worst(per_site)
             rep.per_site = {k: f.to_json() for k, f in per_site.items()}
@@ -253,7 +279,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         rep.step_fidelity = step.to_json() if step else {}
         rep.seconds = time.perf_counter() - t0
         report.passes.append(rep)
-        _enforce(p, rep, fid, step, exact_bound(steps, new), max_error, force, report)
+        _enforce(p, rep, fid_all or fid, step_all or step, exact_bound(steps, new), max_error, force, report)
         if keep_models:
             report.models.append((before, steps.snapshot(new)))
         cur = new
@@ -264,7 +290,8 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
 def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
     problem = None
     if p.is_exact() and step is not None and not step.max_rel_error <= bound:
-        problem = f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {bound:g})"
+        problem = (f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {bound:g}"
+                   f"{'; on every input set' if rep.step_fidelity_all else ''})")
     elif max_error is not None and (fid or step) is not None and not (fid or step).max_rel_error <= max_error:
         problem = (f"{p.name}: relative error {(fid or step).max_rel_error:.3g} from the original exceeds "
                    f"--max-error {max_error:g}")
@@ -284,6 +311,10 @@ def run_pipeline(model, passes: list[Pass], feeds: dict[str, np.ndarray], layers
     import onnx
 
     om = onnx_adapter.load(model)
+    if "variants" not in options:
+        from attn_opt.rewriter.inputs import fidelity_variants
+
+        options["variants"] = fidelity_variants(feeds, onnx_adapter.input_specs(onnx_adapter.view(om)))
     out, report = run_passes(OnnxSteps(), om, passes, feeds, layers, ids, max_error, force, input_note, **options)
     return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), report
 

@@ -12,6 +12,8 @@ from attn_opt.patterns.site import AttentionSite, Operand
 from attn_opt.rewriter.ir.onnx_flops import SITE_TAG
 
 MS = "com.microsoft"
+# site dtypes the form lowerings compute in float32, and their ONNX types
+LOW_PRECISION = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16, "float64": ir.DataType.DOUBLE}
 
 
 class SiteEdit:
@@ -20,6 +22,29 @@ class SiteEdit:
         self.nodes: list[ir.Node] = []
         self._n = 0
         self.diagnostics = None  # head statistics of this site, for passes that ask for them
+        self.in_fp32 = False  # set by lowerings that compute a fp16/bf16 site in float32
+
+    def site_dtype(self) -> str | None:
+        return self.site.output.dtype or self.site.q.value.dtype
+
+    def compute_in_fp32(self) -> str | None:
+        """Compute this site in float32 (its values are cast in, the result cast back);
+        a note to say so when the site is fp16/bf16/fp64, else None."""
+        dt = self.site_dtype()
+        self.in_fp32 = dt in LOW_PRECISION
+        return f"computed in float32 inside the {dt} model" if self.in_fp32 else None
+
+    def value(self, v) -> ir.Value:
+        """A site value as the lowering computes with it (cast to float32 if so)."""
+        if self.in_fp32 and (v.dtype in LOW_PRECISION):
+            return self.op("Cast", [v.native], {"to": ir.DataType.FLOAT})
+        return v.native
+
+    def back(self, x: ir.Value) -> ir.Value:
+        """A float32 result back in the site's dtype."""
+        if self.in_fp32:
+            return self.op("Cast", [x], {"to": LOW_PRECISION[self.site_dtype()]})
+        return x
 
     def _name(self, op: str) -> str:
         self._n += 1
@@ -50,14 +75,15 @@ class SiteEdit:
 
     def bhsd(self, operand: Operand) -> ir.Value:
         """The operand as [B, H, S, D] (one Transpose where its layout differs)."""
-        v = operand.value.native
+        v = self.value(operand.value)
         if operand.packed:
             raise ValueError("packed [B, S, H*D] operand")
         return self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
 
     def shape_dim(self, value: ir.Value, axis: int) -> ir.Value:
-        """Size of one axis as a 1-element int64 tensor."""
-        return self.op("Shape", [value], {"start": axis, "end": axis + 1 if axis != -1 else None})
+        """Size of one axis as a 1-element int64 tensor (Shape then Gather: valid at every
+        opset, where Shape's start/end need opset 15)."""
+        return self.op("Gather", [self.op("Shape", [value]), self.ints(axis)], {"axis": 0})
 
     def commit(self, new_output: ir.Value) -> None:
         """Insert the new nodes after the site's last node and use `new_output` for its output."""

@@ -49,7 +49,7 @@ def softmax_visible(e: SiteEdit, s: ir.Value, vis: ir.Value) -> ir.Value:
 
 def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
-    x = m.native
+    x = e.value(m)
     shape = site.mask_shapes.get(m.name) or m.shape
     if len(shape) == 2:
         return e.op("Unsqueeze", [x, e.ints(0, 1, 2)])
@@ -86,8 +86,25 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
         tri = e.op("LessOrEqual", [j, e.op("Add", [i, e.op("Sub", [tk, tq])])])
         vis = tri if vis is None else e.op("And", [vis, tri])
     if vis is None:
-        vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
-    return s, vis
+        return s, e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
+    return _hidden_rows_as_original(e, site, s, vis)
+
+
+def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis):
+    """A row whose keys are all hidden by a *finite* fill gets, in the original, a softmax
+    over equal scores: uniform weights. Such rows see every key here (their scores carry the
+    fill), so every normaliser matches the original there; rows hidden by -inf (NaN in the
+    original) keep no visible key and give zeros."""
+    fill = site.mask_value
+    if not site.additive and (fill is None or not np.isfinite(fill)):
+        return s, vis
+    if site.bool_mask is not None and fill is not None and np.isfinite(fill):
+        s = e.op("Where", [vis, s, f32(e, fill)])
+    seen = e.op("ReduceMax", [e.op("Cast", [vis], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
+    inf = e.op("ReduceMax", [e.op("Cast", [e.op("IsInf", [s])], {"to": ir.DataType.FLOAT}), e.ints(-1)],
+               {"keepdims": 1})
+    uniform = e.op("And", [e.op("Equal", [seen, f32(e, 0)]), e.op("Equal", [inf, f32(e, 0)])])
+    return s, e.op("Or", [vis, uniform])
 
 
 def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser, qkv=None) -> ir.Value:

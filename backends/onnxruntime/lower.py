@@ -83,6 +83,7 @@ def _relu(e, s, vis):
 
 def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, normaliser: dict):
     """Emit `site` with this form, commit it, and record the form on the output node."""
+    e.compute_in_fp32()
     if pattern and pattern.get("grid"):
         out = _grid(e, site, pattern, normaliser)
     elif pattern and pattern.get("dense_heads"):
@@ -94,7 +95,7 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, norma
         out = emit_banded(e, site, Sparse(**pattern).form(site), normaliser_fn(normaliser, site, 6))
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
-    out = e.op("Identity", [out])  # the record's carrier: one node whose output is the site's
+    out = e.op("Identity", [e.back(out)])  # the record's carrier: one node whose output is the site's
     out.producer().metadata_props[FORM_KEY] = form_record(site, pattern, normaliser)
     e.commit(out)
     return out

@@ -133,6 +133,10 @@ class FxSteps:
                if np.issubdtype(np.asarray(v).dtype, np.floating)]
         return max(eps) if eps else None
 
+    def outputs_on(self, gm: fx.GraphModule, feeds) -> dict:
+        """The module's outputs on other inputs (the fidelity variants)."""
+        return run_module(gm, args_of(gm, feeds))
+
     def view_for_diff(self, gm: fx.GraphModule, feeds):
         return fx_adapter.view(gm, args_of(gm, feeds))
 

@@ -70,7 +70,15 @@ class OnnxSteps:
         """Convert to the opset the pass needs (on the weightless graph); re-observe if so."""
         need = getattr(p, "needs_opset", lambda: None)()
         upgraded = self.upgrade(state.model, need, p.name) if need else state.model
-        return state if upgraded is state.model else self.observe(upgraded, feeds, run, known=state)
+        if upgraded is state.model:
+            return state
+        new = self.observe(upgraded, feeds, run, known=state)
+        lost = [s.id for s in state.det.sites[len(new.det.sites):]] if len(new.det.sites) < len(state.det.sites) else []
+        if lost:
+            raise UserError(f"{p.name}: converting the model from opset {_opset(state.model.ir)} to {need} loses "
+                            f"site(s) {', '.join(lost)} ({len(state.det.sites)} found before, {len(new.det.sites)} "
+                            "after); nothing written")
+        return new
 
     def upgrade(self, om: OnnxModel, need: int, why: str) -> OnnxModel:
         """The model at opset `need` (converted on the weightless graph), or itself."""
@@ -99,7 +107,10 @@ class OnnxSteps:
         edit = SiteEdit(state.model.ir, site, p.name)
         edit.diagnostics = diag
         choose = getattr(p, "choose", None)
-        return p.rewrite_onnx(edit, choose(site) if choose else None)
+        note = p.rewrite_onnx(edit, choose(site) if choose else None)
+        if edit.in_fp32:
+            note = (note + "; " if note else "") + f"computed in float32 inside (the site is {edit.site_dtype()})"
+        return note
 
     def rewrite_graph(self, state: State, p) -> list[str]:
         if hasattr(p, "rewrite_graph"):
@@ -126,6 +137,10 @@ class OnnxSteps:
         eps = [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
                if np.issubdtype(np.asarray(v).dtype, np.floating)]
         return max(eps) if eps else None
+
+    def outputs_on(self, model: OnnxModel, feeds) -> dict:
+        """The model's outputs on other inputs (the fidelity variants)."""
+        return model.run(feeds)
 
     def view_for_diff(self, model: OnnxModel, feeds):
         return onnx_adapter.view(onnx_adapter.with_shapes(model))

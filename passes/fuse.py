@@ -52,6 +52,9 @@ class Fuse(Pass):
 
     def choose(self, site: AttentionSite) -> tuple[str, str]:
         """(target, why) for one site."""
+        dtype = site.output.dtype or site.q.value.dtype
+        if self.target != "onnx" and dtype not in (None, "float32"):
+            return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
         if self.target != "auto":
             return self.target, "asked for"
         from attn_opt.backends.onnxruntime.bench import fastest_fused

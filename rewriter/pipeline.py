@@ -241,7 +241,8 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
             try:
                 new = steps.observe(cur.model, feeds, run=check == "model")
             except DoesNotRun as e:
-                raise UserError(f"{p.name}: the rewritten model does not run ({e}); nothing written") from None
+                raise UserError(f"{p.name}: the rewritten model does not run "
+                                f"({str(e).split('; give --inputs')[0]}); nothing written") from None
         rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
                          flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
                          new.flops.attention_matmul, params_before, new.params, notes=applied.notes,

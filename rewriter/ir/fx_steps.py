@@ -129,8 +129,20 @@ class FxSteps:
         return set()
 
     def output_epsilon(self, state: State) -> float | None:
-        eps = [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
-               if np.issubdtype(np.asarray(v).dtype, np.floating)]
+        """Machine epsilon of the coarsest floating output, read from the graph (bfloat16
+        outputs come back as float32 arrays)."""
+        out = next(n for n in state.model.graph.nodes if n.op == "output")
+        eps = []
+
+        def visit(a):
+            v = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                eps.append(float(torch.finfo(v.dtype).eps))
+            return a
+
+        fx.node.map_arg(out.args, visit)
+        eps += [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
+                if np.issubdtype(np.asarray(v).dtype, np.floating)]
         return max(eps) if eps else None
 
     def outputs_on(self, gm: fx.GraphModule, feeds) -> dict:

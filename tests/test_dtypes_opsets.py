@@ -1,0 +1,133 @@
+"""Models as users ship them: float16 (and bfloat16 on torch), opsets 11 and 13; passes
+keep the dtype and the sites; exact passes are exact on every input set (padded rows,
+another length) at the dtype's rounding."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import attn_opt
+from attn_opt import passes
+from attn_opt.rewriter.errors import UserError
+from attn_opt.tools import zoo
+from test_pipeline import cli
+
+PASSES = ["fuse", "fuse:target=ort", "sparse:window=4", "gated", "softplus", "sinkfree:mode=logit,bias=-inf",
+          "sinkfree:mode=relu", "mlpfree:collapse=qk"]
+
+
+@pytest.fixture(scope="session")
+def shipped(cache_dir):
+    """shipped(name, kind) -> path: kind "fp16" (dynamo export of model.half()), "op11" or
+    "op13" (TorchScript exporter at that opset), cached like the zoo."""
+
+    def get(name: str, kind: str):
+        path = cache_dir / f"shipped-{name}-{kind}.onnx"
+        if path.exists():
+            return path
+        model, args, names = zoo.MODELS[name].build()
+        tmp = path.with_suffix(".tmp.onnx")
+        if kind == "fp16":
+            zoo.export_module(model.half(), args, names, "dynamo", tmp)
+        else:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=int(kind[2:]),
+                                  input_names=list(names), dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+        os.replace(tmp, path)
+        return path
+
+    return get
+
+
+def _run(src, tmp_path, spec, *extra):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = cli(src, "--pass", spec, "-o", out, "--report", rep, *extra)
+    return r, out, (json.loads(rep.read_text()) if rep.exists() else None)
+
+
+@pytest.mark.parametrize("spec", PASSES)
+def test_fp16_every_pass(shipped, tmp_path, spec):
+    src = shipped("bert-eager", "fp16")
+    r, out, rep = _run(src, tmp_path, spec, "--force")
+    assert r.returncode == 0, r.stderr
+    p = rep["passes"][0]
+    assert len(p["sites_rewritten"]) == 2, p["sites_skipped"]
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in m.graph.output)
+    if spec.startswith(("fuse", "sinkfree:mode=logit,bias=-inf", "gated")):  # exact at fp16 rounding
+        assert p["step_fidelity_all"]["max_rel_error"] <= 8 * float(np.finfo(np.float16).eps)
+    if not spec.startswith("fuse"):
+        assert all("computed in float32 inside" in n for n in p["notes"] if n.startswith("a"))
+
+
+def test_fp16_fuse_bound_is_the_dtype_rounding(shipped, tmp_path):
+    """fuse on float16 moves outputs by fp16 rounding (above fp32's 1e-4): that is exact."""
+    r, _, rep = _run(shipped("bert-eager", "fp16"), tmp_path, "fuse")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["op11", "op13"])
+@pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])
+@pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "gated", "softplus", "sinkfree:mode=relu"])
+def test_old_opsets_keep_their_sites(shipped, tmp_path, name, kind, spec):
+    src = shipped(name, kind)
+    assert len(attn_opt.inspect(str(src)).sites) == 2
+    r, out, rep = _run(src, tmp_path, spec, "--force")
+    assert r.returncode == 0, r.stderr
+    assert len(rep["passes"][0]["sites_rewritten"]) == 2, rep["passes"][0]["sites_skipped"]
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_a_conversion_that_loses_sites_is_an_error(shipped, monkeypatch):
+    """If detection could not see through the converter's Flatten → Softmax → Reshape, the
+    pass must fail naming the sites, not report 0 rewritten."""
+    from attn_opt.patterns import eager
+
+    monkeypatch.setattr(eager, "_flattened", lambda sm: None)
+    with pytest.raises(UserError, match=r"opset 11 to 23 loses site\(s\) a0, a1"):
+        attn_opt.optimize(str(shipped("bert-eager", "op11")), ["fuse"])
+
+
+@pytest.mark.parametrize("spec", ["fuse", "fuse:target=ort", "sinkfree:mode=logit,bias=-inf",
+                                  "sinkfree:mode=redistribute,alpha=1"])
+@pytest.mark.parametrize("name,exporter", [("bert-eager", "dynamo"), ("bert-sdpa", "torchscript"),
+                                           ("llama-eager", "dynamo"), ("t5-eager", "dynamo")])
+def test_exact_on_every_input(zoo_onnx, tmp_path, name, exporter, spec):
+    """Exact passes match on the padded rows (one token; none) and at another length too."""
+    r, _, rep = _run(zoo_onnx(name, exporter), tmp_path, spec)
+    assert r.returncode == 0, r.stderr
+    assert rep["inputs"]["variants"] == ["padded", "length+5"]
+    assert set(rep["passes"][0]["per_output"]) >= {k + "@padded" for k in rep["passes"][0]["per_output"]
+                                                   if "@" not in k}
+    assert rep["passes"][0]["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+def test_padding_semantics_are_checked(zoo_onnx, monkeypatch):
+    """A lowering that gives zeros where the original gives uniform weights (a row its
+    finite fill hides completely) is caught by the padded input set."""
+    from attn_opt.backends.onnxruntime import explicit
+
+    monkeypatch.setattr(explicit, "_hidden_rows_as_original", lambda e, site, s, vis: (s, vis))
+    with pytest.raises(UserError, match="on every input set"):
+        attn_opt.optimize(str(zoo_onnx("bert-eager", "dynamo")), [passes.parse("sinkfree:mode=logit,bias=-inf")])
+
+
+def test_bf16_on_torch():
+    model, args, _ = zoo.MODELS["bert-eager"].build()
+    gm, report = attn_opt.optimize(model.bfloat16(), ["fuse"], example_inputs=args)
+    p = report.passes[0]
+    assert len(p.sites_rewritten) == 2
+    assert p.step_fidelity["max_rel_error"] <= 8 * float(torch.finfo(torch.bfloat16).eps)
+    assert gm(*args).dtype == torch.bfloat16

@@ -168,7 +168,8 @@ def main() -> int:
                    "Wall time and peak RSS per command, each its own process, same files for every tool; "
                    "random weights with real geometry (benchmarks/pipeline_scale.py). attn-opt's commands "
                    "include every check (validity, one run per pass for fidelity, FLOPs); the peers check "
-                   "nothing. Sites: attention ops in the peer's output.", ""])
+                   "nothing. Sites: attention ops in the peer's output.", ""],
+          footer="rc -9: the process was killed by the kernel (out of memory on this 24 GB machine).")
     return 0
 
 

@@ -117,7 +117,7 @@ def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> No
     gm.add_submodule(name, lin)
     out = site.output.native
     k = 1 if mode == "headwise" else site.head_dim
-    x = site.projections["q"].x.native
+    x = (site.projections["q"].x if "q" in site.projections else site.hidden).native
     users = list(out.users)
     with g.inserting_after(out):
         logits = g.call_module(name, (x,))

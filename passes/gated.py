@@ -39,18 +39,24 @@ class Gated(Pass):
         return self.weights is None
 
     def skip_reason(self, site):
-        if "q" not in site.projections:
+        if gate_input(site) is None:
             return "no Q projection found, so no hidden state to drive the gate"
+        if self.gate_shape(site)[0] is None:
+            return "the hidden size of the gate's input is unknown"
         if site.heads is None or site.head_dim is None:
             return "heads or head size unknown (the model did not run on sample inputs)"
         if site.output.rank not in (None, 4) or site.rule in ("ms-mha", "ms-gqa", "ms-attention", "torch-mha"):
             return "the attention output is not [B, H, S, dv]"
         return None
 
-    def gate_shape(self, site) -> tuple[int, int]:
-        p = site.projections["q"]
-        w = p.weight.const
-        d_model = int(w.shape[1] if p.transposed else w.shape[0])
+    def gate_shape(self, site) -> tuple[int | None, int]:
+        p = site.projections.get("q")
+        if p is not None:
+            w = p.weight.const
+            d_model = int(w.shape[1] if p.transposed else w.shape[0])
+        else:  # Q reaches its projection through other ops (rotary, norms): the hidden state's width
+            shape = site.hidden.shape if site.hidden is not None else None
+            d_model = shape[-1] if shape and isinstance(shape[-1], int) else None
         width = site.heads * (1 if self.mode == "headwise" else site.head_dim)
         return d_model, width
 
@@ -81,7 +87,7 @@ class Gated(Pass):
         site = e.site
         w, b = self.site_weights(site)
         e.compute_in_fp32()
-        x = e.value(site.projections["q"].x)
+        x = e.value(gate_input(site))
         g = e.op("Sigmoid", [e.op("Add", [e.op("MatMul", [x, e.initializer("gate.weight", w)]),
                                           e.initializer("gate.bias", b)])])
         o = e.value(site.output)
@@ -89,4 +95,11 @@ class Gated(Pass):
         shape = e.op("Concat", [e.shape_dim(o, 0), e.shape_dim(o, 2), e.ints(site.heads, k)], {"axis": 0})
         g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]
         e.commit(e.back(e.op("Mul", [o, g4])))
-        return f"{self.mode} gate from {site.projections['q'].x.name}: +{w.size + b.size} parameters"
+        return f"{self.mode} gate from {gate_input(site).name}: +{w.size + b.size} parameters"
+
+
+def gate_input(site):
+    """The hidden state that drives the gate: Q's projection input, else the hidden state
+    Q is projected from through other ops."""
+    p = site.projections.get("q")
+    return p.x if p is not None else site.hidden

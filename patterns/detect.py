@@ -243,7 +243,10 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     o = projections.reading(c.output)
     if o is not None:
         projs["o"] = o
-    if "q" in projs and "k" in projs:
+    src_q, src_k = projections.hidden_sources(c.q.value), projections.hidden_sources(c.k.value)
+    if src_q and src_k:  # where K comes from decides, whatever lies between (rotary, Split, quantization)
+        kind = "self" if src_q.keys() & src_k.keys() else "cross"
+    elif "q" in projs and "k" in projs:
         kind = "self" if projs["q"].x is projs["k"].x else "cross"
     elif c.q.value is c.k.value:
         kind = "self"
@@ -259,6 +262,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         additive=tuple(c.additive), bool_mask=c.bool_mask, bool_keep=c.bool_keep,
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
+        hidden=next(iter(src_q.values())) if len(src_q) == 1 else None,
         pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)

@@ -6,6 +6,8 @@ MatMul/Gemm/Linear whose other operand is a weight."""
 
 from __future__ import annotations
 
+from collections import deque
+
 from attn_opt.patterns.layout import weight_like
 from attn_opt.patterns.site import Projection
 from attn_opt.rewriter.graph import Node, Value
@@ -59,3 +61,37 @@ def reading(v: Value, budget: int = 6) -> Projection | None:
             return None
         v = n.outputs[0]
     return None
+
+
+_QUANT = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "Cast", "Identity"}
+_WEIGHTED = _LINEAR | {"MatMulInteger", "QLinearMatMul", "MatMulNBits", "Conv"}
+
+
+def hidden_sources(v: Value, budget: int = 256) -> dict[int, Value]:
+    """The hidden states `v` is projected from: walking back through any op (rotary
+    embedding, a fused QKV's Split, reshapes, a cache Concat), each product with a weight
+    contributes its data operand, followed back through quantize/dequantize/cast ops.
+    Q and K of self-attention share one; cross-attention's do not. Empty when no
+    projection is within reach (Q/K are inputs, or computed without weights). Breadth
+    first, so the nearest projection is found before the rotary tables' long subgraph;
+    integer sources (position ids scaled by inv_freq) are not hidden states."""
+    out, frontier, seen = {}, deque([v]), set()
+    while frontier and budget > 0:
+        n = frontier.popleft().producer
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        budget -= 1
+        if n.op in ("Shape", "Size", "ConstantOfShape"):  # a size, not data (TorchScript reads shapes)
+            continue
+        inputs = [i for i in n.inputs if i is not None]
+        data = [i for i in inputs if not weight_like(i) and i.const is None]
+        if n.op in _WEIGHTED and len(data) < len(inputs) and data:
+            src = data[0]
+            while src.producer is not None and src.producer.op in _QUANT:
+                src = src.producer.input(0)
+            if src.dtype is None or not src.dtype.startswith(("int", "uint", "bool")):
+                out[id(src)] = src
+            continue
+        frontier.extend(data)
+    return out

@@ -63,6 +63,7 @@ class AttentionSite:
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # mask value name -> run shape
     pattern: dict | None = None  # the sparse pattern attn-opt gave it (sparse options), or dense
     normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})  # how scores become probabilities
+    hidden: Value | None = None  # the hidden state Q is projected from (through any ops), if one
 
     @property
     def gqa(self) -> bool:

@@ -1,0 +1,64 @@
+"""Architectures the zoo does not hold: self versus cross follows from where K comes from
+(whatever rotary, norms or a fused QKV lie between), so every pass rewrites them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import attn_opt
+from attn_opt.tools import zoo
+from test_pipeline import cli
+
+SMALL = dict(vocab_size=zoo.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+FAMILIES = {  # class: (config class, extra config, heads, kv heads)
+    "GPTNeoXModel": ("GPTNeoXConfig", dict(intermediate_size=64), 4, 4),
+    "Qwen3Model": ("Qwen3Config", dict(intermediate_size=64, num_key_value_heads=2, head_dim=8), 4, 2),
+    "FalconModel": ("FalconConfig", {}, 4, 1),
+}
+
+
+@pytest.fixture(scope="session")
+def family(cache_dir):
+    def get(cls: str, exporter: str):
+        path = cache_dir / f"family-{cls}-{exporter}.onnx"
+        if not path.exists():
+            cfg, extra, _, _ = FAMILIES[cls]
+            model = zoo._hf(cls, cfg, "eager", **SMALL, **extra)
+            tmp = path.with_suffix(".tmp.onnx")
+            zoo.export_module(zoo._Text(model), zoo._ids_and_padded_mask(), ("input_ids", "attention_mask"),
+                              exporter, tmp)
+            os.replace(tmp, path)
+        return path
+
+    return get
+
+
+@pytest.mark.parametrize("cls", list(FAMILIES))
+def test_rotary_self_attention_through_torchscript(family, cls):
+    _, _, heads, kv = FAMILIES[cls]
+    sites = attn_opt.inspect(str(family(cls, "torchscript"))).sites
+    assert [(s.kind, s.heads, s.kv_heads, s.causal) for s in sites] == [("self", heads, kv, True)] * 2
+    assert all(s.hidden is not None for s in sites)
+
+
+@pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "gated"])
+@pytest.mark.parametrize("cls", list(FAMILIES))
+def test_every_pass_rewrites_them(family, tmp_path, cls, spec):
+    rep = tmp_path / "r.json"
+    r = cli(family(cls, "torchscript"), "--pass", spec, "-o", tmp_path / "o.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert len(p["sites_rewritten"]) == 2, p["sites_skipped"]
+    if spec != "sparse:window=4":
+        assert p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+def test_cross_attention_stays_cross(zoo_onnx):
+    """T5's decoder reads the encoder's states: its cross sites keep their label."""
+    for exporter in ("dynamo", "torchscript"):
+        sites = attn_opt.inspect(str(zoo_onnx("t5-eager", exporter))).sites
+        assert [s.kind for s in sites].count("cross") == 2

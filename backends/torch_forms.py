@@ -98,11 +98,16 @@ def _heads5(x, h, hkv):
     return x.reshape(x.shape[0], hkv, g, *x.shape[2:]) if x.shape[1] == h and h > 1 else x.unsqueeze(2)
 
 
-def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None):
+def _softcap(s, c):
+    """c·tanh(S/c) on scaled scores (before masks), where the site soft-caps them."""
+    return s if not c else torch.tanh(s / c) * c
+
+
+def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None):
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     q5 = (q * scale).reshape(b, hkv, h // hkv, tq, d)
-    s = q5 @ k.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, g, Tq, Tk]
+    s = _softcap(q5 @ k.unsqueeze(2).transpose(-1, -2), softcap)  # [B, Hkv, g, Tq, Tk]
     vis = torch.ones((1,) * 5, dtype=torch.bool, device=q.device)
     if bias is not None:
         b5 = _heads5(bias, h, hkv)
@@ -211,7 +216,7 @@ class _Band:
         return torch.gather(x5, 4, idx).reshape(x.shape[0], hk, hg, nb, b, f.keys)
 
 
-def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None):
+def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None, softcap=None):
     bsz, h, t, d = q.shape
     hkv = k.shape[1]
     band = _Band(form, t, q.device)
@@ -222,6 +227,7 @@ def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None):
     kb, vb = k[:, :, band.p_clip].unsqueeze(2), v[:, :, band.p_clip].unsqueeze(2)  # [B, Hkv, 1, nb, Lk, ·], sorted order
 
     def masked(s, vis, sinks):
+        s = _softcap(s, softcap)
         if bias is not None:
             mb = band.gather_mask(bias, h, hkv, sinks)
             s, vis = s + mb, vis & (mb > MASKED)
@@ -279,7 +285,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec) 
 
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
-              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None, fill=None):
+              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None, fill=None, softcap=None):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]. CUDA tensors
     go to the Triton kernel where it covers the form (`use_triton` overrides the choice)."""
     import types
@@ -290,7 +296,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
     if bias is not None:  # a trained per-head sink logit (an nn.Parameter of the module)
         spec["bias"] = bias
     h, hkv = q.shape[1], k.shape[1]
-    if q.is_cuda if use_triton is None else use_triton:
+    if (q.is_cuda if use_triton is None else use_triton) and not softcap:
         args = kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec)
         if args is not None:
             from attn_opt.backends.triton.launcher import attention as kernel
@@ -306,27 +312,31 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
 
     mask_bias, keep = _masks(additive, bool_mask, bool_keep)
     if not pattern:
-        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill)
+        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill, softcap)
     site = types.SimpleNamespace(causal=causal, run_shape=(q.shape[0], h, q.shape[2], k.shape[2], q.shape[3]))
     form = Sparse(**pattern).form(site)
     if pattern.get("grid"):
         n = form.sinks
-        grid = _banded(q[:, :, n:], k[:, :, n:], v[:, :, n:], None, None, scale, form, norm, sink_kv=(k, v))
-        return torch.cat([_explicit(q[:, :, :n], k, v, None, None, scale, False, norm), grid], 2) if n else grid
+        grid = _banded(q[:, :, n:], k[:, :, n:], v[:, :, n:], None, None, scale, form, norm, sink_kv=(k, v),
+                       softcap=softcap)
+        return torch.cat([_explicit(q[:, :, :n], k, v, None, None, scale, False, norm, softcap=softcap), grid],
+                         2) if n else grid
     if pattern.get("dense_heads"):
         dense = sorted(pattern["dense_heads"])
         rest = [x for x in range(h) if x not in dense]
         sparse_form = Sparse(**dict(pattern, dense_heads=None)).form(site)
-        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill)] if dense else []
+        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill,
+                          softcap)] if dense else []
         if rest:
-            outs.append(_banded(q[:, rest], k[:, rest], v[:, rest], mask_bias, keep, scale, sparse_form, norm))
+            outs.append(_banded(q[:, rest], k[:, rest], v[:, rest], mask_bias, keep, scale, sparse_form, norm,
+                                softcap=softcap))
         order = dense + rest
         return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
-    return _banded(q, k, v, mask_bias, keep, scale, form, norm)
+    return _banded(q, k, v, mask_bias, keep, scale, form, norm, softcap=softcap)
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
-              xv=None, w_vo=None, o_bias=None, fill=None):
+              xv=None, w_vo=None, o_bias=None, fill=None, softcap=None):
     """mlpfree on torch: scores_h = scale · X̃q W_qk,h X̃kᵀ (X̃ = [X, 1]); the output is P V as
     [B, H, Tq, dv], or with w_vo the output projection's result Σ_h P_h X̃v W_vo,h (+ bias)."""
     def aug(x):
@@ -344,6 +354,7 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     s = (q * scale) @ k.transpose(-1, -2) if k.shape[1] == q.shape[1] or k.shape[1] == 1 else None
     if s is None:
         s = ((q * scale).reshape(b, k.shape[1], -1, tq, q.shape[-1]) @ k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+    s = _softcap(s, softcap)
     vis = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=s.device)
     if mask_bias is not None:
         s, vis = s + mask_bias, vis & (mask_bias > MASKED)

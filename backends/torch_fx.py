@@ -34,7 +34,10 @@ def _bhsd(op: Operand, graph: fx.Graph):
 
 
 def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
-    """Replace one eager site by scaled_dot_product_attention (exact)."""
+    """Replace one eager site by scaled_dot_product_attention (exact); a soft-capped site,
+    which SDPA cannot express, by one call of the dense form with its cap."""
+    if site.softcap:
+        return emit_form(gm, site, None, {"kind": "softmax"})
     g = gm.graph
     out = site.output.native
     with g.inserting_before(out):
@@ -93,7 +96,7 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, nor
         additive = [_node(t, g) for t in site.additive]
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
-                  "pattern": pattern, "normaliser": normaliser, "fill": site.mask_value}
+                  "pattern": pattern, "normaliser": normaliser, "fill": site.mask_value, "softcap": site.softcap}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
@@ -162,7 +165,8 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, w: dict) -> None:
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
                   "heads": site.heads, "xv": w["xv"].native if vo else None,
                   "w_vo": g.get_attr(pvo) if vo else None,
-                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value}
+                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value,
+                  "softcap": site.softcap}
         new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
                                           [_node(t, g) for t in site.additive],
                                           _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)

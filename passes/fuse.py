@@ -48,6 +48,8 @@ class Fuse(Pass):
         from attn_opt.backends.torch_fx import fuse_site
 
         fuse_site(gm, site)
+        if site.softcap:
+            return f"one call of the dense form with soft-cap {site.softcap:g} (SDPA has no soft-cap)"
         return "scaled_dot_product_attention"
 
     def choose(self, site: AttentionSite) -> tuple[str, str]:
@@ -55,6 +57,8 @@ class Fuse(Pass):
         dtype = site.output.dtype or site.q.value.dtype
         if self.target != "onnx" and dtype not in (None, "float32"):
             return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
+        if self.target != "onnx" and site.softcap:
+            return "onnx", "MultiHeadAttention has no soft-cap; Attention (opset 23) has"
         if self.target != "auto":
             return self.target, "asked for"
         from attn_opt.backends.onnxruntime.bench import fastest_fused
@@ -73,6 +77,8 @@ class Fuse(Pass):
         else:
             ensure_opset(e.model, "", 23)
             attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
+            if s.softcap:
+                attrs["softcap"] = float(s.softcap)
             out = e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs)
             if choice == "ort":
                 why = "MultiHeadAttention has no grouped-query form"

@@ -35,6 +35,8 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
     pattern: dict | None = None
     normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})
+    fill_value: float | None = None  # the mask fill, when a record says it (no fill value to probe)
+    softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:
         if self.bool_mask is not None:

@@ -175,6 +175,21 @@ def _causal_pattern(hidden: np.ndarray, tq: int, tk: int) -> bool:
     return bool(np.all(row0 == np.triu(np.ones((tq, tk), dtype=bool), 1 + tk - tq)))
 
 
+def _causal_window(hidden: np.ndarray, tq: int, tk: int) -> int | None:
+    """W when batch row 0 sees exactly the W most recent keys up to its own (a causal
+    sliding window, Gemma 2/3, Mistral), else None."""
+    if hidden.ndim < 2 or tq < 2:
+        return None
+    h = np.broadcast_to(hidden, hidden.shape[:-2] + (tq, tk))
+    row0 = h.reshape((-1,) + h.shape[-3:])[0]
+    seen = ~row0
+    w = int(seen.sum(-1).max())
+    i = np.arange(tq)[:, None] + (tk - tq)
+    j = np.arange(tk)[None, :]
+    band = (j <= i) & (j > i - w)
+    return w if w < tk and np.all(seen == band) else None
+
+
 def _static_ints(shape: tuple | None) -> tuple | None:
     return shape if shape is not None and all(isinstance(d, int) for d in shape) else None
 
@@ -215,10 +230,12 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         scale = 1.0 / math.sqrt(head_dim) if head_dim else None
 
     hidden, bias = _masked(c, probed) if probed or not (c.additive or c.bool_mask) else (None, False)
-    causal = c.causal_attr
+    causal, window = c.causal_attr, None
     if hidden is not None and tq and tk:
         is_causal = _causal_pattern(hidden, tq, tk)
         causal = causal or is_causal
+        if not causal and (window := _causal_window(hidden, tq, tk)) is not None:
+            notes.append(f"causal with a sliding window of {window} keys (read from its mask)")
     has_mask = bool(c.additive or c.bool_mask is not None)
     terms = list(c.additive) + ([c.bool_mask] if c.bool_mask is not None else [])
     if (has_mask and hidden is not None and not hidden.any() and not bias
@@ -231,6 +248,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         mask = "causal"
     else:
         mask = "boolean" if c.bool_mask is not None and not c.additive else "additive"
+    causal = causal or window is not None  # after the mask kind: a window is a mask, not is_causal
     if err:
         notes.append(f"shapes from static inference only: the model did not run ({err})")
         causal = causal if (c.causal_attr or hidden is not None) else None
@@ -262,12 +280,14 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         additive=tuple(c.additive), bool_mask=c.bool_mask, bool_keep=c.bool_keep,
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
-        hidden=next(iter(src_q.values())) if len(src_q) == 1 else None,
+        hidden=next(iter(src_q.values())) if len(src_q) == 1 else None, softcap=c.softcap, window=window,
         pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 
 
 def _fill(c: Candidate, probed: dict) -> float | None:
+    if c.fill is None:
+        return c.fill_value
     a = _arr(c.fill, probed)
     return None if a is None or a.size != 1 else float(a.reshape(-1)[0])

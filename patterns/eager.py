@@ -51,7 +51,7 @@ def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
             return None
         if n.op in ("MatMul", "Einsum", "Gemm", "Linear"):
             return n
-        if n.op in PASS or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
+        if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
             v = n.input(0)
         elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
             v = n.input(1)
@@ -100,11 +100,31 @@ def _walk_scores(c: Candidate, v: Value) -> Node:
             w = next((i.name for i in n.inputs[1:] if i is not None and weight_like(i)), "?")
             raise Miss(f"the scores are a {n.op} with the weight {w}, not a product with keys "
                        "(a projection, classifier or router)", n)
-        elif n.op == "Tanh":
-            raise Miss("soft-capped scores (Tanh before the softmax) are not supported", n)
+        elif n.op == "Tanh":  # soft-capping c·tanh(S/c) (Gemma 2, Grok): the factors after it are c
+            v = _softcap(c, n)
         else:
             raise Miss(f"the scores come from {n.op}, not from a Q·Kᵀ MatMul", n)
     raise Miss("more than 12 ops between Q·Kᵀ and the softmax")
+
+
+def _softcap(c: Candidate, tanh: Node) -> Value:
+    """Record c of c·tanh(S/c): the scale factors met after the Tanh (walking back) are its
+    c_out, the scalar division right before it is its 1/c_in; they must agree. Returns S."""
+    if c.softcap is not None:
+        raise Miss("two Tanh soft-caps before the softmax", tanh)
+    after, c.scale_factors = c.scale_factors, []
+    pre = tanh.input(0).producer
+    s = _scale_of(pre, pre.input(0)) if pre is not None and pre.op in SCALE else None
+    if s is None or any(f.const is None for f, _ in after) or s[0].const is None:
+        raise Miss("a Tanh before the softmax that is not a constant soft-cap c·tanh(S/c)", tanh)
+    c_out = scale_value(after, {})
+    c_in = float(np.asarray(s[0].const).reshape(-1)[0])
+    c_in = c_in if s[1] else 1.0 / c_in
+    if not np.isclose(c_out, c_in, rtol=1e-6) or c_out <= 0:
+        raise Miss(f"a Tanh before the softmax with caps {c_in:g} in and {c_out:g} out, not c·tanh(S/c)", tanh)
+    c.softcap = float(c_out)
+    c.covered.append(pre)
+    return pre.input(0)
 
 
 def _strip_scale(c: Candidate, v: Value) -> Value:

@@ -41,6 +41,8 @@ def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
     k = _bhsd(site.k, probed).astype(np.float64)
     k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
     s = q @ np.swapaxes(k, -1, -2) * site.scale
+    if site.softcap:
+        s = np.tanh(s / site.softcap) * site.softcap
     vis = np.ones(s.shape, bool)
     for m in site.additive:
         a = _four_d(np.asarray(_get(m, probed), dtype=np.float64))

@@ -43,7 +43,7 @@ def match_onnx_attention(gv: GraphView, n: Node) -> Candidate:
     c.heads_attr = n.attrs.get("q_num_heads")
     c.kv_heads_attr = n.attrs.get("kv_num_heads")
     if n.attrs.get("softcap"):
-        c.notes.append(f"softcap={n.attrs['softcap']}")
+        c.softcap = float(n.attrs["softcap"])
     return c
 
 
@@ -136,6 +136,7 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     c.scale, c.causal_attr = rec["scale"], rec["causal"]
     c.heads_attr, c.kv_heads_attr = rec["heads"], rec["kv_heads"]
     c.pattern, c.normaliser = rec["pattern"], rec["normaliser"]
+    c.softcap, c.fill_value = rec.get("softcap"), rec.get("fill")
     c.covered = [m for m in gv.nodes if m.meta.get("attn_opt.site") == rec["site"]
                  and m.meta.get("attn_opt.pass") != "gated"]
     return c

@@ -19,4 +19,5 @@ def form_record(site: AttentionSite, pattern, normaliser) -> str:
         "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
         "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
         "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
-        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser})
+        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser,
+        "softcap": site.softcap, "fill": site.mask_value})

@@ -64,6 +64,8 @@ class AttentionSite:
     pattern: dict | None = None  # the sparse pattern attn-opt gave it (sparse options), or dense
     normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})  # how scores become probabilities
     hidden: Value | None = None  # the hidden state Q is projected from (through any ops), if one
+    softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
+    window: int | None = None  # a causal sliding window its own mask implies (keys per query)
 
     @property
     def gqa(self) -> bool:
@@ -77,7 +79,7 @@ class AttentionSite:
             "q_len": self.q_len, "k_len": self.k_len, "layer": self.layer, "scope": self.scope,
             "rule": self.rule, "nodes": list(self.nodes),
             "projections": {k: p.node for k, p in self.projections.items()},
-            "notes": list(self.notes),
+            "notes": list(self.notes), "softcap": self.softcap, "window": self.window,
             "form": {"pattern": self.pattern, "normaliser": self.normaliser},
         }
 

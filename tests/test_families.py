@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import onnx
+
 import pytest
 
 import attn_opt
@@ -18,6 +20,9 @@ FAMILIES = {  # class: (config class, extra config, heads, kv heads)
     "GPTNeoXModel": ("GPTNeoXConfig", dict(intermediate_size=64), 4, 4),
     "Qwen3Model": ("Qwen3Config", dict(intermediate_size=64, num_key_value_heads=2, head_dim=8), 4, 2),
     "FalconModel": ("FalconConfig", {}, 4, 1),
+    # soft-capped scores, and a causal sliding window in every other layer (its mask says so)
+    "Gemma2Model": ("Gemma2Config", dict(intermediate_size=64, num_key_value_heads=2, head_dim=8,
+                                         attn_logit_softcapping=50.0, sliding_window=4), 4, 2),
 }
 
 
@@ -62,3 +67,30 @@ def test_cross_attention_stays_cross(zoo_onnx):
     for exporter in ("dynamo", "torchscript"):
         sites = attn_opt.inspect(str(zoo_onnx("t5-eager", exporter))).sites
         assert [s.kind for s in sites].count("cross") == 2
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_softcap_and_sliding_window(family, tmp_path, exporter):
+    """Gemma 2: c·tanh(S/c) is found and kept (ONNX Attention's softcap), the local layer is
+    causal with window 4 read from its mask, and sparse:window=4 on it is exact."""
+    src = family("Gemma2Model", exporter)
+    sites = attn_opt.inspect(str(src)).sites
+    assert [(s.softcap, s.window, s.causal) for s in sites] == [(50.0, 4, True), (50.0, None, True)]
+    r = cli(src, "--pass", "fuse", "-o", tmp_path / "f.onnx")
+    assert r.returncode == 0, r.stderr
+    fused = [n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "Attention"]
+    assert len(fused) == 2 and all(a.f == 50.0 for n in fused for a in n.attribute if a.name == "softcap")
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "sparse:window=4", "--sites", "a0", "-o", tmp_path / "s.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(rep.read_text())["passes"][0]["fidelity"]["max_rel_error"] <= 1e-5
+
+
+def test_softcap_on_torch():
+    cfg, extra, _, _ = FAMILIES["Gemma2Model"]
+    model = zoo._Text(zoo._hf("Gemma2Model", cfg, "eager", **SMALL, **extra))
+    args = zoo._ids_and_padded_mask()
+    gm, report = attn_opt.optimize(model, ["fuse"], example_inputs=args)
+    p = report.passes[0]
+    assert len(p.sites_rewritten) == 2 and p.step_fidelity["max_rel_error"] <= 1e-4
+    assert all("soft-cap 50" in n for n in p.notes)

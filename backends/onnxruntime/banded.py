@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attn_opt.backends.onnxruntime.edit import SiteEdit
+from attn_opt.backends.onnxruntime.explicit import softcap
 from attn_opt.patterns.detect import MASKED
 from attn_opt.patterns.site import AttentionSite
 
@@ -205,13 +206,14 @@ def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None, s
     q6 = e.op("Reshape", [qp, e.ints(0, hkv, g, -1, b, s.head_dim)])  # [B, Hkv, g, nb, b, D]
     kb = e.op("Unsqueeze", [e.op("Gather", [k, band.p_clip], {"axis": 2}), e.ints(2)])  # [B, Hkv, 1, nb, Lk, D]
     vb = e.op("Unsqueeze", [e.op("Gather", [v, band.p_clip], {"axis": 2}), e.ints(2)])
-    scores = e.op("MatMul", [q6, e.op("Transpose", [kb], {"perm": [0, 1, 2, 3, 5, 4]})])
+    scores = softcap(e, s, e.op("MatMul", [q6, e.op("Transpose", [kb], {"perm": [0, 1, 2, 3, 5, 4]})]))
     scores, vis = _apply_masks(e, band, s, scores, band.window_visible(), sinks=False)
     parts = [(scores, vis, vb)]
     if form.sinks:
         ks = e.op("Slice", [k_full, e.ints(0), e.ints(form.sinks), e.ints(2)])
         vs = e.op("Unsqueeze", [e.op("Slice", [v_full, e.ints(0), e.ints(form.sinks), e.ints(2)]), e.ints(2, 3)])
-        ss = e.op("MatMul", [q6, e.op("Unsqueeze", [e.op("Transpose", [ks], {"perm": [0, 1, 3, 2]}), e.ints(2, 3)])])
+        ss = softcap(e, s, e.op("MatMul", [q6, e.op("Unsqueeze", [e.op("Transpose", [ks], {"perm": [0, 1, 3, 2]}),
+                                                                e.ints(2, 3)])]))
         ss, svis = _apply_masks(e, band, s, ss, band.sink_visible(), sinks=True)
         parts.append((ss, svis, vs))
     full = [(sc, e.op("Expand", [vis_, e.op("Shape", [sc])]), vals) for sc, vis_, vals in parts]

@@ -47,6 +47,14 @@ def softmax_visible(e: SiteEdit, s: ir.Value, vis: ir.Value) -> ir.Value:
     return safe_div(e, ex, row_sum(e, ex))
 
 
+def softcap(e: SiteEdit, site: AttentionSite, s: ir.Value) -> ir.Value:
+    """c·tanh(S/c) on scaled scores, where the site soft-caps them (before any mask)."""
+    if not site.softcap:
+        return s
+    c = f32(e, site.softcap)
+    return e.op("Mul", [e.op("Tanh", [e.op("Div", [s, c])]), c])
+
+
 def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
     x = e.value(m)
@@ -64,7 +72,7 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
     hkv, g = site.kv_heads, site.heads // site.kv_heads
     q5 = e.op("Reshape", [e.op("Mul", [q, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
     k5 = e.op("Unsqueeze", [k, e.ints(2)])
-    s = e.op("MatMul", [q5, e.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})])  # [B, Hkv, g, Tq, Tk]
+    s = softcap(e, site, e.op("MatMul", [q5, e.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})]))  # [B, Hkv, g, Tq, Tk]
     vis = None
     for m in site.additive:
         m5 = _mask5(e, site, m)

@@ -27,6 +27,7 @@ OPEN_BIAS = 30.0  # σ(30) = 1 - 9e-14: exactly 1.0 in fp32
 class Gated(Pass):
     name: ClassVar[str] = "gated"
     exact: ClassVar[bool] = True
+    computes_attention: ClassVar[bool] = False  # the gate reads the site's output; the site stays
     why: ClassVar[str] = "a sigmoid gate per head on the attention output (Gated Attention)"
     mode: str = option("headwise", "gate granularity", choices=("headwise", "elementwise"))
     weights: str | None = option(None, "trained gates (.npz/.safetensors, keys <site>.weight/<site>.bias)")

@@ -197,7 +197,7 @@ class Sparse(Pass):
         run = e.site.run_shape
         text += self.coverage_note(e.site)
         if run and not self.keeps_every_key(e.site, run[3]) and run[2] == run[3] \
-                and concrete.form(e.site).computed_pairs(run[2]) >= run[2] * run[3]:
+                and concrete.form(e.site).computed_pairs(run[2]) > run[2] * run[3]:
             text += (f"; at the input length {run[2]} the band computes more pairs than dense "
                      f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
         return text + (f"; {note}" if note else "")

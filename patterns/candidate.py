@@ -36,6 +36,7 @@ class Candidate:
     pattern: dict | None = None
     normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})
     fill_value: float | None = None  # the mask fill, when a record says it (no fill value to probe)
+    quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:

@@ -27,6 +27,8 @@ RULES = [
     Rule("ms-attention", frozenset({"com.microsoft.Attention"}), fused.match_ms_attention, "ORT Attention (packed QKV)"),
     Rule("attn-opt", frozenset({"attn_opt.Attention"}), fused.match_attn_opt, "attention attn-opt rewrote (its form record)"),
     Rule("eager", frozenset({"Softmax"}), eager.match_eager, "MatMul → scale → mask → Softmax → MatMul"),
+    Rule("quantized-softmax", frozenset({"com.microsoft.QLinearSoftmax"}), fused.quantized_softmax,
+         "a QOperator softmax: said why it is not rewritten"),
     Rule("torch-leaf", frozenset(f"module:{m}" for m in fused.OPAQUE_MODULES), fused.opaque_module,
          "torch.nn transformer modules that symbolic_trace keeps as leaves"),
 ]
@@ -204,6 +206,8 @@ def _length(op: Operand, shape: tuple | None, seq_first: bool) -> int | None:
 
 def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | None) -> AttentionSite:
     notes = list(c.notes)
+    if c.quantized:
+        notes.append("its scores/probabilities are quantized (QDQ) inside; a rewrite computes them in float")
     qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
     q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)
     heads, kv_heads, head_dim = c.heads_attr, c.kv_heads_attr, None
@@ -281,6 +285,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
         hidden=next(iter(src_q.values())) if len(src_q) == 1 else None, softcap=c.softcap, window=window,
+        quantized=c.quantized,
         pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)

@@ -42,6 +42,24 @@ def _scale_of(n: Node, path: Value) -> tuple[Value, bool] | None:
     return None
 
 
+def _qdq_source(v: Value) -> Value | None:
+    """x of DequantizeLinear(QuantizeLinear(x)) (a QDQ model's activation rounding), else None."""
+    dq = v.producer
+    if dq is None or dq.op != "DequantizeLinear":
+        return None
+    q = dq.input(0).producer
+    return q.input(0) if q is not None and q.op == "QuantizeLinear" else None
+
+
+def _qdq_user(p: Value) -> Node | None:
+    """The DequantizeLinear of QuantizeLinear(p) → DequantizeLinear, when that is p's only use."""
+    users = [u for u in p.users if u.op != "Assert"]
+    if len(users) != 1 or users[0].op != "QuantizeLinear":
+        return None
+    dq = users[0].outputs[0].users
+    return dq[0] if len(dq) == 1 and dq[0].op == "DequantizeLinear" else None
+
+
 def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
     """The MatMul that `v` is computed from through score ops (a weight product too, so
     that the miss can name the weight)."""
@@ -51,6 +69,9 @@ def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
             return None
         if n.op in ("MatMul", "Einsum", "Gemm", "Linear"):
             return n
+        if (src := _qdq_source(v)) is not None:
+            v = src
+            continue
         if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
             v = n.input(0)
         elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
@@ -75,6 +96,11 @@ def _walk_scores(c: Candidate, v: Value) -> Node:
         if n.op in ("MatMul", "Einsum"):
             return n
         c.covered.append(n)
+        if (src := _qdq_source(v)) is not None:  # QDQ models round the scores to int8 between ops
+            c.covered.append(src.users[0]) if len(src.users) == 1 else None
+            c.quantized = True
+            v = src
+            continue
         if n.op in PASS:
             v = n.input(0)
         elif n.op in SCALE and (s := _scale_of(n, n.input(0)) or _scale_of(n, n.input(1))):
@@ -150,6 +176,11 @@ def _walk_probs(c: Candidate, p: Value) -> Node:
             c.covered += [isnan[0], guards[0]]
             c.probs_shared |= len(users) > 2
             p = guards[0].outputs[0]
+            continue
+        if (dq := _qdq_user(p)) is not None:  # the probabilities rounded to int8 (QDQ)
+            c.covered += [p.users[0], dq]
+            c.quantized = True
+            p = dq.outputs[0]
             continue
         passes = [u for u in users if u.op in PASS]
         matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]

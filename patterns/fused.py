@@ -130,8 +130,10 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
             raise Miss(f"the record of rewritten site {rec['site']} names a missing value {rec[key]['name']}", n)
         vals[key] = Operand(v, tuple(rec[key]["perm"]) if rec[key]["perm"] else None, repeated=rec[key]["repeated"])
     c.q, c.k, c.v = vals["q"], vals["k"], vals["v"]
-    c.additive = [gv.value(a) for a in rec["additive"]]
-    if rec["bool"]:
+    # a mask the lowering did not read (a 2-D neighborhood drops the site's no-op mask) is gone
+    # from the graph: the form does not depend on it
+    c.additive = [v for a in rec["additive"] if (v := gv.value(a)) is not None]
+    if rec["bool"] and gv.value(rec["bool"]) is not None:
         c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
     c.scale, c.causal_attr = rec["scale"], rec["causal"]
     c.heads_attr, c.kv_heads_attr = rec["heads"], rec["kv_heads"]
@@ -140,3 +142,10 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     c.covered = [m for m in gv.nodes if m.meta.get("attn_opt.site") == rec["site"]
                  and m.meta.get("attn_opt.pass") != "gated"]
     return c
+
+
+def quantized_softmax(gv: GraphView, n: Node) -> Candidate:
+    """QOperator models (QLinearMatMul → QLinearSoftmax) hold attention in quantized ops the
+    passes do not rewrite: an honest near miss instead of silence."""
+    raise Miss("a quantized (QOperator) softmax: attention built from QLinearMatMul/QLinearSoftmax is not "
+               "rewritten; quantize with QDQ (QuantizeLinear/DequantizeLinear) to keep it rewritable", n)

@@ -15,8 +15,9 @@ def weight_like(v: Value | None, depth: int = 3) -> bool:
         return False
     if v.const is not None:
         return True
-    n = v.producer
-    return depth > 0 and n is not None and n.op in _SHAPE_ONLY and weight_like(n.input(0), depth - 1)
+    n = v.producer  # a dequantized constant (QDQ models) is a weight too
+    return depth > 0 and n is not None and n.op in _SHAPE_ONLY + ("DequantizeLinear",) \
+        and weight_like(n.input(0), depth - 1)
 
 
 def _swap_last(rank: int) -> list[int]:

@@ -84,6 +84,12 @@ def hidden_sources(v: Value, budget: int = 256) -> dict[int, Value]:
         budget -= 1
         if n.op in ("Shape", "Size", "ConstantOfShape"):  # a size, not data (TorchScript reads shapes)
             continue
+        if n.op == "DynamicQuantizeLinear":  # reached through its scale output (dynamic quantization):
+            src = n.input(0)  # the quantized hidden state itself is the source
+            while src.producer is not None and src.producer.op in _QUANT:
+                src = src.producer.input(0)
+            out[id(src)] = src
+            continue
         inputs = [i for i in n.inputs if i is not None]
         data = [i for i in inputs if not weight_like(i) and i.const is None]
         if n.op in _WEIGHTED and len(data) < len(inputs) and data:

@@ -66,6 +66,7 @@ class AttentionSite:
     hidden: Value | None = None  # the hidden state Q is projected from (through any ops), if one
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
     window: int | None = None  # a causal sliding window its own mask implies (keys per query)
+    quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
 
     @property
     def gqa(self) -> bool:

@@ -65,6 +65,7 @@ def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
 class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    computes_attention: ClassVar[bool] = True  # rewrites how a site computes (not only what reads it)
     why: ClassVar[str] = ""
 
     def options(self) -> dict:

@@ -131,3 +131,69 @@ def test_bf16_on_torch():
     assert len(p.sites_rewritten) == 2
     assert p.step_fidelity["max_rel_error"] <= 8 * float(torch.finfo(torch.bfloat16).eps)
     assert gm(*args).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="session")
+def quantized(cache_dir, zoo_onnx):
+    """quantized(kind) -> bert-eager (TorchScript export) quantized by ONNX Runtime:
+    "dynamic" (MatMulInteger), "qdq" (QuantizeLinear/DequantizeLinear around every op),
+    "qoperator" (QLinearMatMul, QLinearSoftmax)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.n = 0
+
+        def get_next(self):
+            self.n += 1
+            if self.n > 4:
+                return None
+            ids = np.random.default_rng(self.n).integers(1, zoo.VOCAB, (2, 8))
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def get(kind: str):
+        path = cache_dir / f"quantized-bert-{kind}.onnx"
+        if path.exists():
+            return path
+        src, tmp = str(zoo_onnx("bert-eager", "torchscript")), str(path.with_suffix(".tmp.onnx"))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if kind == "dynamic":
+                quantize_dynamic(src, tmp, weight_type=QuantType.QInt8)
+            else:
+                fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
+                ops = ["MatMul", "Softmax", "Add", "Mul"] if kind == "qdq" else ["MatMul", "Softmax"]
+                quantize_static(src, tmp, Reader(), quant_format=fmt, op_types_to_quantize=ops)
+        os.replace(tmp, path)
+        return path
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "qdq"])
+def test_quantized_sites_are_found_as_self_attention(quantized, kind):
+    sites = attn_opt.inspect(str(quantized(kind))).sites
+    assert [(s.kind, s.heads, s.quantized) for s in sites] == [("self", 4, kind == "qdq")] * 2
+
+
+@pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "gated", "softplus"])
+@pytest.mark.parametrize("kind", ["dynamic", "qdq"])
+def test_quantized_passes(quantized, tmp_path, kind, spec):
+    """The projections stay quantized; a site whose scores QDQ rounds inside is not fused
+    (not exact there, and said so), every other pass rewrites it."""
+    r, out, rep = _run(quantized(kind), tmp_path, spec)
+    assert r.returncode == 0, r.stderr
+    p = rep["passes"][0]
+    if kind == "qdq" and spec == "fuse":
+        assert not p["sites_rewritten"] and all("QuantizeLinear/DequantizeLinear" in s["reason"]
+                                                 for s in p["sites_skipped"])
+    else:
+        assert len(p["sites_rewritten"]) == 2, p["sites_skipped"]
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("MatMulInteger" if kind == "dynamic" else "DequantizeLinear") in ops
+
+
+def test_qoperator_near_miss(quantized):
+    det = attn_opt.inspect(str(quantized("qoperator")))
+    assert not det.sites and det.near_misses
+    assert all("QOperator" in m.reason for m in det.near_misses)

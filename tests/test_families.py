@@ -94,3 +94,26 @@ def test_softcap_on_torch():
     p = report.passes[0]
     assert len(p.sites_rewritten) == 2 and p.step_fidelity["max_rel_error"] <= 1e-4
     assert all("soft-cap 50" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("exporter", zoo.EXPORTERS)
+def test_vision_grid_then_another_form(zoo_onnx, tmp_path, exporter):
+    """A 2-D neighborhood drops the site's no-op mask; the next pass still finds the site."""
+    rep = tmp_path / "r.json"
+    r = cli(zoo_onnx("vit-eager", exporter), "--pass", "sparse:window=3x3,grid=4x4", "--pass", "softplus",
+            "-o", tmp_path / "o.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert [len(p["sites_rewritten"]) for p in json.loads(rep.read_text())["passes"]] == [2, 2]
+
+
+def test_why_on_a_model_without_softmax(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    r = cli("inspect", tmp_path / "m.onnx", "--why")
+    assert r.returncode == 0 and "no softmax and no attention op" in r.stdout

@@ -131,7 +131,11 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
     if stats is not None:
         con.print(attention_table(stats, window))
     if why:
-        con.print(misses_table(det) if det.near_misses else "every softmax in the model is an attention site")
+        if det.near_misses:
+            con.print(misses_table(det))
+        else:
+            con.print("every softmax in the model is an attention site" if det.sites
+                      else "the model has no softmax and no attention op")
     elif det.near_misses:
         con.print(f"{len(det.near_misses)} softmax(es) are not attention sites; --why says why")
 

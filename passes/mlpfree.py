@@ -52,6 +52,15 @@ def plain_projection(site: AttentionSite, which: str) -> Linear | str:
     v = op.value.producer.input(0)
     bias = None
     n = v.producer
+    factor = 1.0
+    if n is not None and n.op in ("Mul", "Div"):  # Q pre-scaled by a constant (OPT, Whisper: q_proj(x) * scaling)
+        consts = [i for i in n.inputs if i is not None and i.const is not None and i.const.size == 1]
+        if len(consts) != 1 or (n.op == "Div" and n.input(1) is not consts[0]):
+            return f"{which.upper()} is scaled by a value that is not a constant"
+        c = float(consts[0].const.reshape(-1)[0])
+        factor = 1.0 / c if n.op == "Div" else c
+        v = next(i for i in n.inputs if i is not None and i is not consts[0])
+        n = v.producer
     if n is not None and n.op == "Add":
         consts = [i for i in n.inputs if i is not None and i.const is not None]
         if len(consts) != 1:
@@ -65,7 +74,7 @@ def plain_projection(site: AttentionSite, which: str) -> Linear | str:
     if proj.bias is not None and proj.bias.const is not None:
         bias = proj.bias.const.reshape(-1) + (bias if bias is not None else 0)
     b = np.zeros(w.shape[1]) if bias is None else bias
-    return Linear(proj.x, np.asarray(w, np.float64), np.asarray(b, np.float64))
+    return Linear(proj.x, np.asarray(w, np.float64) * factor, np.asarray(b, np.float64) * factor)
 
 
 @dataclass(frozen=True)

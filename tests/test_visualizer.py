@@ -42,11 +42,12 @@ def open_page(driver, path: Path, shot: Path):
     driver.get_log("performance")  # drop what came before
     t0 = time.perf_counter()
     driver.get(path.resolve().as_uri())
-    for _ in range(100):
+    for _ in range(600):  # a loaded machine (the suite runs on 2 cores) may take seconds
         if driver.execute_script("return document.body.dataset.ready") == "1":
             break
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
+    assert driver.execute_script("return document.body.dataset.ready") == "1", "the page never became ready"
     assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     severe = [m for m in driver.get_log("browser") if m["level"] == "SEVERE"]
     assert not severe, severe
@@ -81,7 +82,10 @@ def test_diff_page(browser, zoo_onnx, tmp_path, name, exporter, spec):
     marked = [b for b in data["after"]["boxes"] if b["status"] in ("added", "changed")]
     shown = browser.find_elements(By.CSS_SELECTOR, "#after .box.added, #after .box.changed")
     assert marked and len(shown) == len(marked)
-    shown[0].click()  # details of a changed box
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(shown[0])).click()  # details of a changed box
     assert "in:" in browser.find_element(By.ID, "details").text
 
 
@@ -97,7 +101,10 @@ def test_pipeline_page_has_a_tab_per_pass(browser, zoo_onnx, tmp_path):
     tabs = browser.find_elements(By.CSS_SELECTOR, "#tabs button")
     assert [t.text for t in tabs] == ["fuse", "gated"]
     assert "attention FLOPs" in browser.find_element(By.ID, "passinfo").text
-    tabs[1].click()
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tabs[1])).click()
     assert "gated" in browser.find_element(By.ID, "passinfo").text
 
 

@@ -30,7 +30,19 @@ def _node(v, graph: fx.Graph):
 
 def _bhsd(op: Operand, graph: fx.Graph):
     x = _node(op.value, graph)
-    return graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
+    x = graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
+    return graph.call_method("unflatten", (x, 0, (-1, op.fold))) if op.fold else x  # [B*H, S, D] -> 4-D
+
+
+def _term(site: AttentionSite, t, graph: fx.Graph):
+    """An additive term; one added to 3-D heads-in-batch scores viewed as [B, H, ·, ·]."""
+    x = _node(t, graph)
+    return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
+
+
+def _refold(site: AttentionSite, new, graph: fx.Graph):
+    """A heads-in-batch site's output back to [B*H, Tq, dv]."""
+    return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
 
 
 def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
@@ -44,7 +56,7 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
         q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
         mask = None
         for term in site.additive:
-            t = _node(term, g)
+            t = _term(site, term, g)
             mask = t if mask is None else g.call_function(operator.add, (mask, t))
         if site.bool_mask is not None:
             keep = _node(site.bool_mask, g)
@@ -61,7 +73,7 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
         kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
         if site.gqa:
             kwargs["enable_gqa"] = True
-        new = g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
+        new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
     out.replace_all_uses_with(new)
     covered = set(site.nodes)
     for n in list(g.nodes):  # export's metadata assertions on the replaced nodes go with them
@@ -93,13 +105,14 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, nor
     out = site.output.native
     with g.inserting_before(out):
         q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
-        additive = [_node(t, g) for t in site.additive]
+        additive = [_term(site, t, g) for t in site.additive]
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
                   "pattern": pattern, "normaliser": normaliser, "fill": site.mask_value, "softcap": site.softcap}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
+        new = _refold(site, new, g)
     new.meta[FORM_KEY] = form_record(site, pattern, normaliser)
     new.meta["attn_opt.site"] = site.id
     out.replace_all_uses_with(new)

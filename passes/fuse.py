@@ -96,7 +96,7 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
         return None, False
     add = None
     for term in s.additive:
-        t = term.native
+        t = e.value(term)
         add = t if add is None else e.op("Add", [add, t])
     cond = None
     if s.bool_mask is not None:

@@ -37,6 +37,8 @@ class Candidate:
     normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})
     fill_value: float | None = None  # the mask fill, when a record says it (no fill value to probe)
     quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
+    unfold: Value | None = None  # the 4-D [B, H, Tq, Tk] view of 3-D scores (heads folded into the batch)
+    folded_terms: list[Value] = field(default_factory=list)  # additive terms added to the 3-D scores
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:

@@ -3,6 +3,7 @@ of the model on sample inputs, and turn candidates into `AttentionSite` records.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -128,6 +129,8 @@ def _needed(cands: list[Candidate]) -> list[Value]:
         vals += [a for a in c.additive if a.const is None]
         if c.bool_mask is not None and c.bool_mask.const is None:
             vals.append(c.bool_mask)
+        if c.unfold is not None:
+            vals.append(c.unfold)
     return vals
 
 
@@ -146,7 +149,34 @@ def _bhsd(op: Operand, probed: dict, static: bool = False) -> tuple | None:
         shape = None if a is None else a.shape
     if shape is None or op.packed:
         return shape
-    return tuple(shape[p] for p in op.perm) if op.perm else tuple(shape)
+    shape = tuple(shape[p] for p in op.perm) if op.perm else tuple(shape)
+    if op.fold and len(shape) == 3 and isinstance(shape[0], int):  # [B*H, S, D] -> [B, H, S, D]
+        return (shape[0] // op.fold, op.fold) + shape[1:]
+    return shape
+
+
+def _fold(c: Candidate, probed: dict) -> int | None:
+    """Heads of eager attention written as 3-D batched products ([B*H, S, D]): from the
+    4-D view of its scores, else 1 (a batch of single-head attentions)."""
+    if c.rule != "eager" or c.q.packed or c.q.value.rank != 3:
+        return None
+    if c.unfold is not None:
+        a = _arr(c.unfold, probed)
+        shape = a.shape if a is not None else c.unfold.shape
+        return int(shape[1]) if shape is not None and isinstance(shape[1], int) else None
+    return 1
+
+
+def _unfold_terms(c: Candidate, probed: dict, h: int | None) -> dict:
+    """Probed values with the terms added to 3-D scores viewed as [B, H, ·, ·]."""
+    if not c.folded_terms or not h:
+        return probed
+    out = dict(probed)
+    for t in c.folded_terms:
+        a = _arr(t, probed)
+        if a is not None and a.ndim == 3:
+            out[t.name] = a.reshape((-1, h) + a.shape[1:])
+    return out
 
 
 def _masked(c: Candidate, probed: dict) -> tuple[np.ndarray | None, bool]:
@@ -208,6 +238,12 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     notes = list(c.notes)
     if c.quantized:
         notes.append("its scores/probabilities are quantized (QDQ) inside; a rewrite computes them in float")
+    fold = _fold(c, probed) or c.q.fold  # a rewritten site's record says it
+    if fold:
+        c.q, c.k, c.v = (dataclasses.replace(x, fold=fold) for x in (c.q, c.k, c.v))
+        probed = _unfold_terms(c, probed, fold)
+        if c.rule == "eager":
+            notes.append(f"heads folded into the batch (3-D products): {fold} head(s)")
     qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
     q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)
     heads, kv_heads, head_dim = c.heads_attr, c.kv_heads_attr, None
@@ -285,7 +321,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         mask_value=_fill(c, probed), probs=c.probs, probs_shared=c.probs_shared,
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
         hidden=next(iter(src_q.values())) if len(src_q) == 1 else None, softcap=c.softcap, window=window,
-        quantized=c.quantized,
+        quantized=c.quantized, folded_terms=tuple(t.name for t in c.folded_terms),
         pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)

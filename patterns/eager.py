@@ -42,6 +42,11 @@ def _scale_of(n: Node, path: Value) -> tuple[Value, bool] | None:
     return None
 
 
+def _unfolds(n: Node) -> bool:
+    """A Reshape of 3-D scores [B*H, Tq, Tk] to 4-D [B, H, Tq, Tk]."""
+    return n.op == "Reshape" and n.input(0) is not None and n.input(0).rank == 3 and n.outputs[0].rank == 4
+
+
 def _qdq_source(v: Value) -> Value | None:
     """x of DequantizeLinear(QuantizeLinear(x)) (a QDQ model's activation rounding), else None."""
     dq = v.producer
@@ -72,6 +77,9 @@ def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
         if (src := _qdq_source(v)) is not None:
             v = src
             continue
+        if _unfolds(n):
+            v = n.input(0)
+            continue
         if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
             v = n.input(0)
         elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
@@ -96,6 +104,12 @@ def _walk_scores(c: Candidate, v: Value) -> Node:
         if n.op in ("MatMul", "Einsum"):
             return n
         c.covered.append(n)
+        if _unfolds(n):  # 3-D [B*H, Tq, Tk] scores viewed as [B, H, Tq, Tk] (bmm attention: BLOOM, DeBERTa)
+            if c.unfold is not None:
+                raise Miss("two reshapes of the scores before the softmax", n)
+            c.unfold = n.outputs[0]
+            v = n.input(0)
+            continue
         if (src := _qdq_source(v)) is not None:  # QDQ models round the scores to int8 between ops
             c.covered.append(src.users[0]) if len(src.users) == 1 else None
             c.quantized = True
@@ -110,7 +124,10 @@ def _walk_scores(c: Candidate, v: Value) -> Node:
             paths = [x for x in n.inputs if _qk_matmul(x)]
             if len(paths) != 1:
                 raise Miss("an Add before the softmax has no single score operand", n)
-            c.additive.extend(x for x in n.inputs if x is not paths[0])
+            terms = [x for x in n.inputs if x is not paths[0]]
+            c.additive.extend(terms)
+            if c.unfold is not None:  # added while the scores were 3-D: heads folded into the batch
+                c.folded_terms.extend(terms)
             v = paths[0]
         elif n.op == "Where":  # boolean mask (TorchScript's masked_fill, aten.where)
             cond, x, y = n.inputs
@@ -181,6 +198,12 @@ def _walk_probs(c: Candidate, p: Value) -> Node:
             c.covered += [p.users[0], dq]
             c.quantized = True
             p = dq.outputs[0]
+            continue
+        folds = [u for u in users if u.op == "Reshape" and p.rank == 4 and u.outputs[0].rank == 3]
+        data_users = [u for u in users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
+        if c.unfold is not None and len(data_users) == 1 and folds:  # back to [B*H, Tq, Tk] for the bmm with V
+            c.covered.append(folds[0])
+            p = folds[0].outputs[0]
             continue
         passes = [u for u in users if u.op in PASS]
         matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]
@@ -270,6 +293,8 @@ def match_eager(gv: GraphView, sm: Node) -> Candidate:
         c.q = operand(_strip_scale(c, qk.input(0)), transposed=False)
         c.k = operand(_strip_scale(c, qk.input(1)), transposed=True)
     c.v = _einsum_v(pv) if pv.op == "Einsum" else operand(v_in, transposed=False)
+    if c.unfold is not None and any(x.value.rank != 3 for x in (c.q, c.k, c.v)):
+        raise Miss("scores reshaped to 4-D from a product whose operands are not 3-D", sm)
     c.output = pv.outputs[0]
     c.scope = sm.scope or qk.scope
     return c

@@ -26,7 +26,8 @@ def _get(v: Value, probed: dict) -> np.ndarray:
 
 def _bhsd(op: Operand, probed: dict) -> np.ndarray:
     x = _get(op.value, probed)
-    return np.transpose(x, op.perm) if op.perm else x
+    x = np.transpose(x, op.perm) if op.perm else x
+    return x.reshape((-1, op.fold) + x.shape[1:]) if op.fold else x
 
 
 def _four_d(m: np.ndarray) -> np.ndarray:
@@ -45,7 +46,10 @@ def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
         s = np.tanh(s / site.softcap) * site.softcap
     vis = np.ones(s.shape, bool)
     for m in site.additive:
-        a = _four_d(np.asarray(_get(m, probed), dtype=np.float64))
+        a = np.asarray(_get(m, probed), dtype=np.float64)
+        if m.name in site.folded_terms and a.ndim == 3:
+            a = a.reshape((-1, site.heads) + a.shape[1:])
+        a = _four_d(a)
         s = s + a
         vis &= a > MASKED
     if site.bool_mask is not None:

@@ -128,11 +128,13 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
         v = gv.value(rec[key]["name"])
         if v is None:
             raise Miss(f"the record of rewritten site {rec['site']} names a missing value {rec[key]['name']}", n)
-        vals[key] = Operand(v, tuple(rec[key]["perm"]) if rec[key]["perm"] else None, repeated=rec[key]["repeated"])
+        vals[key] = Operand(v, tuple(rec[key]["perm"]) if rec[key]["perm"] else None, repeated=rec[key]["repeated"],
+                            fold=rec[key].get("fold"))
     c.q, c.k, c.v = vals["q"], vals["k"], vals["v"]
     # a mask the lowering did not read (a 2-D neighborhood drops the site's no-op mask) is gone
     # from the graph: the form does not depend on it
     c.additive = [v for a in rec["additive"] if (v := gv.value(a)) is not None]
+    c.folded_terms = [v for v in c.additive if v.name in rec.get("folded_terms", ())]
     if rec["bool"] and gv.value(rec["bool"]) is not None:
         c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
     c.scale, c.causal_attr = rec["scale"], rec["causal"]

@@ -13,11 +13,12 @@ FORM_KEY = "attn_opt.form"
 
 def form_record(site: AttentionSite, pattern, normaliser) -> str:
     def op(o):
-        return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated}
+        return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated,
+                "fold": o.fold}
 
     return json.dumps({
         "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
         "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
         "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
         "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser,
-        "softcap": site.softcap, "fill": site.mask_value})
+        "softcap": site.softcap, "fill": site.mask_value, "folded_terms": list(site.folded_terms)})

@@ -18,6 +18,7 @@ class Operand:
     perm: tuple[int, ...] | None = None
     packed: bool = False
     repeated: bool = False  # `value` holds the kv heads; the graph repeats them to H (GQA)
+    fold: int | None = None  # `value` is 3-D [B*H, S, D] (after perm): heads folded into the batch
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class AttentionSite:
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
     window: int | None = None  # a causal sliding window its own mask implies (keys per query)
     quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
+    folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
 
     @property
     def gqa(self) -> bool:

@@ -117,3 +117,48 @@ def test_why_on_a_model_without_softmax(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
     r = cli("inspect", tmp_path / "m.onnx", "--why")
     assert r.returncode == 0 and "no softmax and no attention op" in r.stdout
+
+
+FOLDED = {  # attention as 3-D batched products, heads folded into the batch
+    "BloomModel": ("BloomConfig", dict(vocab_size=zoo.VOCAB, hidden_size=32, n_layer=2, n_head=4), True),  # ALiBi
+    "DebertaV2Model": ("DebertaV2Config", dict(SMALL, intermediate_size=64, relative_attention=True,
+                                               pos_att_type=["p2c", "c2p"], max_relative_positions=16), False),
+}
+
+
+@pytest.fixture(scope="session")
+def folded(cache_dir):
+    def get(cls: str, exporter: str):
+        path = cache_dir / f"folded-{cls}-{exporter}.onnx"
+        if not path.exists():
+            cfg, kw, _ = FOLDED[cls]
+            tmp = path.with_suffix(".tmp.onnx")
+            zoo.export_module(zoo._Text(zoo._hf(cls, cfg, "eager", **kw)), zoo._ids_and_padded_mask(),
+                              ("input_ids", "attention_mask"), exporter, tmp)
+            os.replace(tmp, path)
+        return path
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("cls", list(FOLDED))
+def test_heads_in_batch_families(folded, tmp_path, cls, exporter):
+    """BLOOM's ALiBi and DeBERTa's disentangled terms are added to 3-D [B*H, T, T] scores:
+    found with their heads and causality, the terms kept, fuse exact on every input set,
+    the forms composing on the same site."""
+    src = folded(cls, exporter)
+    sites = attn_opt.inspect(str(src)).sites
+    assert [(s.kind, s.heads, s.causal, len(s.folded_terms)) for s in sites] == \
+        [("self", 4, FOLDED[cls][2], 1)] * 2
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "fuse", "-o", tmp_path / "f.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert len(p["sites_rewritten"]) == 2 and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+    r = cli(src, "--pass", "sinkfree:mode=logit,bias=-inf", "--pass", "sparse:window=4", "-o", tmp_path / "s.onnx",
+            "--report", rep)
+    assert r.returncode == 0, r.stderr
+    passes = json.loads(rep.read_text())["passes"]
+    assert [len(p["sites_rewritten"]) for p in passes] == [2, 2]
+    assert passes[0]["step_fidelity_all"]["max_rel_error"] <= 1e-4

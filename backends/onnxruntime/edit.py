@@ -35,10 +35,24 @@ class SiteEdit:
         return f"computed in float32 inside the {dt} model" if self.in_fp32 else None
 
     def value(self, v) -> ir.Value:
-        """A site value as the lowering computes with it (cast to float32 if so)."""
+        """A site value as the lowering computes with it (cast to float32 if so; a term
+        added to 3-D heads-in-batch scores viewed as [B, H, ·, ·])."""
+        x = v.native
         if self.in_fp32 and (v.dtype in LOW_PRECISION):
-            return self.op("Cast", [v.native], {"to": ir.DataType.FLOAT})
-        return v.native
+            x = self.op("Cast", [x], {"to": ir.DataType.FLOAT})
+        if v.name in self.site.folded_terms:
+            x = self.unfold(x, self.site.heads)
+        return x
+
+    def unfold(self, x: ir.Value, heads: int) -> ir.Value:
+        """[B*H, a, b] -> [B, H, a, b]."""
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(1), self.ints(3), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1, heads), rest], {"axis": 0})])
+
+    def fold(self, x: ir.Value) -> ir.Value:
+        """[B, H, a, b] -> [B*H, a, b] (the layout of a heads-in-batch site's output)."""
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(2), self.ints(4), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1), rest], {"axis": 0})])
 
     def back(self, x: ir.Value) -> ir.Value:
         """A float32 result back in the site's dtype."""
@@ -78,15 +92,19 @@ class SiteEdit:
         v = self.value(operand.value)
         if operand.packed:
             raise ValueError("packed [B, S, H*D] operand")
-        return self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
+        v = self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
+        return self.unfold(v, operand.fold) if operand.fold else v
 
     def shape_dim(self, value: ir.Value, axis: int) -> ir.Value:
         """Size of one axis as a 1-element int64 tensor (Shape then Gather: valid at every
         opset, where Shape's start/end need opset 15)."""
         return self.op("Gather", [self.op("Shape", [value]), self.ints(axis)], {"axis": 0})
 
-    def commit(self, new_output: ir.Value) -> None:
-        """Insert the new nodes after the site's last node and use `new_output` for its output."""
+    def commit(self, new_output: ir.Value, folded: bool = False) -> None:
+        """Insert the new nodes after the site's last node and use `new_output` for its output
+        (a heads-in-batch site's output goes back to [B*H, Tq, dv] unless already `folded`)."""
+        if self.site.q.fold and not folded:
+            new_output = self.fold(new_output)
         self.commit_value(self.site.output.native, new_output)
 
     def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:

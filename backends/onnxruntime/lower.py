@@ -95,9 +95,10 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: dict | None, norma
         out = emit_banded(e, site, Sparse(**pattern).form(site), normaliser_fn(normaliser, site, 6))
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
-    out = e.op("Identity", [e.back(out)])  # the record's carrier: one node whose output is the site's
+    out = e.back(out)
+    out = e.op("Identity", [e.fold(out) if site.q.fold else out])  # the record's carrier: its output is the site's
     out.producer().metadata_props[FORM_KEY] = form_record(site, pattern, normaliser)
-    e.commit(out)
+    e.commit(out, folded=True)
     return out
 
 

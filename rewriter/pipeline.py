@@ -149,7 +149,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
                         getattr(p, "window", None))
     rewritten, notes = [], []
     for site in chosen:
-        reason = p.skip_reason(site)
+        reason = p.skip_reason(site) or steps.unsupported(site, p)
         if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")
@@ -184,6 +184,13 @@ def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
             continue
         out[s.id] = {"before": np.round(before, 4).tolist(), "after": np.round(after, 4).tolist()}
     return out
+
+
+def outputs_epsilon(outputs: dict | None) -> float | None:
+    """Machine epsilon of the coarsest floating output array."""
+    eps = [float(np.finfo(v.dtype).eps) for v in (outputs or {}).values()
+           if np.issubdtype(np.asarray(v).dtype, np.floating)]
+    return max(eps) if eps else None
 
 
 def exact_bound(steps, state: State) -> float:

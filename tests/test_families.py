@@ -162,3 +162,16 @@ def test_heads_in_batch_families(folded, tmp_path, cls, exporter):
     passes = json.loads(rep.read_text())["passes"]
     assert [len(p["sites_rewritten"]) for p in passes] == [2, 2]
     assert passes[0]["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+def test_heads_in_batch_on_torch():
+    """On torch.fx the exact fuse takes the 3-D layout; the forms say they do not yet."""
+    cfg, kw, _ = FOLDED["DebertaV2Model"]
+    model = zoo._Text(zoo._hf("DebertaV2Model", cfg, "eager", **kw))
+    args = zoo._ids_and_padded_mask()
+    _, report = attn_opt.optimize(model, ["fuse"], example_inputs=args)
+    p = report.passes[0]
+    assert p.sites_rewritten == ["a0", "a1"] and p.step_fidelity["max_rel_error"] <= 1e-4
+    _, report = attn_opt.optimize(model, ["softplus"], example_inputs=args)
+    p = report.passes[0]
+    assert not p.sites_rewritten and all("only the exact passes" in s["reason"] for s in p.sites_skipped)

@@ -122,3 +122,12 @@ def test_diff_text_and_errors(zoo_onnx, variant_onnx, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.html").exists()
     r = cli("diff", src, out)
     assert r.returncode == 2 and "give -o" in r.stderr
+
+
+def test_diff_labels_every_form_on_a_site(zoo_onnx, tmp_path):
+    """sparse then softplus then gated on one site: the label names all three."""
+    src, out = zoo_onnx("bert-eager", "dynamo"), tmp_path / "o.onnx"
+    r = cli(src, "--pass", "sparse:window=4", "--pass", "softplus", "--pass", "gated", "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("diff", src, out, "--text")
+    assert r.returncode == 0 and "sparse 4 softplus gated" in r.stdout, r.stdout

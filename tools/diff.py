@@ -52,7 +52,7 @@ class Diff:
                                         if self.before.site_labels.get(k) != self.after.site_labels.get(k))}
 
 
-def site_label(s) -> str:
+def site_label(s, gated: bool = False) -> str:
     form = s.rule
     if s.pattern:
         p = s.pattern
@@ -60,6 +60,8 @@ def site_label(s) -> str:
             (f" sinks {p['sinks']}" if str(p.get("sinks", "0")) != "0" else "")
     if s.normaliser.get("kind", "softmax") != "softmax":
         form += f" {s.normaliser['kind']}"
+    if gated:  # the gate reads the site's output; it is not part of the form record
+        form += " gated"
     causal = "causal" if s.causal else "bidir"
     return f"{s.id} {form}: {s.heads}h/{s.kv_heads}kv {causal} mask={s.mask}"
 
@@ -86,7 +88,8 @@ def side_of(gv: GraphView) -> Side:
     for s in det.sites:  # a site's nodes are in its layer, new ones (no module scope) too
         for x in sites[s.id]:
             layers[x] = s.layer if s.layer is not None else layers.get(x)
-    return Side(gv, g, sites, {s.id: site_label(s) for s in det.sites}, layers)
+    gated = {n.meta.get("attn_opt.site") for n in gv.nodes if n.meta.get("attn_opt.pass") == "gated"}
+    return Side(gv, g, sites, {s.id: site_label(s, s.id in gated) for s in det.sites}, layers)
 
 
 def _short(v) -> str:

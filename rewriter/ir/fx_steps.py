@@ -19,7 +19,7 @@ from attn_opt.patterns.detect import match, needed
 from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError
 from attn_opt.rewriter.ir import fx as fx_adapter
 from attn_opt.rewriter.ir.onnx_flops import Flops
-from attn_opt.rewriter.pipeline import State
+from attn_opt.rewriter.pipeline import State, outputs_epsilon
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -103,6 +103,13 @@ class FxSteps:
     def snapshot(self, state: State) -> fx.GraphModule:
         return copy.deepcopy(state.model)
 
+    def unsupported(self, site, p) -> str | None:
+        """Why this IR's lowering cannot take `site` for `p` yet (said, never faked)."""
+        if site.q.fold and p.computes_attention and not p.exact:
+            return ("heads folded into the batch (3-D products): on torch.fx only the exact passes rewrite "
+                    "this layout yet (the ONNX lowering takes every form)")
+        return None
+
     def rewrite_site(self, state: State, site, p, diag) -> str | None:
         rewrite = getattr(p, "rewrite_fx", None)
         if rewrite is None:
@@ -141,9 +148,7 @@ class FxSteps:
             return a
 
         fx.node.map_arg(out.args, visit)
-        eps += [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
-                if np.issubdtype(np.asarray(v).dtype, np.floating)]
-        return max(eps) if eps else None
+        return max(eps + [e for e in [outputs_epsilon(state.outputs)] if e is not None], default=None)
 
     def outputs_on(self, gm: fx.GraphModule, feeds) -> dict:
         """The module's outputs on other inputs (the fidelity variants)."""

@@ -15,7 +15,7 @@ from attn_opt.rewriter.errors import DoesNotRun, UserError
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.ir import onnx_flops
 from attn_opt.rewriter.ir.onnx_model import OnnxModel, _first_line
-from attn_opt.rewriter.pipeline import State
+from attn_opt.rewriter.pipeline import State, outputs_epsilon
 
 
 def _opset(proto_or_model) -> int:
@@ -101,6 +101,9 @@ class OnnxSteps:
     def snapshot(self, state: State) -> OnnxModel:
         return state.model.clone()
 
+    def unsupported(self, site, p) -> str | None:
+        return None
+
     def rewrite_site(self, state: State, site, p, diag) -> str | None:
         from attn_opt.backends.onnxruntime.edit import SiteEdit
 
@@ -133,10 +136,7 @@ class OnnxSteps:
                 if "logit" in k.lower() or (np.ndim(v) >= 2 and np.shape(v)[-1] in vocab)}
 
     def output_epsilon(self, state: State) -> float | None:
-        """Machine epsilon of the coarsest floating output dtype."""
-        eps = [float(np.finfo(v.dtype).eps) for v in (state.outputs or {}).values()
-               if np.issubdtype(np.asarray(v).dtype, np.floating)]
-        return max(eps) if eps else None
+        return outputs_epsilon(state.outputs)
 
     def outputs_on(self, model: OnnxModel, feeds) -> dict:
         """The model's outputs on other inputs (the fidelity variants)."""

@@ -110,11 +110,16 @@ def load_weightless(path: str | os.PathLike, threshold: int) -> onnx.ModelProto:
     location = os.path.basename(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         parts = []
-        for number, wire, begin, a, b in _fields(buf, 0, len(buf)):
-            if number == MODEL_GRAPH and wire == LEN:
-                parts.append(_len_field(MODEL_GRAPH, _graph(buf, a, b, location, threshold)))
-            else:
-                parts.append(bytes(buf[begin:b]))
+        try:
+            for number, wire, begin, a, b in _fields(buf, 0, len(buf)):
+                if b > len(buf):
+                    raise IndexError
+                if number == MODEL_GRAPH and wire == LEN:
+                    parts.append(_len_field(MODEL_GRAPH, _graph(buf, a, b, location, threshold)))
+                else:
+                    parts.append(bytes(buf[begin:b]))
+        except IndexError:
+            raise ValueError("the file ends inside a field: truncated, or not an ONNX protobuf") from None
     return onnx.ModelProto.FromString(b"".join(parts))
 
 

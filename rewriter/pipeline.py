@@ -201,9 +201,9 @@ def exact_bound(steps, state: State) -> float:
 
 
 def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
-                 max_error: float | None = None, force: bool = False, input_note: dict | None = None,
-                 check: str = "model", reference: dict | None = None, keep_models: bool = False,
-                 progress: Progress | None = None, variants: list | None = None):
+               max_error: float | None = None, force: bool = False, input_note: dict | None = None,
+               check: str = "model", reference: dict | None = None, keep_models: bool = False,
+               progress: Progress | None = None, variants: list | None = None):
     """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
     (the rewritten model, Report). `reference`: the untouched model's outputs if the
     caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the

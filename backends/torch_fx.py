@@ -75,6 +75,7 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
             kwargs["enable_gqa"] = True
         new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
     out.replace_all_uses_with(new)
+    new.meta["attn_opt.site"] = site.id
     covered = set(site.nodes)
     for n in list(g.nodes):  # export's metadata assertions on the replaced nodes go with them
         if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):

@@ -207,8 +207,14 @@ def test_pt2_max_error_html_and_check(pt2, tmp_path):
     assert "sparse" in (tmp_path / "d.html").read_text()
     r, rep = _pt2_report(pt2, tmp_path, "--pass", "fuse", "--check", "none")
     assert r.returncode == 0 and rep["passes"][0]["fidelity"] == {}
-    r, _ = _pt2_report(pt2, tmp_path, "--pass", "fuse", "--check", "sites")
-    assert r.returncode == 2 and "--check=sites" in r.stderr
+    r, rep = _pt2_report(pt2, tmp_path, "--pass", "sparse:window=2", "--check", "sites", "--force")
+    assert r.returncode == 0, r.stderr
+    per_site = rep["passes"][0]["per_site"]
+    assert sorted(per_site) == ["a0", "a1"] and all(s["max_rel_error"] > 1e-3 for s in per_site.values())
+    r, rep = _pt2_report(pt2, tmp_path, "--pass", "fuse", "--check", "sites")
+    assert r.returncode == 0, r.stderr
+    per_site = rep["passes"][0]["per_site"]
+    assert sorted(per_site) == ["a0", "a1"] and all(s["max_rel_error"] <= 1e-5 for s in per_site.values())
 
 
 @pytest.mark.parametrize("name", ["bert-sdpa", "llama-eager"])

@@ -13,6 +13,7 @@ from attn_opt.patterns import eager, fused, projections
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.layout import unexpanded
 from attn_opt.patterns.site import AttentionSite, Miss, NearMiss, Operand
+from attn_opt.rewriter.errors import first_line
 from attn_opt.rewriter.graph import GraphView, Value, layer_of
 from attn_opt.rewriter.pattern import Rule, run_rules
 
@@ -101,7 +102,7 @@ def _probe(gv: GraphView, values: list[Value], feeds):
                 f = attempt
             return gv.probe(values, f), None, f
         except Exception as e:  # the sites stay, with what static shapes say
-            err = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            err = first_line(e)
     return {}, err, feeds
 
 

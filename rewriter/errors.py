@@ -1,6 +1,13 @@
 """Errors a user can act on; the CLI prints them as one line and exits non-zero."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): what a
+    one-line error quotes of a library's failure."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class UserError(Exception):
     """Bad input: a missing or malformed model, an unknown pass or option, a bad value."""
 

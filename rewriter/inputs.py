@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.errors import UserError, first_line
 from attn_opt.rewriter.graph import Dim
 
 DEFAULT_BATCH = 2
@@ -112,7 +112,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot read --inputs {path}: {first}") from None
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from attn_opt.rewriter import fidelity
-from attn_opt.rewriter.errors import DoesNotRun, UserError
+from attn_opt.rewriter.errors import DoesNotRun, UserError, first_line
 from attn_opt.rewriter.passbase import Pass
 from attn_opt.rewriter.progress import Progress
 
@@ -196,8 +196,7 @@ def outputs_epsilon(outputs: dict | None) -> float | None:
 def exact_bound(steps, state: State) -> float:
     """How far an exact pass may move outputs: 1e-4 in fp32, scaled to coarser dtypes'
     rounding (the outputs' own epsilon times 8)."""
-    eps = max((steps.output_epsilon(state) or 0.0), np.finfo(np.float32).eps)
-    return max(EXACT_TOL, 8 * eps) if eps > np.finfo(np.float32).eps else EXACT_TOL
+    return max(EXACT_TOL, 8 * (steps.output_epsilon(state) or 0.0))
 
 
 def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
@@ -229,7 +228,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
             ref_var[label] = steps.outputs_on(cur.model, f)
         except Exception as e:  # a model that takes only its own length: checked on the rest
             variant_notes.append(f"not checked on the {label} inputs: the model does not run on them "
-                                 f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})")
+                                 f"({first_line(e)[:120]})")
     variants = [(label, f) for label, f in variants if label in ref_var]
     report.inputs = dict(report.inputs, variants=[label for label, _ in variants])
     prev_var = dict(ref_var)

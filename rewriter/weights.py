@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.errors import UserError, first_line
 
 
 @functools.lru_cache(maxsize=8)
@@ -29,5 +29,5 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
 
             return load_file(str(p))
     except Exception as e:
-        raise UserError(f"cannot read weights {path} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise UserError(f"cannot read weights {path} ({first_line(e)})") from None
     raise UserError(f"weights must be .npz or .safetensors, not {p.suffix or 'no suffix'}: {path}")

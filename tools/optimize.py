@@ -81,12 +81,12 @@ def _load(model: str):
         from attn_opt.rewriter.ir.fx_steps import FxSteps
 
         loaded = load(model)
-        return FxSteps(), loaded.native, loaded.view, loaded.program
+        return FxSteps(), loaded.native, loaded.view
     from attn_opt.rewriter.ir import onnx as onnx_adapter
     from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
 
     om = onnx_adapter.load(model)
-    return OnnxSteps(), om, onnx_adapter.view(om), None
+    return OnnxSteps(), om, onnx_adapter.view(om)
 
 
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
@@ -122,7 +122,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     kwargs = dict(layers=parse_ranges(layers), ids=parse_sites(sites), max_error=max_error, force=force, check=check,
                   keep_models=bool(html), progress=progress)
     with progress.step("load"):
-        steps, native, gv, program = _load(model)
+        steps, native, gv = _load(model)
     specs_ = steps_input_specs(steps, gv)
     feeds, note = load_feeds(specs_, inputs, input_shape)
     from attn_opt.rewriter.inputs import fidelity_variants
@@ -143,10 +143,9 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             out, report = run_passes(steps, native, chain, f, input_note=note_i, **kwargs)
             feeds = f
             break
-        except DoesNotRun:
+        except DoesNotRun:  # raised by the first run, before any rewrite: the model is untouched
             if i + 1 == len(tries):
                 raise
-            steps, native, gv, program = _load(model)
         except FidelityError as e:
             if report_path and getattr(e, "report", None):
                 _write_json(report_path, e.report.to_json())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.errors import UserError, first_line
 from attn_opt.rewriter.graph import GraphView
 
 
@@ -32,7 +32,7 @@ def _load_pt2(path: Path) -> Loaded:
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path} is not a readable torch.export program ({first})") from None
     finally:
         log.setLevel(level)
@@ -85,7 +85,7 @@ def load(obj: Any, example_inputs: tuple | list | None = None) -> Loaded:
         try:
             ep = torch.export.export(obj.eval(), tuple(example_inputs))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"torch.export could not trace the module ({first})") from None
         return _from_program(ep, f"<{type(obj).__name__}>")
     raise UserError(f"cannot inspect a {kind}: give a path, ModelProto, ExportedProgram, GraphModule or nn.Module")

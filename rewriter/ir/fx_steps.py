@@ -16,7 +16,7 @@ from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from attn_opt.patterns.detect import match, needed
-from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError
+from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError, first_line
 from attn_opt.rewriter.ir import fx as fx_adapter
 from attn_opt.rewriter.ir.onnx_flops import Flops
 from attn_opt.rewriter.pipeline import State, outputs_epsilon
@@ -101,8 +101,7 @@ class FxSteps:
             with torch.no_grad():
                 out = rec.run(*args)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DoesNotRun(f"the program does not run on these inputs ({first[:300]})") from None
+            raise DoesNotRun(f"the program does not run on these inputs ({first_line(e)[:300]})") from None
         probed = {k: a for k, t in rec.seen.items() if (a := fx_adapter._to_numpy(t)) is not None}
         gv.remember(feeds, probed)
         det = found.finish(gv, probed, None, feeds)

@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 from onnx import external_data_helper
 
-from attn_opt.rewriter.errors import UserError
+from attn_opt.rewriter.errors import UserError, first_line as _first_line
 from attn_opt.rewriter.ir.onnx_wire import load_weightless, save_external, save_inline
 
 SPILL_BYTES = 1024  # inline tensors at least this large go to the weight file
@@ -32,14 +32,8 @@ SEGMENT_BYTES = 256 << 20  # ... of about this many bytes of weights
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _uses_external(proto: onnx.ModelProto) -> bool:
-    return any(external_data_helper.uses_external_data(t)
-               for t in external_data_helper._get_all_tensors(proto))
+    return any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
 
 
 class OnnxModel:
@@ -226,7 +220,7 @@ def _inline_small(model: ir.Model) -> None:
 
 
 def _check_data_files(proto: onnx.ModelProto, folder: Path) -> None:
-    for t in external_data_helper._get_all_tensors(proto):
+    for t in proto.graph.initializer:
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
             if not (folder / info.location).is_file():

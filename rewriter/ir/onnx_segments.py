@@ -40,7 +40,8 @@ def _run_sub(model: OnnxModel, proto, nodes, env: dict, outputs: list[str]) -> d
 
 def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
     """Node indices cut where the weights a segment reads pass `budget` bytes."""
-    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * 4 for t in proto.graph.initializer}
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in proto.graph.initializer}
     out, cur, used = [], [], 0
     for i, n in enumerate(proto.graph.node):
         w = sum(sizes.get(x, 0) for x in n.input)

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 
 from attn_opt.patterns.detect import match, needed
-from attn_opt.rewriter.errors import DoesNotRun, UserError
+from attn_opt.rewriter.errors import DoesNotRun, UserError, first_line as _first_line
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.ir import onnx_flops
-from attn_opt.rewriter.ir.onnx_model import OnnxModel, _first_line
+from attn_opt.rewriter.ir.onnx_model import OnnxModel
 from attn_opt.rewriter.pipeline import State, outputs_epsilon
 
 

@@ -37,12 +37,10 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     the passes, `max_error` bounds the relative error, `check` is "model", "sites"
     (ONNX) or "none", as on the command line.
     """
-    from attn_opt import passes as registry
     from attn_opt.rewriter.ir import load
-    from attn_opt.rewriter.pipeline import run_pipeline
+    from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
 
-    chain = [registry.parse(p) if isinstance(p, str) else p for p in passes]
-    registry.check_chain(chain)
+    chain = parse_chain(passes)
     options = dict(layers=set(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
                    max_error=max_error, force=force, check=check)
     loaded = load(model, example_inputs)
@@ -66,6 +64,6 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
 
 def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):
     """A torch.compile backend: torch.compile(m, backend=attn_opt.backend(passes=[...]))."""
-    from attn_opt.backends.torch_compile import backend as make
+    from attn_opt.backends.torch.compile import backend as make
 
     return make(passes, check, inner)

@@ -114,7 +114,7 @@ def main() -> int:
     specs = []
     for w in WINDOWS:
         specs += [f"sparse:window={w}", f"sparse:window={w},sinks=auto", f"sparse:window={w},sinks=auto,heads=auto"]
-    specs += ["softplus", "softplus:n_train=64", "sinkfree:mode=redistribute,alpha=0.5", "sinkfree:mode=relu",
+    specs += ["softplus", "softplus:n_train=64", "sigmoid", "sinkfree:mode=redistribute,alpha=0.5", "sinkfree:mode=relu",
               "mlpfree:collapse=qk,symmetric=true", "mlpfree:drop_mlp=true"]
     rows = []
     for spec in specs:

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from attn_opt.patterns.form import Form, Gate
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, option
 from attn_opt.rewriter.weights import load_weights
@@ -27,7 +28,9 @@ OPEN_BIAS = 30.0  # σ(30) = 1 - 9e-14: exactly 1.0 in fp32
 class Gated(Pass):
     name: ClassVar[str] = "gated"
     exact: ClassVar[bool] = True
+    produces: ClassVar[str] = "gate"
     computes_attention: ClassVar[bool] = False  # the gate reads the site's output; the site stays
+    once: ClassVar[bool] = True
     why: ClassVar[str] = "a sigmoid gate per head on the attention output (Gated Attention)"
     mode: str = option("headwise", "gate granularity", choices=("headwise", "elementwise"))
     weights: str | None = option(None, "trained gates (.npz/.safetensors, keys <site>.weight/<site>.bias)")
@@ -77,26 +80,11 @@ class Gated(Pass):
             got.append(arr)
         return got[0], got[1]
 
-    def rewrite_fx(self, gm, site, diag=None) -> str:
-        from attn_opt.backends.torch_fx import gate
-
+    def form(self, site, diag=None) -> Form:
         w, b = self.site_weights(site)
-        gate(gm, site, w, b, self.mode)
-        return f"{self.mode} gate: nn.Linear attn_opt_{site.id}_gate, +{w.size + b.size} parameters"
-
-    def rewrite_onnx(self, e, choice) -> str:
-        site = e.site
-        w, b = self.site_weights(site)
-        e.compute_in_fp32()
-        x = e.value(gate_input(site))
-        g = e.op("Sigmoid", [e.op("Add", [e.op("MatMul", [x, e.initializer("gate.weight", w)]),
-                                          e.initializer("gate.bias", b)])])
-        o = e.value(site.output)
-        k = 1 if self.mode == "headwise" else site.head_dim
-        shape = e.op("Concat", [e.shape_dim(o, 0), e.shape_dim(o, 2), e.ints(site.heads, k)], {"axis": 0})
-        g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]
-        e.commit(e.back(e.op("Mul", [o, g4])))
-        return f"{self.mode} gate from {gate_input(site).name}: +{w.size + b.size} parameters"
+        src = gate_input(site)
+        return Form(gate=Gate(self.mode, w, b, src),
+                    notes=(f"{self.mode} gate from {src.name}: +{w.size + b.size} parameters",))
 
 
 def gate_input(site):

@@ -12,19 +12,21 @@ whose attention mass outside the window exceeds dense_threshold (dense_heads=0+3
 them by hand), and sparsifies the rest; the report says which tokens and heads.
 The site's own mask still applies on top; a query left with no visible key gives zeros.
 
-The lowering (backends/onnxruntime/banded.py) computes scores only inside a band of
-key blocks; the report gives both the pairs it computes and the analytic count
-Σ_i |keys(i)| of pairs the pattern keeps.
+The form is a `Pattern` (patterns/form.py) with the site's normaliser kept. The ONNX and
+torch lowerings compute scores only inside a band of key blocks where that costs less
+than dense at the site's length, else the dense scores masked to the pattern (and say
+so).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from attn_opt.passes._explicit_base import EXPLICIT_OPSET, explicit_skip_reason
+from attn_opt.patterns.form import Form, Pattern, form_skip_reason
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.errors import NotSupported, UserError
 from attn_opt.rewriter.passbase import Pass, option
@@ -35,6 +37,7 @@ class Sparse(Pass):
     name: ClassVar[str] = "sparse"
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
+    once: ClassVar[bool] = True
     window: str | None = option(None, "keys per query, or a KHxKW kernel with grid=HxW",
                                 accepts="W >= 1 (required), or KHxKW")
     sinks: str = option("0", "first tokens every query sees", accepts=">= 0, or auto")
@@ -88,26 +91,24 @@ class Sparse(Pass):
                 return "dense heads need one kv head per query head (this site is GQA/MQA)"
             if any(len(sh) == 4 and sh[1] > 1 for sh in site.mask_shapes.values()):
                 return "dense heads need masks shared by all heads"
-        reason = explicit_skip_reason(site)  # the same lowering as the other forms
+        reason = form_skip_reason(site)
         if reason:
             return reason
-        if site.heads % site.kv_heads:
-            return f"{site.heads} heads do not group over {site.kv_heads} kv heads"
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
         return None
 
-    def coverage_note(self, site: AttentionSite) -> str:
+    def coverage_note(self, site: AttentionSite) -> str | None:
         """Said when the window keeps every key: at the model's fixed length, or at the
         length of the fidelity inputs."""
         if isinstance(site.k_len, int) and self.keeps_every_key(site, site.k_len):
-            return (f"; window {self.window} keeps all {site.k_len} keys and the model's length is fixed at "
+            return (f"window {self.window} keeps all {site.k_len} keys and the model's length is fixed at "
                     f"{site.k_len}: this rewrite drops nothing")
         run = site.run_shape
         if run and self.keeps_every_key(site, run[3]):
-            return (f"; at the fidelity inputs' length ({run[3]} keys) the window keeps every key: "
+            return (f"at the fidelity inputs' length ({run[3]} keys) the window keeps every key: "
                     "it drops keys only on longer inputs")
-        return ""
+        return None
 
     def keeps_every_key(self, site: AttentionSite, n: int) -> bool:
         """Whether on n keys the window alone (no stride, dilation or grid) keeps them all."""
@@ -115,19 +116,12 @@ class Sparse(Pass):
             return False
         return self.window >= n if self.is_causal(site) else self.window // 2 >= n - 1
 
-    def needs_opset(self) -> int:
-        return EXPLICIT_OPSET
-
     def needs_diagnostics(self) -> bool:
         return self.sinks == "auto" or self.heads == "auto"
 
     def resolve(self, site: AttentionSite, diag: dict | None) -> tuple["Sparse", str]:
         """sinks=auto / heads=auto made concrete from this site's diagnostics: head
         statistics, and the probabilities to measure what the pattern would drop."""
-        import dataclasses
-
-        import numpy as np
-
         if not diag:
             raise UserError(f"sparse: no attention probabilities for site {site.id} to choose sinks/heads from")
         stats = diag["stats"]
@@ -143,7 +137,7 @@ class Sparse(Pass):
             changes["sinks"] = str(n)
         if self.heads == "auto":
             p = diag["probs"]  # [B, H, Tq, Tk]
-            kept = dataclasses.replace(self, **changes, heads="all").form(site).visible(p.shape[-1])[-p.shape[2]:]
+            kept = dataclasses.replace(self, **changes, heads="all").pattern(site).visible(p.shape[-1])[-p.shape[2]:]
             rows = p.sum(-1) > 0.5
             dropped = [float((p[:, h] * ~kept).sum(-1)[rows[:, h]].mean()) for h in range(p.shape[1])]
             dense = [h for h, m in enumerate(dropped) if m > self.dense_threshold]
@@ -155,132 +149,30 @@ class Sparse(Pass):
     def is_causal(self, site: AttentionSite) -> bool:
         return site.causal is True if self.causal == "auto" else self.causal == "true"
 
-    def form(self, site: AttentionSite) -> "Form":
+    def pattern(self, site: AttentionSite) -> Pattern:
+        """The pairs these (concrete) options keep at `site`."""
         if self.grid is not None:
             (kh, kw), (gh, gw) = self.kernel, self.grid_shape
             prefix = (site.run_shape[2] - gh * gw) if site.run_shape else None
-            return Form("grid", False, kh, gw, lo=0, keys=kh * gw, sinks=prefix or 0,
-                        kernel=(kh, kw), grid=(gh, gw), shift=self.border == "shift")
+            return Pattern("grid", False, kh, gw, sinks=prefix or 0, kernel=(kh, kw), grid=(gh, gw),
+                           shift=self.border == "shift")
         causal = self.is_causal(site)
-        w = self.window
+        w, sinks, dense = self.window, int(self.sinks), tuple(self.dense_heads or ())
         if self.stride > 1:
-            return Form("stride", causal, w, self.stride, lo=0, keys=w, sinks=int(self.sinks))
+            return Pattern("stride", causal, w, self.stride, sinks=sinks, dense_heads=dense)
         span = w if causal else 2 * (w // 2) + 1
         b = self.block or (64 if span >= 128 else max(8, span // 2))
-        if self.border == "shift" and not causal:
-            return Form("shift", causal, w, b, lo=span - 1, keys=b + 2 * (span - 1), sinks=int(self.sinks))
-        lo = w - 1 if causal else w // 2
-        return Form("window", causal, w, b, lo=lo, keys=b + span - 1, sinks=int(self.sinks), dilation=self.dilation)
+        kind = "shift" if self.border == "shift" and not causal else "window"
+        return Pattern(kind, causal, w, b, sinks=sinks, dilation=self.dilation, dense_heads=dense)
 
-    def concrete(self, site: AttentionSite, diag) -> tuple["Sparse", str]:
+    def form(self, site: AttentionSite, diag: dict | None = None) -> Form:
         concrete, note = self.resolve(site, diag) if self.needs_diagnostics() else (self, "")
         if concrete.dense_heads and max(concrete.dense_heads) >= site.heads:
             raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({site.heads} heads)")
-        return concrete, note
-
-    def rewrite_fx(self, gm, site: AttentionSite, diag=None) -> str:
-        from attn_opt.backends.torch_fx import emit_form
-
-        concrete, note = self.concrete(site, diag)
-        emit_form(gm, site, concrete.options(), site.normaliser)
-        return concrete.form(site).describe() + self.coverage_note(site) + (f"; {note}" if note else "")
-
-    def rewrite_onnx(self, e, choice) -> str:
-        from attn_opt.backends.onnxruntime.lower import emit_attention
-
-        concrete, note = self.concrete(e.site, e.diagnostics)
-        emit_attention(e, e.site, concrete.options(), e.site.normaliser)
-        norm = e.site.normaliser["kind"]
-        text = concrete.form(e.site).describe() + ("" if norm == "softmax" else f", {norm} normaliser kept")
-        if concrete.dense_heads:
-            text += f", heads {list(concrete.dense_heads)} dense"
-        run = e.site.run_shape
-        text += self.coverage_note(e.site)
-        if run and not self.keeps_every_key(e.site, run[3]) and run[2] == run[3] \
-                and concrete.form(e.site).computed_pairs(run[2]) > run[2] * run[3]:
-            text += (f"; at the input length {run[2]} the band computes more pairs than dense "
-                     f"({concrete.form(e.site).computed_pairs(run[2])} vs {run[2] * run[3]}): it saves only on longer inputs")
-        return text + (f"; {note}" if note else "")
-
-
-@dataclass(frozen=True)
-class Form:
-    """One concrete sparsity pattern: which keys query i sees, and the banded layout."""
-
-    kind: str  # "window", "shift", "stride"
-    causal: bool
-    window: int
-    block: int  # queries per block
-    lo: int  # block j gathers keys from j*block - lo (window forms)
-    keys: int  # keys gathered per block
-    sinks: int
-    dilation: int = 1  # keep every d-th key: a window over the positions of one residue class
-    kernel: tuple[int, int] | None = None  # grid: neighborhood rows x columns
-    grid: tuple[int, int] | None = None  # grid: token rows x columns (after `sinks` prefix tokens)
-    shift: bool = False  # grid: neighborhoods shifted inward at the borders (exactly kh x kw keys)
-
-    @property
-    def span(self) -> int:
-        return self.window if self.causal or self.kind == "stride" else 2 * (self.window // 2) + 1
-
-    def visible(self, t: int) -> np.ndarray:
-        """[t, t] boolean: the pairs this pattern keeps at sequence length t (reference)."""
-        i = np.arange(t)[:, None]
-        j = np.arange(t)[None, :]
-        if self.kind == "grid":
-            return self._grid_visible(t)
-        if self.kind == "stride":
-            start = self._stride_start(i // self.block, t)
-            vis = (j >= start) & (j < start + self.window)
-        elif self.kind == "shift":
-            half = self.window // 2
-            start = np.maximum(np.minimum(i - half, t - self.span), 0)
-            vis = (j >= start) & (j < start + self.span)
-        elif self.causal:
-            vis = (i - j >= 0) & (i - j < self.window * self.dilation) & ((i - j) % self.dilation == 0)
-        else:
-            vis = (np.abs(i - j) <= self.window // 2 * self.dilation) & ((i - j) % self.dilation == 0)
-        if self.causal:
-            vis &= j <= i
-        if self.sinks:
-            vis |= (j < self.sinks) & ((j <= i) if self.causal else True)
-        return vis
-
-    def _grid_visible(self, t: int) -> np.ndarray:
-        (kh, kw), (gh, gw), n = self.kernel, self.grid, t - self.grid[0] * self.grid[1]
-        g = np.arange(gh * gw)
-        r, c = g // gw, g % gw
-        if self.shift:
-            rs, cs = np.clip(r - kh // 2, 0, gh - kh), np.clip(c - kw // 2, 0, gw - kw)
-            near = ((r[None] >= rs[:, None]) & (r[None] < rs[:, None] + kh)
-                    & (c[None] >= cs[:, None]) & (c[None] < cs[:, None] + kw))
-        else:
-            near = (np.abs(r[:, None] - r[None]) <= kh // 2) & (np.abs(c[:, None] - c[None]) <= kw // 2)
-        vis = np.ones((t, t), bool)  # prefix tokens (class, registers) see and are seen by all
-        vis[n:, n:] = near
-        return vis
-
-    def _stride_start(self, group, t: int):
-        off = self.block - self.window if self.causal else (self.block - self.window) // 2
-        return np.maximum(np.minimum(group * self.block + off, t - self.window), 0)
-
-    def computed_pairs(self, t: int) -> int:
-        if self.kind == "grid":
-            n = t - self.grid[0] * self.grid[1]
-            return n * t + self.grid[0] * self.grid[1] * (self.keys + n)
-        nb = -(-t // self.block)
-        return nb * self.block * (self.keys + self.sinks)
-
-    def describe(self) -> str:
-        if self.kind == "grid":
-            return (f"{self.kernel[0]}x{self.kernel[1]} neighborhood on a {self.grid[0]}x{self.grid[1]} grid"
-                    f"{' (shifted at borders)' if self.shift else ''}, {self.sinks} global prefix token(s), "
-                    f"{self.keys} keys gathered per grid row")
-        kind = {"window": "causal window" if self.causal else "window", "shift": "shifted window",
-                "stride": "strided window"}[self.kind]
-        s = f"{kind} {self.window}" + (f" dilated by {self.dilation}" if self.dilation > 1 else "") + \
-            f", query blocks of {self.block}, {self.keys} keys gathered per block"
-        return s + (f", {self.sinks} sink tokens" if self.sinks else "")
+        notes = [n for n in (self.coverage_note(site), note) if n]
+        if not site.normaliser.is_softmax:
+            notes.insert(0, f"{site.normaliser.kind} normaliser kept")
+        return Form(pattern=concrete.pattern(site), normaliser=site.normaliser, notes=tuple(notes))
 
 
 def _pair(text: str, what: str) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attn_opt.patterns.form import SOFTMAX, Normaliser, Pattern
 from attn_opt.patterns.site import Miss, Operand
 from attn_opt.rewriter.graph import Node, Value
 
@@ -33,8 +34,8 @@ class Candidate:
     covered: list[Node] = field(default_factory=list)
     scope: str | None = None
     notes: list[str] = field(default_factory=list)
-    pattern: dict | None = None
-    normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})
+    pattern: Pattern | None = None
+    normaliser: Normaliser = SOFTMAX
     fill_value: float | None = None  # the mask fill, when a record says it (no fill value to probe)
     quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
     unfold: Value | None = None  # the 4-D [B, H, Tq, Tk] view of 3-D scores (heads folded into the batch)

@@ -12,12 +12,11 @@ import numpy as np
 from attn_opt.patterns import eager, fused, projections
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.layout import unexpanded
-from attn_opt.patterns.site import AttentionSite, Miss, NearMiss, Operand
+from attn_opt.patterns.site import MASKED, AttentionSite, Miss, NearMiss, Operand
 from attn_opt.rewriter.errors import first_line
-from attn_opt.rewriter.graph import GraphView, Value, layer_of
-from attn_opt.rewriter.pattern import Rule, run_rules
+from attn_opt.rewriter.graph import SITE_TAG, GraphView, Value, layer_of
+from attn_opt.rewriter.rules import Rule, run_rules
 
-SITE_TAG = "attn_opt.site"  # nodes a pass emitted for a site (their Softmax is not a new site)
 
 # The rule set, read top to bottom. Fused forms first: they are exact matches.
 RULES = [
@@ -35,7 +34,6 @@ RULES = [
          "torch.nn transformer modules that symbolic_trace keeps as leaves"),
 ]
 
-MASKED = -1e4  # an additive term at or below this hides the key (HF uses finfo.min, older code -1e4)
 
 
 @dataclass

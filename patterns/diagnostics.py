@@ -2,7 +2,7 @@
 
 The probabilities come from one run of the model: a site's Softmax output where the
 graph has one (exposed as an extra output of a temporary copy), else computed from its
-probed Q, K and masks (patterns/evaluate.py). Per head:
+probed Q, K and masks (patterns/reference.py). Per head:
 
 - first_tokens: mean attention each of the first tokens receives (the sink ratio is [0]);
 - sinks: tokens whose mean received attention exceeds `sink_threshold`;
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from attn_opt.patterns import evaluate
+from attn_opt.patterns import reference
+from attn_opt.patterns.form import Pattern
 from attn_opt.patterns.site import AttentionSite
 
 SINK_THRESHOLD = 0.2
@@ -43,17 +44,16 @@ class HeadStats:
 
 
 def outside_mask(tq: int, tk: int, window: int, causal: bool) -> np.ndarray:
+    """[Tq, Tk]: the pairs outside a window of `window` keys (queries the last Tq of Tk)."""
     i = np.arange(tq)[:, None] + (tk - tq)
-    j = np.arange(tk)[None, :]
-    inside = ((i - j >= 0) & (i - j < window)) if causal else (np.abs(i - j) <= window // 2)
-    return ~inside
+    return ~Pattern("window", causal, window, 1).window_visible(i, np.arange(tk)[None, :], tk)
 
 
 def probabilities(gv, sites: list[AttentionSite], feeds) -> dict[str, np.ndarray]:
     """Per site, [B, H, Tq, Tk] attention probabilities on `feeds` (float64)."""
     values = []
     for s in sites:
-        values += [s.probs] if s.probs is not None and s.rule == "eager" else evaluate.needed(s)
+        values += [s.probs] if s.probs is not None and s.rule == "eager" else reference.needed(s)
     probed = gv.probe(values, feeds)
     out = {}
     for s in sites:
@@ -61,7 +61,7 @@ def probabilities(gv, sites: list[AttentionSite], feeds) -> dict[str, np.ndarray
             if s.probs is not None and s.rule == "eager" and s.probs.name in probed:
                 out[s.id] = np.asarray(probed[s.probs.name], dtype=np.float64)
             else:
-                out[s.id] = evaluate.probabilities(s, probed)
+                out[s.id] = reference.probabilities(s, probed)
         except (ValueError, KeyError):
             continue  # packed layouts: no per-head probabilities
     return out

@@ -6,7 +6,8 @@ from __future__ import annotations
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.layout import operand
 from attn_opt.patterns.site import Miss, Operand
-from attn_opt.rewriter.graph import GraphView, Node, Value
+from attn_opt.patterns.form import Normaliser, Pattern
+from attn_opt.rewriter.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG, GraphView, Node, Value
 
 
 def _mask(c: Candidate, m: Value | None) -> None:
@@ -121,7 +122,7 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     """A site attn-opt already rewrote: rebuilt from the record on its output node."""
     import json
 
-    rec = json.loads(n.meta["attn_opt.form"])
+    rec = json.loads(n.meta[FORM_KEY])
     c = Candidate(rule="attn-opt", anchor=n, output=n.outputs[0], scope=rec.get("scope"))
     vals = {}
     for key in ("q", "k", "v"):
@@ -139,10 +140,9 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
         c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
     c.scale, c.causal_attr = rec["scale"], rec["causal"]
     c.heads_attr, c.kv_heads_attr = rec["heads"], rec["kv_heads"]
-    c.pattern, c.normaliser = rec["pattern"], rec["normaliser"]
+    c.pattern, c.normaliser = Pattern.from_json(rec["pattern"]), Normaliser.from_json(rec["normaliser"])
     c.softcap, c.fill_value = rec.get("softcap"), rec.get("fill")
-    c.covered = [m for m in gv.nodes if m.meta.get("attn_opt.site") == rec["site"]
-                 and m.meta.get("attn_opt.pass") != "gated"]
+    c.covered = [m for m in gv.nodes if m.meta.get(SITE_TAG) == rec["site"] and EPILOGUE_TAG not in m.meta]
     return c
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 
+from attn_opt.patterns.form import Normaliser, Pattern
 from attn_opt.patterns.site import AttentionSite
 
-FORM_KEY = "attn_opt.form"
 
 
-def form_record(site: AttentionSite, pattern, normaliser) -> str:
+def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str:
     def op(o):
         return {"name": o.value.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated,
                 "fold": o.fold}
@@ -20,5 +20,5 @@ def form_record(site: AttentionSite, pattern, normaliser) -> str:
         "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
         "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
         "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
-        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern, "normaliser": normaliser,
+        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
         "softcap": site.softcap, "fill": site.mask_value, "folded_terms": list(site.folded_terms)})

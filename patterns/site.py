@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attn_opt.patterns.form import SOFTMAX, Normaliser, Pattern
 from attn_opt.rewriter.graph import Node, Value
 
 MASK_KINDS = ("none", "causal", "additive", "boolean")
+MASKED = -1e4  # an additive term at or below this hides the key (HF uses finfo.min, older code -1e4)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ class AttentionSite:
     notes: tuple[str, ...] = ()
     run_shape: tuple[int, ...] | None = None  # (B, H, Tq, Tk, D) seen on the sample inputs
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # mask value name -> run shape
-    pattern: dict | None = None  # the sparse pattern attn-opt gave it (sparse options), or dense
-    normaliser: dict = field(default_factory=lambda: {"kind": "softmax"})  # how scores become probabilities
+    pattern: Pattern | None = None  # the pairs a form attn-opt gave it keeps (None: dense)
+    normaliser: Normaliser = SOFTMAX  # how scores become weights
     hidden: Value | None = None  # the hidden state Q is projected from (through any ops), if one
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
     window: int | None = None  # a causal sliding window its own mask implies (keys per query)
@@ -83,7 +85,7 @@ class AttentionSite:
             "rule": self.rule, "nodes": list(self.nodes),
             "projections": {k: p.node for k, p in self.projections.items()},
             "notes": list(self.notes), "softcap": self.softcap, "window": self.window,
-            "form": {"pattern": self.pattern, "normaliser": self.normaliser},
+            "form": {"pattern": self.pattern.to_json() if self.pattern else None, "normaliser": self.normaliser.to_json()},
         }
 
 

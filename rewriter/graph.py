@@ -17,6 +17,12 @@ import numpy as np
 
 Dim = int | str | None  # a static size, a symbolic name, or unknown
 
+# What attn-opt leaves on the nodes it emits (ONNX metadata_props, FX node meta):
+SITE_TAG = "attn_opt.site"  # the site a node computes (its FLOPs are attention FLOPs)
+PASS_TAG = "attn_opt.pass"  # the pass that emitted it
+FORM_KEY = "attn_opt.form"  # on a rewritten site's output: its record (form and operands, JSON)
+EPILOGUE_TAG = "attn_opt.epilogue"  # an op applied to a site's output (a gate), not part of the site
+
 
 @dataclass(eq=False)
 class Value:

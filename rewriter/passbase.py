@@ -61,12 +61,22 @@ def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
             raise UserError(f"{cls.name}: {fname} must be {accepted(f)} (got {v:g})")
 
 
+PRODUCES = ("fused", "form", "gate", "collapse")
+
+
 @dataclass(frozen=True)
 class Pass:
+    """A pass is a declaration: typed options, which sites it skips and why, and the
+    `Form` it makes of a site (patterns/form.py). Backends lower the form; no pass builds
+    graph nodes. Class attributes say how passes may follow each other."""
+
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
-    computes_attention: ClassVar[bool] = True  # rewrites how a site computes (not only what reads it)
-    why: ClassVar[str] = ""
+    why: ClassVar[str] = ""  # one line: what the pass does (`attn-opt passes`)
+    produces: ClassVar[str] = "form"  # PRODUCES: one fused op, a pattern × normaliser form, a gate, collapsed weights
+    computes_attention: ClassVar[bool] = True  # rewrites how a site computes (not only what reads its output)
+    replaces_normaliser: ClassVar[bool] = False  # at most one such pass per site
+    once: ClassVar[bool] = False  # give it once, with all its options
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -78,6 +88,21 @@ class Pass:
     def skip_reason(self, site) -> str | None:
         """Why this pass cannot rewrite `site`, or None."""
         return None
+
+    def form(self, site, diag: dict | None = None):
+        """The `Form` this pass makes of `site` (`diag`: its attention diagnostics, for
+        passes that choose from them)."""
+        raise NotImplementedError
+
+    def needs_diagnostics(self) -> bool:
+        return False
+
+    def touches_sites(self) -> bool:
+        return True
+
+    def graph_edits(self) -> tuple[str, ...]:
+        """Whole-graph edits besides the sites' forms, by name (a backend applies them)."""
+        return ()
 
     def check_options(self) -> None:
         """Every option inside its declared range (a pass built in Python, not parsed, too)."""

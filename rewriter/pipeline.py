@@ -101,6 +101,15 @@ class Applied:
     sink_ratio: dict = field(default_factory=dict)
 
 
+def parse_chain(passes) -> list[Pass]:
+    """Pass specs ("sparse:window=8") or Pass objects to a checked chain of passes."""
+    from attn_opt import passes as registry
+
+    chain = [registry.parse(p) if isinstance(p, str) else p for p in passes]
+    registry.check_chain(chain)
+    return chain
+
+
 def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> None:
     """--sites / --layers naming what the model does not have is a typo: refuse it."""
     have = [s.id for s in sites]
@@ -139,10 +148,9 @@ def select(sites, layers: set[int] | None, ids: set[str] | None):
 
 def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False) -> Applied:
     """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes)."""
-    touches = getattr(p, "touches_sites", lambda: True)()
-    chosen, skipped = select(state.det.sites, layers, ids) if touches else ([], [])
+    chosen, skipped = select(state.det.sites, layers, ids) if p.touches_sites() else ([], [])
     diag = {}
-    if getattr(p, "needs_diagnostics", lambda: False)() and chosen:
+    if p.needs_diagnostics() and chosen:
         from attn_opt.patterns.diagnostics import for_pass
 
         diag = for_pass(state.view, chosen, feeds if feeds is not None else state.view.sample_inputs(),
@@ -156,13 +164,15 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         if reason:
             skipped.append({"id": site.id, "reason": reason})
             continue
-        note = steps.rewrite_site(state, site, p, diag.get(site.id))
+        form = p.form(site, diag.get(site.id))
+        said = [form.describe(), *form.notes, steps.lower(state, site, form, p.name)]
         rewritten.append(site.id)
-        if note:
-            notes.append(f"{site.id}: {note}")
-    notes += steps.rewrite_graph(state, p)
+        if any(said):
+            notes.append(f"{site.id}: " + "; ".join(n for n in said if n))
+    for edit in p.graph_edits():
+        notes += steps.graph_edit(state, edit)
     sinks = {}
-    if want_sinks and feeds is not None and hasattr(p, "reference") and rewritten:
+    if want_sinks and feeds is not None and p.replaces_normaliser and rewritten:
         sinks = sink_ratios(state.view, [s for s in chosen if s.id in rewritten], p, feeds)
     steps.finish(state)
     return Applied(rewritten, skipped, notes, sinks)
@@ -171,15 +181,14 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
 def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
     """Per site and head, the share of attention on the first token before and after `p`,
     on the fidelity inputs (the form's NumPy normaliser on probed Q/K/V)."""
-    from attn_opt.patterns import evaluate
-    from attn_opt.rewriter import forms
+    from attn_opt.patterns import reference
 
-    probed = gv.probe([v for s in sites for v in evaluate.needed(s)], feeds)
+    probed = gv.probe([v for s in sites for v in reference.needed(s)], feeds)
     out = {}
     for s in sites:
         try:
-            before = forms.sink_ratio(evaluate.probabilities(s, probed))
-            after = forms.sink_ratio(evaluate.probabilities(s, probed, p.reference(s)))
+            before = reference.sink_ratio(reference.probabilities(s, probed))
+            after = reference.sink_ratio(reference.probabilities(s, probed, p.form(s).normaliser))
         except (ValueError, KeyError):
             continue
         out[s.id] = {"before": np.round(before, 4).tolist(), "after": np.round(after, 4).tolist()}
@@ -340,7 +349,7 @@ def apply_pass(model, p: Pass, layers=None, ids=None, feeds=None):
 
     steps = OnnxSteps()
     om = onnx_adapter.load(model)
-    need = getattr(p, "needs_opset", lambda: None)()
+    need = steps.opset_for(p)
     om = steps.upgrade(om, need, p.name) if need else om
     om, _, gv = onnx_adapter.load_view(om)
     state = State(om, gv, detect(gv, feeds=feeds), None, None, 0)

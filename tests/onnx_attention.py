@@ -96,7 +96,7 @@ def reference(f: dict, visible: np.ndarray | bool = True, causal=False, normalis
         vis &= m > -1e4
     if causal:
         vis &= np.tril(np.ones((t, t), bool))
-    from attn_opt.rewriter import forms
+    from attn_opt.patterns import reference as forms
 
     p = (normalise or forms.softmax)(s, vis)
     return p @ v

@@ -117,7 +117,7 @@ def test_exact_on_every_input(zoo_onnx, tmp_path, name, exporter, spec):
 def test_padding_semantics_are_checked(zoo_onnx, monkeypatch):
     """A lowering that gives zeros where the original gives uniform weights (a row its
     finite fill hides completely) is caught by the padded input set."""
-    from attn_opt.backends.onnxruntime import explicit
+    from attn_opt.backends.onnx import explicit
 
     monkeypatch.setattr(explicit, "_hidden_rows_as_original", lambda e, site, s, vis: (s, vis))
     with pytest.raises(UserError, match="on every input set"):

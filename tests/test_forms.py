@@ -1,5 +1,5 @@
 """gated, softplus and sinkfree on ONNX against the NumPy statement of each formula
-(rewriter/forms.py), on hand-built single-attention models (masks, causal, GQA) and
+(patterns/reference.py), on hand-built single-attention models (masks, causal, GQA) and
 on zoo models; exact forms must be exact, and bad options and files are one-line errors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attn_opt import passes
-from attn_opt.rewriter import forms
+from attn_opt.patterns import reference as forms
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import apply_pass
@@ -31,6 +31,8 @@ FORMS = {  # spec: reference normaliser
     "sinkfree:mode=redistribute,alpha=0.3": lambda s, v: forms.redistribute(s, v, 0.3),
     "sinkfree:mode=redistribute,alpha=0.5,sinks=2,heads=0+3": lambda s, v: forms.redistribute(s, v, 0.5, 2, (0, 3)),
     "sinkfree:mode=relu": forms.relu,
+    "sigmoid": forms.sigmoid,
+    "sigmoid:bias=-2": lambda s, v: forms.sigmoid(s, v, -2.0),
 }
 
 
@@ -140,13 +142,13 @@ def test_compose_sparse_softplus_gated():
     for spec in ("sparse:window=8", "softplus:n_train=16"):
         cur, rewritten, skipped, _ = apply_pass(cur, passes.parse(spec))
         assert rewritten == ["a0"], skipped
-    form = passes.parse("sparse:window=8").form(type("S", (), {"causal": True})())
+    form = passes.parse("sparse:window=8").pattern(type("S", (), {"causal": True})())
     want = reference(f, form.visible(37), causal=True, normalise=lambda s, v: forms.softplus(s, v, n_train=16))
     np.testing.assert_allclose(onnx_adapter.run(cur, f)["o"], want, rtol=1e-4, atol=2e-5)
     assert count(cur, f).attention_matmul < count(model, f).matmul  # still banded after softplus
     import attn_opt
     site = attn_opt.inspect(cur).sites[0]
-    assert site.rule == "attn-opt" and site.pattern["window"] == 8 and site.normaliser["kind"] == "softplus"
+    assert site.rule == "attn-opt" and site.pattern.window == 8 and site.normaliser.kind == "softplus"
 
 
 @pytest.mark.parametrize("chain,msg", [

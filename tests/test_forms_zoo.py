@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from attn_opt import passes
-from attn_opt.patterns import evaluate
+from attn_opt.patterns import reference
 from attn_opt.patterns.detect import detect
-from attn_opt.rewriter import fidelity, forms
+from attn_opt.rewriter import fidelity
 from attn_opt.rewriter.inputs import make_inputs
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import apply_pass, run_pipeline
@@ -33,12 +33,13 @@ def test_exact_forms_on_every_zoo_model(zoo_onnx, name, spec):
 
 
 FORMULAS = {
-    "softplus:n_train=16": lambda s, v: forms.softplus(s, v, n_train=16),
-    "sinkfree:mode=redistribute,alpha=0.3": lambda s, v: forms.redistribute(s, v, 0.3),
-    "sinkfree:mode=logit,bias=0.5": lambda s, v: forms.sink_logit(s, v, 0.5),
-    "sinkfree:mode=relu": forms.relu,
-    "sparse:window=4": forms.softmax,
-    "sparse:window=4,sinks=1": forms.softmax,
+    "softplus:n_train=16": lambda s, v: reference.softplus(s, v, n_train=16),
+    "sinkfree:mode=redistribute,alpha=0.3": lambda s, v: reference.redistribute(s, v, 0.3),
+    "sinkfree:mode=logit,bias=0.5": lambda s, v: reference.sink_logit(s, v, 0.5),
+    "sinkfree:mode=relu": reference.relu,
+    "sigmoid": reference.sigmoid,
+    "sparse:window=4": reference.softmax,
+    "sparse:window=4,sinks=1": reference.softmax,
 }
 
 
@@ -58,11 +59,11 @@ def test_approximate_forms_follow_the_formula(zoo_onnx, name, exporter, spec):
     gv1 = onnx_adapter.load_view(new)[2]
     sites1 = detect(gv1, feeds=feeds).sites
     assert [s.rule for s in sites1] == ["attn-opt"] * len(sites0)
-    probed = gv1.probe([v for s in sites1 for v in evaluate.needed(s) + [s.v.value, s.output]], feeds)
+    probed = gv1.probe([v for s in sites1 for v in reference.needed(s) + [s.v.value, s.output]], feeds)
     for s0, s1 in zip(sites0, sites1):
-        s, vis = evaluate.scores(s1, probed)
+        s, vis = reference.scores(s1, probed)
         if p.name == "sparse":
-            vis = vis & p.form(s0).visible(s.shape[-1])
+            vis = vis & p.pattern(s0).visible(s.shape[-1])
         v = probed[s1.v.value.name]
         v = np.transpose(v, s1.v.perm) if s1.v.perm else v
         v = np.repeat(v.astype(np.float64), s.shape[1] // v.shape[1], axis=1)

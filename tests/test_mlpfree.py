@@ -9,7 +9,7 @@ import pytest
 
 import attn_opt
 from attn_opt import passes
-from attn_opt.passes.mlpfree import mlp_blocks
+from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import run_pipeline
 from attn_opt.rewriter.inputs import make_inputs

@@ -47,7 +47,7 @@ def test_matches_reference(spec, kw):
     new, rewritten, skipped, _ = apply_pass(model, p)
     assert rewritten == ["a0"], skipped
     site_causal = kw.get("causal", False)
-    form = p.form(type("S", (), {"causal": site_causal})())
+    form = p.pattern(type("S", (), {"causal": site_causal})())
     t = kw.get("t", 37)
     want = reference(f, form.visible(t), causal=site_causal)
     got = _run(new, f)
@@ -58,7 +58,7 @@ def test_matches_reference(spec, kw):
 def test_dynamic_length():
     model = attention_model(dynamic=True)
     new, rewritten, _, _ = apply_pass(model, passes.parse("sparse:window=8"))
-    form = passes.parse("sparse:window=8").form(type("S", (), {"causal": False})())
+    form = passes.parse("sparse:window=8").pattern(type("S", (), {"causal": False})())
     for t in (9, 37, 64):
         f = feeds(t=t)
         np.testing.assert_allclose(_run(new, f), reference(f, form.visible(t)), rtol=1e-4, atol=1e-5)
@@ -80,7 +80,7 @@ def test_attention_flops_hand_count():
     model = attention_model(b=b, h=h, t=t, d=d)
     f = feeds(b=b, h=h, t=t, d=d)
     spec = passes.parse("sparse:window=8,sinks=2")
-    form = spec.form(type("S", (), {"causal": False})())
+    form = spec.pattern(type("S", (), {"causal": False})())
     new, *_ = apply_pass(model, spec)
     before = onnx_flops.count(model, f)
     after = onnx_flops.count(new, f)
@@ -89,7 +89,7 @@ def test_attention_flops_hand_count():
     mm = 2 * b * h * nb * form.block * (form.keys + form.sinks) * (d + d)
     assert after.attention_matmul == mm
     assert before.matmul == 2 * b * h * t * t * (d + d)
-    assert form.computed_pairs(t) == nb * form.block * (form.keys + form.sinks)
+    assert form.banded_pairs(t) == nb * form.block * (form.keys + form.sinks)
 
 
 def test_flops_fall_with_length():
@@ -100,7 +100,7 @@ def test_flops_fall_with_length():
     new, *_ = apply_pass(model, passes.parse("sparse:window=64"))
     dense, sparse = onnx_flops.count(model, f), onnx_flops.count(new, f)
     assert sparse.attention_matmul < dense.matmul / 3
-    np.testing.assert_allclose(_run(new, f), reference(f, passes.parse("sparse:window=64").form(
+    np.testing.assert_allclose(_run(new, f), reference(f, passes.parse("sparse:window=64").pattern(
         type("S", (), {"causal": False})()).visible(t)), rtol=1e-4, atol=1e-5)
 
 
@@ -127,7 +127,7 @@ def test_dense_heads_match_reference():
     spec = passes.parse("sparse:window=8,dense_heads=0+2")
     new, rewritten, skipped, notes = apply_pass(model, spec)
     assert rewritten == ["a0"], skipped
-    window = spec.form(type("S", (), {"causal": False})()).visible(37)
+    window = spec.pattern(type("S", (), {"causal": False})()).visible(37)
     per_head = np.stack([np.ones_like(window) if h in (0, 2) else window for h in range(4)])[None]
     np.testing.assert_allclose(_run(new, f), reference(f, per_head), rtol=1e-4, atol=1e-5)
 
@@ -143,7 +143,7 @@ def test_sinks_and_heads_auto_follow_the_diagnostics():
     new, rewritten, _, notes = apply_pass(model, p, feeds=f)
     assert rewritten == ["a0"]
     assert "sink tokens [0] kept" in notes[0] and "heads none kept dense" in notes[0]
-    form = passes.parse("sparse:window=4,sinks=1").form(type("S", (), {"causal": False})())
+    form = passes.parse("sparse:window=4,sinks=1").pattern(type("S", (), {"causal": False})())
     np.testing.assert_allclose(_run(new, f), reference(f, form.visible(37)), rtol=1e-4, atol=1e-5)
     p = passes.parse("sparse:window=4,heads=auto,dense_threshold=0.0")  # every head has mass outside
     _, _, _, notes = apply_pass(model, p, feeds=f)
@@ -161,7 +161,7 @@ def test_grid_neighborhoods(spec, prefix):
     p = passes.parse(spec)
     new, rewritten, skipped, _ = apply_pass(model, p)
     assert rewritten == ["a0"], skipped
-    form = p.form(type("S", (), {"causal": False, "run_shape": (2, 4, t, t, 8)})())
+    form = p.pattern(type("S", (), {"causal": False, "run_shape": (2, 4, t, t, 8)})())
     np.testing.assert_allclose(_run(new, f), reference(f, form.visible(t)), rtol=1e-4, atol=1e-5)
 
 

@@ -57,7 +57,7 @@ def test_untraceable_module_is_reported():
 
 FX_SPECS = ["mlpfree:collapse=qk", "mlpfree:collapse=vo", "mlpfree:collapse=qk+vo", "sparse:window=4", "sparse:window=4,sinks=1", "sparse:window=5,dilation=2", "softplus:n_train=16",
             "sinkfree:mode=logit,bias=0.5", "sinkfree:mode=redistribute,alpha=0.3", "sinkfree:mode=relu",
-            "gated", "mlpfree:drop_mlp=true"]
+            "sigmoid", "sigmoid:bias=-1", "gated", "mlpfree:drop_mlp=true"]
 
 
 @pytest.mark.parametrize("spec", FX_SPECS)
@@ -83,6 +83,29 @@ def test_fx_pass_agrees_with_onnx(zoo_onnx, name, spec):
     fx_change = f.flops_after / f.flops_before
     onnx_change = onnx_flops.count(out, feeds).matmul / onnx_flops.count(proto, feeds).matmul
     assert fx_change == pytest.approx(onnx_change, rel=0.01)
+
+
+def test_fx_windowed_sigmoid_agrees_with_onnx(zoo_onnx):
+    """sparse then sigmoid composes on one site in both IRs: a windowed sigmoid, the same
+    outputs and FLOPs."""
+    import onnx
+
+    from attn_opt.rewriter.ir import onnx_flops
+    from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
+
+    chain = ["sparse:window=4", "sigmoid"]
+    model, args, names = zoo.MODELS["llama-eager"].build()
+    gm, fx_report = attn_opt.optimize(model, chain, example_inputs=args)
+    proto = onnx.load(str(zoo_onnx("llama-eager", "dynamo")))
+    feeds = {n: a.numpy() for n, a in zip(names, args)}
+    out, onnx_report = run_pipeline(proto, parse_chain(chain), feeds, force=True)
+    f, o = fx_report.passes[1], onnx_report.passes[1]
+    assert f.sites_rewritten == o.sites_rewritten == ["a0", "a1"]
+    assert abs(f.fidelity["max_rel_error"] - o.fidelity["max_rel_error"]) <= 1e-4
+    assert onnx_flops.count(out, feeds).matmul / onnx_flops.count(proto, feeds).matmul == pytest.approx(
+        f.flops_after / fx_report.passes[0].flops_before, rel=0.01)
+    sites = attn_opt.inspect(out).sites
+    assert [(s.pattern.window, s.normaliser.kind) for s in sites] == [(4, "sigmoid")] * 2
 
 
 def test_fx_new_parameters_are_trainable():
@@ -130,7 +153,7 @@ def test_torch_compile_by_name_in_a_fresh_process():
             with torch.no_grad():
                 want, got = m(*x), torch.compile(m, backend="attn_opt")(*x)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        print("ok", "attn_opt.backends.torch_compile" in sys.modules)
+        print("ok", "attn_opt.backends.torch.compile" in sys.modules)
     """) % str(__import__("pathlib").Path(__file__).parent)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from attn_opt.backends.triton.launcher import attention, reference, use_kernel  # noqa: E402
+from attn_opt.patterns.form import Normaliser, Pattern  # noqa: E402
 
 CASES = {
     "dense": dict(),
@@ -28,6 +29,9 @@ CASES = {
     "sink-logit": dict(sink_logit=True),
     "sink-logit+causal": dict(sink_logit=True, causal=True),
     "gate": dict(gate=True, window=6),
+    "sigmoid": dict(normaliser="sigmoid"),
+    "sigmoid+causal-window+padding": dict(normaliser="sigmoid", causal=True, window=6, pad=True),
+    "sigmoid+bias": dict(normaliser="sigmoid", score_bias=True, window=8),
 }
 
 
@@ -47,6 +51,8 @@ def test_kernel_matches_reference(name, kvh):
         opts["key_bias"] = bias
     if opts.pop("sink_logit", False):
         opts["sink_logit"] = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    if opts.pop("score_bias", False):
+        opts["score_bias"] = torch.tensor([-3.0, -2.0, -1.0, 0.5])
     if opts.pop("gate", False):
         opts["gate"] = torch.randn(b, h, t, generator=g)
     got = attention(q, k, v, **opts)
@@ -66,14 +72,15 @@ def test_padded_window_rows_are_zero():
 
 @pytest.mark.parametrize("pattern,normaliser,mask", [
     (None, None, "padding"),
-    ({"window": 6, "sinks": "2"}, None, "padding"),
-    ({"window": 5, "dilation": 2, "causal": "true"}, {"kind": "softplus", "n_train": 16, "p": 2.0}, None),
-    ({"window": 8}, {"kind": "logit", "bias": [-1.0, 0.0, 0.5, 2.0]}, "bool"),
-])
+    (Pattern("window", False, 6, 8, sinks=2), None, "padding"),
+    (Pattern("window", True, 5, 8, dilation=2), Normaliser("softplus", n_train=16, p=2.0), None),
+    (Pattern("window", False, 8, 8), Normaliser("logit", bias=(-1.0, 0.0, 0.5, 2.0)), "bool"),
+    (Pattern("window", True, 6, 8), Normaliser("sigmoid"), "padding"),
+], ids=["dense", "window+sinks", "softplus", "sink-logit", "sigmoid"])
 def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
-    """torch_forms.attention hands the forms the kernel covers to it (as it does for CUDA
+    """backends.torch.forms.attention hands the forms the kernel covers to it (as it does for CUDA
     tensors); the result equals its PyTorch path."""
-    from attn_opt.backends.torch_forms import attention as form_attention, kernel_args
+    from attn_opt.backends.torch.forms import attention as form_attention, kernel_args
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 29, 8, generator=g) for _ in range(3))
@@ -85,10 +92,10 @@ def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
     elif mask == "bool":
         boolean = torch.ones(2, 1, 1, 29, dtype=torch.bool)
         boolean[-1, ..., -7:] = False
-    pat = None if pattern is None else {"causal": "auto", **pattern}
-    causal = bool(pattern and pattern.get("causal") == "true")
-    kw = dict(scale=8 ** -0.5, causal=causal, pattern=pat, normaliser=normaliser)
-    assert kernel_args(q, k, v, additive, boolean, True, causal, pat, normaliser or {"kind": "softmax"}) is not None
+    causal = bool(pattern and pattern.causal)
+    norm = normaliser or Normaliser()
+    kw = dict(scale=8 ** -0.5, causal=causal, pattern=pattern and pattern.to_json(), normaliser=norm.to_json())
+    assert kernel_args(q, k, v, additive, boolean, True, causal, pattern, norm) is not None
     got = form_attention(q, k, v, additive, boolean, use_triton=True, **kw)
     want = form_attention(q, k, v, additive, boolean, use_triton=False, **kw)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import networkx as nx
 
 from attn_opt.patterns.detect import detect
 from attn_opt.rewriter.errors import UserError
-from attn_opt.rewriter.graph import GraphView, layer_of
+from attn_opt.rewriter.graph import EPILOGUE_TAG, SITE_TAG, GraphView, layer_of
 
 HIDDEN = {"Constant"}  # drawn as attributes of their users, not as boxes
 
@@ -56,10 +56,10 @@ def site_label(s, gated: bool = False) -> str:
     form = s.rule
     if s.pattern:
         p = s.pattern
-        form = f"sparse {p.get('window')}" + (f"/{p['grid']}" if p.get("grid") else "") + \
-            (f" sinks {p['sinks']}" if str(p.get("sinks", "0")) != "0" else "")
-    if s.normaliser.get("kind", "softmax") != "softmax":
-        form += f" {s.normaliser['kind']}"
+        form = f"sparse {p.window}" + (f"x{p.kernel[1]}/{p.grid[0]}x{p.grid[1]}" if p.grid else "") + \
+            (f" sinks {p.sinks}" if p.sinks and not p.grid else "")
+    if not s.normaliser.is_softmax:
+        form += f" {s.normaliser.kind}"
     if gated:  # the gate reads the site's output; it is not part of the form record
         form += " gated"
     causal = "causal" if s.causal else "bidir"
@@ -88,7 +88,7 @@ def side_of(gv: GraphView) -> Side:
     for s in det.sites:  # a site's nodes are in its layer, new ones (no module scope) too
         for x in sites[s.id]:
             layers[x] = s.layer if s.layer is not None else layers.get(x)
-    gated = {n.meta.get("attn_opt.site") for n in gv.nodes if n.meta.get("attn_opt.pass") == "gated"}
+    gated = {n.meta.get(SITE_TAG) for n in gv.nodes if EPILOGUE_TAG in n.meta}
     return Side(gv, g, sites, {s.id: site_label(s, s.id in gated) for s in det.sites}, layers)
 
 

@@ -6,7 +6,8 @@ cover the attention forms:
   once more as their own blocks;
 - NORM: 0 softmax (online, running max), 1 softplus (single pass, no running max: with
   power p, Aᵖ/ΣAᵖ = aᵖ/Σaᵖ, so one sum suffices), with length scale
-  λ_i = log(n_i) / log(n_train) from a counting pre-pass;
+  λ_i = log(n_i) / log(n_train) from a counting pre-pass; 2 sigmoid σ(s + b), no
+  normalisation, b per head (SCORE_BIAS) or −log n_i from the same counting pre-pass;
 - SINK_LOGIT: exp(b_h) joins the softmax denominator (start the running max at b_h, the
   running sum at 1);
 - GATE: the output multiplied by σ(g) per (batch, head, query) as an epilogue;
@@ -18,6 +19,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from attn_opt.patterns.site import MASKED as _MASKED
+
+MASKED = tl.constexpr(_MASKED)  # a key whose bias is at or below this is hidden
 
 
 @triton.jit
@@ -76,17 +81,17 @@ def _scores(q, k_ptrs, kb_ptr, offs_m, offs_n, offs_d, tk, stride_kn, d_model, s
         s += tl.load(kb_ptr + offs_n, mask=offs_n < tk, other=0.0)[None, :]
     vis = _visible(offs_m, offs_n, tk, WINDOW, CAUSAL, DILATION, SINKS, SINK_PART)
     if KEY_BIAS:
-        vis = vis & (s > -1e4)  # a key the padding mask hides (finfo.min bias) is not visible
+        vis = vis & (s > MASKED)  # a key the padding mask hides (finfo.min bias) is not visible
     return s * lam, vis
 
 
 @triton.jit
-def attention_fwd(Q, K, V, O, KB, SL, G, Tq, Tk, D, H, G_KV, scale, log_n_train, power,
+def attention_fwd(Q, K, V, O, KB, SL, G, SB, Tq, Tk, D, H, G_KV, scale, log_n_train, power,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skbb,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   WINDOW: tl.constexpr, CAUSAL: tl.constexpr, DILATION: tl.constexpr, SINKS: tl.constexpr,
                   NORM: tl.constexpr, LENGTH_SCALE: tl.constexpr, SINK_LOGIT: tl.constexpr,
-                  GATE: tl.constexpr, KEY_BIAS: tl.constexpr):
+                  GATE: tl.constexpr, KEY_BIAS: tl.constexpr, SCORE_BIAS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -104,7 +109,10 @@ def attention_fwd(Q, K, V, O, KB, SL, G, Tq, Tk, D, H, G_KV, scale, log_n_train,
     n_sink_blocks = tl.cdiv(SINKS, BLOCK_N)
 
     lam = tl.full([BLOCK_M, 1], 1.0, tl.float32)
-    if LENGTH_SCALE:  # λ_i = log(n_i) / log(n_train): count the keys each row sees first
+    shift = tl.zeros([BLOCK_M, 1], tl.float32)  # sigmoid: b
+    if SCORE_BIAS:
+        shift += tl.load(SB + h)
+    if LENGTH_SCALE or (NORM == 2 and not SCORE_BIAS):  # n_i: count the keys each row sees first
         cnt = tl.zeros([BLOCK_M], tl.float32)
         for part in tl.static_range(2):
             for start_n in range(0 if part == 1 else lo, n_sink_blocks * BLOCK_N if part == 1 else hi, BLOCK_N):
@@ -112,7 +120,10 @@ def attention_fwd(Q, K, V, O, KB, SL, G, Tq, Tk, D, H, G_KV, scale, log_n_train,
                 _, vis = _scores(q, k_ptrs, kb_ptr, offs_m, offs_n, offs_d, Tk, skn, D, scale, 1.0,
                                  WINDOW, CAUSAL, DILATION, SINKS, part == 1, KEY_BIAS)
                 cnt += tl.sum(vis.to(tl.float32), 1)
-        lam = (tl.log(tl.maximum(cnt, 1.0)) / log_n_train)[:, None]
+        if LENGTH_SCALE:  # λ_i = log(n_i) / log(n_train)
+            lam = (tl.log(tl.maximum(cnt, 1.0)) / log_n_train)[:, None]
+        else:  # b_i = −log n_i
+            shift = -tl.log(tl.maximum(cnt, 1.0))[:, None]
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -135,6 +146,9 @@ def attention_fwd(Q, K, V, O, KB, SL, G, Tq, Tk, D, H, G_KV, scale, log_n_train,
                 l_i = l_i * alpha + tl.sum(pexp, 1)
                 acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
                 m_i = m_new
+            elif NORM == 2:  # sigmoid: no normalisation, every visible key's weight stands alone
+                a = tl.where(vis, 1.0 / (1.0 + tl.exp(-tl.maximum(s + shift, -80.0))), 0.0)  # σ(-80) rounds to 0
+                acc += tl.dot(a.to(v.dtype), v)
             else:  # softplus, no running max; the power applies to each term
                 a = tl.where(s > 20.0, s, tl.log(1.0 + tl.exp(tl.minimum(s, 20.0))))
                 if power != 1.0:
@@ -142,8 +156,11 @@ def attention_fwd(Q, K, V, O, KB, SL, G, Tq, Tk, D, H, G_KV, scale, log_n_train,
                 a = tl.where(vis, a, 0.0)
                 l_i += tl.sum(a, 1)
                 acc += tl.dot(a.to(v.dtype), v)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    out = tl.where((l_i > 0)[:, None], out, 0.0)  # a row that sees no key: zeros
+    if NORM == 2:
+        out = acc  # a row that sees no key has summed nothing: zeros
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = tl.where((l_i > 0)[:, None], out, 0.0)  # a row that sees no key: zeros
     if GATE:
         g = tl.load(G + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
         out = out * (1.0 / (1.0 + tl.exp(-g)))[:, None]

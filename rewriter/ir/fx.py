@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from torch import fx
 
-from attn_opt.rewriter.graph import GraphView, Node, Value, link
+from attn_opt.rewriter.graph import EPILOGUE_TAG, FORM_KEY, PASS_TAG, SITE_TAG, GraphView, Node, Value, link
 from attn_opt.rewriter.inputs import InputSpec, make_inputs
 
 from attn_opt.rewriter.ir._fx_ops import _BY_TARGET, _aten  # the spelling table
 
 
-FX_META = ("attn_opt.form", "attn_opt.site", "attn_opt.pass")  # what attn-opt leaves on nodes it emits
+FX_META = (FORM_KEY, SITE_TAG, PASS_TAG, EPILOGUE_TAG)  # what attn-opt leaves on nodes it emits
 
 
 def op_of(n: fx.Node, modules: dict[str, torch.nn.Module]) -> str:
-    if "attn_opt.form" in n.meta:  # a site attn-opt rewrote: one call carrying its record
+    if FORM_KEY in n.meta:  # a site attn-opt rewrote: one call carrying its record
         return "attn_opt.Attention"
     if n.op == "call_module":
         mod = modules.get(str(n.target))

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attn_opt.patterns.detect import match, needed
 from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError, first_line
+from attn_opt.rewriter.graph import FORM_KEY, SITE_TAG
 from attn_opt.rewriter.ir import fx as fx_adapter
 from attn_opt.rewriter.ir.onnx_flops import Flops
 from attn_opt.rewriter.pipeline import State, outputs_epsilon
@@ -106,7 +107,7 @@ class FxSteps:
         gv.remember(feeds, probed)
         det = found.finish(gv, probed, None, feeds)
         covered = {n for s in det.sites for n in s.nodes}
-        tagged = {n.name for n in gm.graph.nodes if "attn_opt.site" in n.meta or "attn_opt.form" in n.meta}
+        tagged = {n.name for n in gm.graph.nodes if SITE_TAG in n.meta or FORM_KEY in n.meta}
         total = sum(rec.flops.values())
         att = sum(f for k, f in rec.flops.items() if k in covered or k in tagged)
         params = sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers()
@@ -126,16 +127,17 @@ class FxSteps:
                     "this layout yet (the ONNX lowering takes every form)")
         return None
 
-    def rewrite_site(self, state: State, site, p, diag) -> str | None:
-        rewrite = getattr(p, "rewrite_fx", None)
-        if rewrite is None:
-            raise NotSupported(f"{p.name} is not lowered to torch.fx yet (it runs on ONNX models)")
-        return rewrite(state.model, site, diag)
+    def lower(self, state: State, site, form, pass_name: str) -> str | None:
+        from attn_opt.backends.torch.fx import lower
 
-    def rewrite_graph(self, state: State, p) -> list[str]:
-        if hasattr(p, "rewrite_graph_fx"):
-            return p.rewrite_graph_fx(state.model, state.view)
-        return []
+        return lower(state.model, site, form)
+
+    def graph_edit(self, state: State, edit: str) -> list[str]:
+        from attn_opt.backends.torch.fx import GRAPH_EDITS
+
+        if edit not in GRAPH_EDITS:
+            raise NotSupported(f"{edit} is not lowered to torch.fx yet (it runs on ONNX models)")
+        return GRAPH_EDITS[edit](state.model, state.view)
 
     def finish(self, state: State) -> None:
         gm = state.model
@@ -190,7 +192,7 @@ class FxSteps:
         before_nodes = {n.name: n for n in before.graph.nodes}
         out = {}
         for n in after.graph.nodes:
-            sid = n.meta.get("attn_opt.site")
+            sid = n.meta.get(SITE_TAG)
             if sid not in site_ids or n.name in before_nodes:
                 continue
             pairs = []

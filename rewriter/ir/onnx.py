@@ -11,13 +11,12 @@ import onnx
 import onnx_ir as ir
 
 from attn_opt.rewriter.errors import UserError
-from attn_opt.rewriter.graph import GraphView, Node, Value, link
+from attn_opt.rewriter.graph import FORM_KEY, GraphView, Node, Value, link
 from attn_opt.rewriter.inputs import InputSpec, make_inputs
 from attn_opt.rewriter.ir.onnx_model import OnnxModel
 from attn_opt.rewriter.errors import first_line as _first_line
 
 MS_DOMAIN = "com.microsoft"
-FORM_KEY = "attn_opt.form"
 
 
 def load(model) -> OnnxModel:

@@ -9,12 +9,13 @@ a pass (metadata `attn_opt.site`) or covered by a detected site count as attenti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 import onnx
 
+from attn_opt.rewriter.graph import SITE_TAG
 from attn_opt.rewriter.ir.onnx import run
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Erf", "Sqrt", "Pow",
@@ -25,7 +26,6 @@ FIVE_PER_ELEMENT = {"Softmax", "LogSoftmax", "LayerNormalization", "SimplifiedLa
                     "RMSNormalization", "SkipLayerNormalization"}
 REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd", "ReduceLogSumExp"}
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
-SITE_TAG = "attn_opt.site"
 COUNTED = {"MatMul", "Gemm", "Einsum", "Conv"} | ATTENTION_OPS | ELEMENTWISE | FIVE_PER_ELEMENT | REDUCE
 
 
@@ -35,7 +35,6 @@ class Flops:
     matmul: int = 0
     attention: int = 0
     attention_matmul: int = 0
-    by_op: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"total": self.total, "matmul": self.matmul, "attention": self.attention,
@@ -168,13 +167,11 @@ def count_shapes(proto: onnx.ModelProto, shp: dict, attention_nodes: set[str] = 
         if n.op_type in ATTENTION_OPS:  # the softmax inside a fused op: not a matrix product
             soft = _attention(n, shp)[1] if fl else 0
             f.total += soft
-            f.by_op["softmax"] = f.by_op.get("softmax", 0) + soft
             f.attention += soft
         if not fl:
             continue
         f.total += fl
         f.matmul += fl if is_mm else 0
-        f.by_op[n.op_type] = f.by_op.get(n.op_type, 0) + fl
         tagged = any(p.key == SITE_TAG for p in n.metadata_props)
         if tagged or n.name in attention_nodes or n.op_type in ATTENTION_OPS:
             f.attention += fl

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from attn_opt.rewriter import fidelity
-from attn_opt.rewriter.ir.onnx_flops import SITE_TAG
+from attn_opt.rewriter.graph import SITE_TAG
 from attn_opt.rewriter.ir.onnx_model import OnnxModel
 
 

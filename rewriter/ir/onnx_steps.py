@@ -68,7 +68,7 @@ class OnnxSteps:
 
     def prepare(self, state: State, p, feeds, run: bool = True) -> State:
         """Convert to the opset the pass needs (on the weightless graph); re-observe if so."""
-        need = getattr(p, "needs_opset", lambda: None)()
+        need = self.opset_for(p)
         upgraded = self.upgrade(state.model, need, p.name) if need else state.model
         if upgraded is state.model:
             return state
@@ -79,6 +79,13 @@ class OnnxSteps:
                             f"site(s) {', '.join(lost)} ({len(state.det.sites)} found before, {len(new.det.sites)} "
                             "after); nothing written")
         return new
+
+    @staticmethod
+    def opset_for(p) -> int | None:
+        """The opset the lowering of `p`'s forms needs, if it rewrites sites."""
+        from attn_opt.backends.onnx.lower import opset_for
+
+        return opset_for(p.produces) if p.touches_sites() else None
 
     def upgrade(self, om: OnnxModel, need: int, why: str) -> OnnxModel:
         """The model at opset `need` (converted on the weightless graph), or itself."""
@@ -104,24 +111,23 @@ class OnnxSteps:
     def unsupported(self, site, p) -> str | None:
         return None
 
-    def rewrite_site(self, state: State, site, p, diag) -> str | None:
-        from attn_opt.backends.onnxruntime.edit import SiteEdit
+    def lower(self, state: State, site, form, pass_name: str) -> str | None:
+        from attn_opt.backends.onnx.edit import SiteEdit
+        from attn_opt.backends.onnx.lower import lower
 
-        edit = SiteEdit(state.model.ir, site, p.name)
-        edit.diagnostics = diag
-        choose = getattr(p, "choose", None)
-        note = p.rewrite_onnx(edit, choose(site) if choose else None)
+        edit = SiteEdit(state.model.ir, site, pass_name)
+        note = lower(edit, form)
         if edit.in_fp32:
             note = (note + "; " if note else "") + f"computed in float32 inside (the site is {edit.site_dtype()})"
         return note
 
-    def rewrite_graph(self, state: State, p) -> list[str]:
-        if hasattr(p, "rewrite_graph"):
-            return p.rewrite_graph(state.model.ir, state.view)
-        return []
+    def graph_edit(self, state: State, edit: str) -> list[str]:
+        from attn_opt.backends.onnx.lower import GRAPH_EDITS
+
+        return GRAPH_EDITS[edit](state.model.ir, state.view)
 
     def finish(self, state: State) -> None:
-        from attn_opt.backends.onnxruntime.edit import sweep
+        from attn_opt.backends.onnx.edit import sweep
 
         sweep(state.model.ir)
 

@@ -1,6 +1,6 @@
-"""Attention written out with standard ONNX ops from a site record, with the softmax
-replaced by a normaliser: the lowering of softplus, sinkfree and any form that changes
-how scores become probabilities.
+"""Attention written out with standard ONNX ops from a site record: dense scores (masked
+to a sparse pattern where the band would not pay), then a normaliser: the lowering of
+every pattern × normaliser form the banded one does not take.
 
 Layout inside: 5-D [B, Hkv, g, Tq, ·] (g = H / Hkv) so GQA reads each kv head once.
 `vis` is the boolean [.., Tq, Tk] of keys each row may see (the site's masks, causal);
@@ -15,13 +15,15 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from attn_opt.backends.onnxruntime.edit import SiteEdit
-from attn_opt.patterns.detect import MASKED
+from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.visible import pattern_visible
+from attn_opt.patterns.form import Pattern
+from attn_opt.patterns.site import MASKED
 from attn_opt.patterns.site import AttentionSite
 
 MIN = np.float32(np.finfo(np.float32).min)
 TINY = np.float32(1e-30)
-Normaliser = Callable[[SiteEdit, ir.Value, ir.Value], ir.Value]
+NormaliserFn = Callable[[SiteEdit, ir.Value, ir.Value], ir.Value]
 
 
 def f32(e: SiteEdit, x) -> ir.Value:
@@ -68,7 +70,9 @@ def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     return e.op("Unsqueeze", [x, e.ints(2)])
 
 
-def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
+def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Pattern | None = None):
+    """Scores [B, Hkv, g, Tq, Tk] and the keys each row sees: the site's masks and
+    causality, and `pattern`'s pairs where one is given (the masked-dense lowering)."""
     hkv, g = site.kv_heads, site.heads // site.kv_heads
     q5 = e.op("Reshape", [e.op("Mul", [q, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
     k5 = e.op("Unsqueeze", [k, e.ints(2)])
@@ -94,8 +98,10 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k):
         tri = e.op("LessOrEqual", [j, e.op("Add", [i, e.op("Sub", [tk, tq])])])
         vis = tri if vis is None else e.op("And", [vis, tri])
     if vis is None:
-        return s, e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
-    return _hidden_rows_as_original(e, site, s, vis)
+        vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
+    else:
+        s, vis = _hidden_rows_as_original(e, site, s, vis)
+    return s, vis if pattern is None else e.op("And", [vis, pattern_visible(e, pattern, q, k)])
 
 
 def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis):
@@ -115,9 +121,11 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis):
     return s, e.op("Or", [vis, uniform])
 
 
-def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: Normaliser, qkv=None) -> ir.Value:
+def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: NormaliserFn, qkv=None,
+                  pattern: Pattern | None = None) -> ir.Value:
+    """The dense scores, masked to `pattern` where one is given, then `normalise`."""
     q, k, v = qkv or (e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v))
-    s, vis = scores_and_visibility(e, site, q, k)
+    s, vis = scores_and_visibility(e, site, q, k, pattern)
     p = normalise(e, s, vis)
     o = e.op("MatMul", [p, e.op("Unsqueeze", [v, e.ints(2)])])  # [B, Hkv, g, Tq, Dv]
     shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(site.heads), e.shape_dim(q, 2), e.shape_dim(v, 3)], {"axis": 0})

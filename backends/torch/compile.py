@@ -19,17 +19,13 @@ import torch
 log = logging.getLogger("attn_opt")
 
 
-def _passes(passes):
-    from attn_opt import passes as registry
-
-    return [registry.parse(p) if isinstance(p, str) else p for p in passes]
-
-
 def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):
     """A torch.compile backend running `passes` on every captured graph."""
     if inner not in ("inductor", "eager"):
         raise ValueError("inner must be 'inductor' or 'eager'")
-    chain = _passes(passes)
+    from attn_opt.rewriter.pipeline import parse_chain
+
+    chain = parse_chain(passes)
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs):
         from attn_opt.rewriter.fx_pipeline import apply_fx

@@ -15,16 +15,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attn_opt.backends.onnxruntime.edit import SiteEdit
-from attn_opt.backends.onnxruntime.explicit import softcap
-from attn_opt.patterns.detect import MASKED
+from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.explicit import softcap
+from attn_opt.backends.onnx.visible import i64 as _i64, window_visible
+from attn_opt.patterns.form import Pattern
+from attn_opt.patterns.site import MASKED
 from attn_opt.patterns.site import AttentionSite
 
 
 class _Band:
     """In-graph index arithmetic shared by the parts of one site's rewrite."""
 
-    def __init__(self, e: SiteEdit, q: ir.Value, form):
+    def __init__(self, e: SiteEdit, q: ir.Value, form: Pattern):
         self.e, self.f = e, form
         b, lk = form.block, form.keys
         i64 = lambda x: e.const(np.int64(x))  # noqa: E731
@@ -41,7 +43,7 @@ class _Band:
         # positions in the original sequence: the same unless dilation permuted it
         self.perm = self.inverse = None
         self.qpos, self.kpos, self.key_index = self.i, self.p3, self.p_clip
-        if getattr(form, "dilation", 1) > 1:
+        if form.dilation > 1:
             self._dilate(q, tm1)
 
     def _dilate(self, q, tm1):
@@ -75,33 +77,13 @@ class _Band:
 
     def window_visible(self):
         """[nb, b, Lk] bool: the pattern's pairs among the gathered keys."""
-        e, f, i, p = self.e, self.f, self.i, self.p3
-        i64 = lambda x: e.const(np.int64(x))  # noqa: E731
-        ge, lt, le = (lambda a, c: e.op("GreaterOrEqual", [a, c])), (lambda a, c: e.op("Less", [a, c])), \
-            (lambda a, c: e.op("LessOrEqual", [a, c]))
-        land = lambda a, c: e.op("And", [a, c])  # noqa: E731
-        valid = land(ge(p, i64(0)), lt(p, self.t))
-        i, p = self.qpos, self.kpos  # original positions from here on
-        d = e.op("Sub", [i, p])  # i - p
+        e, f = self.e, self.f
+        valid = e.op("And", [e.op("GreaterOrEqual", [self.p3, _i64(e, 0)]), e.op("Less", [self.p3, self.t])])
         if f.kind == "grid":
-            vis = land(valid, self._grid_near(i, p))
-        elif f.kind == "stride":
-            vis = valid
-        elif f.kind == "shift":
-            span = f.span
-            start = e.op("Max", [e.op("Min", [e.op("Sub", [i, i64(f.window // 2)]),
-                                             e.op("Sub", [self.t, i64(span)])]), i64(0)])
-            vis = land(valid, land(ge(p, start), lt(p, e.op("Add", [start, i64(span)]))))
-        elif f.causal:
-            vis = land(valid, lt(d, i64(f.window * f.dilation)))
-        else:
-            vis = land(valid, le(e.op("Abs", [d]), i64(f.window // 2 * f.dilation)))
-        if f.dilation > 1:  # only keys in the query's residue class
-            vis = land(vis, e.op("Equal", [e.op("Mod", [d, i64(f.dilation)]), i64(0)]))
-        if f.causal:
-            vis = land(vis, ge(d, i64(0)))
-        if f.sinks and f.kind != "grid":  # sink keys are attended through their own key set: not twice
-            vis = land(vis, ge(p, i64(f.sinks)))
+            return e.op("And", [valid, self._grid_near(self.qpos, self.kpos)])
+        vis = e.op("And", [valid, window_visible(e, f, self.qpos, self.kpos, self.t)])  # original positions
+        if f.sinks:  # sink keys are attended through their own key set: not twice
+            vis = e.op("And", [vis, e.op("GreaterOrEqual", [self.kpos, _i64(e, f.sinks)])])
         return vis
 
     def _grid_near(self, i, p):
@@ -190,11 +172,11 @@ def _apply_masks(e, band, s, scores, vis, sinks: bool):
     return scores, vis
 
 
-def emit_banded(e: SiteEdit, s: AttentionSite, form, normalise=None, qkv=None, sink_kv=None) -> ir.Value:
+def emit_banded(e: SiteEdit, s: AttentionSite, form: Pattern, normalise=None, qkv=None, sink_kv=None) -> ir.Value:
     """The banded form; `normalise(e, scores, visible)` turns scores into probabilities
     (default softmax), zero outside `visible` and on rows that see nothing."""
     if normalise is None:
-        from attn_opt.backends.onnxruntime.explicit import softmax_visible as normalise
+        from attn_opt.backends.onnx.explicit import softmax_visible as normalise
     q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
     band = _Band(e, q, form)
     hkv, g, b = s.kv_heads, s.heads // s.kv_heads, form.block

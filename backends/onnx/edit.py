@@ -9,7 +9,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from attn_opt.patterns.site import AttentionSite, Operand
-from attn_opt.rewriter.ir.onnx_flops import SITE_TAG
+from attn_opt.rewriter.graph import EPILOGUE_TAG, PASS_TAG, SITE_TAG
 
 MS = "com.microsoft"
 # site dtypes the form lowerings compute in float32, and their ONNX types
@@ -23,6 +23,7 @@ class SiteEdit:
         self._n = 0
         self.diagnostics = None  # head statistics of this site, for passes that ask for them
         self.in_fp32 = False  # set by lowerings that compute a fp16/bf16 site in float32
+        self.epilogue = False  # the new nodes read the site's output (a gate); they are not the site
 
     def site_dtype(self) -> str | None:
         return self.site.output.dtype or self.site.q.value.dtype
@@ -65,8 +66,9 @@ class SiteEdit:
         return f"attn_opt/{self.site.id}/{self.pass_name}/{op}_{self._n}"
 
     def op(self, op_type: str, inputs, attrs: dict | None = None, domain: str = "", outputs: int = 1):
+        tags = {SITE_TAG: self.site.id, PASS_TAG: self.pass_name} | ({EPILOGUE_TAG: "1"} if self.epilogue else {})
         node = ir.Node(domain, op_type, list(inputs), attributes=_attrs(attrs or {}), num_outputs=outputs,
-                       name=self._name(op_type), metadata_props={SITE_TAG: self.site.id, "attn_opt.pass": self.pass_name})
+                       name=self._name(op_type), metadata_props=tags)
         for i, o in enumerate(node.outputs):
             o.name = f"{node.name}:{i}"
         self.nodes.append(node)

@@ -1,7 +1,7 @@
 """The attention forms in PyTorch: what the torch.fx lowering calls.
 
 `attention(q, k, v, ...)` computes a site with a sparse pattern (or dense) and a
-normaliser, with the same algorithms as the ONNX lowering (backends/onnxruntime/): the
+normaliser, with the same algorithms as the ONNX lowering (backends/onnx/): the
 banded form gathers one key band per query block, so its matrix products, and the FLOPs
 torch's FlopCounterMode counts, are those of the ONNX graph. Each rewritten site is one
 call to this function in the GraphModule; detection reads its record back.
@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-MASKED = -1e4
+from attn_opt.patterns.form import Normaliser, Pattern
+from attn_opt.patterns.site import MASKED
 
 
 # -- normalisers: scores, visible -> probabilities (0 outside, zero rows where nothing is visible)
@@ -28,39 +29,43 @@ def softmax(s, vis):
     return _safe_div(e, e.sum(-1, keepdim=True))
 
 
-def normalise(spec: dict, s, vis, per_head, n_heads: int):
-    kind = spec["kind"]
-    if kind == "softmax":
+def normalise(n: Normaliser, s, vis, per_head, n_heads: int):
+    """Weights of normaliser `n`; `per_head(values)` shapes per-head values to the scores.
+    A trained sink logit may come as a tensor in place of `n.bias` (`bias=` of attention)."""
+    if n.kind == "softmax":
         return softmax(s, vis)
-    if kind == "softplus":
-        if spec.get("n_train"):
-            n = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
-            s = s * (torch.log(n) / math.log(spec["n_train"]))
+    if n.kind == "softplus":
+        if n.n_train:
+            cnt = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+            s = s * (torch.log(cnt) / math.log(n.n_train))
         a = torch.where(vis, F.softplus(s), 0.0)
         a = _safe_div(a, a.sum(-1, keepdim=True))
-        if spec.get("p", 1.0) != 1.0:
-            a = a ** spec["p"]
+        if n.p != 1.0:
+            a = a ** n.p
             a = _safe_div(a, a.sum(-1, keepdim=True))
         return a
-    if kind == "logit":
-        b = per_head(spec["bias"])
+    if n.kind == "logit":
+        b = per_head(n.bias)
         m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
         e = torch.where(vis, torch.exp(s - m), 0.0)
         return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
-    if kind == "redistribute":
+    if n.kind == "redistribute":
         p = softmax(s, vis)
-        n, alpha = spec["sinks"], spec["alpha"]
-        m = p[..., :n].sum(-1, keepdim=True)
+        m = p[..., :n.sinks].sum(-1, keepdim=True)
         rest = 1 - m
-        scaled = torch.cat([alpha * p[..., :n], p[..., n:] * _safe_div(1 - alpha * m, rest)], -1)
+        scaled = torch.cat([n.alpha * p[..., :n.sinks], p[..., n.sinks:] * _safe_div(1 - n.alpha * m, rest)], -1)
         keep = rest < 1e-6  # a row all on the sinks is left as it is
-        if spec.get("heads"):
-            keep = keep | (per_head([1.0 if h in spec["heads"] else 0.0 for h in range(n_heads)]) == 0)
+        if n.heads:
+            keep = keep | (per_head([1.0 if h in n.heads else 0.0 for h in range(n_heads)]) == 0)
         return torch.where(keep, p, scaled)
-    if kind == "relu":
-        n = vis.sum(-1, keepdim=True).to(s.dtype)
-        return _safe_div(torch.where(vis, torch.relu(s), 0.0), n)
-    raise ValueError(f"unknown normaliser {kind!r}")
+    if n.kind == "relu":
+        cnt = vis.sum(-1, keepdim=True).to(s.dtype)
+        return _safe_div(torch.where(vis, torch.relu(s), 0.0), cnt)
+    if n.bias is None:  # sigmoid, b = −log n_i
+        b = -torch.log(vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype))
+    else:
+        b = per_head(n.bias)
+    return torch.where(vis, torch.sigmoid(s + b), 0.0)
 
 
 def _four(m: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,7 @@ def _masks(additive, bool_mask, bool_keep):
 def as_original(s, vis, additive: bool, keep_given: bool, fill):
     """Rows the site's *finite* fill hides completely get uniform weights in the original
     (a softmax over equal scores): here they see every key, their scores carrying the fill
-    (backends/onnxruntime/explicit.py does the same); rows hidden by -inf keep none."""
+    (backends/onnx/explicit.py does the same); rows hidden by -inf keep none."""
     finite = fill is not None and math.isfinite(fill)
     if not additive and not finite:
         return s, vis
@@ -103,7 +108,8 @@ def _softcap(s, c):
     return s if not c else torch.tanh(s / c) * c
 
 
-def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None):
+def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None, pattern: Pattern | None = None):
+    """Dense scores (masked to `pattern`'s pairs where one is given), then `norm`."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     q5 = (q * scale).reshape(b, hkv, h // hkv, tq, d)
@@ -119,12 +125,46 @@ def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None)
         i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         vis = vis & (torch.arange(tk, device=q.device)[None, :] <= i)
     s, vis = as_original(s, vis.expand(s.shape), bias is not None, keep is not None, fill)
+    if pattern is not None:
+        vis = vis & pattern_visible(pattern, tq, tk, q.device)
     p = norm(s, vis, 5)
     return (p @ v.unsqueeze(2)).reshape(b, h, tq, v.shape[-1])
 
 
+def window_visible(f: Pattern, i, p, t: int):
+    """The pairs pattern `f`'s window keeps (sinks aside) for query positions `i` and key
+    positions `p` (broadcasting), at length t: the torch statement of
+    `Pattern.window_visible`, for the banded and the masked-dense lowerings."""
+    d = i - p
+    if f.kind in ("stride", "shift"):
+        if f.kind == "stride":
+            first = i // f.block * f.block + (f.block - f.window if f.causal else (f.block - f.window) // 2)
+        else:
+            first = i - f.window // 2
+        start = first.clamp(max=t - f.span).clamp(min=0)
+        vis = (p >= start) & (p < start + f.span)
+    elif f.causal:
+        vis = d < f.window * f.dilation
+    else:
+        vis = d.abs() <= f.window // 2 * f.dilation
+    if f.dilation > 1:
+        vis = vis & (d % f.dilation == 0)
+    return vis & (d >= 0) if f.causal else vis
+
+
+def pattern_visible(f: Pattern, tq: int, tk: int, device):
+    """[Tq, Tk]: the pairs `f` keeps on the full score matrix (queries the last Tq of Tk
+    positions), sinks included: the masked-dense lowering."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    p = torch.arange(tk, device=device)[None, :]
+    vis = window_visible(f, i, p, tk)
+    if f.sinks:
+        vis = vis | ((p < f.sinks) & ((p <= i) if f.causal else True))
+    return vis
+
+
 class _Band:
-    """Query blocks and the key band each gathers (see backends/onnxruntime/banded.py)."""
+    """Query blocks and the key band each gathers (see backends/onnx/banded.py)."""
 
     def __init__(self, form, t: int, device):
         self.f, self.t = form, t
@@ -138,7 +178,7 @@ class _Band:
         self.p_clip = self.p.clamp(0, t - 1)
         self.qpos, self.kpos, self.key_index = self.i, self.p[:, None, :], self.p_clip
         self.perm = self.inverse = None
-        if getattr(form, "dilation", 1) > 1:  # residue classes made contiguous
+        if form.dilation > 1:  # residue classes made contiguous
             pos = ar(t)
             self.perm = torch.argsort((pos % form.dilation) * t + pos, stable=True)
             self.inverse = torch.argsort(self.perm)
@@ -160,7 +200,6 @@ class _Band:
     def window_visible(self):
         f, i, p = self.f, self.qpos, self.kpos
         valid = (self.p[:, None, :] >= 0) & (self.p[:, None, :] < self.t)
-        d = i - p
         if f.kind == "grid":
             (kh, kw), (gh, gw) = f.kernel, f.grid
             pc = p.clamp(min=0)
@@ -171,23 +210,9 @@ class _Band:
                     near.append((c >= lo) & (c < lo + size))
                 else:
                     near.append((a - c).abs() <= size // 2)
-            vis = valid & near[0] & near[1]
-        elif f.kind == "stride":
-            vis = valid
-        elif f.kind == "shift":
-            start = (i - f.window // 2).clamp(max=self.t - f.span).clamp(min=0)
-            vis = valid & (p >= start) & (p < start + f.span)
-        elif f.causal:
-            vis = valid & (d < f.window * f.dilation)
-        else:
-            vis = valid & (d.abs() <= f.window // 2 * f.dilation)
-        if f.dilation > 1:
-            vis = vis & (d % f.dilation == 0)
-        if f.causal:
-            vis = vis & (d >= 0)
-        if f.sinks and f.kind != "grid":
-            vis = vis & (p >= f.sinks)
-        return vis
+            return valid & near[0] & near[1]
+        vis = valid & window_visible(f, i, p, self.t)
+        return vis & (p >= f.sinks) if f.sinks else vis  # sink keys come through their own key set
 
     def sink_visible(self):
         ps = torch.arange(self.f.sinks, device=self.i.device).reshape(1, 1, -1)
@@ -249,26 +274,26 @@ def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None, softcap=None):
     return out if band.inverse is None else out[:, :, band.inverse]
 
 
-def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec) -> dict | None:
+def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Pattern | None, n: Normaliser,
+                bias=None) -> dict | None:
     """The Triton kernel's arguments for this site, or None where the form is beyond it
     (stride, shifted or 2-D windows, dense heads, redistribute/relu, masks other than a
     per-key padding mask, Tq != Tk with a window or causal, dv != d)."""
     if v.shape[-1] != q.shape[-1] or ((causal or pattern) and q.shape[2] != k.shape[2]):
         return None
     args = {"causal": bool(causal)}
-    if pattern:
-        if pattern.get("grid") or pattern.get("dense_heads") or int(pattern.get("stride", 1)) > 1 \
-                or pattern.get("border", "clip") != "clip" or not str(pattern.get("sinks", "0")).isdigit():
+    if pattern is not None:
+        if pattern.kind != "window" or pattern.dense_heads:
             return None
-        args.update(window=int(pattern["window"]), dilation=int(pattern.get("dilation", 1)),
-                    sinks=int(pattern.get("sinks", "0")))
-    kind = spec["kind"]
-    if kind == "softplus":
-        args.update(normaliser="softplus", n_train=spec.get("n_train"), power=spec.get("p", 1.0))
-    elif kind == "logit":
-        b = spec["bias"]
-        args["sink_logit"] = (b if isinstance(b, torch.Tensor) else torch.tensor(b)).to(q.device).float().reshape(-1)
-    elif kind != "softmax":
+        args.update(window=pattern.window, dilation=pattern.dilation, sinks=pattern.sinks)
+    if n.kind in ("softplus", "sigmoid"):
+        args.update(normaliser=n.kind, n_train=n.n_train, power=n.p)
+        if n.kind == "sigmoid" and n.bias is not None:
+            args["score_bias"] = torch.tensor(n.per_head_bias(q.shape[1]), device=q.device).float()
+    elif n.kind == "logit":
+        b = bias if bias is not None else torch.tensor(n.bias)
+        args["sink_logit"] = b.to(q.device).float().reshape(-1)
+    elif n.kind != "softmax":
         return None
     terms = list(additive)
     if bool_mask is not None:
@@ -285,19 +310,18 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec) 
 
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
-              pattern=None, normaliser=None, bias=None, use_triton: bool | None = None, fill=None, softcap=None):
-    """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]. CUDA tensors
-    go to the Triton kernel where it covers the form (`use_triton` overrides the choice)."""
-    import types
-
-    from attn_opt.passes.sparse import Sparse
-
-    spec = dict(normaliser or {"kind": "softmax"})
-    if bias is not None:  # a trained per-head sink logit (an nn.Parameter of the module)
-        spec["bias"] = bias
+              pattern: dict | None = None, normaliser: dict | None = None, bias=None, use_triton: bool | None = None,
+              fill=None, softcap=None, banded: bool = True):
+    """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]; `pattern`
+    and `normaliser` as their records (JSON, as the FX graph holds them), `bias` a trained
+    sink logit (an nn.Parameter). CUDA tensors go to the Triton kernel where it covers the
+    form (`use_triton` overrides the choice). A pattern is computed banded, or with
+    banded=False as dense scores masked to it (chosen by cost at the site's shape,
+    patterns/form.py: banded_pays)."""
+    form, n = Pattern.from_json(pattern), Normaliser.from_json(normaliser)
     h, hkv = q.shape[1], k.shape[1]
     if (q.is_cuda if use_triton is None else use_triton) and not softcap:
-        args = kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern, spec)
+        args = kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, form, n, bias)
         if args is not None:
             from attn_opt.backends.triton.launcher import attention as kernel
 
@@ -308,31 +332,32 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         return t.to(q.dtype).reshape((1, hkv, h // hkv) + (1,) * (ndim - 3))
 
     def norm(s, vis, ndim):
-        return normalise(spec, s, vis, lambda vals: per_head(vals, ndim), h)
+        return normalise(n, s, vis, lambda vals: per_head(bias if bias is not None and n.kind == "logit" else vals,
+                                                          ndim), h)
 
     mask_bias, keep = _masks(additive, bool_mask, bool_keep)
-    if not pattern:
+    if form is None:
         return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill, softcap)
-    site = types.SimpleNamespace(causal=causal, run_shape=(q.shape[0], h, q.shape[2], k.shape[2], q.shape[3]))
-    form = Sparse(**pattern).form(site)
-    if pattern.get("grid"):
-        n = form.sinks
-        grid = _banded(q[:, :, n:], k[:, :, n:], v[:, :, n:], None, None, scale, form, norm, sink_kv=(k, v),
+    if form.kind == "grid":
+        s = form.sinks
+        grid = _banded(q[:, :, s:], k[:, :, s:], v[:, :, s:], None, None, scale, form, norm, sink_kv=(k, v),
                        softcap=softcap)
-        return torch.cat([_explicit(q[:, :, :n], k, v, None, None, scale, False, norm, softcap=softcap), grid],
-                         2) if n else grid
-    if pattern.get("dense_heads"):
-        dense = sorted(pattern["dense_heads"])
-        rest = [x for x in range(h) if x not in dense]
-        sparse_form = Sparse(**dict(pattern, dense_heads=None)).form(site)
-        outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill,
-                          softcap)] if dense else []
-        if rest:
-            outs.append(_banded(q[:, rest], k[:, rest], v[:, rest], mask_bias, keep, scale, sparse_form, norm,
-                                softcap=softcap))
-        order = dense + rest
-        return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
-    return _banded(q, k, v, mask_bias, keep, scale, form, norm, softcap=softcap)
+        return torch.cat([_explicit(q[:, :, :s], k, v, None, None, scale, False, norm, softcap=softcap), grid],
+                         2) if s else grid
+    def sparse(q_, k_, v_, f):
+        if banded:
+            return _banded(q_, k_, v_, mask_bias, keep, scale, f, norm, softcap=softcap)
+        return _explicit(q_, k_, v_, mask_bias, keep, scale, causal, norm, fill, softcap, pattern=f)
+
+    if not form.dense_heads:
+        return sparse(q, k, v, form)
+    dense = sorted(form.dense_heads)
+    rest = [x for x in range(h) if x not in dense]
+    outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill, softcap)]
+    if rest:
+        outs.append(sparse(q[:, rest], k[:, rest], v[:, rest], form.sparse_heads()))
+    order = dense + rest
+    return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,

@@ -1,9 +1,11 @@
-"""Lowering on torch.fx: a site becomes calls inserted into the GraphModule, built from
-the AttentionSite record (the same record the ONNX emitters read).
+"""Lower a site's `Form` (patterns/form.py) on torch.fx: calls inserted into the
+GraphModule, built from the AttentionSite record (the same record the ONNX lowering reads).
 
-fuse: one `F.scaled_dot_product_attention`. The forms (sparse, softplus, sinkfree): one
-call to `backends.torch_forms.attention` carrying the form record, so the next pass can
-read the site back. gated: an `nn.Linear` gate registered on the module (trainable).
+fused: one `F.scaled_dot_product_attention`. A pattern × normaliser form: one call to
+`backends.torch.forms.attention` carrying the form record, so the next pass can read the
+site back (trained values, like sink logits, are nn.Parameters). A gate: an `nn.Linear`
+registered on the module (trainable). Collapsed weights: one call to
+`backends.torch.forms.collapsed` with the matrices as nn.Parameters.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
 
+from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.mlp import mlp_blocks
+from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
+from attn_opt.rewriter.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG
 
 HIDE = -1e30  # a hidden key's bias: finite, so a row hidden completely gets uniform weights
 
@@ -45,11 +52,23 @@ def _refold(site: AttentionSite, new, graph: fx.Graph):
     return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
 
 
-def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
+def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
+    """Emit `form` for `site` in place of its nodes; a note for the report."""
+    if form.fused:
+        return fuse_site(gm, site)
+    if form.gate is not None:
+        return gate(gm, site, form.gate)
+    if form.collapse is not None:
+        return emit_collapse(gm, site, form.collapse)
+    return emit_form(gm, site, form.pattern, form.normaliser)
+
+
+def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
     """Replace one eager site by scaled_dot_product_attention (exact); a soft-capped site,
     which SDPA cannot express, by one call of the dense form with its cap."""
     if site.softcap:
-        return emit_form(gm, site, None, {"kind": "softmax"})
+        emit_form(gm, site, None, Normaliser())
+        return f"one call of the dense form with soft-cap {site.softcap:g} (SDPA has no soft-cap)"
     g = gm.graph
     out = site.output.native
     with g.inserting_before(out):
@@ -75,12 +94,13 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> None:
             kwargs["enable_gqa"] = True
         new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
     out.replace_all_uses_with(new)
-    new.meta["attn_opt.site"] = site.id
+    new.meta[SITE_TAG] = site.id
     covered = set(site.nodes)
     for n in list(g.nodes):  # export's metadata assertions on the replaced nodes go with them
         if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
             g.erase_node(n)
     new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+    return "scaled_dot_product_attention"
 
 
 def erase_dead(g: fx.Graph, names: set[str]) -> None:
@@ -97,34 +117,44 @@ def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
     erase_dead(g, set(site.nodes))
 
 
-def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: dict | None, normaliser: dict, bias=None) -> None:
-    """Replace `site` by one call computing it with this pattern and normaliser."""
-    from attn_opt.backends.torch_forms import attention
-    from attn_opt.patterns.record import FORM_KEY, form_record
+def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str | None:
+    """Replace `site` by one call computing it with this pattern and normaliser; a sink
+    logit becomes an nn.Parameter of the module (trainable)."""
+    from attn_opt.backends.torch.forms import attention
 
     g = gm.graph
+    bias = note = None
+    if normaliser.kind == "logit" and np.all(np.isfinite(normaliser.bias)):
+        bias = f"attn_opt_{site.id}_sink_logit"
+        gm.register_parameter(bias, torch.nn.Parameter(torch.tensor(normaliser.bias, dtype=torch.float32)))
+        note = f"sink logits in parameter {bias}"
+    banded, why = banded_pays(site, pattern) if pattern is not None else (True, None)
+    note = "; ".join(n for n in (why, note) if n) or None
     out = site.output.native
     with g.inserting_before(out):
         q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
         additive = [_term(site, t, g) for t in site.additive]
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
-                  "pattern": pattern, "normaliser": normaliser, "fill": site.mask_value, "softcap": site.softcap}
+                  "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
+                  "fill": site.mask_value, "softcap": site.softcap, "banded": banded}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
         new = _refold(site, new, g)
     new.meta[FORM_KEY] = form_record(site, pattern, normaliser)
-    new.meta["attn_opt.site"] = site.id
+    new.meta[SITE_TAG] = site.id
     out.replace_all_uses_with(new)
     new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
     _drop_asserts(g, site)
+    return note
 
 
-def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> None:
+def gate(gm: fx.GraphModule, site: AttentionSite, gt: Gate) -> str:
     """O ⊙ σ(X W + b) per head, W and b an nn.Linear registered as a submodule."""
     import torch.nn as nn
 
+    weight, bias, mode = gt.weight, gt.bias, gt.mode
     g = gm.graph
     name = f"attn_opt_{site.id}_gate"
     lin = nn.Linear(weight.shape[0], weight.shape[1])
@@ -134,7 +164,7 @@ def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> No
     gm.add_submodule(name, lin)
     out = site.output.native
     k = 1 if mode == "headwise" else site.head_dim
-    x = (site.projections["q"].x if "q" in site.projections else site.hidden).native
+    x = gt.source.native
     users = list(out.users)
     with g.inserting_after(out):
         logits = g.call_module(name, (x,))
@@ -152,32 +182,35 @@ def gate(gm: fx.GraphModule, site: AttentionSite, weight, bias, mode: str) -> No
         g4t = g.call_function(torch.transpose, (g4, 1, 2))
     with g.inserting_after(g4t):
         gated = g.call_function(operator.mul, (out, g4t))
+    for n in (logits, sig, shape, b_, t_, g4, g4t, gated):
+        n.meta.update({SITE_TAG: site.id, EPILOGUE_TAG: "1"})
     for u in users:
         u.replace_input_with(out, gated)
+    return f"nn.Linear {name}"
 
 
-def emit_collapse(gm: fx.GraphModule, site: AttentionSite, w: dict) -> None:
+def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
     """mlpfree's collapsed products as one call; the new matrices are nn.Parameters."""
-    from attn_opt.backends.torch_forms import collapsed
+    from attn_opt.backends.torch.forms import collapsed
 
     g = gm.graph
 
-    def param(key):
-        if key not in w:
+    def param(key, value):
+        if value is None:
             return None
         name = f"attn_opt_{site.id}_{key}"
-        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(w[key].astype("float32"))))
+        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value.astype("float32"))))
         return name
 
-    pq, pvo = param("w_qk"), param("w_vo")
+    pq, pvo = param("w_qk", c.w_qk), param("w_vo", c.w_vo)
     vo = pvo is not None
-    o = w.get("o")
+    o = c.o
     target = next(n for n in g.nodes if n.name == o.node) if vo else site.output.native
     with g.inserting_before(target):
-        xq = w["xq"].native if pq else _bhsd(site.q, g)
-        xk = w["xk"].native if pq else _bhsd(site.k, g)
+        xq = c.xq.native if pq else _bhsd(site.q, g)
+        xk = c.xk.native if pq else _bhsd(site.k, g)
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
-                  "heads": site.heads, "xv": w["xv"].native if vo else None,
+                  "heads": site.heads, "xv": c.xv.native if vo else None,
                   "w_vo": g.get_attr(pvo) if vo else None,
                   "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value,
                   "softcap": site.softcap}
@@ -187,3 +220,16 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, w: dict) -> None:
     target.replace_all_uses_with(new)
     g.eliminate_dead_code()  # the output projection and P·V first, so the site's own nodes lose their users
     _drop_asserts(g, site)
+
+
+def drop_mlp(gm: fx.GraphModule, gv) -> list[str]:
+    """x + MLP(norm(x)) becomes x, for every feed-forward block found."""
+    notes = []
+    for add, x, nodes in mlp_blocks(gv):
+        add.outputs[0].native.replace_all_uses_with(x.native)
+        erase_dead(gm.graph, {n.name for n in nodes} | {add.name})
+        notes.append(f"dropped the feed-forward block ending at {add.name} ({len(nodes)} nodes)")
+    return notes or ["drop_mlp: no feed-forward block found"]
+
+
+GRAPH_EDITS = {"drop_mlp": drop_mlp}

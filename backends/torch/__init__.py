@@ -1,0 +1,1 @@
+"""Lowering of forms to torch: FX graph edits, the forms in PyTorch, the torch.compile backend."""

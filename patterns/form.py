@@ -1,0 +1,325 @@
+"""The form of an attention site, as data.
+
+A pass turns a site into a `Form`; a backend lowers it (backends/onnx, backends/torch,
+backends/triton); the NumPy reference (patterns/reference.py) evaluates it; a rewritten
+site's record carries its pattern and normaliser, so the next pass reads them back and
+forms compose on one site.
+
+    Form = Pattern (which (query, key) pairs are kept; None = dense)
+         × Normaliser (how scores become weights: softmax, softplus, sink logit,
+                       redistribute, relu, sigmoid)
+         + Gate (an epilogue: the output times a sigmoid gate)
+         | Collapse (the weight algebra: Q·Kᵀ and V·O products folded per head)
+         | fused (the same function as one attention op)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Which keys query i sees, and the block layout the banded lowerings use.
+
+    window: |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal), every d-th key
+    with dilation d; shift: exactly W keys per query, moved inward at the ends (neighborhood
+    attention); stride: `block` consecutive queries share one window of W keys; grid: a
+    kh x kw neighborhood on a gh x gw token grid after `sinks` prefix tokens. The first
+    `sinks` tokens stay visible to every query (causal: to the queries after them); heads
+    in `dense_heads` keep every pair."""
+
+    kind: str  # "window", "shift", "stride", "grid"
+    causal: bool
+    window: int
+    block: int  # queries per block of the banded layout
+    sinks: int = 0
+    dilation: int = 1
+    kernel: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
+    shift: bool = False  # grid: neighborhoods moved inward at the borders
+    dense_heads: tuple[int, ...] = ()
+
+    @property
+    def span(self) -> int:
+        """Keys one query's window covers."""
+        return self.window if self.causal or self.kind == "stride" else 2 * (self.window // 2) + 1
+
+    @property
+    def lo(self) -> int:
+        """Block j gathers keys from j·block − lo (window and shifted forms)."""
+        if self.kind in ("grid", "stride"):
+            return 0
+        if self.kind == "shift":
+            return self.span - 1
+        return self.window - 1 if self.causal else self.window // 2
+
+    @property
+    def keys(self) -> int:
+        """Keys gathered per query block."""
+        if self.kind == "grid":
+            return self.kernel[0] * self.grid[1]
+        if self.kind == "stride":
+            return self.window
+        if self.kind == "shift":
+            return self.block + 2 * (self.span - 1)
+        return self.block + self.span - 1
+
+    def sparse_heads(self) -> "Pattern":
+        return dataclasses.replace(self, dense_heads=())
+
+    def window_visible(self, i: np.ndarray, j: np.ndarray, t: int) -> np.ndarray:
+        """Pairs the window part keeps (sinks aside), for query positions i and key
+        positions j that broadcast, at sequence length t."""
+        d = i - j
+        if self.kind == "stride":
+            off = self.block - self.window if self.causal else (self.block - self.window) // 2
+            start = np.maximum(np.minimum(i // self.block * self.block + off, t - self.window), 0)
+            vis = (j >= start) & (j < start + self.window)
+        elif self.kind == "shift":
+            start = np.maximum(np.minimum(i - self.window // 2, t - self.span), 0)
+            vis = (j >= start) & (j < start + self.span)
+        elif self.causal:
+            vis = (d >= 0) & (d < self.window * self.dilation)
+        else:
+            vis = np.abs(d) <= self.window // 2 * self.dilation
+        if self.dilation > 1:
+            vis = vis & (d % self.dilation == 0)
+        return vis & (d >= 0) if self.causal else vis
+
+    def visible(self, t: int) -> np.ndarray:
+        """[t, t] boolean: the pairs this pattern keeps at sequence length t (the reference
+        every lowering is tested against)."""
+        if self.kind == "grid":
+            return self._grid_visible(t)
+        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+        vis = self.window_visible(i, j, t)
+        if self.sinks:
+            vis = vis | ((j < self.sinks) & ((j <= i) if self.causal else True))
+        return vis
+
+    def _grid_visible(self, t: int) -> np.ndarray:
+        (kh, kw), (gh, gw), n = self.kernel, self.grid, t - self.grid[0] * self.grid[1]
+        g = np.arange(gh * gw)
+        r, c = g // gw, g % gw
+        if self.shift:
+            rs, cs = np.clip(r - kh // 2, 0, gh - kh), np.clip(c - kw // 2, 0, gw - kw)
+            near = ((r[None] >= rs[:, None]) & (r[None] < rs[:, None] + kh)
+                    & (c[None] >= cs[:, None]) & (c[None] < cs[:, None] + kw))
+        else:
+            near = (np.abs(r[:, None] - r[None]) <= kh // 2) & (np.abs(c[:, None] - c[None]) <= kw // 2)
+        vis = np.ones((t, t), bool)  # prefix tokens (class, registers) see and are seen by all
+        vis[n:, n:] = near
+        return vis
+
+    def kept_pairs(self, t: int) -> int:
+        """Σ_i |keys(i)| at sequence length t (without masks)."""
+        return int(self.visible(t).sum())
+
+    def banded_pairs(self, t: int) -> int:
+        """Score pairs the banded lowering computes at length t (padding included)."""
+        if self.kind == "grid":
+            n = t - self.grid[0] * self.grid[1]
+            return n * t + self.grid[0] * self.grid[1] * (self.keys + n)
+        nb = -(-t // self.block)
+        return nb * self.block * (self.keys + self.sinks)
+
+    def describe(self) -> str:
+        if self.kind == "grid":
+            return (f"{self.kernel[0]}x{self.kernel[1]} neighborhood on a {self.grid[0]}x{self.grid[1]} grid"
+                    f"{' (shifted at borders)' if self.shift else ''}, {self.sinks} global prefix token(s)")
+        kind = {"window": "causal window" if self.causal else "window", "shift": "shifted window",
+                "stride": f"strided window (queries in groups of {self.block})"}[self.kind]
+        s = f"{kind} {self.window}" + (f" dilated by {self.dilation}" if self.dilation > 1 else "")
+        s += f", {self.sinks} sink tokens" if self.sinks else ""
+        return s + (f", heads {list(self.dense_heads)} dense" if self.dense_heads else "")
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Pattern | None":
+        if not d:
+            return None
+        d = dict(d)
+        for k in ("kernel", "grid", "dense_heads"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """How scores become weights, over the keys a row may see (0 elsewhere; a row that
+    sees no key gives zeros):
+
+    softmax       exp(S_ij) / Σ_j exp(S_ij)
+    softplus      φ(λ_i S_ij) / Σ_j φ(λ_i S_ij), φ = softplus, λ_i = log n_i / log n_train;
+                  then A^p / Σ A^p
+    logit         exp(S_ij) / (exp(b_h) + Σ_j exp(S_ij)), `bias` = b_h per head
+    redistribute  softmax, then the mass on the first `sinks` keys times α and the rest
+                  renormalised, in `heads` (default all)
+    relu          ReLU(S_ij) / n_i
+    sigmoid       σ(S_ij + b): b per head from `bias`, or −log n_i when `bias` is None
+    (n_i: keys row i sees.)"""
+
+    kind: str = "softmax"
+    n_train: int | None = None
+    p: float = 1.0
+    bias: tuple[float, ...] | None = None
+    alpha: float | None = None
+    sinks: int = 1
+    heads: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in NORMALISERS:
+            raise ValueError(f"unknown normaliser {self.kind!r}")
+
+    @property
+    def is_softmax(self) -> bool:
+        return self.kind == "softmax"
+
+    def per_head_bias(self, heads: int) -> np.ndarray | None:
+        """`bias` as [heads] float64, or None."""
+        if self.bias is None:
+            return None
+        return np.broadcast_to(np.asarray(self.bias, np.float64).reshape(-1), (heads,)).copy()
+
+    def describe(self) -> str:
+        if self.kind == "softplus":
+            lam = f"log n_i / log {self.n_train}" if self.n_train else "1"
+            return f"softplus, λ={lam}, p={self.p:g}"
+        if self.kind == "logit":
+            return f"sink logit b = {np.array2string(np.asarray(self.bias), precision=3)}"
+        if self.kind == "redistribute":
+            return f"redistribute α={self.alpha:g} over the first {self.sinks} token(s)"
+        if self.kind == "relu":
+            return "ReLU(S)/n_i"
+        if self.kind == "sigmoid":
+            b = "−log n_i" if self.bias is None else np.array2string(np.asarray(self.bias), precision=3)
+            return f"sigmoid σ(S + b), b = {b}, no row normalisation"
+        return "softmax"
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if v != getattr(SOFTMAX, k) or k == "kind"}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Normaliser":
+        if not d:
+            return SOFTMAX
+        d = dict(d)
+        for k in ("bias", "heads"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+SOFTMAX = Normaliser()
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """O_h ⊙ σ(X W + b) per head (headwise: W is [D, H]) or per element ([D, H·dv]);
+    X is the hidden state `source` (a graph value)."""
+
+    mode: str
+    weight: np.ndarray
+    bias: np.ndarray
+    source: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Collapse:
+    """Per head W_qk = W̃_q W̃_kᵀ ([D+1, H·(D+1)], X̃ = [X, 1]) read by scores X̃q W_qk X̃kᵀ,
+    and/or W_vo = W̃_v W_o ([D+1, H·D]) giving the output projection's result
+    Σ_h P_h X̃v W_vo,h (+ its bias). x* are the hidden states (graph values), `o` the
+    output projection the V·O collapse replaces."""
+
+    w_qk: np.ndarray | None = None
+    xq: Any = None
+    xk: Any = None
+    w_vo: np.ndarray | None = None
+    xv: Any = None
+    o: Any = None
+
+
+FUSED_TARGETS = ("onnx", "ort", "auto")
+
+
+@dataclass(frozen=True, eq=False)
+class Form:
+    """What a pass makes of one site."""
+
+    pattern: Pattern | None = None
+    normaliser: Normaliser = SOFTMAX
+    gate: Gate | None = None
+    collapse: Collapse | None = None
+    fused: str | None = None  # one attention op: FUSED_TARGETS
+    notes: tuple[str, ...] = field(default=())  # what the pass chose and why (said in the report)
+
+    def record(self) -> dict:
+        """The part a rewritten site's record carries (its pattern and normaliser)."""
+        return {"pattern": self.pattern.to_json() if self.pattern else None, "normaliser": self.normaliser.to_json()}
+
+    def describe(self) -> str:
+        """The pattern and normaliser in words ("" for a fused op, a gate, collapsed weights:
+        their notes say it)."""
+        if self.fused or self.gate is not None or self.collapse is not None:
+            return ""
+        parts = [self.pattern.describe()] if self.pattern else []
+        if not self.normaliser.is_softmax or not parts:
+            parts.append(self.normaliser.describe())
+        return ", ".join(parts)
+
+
+def break_even(pattern: Pattern, limit: int = 1 << 16) -> int | None:
+    """The shortest length at which the band computes fewer score pairs than dense."""
+    t = max(2, pattern.keys // 2)
+    while t <= limit:
+        if pattern.banded_pairs(t) < t * t:
+            return t
+        t += max(1, t // 16)
+    return None
+
+
+def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
+    """Whether the banded lowering computes fewer score pairs than dense at the site's
+    shape (as run on the fidelity inputs), and the note that says so when it does not:
+    then the lowerings mask the dense scores instead, so a pattern never costs more than
+    dense attention."""
+    if pattern.kind == "grid" or not site.run_shape:
+        return True, None
+    tq, tk = site.run_shape[2], site.run_shape[3]
+    band, dense = pattern.banded_pairs(tk), tq * tk
+    if band < dense:
+        return True, None
+    from_t = break_even(pattern)
+    return False, (f"masked dense: at the site's length ({tk} keys) the band would compute {band} score pairs "
+                   f"vs {dense} dense, so the pattern masks the dense scores (no FLOPs saved at this length"
+                   + (f"; the band pays from about {from_t} tokens: give --input-shape at that length" if from_t
+                      else "") + ")")
+
+
+def form_skip_reason(site) -> str | None:
+    """Why a site cannot take a pattern × normaliser form (the explicit and banded
+    lowerings read Q/K/V per head, its masks, and its probabilities alone)."""
+    if any(op.packed for op in (site.q, site.k, site.v)):
+        return "Q/K/V are not in [B, H, S, D] layout"
+    if site.heads is None or site.kv_heads is None or site.head_dim is None or site.scale is None:
+        return "heads, head size or scale unknown (the model did not run on sample inputs)"
+    if site.probs_shared:
+        return "its attention probabilities are used outside the attention too"
+    if site.heads % site.kv_heads:
+        return f"{site.heads} heads do not group over {site.kv_heads} kv heads"
+    for m in site.additive + ((site.bool_mask,) if site.bool_mask is not None else ()):
+        shape = site.mask_shapes.get(m.name)
+        if shape is None or len(shape) not in (2, 4):
+            return f"mask {m.name} has an unsupported or unknown shape {shape}"
+    return None

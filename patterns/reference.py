@@ -78,7 +78,8 @@ def sigmoid(s, vis, bias=None):
     if bias is None:
         n = vis.sum(-1, keepdims=True).astype(np.float64)
         bias = -np.log(np.maximum(n, 1))
-    return np.where(vis, 1 / (1 + np.exp(-(s + np.asarray(bias, dtype=np.float64)))), 0.0)
+    x = s + np.asarray(bias, dtype=np.float64)
+    return np.where(vis, np.exp(-np.logaddexp(0, -x)), 0.0)  # σ(x), without overflow
 
 
 def _per_head(values, s):

@@ -45,7 +45,7 @@ def normalise(n: Normaliser, s, vis, per_head, n_heads: int):
             a = _safe_div(a, a.sum(-1, keepdim=True))
         return a
     if n.kind == "logit":
-        b = per_head(n.bias)
+        b = per_head(n.per_head_bias(n_heads))
         m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
         e = torch.where(vis, torch.exp(s - m), 0.0)
         return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
@@ -64,7 +64,7 @@ def normalise(n: Normaliser, s, vis, per_head, n_heads: int):
     if n.bias is None:  # sigmoid, b = −log n_i
         b = -torch.log(vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype))
     else:
-        b = per_head(n.bias)
+        b = per_head(n.per_head_bias(n_heads))
     return torch.where(vis, torch.sigmoid(s + b), 0.0)
 
 

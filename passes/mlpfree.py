@@ -38,15 +38,26 @@ class Linear:
         return np.vstack([self.w, self.b[None, :]]).astype(np.float64)
 
 
+def _through_copies(v: Value) -> Value:
+    """Back through ops that pass a tensor on unchanged in value: Identity, a float Cast
+    (GPT-Neo computes attention in float32), a one-input Concat (an empty KV cache's cat)."""
+    while (n := v.producer) is not None and (
+            n.op == "Identity" or (n.op == "Cast" and v.dtype == (n.input(0).dtype or v.dtype) == "float32")
+            or (n.op == "Concat" and len([i for i in n.inputs if i is not None]) == 1)):
+        v = next(i for i in n.inputs if i is not None)
+    return v
+
+
 def plain_projection(site: AttentionSite, which: str) -> Linear | str:
     """The projection feeding Q/K/V through only bias Add, Reshape to heads and Transpose."""
     op = getattr(site, which)
     proj = site.projections.get(which)
     if proj is None:
         return f"no {which.upper()} projection found"
+    op = dataclasses.replace(op, value=_through_copies(op.value))
     t = op.value.producer
     if op.perm is None and t is not None and t.op == "Transpose" and list(t.attrs.get("perm", [])) == [0, 2, 1, 3]:
-        op = dataclasses.replace(op, value=t.input(0), perm=(0, 2, 1, 3))  # kv heads before repeat_kv
+        op = dataclasses.replace(op, value=_through_copies(t.input(0)), perm=(0, 2, 1, 3))  # kv heads before repeat_kv
     if op.packed or op.perm not in ((0, 2, 1, 3),) or op.value.producer is None or op.value.producer.op != "Reshape":
         return f"{which.upper()} is not a projection reshaped to heads (rotary embedding or another op in between)"
     v = op.value.producer.input(0)

@@ -40,9 +40,11 @@ class Candidate:
     quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
     unfold: Value | None = None  # the 4-D [B, H, Tq, Tk] view of 3-D scores (heads folded into the batch)
     folded_terms: list[Value] = field(default_factory=list)  # additive terms added to the 3-D scores
+    filled_terms: list[Value] = field(default_factory=list)  # additive terms added after the boolean mask's fill
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:
         if self.bool_mask is not None:
             raise Miss("two boolean masks before the softmax", self.anchor)
         self.bool_mask, self.bool_keep, self.fill = cond, keep, fill
+        self.filled_terms = list(self.additive)  # met first walking back: added after the Where, to its fill too

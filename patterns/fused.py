@@ -136,6 +136,7 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     # from the graph: the form does not depend on it
     c.additive = [v for a in rec["additive"] if (v := gv.value(a)) is not None]
     c.folded_terms = [v for v in c.additive if v.name in rec.get("folded_terms", ())]
+    c.filled_terms = [v for v in c.additive if v.name in rec.get("filled_terms", ())]
     if rec["bool"] and gv.value(rec["bool"]) is not None:
         c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
     c.scale, c.causal_attr = rec["scale"], rec["causal"]

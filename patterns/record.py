@@ -21,4 +21,5 @@ def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normal
         "additive": [a.name for a in site.additive], "bool": site.bool_mask.name if site.bool_mask is not None else None,
         "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
         "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
-        "softcap": site.softcap, "fill": site.mask_value, "folded_terms": list(site.folded_terms)})
+        "softcap": site.softcap, "fill": site.mask_value, "folded_terms": list(site.folded_terms),
+        "filled_terms": list(site.filled_terms)})

@@ -71,6 +71,7 @@ class AttentionSite:
     window: int | None = None  # a causal sliding window its own mask implies (keys per query)
     quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
     folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
+    filled_terms: tuple[str, ...] = ()  # additive terms added after the boolean mask's fill (fill + term may be -inf)
 
     @property
     def gqa(self) -> bool:

@@ -23,6 +23,10 @@ FAMILIES = {  # class: (config class, extra config, heads, kv heads)
     # soft-capped scores, and a causal sliding window in every other layer (its mask says so)
     "Gemma2Model": ("Gemma2Config", dict(intermediate_size=64, num_key_value_heads=2, head_dim=8,
                                          attn_logit_softcapping=50.0, sliding_window=4), 4, 2),
+    # masks twice: where(causal, S, min) + padding (min): keys hidden by both are -inf
+    "GPTNeoModel": ("GPTNeoConfig", dict(attention_types=[[["global", "local"], 1]], window_size=4), 4, 4),
+    # Q pre-scaled, K through the (empty) cache's Concat on TorchScript
+    "OPTModel": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32), 4, 4),
 }
 
 
@@ -175,3 +179,28 @@ def test_heads_in_batch_on_torch():
     _, report = attn_opt.optimize(model, ["softplus"], example_inputs=args)
     p = report.passes[0]
     assert not p.sites_rewritten and all("only the exact passes" in s["reason"] for s in p.sites_skipped)
+
+
+@pytest.mark.parametrize("spec", ["fuse", "fuse:target=onnx", "sinkfree:mode=logit,bias=-inf", "mlpfree:collapse=qk+vo"])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_double_mask_stays_exact(family, tmp_path, exporter, spec):
+    """GPT-Neo: a fully padded row spreads its weight over its causal prefix only (keys
+    hidden by both masks are -inf); every exact pass keeps that on the padded inputs."""
+    rep = tmp_path / "r.json"
+    r = cli(family("GPTNeoModel", exporter), "--pass", spec, "-o", tmp_path / "o.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert len(p["sites_rewritten"]) == 2, p["sites_skipped"]
+    assert "padded" in json.loads(rep.read_text())["inputs"]["variants"]
+    assert p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+def test_collapse_through_a_cache_concat(family, tmp_path):
+    """OPT through TorchScript: K reaches the scores through the cache's one-input Concat;
+    the collapse sees through it (and through Q's pre-scaling)."""
+    rep = tmp_path / "r.json"
+    r = cli(family("OPTModel", "torchscript"), "--pass", "mlpfree:collapse=qk+vo", "-o", tmp_path / "o.onnx",
+            "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert len(p["sites_rewritten"]) == 2 and p["step_fidelity_all"]["max_rel_error"] <= 1e-4

@@ -77,12 +77,14 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
     q5 = e.op("Reshape", [e.op("Mul", [q, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
     k5 = e.op("Unsqueeze", [k, e.ints(2)])
     s = softcap(e, site, e.op("MatMul", [q5, e.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})]))  # [B, Hkv, g, Tq, Tk]
-    vis = None
+    vis = filled = c = None
     for m in site.additive:
         m5 = _mask5(e, site, m)
         s = e.op("Add", [s, m5])
         hide = e.op("Greater", [m5, f32(e, MASKED)])
         vis = hide if vis is None else e.op("And", [vis, hide])
+        if m.name in site.filled_terms:
+            filled = m5 if filled is None else e.op("Add", [filled, m5])
     if site.bool_mask is not None:
         c = _mask5(e, site, site.bool_mask)
         if site.bool_mask.dtype != "bool":
@@ -100,25 +102,37 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
     if vis is None:
         vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
     else:
-        s, vis = _hidden_rows_as_original(e, site, s, vis)
+        s, vis = _hidden_rows_as_original(e, site, s, vis, c, filled)
     return s, vis if pattern is None else e.op("And", [vis, pattern_visible(e, pattern, q, k)])
 
 
-def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis):
-    """A row whose keys are all hidden by a *finite* fill gets, in the original, a softmax
-    over equal scores: uniform weights. Such rows see every key here (their scores carry the
-    fill), so every normaliser matches the original there; rows hidden by -inf (NaN in the
-    original) keep no visible key and give zeros."""
+def _any(e: SiteEdit, x) -> ir.Value:
+    """Row-wise any of a boolean [.., Tk] (keeping the axis)."""
+    return e.op("Greater", [e.op("ReduceMax", [e.op("Cast", [x], {"to": ir.DataType.FLOAT}), e.ints(-1)],
+                                 {"keepdims": 1}), f32(e, 0)])
+
+
+def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None, filled=None):
+    """A row whose keys are all hidden by *finite* values gets, in the original, a softmax
+    over the scores those values carry (equal scores: uniform weights) on every key whose
+    score is not -inf. Such rows see exactly those keys here, with the original's scores:
+    a key the boolean mask hides carries its fill plus the terms added after it
+    (`filled`), which is -inf where that overflows in the site's dtype (a where-then-add
+    double mask hides such keys for good). Rows with no such key (NaN in the original)
+    keep none and give zeros."""
     fill = site.mask_value
-    if not site.additive and (fill is None or not np.isfinite(fill)):
+    finite_fill = fill is not None and np.isfinite(fill)
+    if not site.additive and not finite_fill:
         return s, vis
-    if site.bool_mask is not None and fill is not None and np.isfinite(fill):
-        s = e.op("Where", [vis, s, f32(e, fill)])
-    seen = e.op("ReduceMax", [e.op("Cast", [vis], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
-    inf = e.op("ReduceMax", [e.op("Cast", [e.op("IsInf", [s])], {"to": ir.DataType.FLOAT}), e.ints(-1)],
-               {"keepdims": 1})
-    uniform = e.op("And", [e.op("Equal", [seen, f32(e, 0)]), e.op("Equal", [inf, f32(e, 0)])])
-    return s, e.op("Or", [vis, uniform])
+    dead = e.op("IsInf", [e.back(s)])  # back in the site's dtype: what overflows there
+    if keep is not None and finite_fill:
+        hidden = f32(e, fill) if filled is None else e.op("Add", [f32(e, fill), filled])
+        dead = e.op("Or", [e.op("And", [keep, dead]),  # (Where has no bool kernel in ONNX Runtime)
+                           e.op("And", [e.op("Not", [keep]), e.op("IsInf", [e.back(hidden)])])])
+        s = e.op("Where", [keep, s, hidden])
+    alive = e.op("Not", [dead])
+    uniform = e.op("And", [e.op("Not", [_any(e, vis)]), _any(e, alive)])
+    return s, e.op("Or", [vis, e.op("And", [uniform, alive])])
 
 
 def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: NormaliserFn, qkv=None,

@@ -72,7 +72,7 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
         lowest = e.const(np.asarray(_finfo_min(dt), dtype=_np_dtype(dt)))  # where the original's finite
         add = e.op("Where", [e.op("Equal", [add, lowest]), low, add])  # fill gives uniform weights
     if add is not None and cond is not None:
-        mask = e.op("Where", [cond, add, low])
+        mask = e.op("Where", [cond, add, _hidden_by_fill(e, s, low, dt)])
     elif cond is not None and s.mask_value is not None and np.isfinite(s.mask_value):
         mask, add = e.op("Where", [cond, e.op("Sub", [low, low]), low]), True  # finite fill: additive
     else:
@@ -80,6 +80,20 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
     tq = e.shape_dim(q, 2)
     target = e.op("Concat", [e.ints(1, 1), tq, e.ints(1)], {"axis": 0})
     return e.op("Expand", [mask, target]), add is None
+
+
+def _hidden_by_fill(e: SiteEdit, s: AttentionSite, low, dt: str):
+    """What a key the boolean mask hides gets: `low`, or -inf where the original's fill
+    plus the terms added after it overflows (a where-then-add double mask), so a row
+    hidden completely spreads its weight over the same keys as the original."""
+    if not s.filled_terms or s.mask_value is None or not np.isfinite(s.mask_value):
+        return low
+    after = None
+    for term in s.additive:
+        if term.name in s.filled_terms:
+            after = e.value(term) if after is None else e.op("Add", [after, e.value(term)])
+    dead = e.op("IsInf", [e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after])])
+    return e.op("Where", [dead, e.const(np.asarray(-np.inf, dtype=_np_dtype(dt))), low])
 
 
 def _finfo_min(name: str) -> float:

@@ -72,29 +72,39 @@ def _four(m: torch.Tensor) -> torch.Tensor:
     return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
 
 
-def _masks(additive, bool_mask, bool_keep):
-    """(bias, keep): the summed additive terms and the boolean 'attend here', both 4-D or None."""
-    bias = None
-    for t in additive:
+def _masks(additive, bool_mask, bool_keep, filled=()):
+    """(bias, keep, after): the summed additive terms, the boolean 'attend here', and the
+    sum of the terms (indices `filled`) added after the boolean mask's fill; 4-D or None."""
+    bias = after = None
+    for i, t in enumerate(additive):
         bias = _four(t) if bias is None else bias + _four(t)
+        if i in filled:
+            after = _four(t) if after is None else after + _four(t)
     keep = None
     if bool_mask is not None:
         keep = _four(bool_mask.bool())
         keep = keep if bool_keep else ~keep
-    return bias, keep
+    return bias, keep, after
 
 
-def as_original(s, vis, additive: bool, keep_given: bool, fill):
-    """Rows the site's *finite* fill hides completely get uniform weights in the original
-    (a softmax over equal scores): here they see every key, their scores carrying the fill
-    (backends/onnx/explicit.py does the same); rows hidden by -inf keep none."""
+def as_original(s, vis, additive: bool, keep, fill, after=None):
+    """Rows hidden completely by *finite* values see, as in the original, every key whose
+    score is not -inf, with the original's scores: a key the boolean mask hides carries
+    its fill plus the terms added after it (`after`; -inf where that overflows in the
+    model's dtype). Rows with no such key keep none (zeros). backends/onnx/explicit.py
+    does the same."""
     finite = fill is not None and math.isfinite(fill)
     if not additive and not finite:
         return s, vis
-    if keep_given and finite:
-        s = torch.where(vis, s, torch.as_tensor(fill, dtype=s.dtype, device=s.device))
-    uniform = ~vis.any(-1, keepdim=True) & ~torch.isinf(s).any(-1, keepdim=True)
-    return s, vis | uniform
+    dead = torch.isinf(s)
+    if keep is not None and finite:
+        hidden = torch.as_tensor(fill, dtype=s.dtype, device=s.device)
+        hidden = hidden if after is None else hidden + after.to(s.dtype)
+        dead = torch.where(keep, dead, torch.isinf(hidden))
+        s = torch.where(keep, s, hidden)
+    alive = ~dead
+    uniform = ~vis.any(-1, keepdim=True) & alive.any(-1, keepdim=True)
+    return s, vis | (uniform & alive)
 
 
 def _heads5(x, h, hkv):
@@ -108,7 +118,8 @@ def _softcap(s, c):
     return s if not c else torch.tanh(s / c) * c
 
 
-def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None, pattern: Pattern | None = None):
+def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None, pattern: Pattern | None = None,
+              after=None):
     """Dense scores (masked to `pattern`'s pairs where one is given), then `norm`."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -124,7 +135,8 @@ def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None,
     if causal:
         i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         vis = vis & (torch.arange(tk, device=q.device)[None, :] <= i)
-    s, vis = as_original(s, vis.expand(s.shape), bias is not None, keep is not None, fill)
+    s, vis = as_original(s, vis.expand(s.shape), bias is not None, None if keep is None else _heads5(keep, h, hkv),
+                         fill, None if after is None else _heads5(after, h, hkv))
     if pattern is not None:
         vis = vis & pattern_visible(pattern, tq, tk, q.device)
     p = norm(s, vis, 5)
@@ -311,7 +323,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Patter
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
               pattern: dict | None = None, normaliser: dict | None = None, bias=None, use_triton: bool | None = None,
-              fill=None, softcap=None, banded: bool = True):
+              fill=None, softcap=None, banded: bool = True, filled=()):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]; `pattern`
     and `normaliser` as their records (JSON, as the FX graph holds them), `bias` a trained
     sink logit (an nn.Parameter). CUDA tensors go to the Triton kernel where it covers the
@@ -335,9 +347,9 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         return normalise(n, s, vis, lambda vals: per_head(bias if bias is not None and n.kind == "logit" else vals,
                                                           ndim), h)
 
-    mask_bias, keep = _masks(additive, bool_mask, bool_keep)
+    mask_bias, keep, after = _masks(additive, bool_mask, bool_keep, filled)
     if form is None:
-        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill, softcap)
+        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill, softcap, after=after)
     if form.kind == "grid":
         s = form.sinks
         grid = _banded(q[:, :, s:], k[:, :, s:], v[:, :, s:], None, None, scale, form, norm, sink_kv=(k, v),
@@ -347,13 +359,14 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
     def sparse(q_, k_, v_, f):
         if banded:
             return _banded(q_, k_, v_, mask_bias, keep, scale, f, norm, softcap=softcap)
-        return _explicit(q_, k_, v_, mask_bias, keep, scale, causal, norm, fill, softcap, pattern=f)
+        return _explicit(q_, k_, v_, mask_bias, keep, scale, causal, norm, fill, softcap, pattern=f, after=after)
 
     if not form.dense_heads:
         return sparse(q, k, v, form)
     dense = sorted(form.dense_heads)
     rest = [x for x in range(h) if x not in dense]
-    outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill, softcap)]
+    outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill, softcap,
+                      after=after)]
     if rest:
         outs.append(sparse(q[:, rest], k[:, rest], v[:, rest], form.sparse_heads()))
     order = dense + rest
@@ -361,7 +374,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
-              xv=None, w_vo=None, o_bias=None, fill=None, softcap=None):
+              xv=None, w_vo=None, o_bias=None, fill=None, softcap=None, filled=()):
     """mlpfree on torch: scores_h = scale · X̃q W_qk,h X̃kᵀ (X̃ = [X, 1]); the output is P V as
     [B, H, Tq, dv], or with w_vo the output projection's result Σ_h P_h X̃v W_vo,h (+ bias)."""
     def aug(x):
@@ -375,7 +388,7 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     else:
         q, k = xq, xk  # already [B, H, T, d] and [B, Hkv, T, d]
         tq = q.shape[2]
-    mask_bias, keep = _masks(additive, bool_mask, bool_keep)
+    mask_bias, keep, after = _masks(additive, bool_mask, bool_keep, filled)
     s = (q * scale) @ k.transpose(-1, -2) if k.shape[1] == q.shape[1] or k.shape[1] == 1 else None
     if s is None:
         s = ((q * scale).reshape(b, k.shape[1], -1, tq, q.shape[-1]) @ k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
@@ -388,7 +401,7 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     if causal:
         tk = s.shape[-1]
         vis = vis & (torch.arange(tk, device=s.device)[None, :] <= torch.arange(tq, device=s.device)[:, None] + tk - tq)
-    s, vis = as_original(s, vis.expand(s.shape), mask_bias is not None, keep is not None, fill)
+    s, vis = as_original(s, vis.expand(s.shape), mask_bias is not None, keep, fill, after)
     p = softmax(s, vis)  # [B, H, Tq, Tk]
     if w_vo is None:
         return p @ v.repeat_interleave(heads // v.shape[1], 1)

@@ -47,6 +47,11 @@ def _term(site: AttentionSite, t, graph: fx.Graph):
     return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
 
 
+def _filled(site: AttentionSite) -> tuple[int, ...]:
+    """Indices of the additive terms added after the boolean mask's fill."""
+    return tuple(i for i, t in enumerate(site.additive) if t.name in site.filled_terms)
+
+
 def _refold(site: AttentionSite, new, graph: fx.Graph):
     """A heads-in-batch site's output back to [B*H, Tq, dv]."""
     return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
@@ -87,6 +92,13 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
                 mask = keep
             else:  # hidden keys get a finite fill, so a row hidden completely is uniform as in the original
                 low = max(fill, HIDE) if fill is not None and math.isfinite(fill) else HIDE
+                after = [_term(site, t, g) for t in site.additive if t.name in site.filled_terms]
+                if after and fill is not None and math.isfinite(fill):  # fill + later terms may overflow: hidden for good
+                    total = after[0]
+                    for t in after[1:]:
+                        total = g.call_function(operator.add, (total, t))
+                    dead = g.call_function(torch.isinf, (g.call_function(operator.add, (total, fill)),))
+                    low = g.call_method("type_as", (g.call_function(torch.where, (dead, -math.inf, low)), total))
                 mask = g.call_function(torch.where, (keep, mask if mask is not None else 0.0, low))
         causal = site.mask == "causal"
         kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
@@ -137,7 +149,7 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
                   "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
-                  "fill": site.mask_value, "softcap": site.softcap, "banded": banded}
+                  "fill": site.mask_value, "softcap": site.softcap, "banded": banded, "filled": _filled(site)}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
@@ -213,7 +225,7 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
                   "heads": site.heads, "xv": c.xv.native if vo else None,
                   "w_vo": g.get_attr(pvo) if vo else None,
                   "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value,
-                  "softcap": site.softcap}
+                  "softcap": site.softcap, "filled": _filled(site)}
         new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
                                           [_node(t, g) for t in site.additive],
                                           _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)

@@ -157,7 +157,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
                         getattr(p, "window", None))
     rewritten, notes = [], []
     for site in chosen:
-        reason = p.skip_reason(site) or steps.unsupported(site, p)
+        reason = p.skip_reason(site)
         if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")

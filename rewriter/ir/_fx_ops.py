@@ -77,6 +77,7 @@ SPELLINGS: dict[str, list[Any]] = {
     + _aten("empty_like", "default") + _aten("new_ones", "default") + _aten("new_zeros", "default"),
     "Shape": _t("size", "dim") + _aten("sym_size", "int") + _aten("size", "int"),
     "Gemm": _t(torch.addmm) + _aten("addmm", "default"),
+    "Baddbmm": _t(torch.baddbmm, "baddbmm") + _aten("baddbmm", "default"),
     "Slice": _t("narrow", "select") + _aten("slice", "Tensor") + _aten("select", "int") + _aten("narrow", "default"),
     "Split": _t(torch.split, torch.chunk, torch.unbind, "split", "chunk", "unbind", "unflatten")
     + _aten("split", "Tensor") + _aten("split_with_sizes", "default") + _aten("chunk", "default")

@@ -223,9 +223,13 @@ def view(gm: fx.GraphModule, example_inputs: list | tuple | None = None) -> Grap
             fx.node.map_arg(n.args, lambda x: setattr(val(x), "is_output", True))
             continue
         op = op_of(n, modules)
+        meta = {k: n.meta[k] for k in FX_META if k in n.meta}
+        if op == "Baddbmm":  # beta·input + alpha·(b1 @ b2) (BLOOM's ALiBi scores): MatMul, Mul, Add
+            nodes += _baddbmm(n, v, inp, scope_of(n), meta)
+            continue
         op, args, attrs = _normalise(op, n, modules)
         nodes.append(Node(name=n.name, op=op, inputs=[inp(x) for x in args], outputs=[v], attrs=attrs,
-                          scope=scope_of(n), native=n, meta={k: n.meta[k] for k in FX_META if k in n.meta}))
+                          scope=scope_of(n), native=n, meta=meta))
     link(nodes)
     gv = GraphView(nodes=nodes, inputs=[values[p] for p in placeholders if values[p].is_input],
                    outputs=[v for v in values.values() if v.is_output], ir="fx")
@@ -236,6 +240,26 @@ def view(gm: fx.GraphModule, example_inputs: list | tuple | None = None) -> Grap
     else:
         gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
+
+
+def _baddbmm(n: fx.Node, out: Value, inp, scope, meta) -> list[Node]:
+    """baddbmm(input, b1, b2, beta=β, alpha=α) as view nodes: MatMul(b1, b2), its scaling
+    by α and the input's by β (where not 1), and the Add that gives the native node's value."""
+    bias, b1, b2 = n.args[0], _arg(n, 1, "batch1"), _arg(n, 2, "batch2")
+    beta, alpha = n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)
+    mm = Value(name=f"{n.name}.mm", dtype=out.dtype)
+    made = [Node(name=f"{n.name}.mm", op="MatMul", inputs=[inp(b1), inp(b2)], outputs=[mm], scope=scope, native=n,
+                 meta=meta)]
+    terms = []
+    for name, x, factor in (("scaled", mm, alpha), ("bias", inp(bias), beta)):
+        if factor != 1:
+            y = Value(name=f"{n.name}.{name}", dtype=out.dtype)
+            made.append(Node(name=f"{n.name}.{name}", op="Mul", inputs=[x, inp(factor)], outputs=[y], scope=scope,
+                             native=n, meta=meta))
+            x = y
+        terms.append(x)
+    made.append(Node(name=n.name, op="Add", inputs=terms, outputs=[out], scope=scope, native=n, meta=meta))
+    return made
 
 
 _ALIASES = set(_aten("detach", "default") + _aten("detach_", "default") + _aten("lift_fresh_copy", "default")

@@ -120,13 +120,6 @@ class FxSteps:
     def snapshot(self, state: State) -> fx.GraphModule:
         return copy.deepcopy(state.model)
 
-    def unsupported(self, site, p) -> str | None:
-        """Why this IR's lowering cannot take `site` for `p` yet (said, never faked)."""
-        if site.q.fold and p.computes_attention and not p.exact:
-            return ("heads folded into the batch (3-D products): on torch.fx only the exact passes rewrite "
-                    "this layout yet (the ONNX lowering takes every form)")
-        return None
-
     def lower(self, state: State, site, form, pass_name: str) -> str | None:
         from attn_opt.backends.torch.fx import lower
 

@@ -108,9 +108,6 @@ class OnnxSteps:
     def snapshot(self, state: State) -> OnnxModel:
         return state.model.clone()
 
-    def unsupported(self, site, p) -> str | None:
-        return None
-
     def lower(self, state: State, site, form, pass_name: str) -> str | None:
         from attn_opt.backends.onnx.edit import SiteEdit
         from attn_opt.backends.onnx.lower import lower

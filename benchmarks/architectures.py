@@ -8,7 +8,7 @@ grouped-query attention) and exported with both ONNX exporters. On each export:
                 layer: one in encoders and decoders, self + cross in an encoder-decoder's
                 decoder), self/cross split, heads and key/value heads, and whether
                 exactly the decoders' self-attention sites are causal
-    passes      fuse, sparse:window=4, gated, softplus, sinkfree:mode=logit,bias=-inf
+    passes      fuse, sparse:window=4, gated, softplus, sigmoid, sinkfree:mode=logit,bias=-inf
                 and mlpfree:collapse=qk+vo, each alone through attn_opt.optimize on
                 generated inputs: sites rewritten, sites skipped and why, the worst
                 relative error against the model before the pass over every input set,
@@ -49,7 +49,7 @@ from attn_opt.tools import zoo
 CACHE = Path(os.environ.get("ATTN_OPT_CACHE", Path.home() / ".cache" / "attn-opt")) / "arch"
 EXPORTERS = ("torchscript", "dynamo")
 PASSES = {"fuse": "fuse", "sparse": "sparse:window=4", "gated": "gated", "softplus": "softplus",  # column: spec
-          "sinkfree": "sinkfree:mode=logit,bias=-inf", "mlpfree": "mlpfree:collapse=qk+vo"}
+          "sigmoid": "sigmoid", "sinkfree": "sinkfree:mode=logit,bias=-inf", "mlpfree": "mlpfree:collapse=qk+vo"}
 EXACT = {"fuse", "sinkfree", "mlpfree"}  # these options should move outputs by at most EXACT_TOL
 EXACT_TOL = 1e-4
 LAYERS, HEADS, KV = 2, 4, 2

@@ -49,7 +49,8 @@ class Gated(Pass):
             return "the hidden size of the gate's input is unknown"
         if site.heads is None or site.head_dim is None:
             return "heads or head size unknown (the model did not run on sample inputs)"
-        if site.output.rank not in (None, 4) or site.rule in ("ms-mha", "ms-gqa", "ms-attention", "torch-mha"):
+        four_d = site.output.rank in (None, 4) or (site.q.fold and site.output.rank == 3)  # [B*H, S, dv] unfolds
+        if not four_d or site.rule in ("ms-mha", "ms-gqa", "ms-attention", "torch-mha"):
             return "the attention output is not [B, H, S, dv]"
         return None
 

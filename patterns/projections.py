@@ -64,7 +64,7 @@ def reading(v: Value, budget: int = 6) -> Projection | None:
 
 
 _QUANT = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "Cast", "Identity"}
-_WEIGHTED = _LINEAR | {"MatMulInteger", "QLinearMatMul", "MatMulNBits", "Conv"}
+_WEIGHTED = _LINEAR | {"MatMulInteger", "QLinearMatMul", "MatMulNBits", "Conv", "GRU", "LSTM", "RNN"}  # data operand first
 
 
 def hidden_sources(v: Value, budget: int = 256) -> dict[int, Value]:

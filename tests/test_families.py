@@ -9,6 +9,7 @@ import os
 import onnx
 
 import pytest
+import torch
 
 import attn_opt
 from attn_opt.tools import zoo
@@ -160,15 +161,15 @@ def test_heads_in_batch_families(folded, tmp_path, cls, exporter):
     assert r.returncode == 0, r.stderr
     p = json.loads(rep.read_text())["passes"][0]
     assert len(p["sites_rewritten"]) == 2 and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
-    r = cli(src, "--pass", "sinkfree:mode=logit,bias=-inf", "--pass", "sparse:window=4", "-o", tmp_path / "s.onnx",
-            "--report", rep)
+    r = cli(src, "--pass", "sinkfree:mode=logit,bias=-inf", "--pass", "sparse:window=4", "--pass", "gated",
+            "-o", tmp_path / "s.onnx", "--report", rep)
     assert r.returncode == 0, r.stderr
     passes = json.loads(rep.read_text())["passes"]
-    assert [len(p["sites_rewritten"]) for p in passes] == [2, 2]
-    assert passes[0]["step_fidelity_all"]["max_rel_error"] <= 1e-4
+    assert [len(p["sites_rewritten"]) for p in passes] == [2, 2, 2]
+    assert passes[0]["step_fidelity_all"]["max_rel_error"] <= 1e-4 and passes[2]["step_fidelity_all"]["max_rel_error"] <= 1e-4
 
 
-@pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "softplus"])
+@pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "softplus", "gated"])
 @pytest.mark.parametrize("cls", list(FOLDED))
 def test_heads_in_batch_on_torch(folded, cls, spec):
     """On torch.fx (BLOOM's baddbmm scores included) every pass takes the 3-D layout and
@@ -184,7 +185,7 @@ def test_heads_in_batch_on_torch(folded, cls, spec):
     f, o = fx_report.passes[0], onnx_report.passes[0]
     assert f.sites_rewritten == o.sites_rewritten == ["a0", "a1"]
     assert f.fidelity["max_rel_error"] == pytest.approx(o.fidelity["max_rel_error"], abs=1e-4)
-    if spec == "fuse":
+    if spec in ("fuse", "gated"):
         assert f.step_fidelity_all["max_rel_error"] <= 1e-4
 
 
@@ -211,3 +212,59 @@ def test_collapse_through_a_cache_concat(family, tmp_path):
     assert r.returncode == 0, r.stderr
     p = json.loads(rep.read_text())["passes"][0]
     assert len(p["sites_rewritten"]) == 2 and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+class Luong(torch.nn.Module):
+    """Seq2seq attention as 3-D batched products: a GRU encoder's states as keys and values,
+    a projected decoder input as queries (one head, nothing folds heads into the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.out = torch.nn.GRU(8, 16, batch_first=True), torch.nn.Linear(8, 16), torch.nn.Linear(32, 5)
+
+    def forward(self, src, tgt):
+        e, _ = self.enc(src)
+        d = self.dec(tgt)
+        c = torch.bmm(torch.softmax(torch.bmm(d, e.transpose(1, 2)), -1), e)
+        return self.out(torch.cat([c, d], -1))
+
+
+class Pooling(torch.nn.Module):
+    """An nn.MultiheadAttention pooling head: a learned query reads the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.mha, self.proj = torch.nn.MultiheadAttention(16, 4, batch_first=True), torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.mha(self.q.expand(x.shape[0], -1, -1), h, h, need_weights=False)[0]
+
+
+CROSS_3D = {  # name: (module, inputs, names, exporter, heads)
+    "luong": (Luong, lambda: (torch.randn(2, 7, 8), torch.randn(2, 5, 8)), ("src", "tgt"), "torchscript", 1),
+    "mha-pooling": (Pooling, lambda: (torch.randn(2, 7, 8),), ("x",), "dynamo", 4),
+}
+
+
+@pytest.mark.parametrize("name", list(CROSS_3D))
+def test_cross_attention_in_3d_products(cache_dir, tmp_path, name):
+    """K and V from another hidden state than Q (a GRU's states, a learned query) is
+    cross-attention with its heads; the exact pass is exact and the forms rewrite it."""
+    cls, make, names, exporter, heads = CROSS_3D[name]
+    path = cache_dir / f"cross3d-{name}-{exporter}.onnx"
+    if not path.exists():
+        torch.manual_seed(0)
+        zoo.export_module(cls().eval(), make(), names, exporter, path.with_suffix(".tmp.onnx"))
+        os.replace(path.with_suffix(".tmp.onnx"), path)
+    sites = attn_opt.inspect(str(path)).sites
+    assert [(s.kind, s.heads) for s in sites] == [("cross", heads)]
+    for spec, exact in (("fuse", True), ("softplus", False), ("sparse:window=4", None)):
+        _, report = attn_opt.optimize(str(path), [spec], force=True)
+        p = report.passes[0]
+        if exact is None:  # a window needs queries and keys on one axis
+            assert not p.sites_rewritten and "self-attention" in p.sites_skipped[0]["reason"]
+            continue
+        assert p.sites_rewritten == ["a0"], p.sites_skipped
+        assert not exact or p.step_fidelity_all["max_rel_error"] <= 1e-4

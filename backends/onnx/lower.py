@@ -194,6 +194,7 @@ def emit_gate(e: SiteEdit, gate: Gate) -> None:
     g = e.op("Sigmoid", [e.op("Add", [e.op("MatMul", [x, e.initializer("gate.weight", gate.weight)]),
                                       e.initializer("gate.bias", gate.bias)])])
     o = e.value(site.output)
+    o = e.unfold(o, site.heads) if site.q.fold else o  # heads folded into the batch: [B, H, S, dv] (commit refolds)
     k = 1 if gate.mode == "headwise" else site.head_dim
     shape = e.op("Concat", [e.shape_dim(o, 0), e.shape_dim(o, 2), e.ints(site.heads, k)], {"axis": 0})
     g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]

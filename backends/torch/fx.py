@@ -183,18 +183,26 @@ def gate(gm: fx.GraphModule, site: AttentionSite, gt: Gate) -> str:
     with g.inserting_after(logits):
         sig = g.call_function(torch.sigmoid, (logits,))
     with g.inserting_after(sig):
-        shape = g.call_function(getattr, (out, "shape"))
+        shape = g.call_function(getattr, (sig, "shape"))  # [B, S, H·k]
     with g.inserting_after(shape):
         b_ = g.call_function(operator.getitem, (shape, 0))
     with g.inserting_after(b_):
-        t_ = g.call_function(operator.getitem, (shape, 2))
+        t_ = g.call_function(operator.getitem, (shape, 1))
     with g.inserting_after(t_):
         g4 = g.call_function(torch.reshape, (sig, (b_, t_, site.heads, k)))
     with g.inserting_after(g4):
         g4t = g.call_function(torch.transpose, (g4, 1, 2))
+    made = [logits, sig, shape, b_, t_, g4, g4t]
     with g.inserting_after(g4t):
-        gated = g.call_function(operator.mul, (out, g4t))
-    for n in (logits, sig, shape, b_, t_, g4, g4t, gated):
+        o4 = g.call_method("unflatten", (out, 0, (-1, site.heads))) if site.q.fold else out  # [B*H, S, dv] -> 4-D
+    with g.inserting_after(o4):
+        gated = g.call_function(operator.mul, (o4, g4t))
+    if site.q.fold:
+        made.append(o4)
+        with g.inserting_after(gated):
+            made.append(gated)
+            gated = g.call_method("flatten", (gated, 0, 1))
+    for n in made + [gated]:
         n.meta.update({SITE_TAG: site.id, EPILOGUE_TAG: "1"})
     for u in users:
         u.replace_input_with(out, gated)

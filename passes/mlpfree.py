@@ -52,8 +52,8 @@ def plain_projection(site: AttentionSite, which: str) -> Linear | str:
     """The projection feeding Q/K/V through only bias Add, Reshape to heads and Transpose."""
     op = getattr(site, which)
     proj = site.projections.get(which)
-    if proj is None:
-        return f"no {which.upper()} projection found"
+    if proj is None:  # nothing next to it: rotary or other ops between (said as when one is found further back)
+        return f"{which.upper()} is not a projection reshaped to heads (rotary embedding or another op in between)"
     op = dataclasses.replace(op, value=_through_copies(op.value))
     t = op.value.producer
     if op.perm is None and t is not None and t.op == "Transpose" and list(t.attrs.get("perm", [])) == [0, 2, 1, 3]:

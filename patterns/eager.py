@@ -47,6 +47,14 @@ def _unfolds(n: Node) -> bool:
     return n.op == "Reshape" and n.input(0) is not None and n.input(0).rank == 3 and n.outputs[0].rank == 4
 
 
+def _same_view(n: Node) -> bool:
+    """A Reshape that keeps the scores' rank and shape (`s.view(b, h, t, t)` on 4-D scores)."""
+    if n.op != "Reshape" or n.input(0) is None or n.input(0).rank is None or n.input(0).rank != n.outputs[0].rank:
+        return False
+    a, b = n.input(0).shape, n.outputs[0].shape
+    return a is None or b is None or all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b))
+
+
 def _qdq_source(v: Value) -> Value | None:
     """x of DequantizeLinear(QuantizeLinear(x)) (a QDQ model's activation rounding), else None."""
     dq = v.producer
@@ -77,7 +85,7 @@ def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
         if (src := _qdq_source(v)) is not None:
             v = src
             continue
-        if _unfolds(n):
+        if _unfolds(n) or _same_view(n):
             v = n.input(0)
             continue
         if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
@@ -108,6 +116,9 @@ def _walk_scores(c: Candidate, v: Value) -> Node:
             if c.unfold is not None:
                 raise Miss("two reshapes of the scores before the softmax", n)
             c.unfold = n.outputs[0]
+            v = n.input(0)
+            continue
+        if _same_view(n):
             v = n.input(0)
             continue
         if (src := _qdq_source(v)) is not None:  # QDQ models round the scores to int8 between ops

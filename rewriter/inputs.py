@@ -16,6 +16,7 @@ from attn_opt.rewriter.graph import Dim
 
 DEFAULT_BATCH = 2
 DEFAULT_LEN = 16
+DEFAULT_PAST = 8  # cached tokens a decoder step's generated inputs carry
 PAD_TAIL = 3
 
 
@@ -73,12 +74,45 @@ def resolve_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int, ...]]
                     symbols[d] = size
                 dims.append(size)
         shapes[s.name] = tuple(dims)
+    return _decoder_step(specs, shapes, overrides)
+
+
+def past_inputs(specs: list[InputSpec]) -> list[InputSpec]:
+    """A decoder step's cache inputs: float [B, H, past, D] tensors named past*."""
+    return [s for s in specs if "past" in s.name.lower() and len(s.shape) == 4 and s.dtype.startswith(("float", "bfloat"))]
+
+
+def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict:
+    """A decoder step sees past + new tokens: its cache inputs get DEFAULT_PAST positions
+    (unless given), and a mask over every position gets past + new."""
+    past = past_inputs(specs)
+    ids = next((s for s in specs if s.dtype.startswith("int") and len(s.shape) == 2 and "mask" not in s.name.lower()
+                and "position" not in s.name.lower()), None)
+    if not past or ids is None:
+        return shapes
+    p_sym = past[0].shape[2]
+    for s in past:
+        if s.name not in overrides and not isinstance(s.shape[2], int):
+            shapes[s.name] = shapes[s.name][:2] + (DEFAULT_PAST,) + shapes[s.name][3:]
+    n_past, n_new = shapes[past[0].name][2], shapes[ids.name][1]
+    for s in specs:
+        if "mask" in s.name.lower() and len(s.shape) == 2 and s.shape[1] != ids.shape[1] and s.shape[1] != p_sym:
+            if s.name in overrides and overrides[s.name][1] != n_past + n_new:
+                raise UserError(f"--input-shape {s.name}: a decoder step's mask covers past + new tokens "
+                                f"({n_past} + {n_new} = {n_past + n_new}), not {overrides[s.name][1]}")
+            shapes[s.name] = (shapes[s.name][0], n_past + n_new)
     return shapes
+
+
+def _past_length(specs: list[InputSpec], shapes: dict) -> int:
+    past = past_inputs(specs)
+    return shapes[past[0].name][2] if past else 0
 
 
 def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shapes = resolve_shapes(specs, overrides)
+    start = _past_length(specs, shapes)  # a decoder step's new tokens come after its cache
     feeds = {}
     for s in specs:
         shape, name = shapes[s.name], s.name.lower()
@@ -89,7 +123,7 @@ def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool
                 x[-1, ..., -PAD_TAIL:] = 0
         elif dt.kind in "iu":
             if "position" in name:
-                x = np.broadcast_to(np.arange(shape[-1], dtype=dt), shape).copy()
+                x = np.broadcast_to(np.arange(start, start + shape[-1], dtype=dt), shape).copy()
             elif s.int_high:
                 x = rng.integers(1 if s.int_high > 1 else 0, s.int_high, size=shape, dtype=dt)
             else:
@@ -151,6 +185,8 @@ def fidelity_variants(feeds: dict[str, np.ndarray], specs: list[InputSpec] | Non
                 shape = feeds[s.name].shape
                 longer[s.name] = tuple(d + 5 if i > 0 and not isinstance(s.shape[i], int) else d
                                        for i, d in enumerate(shape))
+            if past_inputs(specs):  # a decoder step: 5 more cached and 5 more new tokens; its mask follows
+                longer = {k: v for k, v in longer.items() if "mask" not in k.lower()}
             try:
                 out.append(("length+5", make_inputs(specs, longer, seed=1, pad=True)))
             except UserError:

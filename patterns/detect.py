@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attn_opt.patterns import eager, fused, projections
+from attn_opt.patterns.cache import cache_of
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.layout import unexpanded
 from attn_opt.patterns.site import MASKED, AttentionSite, Miss, NearMiss, Operand
@@ -321,7 +322,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         layer=layer_of(c.scope), scope=c.scope, projections=projs, notes=tuple(notes),
         hidden=next(iter(src_q.values())) if len(src_q) == 1 else None, softcap=c.softcap, window=window,
         quantized=c.quantized, folded_terms=tuple(t.name for t in c.folded_terms),
-        filled_terms=tuple(t.name for t in c.filled_terms),
+        filled_terms=tuple(t.name for t in c.filled_terms), cache=cache_of(c.k.value, c.v.value),
         pattern=c.pattern, normaliser=c.normaliser,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attn_opt.patterns.cache import Cache
 from attn_opt.patterns.form import SOFTMAX, Normaliser, Pattern
 from attn_opt.rewriter.graph import Node, Value
 
@@ -72,6 +73,7 @@ class AttentionSite:
     quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
     folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
     filled_terms: tuple[str, ...] = ()  # additive terms added after the boolean mask's fill (fill + term may be -inf)
+    cache: Cache | None = None  # a decoder step's KV cache: K/V = Concat(past input, new), returned as present
 
     @property
     def gqa(self) -> bool:
@@ -86,6 +88,7 @@ class AttentionSite:
             "rule": self.rule, "nodes": list(self.nodes),
             "projections": {k: p.node for k, p in self.projections.items()},
             "notes": list(self.notes), "softcap": self.softcap, "window": self.window,
+            "cache": self.cache.to_json() if self.cache else None,
             "form": {"pattern": self.pattern.to_json() if self.pattern else None, "normaliser": self.normaliser.to_json()},
         }
 

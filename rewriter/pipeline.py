@@ -331,11 +331,26 @@ def run_pipeline(model, passes: list[Pass], feeds: dict[str, np.ndarray], layers
 
     om = onnx_adapter.load(model)
     if "variants" not in options:
-        from attn_opt.rewriter.inputs import fidelity_variants
-
-        options["variants"] = fidelity_variants(feeds, onnx_adapter.input_specs(onnx_adapter.view(om)))
+        options["variants"] = onnx_variants(om, feeds)
     out, report = run_passes(OnnxSteps(), om, passes, feeds, layers, ids, max_error, force, input_note, **options)
     return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), report
+
+
+def onnx_variants(om, feeds: dict, overrides: dict | None = None) -> list:
+    """The fidelity variants of an ONNX model: a padded batch, another length, and for a
+    decoder step, four steps of its generation loop after the fidelity inputs' first row
+    of tokens as the prompt."""
+    from attn_opt.rewriter.inputs import fidelity_variants
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.rewriter.ir.onnx_decode import DECODE_STEPS, decode_check, loop_of
+
+    gv = onnx_adapter.view(om)
+    specs = onnx_adapter.input_specs(gv)
+    out = fidelity_variants(feeds, specs, overrides)
+    loop = loop_of(gv, specs)
+    if loop is not None:
+        out.append((f"decode x{DECODE_STEPS}", decode_check(loop, feeds[loop.ids][:1], DECODE_STEPS)))
+    return out
 
 
 def apply_pass(model, p: Pass, layers=None, ids=None, feeds=None):

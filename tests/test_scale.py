@@ -103,7 +103,11 @@ def test_inline_model_weights_stay_in_the_file(tmp_path, monkeypatch):
     wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
-    held = OnnxModel.from_proto(onnx.load(str(src)))
+    mine = onnx.load(str(src))
+    mine_bytes = mine.SerializeToString()
+    held = OnnxModel.from_proto(mine)
+    assert mine.SerializeToString() == mine_bytes, "the caller's ModelProto is not modified"
+    assert attn_opt.inspect(mine).sites and mine.SerializeToString() == mine_bytes  # and can be used again
     assert held.folder and Path(held.folder, "weights.bin").exists()
     assert all(np.allclose(want[k], v, atol=1e-6) for k, v in held.run(feeds).items())
     folder = held.folder

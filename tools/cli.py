@@ -41,13 +41,22 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def sites_table(det, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("id", "layer", "kind", "heads", "kv heads", "head dim", "causal", "mask", "scale", "found by", "module"):
+    cached = any(s.cache for s in det.sites)  # a decoder step: which inputs/outputs carry each site's cache
+    for col in ("id", "layer", "kind", "heads", "kv heads", "head dim", "causal", "mask", "scale", "found by", "module") \
+            + (("cache: past -> present",) if cached else ()):
         t.add_column(col)
     for s in det.sites:
         t.add_row(s.id, _fmt(s.layer), s.kind, _fmt(s.heads), _fmt(s.kv_heads), _fmt(s.head_dim), _fmt(s.causal),
-                  s.mask, _fmt(s.scale), s.rule, s.scope or "")
+                  s.mask, _fmt(s.scale), s.rule, s.scope or "", *((s.cache.describe() if s.cache else "-",) if cached else ()))
     return t
 
 
@@ -264,6 +273,36 @@ def print_diff_summary(d, lb, la) -> None:
             con.print(f"FLOPs: not counted ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
         pb, pa = onnx_flops.params(lb.native), onnx_flops.params(la.native)
         con.print(f"parameters {pb} → {pa} ({pa - pb:+d})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt-ids", "prompt", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="The prompt's token ids: a .npy array [B, T] (or [T]).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--compare", "other", type=click.Path(exists=True, dir_okay=False),
+              help="Another model of the same step (e.g. rewritten): per-step logit error and token agreement on "
+                   "MODEL's greedy path.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+def generate(model: str, prompt: str, max_new_tokens: int, other: str | None, as_json: bool):
+    """Run a decoder-step ONNX model's greedy generation loop in ONNX Runtime (the present
+    cache fed back as past): tokens/s, cache size, and with --compare the agreement of two models."""
+    from attn_opt.tools.generate import run
+
+    out = run(model, prompt, max_new_tokens, other)
+    con = out_console()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    con.print(f"prompt {out['prompt_tokens']} tokens x batch {out['batch']}: {out['prompt_seconds'] * 1e3:.1f} ms; "
+              f"{out['new_tokens']} new tokens: {out['tokens_per_second']:.1f} tokens/s; "
+              f"cache {_size(out['cache_bytes'])} at {out['total_tokens']} tokens")
+    con.print(f"tokens: {out['tokens']}")
+    if other:
+        c = out["compare"]
+        con.print(f"vs {other}: max relative logit error {c['max_rel_error']:.3g} over {c['steps']} steps, "
+                  f"token agreement {c['token_agreement']:.3f}; its cache {_size(c['cache_bytes'])}, "
+                  f"{c['tokens_per_second']:.1f} tokens/s")
 
 
 @cli.command()

@@ -126,8 +126,12 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     specs_ = steps_input_specs(steps, gv)
     feeds, note = load_feeds(specs_, inputs, input_shape)
     from attn_opt.rewriter.inputs import fidelity_variants
+    from attn_opt.rewriter.pipeline import onnx_variants
 
-    kwargs["variants"] = fidelity_variants(feeds, specs_, parse_shape_overrides(input_shape) or bool(inputs))
+    def variants(f, overrides):  # ONNX decoder steps are also checked through their generation loop
+        return fidelity_variants(f, specs_, overrides) if pt2 else onnx_variants(native, f, overrides)
+
+    kwargs["variants"] = variants(feeds, parse_shape_overrides(input_shape) or bool(inputs))
     check, why = choose_check(check, native.weight_bytes() if not pt2 else 0)
     kwargs["check"] = check
     if why:
@@ -139,7 +143,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             note_i = note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
                                              retried="the model failed at batch 2 and runs at batch 1")
             if i:
-                kwargs["variants"] = fidelity_variants(f, specs_, True)
+                kwargs["variants"] = variants(f, True)
             out, report = run_passes(steps, native, chain, f, input_note=note_i, **kwargs)
             feeds = f
             break

@@ -247,3 +247,74 @@ def export_onnx(name: str, exporter: str, path: str | Path) -> Path:
         raise NotImplementedError(f"{name} with {exporter}: {zm.unsupported[exporter]}")
     model, args, names = zm.build()
     return export_module(model, args, names, exporter, path)
+
+
+# -- decoder steps with a KV cache: what generation loops (ONNX Runtime GenAI, optimum) run
+DECODERS = {  # name: (model class, config class, config)
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(LLAMA, max_position_embeddings=512)),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2,
+                                                       intermediate_size=64, max_position_embeddings=512)),
+}
+
+
+class DecoderStep(nn.Module):
+    """One step of a causal LM with its cache as flat tensors: (input_ids, attention_mask,
+    position_ids, past key/value per layer) -> (logits, present key/value per layer)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.layers = model, model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def decoder_step(name: str) -> tuple[DecoderStep, tuple, tuple[str, ...], tuple[str, ...]]:
+    """(step module, example args: 2 new tokens after 3 cached, input names, output names)."""
+    cls, cfg, kw = DECODERS[name]
+    step = DecoderStep(_hf(cls, cfg, "eager", **kw))
+    c = step.model.config
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    d = c.hidden_size // c.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    past_len, new = 3, 2
+    args = (torch.randint(1, VOCAB, (1, new), generator=g), torch.ones(1, past_len + new, dtype=torch.long),
+            torch.arange(past_len, past_len + new)[None],
+            *(torch.randn(1, kv, past_len, d, generator=g) for _ in range(2 * step.layers)))
+    kvs = [f"{i}.{x}" for i in range(step.layers) for x in ("key", "value")]
+    return step, args, ("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kvs)), \
+        ("logits", *(f"present.{n}" for n in kvs))
+
+
+def export_decoder_step(name: str, exporter: str, path: str | Path) -> Path:
+    """A decoder step exported with a dynamic batch, new-token and past-length axis."""
+    step, args, names, outs = decoder_step(name)
+    path = Path(path)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+                    "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
+            axes |= {n: {0: "batch", 2: "past"} for n in names[3:]} | {n: {0: "batch", 2: "total"} for n in outs[1:]}
+            torch.onnx.export(step, args, str(path), dynamo=False, opset_version=17, input_names=list(names),
+                              output_names=list(outs), dynamic_axes=axes)
+        else:
+            auto = torch.export.Dim.AUTO  # the mask's length is past + seq: let export derive the relation
+            shapes = ({1: auto}, {1: auto}, {1: auto}, tuple({2: auto} for _ in names[3:]))  # *past: one tuple
+            prog = torch.onnx.export(step, args, input_names=list(names), output_names=list(outs), dynamo=True,
+                                     dynamic_shapes=shapes, verbose=False)
+            prog.save(str(path))
+    return path

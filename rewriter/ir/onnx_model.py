@@ -229,9 +229,13 @@ def _check_data_files(proto: onnx.ModelProto, folder: Path) -> None:
 
 
 def _spill(proto: onnx.ModelProto, folder: str) -> onnx.ModelProto:
-    """Move the large inline initializers into FOLDER/weights.bin; a fresh, small proto."""
+    """The large inline initializers written to FOLDER/weights.bin; a fresh, small proto
+    that references them. The caller's proto is left as it was (the spill works on a copy,
+    released once the weights are written)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
     external_data_helper.convert_model_to_external_data(
-        proto, all_tensors_to_one_file=True, location="weights.bin", size_threshold=SPILL_BYTES,
+        work, all_tensors_to_one_file=True, location="weights.bin", size_threshold=SPILL_BYTES,
         convert_attribute=False)
-    external_data_helper.write_external_data_tensors(proto, folder)
-    return onnx.ModelProto.FromString(proto.SerializeToString())  # frees the arena that held the weights
+    external_data_helper.write_external_data_tensors(work, folder)
+    return onnx.ModelProto.FromString(work.SerializeToString())  # frees the arena that held the weights

@@ -142,8 +142,9 @@ class OnnxSteps:
         return outputs_epsilon(state.outputs)
 
     def outputs_on(self, model: OnnxModel, feeds) -> dict:
-        """The model's outputs on other inputs (the fidelity variants)."""
-        return model.run(feeds)
+        """The model's outputs on other inputs (the fidelity variants); a variant that is a
+        function of the model (a decoder step's generation loop) is called with it."""
+        return feeds(model) if callable(feeds) else model.run(feeds)
 
     def view_for_diff(self, model: OnnxModel, feeds):
         return onnx_adapter.view(onnx_adapter.with_shapes(model))

@@ -1,0 +1,97 @@
+"""The KV cache of a decoder-step site: K and V are Concat(past, new) along the sequence
+axis, `past` a graph input and the Concat's result a graph output (`present`), which the
+generation loop feeds back as the next step's past."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attn_opt.rewriter.graph import Value
+
+_COPIES = ("Identity", "Cast")
+
+
+@dataclass(frozen=True)
+class Cache:
+    past_key: str
+    past_value: str
+    present_key: str | None  # None: the step does not return its cache
+    present_value: str | None
+
+    def to_json(self) -> dict:
+        return {"past_key": self.past_key, "past_value": self.past_value, "present_key": self.present_key,
+                "present_value": self.present_value}
+
+    def describe(self) -> str:
+        out = f"{self.present_key} / {self.present_value}" if self.present_key else "not returned"
+        return f"{self.past_key} / {self.past_value} -> {out}"
+
+
+def _back(v: Value) -> Value:
+    while v.producer is not None and v.producer.op in _COPIES:
+        v = v.producer.input(0)
+    return v
+
+
+def _source(v: Value) -> Value | None:
+    """The graph input a past tensor is, through copies and Concats with empty tensors
+    (a cache object filled from inputs)."""
+    for _ in range(8):
+        v = _back(v)
+        if v.is_input:
+            return v
+        n = v.producer
+        if n is None or n.op != "Concat":
+            return None
+        full = [i for i in n.inputs if i is not None and not (i.const is not None and i.const.size == 0)]
+        if len(full) != 1:
+            return None
+        v = full[0]
+    return None
+
+
+def _present(v: Value) -> Value | None:
+    """The graph output carrying `v` (itself, or through copies)."""
+    if v.is_output:
+        return v
+    for u in v.users:
+        if u.op in _COPIES and u.outputs[0].is_output:
+            return u.outputs[0]
+    return None
+
+
+def _split(v: Value) -> tuple[Value, Value | None] | None:
+    """(past input, present output) where `v` is Concat(past, new) on the sequence axis."""
+    v = _back(v)
+    n = v.producer
+    if n is None or n.op != "Concat" or len([i for i in n.inputs if i is not None]) != 2:
+        return None
+    if n.attrs.get("axis") not in (2, -2):
+        return None
+    past = _source(n.input(0))
+    return (past, _present(v)) if past is not None else None
+
+
+def cache_of(k: Value, v: Value) -> Cache | None:
+    """The cache of a site whose keys and values are `k` and `v` (before any repeat_kv)."""
+    ks, vs = _split(k), _split(v)
+    if ks is None or vs is None:
+        return None
+    return Cache(ks[0].name, vs[0].name, ks[1].name if ks[1] is not None else None,
+                 vs[1].name if vs[1] is not None else None)
+
+
+def cache_pairs(gv) -> list[tuple[str | None, str]]:
+    """Every (present output, past input) of a decoder step, in the order of its inputs:
+    each Concat(past, new) on the sequence axis reading a graph input (None where the
+    step does not return the result)."""
+    found = {}
+    for n in gv.nodes:
+        if n.op != "Concat" or n.attrs.get("axis") not in (2, -2):
+            continue
+        split = _split(n.outputs[0])
+        if split is not None:
+            past, present = split
+            found.setdefault(past.name, present.name if present is not None else None)
+    order = {v.name: i for i, v in enumerate(gv.inputs)}
+    return [(found[p], p) for p in sorted(found, key=lambda p: order.get(p, 0))]

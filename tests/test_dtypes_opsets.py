@@ -119,7 +119,7 @@ def test_padding_semantics_are_checked(zoo_onnx, monkeypatch):
     finite fill hides completely) is caught by the padded input set."""
     from attn_opt.backends.onnx import explicit
 
-    monkeypatch.setattr(explicit, "_hidden_rows_as_original", lambda e, site, s, vis: (s, vis))
+    monkeypatch.setattr(explicit, "_hidden_rows_as_original", lambda e, site, s, vis, *masks: (s, vis))
     with pytest.raises(UserError, match="on every input set"):
         attn_opt.optimize(str(zoo_onnx("bert-eager", "dynamo")), [passes.parse("sinkfree:mode=logit,bias=-inf")])
 

@@ -195,7 +195,7 @@ def gate(gm: fx.GraphModule, site: AttentionSite, gt: Gate) -> str:
     made = [logits, sig, shape, b_, t_, g4, g4t]
     with g.inserting_after(g4t):
         o4 = g.call_method("unflatten", (out, 0, (-1, site.heads))) if site.q.fold else out  # [B*H, S, dv] -> 4-D
-    with g.inserting_after(o4):
+    with g.inserting_after(o4 if site.q.fold else g4t):
         gated = g.call_function(operator.mul, (o4, g4t))
     if site.q.fold:
         made.append(o4)

@@ -7,10 +7,12 @@ from attn_opt.passes.sigmoid import Sigmoid
 from attn_opt.passes.sinkfree import Sinkfree
 from attn_opt.passes.softplus import Softplus
 from attn_opt.passes.sparse import Sparse
+from attn_opt.passes.stream import Stream
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, parse_spec
 
-REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Fuse, Sparse, Gated, Softplus, Sinkfree, Sigmoid, Mlpfree)}
+REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Fuse, Sparse, Gated, Softplus, Sinkfree, Sigmoid, Mlpfree,
+                                                              Stream)}
 
 
 def parse(spec: str) -> Pass:
@@ -26,6 +28,8 @@ def check_chain(chain: list[Pass]) -> None:
         before = chain[:i]
         if p.replaces_normaliser and (other := next((b for b in before if b.replaces_normaliser), None)):
             raise UserError(f"{p.name} after {other.name}: both replace the softmax; choose one")
+        if p.sets_pattern and (other := next((b for b in before if b.sets_pattern), None)):
+            raise UserError(f"{p.name} after {other.name}: both choose which pairs are kept; choose one")
         if p.once and any(b.name == p.name for b in before):
             raise UserError(f"{p.name} twice: give one {p.name} pass with all its options")
         if p.produces == "fused" and (other := next((b for b in before if b.produces == "form"), None)):
@@ -37,4 +41,4 @@ def check_chain(chain: list[Pass]) -> None:
 
 
 __all__ = ["REGISTRY", "parse", "check_chain", "Fuse", "Sparse", "Gated", "Softplus", "Sinkfree", "Sigmoid",
-           "Mlpfree"]
+           "Mlpfree", "Stream"]

@@ -38,6 +38,7 @@ class Sparse(Pass):
     exact: ClassVar[bool] = False
     why: ClassVar[str] = "sliding-window / blocked attention that skips the dropped pairs"
     once: ClassVar[bool] = True
+    sets_pattern: ClassVar[bool] = True
     window: str | None = option(None, "keys per query, or a KHxKW kernel with grid=HxW",
                                 accepts="W >= 1 (required), or KHxKW")
     sinks: str = option("0", "first tokens every query sees", accepts=">= 0, or auto")

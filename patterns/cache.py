@@ -50,13 +50,16 @@ def _source(v: Value) -> Value | None:
     return None
 
 
-def _present(v: Value) -> Value | None:
-    """The graph output carrying `v` (itself, or through copies)."""
+def _present(v: Value, depth: int = 3) -> Value | None:
+    """The graph output carrying `v`: itself, or through copies and the Slice/Concat of a
+    capped cache (stream keeps sinks + a recent window of it)."""
     if v.is_output:
         return v
+    if depth == 0:
+        return None
     for u in v.users:
-        if u.op in _COPIES and u.outputs[0].is_output:
-            return u.outputs[0]
+        if u.op in _COPIES + ("Slice", "Concat") and (found := _present(u.outputs[0], depth - 1)) is not None:
+            return found
     return None
 
 

@@ -11,6 +11,7 @@ forms compose on one site.
          + Gate (an epilogue: the output times a sigmoid gate)
          | Collapse (the weight algebra: Q·Kᵀ and V·O products folded per head)
          | fused (the same function as one attention op)
+    (+ StreamCache: a decoder step's returned cache capped at sinks + window)
 """
 
 from __future__ import annotations
@@ -250,6 +251,15 @@ class Collapse:
     o: Any = None
 
 
+@dataclass(frozen=True)
+class StreamCache:
+    """A decoder step's returned cache kept to the first `sinks` positions and the `window`
+    most recent ones, in order (the step's attention keeps the same pairs)."""
+
+    sinks: int
+    window: int
+
+
 FUSED_TARGETS = ("onnx", "ort", "auto")
 
 
@@ -262,6 +272,7 @@ class Form:
     gate: Gate | None = None
     collapse: Collapse | None = None
     fused: str | None = None  # one attention op: FUSED_TARGETS
+    stream: StreamCache | None = None  # a decoder step's cache capped at sinks + window
     notes: tuple[str, ...] = field(default=())  # what the pass chose and why (said in the report)
 
     def record(self) -> dict:
@@ -294,6 +305,8 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
     shape (as run on the fidelity inputs), and the note that says so when it does not:
     then the lowerings mask the dense scores instead, so a pattern never costs more than
     dense attention."""
+    if site.cache is not None:  # a decoder step: queries are the last Tq of Tk positions, which the band does not index
+        return False, None
     if pattern.kind == "grid" or not site.run_shape:
         return True, None
     tq, tk = site.run_shape[2], site.run_shape[3]

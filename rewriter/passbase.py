@@ -76,6 +76,7 @@ class Pass:
     produces: ClassVar[str] = "form"  # PRODUCES: one fused op, a pattern × normaliser form, a gate, collapsed weights
     computes_attention: ClassVar[bool] = True  # rewrites how a site computes (not only what reads its output)
     replaces_normaliser: ClassVar[bool] = False  # at most one such pass per site
+    sets_pattern: ClassVar[bool] = False  # chooses the kept pairs: at most one such pass per site
     once: ClassVar[bool] = False  # give it once, with all its options
 
     def options(self) -> dict:

@@ -99,3 +99,57 @@ def test_bad_decoder_inputs(step_onnx, tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((1, 2), np.float32))
     r = cli("generate", src, "--prompt-ids", tmp_path / "f.npy")
     assert r.returncode == 2 and "integer token ids" in r.stderr
+
+
+@pytest.mark.parametrize("name,exporter", [("llama", "torchscript"), ("llama", "dynamo"), ("gpt2", "torchscript")])
+def test_stream_caps_the_cache_and_is_exact_while_it_fits(step_onnx, tmp_path, name, exporter):
+    """stream:sinks=2,window=6: present holds 8 positions however long the loop runs;
+    the logits equal the dense step's while prompt + generated tokens fit in 8."""
+    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.rewriter.ir.onnx_decode import compare, loop_of
+
+    src, out, rep = step_onnx(name, exporter), tmp_path / "s.onnx", tmp_path / "r.json"
+    r = cli(src, "--pass", "stream:sinks=2,window=6", "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert p["sites_rewritten"] == ["a0", "a1"] and "exact while a sequence fits in 8 tokens" in " ".join(p["notes"])
+    dense, _, gv = onnx_adapter.load_view(str(src))
+    loop = loop_of(gv, onnx_adapter.input_specs(gv))
+    got = compare(dense, onnx_adapter.load(str(out)), loop, np.array([[5, 6, 7, 8]]), 20)
+    fits = 8 - 4 + 1  # steps whose sequence (prompt + tokens fed so far) is at most 8 long
+    assert max(got["per_step_error"][:fits]) <= 1e-5
+    assert max(got["per_step_error"][fits:]) > 1e-3  # beyond: the sink + window approximation
+    per_layer = 2 * 2 * 8 * got["b"].cache_bytes // (2 * 2 * 8 * 1)  # bytes of the capped cache
+    assert got["b"].cache_bytes == per_layer and got["b"].cache_bytes < got["a"].cache_bytes
+    kv = 2 if name == "llama" else 4
+    assert got["b"].cache_bytes == 4 * (1 * kv * 8 * 8) * 4  # 4 tensors [1, kv, 8 positions, 8] of float32
+
+
+def test_stream_refuses_what_it_cannot_do(step_onnx, zoo_onnx, tmp_path):
+    r = cli(step_onnx("llama", "torchscript"), "--pass", "stream:window=0", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "window" in r.stderr and not (tmp_path / "o.onnx").exists()
+    r = cli(step_onnx("llama", "torchscript"), "--pass", "stream:sinks=4,window=8,positions=cache", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "not implemented yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    rep = tmp_path / "r.json"  # not a decoder step: every site skipped, with the reason
+    r = cli(zoo_onnx("bert-eager", "dynamo"), "--pass", "stream:window=8", "-o", tmp_path / "b.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and not p["sites_rewritten"]
+    assert all("not a decoder step" in s["reason"] for s in p["sites_skipped"])
+    with pytest.raises(attn_opt.NotSupported, match="DynamicCache"):
+        step, args, *_ = zoo.decoder_step("llama")
+        attn_opt.optimize(step, ["stream:window=8"], example_inputs=args)
+
+
+def test_torch_decoder_step_with_a_cache():
+    """On torch (torch.export of a step module that fills a DynamicCache from its inputs):
+    the sites and their cache are found, fuse is exact, and the torch.compile backend runs it."""
+    step, args, *_ = zoo.decoder_step("llama")
+    sites = attn_opt.inspect(step, example_inputs=args).sites
+    assert all(s.cache is not None and s.cache.present_key for s in sites) and len(sites) == 2
+    _, report = attn_opt.optimize(step, ["fuse"], example_inputs=args)
+    p = report.passes[0]
+    assert p.sites_rewritten == ["a0", "a1"] and p.step_fidelity_all["max_rel_error"] <= 1e-4
+    compiled = torch.compile(step, backend="attn_opt")
+    with torch.no_grad():
+        want, got = step(*args), compiled(*args)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))

@@ -17,8 +17,9 @@ LOW_PRECISION = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT1
 
 
 class SiteEdit:
-    def __init__(self, model: ir.Model, site: AttentionSite, pass_name: str):
+    def __init__(self, model: ir.Model, site: AttentionSite, pass_name: str, part: str = ""):
         self.model, self.site, self.pass_name = model, site, pass_name
+        self.prefix = f"attn_opt/{site.id}/{pass_name}" + (f"/{part}" if part else "")  # node names: unique per edit
         self.nodes: list[ir.Node] = []
         self._n = 0
         self.diagnostics = None  # head statistics of this site, for passes that ask for them
@@ -63,7 +64,7 @@ class SiteEdit:
 
     def _name(self, op: str) -> str:
         self._n += 1
-        return f"attn_opt/{self.site.id}/{self.pass_name}/{op}_{self._n}"
+        return f"{self.prefix}/{op}_{self._n}"
 
     def op(self, op_type: str, inputs, attrs: dict | None = None, domain: str = "", outputs: int = 1):
         tags = {SITE_TAG: self.site.id, PASS_TAG: self.pass_name} | ({EPILOGUE_TAG: "1"} if self.epilogue else {})
@@ -108,6 +109,18 @@ class SiteEdit:
         if self.site.q.fold and not folded:
             new_output = self.fold(new_output)
         self.commit_value(self.site.output.native, new_output)
+
+    def commit_output(self, old: ir.Value, new_output: ir.Value, shape: ir.Shape | None = None) -> None:
+        """Insert the new nodes after `old`'s producer and return `new_output` (of `shape`,
+        default `old`'s) as the graph output `old` was, under its name; `old`'s other uses stay."""
+        graph = self.model.graph
+        graph.insert_after(old.producer(), self.nodes)
+        i = next(i for i, v in enumerate(graph.outputs) if v is old)
+        name = old.name
+        old.name = f"{name}__full"
+        new_output.name, new_output.type = name, old.type
+        new_output.shape = shape if shape is not None else old.shape
+        graph.outputs[i] = new_output
 
     def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:
         """Insert the new nodes after `old`'s producer and use `new_output` in its place."""

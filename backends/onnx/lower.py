@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx_ir as ir
 
 from attn_opt.backends.onnx import collapse
 from attn_opt.backends.onnx.banded import emit_banded
@@ -21,7 +22,7 @@ from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
 from attn_opt.backends.onnx.fused import emit_fused
-from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.graph import FORM_KEY
@@ -42,7 +43,25 @@ def lower(e: SiteEdit, form: Form) -> str | None:
         return emit_gate(e, form.gate)
     if form.collapse is not None:
         return collapse.emit_collapse(e, form.collapse)
+    if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
+        cap_cache(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
     return emit_attention(e, e.site, form.pattern, form.normaliser)
+
+
+def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
+    """The site's present key/value outputs keep the first `sinks` positions and the last
+    `window` ones (all of them while the sequence is no longer than sinks + window); the
+    attention still reads the whole concatenation."""
+    c = e.site.cache
+    for name in (c.present_key, c.present_value):
+        full = next(v for v in e.model.graph.outputs if v.name == name)
+        length = e.shape_dim(full, 2)
+        start = e.op("Max", [e.ints(stream.sinks), e.op("Sub", [length, e.ints(stream.window)])])
+        head = e.op("Slice", [full, e.ints(0), e.ints(stream.sinks), e.ints(2)])
+        tail = e.op("Slice", [full, start, e.ints(2 ** 62), e.ints(2)])
+        dims = list(full.shape) if full.shape is not None else ["batch", "heads", None, "head_dim"]
+        dims[2] = "cache_len"  # min(total, sinks + window)
+        e.commit_output(full, e.op("Concat", [head, tail], {"axis": 2}), ir.Shape(dims))
 
 
 GRAPH_EDITS = {"drop_mlp": collapse.drop_mlp}

@@ -22,6 +22,7 @@ from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, ba
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
+from attn_opt.rewriter.errors import NotSupported
 from attn_opt.rewriter.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG
 
 HIDE = -1e30  # a hidden key's bias: finite, so a row hidden completely gets uniform weights
@@ -59,6 +60,9 @@ def _refold(site: AttentionSite, new, graph: fx.Graph):
 
 def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
     """Emit `form` for `site` in place of its nodes; a note for the report."""
+    if form.stream is not None:
+        raise NotSupported("stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
+                           "DynamicCache object the graph does not return, so it is not lowered there yet")
     if form.fused:
         return fuse_site(gm, site)
     if form.gate is not None:

@@ -110,6 +110,8 @@ def _normalise(op: str, n: fx.Node, modules) -> tuple[str, list, dict]:
         return op, [a[0], _arg(n, 1, "other")], {}
     if op == "Where":
         return op, [a[0], a[1], a[2]], {}
+    if op == "Concat" and isinstance(a[0], (list, tuple)):  # cat(tensors, dim)
+        return op, list(a[0]), {"axis": _arg(n, 1, "dim", 0)}
     if op == "MaskedFill":  # masked_fill(x, mask, value) == where(mask, value, x)
         return "Where", [a[1], a[2], a[0]], {}
     if op == "Transpose":

@@ -79,8 +79,9 @@ class Stepper:
         """Logits of the new tokens `ids` [B, T] after `done` cached ones, and the new cache."""
         b, t = ids.shape
         feeds = {self.loop.ids: ids.astype(np.int64), **cache}
+        held = next(iter(cache.values())).shape[2]  # the cache's length: `done`, or less where the step caps it
         if self.loop.mask:
-            feeds[self.loop.mask] = np.ones((b, done + t), np.int64)
+            feeds[self.loop.mask] = np.ones((b, held + t), np.int64)
         if self.loop.positions:
             feeds[self.loop.positions] = np.broadcast_to(np.arange(done, done + t, dtype=np.int64), (b, t)).copy()
         wanted = {i.name for i in self.sess.get_inputs()}

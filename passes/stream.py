@@ -1,0 +1,57 @@
+"""stream: a decoder step whose cache stays S + W tokens long, however long it runs
+(StreamingLLM: attention sinks plus a recent window).
+
+    stream:sinks=S,window=W[,positions=original]
+
+Each site attends as `sparse:window=W,sinks=S` with a causal window: a query sees the
+first S tokens and the W most recent ones (itself included). The step's `present`
+key/values keep exactly those: the S sink slots, then the W most recent tokens in order
+(each step drops the oldest window entry), so `present` has S + W positions once the
+sequence is that long, and the generation loop feeds it back unchanged. While a
+sequence fits in S + W tokens nothing is dropped and the step is exact; after that it is
+the sink + window approximation. positions=original keeps each token's rotary position
+(the position ids the loop feeds); positions=cache (StreamingLLM's re-indexing within
+the cache) is not implemented yet and is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from attn_opt.patterns.form import Form, Pattern, StreamCache, form_skip_reason
+from attn_opt.rewriter.errors import NotSupported, UserError
+from attn_opt.rewriter.passbase import Pass, option
+
+
+@dataclass(frozen=True)
+class Stream(Pass):
+    name: ClassVar[str] = "stream"
+    why: ClassVar[str] = "a fixed-size sink + window KV cache for decoder steps (StreamingLLM)"
+    once: ClassVar[bool] = True
+    sets_pattern: ClassVar[bool] = True
+    sinks: int = option(4, "first tokens every query sees and the cache keeps", low=0)
+    window: int | None = option(None, "recent tokens each query sees and the cache keeps (required)", low=1)
+    positions: str = option("original", "rotary positions of cached tokens", choices=("original", "cache"))
+
+    def __post_init__(self):
+        if self.window is None:
+            raise UserError("stream: window=W is required (e.g. stream:sinks=4,window=1024)")
+        if self.positions == "cache":
+            raise NotSupported("stream: positions=cache (re-indexing rotary positions within the cache) is not "
+                               "implemented yet; positions=original keeps each token's own position")
+
+    def skip_reason(self, site) -> str | None:
+        if site.cache is None:
+            return "not a decoder step's attention: its keys/values are not a cache input concatenated with new ones"
+        if site.cache.present_key is None or site.cache.present_value is None:
+            return "the step does not return this site's cache"
+        return form_skip_reason(site)
+
+    def form(self, site, diag=None) -> Form:
+        pattern = Pattern("window", True, self.window, 1, sinks=self.sinks)
+        limit = self.sinks + self.window
+        note = (f"cache kept to {self.sinks} sink + {self.window} recent positions ({limit} in all): exact while a "
+                f"sequence fits in {limit} tokens, the sink + window approximation after that")
+        return Form(pattern=pattern, normaliser=site.normaliser, stream=StreamCache(self.sinks, self.window),
+                    notes=(note,))

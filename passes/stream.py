@@ -46,6 +46,9 @@ class Stream(Pass):
             return "not a decoder step's attention: its keys/values are not a cache input concatenated with new ones"
         if site.cache.present_key is None or site.cache.present_value is None:
             return "the step does not return this site's cache"
+        if site.cache.static_past:
+            return (f"its cache input {site.cache.past_key} has a static length: a streaming cache needs a dynamic "
+                    "past-length axis (re-export with one)")
         return form_skip_reason(site)
 
     def form(self, site, diag=None) -> Form:

@@ -17,10 +17,11 @@ class Cache:
     past_value: str
     present_key: str | None  # None: the step does not return its cache
     present_value: str | None
+    static_past: bool = False  # the past length is fixed by the graph's input shape
 
     def to_json(self) -> dict:
         return {"past_key": self.past_key, "past_value": self.past_value, "present_key": self.present_key,
-                "present_value": self.present_value}
+                "present_value": self.present_value, "static_past": self.static_past}
 
     def describe(self) -> str:
         out = f"{self.present_key} / {self.present_value}" if self.present_key else "not returned"
@@ -80,8 +81,9 @@ def cache_of(k: Value, v: Value) -> Cache | None:
     ks, vs = _split(k), _split(v)
     if ks is None or vs is None:
         return None
+    static = any(p.shape is not None and len(p.shape) == 4 and isinstance(p.shape[2], int) for p in (ks[0], vs[0]))
     return Cache(ks[0].name, vs[0].name, ks[1].name if ks[1] is not None else None,
-                 vs[1].name if vs[1] is not None else None)
+                 vs[1].name if vs[1] is not None else None, static)
 
 
 def cache_pairs(gv) -> list[tuple[str | None, str]]:

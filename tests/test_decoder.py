@@ -94,6 +94,11 @@ def test_bad_decoder_inputs(step_onnx, tmp_path):
     onnx.save(m, str(tmp_path / "static.onnx"))
     r = cli("generate", tmp_path / "static.onnx", "--prompt-ids", tmp_path / "p.npy")
     assert r.returncode == 2 and "static length" in r.stderr
+    rep = tmp_path / "r.json"  # stream skips each site of it, saying why; the step itself still runs
+    r = cli(tmp_path / "static.onnx", "--pass", "stream:window=4", "-o", tmp_path / "s.onnx", "--report", rep,
+            "--input-shape", "input_ids=1x2", "--input-shape", "attention_mask=1x5", "--input-shape", "position_ids=1x2")
+    assert r.returncode == 0, r.stderr
+    assert all("static length" in s["reason"] for s in json.loads(rep.read_text())["passes"][0]["sites_skipped"])
     r = cli("generate", zoo_path := tmp_path / "p.npy", "--prompt-ids", zoo_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     np.save(tmp_path / "f.npy", np.zeros((1, 2), np.float32))

@@ -281,10 +281,11 @@ class DecoderStep(nn.Module):
         return (out.logits, *present)
 
 
-def decoder_step(name: str) -> tuple[DecoderStep, tuple, tuple[str, ...], tuple[str, ...]]:
-    """(step module, example args: 2 new tokens after 3 cached, input names, output names)."""
+def decoder_step(name: str, **config) -> tuple[DecoderStep, tuple, tuple[str, ...], tuple[str, ...]]:
+    """(step module, example args: 2 new tokens after 3 cached, input names, output names);
+    `config` overrides the family's tiny config."""
     cls, cfg, kw = DECODERS[name]
-    step = DecoderStep(_hf(cls, cfg, "eager", **kw))
+    step = DecoderStep(_hf(cls, cfg, "eager", **(kw | config)))
     c = step.model.config
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     d = c.hidden_size // c.num_attention_heads
@@ -298,9 +299,9 @@ def decoder_step(name: str) -> tuple[DecoderStep, tuple, tuple[str, ...], tuple[
         ("logits", *(f"present.{n}" for n in kvs))
 
 
-def export_decoder_step(name: str, exporter: str, path: str | Path) -> Path:
+def export_decoder_step(name: str, exporter: str, path: str | Path, **config) -> Path:
     """A decoder step exported with a dynamic batch, new-token and past-length axis."""
-    step, args, names, outs = decoder_step(name)
+    step, args, names, outs = decoder_step(name, **config)
     path = Path(path)
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):

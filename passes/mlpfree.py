@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from attn_opt.patterns.form import Collapse, Form
+from attn_opt.patterns.form import Collapse, Form, reads_own_cache
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.graph import Value
@@ -115,6 +115,8 @@ class Mlpfree(Pass):
             return f"a {site.rule} op: collapse needs Q/K/V in [B, H, S, D] from their projections"
         if site.heads is None or site.head_dim is None or site.scale is None:
             return "heads or head size unknown (the model did not run on sample inputs)"
+        if reads_own_cache(site):
+            return "a fused op that reads its own present cache: rewrite the step before fusing it"
         if site.probs_shared:
             return "its attention probabilities are used outside the attention too"
         for which in (("q", "k") if "qk" in self.collapse else ()) + (("v",) if "vo" in self.collapse else ()):

@@ -65,15 +65,29 @@ def _present(v: Value, depth: int = 3) -> Value | None:
 
 
 def _split(v: Value) -> tuple[Value, Value | None] | None:
-    """(past input, present output) where `v` is Concat(past, new) on the sequence axis."""
+    """(past input, present output) where `v` is Concat(past, new) on the sequence axis, or
+    the present key/value output of an ONNX Attention op that reads a past cache."""
     v = _back(v)
     n = v.producer
+    if n is not None and n.op == "Attention" and v in n.outputs[1:3]:
+        past = n.input(3 + n.outputs.index(v))  # past_key is input 4, past_value input 5
+        past = _source(past) if past is not None else None
+        return (past, _present(v)) if past is not None else None
     if n is None or n.op != "Concat" or len([i for i in n.inputs if i is not None]) != 2:
         return None
     if n.attrs.get("axis") not in (2, -2):
         return None
     past = _source(n.input(0))
     return (past, _present(v)) if past is not None else None
+
+
+def new_part(v: Value) -> tuple[Value, Value] | None:
+    """(past graph input, new tensor) of a cache Concat `v` (through copies), or None."""
+    v = _back(v)
+    n = v.producer
+    if n is None or n.op != "Concat" or _split(v) is None:
+        return None
+    return _source(n.input(0)), n.input(1)
 
 
 def cache_of(k: Value, v: Value) -> Cache | None:
@@ -92,11 +106,15 @@ def cache_pairs(gv) -> list[tuple[str | None, str]]:
     step does not return the result)."""
     found = {}
     for n in gv.nodes:
-        if n.op != "Concat" or n.attrs.get("axis") not in (2, -2):
+        if n.op == "Concat" and n.attrs.get("axis") in (2, -2):
+            outs = n.outputs[:1]
+        elif n.op == "Attention":  # a fused step: past in, present out
+            outs = [o for o in n.outputs[1:3] if o is not None]
+        else:
             continue
-        split = _split(n.outputs[0])
-        if split is not None:
-            past, present = split
-            found.setdefault(past.name, present.name if present is not None else None)
+        for out in outs:
+            if (split := _split(out)) is not None:
+                past, present = split
+                found.setdefault(past.name, present.name if present is not None else None)
     order = {v.name: i for i, v in enumerate(gv.inputs)}
     return [(found[p], p) for p in sorted(found, key=lambda p: order.get(p, 0))]

@@ -320,11 +320,19 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
                       else "") + ")")
 
 
+def reads_own_cache(site) -> bool:
+    """K/V are the present cache output of the site's own fused op (Attention with past)."""
+    return any((n := op.value.producer) is not None and n.op == "Attention" and n.name in site.nodes
+               for op in (site.k, site.v))
+
+
 def form_skip_reason(site) -> str | None:
     """Why a site cannot take a pattern × normaliser form (the explicit and banded
     lowerings read Q/K/V per head, its masks, and its probabilities alone)."""
     if any(op.packed for op in (site.q, site.k, site.v)):
         return "Q/K/V are not in [B, H, S, D] layout"
+    if reads_own_cache(site):
+        return "a fused op that reads its own present cache: rewrite the step before fusing it"
     if site.heads is None or site.kv_heads is None or site.head_dim is None or site.scale is None:
         return "heads, head size or scale unknown (the model did not run on sample inputs)"
     if site.probs_shared:

@@ -36,9 +36,11 @@ def _four_d_or_packed(c: Candidate, q: Value, k: Value, v: Value) -> None:
 
 def match_onnx_attention(gv: GraphView, n: Node) -> Candidate:
     c = _base("onnx-attention", n)
-    if n.input(4) is not None or n.input(5) is not None:
-        c.notes.append("has past key/value inputs (KV cache)")
-    _four_d_or_packed(c, n.input(0), n.input(1), n.input(2))
+    k, v = n.input(1), n.input(2)
+    if n.input(4) is not None and n.input(5) is not None and len(n.outputs) >= 3 and all(n.outputs[1:3]):
+        k, v = n.outputs[1], n.outputs[2]  # the keys/values attended: past + new, as the op returns them
+        c.notes.append("reads a past key/value cache and returns the present one")
+    _four_d_or_packed(c, n.input(0), k, v)
     _mask(c, n.input(3))
     c.causal_attr = bool(n.attrs.get("is_causal", 0))
     c.heads_attr = n.attrs.get("q_num_heads")

@@ -122,6 +122,15 @@ class SiteEdit:
         new_output.shape = shape if shape is not None else old.shape
         graph.outputs[i] = new_output
 
+    def replace_output(self, name: str, new_output: ir.Value) -> None:
+        """`new_output` (computed by nodes already inserted) becomes the graph output `name`."""
+        graph = self.model.graph
+        i = next(i for i, v in enumerate(graph.outputs) if v.name == name)
+        old = graph.outputs[i]
+        old.name = f"{name}__replaced"
+        new_output.name, new_output.type, new_output.shape = name, old.type, old.shape
+        graph.outputs[i] = new_output
+
     def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:
         """Insert the new nodes after `old`'s producer and use `new_output` in its place."""
         graph = self.model.graph

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx import ort
 from attn_opt.backends.onnx.edit import SiteEdit, ensure_opset
+from attn_opt.patterns.cache import new_part
 from attn_opt.patterns.site import AttentionSite
 
 HIDE = {"float32": -1e30, "float64": -1e30, "bfloat16": -1e30, "float16": -6e4}  # hidden, yet finite
@@ -19,6 +20,8 @@ HIDE = {"float32": -1e30, "float64": -1e30, "bfloat16": -1e30, "float16": -6e4} 
 
 def choose(site: AttentionSite, target: str) -> tuple[str, str]:
     """("onnx" | "ort", why) for one site."""
+    if site.cache is not None and site.cache.present_key and site.cache.present_value:
+        return "onnx", "a decoder step: Attention reads the past cache and returns the present one"
     dtype = site.output.dtype or site.q.value.dtype
     if target != "onnx" and dtype not in (None, "float32"):
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
@@ -43,10 +46,39 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
     if s.softcap:
         attrs["softcap"] = float(s.softcap)
+    cached = _with_cache(e, s)
+    if cached is not None:  # past in, present out: the op's own cache inputs and outputs
+        (k_new, v_new, past_k, past_v) = cached
+        if s.mask == "causal":  # is_causal aligns the triangle top-left; a step's queries come last
+            attrs["is_causal"], mask = 0, _causal_after_cache(e, q, k)
+        y, present_k, present_v = e.op("Attention", [q, k_new, v_new, mask, past_k, past_v], attrs, outputs=3)
+        e.commit(y)
+        e.replace_output(s.cache.present_key, present_k)
+        e.replace_output(s.cache.present_value, present_v)
+        return f"Attention (opset 23) with past_key/past_value in and present_key/present_value out: {why}"
     e.commit(e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs))
     if choice == "ort":
         why = "MultiHeadAttention has no grouped-query form"
     return f"Attention (opset 23): {why}"
+
+
+def _with_cache(e: SiteEdit, s: AttentionSite):
+    """(new K, new V, past key, past value) for Attention's cache inputs, when the site's
+    K/V are Concat(past input, new) returned as present; else None."""
+    if s.cache is None or not (s.cache.present_key and s.cache.present_value) or s.k.perm or s.v.perm:
+        return None
+    k, v = new_part(s.k.value), new_part(s.v.value)
+    if k is None or v is None or k[0] is None or v[0] is None:
+        return None
+    return e.value(k[1]), e.value(v[1]), e.value(k[0]), e.value(v[0])
+
+
+def _causal_after_cache(e: SiteEdit, q, k) -> ir.Value:
+    """[Tq, Tk] boolean: query i (the last Tq of Tk positions) sees keys up to its own."""
+    tq, tk = e.op("Squeeze", [e.shape_dim(q, 2), e.ints(0)]), e.op("Squeeze", [e.shape_dim(k, 2), e.ints(0)])
+    zero, one = e.const(np.int64(0)), e.const(np.int64(1))
+    i = e.op("Unsqueeze", [e.op("Add", [e.op("Range", [zero, tq, one]), e.op("Sub", [tk, tq])]), e.ints(1)])
+    return e.op("LessOrEqual", [e.op("Range", [zero, tk, one]), i])
 
 
 def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value | None, bool]:

@@ -28,10 +28,10 @@ def check_chain(chain: list[Pass]) -> None:
         before = chain[:i]
         if p.replaces_normaliser and (other := next((b for b in before if b.replaces_normaliser), None)):
             raise UserError(f"{p.name} after {other.name}: both replace the softmax; choose one")
-        if p.sets_pattern and (other := next((b for b in before if b.sets_pattern), None)):
-            raise UserError(f"{p.name} after {other.name}: both choose which pairs are kept; choose one")
         if p.once and any(b.name == p.name for b in before):
             raise UserError(f"{p.name} twice: give one {p.name} pass with all its options")
+        if p.sets_pattern and (other := next((b for b in before if b.sets_pattern), None)):
+            raise UserError(f"{p.name} after {other.name}: both choose which pairs are kept; choose one")
         if p.produces == "fused" and (other := next((b for b in before if b.produces == "form"), None)):
             raise UserError(f"{p.name} after {other.name} would undo that form; put {p.name} first")
         if p.produces == "collapse" and p.touches_sites() and \

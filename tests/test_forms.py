@@ -155,6 +155,7 @@ def test_compose_sparse_softplus_gated():
     (["softplus", "sinkfree:mode=relu"], "both replace the softmax"),
     (["sparse:window=8", "fuse"], "would undo"),
     (["sparse:window=8", "sparse:window=4"], "twice"),
+    (["sparse:window=8", "stream:window=4"], "both choose which pairs are kept"),
     (["mlpfree:collapse=qk", "softplus"], "mlpfree collapse with softplus"),
 ])
 def test_refused_compositions(chain, msg):

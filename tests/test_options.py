@@ -19,7 +19,7 @@ BOUNDED = [(name, f) for name, cls in sorted(passes.REGISTRY.items()) for f in d
 
 
 def _required(name: str) -> str:
-    return {"sparse": "window=4,", "sinkfree": "mode=redistribute,alpha=0.5,"}.get(name, "")
+    return {"sparse": "window=4,", "sinkfree": "mode=redistribute,alpha=0.5,", "stream": "window=4,"}.get(name, "")
 
 
 @pytest.mark.parametrize("name,f", BOUNDED, ids=lambda x: x if isinstance(x, str) else x.name)

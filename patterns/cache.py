@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from attn_opt.rewriter.graph import Value
 
 _COPIES = ("Identity", "Cast")
+# fused attention ops that read a past cache and return the present one: (past_key, past_value) input indices
+PAST_INPUTS = {"Attention": (4, 5), "com.microsoft.GroupQueryAttention": (3, 4),
+               "com.microsoft.MultiHeadAttention": (6, 7)}
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ def _split(v: Value) -> tuple[Value, Value | None] | None:
     the present key/value output of an ONNX Attention op that reads a past cache."""
     v = _back(v)
     n = v.producer
-    if n is not None and n.op == "Attention" and v in n.outputs[1:3]:
-        past = n.input(3 + n.outputs.index(v))  # past_key is input 4, past_value input 5
+    if n is not None and n.op in PAST_INPUTS and v in n.outputs[1:3]:  # present_key, present_value
+        past = n.input(PAST_INPUTS[n.op][n.outputs.index(v) - 1])
         past = _source(past) if past is not None else None
         return (past, _present(v)) if past is not None else None
     if n is None or n.op != "Concat" or len([i for i in n.inputs if i is not None]) != 2:
@@ -108,7 +111,7 @@ def cache_pairs(gv) -> list[tuple[str | None, str]]:
     for n in gv.nodes:
         if n.op == "Concat" and n.attrs.get("axis") in (2, -2):
             outs = n.outputs[:1]
-        elif n.op == "Attention":  # a fused step: past in, present out
+        elif n.op in PAST_INPUTS:  # a fused step: past in, present out
             outs = [o for o in n.outputs[1:3] if o is not None]
         else:
             continue

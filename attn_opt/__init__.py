@@ -26,7 +26,7 @@ def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
 
 
 def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False, layers=None,
-             sites=None, max_error: float | None = None, check: str = "model"):
+             sites=None, max_error: float | None = None, check: str = "model", calibrate=None):
     """Run passes through the one pipeline; returns (rewritten model, report).
 
     ONNX (a path, ModelProto or OnnxModel): a ModelProto for a ModelProto, else an
@@ -35,7 +35,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     original module. `feeds` (name -> array) sets the fidelity inputs; otherwise
     `example_inputs`, or inputs generated from the signature. `layers` / `sites` restrict
     the passes, `max_error` bounds the relative error, `check` is "model", "sites"
-    (ONNX) or "none", as on the command line.
+    (ONNX) or "none", as on the command line. `calibrate` (an .npz path or name -> array):
+    inputs to fit each rewritten site's per-head affine on, as `--calibrate` (ONNX).
     """
     from attn_opt.rewriter.ir import load
     from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
@@ -45,10 +46,14 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
                    max_error=max_error, force=force, check=check)
     loaded = load(model, example_inputs)
     if loaded.ir == "onnx":
-        from attn_opt.rewriter.inputs import make_inputs
+        from attn_opt.rewriter.inputs import feeds_from_npz, make_inputs
         from attn_opt.rewriter.ir import onnx as onnx_adapter
 
-        feeds = feeds or make_inputs(onnx_adapter.input_specs(loaded.view))
+        specs = onnx_adapter.input_specs(loaded.view)
+        feeds = feeds or make_inputs(specs)
+        if calibrate is not None:
+            options["calibrate"] = feeds_from_npz(specs, calibrate, "calibrate") if isinstance(calibrate, str) \
+                else dict(calibrate)
         import os
 
         return run_pipeline(loaded.native if isinstance(model, (str, os.PathLike)) else model, chain, feeds, **options)
@@ -59,6 +64,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     if example_inputs is None and feeds is None:
         example_inputs = tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
     reference = model if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule) else None
+    if calibrate is not None:
+        options["calibrate"] = calibrate  # the torch steps say calibration is not lowered there yet
     return run_fx_pipeline(loaded.native, chain, example_inputs, reference=reference, feeds=feeds, **options)
 
 

@@ -177,6 +177,10 @@ class Normaliser:
     alpha: float | None = None
     sinks: int = 1
     heads: tuple[int, ...] | None = None
+    # a per-head affine around the normaliser, fitted by calibration: gain_h · N(temperature_h · S + offset_h)
+    temperature: tuple[float, ...] | None = None
+    offset: tuple[float, ...] | None = None
+    gain: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in NORMALISERS:
@@ -184,7 +188,19 @@ class Normaliser:
 
     @property
     def is_softmax(self) -> bool:
-        return self.kind == "softmax"
+        return self.kind == "softmax" and not self.affine
+
+    @property
+    def affine(self) -> bool:
+        return any(x is not None for x in (self.temperature, self.offset, self.gain))
+
+    def with_affine(self, temperature, offset, gain) -> "Normaliser":
+        """The same normaliser with per-head temperature, offset and gain (each [heads])."""
+        tup = lambda x: tuple(float(v) for v in np.asarray(x).reshape(-1))  # noqa: E731
+        return dataclasses.replace(self, temperature=tup(temperature), offset=tup(offset), gain=tup(gain))
+
+    def without_affine(self) -> "Normaliser":
+        return dataclasses.replace(self, temperature=None, offset=None, gain=None)
 
     def per_head_bias(self, heads: int) -> np.ndarray | None:
         """`bias` as [heads] float64, or None."""
@@ -205,7 +221,7 @@ class Normaliser:
         if self.kind == "sigmoid":
             b = "−log n_i" if self.bias is None else np.array2string(np.asarray(self.bias), precision=3)
             return f"sigmoid σ(S + b), b = {b}, no row normalisation"
-        return "softmax"
+        return "softmax" + ("" if not self.affine else ", calibrated per head")
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
@@ -216,7 +232,7 @@ class Normaliser:
         if not d:
             return SOFTMAX
         d = dict(d)
-        for k in ("bias", "heads"):
+        for k in ("bias", "heads", "temperature", "offset", "gain"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -88,7 +88,13 @@ def _per_head(values, s):
 
 
 def normalise(n: Normaliser, s, vis):
-    """The weights of normaliser `n` on [B, H, Tq, Tk] scores."""
+    """The weights of normaliser `n` on [B, H, Tq, Tk] scores (with its per-head affine,
+    gain · N(temperature · S + offset), where it has one)."""
+    if n.affine:
+        h = s.shape[1]
+        t, o, g = (_per_head(v if v is not None else [d] * h, s)
+                   for v, d in ((n.temperature, 1.0), (n.offset, 0.0), (n.gain, 1.0)))
+        return normalise(n.without_affine(), s * t + o, vis) * g
     h = s.shape[1]
     if n.kind == "softmax":
         return softmax(s, vis)
@@ -115,7 +121,8 @@ def _get(v: Value, probed: dict) -> np.ndarray:
     return v.const if v.const is not None else probed[v.name]
 
 
-def _bhsd(op: Operand, probed: dict) -> np.ndarray:
+def operand(op: Operand, probed: dict) -> np.ndarray:
+    """A probed operand as [B, H, S, D] (its permutation applied, heads unfolded)."""
     x = _get(op.value, probed)
     x = np.transpose(x, op.perm) if op.perm else x
     return x.reshape((-1, op.fold) + x.shape[1:]) if op.fold else x
@@ -129,8 +136,8 @@ def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
     """(S, visible), S = scale·Q·Kᵀ + additive terms, [B, H, Tq, Tk] in float64."""
     if any(op.packed for op in (site.q, site.k)):
         raise ValueError(f"site {site.id}: Q/K are packed [B, S, H*D]; no per-head probabilities")
-    q = _bhsd(site.q, probed).astype(np.float64)
-    k = _bhsd(site.k, probed).astype(np.float64)
+    q = operand(site.q, probed).astype(np.float64)
+    k = operand(site.k, probed).astype(np.float64)
     k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
     s = q @ np.swapaxes(k, -1, -2) * site.scale
     if site.softcap:

@@ -18,6 +18,7 @@ checked on the activations of the model before the pass, one segment at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from attn_opt.rewriter import fidelity
-from attn_opt.rewriter.errors import DoesNotRun, UserError, first_line
+from attn_opt.rewriter.errors import DoesNotRun, NotSupported, UserError, first_line
 from attn_opt.rewriter.passbase import Pass
 from attn_opt.rewriter.progress import Progress
 
@@ -60,6 +61,7 @@ class PassReport:
     per_site: dict = field(default_factory=dict)  # check="sites": site -> fidelity of its output
     fidelity_all: dict = field(default_factory=dict)  # worst over every input set (fidelity + variants)
     step_fidelity_all: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # --calibrate: per site fits, the model before/after
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -146,8 +148,10 @@ def select(sites, layers: set[int] | None, ids: set[str] | None):
     return chosen, skipped
 
 
-def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False) -> Applied:
-    """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes)."""
+def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False,
+            calibrating: bool = False) -> Applied:
+    """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes);
+    `calibrating`: the forms carry their per-head affine, at the identity, to be fitted."""
     chosen, skipped = select(state.det.sites, layers, ids) if p.touches_sites() else ([], [])
     diag = {}
     if p.needs_diagnostics() and chosen:
@@ -165,6 +169,11 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
             skipped.append({"id": site.id, "reason": reason})
             continue
         form = p.form(site, diag.get(site.id))
+        if calibrating and p.produces == "form":
+            if form.pattern is not None and form.pattern.dense_heads:
+                raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
+            h = site.heads
+            form = dataclasses.replace(form, normaliser=form.normaliser.with_affine([1.0] * h, [0.0] * h, [1.0] * h))
         said = [form.describe(), *form.notes, steps.lower(state, site, form, p.name)]
         rewritten.append(site.id)
         if any(said):
@@ -211,17 +220,21 @@ def exact_bound(steps, state: State) -> float:
 def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
                max_error: float | None = None, force: bool = False, input_note: dict | None = None,
                check: str = "model", reference: dict | None = None, keep_models: bool = False,
-               progress: Progress | None = None, variants: list | None = None):
+               progress: Progress | None = None, variants: list | None = None, calibrate: dict | None = None):
     """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
     (the rewritten model, Report). `reference`: the untouched model's outputs if the
     caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the
-    passes are also checked on (padded rows, another length), with check="model"."""
+    passes are also checked on (padded rows, another length), with check="model".
+    `calibrate`: inputs to fit each rewritten site's per-head affine on (rewriter/calibrate.py);
+    `feeds` are then its held-out inputs."""
     from attn_opt.passes import check_chain
 
     if check not in CHECKS:
         raise UserError(f"--check must be one of {', '.join(CHECKS)}")
     if max_error is not None and not max_error >= 0:
         raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
+    if calibrate is not None and check != "model":
+        raise UserError("--calibrate runs the model on its inputs: it needs --check=model")
     check_chain(passes)
     progress = progress or Progress(None)
     report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check)
@@ -230,6 +243,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         cur = steps.observe(model, feeds, run=check == "model")
     ref = reference if reference is not None else cur.outputs
     check_selection(cur.det.sites, layers, ids)
+    ref_cal = steps.outputs_on(cur.model, calibrate) if calibrate is not None else None
     variants = list(variants or []) if check == "model" else []
     ref_var, variant_notes = {}, []
     for label, f in variants:
@@ -248,9 +262,15 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         before = steps.snapshot(cur) if keep_models or check == "sites" else None
         prev_outputs, flops_before, params_before = cur.outputs, cur.flops, cur.params
         with progress.step(f"{p.name}: rewrite sites"):
-            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model")
+            old_sites = {s.id: s for s in cur.det.sites}
+            calibrating = calibrate is not None and p.produces == "form"
+            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model", calibrating=calibrating)
         with progress.step(f"{p.name}: validate"):
             steps.validate(cur.model)
+        calibration = {}
+        if calibrating and applied.rewritten:
+            calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, calibrate, feeds, ref_cal, ref,
+                                     progress)
         per_site = {}
         if check == "sites" and applied.rewritten:
             with progress.step(f"{p.name}: check each rewritten site"):
@@ -264,7 +284,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
                          flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
                          new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
-                         sink_ratio=applied.sink_ratio, check=check)
+                         sink_ratio=applied.sink_ratio, check=check, calibration=calibration)
         fid = step = fid_all = step_all = None
         if check == "model":
             logits = steps.logit_outputs(new)
@@ -305,6 +325,24 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         cur = new
     report.steps = progress.seconds
     return cur.model, report
+
+
+def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress) -> dict:
+    """Fit the rewritten sites' affine (steps.calibrate) and say what it did: per site, and
+    the model's error against the original before and after, on the calibration inputs
+    and on the held-out ones."""
+    def worst(refs, f):
+        outs = steps.outputs_on(model, f)
+        got = _compared(refs, outs, set())[0]
+        return fidelity.worst(got).max_rel_error if got else None
+
+    before = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
+    t0 = time.perf_counter()
+    fits = steps.calibrate(model, old_sites, rewritten, calib, heldout, progress)
+    seconds = time.perf_counter() - t0
+    after = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
+    return {"sites": [f.to_json() for f in fits], "model_error_before": before, "model_error_after": after,
+            "seconds": seconds, "reverted": [f.site for f in fits if f.reverted]}
 
 
 def _compared(refs: dict, outs: dict, logits: set, suffix: str = "") -> tuple[dict, list[str]]:

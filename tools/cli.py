@@ -167,12 +167,16 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
               help="How each pass is checked: run the whole model (default when it fits in memory), each "
                    "rewritten site alone on the previous model's activations (one segment in memory at a "
                    "time), or not run at all (structure only).")
-def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check):
+@click.option("--calibrate", metavar="FILE.npz",
+              help="Inputs to fit each rewritten site's per-head temperature, offset and gain on, layer by layer "
+                   "(the fidelity inputs are the held-out set).")
+def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
+             calibrate):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check)
+        html, check, calibrate)
 
 
 @cli.command("passes")

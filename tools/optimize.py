@@ -20,14 +20,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, dict]:
-    from attn_opt.rewriter.inputs import make_inputs, parse_shape_overrides, read_npz
+    from attn_opt.rewriter.inputs import feeds_from_npz, make_inputs, parse_shape_overrides
 
     if npz:
-        data = read_npz(npz)
-        missing = [s.name for s in specs if s.name not in data]
-        if missing:
-            raise UserError(f"--inputs {npz} lacks {missing}; it has {sorted(data)}")
-        feeds = {s.name: data[s.name].astype(s.dtype) for s in specs}
+        feeds = feeds_from_npz(specs, npz, "--inputs")
         return feeds, {"source": npz, "shapes": {k: list(v.shape) for k, v in feeds.items()}}
     overrides = parse_shape_overrides(shapes)
     feeds = make_inputs(specs, overrides, seed=0, pad=False)
@@ -91,7 +87,8 @@ def _load(model: str):
 
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
-             force: bool, console: Console, html: str | None = None, check: str | None = None) -> None:
+             force: bool, console: Console, html: str | None = None, check: str | None = None,
+             calibrate: str | None = None) -> None:
     from attn_opt import passes as registry
     from attn_opt.rewriter.errors import DoesNotRun
     from attn_opt.rewriter.inputs import parse_shape_overrides
@@ -117,6 +114,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
     if inputs and not Path(inputs).is_file():
         raise UserError(f"no such file: {inputs} (--inputs)")
+    if calibrate and not Path(calibrate).is_file():
+        raise UserError(f"no such file: {calibrate} (--calibrate)")
     parse_shape_overrides(input_shape)
     progress = Progress(console)
     kwargs = dict(layers=parse_ranges(layers), ids=parse_sites(sites), max_error=max_error, force=force, check=check,
@@ -125,6 +124,11 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         steps, native, gv = _load(model)
     specs_ = steps_input_specs(steps, gv)
     feeds, note = load_feeds(specs_, inputs, input_shape)
+    if calibrate:
+        from attn_opt.rewriter.inputs import feeds_from_npz
+
+        kwargs["calibrate"] = feeds_from_npz(specs_, calibrate, "--calibrate")
+        note = dict(note, calibration=calibrate, heldout="the fidelity inputs")
     from attn_opt.rewriter.inputs import fidelity_variants
     from attn_opt.rewriter.pipeline import onnx_variants
 
@@ -162,6 +166,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             console.print(f"  {p.name}: {n}")
         for sid, r in p.sink_ratio.items():
             console.print(f"  {p.name}: {sid} sink ratio per head {r['before']} -> {r['after']}")
+        if p.calibration:
+            console.print(calibration_table(p))
     with progress.step("write"):
         if pt2:
             _save_pt2(out, feeds, output)
@@ -174,6 +180,22 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         write_pipeline_page(steps, report, html, feeds)
         console.print(f"wrote {html}")
     console.print(f"wrote {output}" + (f" (weights in {data.name})" if data else ""))
+
+
+def calibration_table(p) -> Table:
+    c = p.calibration
+    b, a = c["model_error_before"], c["model_error_after"]
+    t = Table(title=f"{p.name}: calibration ({c['seconds']:.1f} s); model error vs the original: calibration inputs "
+                    f"{_num(b, 'calibration', '.3g')} -> {_num(a, 'calibration', '.3g')}, held-out "
+                    f"{_num(b, 'heldout', '.3g')} -> {_num(a, 'heldout', '.3g')}", title_justify="left")
+    for col in ("site", "layer", "error before", "after", "held-out before", "after", "kept", "s"):
+        t.add_column(col)
+    for s in c["sites"]:
+        t.add_row(s["site"], str(s["layer"]), f"{s['error_before']:.3g}", f"{s['error_after']:.3g}",
+                  _num(s, "heldout_before", ".3g"), _num(s, "heldout_after", ".3g"),
+                  "reverted (held-out worse)" if s["reverted"] else ("yes" if s["values"] else "no gain"),
+                  f"{s['seconds']:.2f}")
+    return t
 
 
 def steps_input_specs(steps, gv):

@@ -74,8 +74,36 @@ def per_head(e: SiteEdit, site: AttentionSite, values, ndim: int):
     return e.const(arr)
 
 
+AFFINE = (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0))
+
+
 def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
-    """(edit, scores, visible) -> weights, for scores of rank `ndim` with heads as [Hkv, g]."""
+    """(edit, scores, visible) -> weights, for scores of rank `ndim` with heads as [Hkv, g];
+    a per-head affine gain · N(temperature · S + offset) as initializers the calibration
+    sets (attn_opt.<site>.temperature / .offset / .gain, one value per head)."""
+    base = _normaliser_fn(n.without_affine(), site, ndim)
+    if not n.affine:
+        return base
+
+    def affine(e, s, vis):
+        t, o, g = (_affine_param(e, site, name, getattr(n, name), default, ndim) for name, default in AFFINE)
+        return e.op("Mul", [base(e, e.op("Add", [e.op("Mul", [s, t]), o]), vis), g])
+
+    return affine
+
+
+def _affine_param(e: SiteEdit, site: AttentionSite, name: str, values, default: float, ndim: int):
+    """The site's per-head initializer `name` ([heads]), viewed as [1, Hkv, g, 1, ...]."""
+    full = f"attn_opt.{site.id}.{name}"
+    init = e.model.graph.initializers.get(full)
+    if init is None:
+        vals = np.asarray(values if values is not None else [default] * site.heads, np.float32)
+        init = e.initializer(name, vals)
+    shape = e.ints(1, site.kv_heads, site.heads // site.kv_heads, *([1] * (ndim - 3)))
+    return e.op("Reshape", [init, shape])
+
+
+def _normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
     if n.kind == "softmax":
         return softmax_visible
     if n.kind == "softplus":

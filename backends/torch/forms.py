@@ -25,13 +25,19 @@ def _safe_div(num, den):
 
 def softmax(s, vis):
     m = torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True)
+    m = torch.where(vis.any(-1, keepdim=True), m, 0.0)  # a row that sees nothing: no exp(+huge), even in a gradient
     e = torch.where(vis, torch.exp(s - m), 0.0)
     return _safe_div(e, e.sum(-1, keepdim=True))
 
 
 def normalise(n: Normaliser, s, vis, per_head, n_heads: int):
     """Weights of normaliser `n`; `per_head(values)` shapes per-head values to the scores.
-    A trained sink logit may come as a tensor in place of `n.bias` (`bias=` of attention)."""
+    A trained sink logit may come as a tensor in place of `n.bias` (`bias=` of attention).
+    A per-head affine (calibration's): gain · N(temperature · S + offset)."""
+    if n.affine:
+        t, o, g = (per_head(v if v is not None else [d] * n_heads)
+                   for v, d in ((n.temperature, 1.0), (n.offset, 0.0), (n.gain, 1.0)))
+        return normalise(n.without_affine(), s * t + o, vis, per_head, n_heads) * g
     if n.kind == "softmax":
         return softmax(s, vis)
     if n.kind == "softplus":
@@ -294,6 +300,8 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Patter
     if v.shape[-1] != q.shape[-1] or ((causal or pattern) and q.shape[2] != k.shape[2]):
         return None
     args = {"causal": bool(causal)}
+    if n.affine:  # the calibrated affine is not a kernel switch
+        return None
     if pattern is not None:
         if pattern.kind != "window" or pattern.dense_heads:
             return None

@@ -13,7 +13,7 @@ from attn_opt.patterns.detect import Detection, detect
 from attn_opt.patterns.site import AttentionSite, NearMiss
 from attn_opt.rewriter.errors import NotSupported, UserError
 
-__all__ = ["inspect", "optimize", "backend", "Detection", "AttentionSite", "NearMiss", "UserError", "NotSupported"]
+__all__ = ["inspect", "optimize", "heal", "backend", "Detection", "AttentionSite", "NearMiss", "UserError", "NotSupported"]
 __version__ = "0.1.0"
 
 
@@ -46,14 +46,14 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
                    max_error=max_error, force=force, check=check)
     loaded = load(model, example_inputs)
     if loaded.ir == "onnx":
-        from attn_opt.rewriter.inputs import feeds_from_npz, make_inputs
+        from attn_opt.rewriter.inputs import checked_feeds, feeds_from_npz, make_inputs
         from attn_opt.rewriter.ir import onnx as onnx_adapter
 
         specs = onnx_adapter.input_specs(loaded.view)
         feeds = feeds or make_inputs(specs)
         if calibrate is not None:
             options["calibrate"] = feeds_from_npz(specs, calibrate, "calibrate") if isinstance(calibrate, str) \
-                else dict(calibrate)
+                else checked_feeds(specs, calibrate, "calibrate")
         import os
 
         return run_pipeline(loaded.native if isinstance(model, (str, os.PathLike)) else model, chain, feeds, **options)
@@ -64,9 +64,22 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     if example_inputs is None and feeds is None:
         example_inputs = tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
     reference = model if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule) else None
-    if calibrate is not None:
-        options["calibrate"] = calibrate  # the torch steps say calibration is not lowered there yet
+    if calibrate is not None:  # the program's own (static) input shapes
+        from attn_opt.rewriter.inputs import checked_feeds, read_npz
+        from attn_opt.rewriter.ir import fx as fx_adapter
+
+        data = read_npz(calibrate) if isinstance(calibrate, str) else calibrate
+        options["calibrate"] = checked_feeds(fx_adapter.input_specs(loaded.view), data, "calibrate")
     return run_fx_pipeline(loaded.native, chain, example_inputs, reference=reference, feeds=feeds, **options)
+
+
+def heal(gm, data: dict, reference, steps: int = 200, lr: float = 1e-2) -> dict:
+    """Distil a rewritten GraphModule towards `reference` (the original module) on `data`
+    (input name -> array), training only the parameters attn-opt added (calibration's
+    per-head affine, sink logits, gates); returns the loss before and after."""
+    from attn_opt.rewriter.calibrate import heal as run
+
+    return run(gm, data, reference, steps, lr)
 
 
 def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):

@@ -104,17 +104,49 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
 def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None) -> list[SiteFit]:
     """Fit and write the affine of every rewritten site of the ONNX model `om` (edited in
     place), layer by layer; `old_sites`: id -> the site before the pass."""
-    from attn_opt.patterns import reference
-    from attn_opt.patterns.detect import detect
+    import onnx_ir as ir
+
     from attn_opt.rewriter.ir import onnx as onnx_adapter
 
     shaped = onnx_adapter.with_shapes(om)  # the copy the view probes; the values go back to `om` at the end
-    gv = onnx_adapter.view(shaped)
-    sites = {s.id: s for s in detect(gv, feeds=calib).sites if s.id in rewritten}
     inits = shaped.ir.graph.initializers
-    missing = [i for i in rewritten if i not in sites or f"attn_opt.{i}.gain" not in inits]
-    if missing:
-        raise UserError(f"calibration: site(s) {', '.join(missing)} have no calibratable affine after the pass")
+    names = {f"attn_opt.{i}.{p}" for i in rewritten for p, _ in PARAMS}
+    if names - set(inits):
+        raise UserError(f"calibration: {', '.join(sorted(names - set(inits)))} missing after the pass")
+
+    def write(site_id: str, values: dict) -> None:
+        for name, _ in PARAMS:
+            key = f"attn_opt.{site_id}.{name}"
+            inits[key].const_value = ir.tensor(np.asarray(values[name], np.float32), name=key)
+
+    fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, write, progress)
+    for key in names:
+        om.ir.graph.initializers[key].const_value = inits[key].const_value
+    return fits
+
+
+def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None):
+    """The same on a GraphModule: the affine is three nn.Parameters per site."""
+    import torch
+
+    from attn_opt.rewriter.ir import fx as fx_adapter
+
+    def write(site_id: str, values: dict) -> None:
+        with torch.no_grad():
+            for name, _ in PARAMS:
+                gm.get_parameter(f"attn_opt_{site_id}_{name}").copy_(torch.as_tensor(values[name]))
+
+    return fit_sites(fx_adapter.view(gm), old_sites, rewritten, calib, heldout, write, progress)
+
+
+def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, write,
+              progress=None) -> list[SiteFit]:
+    """Layer by layer: probe the sites of `gv` on `calib` (earlier layers already
+    calibrated), fit, `write(site, values)`; then the held-out check."""
+    from attn_opt.patterns import reference
+    from attn_opt.patterns.detect import detect
+
+    sites = {s.id: s for s in detect(gv, feeds=calib).sites if s.id in rewritten}
     layers = sorted({s.layer for s in sites.values()}, key=lambda x: (x is None, x if x is not None else 0))
     fits: dict[str, SiteFit] = {}
     for layer in layers:
@@ -127,21 +159,17 @@ def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
                 tensors = site_tensors(s, old_sites[s.id], probed)
                 values, before, after = fit(*tensors, normaliser=s.normaliser.without_affine())
                 if after < before:
-                    _write(inits, s.id, values)
+                    write(s.id, values)
                 fits[s.id] = SiteFit(s.id, s.layer, before, min(after, before), values={
                     k: np.round(v, 4).tolist() for k, v in values.items()} if after < before else {})
         for s in chosen:
             fits[s.id].seconds = (time.perf_counter() - t0) / len(chosen)
     if heldout is not None:
-        _check_heldout(gv, sites, old_sites, fits, heldout, inits)
-    for sid in fits:
-        for name, _ in PARAMS:
-            key = f"attn_opt.{sid}.{name}"
-            om.ir.graph.initializers[key].const_value = inits[key].const_value
+        _check_heldout(gv, sites, old_sites, fits, heldout, write)
     return [fits[i] for i in rewritten if i in fits]
 
 
-def _check_heldout(gv, sites, old_sites, fits, heldout, inits) -> None:
+def _check_heldout(gv, sites, old_sites, fits, heldout, write) -> None:
     """Each site's error on the held-out inputs, calibrated vs identity (both on the
     calibrated model's activations); a site that got worse goes back to the identity."""
     from attn_opt.patterns import reference
@@ -157,15 +185,7 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, inits) -> None:
         f.heldout_after = _rel(reference.normalise(fitted, s, vis) @ v, target)
         if f.heldout_after > f.heldout_before:
             f.reverted = True
-            _write(inits, sid, {k: np.full(len(f.values[k]), d) for k, d in PARAMS})
-
-
-def _write(inits, site_id: str, values: dict) -> None:
-    import onnx_ir as ir
-
-    for name, _ in PARAMS:
-        v = inits[f"attn_opt.{site_id}.{name}"]
-        v.const_value = ir.tensor(np.asarray(values[name], np.float32), name=v.name)
+            write(sid, {k: np.full(len(f.values[k]), d) for k, d in PARAMS})
 
 
 class _Null:
@@ -174,3 +194,48 @@ class _Null:
 
     def __exit__(self, *a):
         return False
+
+
+def heal(gm, data: dict, reference, steps: int = 200, lr: float = 1e-2) -> dict:
+    """End-to-end distillation on torch: train only the parameters attn-opt added to the
+    GraphModule (calibration's affine, sink logits, gates) so its outputs match
+    `reference` (the original module) on `data` (input name -> array); the rest of the
+    model stays frozen. Returns the loss before and after."""
+    import torch
+
+    from attn_opt.rewriter.ir.fx_steps import args_of
+
+    own = {n: p for n, p in gm.named_parameters() if n.startswith("attn_opt_")}
+    if not own:
+        raise UserError("heal: the module has no attn-opt parameters to train (run a form pass with calibrate=, "
+                        "sinkfree:mode=logit or gated first)")
+    args = args_of(gm, data)
+    frozen = {n: p.requires_grad for n, p in gm.named_parameters()}
+    for n, p in gm.named_parameters():
+        p.requires_grad_(n in own)
+
+    def leaves(out):
+        return [x for x in torch.utils._pytree.tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+
+    with torch.no_grad():
+        want = [t.float() for t in leaves(reference(*args))]
+    scales = [t.abs().max().clamp(min=1e-12) for t in want]
+
+    def loss():
+        return sum((((a.float() - b) / s) ** 2).mean() for a, b, s in zip(leaves(gm(*args)), want, scales))
+
+    opt = torch.optim.Adam(own.values(), lr=lr)
+    try:
+        with torch.no_grad():
+            before = float(loss())
+        for _ in range(steps):
+            opt.zero_grad()
+            value = loss()
+            value.backward()
+            opt.step()
+        with torch.no_grad():
+            after = float(loss())
+    finally:
+        for n, p in gm.named_parameters():
+            p.requires_grad_(frozen[n])
+    return {"loss_before": before, "loss_after": after, "steps": steps, "parameters": sorted(own)}

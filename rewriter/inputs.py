@@ -137,20 +137,24 @@ def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool
 
 
 def feeds_from_npz(specs: list[InputSpec], path: str, flag: str) -> dict[str, np.ndarray]:
-    """The model's inputs from an .npz, checked: every input present, none empty, each of
-    the model's rank and static sizes; a one-line UserError naming `flag` otherwise."""
-    data = read_npz(path)
+    """The model's inputs from an .npz, checked (`checked_feeds`)."""
+    return checked_feeds(specs, read_npz(path), f"{flag} {path}")
+
+
+def checked_feeds(specs: list[InputSpec], data: dict, what: str) -> dict[str, np.ndarray]:
+    """Every input present, none empty, each of the model's rank and static sizes; a
+    one-line UserError naming `what` otherwise."""
     missing = [s.name for s in specs if s.name not in data]
     if missing:
-        raise UserError(f"{flag} {path} lacks {missing}; it has {sorted(data)}")
+        raise UserError(f"{what} lacks {missing}; it has {sorted(data)}")
     feeds = {}
     for s in specs:
-        a = data[s.name]
+        a = np.asarray(data[s.name])
         if a.size == 0:
-            raise UserError(f"{flag} {path}: {s.name} is empty")
+            raise UserError(f"{what}: {s.name} is empty")
         if a.ndim != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, a.shape)):
             want = "x".join(str(d) if isinstance(d, int) else "?" for d in s.shape)
-            raise UserError(f"{flag} {path}: {s.name} has shape {'x'.join(map(str, a.shape))}; the model wants {want}")
+            raise UserError(f"{what}: {s.name} has shape {'x'.join(map(str, a.shape))}; the model wants {want}")
         feeds[s.name] = a.astype(s.dtype)
     return feeds
 

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import attn_opt
 from attn_opt.patterns.form import Normaliser
@@ -94,7 +95,23 @@ def test_bad_calibration_files(calib, tmp_path):
         assert not out.exists()
 
 
-def test_calibration_on_torch_says_it_is_not_there_yet(calib):
-    model, args, _ = zoo.MODELS["bert-eager"].build()
-    with pytest.raises(attn_opt.NotSupported, match="torch.fx"):
-        attn_opt.optimize(model, ["softplus"], example_inputs=args, calibrate={"input_ids": args[0].numpy(), "attention_mask": args[1].numpy()})
+def test_calibration_and_healing_on_torch():
+    """On torch.fx the affine is nn.Parameters: calibration fits them layer by layer, then
+    attn_opt.heal trains only them end to end against the original module."""
+    model, args, names = zoo.MODELS["bert-eager"].build()
+    rng = np.random.default_rng(5)
+    cal = {"input_ids": rng.integers(1, zoo.VOCAB, (2, args[0].shape[1])), "attention_mask": np.ones(args[1].shape,
+                                                                                                    np.int64)}
+    gm, report = attn_opt.optimize(model, ["sigmoid"], example_inputs=args, calibrate=cal)
+    c = report.passes[0].calibration
+    assert all(s["error_after"] < s["error_before"] for s in c["sites"])
+    assert c["model_error_after"]["calibration"] < c["model_error_before"]["calibration"]
+    assert {n for n, _ in gm.named_parameters() if n.startswith("attn_opt_")} == {
+        f"attn_opt_a{i}_{p}" for i in range(2) for p in ("temperature", "offset", "gain")}
+    data = {p: a.numpy() for p, a in zip(names, args)}
+    weights = {n: p.detach().clone() for n, p in gm.named_parameters() if not n.startswith("attn_opt_")}
+    got = attn_opt.heal(gm, data, model, steps=50)
+    assert got["loss_after"] < got["loss_before"]
+    assert all(torch.equal(p, weights[n]) for n, p in gm.named_parameters() if n in weights)  # the model's own stay
+    with pytest.raises(attn_opt.UserError, match="no attn-opt parameters"):
+        attn_opt.heal(attn_opt.optimize(model, ["fuse"], example_inputs=args)[0], data, model)

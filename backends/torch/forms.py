@@ -30,14 +30,18 @@ def softmax(s, vis):
     return _safe_div(e, e.sum(-1, keepdim=True))
 
 
-def normalise(n: Normaliser, s, vis, per_head, n_heads: int):
+def normalise(n: Normaliser, s, vis, per_head, n_heads: int, affine: dict | None = None):
     """Weights of normaliser `n`; `per_head(values)` shapes per-head values to the scores.
     A trained sink logit may come as a tensor in place of `n.bias` (`bias=` of attention).
-    A per-head affine (calibration's): gain · N(temperature · S + offset)."""
+    A per-head affine (calibration's): gain · N(temperature · S + offset), its values from
+    `affine` (name -> tensor, the module's parameters) where given, else from `n`."""
     if n.affine:
-        t, o, g = (per_head(v if v is not None else [d] * n_heads)
-                   for v, d in ((n.temperature, 1.0), (n.offset, 0.0), (n.gain, 1.0)))
-        return normalise(n.without_affine(), s * t + o, vis, per_head, n_heads) * g
+        vals = {}
+        for name, default in (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0)):
+            given = (affine or {}).get(name)
+            vals[name] = per_head(given if given is not None else (getattr(n, name) or [default] * n_heads))
+        s = s * vals["temperature"] + vals["offset"]
+        return normalise(n.without_affine(), s, vis, per_head, n_heads) * vals["gain"]
     if n.kind == "softmax":
         return softmax(s, vis)
     if n.kind == "softplus":
@@ -331,7 +335,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Patter
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
               pattern: dict | None = None, normaliser: dict | None = None, bias=None, use_triton: bool | None = None,
-              fill=None, softcap=None, banded: bool = True, filled=()):
+              fill=None, softcap=None, banded: bool = True, filled=(), temperature=None, offset=None, gain=None):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]; `pattern`
     and `normaliser` as their records (JSON, as the FX graph holds them), `bias` a trained
     sink logit (an nn.Parameter). CUDA tensors go to the Triton kernel where it covers the
@@ -351,9 +355,11 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
         return t.to(q.dtype).reshape((1, hkv, h // hkv) + (1,) * (ndim - 3))
 
+    affine = {"temperature": temperature, "offset": offset, "gain": gain}  # calibrated nn.Parameters, if any
+
     def norm(s, vis, ndim):
         return normalise(n, s, vis, lambda vals: per_head(bias if bias is not None and n.kind == "logit" else vals,
-                                                          ndim), h)
+                                                          ndim), h, affine)
 
     mask_bias, keep, after = _masks(additive, bool_mask, bool_keep, filled)
     if form is None:

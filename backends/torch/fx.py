@@ -144,6 +144,12 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
         bias = f"attn_opt_{site.id}_sink_logit"
         gm.register_parameter(bias, torch.nn.Parameter(torch.tensor(normaliser.bias, dtype=torch.float32)))
         note = f"sink logits in parameter {bias}"
+    affine = {}
+    if normaliser.affine:  # calibration's per-head temperature, offset, gain: nn.Parameters of the module
+        for name, default in (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0)):
+            vals = getattr(normaliser, name) or (default,) * site.heads
+            gm.register_parameter(f"attn_opt_{site.id}_{name}", torch.nn.Parameter(torch.tensor(vals)))
+            affine[name] = f"attn_opt_{site.id}_{name}"
     banded, why = banded_pays(site, pattern) if pattern is not None else (True, None)
     note = "; ".join(n for n in (why, note) if n) or None
     out = site.output.native
@@ -156,6 +162,7 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
                   "fill": site.mask_value, "softcap": site.softcap, "banded": banded, "filled": _filled(site)}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
+        kwargs |= {name: g.get_attr(target) for name, target in affine.items()}
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
         new = _refold(site, new, g)
     new.meta[FORM_KEY] = form_record(site, pattern, normaliser)

@@ -126,7 +126,9 @@ class FxSteps:
         return lower(state.model, site, form)
 
     def calibrate(self, gm, old_sites, rewritten, calib, heldout, progress):
-        raise NotSupported("--calibrate on torch.fx is not implemented yet (it runs on ONNX models)")
+        from attn_opt.rewriter.calibrate import calibrate_fx
+
+        return calibrate_fx(gm, old_sites, rewritten, calib, heldout, progress)
 
     def graph_edit(self, state: State, edit: str) -> list[str]:
         from attn_opt.backends.torch.fx import GRAPH_EDITS

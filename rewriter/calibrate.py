@@ -43,7 +43,7 @@ class SiteFit:
         return dict(self.__dict__)
 
 
-def _rel(a, b) -> float:
+def relative_error(a, b) -> float:
     """Relative error ||a − b|| / ||b|| over the whole output (the site's error figure)."""
     scale = float(np.linalg.norm(b))
     return float(np.linalg.norm(a - b) / scale) if scale > 0 else float(np.linalg.norm(a - b))
@@ -93,7 +93,7 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
         return (w * p["gain"]) @ V
 
     with torch.no_grad():
-        before = _rel(out().numpy(), target)  # on the rows fitted
+        before = relative_error(out().numpy(), target)  # on the rows fitted
     opt = torch.optim.Adam(params.values(), lr=LR)
     scale = T.abs().max().clamp(min=1e-12)
     for _ in range(steps):
@@ -102,7 +102,7 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
         loss.backward()
         opt.step()
     with torch.no_grad():
-        after = _rel(out().numpy(), target)
+        after = relative_error(out().numpy(), target)
     return {k: t.detach().numpy().copy() for k, t in params.items()}, before, after
 
 
@@ -128,6 +128,21 @@ def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     for key in names:
         om.ir.graph.initializers[key].const_value = inits[key].const_value
     return fits
+
+
+def reset(model, site_ids: list[str]) -> None:
+    """The sites' affine back to the identity (an ONNX model or a GraphModule)."""
+    import onnx_ir as ir
+    import torch
+
+    for sid in site_ids:
+        for name, default in PARAMS:
+            if isinstance(model, torch.nn.Module):
+                with torch.no_grad():
+                    model.get_parameter(f"attn_opt_{sid}_{name}").fill_(default)
+            else:
+                v = model.ir.graph.initializers[f"attn_opt.{sid}.{name}"]
+                v.const_value = ir.tensor(np.full(v.const_value.shape, default, np.float32), name=v.name)
 
 
 def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None):
@@ -185,9 +200,9 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, write) -> None:
             continue
         s, vis, v, target = site_tensors(sites[sid], old_sites[sid], probed)
         base = sites[sid].normaliser.without_affine()
-        f.heldout_before = _rel(reference.normalise(base, s, vis) @ v, target)
+        f.heldout_before = relative_error(reference.normalise(base, s, vis) @ v, target)
         fitted = base.with_affine(*(f.values[k] for k, _ in PARAMS))
-        f.heldout_after = _rel(reference.normalise(fitted, s, vis) @ v, target)
+        f.heldout_after = relative_error(reference.normalise(fitted, s, vis) @ v, target)
         if f.heldout_after > f.heldout_before:
             f.reverted = True
             write(sid, {k: np.full(len(f.values[k]), d) for k, d in PARAMS})

@@ -331,18 +331,31 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
     """Fit the rewritten sites' affine (steps.calibrate) and say what it did: per site, and
     the model's error against the original before and after, on the calibration inputs
     and on the held-out ones."""
-    def worst(refs, f):
+    from attn_opt.rewriter.calibrate import relative_error
+
+    def worst(refs, f):  # ||out − original|| / ||original||, the worst output (the sites' figure, model-wide)
         outs = steps.outputs_on(model, f)
-        got = _compared(refs, outs, set())[0]
-        return fidelity.worst(got).max_rel_error if got else None
+        errs = [relative_error(np.asarray(outs[k], np.float64), np.asarray(refs[k], np.float64))
+                for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
+        return max(errs) if errs else None
 
     before = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
     t0 = time.perf_counter()
     fits = steps.calibrate(model, old_sites, rewritten, calib, heldout, progress)
     seconds = time.perf_counter() - t0
     after = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
+    note = None
+    if after["heldout"] is not None and before["heldout"] is not None and after["heldout"] > before["heldout"]:
+        from attn_opt.rewriter.calibrate import reset
+
+        reset(model, [f.site for f in fits])  # the model got worse on held-out inputs: calibration undone
+        for f in fits:
+            f.reverted = True
+        note = (f"the model's held-out error rose with calibration ({before['heldout']:.3g} -> {after['heldout']:.3g}): "
+                "every site went back to the identity")
+        after = dict(before)
     return {"sites": [f.to_json() for f in fits], "model_error_before": before, "model_error_after": after,
-            "seconds": seconds, "reverted": [f.site for f in fits if f.reverted]}
+            "seconds": seconds, "reverted": [f.site for f in fits if f.reverted], "note": note}
 
 
 def _compared(refs: dict, outs: dict, logits: set, suffix: str = "") -> tuple[dict, list[str]]:

@@ -195,6 +195,8 @@ def calibration_table(p) -> Table:
                   _num(s, "heldout_before", ".3g"), _num(s, "heldout_after", ".3g"),
                   "reverted (held-out worse)" if s["reverted"] else ("yes" if s["values"] else "no gain"),
                   f"{s['seconds']:.2f}")
+    if c.get("note"):
+        t.caption = c["note"]
     return t
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 from _report import RESULTS, write
-from real_weights import Encoder, embed, model_dir, sentences, spearman
+from real_weights import Encoder, embed, load_minilm, sentences, spearman
 
 from attn_opt.rewriter.ir import onnx as onnx_adapter
 from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
@@ -39,11 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=96)
     args = ap.parse_args()
-    from transformers import AutoTokenizer, BertModel
-
-    d = model_dir()
-    tok = AutoTokenizer.from_pretrained(str(d))
-    bert = BertModel.from_pretrained(str(d), attn_implementation="eager").eval()
+    tok, bert = load_minilm()
     text = sentences(args.sentences)
     half = len(text) // 2
 

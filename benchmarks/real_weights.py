@@ -86,15 +86,19 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def load_minilm():
+    """(tokenizer, eager BertModel) of the packaged all-MiniLM-L6-v2."""
+    from transformers import AutoTokenizer, BertModel
+
+    d = model_dir()
+    return AutoTokenizer.from_pretrained(str(d)), BertModel.from_pretrained(str(d), attn_implementation="eager").eval()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=48)
     args = ap.parse_args()
-    from transformers import AutoTokenizer, BertModel
-
-    d = model_dir()
-    tok = AutoTokenizer.from_pretrained(str(d))
-    bert = BertModel.from_pretrained(str(d), attn_implementation="eager").eval()
+    tok, bert = load_minilm()
     text = sentences(args.sentences)
     enc = tok(text, padding=True, truncation=True, max_length=128, return_tensors="np")
     feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}

@@ -85,6 +85,7 @@ def test_diff_page(browser, zoo_onnx, tmp_path, name, exporter, spec):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", shown[0])
     WebDriverWait(browser, 30).until(ec.element_to_be_clickable(shown[0])).click()  # details of a changed box
     assert "in:" in browser.find_element(By.ID, "details").text
 

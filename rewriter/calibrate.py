@@ -167,12 +167,17 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     from attn_opt.patterns.detect import detect
 
     sites = {s.id: s for s in detect(gv, feeds=calib).sites if s.id in rewritten}
-    layers = sorted({s.layer for s in sites.values()}, key=lambda x: (x is None, x if x is not None else 0))
+    order = {id(n): i for i, n in enumerate(gv.nodes)}
+    position = {sid: order.get(id(s.output.producer), 0) for sid, s in sites.items()}
+    # model order: by layer where the scopes say it, else each site alone where it lies in the graph
+    groups: dict = {}
+    for sid, s in sorted(sites.items(), key=lambda kv: position[kv[0]]):
+        groups.setdefault(s.layer if s.layer is not None else ("at", position[sid]), []).append(s)
     fits: dict[str, SiteFit] = {}
-    for layer in layers:
-        chosen = [s for s in sites.values() if s.layer == layer]
+    for chosen in sorted(groups.values(), key=lambda g: min(position[s.id] for s in g)):
+        layer = chosen[0].layer
         t0 = time.perf_counter()
-        ctx = progress.step(f"calibrate layer {layer}") if progress is not None else _Null()
+        ctx = progress.step(f"calibrate layer {layer}" if layer is not None else f"calibrate {chosen[0].id}") if progress is not None else _Null()
         with ctx:
             probed = gv.probe([x for s in chosen for x in reference.needed(s) + [s.v.value]], calib)
             for s in chosen:

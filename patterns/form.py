@@ -2,7 +2,7 @@
 
 A pass turns a site into a `Form`; a backend lowers it (backends/onnx, backends/torch,
 backends/triton); the NumPy reference (patterns/reference.py) evaluates it; a rewritten
-site's record carries its pattern and normaliser, so the next pass reads them back and
+site's record (patterns/record.py) carries its pattern and normaliser, so the next pass reads them back and
 forms compose on one site.
 
     Form = Pattern (which (query, key) pairs are kept; None = dense)
@@ -118,10 +118,6 @@ class Pattern:
         vis = np.ones((t, t), bool)  # prefix tokens (class, registers) see and are seen by all
         vis[n:, n:] = near
         return vis
-
-    def kept_pairs(self, t: int) -> int:
-        """Σ_i |keys(i)| at sequence length t (without masks)."""
-        return int(self.visible(t).sum())
 
     def banded_pairs(self, t: int) -> int:
         """Score pairs the banded lowering computes at length t (padding included)."""
@@ -290,10 +286,6 @@ class Form:
     fused: str | None = None  # one attention op: FUSED_TARGETS
     stream: StreamCache | None = None  # a decoder step's cache capped at sinks + window
     notes: tuple[str, ...] = field(default=())  # what the pass chose and why (said in the report)
-
-    def record(self) -> dict:
-        """The part a rewritten site's record carries (its pattern and normaliser)."""
-        return {"pattern": self.pattern.to_json() if self.pattern else None, "normaliser": self.normaliser.to_json()}
 
     def describe(self) -> str:
         """The pattern and normaliser in words ("" for a fused op, a gate, collapsed weights:

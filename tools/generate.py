@@ -20,23 +20,28 @@ def _prompt(path: str) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def run(model: str, prompt_path: str, new_tokens: int, other: str | None = None) -> dict:
+def _step(path: str):
+    """(model, its generation loop) of a decoder step, or a one-line error."""
     from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.ir.onnx_decode import compare, generate, loop_of
+    from attn_opt.rewriter.ir.onnx_decode import loop_of
 
-    prompt = _prompt(prompt_path)
-    om, _, gv = onnx_adapter.load_view(model)
+    om, _, gv = onnx_adapter.load_view(path)
     loop = loop_of(gv, onnx_adapter.input_specs(gv))
     if loop is None:
-        raise UserError(f"{model} is not a decoder step: no cache input (past) concatenated with new keys/values")
+        raise UserError(f"{path} is not a decoder step: no cache input (past) concatenated with new keys/values")
+    return om, loop
+
+
+def run(model: str, prompt_path: str, new_tokens: int, other: str | None = None) -> dict:
+    from attn_opt.rewriter.ir.onnx_decode import compare, generate
+
+    prompt = _prompt(prompt_path)
+    om, loop = _step(model)
     if other is None:
         g = generate(om, loop, prompt, new_tokens)
         cmp = None
     else:
-        om2, _, gv2 = onnx_adapter.load_view(other)
-        if loop_of(gv2, onnx_adapter.input_specs(gv2)) is None:
-            raise UserError(f"{other} is not a decoder step: no cache input (past) concatenated with new keys/values")
-        r = compare(om, om2, loop, prompt, new_tokens)
+        r = compare(om, _step(other)[0], loop, prompt, new_tokens)
         g, gb = r["a"], r["b"]
         cmp = {"steps": r["steps"], "max_rel_error": r["max_rel_error"], "per_step_error": r["per_step_error"],
                "token_agreement": r["token_agreement"], "cache_bytes": gb.cache_bytes,

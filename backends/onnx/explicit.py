@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attn_opt.backends.onnx.edit import SiteEdit
-from attn_opt.backends.onnx.visible import pattern_visible
+from attn_opt.backends.onnx.visible import causal_visible, pattern_visible
 from attn_opt.patterns.form import Pattern
 from attn_opt.patterns.site import MASKED
 from attn_opt.patterns.site import AttentionSite
@@ -92,12 +92,7 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
         c = c if site.bool_keep else e.op("Not", [c])
         vis = c if vis is None else e.op("And", [vis, c])
     if site.causal and (site.rule != "eager" or (not site.additive and site.bool_mask is None)):
-        # a fused op's is_causal (harmless where its mask is causal already)
-        tq, tk = e.shape_dim(q, 2), e.shape_dim(k, 2)
-        i = e.op("Unsqueeze", [e.op("Range", [e.const(np.int64(0)), e.op("Squeeze", [tq, e.ints(0)]),
-                                             e.const(np.int64(1))]), e.ints(1)])
-        j = e.op("Range", [e.const(np.int64(0)), e.op("Squeeze", [tk, e.ints(0)]), e.const(np.int64(1))])
-        tri = e.op("LessOrEqual", [j, e.op("Add", [i, e.op("Sub", [tk, tq])])])
+        tri = causal_visible(e, q, k)  # a fused op's is_causal (harmless where its mask is causal already)
         vis = tri if vis is None else e.op("And", [vis, tri])
     if vis is None:
         vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)

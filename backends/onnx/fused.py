@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx import ort
 from attn_opt.backends.onnx.edit import SiteEdit, ensure_opset
+from attn_opt.backends.onnx.visible import causal_visible
 from attn_opt.patterns.cache import new_part
 from attn_opt.patterns.site import AttentionSite
 
@@ -50,7 +51,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if cached is not None:  # past in, present out: the op's own cache inputs and outputs
         (k_new, v_new, past_k, past_v) = cached
         if s.mask == "causal":  # is_causal aligns the triangle top-left; a step's queries come last
-            attrs["is_causal"], mask = 0, _causal_after_cache(e, q, k)
+            attrs["is_causal"], mask = 0, causal_visible(e, q, k)
         y, present_k, present_v = e.op("Attention", [q, k_new, v_new, mask, past_k, past_v], attrs, outputs=3)
         e.commit(y)
         e.replace_output(s.cache.present_key, present_k)
@@ -71,14 +72,6 @@ def _with_cache(e: SiteEdit, s: AttentionSite):
     if k is None or v is None or k[0] is None or v[0] is None:
         return None
     return e.value(k[1]), e.value(v[1]), e.value(k[0]), e.value(v[0])
-
-
-def _causal_after_cache(e: SiteEdit, q, k) -> ir.Value:
-    """[Tq, Tk] boolean: query i (the last Tq of Tk positions) sees keys up to its own."""
-    tq, tk = e.op("Squeeze", [e.shape_dim(q, 2), e.ints(0)]), e.op("Squeeze", [e.shape_dim(k, 2), e.ints(0)])
-    zero, one = e.const(np.int64(0)), e.const(np.int64(1))
-    i = e.op("Unsqueeze", [e.op("Add", [e.op("Range", [zero, tq, one]), e.op("Sub", [tk, tq])]), e.ints(1)])
-    return e.op("LessOrEqual", [e.op("Range", [zero, tk, one]), i])
 
 
 def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value | None, bool]:

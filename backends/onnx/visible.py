@@ -41,14 +41,26 @@ def window_visible(e: SiteEdit, f: Pattern, i: ir.Value, p: ir.Value, t: ir.Valu
     return vis
 
 
-def pattern_visible(e: SiteEdit, f: Pattern, q: ir.Value, k: ir.Value) -> ir.Value:
-    """[Tq, Tk] bool: the pairs `f` keeps on the full score matrix (queries are the last
-    Tq of Tk positions), sinks included: the masked-dense lowering."""
+def positions(e: SiteEdit, q: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(query positions [Tq, 1], key positions [Tk], Tk): the queries are the last Tq of
+    Tk positions (a decoder step's new tokens after its cache)."""
     tq = e.op("Squeeze", [e.shape_dim(q, 2), e.ints(0)])
     tk = e.op("Squeeze", [e.shape_dim(k, 2), e.ints(0)])
     i = e.op("Unsqueeze", [e.op("Add", [e.op("Range", [i64(e, 0), tq, i64(e, 1)]), e.op("Sub", [tk, tq])]),
                            e.ints(1)])
-    p = e.op("Range", [i64(e, 0), tk, i64(e, 1)])
+    return i, e.op("Range", [i64(e, 0), tk, i64(e, 1)]), tk
+
+
+def causal_visible(e: SiteEdit, q: ir.Value, k: ir.Value) -> ir.Value:
+    """[Tq, Tk] bool: each query sees the keys up to its own position."""
+    i, p, _ = positions(e, q, k)
+    return e.op("LessOrEqual", [p, i])
+
+
+def pattern_visible(e: SiteEdit, f: Pattern, q: ir.Value, k: ir.Value) -> ir.Value:
+    """[Tq, Tk] bool: the pairs `f` keeps on the full score matrix (queries are the last
+    Tq of Tk positions), sinks included: the masked-dense lowering."""
+    i, p, tk = positions(e, q, k)
     vis = window_visible(e, f, i, p, tk)
     if f.sinks:
         sink = e.op("Less", [p, i64(e, f.sinks)])

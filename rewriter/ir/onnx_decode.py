@@ -67,6 +67,7 @@ class Stepper:
     def __init__(self, model, loop: Loop):
         self.sess, self.loop = model.session(), loop
         self.names = [o.name for o in self.sess.get_outputs()]
+        self.inputs = {i.name for i in self.sess.get_inputs()}
 
     def start(self, batch: int) -> dict:
         cache = {}
@@ -84,8 +85,7 @@ class Stepper:
             feeds[self.loop.mask] = np.ones((b, held + t), np.int64)
         if self.loop.positions:
             feeds[self.loop.positions] = np.broadcast_to(np.arange(done, done + t, dtype=np.int64), (b, t)).copy()
-        wanted = {i.name for i in self.sess.get_inputs()}
-        out = dict(zip(self.names, self.sess.run(self.names, {k: v for k, v in feeds.items() if k in wanted})))
+        out = dict(zip(self.names, self.sess.run(self.names, {k: v for k, v in feeds.items() if k in self.inputs})))
         return out[self.loop.logits], {past: out[present] for present, past in self.loop.pairs}
 
 

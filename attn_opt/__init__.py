@@ -26,7 +26,7 @@ def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
 
 
 def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False, layers=None,
-             sites=None, max_error: float | None = None, check: str = "model", calibrate=None):
+             sites=None, max_error: float | None = None, check: str = "model", calibrate=None, lora: int = 0):
     """Run passes through the one pipeline; returns (rewritten model, report).
 
     ONNX (a path, ModelProto or OnnxModel): a ModelProto for a ModelProto, else an
@@ -36,7 +36,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     `example_inputs`, or inputs generated from the signature. `layers` / `sites` restrict
     the passes, `max_error` bounds the relative error, `check` is "model", "sites"
     (ONNX) or "none", as on the command line. `calibrate` (an .npz path or name -> array):
-    inputs to fit each rewritten site's per-head affine on, as `--calibrate` (ONNX).
+    inputs to fit each rewritten site's per-head parameters on, as `--calibrate`; `lora`: the
+    rank of an output-projection correction fitted with them, as `--lora`.
     """
     from attn_opt.rewriter.ir import load
     from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
@@ -44,6 +45,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     chain = parse_chain(passes)
     options = dict(layers=set(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
                    max_error=max_error, force=force, check=check)
+    if lora:
+        options["lora"] = lora
     loaded = load(model, example_inputs)
     if loaded.ir == "onnx":
         from attn_opt.rewriter.inputs import checked_feeds, feeds_from_npz, make_inputs

@@ -33,11 +33,13 @@ from attn_opt.tools import zoo
 
 FORMS = ["softplus", "sigmoid", "sinkfree:mode=relu", "sinkfree:mode=redistribute,alpha=0.5", "sparse:window=16",
          "sparse:window=16,sinks=auto", "sparse:window=32"]
+LORA = {"sparse:window=16": 16, "sparse:window=16,sinks=auto": 16, "sparse:window=32": 16}  # also healed with --lora R
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=96)
+    ap.add_argument("--forms", nargs="*", default=FORMS)
     args = ap.parse_args()
     tok, bert = load_minilm()
     text = sentences(args.sentences)
@@ -63,21 +65,22 @@ def main() -> int:
         return float(np.mean(np.sum(e * ref, -1))), spearman(ref_sim, (e @ e.T)[iu])
 
     rows, records = [], []
-    for spec in FORMS:
+    runs = [(spec, 0) for spec in args.forms] + [(spec, r) for spec, r in LORA.items() if spec in args.forms]
+    for spec, lora in runs:
         plain, rep0 = run_pipeline(proto, parse_chain([spec]), heldout, force=True)
         t0 = time.perf_counter()
-        healed, rep1 = run_pipeline(proto, parse_chain([spec]), heldout, force=True, calibrate=calib)
+        healed, rep1 = run_pipeline(proto, parse_chain([spec]), heldout, force=True, calibrate=calib, lora=lora)
         seconds = time.perf_counter() - t0
         (c0, s0), (c1, s1) = scores(plain), scores(healed)
         p, cal = rep1.passes[0], rep1.passes[0].calibration
         layers = len({s["layer"] for s in cal["sites"]}) or 1
         closed = (s1 - s0) / (1 - s0) if s0 < 1 else 0.0
-        rec = {"form": spec, "cosine": c0, "spearman": s0, "cosine_healed": c1, "spearman_healed": s1,
+        rec = {"form": spec + (f" --lora {lora}" if lora else ""), "cosine": c0, "spearman": s0, "cosine_healed": c1, "spearman_healed": s1,
                "gap_closed": closed, "attention_vs_dense": p.attention_flops_after / p.attention_flops_before,
                "calibration_seconds_per_layer": cal["seconds"] / layers, "pipeline_seconds": seconds,
                "reverted": cal["reverted"]}
         records.append(rec)
-        rows.append([spec, f"{c0:.4f}", f"{c1:.4f}", f"{s0:.4f}", f"{s1:.4f}", f"{closed:.2f}",
+        rows.append([rec["form"], f"{c0:.4f}", f"{c1:.4f}", f"{s0:.4f}", f"{s1:.4f}", f"{closed:.2f}",
                      f"{rec['attention_vs_dense']:.2f}", f"{rec['calibration_seconds_per_layer']:.1f}",
                      ", ".join(cal["reverted"]) or "-"])
         print(rows[-1], file=sys.stderr)

@@ -12,6 +12,7 @@ forms compose on one site.
          | Collapse (the weight algebra: Q·Kᵀ and V·O products folded per head)
          | fused (the same function as one attention op)
     (+ StreamCache: a decoder step's returned cache capped at sinks + window)
+    (+ lora: a low-rank correction of the output projection, fitted by calibration)
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ class Pattern:
         return cls(**d)
 
 
+AFFINE = ("temperature", "offset", "gain")  # gain_h · N(temperature_h · S + offset_h), any normaliser
+TUNED = {"softplus": ("kappa", "p"), "logit": ("bias",), "redistribute": ("alpha",)}  # and each kind's own
+
+
 @dataclass(frozen=True)
 class Normaliser:
     """How scores become weights, over the keys a row may see (0 elsewhere; a row that
@@ -164,19 +169,26 @@ class Normaliser:
                   renormalised, in `heads` (default all)
     relu          ReLU(S_ij) / n_i
     sigmoid       σ(S_ij + b): b per head from `bias`, or −log n_i when `bias` is None
-    (n_i: keys row i sees.)"""
+    (n_i: keys row i sees.)
+
+    A *calibrated* normaliser (`temperature` set) has per-head parameters that
+    calibration fits (rewriter/calibrate.py), lowered as graph initializers / module
+    parameters rather than constants: the affine gain_h · N(temperature_h · S + offset_h)
+    of every kind, and the kind's own (`TUNED`): softplus's length exponent κ_h (λ_i =
+    (log n_i / log n_train)^κ_h, n_train = 2 and κ_h = 0 where the pass set none) and power
+    p_h; the sink logit b_h; redistribute's α_h (1 on heads it leaves alone)."""
 
     kind: str = "softmax"
     n_train: int | None = None
-    p: float = 1.0
+    p: float | tuple[float, ...] = 1.0
     bias: tuple[float, ...] | None = None
-    alpha: float | None = None
+    alpha: float | tuple[float, ...] | None = None
     sinks: int = 1
     heads: tuple[int, ...] | None = None
-    # a per-head affine around the normaliser, fitted by calibration: gain_h · N(temperature_h · S + offset_h)
     temperature: tuple[float, ...] | None = None
     offset: tuple[float, ...] | None = None
     gain: tuple[float, ...] | None = None
+    kappa: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in NORMALISERS:
@@ -184,19 +196,41 @@ class Normaliser:
 
     @property
     def is_softmax(self) -> bool:
-        return self.kind == "softmax" and not self.affine
+        return self.kind == "softmax" and not self.calibrated
 
     @property
-    def affine(self) -> bool:
-        return any(x is not None for x in (self.temperature, self.offset, self.gain))
+    def calibrated(self) -> bool:
+        return self.temperature is not None
 
-    def with_affine(self, temperature, offset, gain) -> "Normaliser":
-        """The same normaliser with per-head temperature, offset and gain (each [heads])."""
+    def tunable(self) -> tuple[str, ...]:
+        """The per-head parameters calibration fits for this kind."""
+        return AFFINE + TUNED.get(self.kind, ())
+
+    def values(self, heads: int) -> dict[str, np.ndarray]:
+        """Each tunable parameter as [heads] float64: its fitted values, else the ones that
+        give this normaliser exactly (the identity calibration starts from)."""
+        start = {"temperature": 1.0, "offset": 0.0, "gain": 1.0, "kappa": 1.0 if self.n_train else 0.0}
+        if self.kind == "redistribute" and np.ndim(self.alpha) == 0:
+            start["alpha"] = np.ones(heads)  # α = 1 leaves a head as it is
+            start["alpha"][list(self.heads) if self.heads else slice(None)] = self.alpha
+        out = {}
+        for name in self.tunable():
+            v = getattr(self, name)
+            if v is None or (name == "alpha" and np.ndim(v) == 0):
+                v = start[name]
+            out[name] = np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (heads,)).copy()
+        return out
+
+    def calibrate(self, values: dict | None = None, heads: int | None = None) -> "Normaliser":
+        """This normaliser with per-head parameters (`values`: name -> [heads]; the identity
+        where a name is missing), lowered as parameters calibration can set."""
+        h = heads if heads is not None else len(next(iter(values.values())))
+        vals = self.values(h) | {k: np.asarray(v, np.float64) for k, v in (values or {}).items()}
         tup = lambda x: tuple(float(v) for v in np.asarray(x).reshape(-1))  # noqa: E731
-        return dataclasses.replace(self, temperature=tup(temperature), offset=tup(offset), gain=tup(gain))
-
-    def without_affine(self) -> "Normaliser":
-        return dataclasses.replace(self, temperature=None, offset=None, gain=None)
+        changes = {k: tup(vals[k]) for k in self.tunable()}
+        if self.kind == "redistribute":
+            changes["heads"] = None  # folded into α
+        return dataclasses.replace(self, **changes)
 
     def per_head_bias(self, heads: int) -> np.ndarray | None:
         """`bias` as [heads] float64, or None."""
@@ -205,19 +239,20 @@ class Normaliser:
         return np.broadcast_to(np.asarray(self.bias, np.float64).reshape(-1), (heads,)).copy()
 
     def describe(self) -> str:
+        tuned = ", calibrated per head" if self.calibrated else ""
         if self.kind == "softplus":
             lam = f"log n_i / log {self.n_train}" if self.n_train else "1"
-            return f"softplus, λ={lam}, p={self.p:g}"
+            return (f"softplus, λ={lam}, p={_num(self.p)}") + tuned
         if self.kind == "logit":
-            return f"sink logit b = {np.array2string(np.asarray(self.bias), precision=3)}"
+            return f"sink logit b = {np.array2string(np.asarray(self.bias), precision=3)}" + tuned
         if self.kind == "redistribute":
-            return f"redistribute α={self.alpha:g} over the first {self.sinks} token(s)"
+            return f"redistribute α={_num(self.alpha)} over the first {self.sinks} token(s)" + tuned
         if self.kind == "relu":
-            return "ReLU(S)/n_i"
+            return "ReLU(S)/n_i" + tuned
         if self.kind == "sigmoid":
             b = "−log n_i" if self.bias is None else np.array2string(np.asarray(self.bias), precision=3)
-            return f"sigmoid σ(S + b), b = {b}, no row normalisation"
-        return "softmax" + ("" if not self.affine else ", calibrated per head")
+            return f"sigmoid σ(S + b), b = {b}, no row normalisation" + tuned
+        return "softmax" + tuned
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
@@ -228,10 +263,14 @@ class Normaliser:
         if not d:
             return SOFTMAX
         d = dict(d)
-        for k in ("bias", "heads", "temperature", "offset", "gain"):
-            if d.get(k) is not None:
+        for k in ("bias", "heads", "temperature", "offset", "gain", "kappa", "p", "alpha"):
+            if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def _num(x) -> str:
+    return f"{x:g}" if np.ndim(x) == 0 else "per head"
 
 
 SOFTMAX = Normaliser()
@@ -285,6 +324,7 @@ class Form:
     collapse: Collapse | None = None
     fused: str | None = None  # one attention op: FUSED_TARGETS
     stream: StreamCache | None = None  # a decoder step's cache capped at sinks + window
+    lora: int = 0  # a rank-r correction x·A·B added to the output projection (B = 0 until calibrated)
     notes: tuple[str, ...] = field(default=())  # what the pass chose and why (said in the report)
 
     def describe(self) -> str:

@@ -10,7 +10,7 @@ from collections import deque
 
 from attn_opt.patterns.layout import weight_like
 from attn_opt.patterns.site import Projection
-from attn_opt.rewriter.graph import Node, Value
+from attn_opt.rewriter.graph import EPILOGUE_TAG, Node, Value
 
 _THROUGH = {"Transpose", "Reshape", "Add", "Mul", "Sub", "Neg", "Slice", "Concat", "Split",
             "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity", "RotaryEmbedding", "Contiguous",
@@ -51,7 +51,8 @@ def feeding(v: Value, budget: int = 24) -> Projection | None:
 def reading(v: Value, budget: int = 6) -> Projection | None:
     """The output projection that reads `v` through Transpose/Reshape."""
     for _ in range(budget):
-        users = [u for u in v.users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
+        users = [u for u in v.users if u.op not in ("Shape", "Size")  # TorchScript reads shapes too
+                 and EPILOGUE_TAG not in u.meta]  # nor is a correction attn-opt added (a LoRA) the projection
         if len(users) != 1:
             return None
         n = users[0]

@@ -9,6 +9,8 @@ nothing. Per-head values broadcast over the heads axis of [B, H, Tq, Tk].
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from attn_opt.patterns.form import Normaliser
@@ -23,17 +25,23 @@ def _safe_div(num, den):
 def softmax(s, vis):
     m = np.max(np.where(vis, s, -np.inf), axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
-    e = np.where(vis, np.exp(s - m), 0.0)
+    with np.errstate(over="ignore"):  # hidden scores may overflow; they are dropped
+        e = np.where(vis, np.exp(s - m), 0.0)
     return _safe_div(e, e.sum(-1, keepdims=True))
 
 
-def softplus(s, vis, n_train: int | None = None, p: float = 1.0):
-    """A_ij = φ(λ_i s_ij) / Σ_j φ(λ_i s_ij), φ = softplus, λ_i = log n_i / log n_train."""
+def softplus(s, vis, n_train: int | None = None, p=1.0, kappa=None):
+    """A_ij = φ(λ_i s_ij) / Σ_j φ(λ_i s_ij), φ = softplus, λ_i = log n_i / log n_train;
+    with a (per-head) length exponent κ: λ_i = (log n_i / log n_train)^κ, n_train = 2
+    where none is given. Then A^p / Σ A^p (p per head or one number)."""
     n = vis.sum(-1, keepdims=True).astype(np.float64)
-    lam = np.log(np.maximum(n, 1)) / np.log(n_train) if n_train else np.ones_like(n)
+    if kappa is not None:
+        lam = (np.log(np.maximum(n, 2)) / np.log(n_train or 2)) ** kappa
+    else:
+        lam = np.log(np.maximum(n, 1)) / np.log(n_train) if n_train else np.ones_like(n)
     a = np.where(vis, np.logaddexp(0, lam * s), 0.0)
     a = _safe_div(a, a.sum(-1, keepdims=True))
-    if p != 1:
+    if np.any(np.asarray(p) != 1):
         a = a ** p
         a = _safe_div(a, a.sum(-1, keepdims=True))
     return a
@@ -88,14 +96,19 @@ def _per_head(values, s):
 
 
 def normalise(n: Normaliser, s, vis):
-    """The weights of normaliser `n` on [B, H, Tq, Tk] scores (with its per-head affine,
-    gain · N(temperature · S + offset), where it has one)."""
-    if n.affine:
-        h = s.shape[1]
-        t, o, g = (_per_head(v if v is not None else [d] * h, s)
-                   for v, d in ((n.temperature, 1.0), (n.offset, 0.0), (n.gain, 1.0)))
-        return normalise(n.without_affine(), s * t + o, vis) * g
+    """The weights of normaliser `n` on [B, H, Tq, Tk] scores (with its per-head
+    parameters, gain · N(temperature · S + offset), where it is calibrated)."""
     h = s.shape[1]
+    if n.calibrated:
+        v = {k: _per_head(x, s) for k, x in n.values(h).items()}
+        s = s * v["temperature"] + v["offset"]
+        if n.kind == "softplus":
+            w = softplus(s, vis, n.n_train, v["p"], v["kappa"])
+        elif n.kind == "redistribute":
+            w = redistribute(s, vis, v["alpha"], n.sinks)
+        else:
+            w = normalise(dataclasses.replace(n, temperature=None, offset=None, gain=None), s, vis)
+        return w * v["gain"]
     if n.kind == "softmax":
         return softmax(s, vis)
     if n.kind == "softplus":

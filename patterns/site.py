@@ -76,6 +76,13 @@ class AttentionSite:
     cache: Cache | None = None  # a decoder step's KV cache: K/V = Concat(past input, new), returned as present
 
     @property
+    def out_projection(self) -> "Projection | None":
+        """The linear that reads the site's output with heads merged, where its weight is a
+        constant (what a LoRA correction is added to)."""
+        o = self.projections.get("o")
+        return o if o is not None and o.weight.const is not None else None
+
+    @property
     def gqa(self) -> bool:
         return self.heads is not None and self.kv_heads is not None and self.kv_heads < self.heads
 

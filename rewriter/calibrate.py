@@ -1,16 +1,21 @@
-"""Calibration: fit each rewritten site's per-head affine (gain · N(temperature · S +
-offset), patterns/form.py) so its output matches what the original site computes, on
-calibration inputs, layer by layer in model order.
+"""Calibration: fit each rewritten site's per-head parameters (patterns/form.py: the
+affine gain · N(temperature · S + offset) of every form, and the form's own: softplus's
+length exponent and power, the sink logit, redistribute's α) so its output matches what
+the original site computes, on calibration inputs, layer by layer in model order; and,
+asked for (`lora=R`), a rank-R correction of the site's output projection fitted on
+what error is left.
 
-A pass run with calibration lowers every form with that affine as initializers set to
-the identity (temperature 1, offset 0, gain 1); calibration only changes their values,
-never the graph. For layer l the site's scores S and values V are probed in the model
-whose layers before l are already calibrated, the target is the original normaliser and
-visibility on those same S and V (the site as it was before the pass), and the three
-vectors are fitted with Adam in torch (CPU, a few hundred steps). After the last layer
-each site is checked on the held-out inputs (the pipeline's fidelity inputs): where its
-error there is worse than uncalibrated, the site goes back to the identity, and the
-report says so.
+A pass run with calibration lowers every form with those parameters as initializers
+(ONNX) or nn.Parameters (torch.fx) set to the identity, and the LoRA factors with B = 0;
+calibration only changes their values, never the graph. For layer l the site's scores S
+and values V are probed in the model whose layers before l are already calibrated; the
+target is the original normaliser and visibility on those same S and V (the site as it
+was before the pass); the parameters are fitted with Adam in torch (CPU, a few hundred
+steps). The LoRA is then fitted in closed form (ridge, reduced rank) on the projection's
+probed input against the original output merged to heads. After the last layer each site
+is checked on the held-out inputs (the pipeline's fidelity inputs): where its error
+there is worse than uncalibrated, the site (or its LoRA) goes back to the identity, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import numpy as np
 
 from attn_opt.rewriter.errors import UserError
 
-PARAMS = (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0))
 STEPS, LR = 300, 0.05
 FIT_ROWS = 4096  # query rows (of every head) a fit uses at most: seconds per layer on MiniLM-sized inputs
+LORA_ROWS = 16384  # token rows the LoRA's least squares uses at most
+RIDGE = 1e-2  # the LoRA's ridge, relative to the mean eigenvalue of XᵀX
+LOWER = {"p": 0.05, "alpha": 0.0}  # parameters kept above a bound while fitting
 
 
 @dataclass
@@ -38,9 +45,13 @@ class SiteFit:
     reverted: bool = False
     seconds: float = 0.0
     values: dict = field(default_factory=dict)  # name -> per-head values written
+    start: dict = field(default_factory=dict)  # name -> the identity's values (what a revert writes)
+    lora: dict | None = None  # rank, errors of the projection's output before/after, reverted / why not
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "start"}
+        d["values"] = {k: np.round(v, 4).tolist() for k, v in self.values.items()}
+        return d
 
 
 def relative_error(a, b) -> float:
@@ -69,14 +80,14 @@ def site_tensors(new_site, old_site, probed: dict):
 
 
 def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float, float]:
-    """Per-head temperature, offset and gain minimising the squared error of
-    gain · N(temperature · S + offset) V against `target`; (values, error before, after)."""
+    """The calibrated `normaliser`'s per-head parameters minimising the squared error of its
+    output against `target`, from the identity; (values, error before, after)."""
     import torch
 
     from attn_opt.backends.torch.forms import normalise
 
     h = s.shape[1]
-    base = normaliser.without_affine()
+    normaliser = normaliser if normaliser.calibrated else normaliser.calibrate(heads=h)
     b, tq = s.shape[0], s.shape[2]
     keep = max(1, FIT_ROWS // (h * tq))  # whole sequences, evenly spread, up to FIT_ROWS rows per head group
     pick = np.linspace(0, b - 1, min(b, keep)).round().astype(int)
@@ -84,13 +95,12 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
     s = np.where(vis, s, 0.0)  # hidden scores do not count, and must not send exp() to inf in the gradient
     S, V, T = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (s, v, target))
     Vis = torch.from_numpy(np.ascontiguousarray(vis))
-    params = {name: torch.full((h,), default, dtype=torch.float32, requires_grad=True) for name, default in PARAMS}
+    params = {k: torch.tensor(x, dtype=torch.float32, requires_grad=True) for k, x in normaliser.values(h).items()}
 
     def out():
-        p = {k: t.reshape(1, h, 1, 1) for k, t in params.items()}
-        w = normalise(base, S * p["temperature"] + p["offset"], Vis,
-                      lambda vals: torch.as_tensor(vals, dtype=S.dtype).reshape(1, h, 1, 1), h)
-        return (w * p["gain"]) @ V
+        w = normalise(normaliser, S, Vis, lambda vals: torch.as_tensor(vals, dtype=S.dtype).reshape(1, h, 1, 1), h,
+                      params)
+        return w @ V
 
     with torch.no_grad():
         before = relative_error(out().numpy(), target)  # on the rows fitted
@@ -101,68 +111,130 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
         loss = (((out() - T) / scale) ** 2).mean()
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            for k, low in LOWER.items():
+                if k in params:
+                    params[k].clamp_(min=low)
     with torch.no_grad():
         after = relative_error(out().numpy(), target)
-    return {k: t.detach().numpy().copy() for k, t in params.items()}, before, after
+    return {k: t.detach().numpy().astype(np.float64) for k, t in params.items()}, before, after
 
 
-def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None) -> list[SiteFit]:
-    """Fit and write the affine of every rewritten site of the ONNX model `om` (edited in
-    place), layer by layer; `old_sites`: id -> the site before the pass."""
+def fit_lora(x: np.ndarray, y_err: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [D, r], B [r, Dout] minimising ||x A B − y_err||² + ridge: the ridge solution's best
+    rank-r part on the rows' span (reduced-rank regression)."""
+    x, y_err = x.astype(np.float64), y_err.astype(np.float64)
+    if len(x) > LORA_ROWS:
+        pick = np.linspace(0, len(x) - 1, LORA_ROWS).round().astype(int)
+        x, y_err = x[pick], y_err[pick]
+    gram = x.T @ x
+    lam = RIDGE * max(np.trace(gram) / gram.shape[0], 1e-12)
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y_err)  # [D, Dout]
+    _, _, vt = np.linalg.svd(x @ w, full_matrices=False)
+    v = vt[:rank].T  # [Dout, r]
+    return w @ v, v.T
+
+
+def merged(out: np.ndarray) -> np.ndarray:
+    """[B, H, T, dv] -> [B·T, H·dv]: the heads merged as the output projection reads them."""
+    b, h, t, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(b * t, h * d)
+
+
+def _projection(site):
+    """(input value, W [D, Dout]) of the site's output projection, or None."""
+    o = site.out_projection
+    if o is None:
+        return None
+    w = o.weight.const.T if o.transposed else o.weight.const
+    return o.x, np.asarray(w, np.float64)
+
+
+def _lora_rows(site, probed, out_new):
+    """What the output projection reads now, as [rows, D], or a reason the LoRA cannot be
+    fitted here: it is checked to be the site's output with heads merged."""
+    x = probed[_projection(site)[0].name]
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mine = merged(out_new)
+    if x.shape != mine.shape or relative_error(mine, x) > 1e-3:
+        return "the output projection does not read the site's output with its heads merged"
+    return x
+
+
+def _original(before_pass: dict, x) -> np.ndarray:
+    """What the output projection read in the model before the pass, as [rows, D]: the
+    LoRA's target is the original model's, so a layer also makes up for what earlier
+    layers still change."""
+    a = np.asarray(before_pass[x.name], np.float64)
+    return a.reshape(-1, a.shape[-1])
+
+
+def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None,
+              lora: int = 0, targets=None) -> list[SiteFit]:
+    """Fit and write the parameters of every rewritten site of the ONNX model `om` (edited
+    in place), layer by layer; `old_sites`: id -> the site before the pass."""
     import onnx_ir as ir
 
     from attn_opt.rewriter.ir import onnx as onnx_adapter
 
     shaped = onnx_adapter.with_shapes(om)  # the copy the view probes; the values go back to `om` at the end
     inits = shaped.ir.graph.initializers
-    names = {f"attn_opt.{i}.{p}" for i in rewritten for p, _ in PARAMS}
-    if names - set(inits):
-        raise UserError(f"calibration: {', '.join(sorted(names - set(inits)))} missing after the pass")
+    missing = [i for i in rewritten if f"attn_opt.{i}.temperature" not in inits]
+    if missing:
+        raise UserError(f"calibration: the parameters of {', '.join(missing)} are missing after the pass")
 
     def write(site_id: str, values: dict) -> None:
-        for name, _ in PARAMS:
+        for name, vals in values.items():
             key = f"attn_opt.{site_id}.{name}"
-            inits[key].const_value = ir.tensor(np.asarray(values[name], np.float32), name=key)
+            inits[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
 
-    fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, write, progress)
-    for key in names:
+    fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, write, progress, lora, targets)
+    for key in [k for k in inits if k.startswith("attn_opt.") and k.split(".")[1] in rewritten]:
         om.ir.graph.initializers[key].const_value = inits[key].const_value
     return fits
 
 
-def reset(model, site_ids: list[str]) -> None:
-    """The sites' affine back to the identity (an ONNX model or a GraphModule)."""
+def reset(model, fits: list[SiteFit]) -> None:
+    """The sites' parameters back to the identity, their LoRA to zero (an ONNX model or a
+    GraphModule)."""
     import onnx_ir as ir
     import torch
 
-    for sid in site_ids:
-        for name, default in PARAMS:
+    for f in fits:
+        values = dict(f.start)
+        if f.lora and "b_shape" in f.lora:
+            values["lora_b"] = np.zeros(f.lora["b_shape"])
+        for name, vals in values.items():
             if isinstance(model, torch.nn.Module):
                 with torch.no_grad():
-                    model.get_parameter(f"attn_opt_{sid}_{name}").fill_(default)
+                    model.get_parameter(f"attn_opt_{f.site}_{name}").copy_(torch.as_tensor(vals))
             else:
-                v = model.ir.graph.initializers[f"attn_opt.{sid}.{name}"]
-                v.const_value = ir.tensor(np.full(v.const_value.shape, default, np.float32), name=v.name)
+                key = f"attn_opt.{f.site}.{name}"
+                model.ir.graph.initializers[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
 
 
-def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None):
-    """The same on a GraphModule: the affine is three nn.Parameters per site."""
+def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None,
+                 lora: int = 0, targets=None):
+    """The same on a GraphModule: the parameters are nn.Parameters of the module."""
     import torch
 
     from attn_opt.rewriter.ir import fx as fx_adapter
 
     def write(site_id: str, values: dict) -> None:
         with torch.no_grad():
-            for name, _ in PARAMS:
-                gm.get_parameter(f"attn_opt_{site_id}_{name}").copy_(torch.as_tensor(values[name]))
+            for name, vals in values.items():
+                p = gm.get_parameter(f"attn_opt_{site_id}_{name}")
+                p.copy_(torch.as_tensor(np.asarray(vals), dtype=p.dtype))
 
-    return fit_sites(fx_adapter.view(gm), old_sites, rewritten, calib, heldout, write, progress)
+    return fit_sites(fx_adapter.view(gm), old_sites, rewritten, calib, heldout, write, progress, lora, targets)
 
 
 def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, write,
-              progress=None) -> list[SiteFit]:
+              progress=None, lora: int = 0, targets=None) -> list[SiteFit]:
     """Layer by layer: probe the sites of `gv` on `calib` (earlier layers already
-    calibrated), fit, `write(site, values)`; then the held-out check."""
+    calibrated), fit, `write(site, values)`, then the LoRA where the pass added one; then
+    the held-out check. `targets`: (calibration, held-out) name -> what each output
+    projection read in the model before the pass, the LoRA's targets."""
     from attn_opt.patterns import reference
     from attn_opt.patterns.detect import detect
 
@@ -174,6 +246,7 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     for sid, s in sorted(sites.items(), key=lambda kv: position[kv[0]]):
         groups.setdefault(s.layer if s.layer is not None else ("at", position[sid]), []).append(s)
     fits: dict[str, SiteFit] = {}
+    with_lora = {sid for sid, s in sites.items() if lora and s.out_projection is not None}  # the pass added one
     for chosen in sorted(groups.values(), key=lambda g: min(position[s.id] for s in g)):
         layer = chosen[0].layer
         t0 = time.perf_counter()
@@ -182,35 +255,87 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
             probed = gv.probe([x for s in chosen for x in reference.needed(s) + [s.v.value]], calib)
             for s in chosen:
                 tensors = site_tensors(s, old_sites[s.id], probed)
-                values, before, after = fit(*tensors, normaliser=s.normaliser.without_affine())
+                n = s.normaliser
+                values, before, after = fit(*tensors, normaliser=n)
+                start = n.values(s.heads)
                 if after < before:
                     write(s.id, values)
-                fits[s.id] = SiteFit(s.id, s.layer, before, min(after, before), values={
-                    k: np.round(v, 4).tolist() for k, v in values.items()} if after < before else {})
+                fits[s.id] = SiteFit(s.id, s.layer, before, min(after, before), start=start,
+                                     values=values if after < before else {})
+            mine = [s for s in chosen if s.id in with_lora]
+            if mine:  # with the fitted values written, what the projections now read
+                probed = gv.probe([x for s in mine for x in reference.needed(s) + [s.v.value, _projection(s)[0]]], calib)
+                for s in mine:
+                    fits[s.id].lora = _fit_lora_site(s, old_sites[s.id], probed, write, lora,
+                                                    fits[s.id].values or fits[s.id].start, targets[0])
         for s in chosen:
             fits[s.id].seconds = (time.perf_counter() - t0) / len(chosen)
     if heldout is not None:
-        _check_heldout(gv, sites, old_sites, fits, heldout, write)
+        _check_heldout(gv, sites, old_sites, fits, heldout, write, targets[1] if targets else None)
     return [fits[i] for i in rewritten if i in fits]
 
 
-def _check_heldout(gv, sites, old_sites, fits, heldout, write) -> None:
-    """Each site's error on the held-out inputs, calibrated vs identity (both on the
-    calibrated model's activations); a site that got worse goes back to the identity."""
+def _site_output(site, old_site, probed, values: dict):
+    """The site's output with these parameter values on probed values, [B, H, T, dv]."""
     from attn_opt.patterns import reference
 
-    probed = gv.probe([x for s in sites.values() for x in reference.needed(s) + [s.v.value]], heldout)
+    s, vis, v, _ = site_tensors(site, old_site, probed)
+    return reference.normalise(site.normaliser.calibrate(values), s, vis) @ v
+
+
+def _fit_lora_site(site, old_site, probed, write, rank: int, values: dict, before_pass: dict) -> dict:
+    """Fit and write the site's rank-`rank` LoRA on its projection's error (the site's
+    parameters at `values`); what it did."""
+    x_w = _projection(site)
+    x = _lora_rows(site, probed, _site_output(site, old_site, probed, values))
+    if isinstance(x, str):
+        return {"rank": rank, "skipped": x}
+    w = x_w[1]
+    want = _original(before_pass, x_w[0]) @ w
+    a, b = fit_lora(x, want - x @ w, rank)
+    before, after = relative_error(x @ w, want), relative_error(x @ (w + a @ b), want)
+    info = {"rank": rank, "error_before": before, "error_after": after, "b_shape": list(b.shape)}
+    if after < before:
+        write(site.id, {"lora_a": a, "lora_b": b})
+        info["a"], info["b"] = a, b
+    return info
+
+
+def _check_heldout(gv, sites, old_sites, fits, heldout, write, before_pass=None) -> None:
+    """Each site's error on the held-out inputs, calibrated vs identity (both on the
+    calibrated model's activations); a site that got worse goes back to the identity, a
+    LoRA that made its projection's output worse goes back to zero."""
+    from attn_opt.patterns import reference
+
+    wanted = [x for s in sites.values() for x in reference.needed(s) + [s.v.value]]
+    wanted += [_projection(s)[0] for sid, s in sites.items() if (fits[sid].lora or {}).get("a") is not None]
+    probed = gv.probe(wanted, heldout)
     for sid, f in fits.items():
-        if not f.values:
-            continue
-        s, vis, v, target = site_tensors(sites[sid], old_sites[sid], probed)
-        base = sites[sid].normaliser.without_affine()
-        f.heldout_before = relative_error(reference.normalise(base, s, vis) @ v, target)
-        fitted = base.with_affine(*(f.values[k] for k, _ in PARAMS))
-        f.heldout_after = relative_error(reference.normalise(fitted, s, vis) @ v, target)
-        if f.heldout_after > f.heldout_before:
-            f.reverted = True
-            write(sid, {k: np.full(len(f.values[k]), d) for k, d in PARAMS})
+        site = sites[sid]
+        s, vis, v, target = site_tensors(site, old_sites[sid], probed)
+        if f.values:
+            identity = site.normaliser.calibrate(f.start)
+            f.heldout_before = relative_error(reference.normalise(identity, s, vis) @ v, target)
+            f.heldout_after = relative_error(reference.normalise(site.normaliser.calibrate(f.values), s, vis) @ v,
+                                             target)
+            if f.heldout_after > f.heldout_before:
+                f.reverted = True
+                write(sid, f.start)
+        info = f.lora or {}
+        if info.get("a") is not None:
+            n = site.normaliser.calibrate(f.values or f.start)  # the values the held-out run had
+            x = _lora_rows(site, probed, reference.normalise(n, s, vis) @ v)
+            if isinstance(x, str):
+                continue
+            w = _projection(site)[1]
+            want = _original(before_pass, _projection(site)[0]) @ w
+            info["heldout_before"] = relative_error(x @ w, want)
+            info["heldout_after"] = relative_error(x @ (w + info["a"] @ info["b"]), want)
+            if info["heldout_after"] > info["heldout_before"]:
+                info["reverted"] = True
+                write(sid, {"lora_b": np.zeros_like(info["b"])})
+        for k in ("a", "b"):
+            info.pop(k, None)
 
 
 class _Null:

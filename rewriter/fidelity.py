@@ -3,7 +3,9 @@
 max_rel_error is max|a - b| / max|a| per output (relative to the output's scale, so a
 value near zero does not blow it up); cosine is over the flattened output; for outputs
 that are logits, KL(softmax(a) || softmax(b)) averaged over positions and the share of
-positions whose arg-max agrees.
+positions whose arg-max agrees. `pair_ranking` is the order a model puts its inputs in:
+the Spearman correlation of the pairwise cosine similarities of the batch's rows (each
+row's output averaged over its positions), what retrieval and clustering read.
 """
 
 from __future__ import annotations
@@ -63,3 +65,34 @@ def worst(per_output: dict[str, Fidelity]) -> Fidelity:
     return Fidelity(max(f.max_abs_error for f in fs), max(f.max_rel_error for f in fs),
                     min(f.cosine for f in fs), max(kls) if kls else None, min(tops) if tops else None,
                     sum(f.nonfinite for f in fs))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def pair_ranking(ref: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Spearman correlation of the pairwise cosine similarities of the batch rows (axis 0;
+    each row averaged over its middle axes, weighted by `weights` [B, T] where given: a
+    padding mask), rewritten vs original; None for fewer than 3 rows or a constant
+    similarity."""
+    ref, out = (np.asarray(x, np.float64) for x in (ref, out))
+    if ref.ndim < 2 or len(ref) < 3 or ref.shape != out.shape:
+        return None
+    w = None
+    if weights is not None and ref.ndim == 3 and np.shape(weights) == ref.shape[:2]:
+        w = np.asarray(weights, np.float64)[..., None]
+    sims = []
+    for x in (ref, out):
+        if w is not None:
+            e = (x * w).sum(1) / np.maximum(w.sum(1), 1e-30)
+        else:
+            e = x.reshape(len(x), -1, x.shape[-1]).mean(1)
+        e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-30)
+        sims.append((e @ e.T)[np.triu_indices(len(e), 1)])
+    a, b = (_ranks(s) for s in sims)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])

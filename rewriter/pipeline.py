@@ -149,15 +149,19 @@ def select(sites, layers: set[int] | None, ids: set[str] | None):
 
 
 def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False,
-            calibrating: bool = False) -> Applied:
+            calibrating: bool = False, lora: int = 0, choose_on: dict | None = None) -> Applied:
     """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes);
-    `calibrating`: the forms carry their per-head affine, at the identity, to be fitted."""
+    `calibrating`: the forms carry their per-head parameters, at the identity, to be fitted,
+    and a rank-`lora` correction of each site's output projection (zero) if `lora`.
+    `choose_on`: the inputs the diagnostics behind choices like sinks=auto run on (default
+    `feeds`; with calibration, the calibration inputs, so the held-out set stays unseen)."""
     chosen, skipped = select(state.det.sites, layers, ids) if p.touches_sites() else ([], [])
     diag = {}
     if p.needs_diagnostics() and chosen:
         from attn_opt.patterns.diagnostics import for_pass
 
-        diag = for_pass(state.view, chosen, feeds if feeds is not None else state.view.sample_inputs(),
+        on = next((f for f in (choose_on, feeds) if f is not None), None)
+        diag = for_pass(state.view, chosen, on if on is not None else state.view.sample_inputs(),
                         getattr(p, "window", None))
     rewritten, notes = [], []
     for site in chosen:
@@ -172,8 +176,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         if calibrating and p.produces == "form":
             if form.pattern is not None and form.pattern.dense_heads:
                 raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
-            h = site.heads
-            form = dataclasses.replace(form, normaliser=form.normaliser.with_affine([1.0] * h, [0.0] * h, [1.0] * h))
+            form = dataclasses.replace(form, normaliser=form.normaliser.calibrate(heads=site.heads), lora=lora)
         said = [form.describe(), *form.notes, steps.lower(state, site, form, p.name)]
         rewritten.append(site.id)
         if any(said):
@@ -220,13 +223,15 @@ def exact_bound(steps, state: State) -> float:
 def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
                max_error: float | None = None, force: bool = False, input_note: dict | None = None,
                check: str = "model", reference: dict | None = None, keep_models: bool = False,
-               progress: Progress | None = None, variants: list | None = None, calibrate: dict | None = None):
+               progress: Progress | None = None, variants: list | None = None, calibrate: dict | None = None,
+               lora: int = 0):
     """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
     (the rewritten model, Report). `reference`: the untouched model's outputs if the
     caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the
     passes are also checked on (padded rows, another length), with check="model".
-    `calibrate`: inputs to fit each rewritten site's per-head affine on (rewriter/calibrate.py);
-    `feeds` are then its held-out inputs."""
+    `calibrate`: inputs to fit each rewritten site's per-head parameters on (rewriter/calibrate.py);
+    `feeds` are then its held-out inputs; `lora`: the rank of an output-projection correction
+    calibration fits as well (0: none)."""
     from attn_opt.passes import check_chain
 
     if check not in CHECKS:
@@ -235,6 +240,10 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
     if calibrate is not None and check != "model":
         raise UserError("--calibrate runs the model on its inputs: it needs --check=model")
+    if lora and calibrate is None:
+        raise UserError("--lora R is fitted by calibration: give --calibrate FILE.npz too")
+    if not (isinstance(lora, int) and lora >= 0):
+        raise UserError(f"--lora must be a whole number >= 0 (got {lora!r})")
     check_chain(passes)
     progress = progress or Progress(None)
     report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check)
@@ -264,13 +273,22 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         with progress.step(f"{p.name}: rewrite sites"):
             old_sites = {s.id: s for s in cur.det.sites}
             calibrating = calibrate is not None and p.produces == "form"
-            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model", calibrating=calibrating)
+            targets = None
+            if calibrating and lora:  # what each output projection reads in this model: the LoRA's targets
+                wanted = [s.out_projection.x for s in cur.det.sites if s.out_projection is not None]
+                targets = (cur.view.probe(wanted, calibrate), cur.view.probe(wanted, feeds))
+            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model", calibrating=calibrating,
+                              lora=lora, choose_on=calibrate)
         with progress.step(f"{p.name}: validate"):
             steps.validate(cur.model)
         calibration = {}
         if calibrating and applied.rewritten:
             calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, calibrate, feeds, ref_cal, ref,
-                                     progress)
+                                     progress, lora, targets, steps.logit_outputs(cur))
+        elif calibrate is not None and p.touches_sites():
+            calibration = {"note": f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
+                                   + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
+                                      if p.produces == "gate" else ")")}
         per_site = {}
         if check == "sites" and applied.rewritten:
             with progress.step(f"{p.name}: check each rewritten site"):
@@ -327,32 +345,49 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
     return cur.model, report
 
 
-def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress) -> dict:
-    """Fit the rewritten sites' affine (steps.calibrate) and say what it did: per site, and
+def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress, lora=0,
+               targets=None, logits: set = frozenset()) -> dict:
+    """Fit the rewritten sites' parameters (steps.calibrate) and say what it did: per site, and
     the model's error against the original before and after, on the calibration inputs
     and on the held-out ones."""
     from attn_opt.rewriter.calibrate import relative_error
 
-    def worst(refs, f):  # ||out − original|| / ||original||, the worst output (the sites' figure, model-wide)
+    def measure(refs, f):
+        """(worst relative error, worst order) over the outputs: ||out − original|| /
+        ||original|| (the sites' figure, model-wide); the order is the arg-max agreement of
+        logits, else the pair ranking of the batch's rows, pooled over the positions an input
+        named like a mask keeps (rewriter/fidelity.py)."""
+        if refs is None:
+            return None, None
         outs = steps.outputs_on(model, f)
-        errs = [relative_error(np.asarray(outs[k], np.float64), np.asarray(refs[k], np.float64))
-                for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
-        return max(errs) if errs else None
+        same = [k for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
+        errs = [relative_error(np.asarray(outs[k], np.float64), np.asarray(refs[k], np.float64)) for k in same]
+        mask = next((v for n, v in f.items() if "mask" in n.lower() and np.ndim(v) == 2), None)  # a padding mask
+        order = [fidelity.compare(refs[k], outs[k], logits=True).top1_agreement if k in logits
+                 else fidelity.pair_ranking(refs[k], outs[k], mask) for k in same]
+        order = [o for o in order if o is not None]
+        return (max(errs) if errs else None), (min(order) if order else None)
 
-    before = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
+    (cal_b, _), (held_b, rank_b) = measure(ref_cal, calib), measure(ref_heldout, heldout)
+    before = {"calibration": cal_b, "heldout": held_b, "heldout_order": rank_b}
     t0 = time.perf_counter()
-    fits = steps.calibrate(model, old_sites, rewritten, calib, heldout, progress)
+    fits = steps.calibrate(model, old_sites, rewritten, calib, heldout, progress, lora, targets)
     seconds = time.perf_counter() - t0
-    after = {"calibration": worst(ref_cal, calib), "heldout": worst(ref_heldout, heldout)}
+    (cal_a, _), (held_a, rank_a) = measure(ref_cal, calib), measure(ref_heldout, heldout)
+    after = {"calibration": cal_a, "heldout": held_a, "heldout_order": rank_a}
+    why = None
+    if held_a is not None and held_b is not None and held_a > held_b:
+        why = f"the model's held-out error rose with calibration ({held_b:.3g} -> {held_a:.3g})"
+    elif rank_a is not None and rank_b is not None and rank_a < rank_b:
+        why = f"the order of the model's held-out outputs got worse with calibration ({rank_b:.4f} -> {rank_a:.4f})"
     note = None
-    if after["heldout"] is not None and before["heldout"] is not None and after["heldout"] > before["heldout"]:
+    if why:
         from attn_opt.rewriter.calibrate import reset
 
-        reset(model, [f.site for f in fits])  # the model got worse on held-out inputs: calibration undone
+        reset(model, fits)  # calibration undone
         for f in fits:
             f.reverted = True
-        note = (f"the model's held-out error rose with calibration ({before['heldout']:.3g} -> {after['heldout']:.3g}): "
-                "every site went back to the identity")
+        note = why + ": every site went back to the identity"
         after = dict(before)
     return {"sites": [f.to_json() for f in fits], "model_error_before": before, "model_error_after": after,
             "seconds": seconds, "reverted": [f.site for f in fits if f.reverted], "note": note}

@@ -168,15 +168,17 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                    "rewritten site alone on the previous model's activations (one segment in memory at a "
                    "time), or not run at all (structure only).")
 @click.option("--calibrate", metavar="FILE.npz",
-              help="Inputs to fit each rewritten site's per-head temperature, offset and gain on, layer by layer "
-                   "(the fidelity inputs are the held-out set).")
+              help="Inputs to fit each rewritten site's per-head parameters on (temperature, offset, gain and "
+                   "the form's own), layer by layer (the fidelity inputs are the held-out set).")
+@click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
+              help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate):
+             calibrate, lora):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate)
+        html, check, calibrate, lora)
 
 
 @cli.command("passes")

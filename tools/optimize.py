@@ -88,7 +88,7 @@ def _load(model: str):
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
-             calibrate: str | None = None) -> None:
+             calibrate: str | None = None, lora: int = 0) -> None:
     from attn_opt import passes as registry
     from attn_opt.rewriter.errors import DoesNotRun
     from attn_opt.rewriter.inputs import parse_shape_overrides
@@ -129,6 +129,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
 
         kwargs["calibrate"] = feeds_from_npz(specs_, calibrate, "--calibrate")
         note = dict(note, calibration=calibrate, heldout="the fidelity inputs")
+    if lora:
+        kwargs["lora"] = lora
     from attn_opt.rewriter.inputs import fidelity_variants
     from attn_opt.rewriter.pipeline import onnx_variants
 

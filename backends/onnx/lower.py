@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx import collapse
 from attn_opt.backends.onnx.banded import emit_banded
-from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
 from attn_opt.backends.onnx.fused import emit_fused
@@ -45,7 +45,35 @@ def lower(e: SiteEdit, form: Form) -> str | None:
         return collapse.emit_collapse(e, form.collapse)
     if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
         cap_cache(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
-    return emit_attention(e, e.site, form.pattern, form.normaliser)
+    note = emit_attention(e, e.site, form.pattern, form.normaliser)
+    if form.lora:
+        note = "; ".join(n for n in (note, emit_lora(SiteEdit(e.model, e.site, e.pass_name, "lora"), form.lora)) if n)
+    return note
+
+
+def emit_lora(e: SiteEdit, rank: int) -> str:
+    """y = x W_o (+ b) becomes y + (x A) B after the site's output projection: A [D, r]
+    (small random) and B [r, D_out] (zero, so the function is unchanged) as initializers
+    attn_opt.<site>.lora_a / .lora_b, which calibration fits."""
+    o = e.site.out_projection
+    if o is None:
+        return "no LoRA: no output projection with constant weights reads this site"
+    w = o.weight.const
+    d_in, d_out = (w.shape[1], w.shape[0]) if o.transposed else w.shape
+    rng = np.random.default_rng(0)
+    a = e.initializer("lora_a", rng.standard_normal((d_in, rank)) / np.sqrt(d_in))
+    b = e.initializer("lora_b", np.zeros((rank, d_out)))
+    e.epilogue = True
+    y = next(n for n in e.model.graph if n.name == o.node).outputs[0]
+    x = o.x.native
+    low = o.x.dtype in LOW_PRECISION
+    if low:
+        x = e.op("Cast", [x], {"to": ir.DataType.FLOAT})
+    delta = e.op("MatMul", [e.op("MatMul", [x, a]), b])
+    if low:
+        delta = e.op("Cast", [delta], {"to": LOW_PRECISION[o.x.dtype]})
+    e.commit_value(y, e.op("Add", [y, delta]))
+    return f"LoRA rank {rank} on the output projection {o.node} (zero until calibrated)"
 
 
 def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
@@ -74,58 +102,60 @@ def per_head(e: SiteEdit, site: AttentionSite, values, ndim: int):
     return e.const(arr)
 
 
-AFFINE = (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0))
-
-
 def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
-    """(edit, scores, visible) -> weights, for scores of rank `ndim` with heads as [Hkv, g];
-    a per-head affine gain · N(temperature · S + offset) as initializers the calibration
-    sets (attn_opt.<site>.temperature / .offset / .gain, one value per head)."""
-    base = _normaliser_fn(n.without_affine(), site, ndim)
-    if not n.affine:
-        return base
+    """(edit, scores, visible) -> weights, for scores of rank `ndim` with heads as [Hkv, g].
+    A calibrated normaliser reads its per-head parameters (patterns/form.py: the affine
+    gain · N(temperature · S + offset) and the kind's own) from initializers calibration
+    sets, attn_opt.<site>.<name>, one value per head."""
+    if not n.calibrated:
+        return lambda e, s, vis: _kind(e, s, vis, site, n, ndim, None)
 
-    def affine(e, s, vis):
-        t, o, g = (_affine_param(e, site, name, getattr(n, name), default, ndim) for name, default in AFFINE)
-        return e.op("Mul", [base(e, e.op("Add", [e.op("Mul", [s, t]), o]), vis), g])
+    def calibrated(e, s, vis):
+        start = n.values(site.heads)
+        prm = lambda name: _param(e, site, name, start[name], ndim)  # noqa: E731
+        s = e.op("Add", [e.op("Mul", [s, prm("temperature")]), prm("offset")])
+        return e.op("Mul", [_kind(e, s, vis, site, n, ndim, prm), prm("gain")])
 
-    return affine
+    return calibrated
 
 
-def _affine_param(e: SiteEdit, site: AttentionSite, name: str, values, default: float, ndim: int):
+def _param(e: SiteEdit, site: AttentionSite, name: str, values, ndim: int):
     """The site's per-head initializer `name` ([heads]), viewed as [1, Hkv, g, 1, ...]."""
-    full = f"attn_opt.{site.id}.{name}"
-    init = e.model.graph.initializers.get(full)
+    init = e.model.graph.initializers.get(f"attn_opt.{site.id}.{name}")
     if init is None:
-        vals = np.asarray(values if values is not None else [default] * site.heads, np.float32)
-        init = e.initializer(name, vals)
+        init = e.initializer(name, np.asarray(values, np.float32))
     shape = e.ints(1, site.kv_heads, site.heads // site.kv_heads, *([1] * (ndim - 3)))
     return e.op("Reshape", [init, shape])
 
 
-def _normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
+def _kind(e, s, vis, site, n: Normaliser, ndim, prm):
+    """The kind's formula; `prm(name)`: a calibrated per-head parameter (None: constants from `n`)."""
     if n.kind == "softmax":
-        return softmax_visible
+        return softmax_visible(e, s, vis)
     if n.kind == "softplus":
-        return lambda e, s, vis: _softplus(e, s, vis, n.n_train, n.p)
+        return _softplus(e, s, vis, n, prm)
     if n.kind == "logit":
-        return lambda e, s, vis: _logit(e, s, vis, per_head(e, site, n.per_head_bias(site.heads), ndim))
+        return _logit(e, s, vis, prm("bias") if prm else per_head(e, site, n.per_head_bias(site.heads), ndim))
     if n.kind == "redistribute":
-        return lambda e, s, vis: _redistribute(e, s, vis, site, n, ndim)
+        return _redistribute(e, s, vis, site, n, ndim, prm)
     if n.kind == "relu":
-        return _relu
+        return _relu(e, s, vis)
     bias = n.per_head_bias(site.heads)
-    return lambda e, s, vis: _sigmoid(e, s, vis, None if bias is None else per_head(e, site, bias, ndim))
+    return _sigmoid(e, s, vis, None if bias is None else per_head(e, site, bias, ndim))
 
 
-def _softplus(e, s, vis, n_train, p):
-    if n_train:
-        n = row_sum(e, e.op("Cast", [vis], {"to": 1}))
-        s = e.op("Mul", [s, e.op("Div", [e.op("Log", [e.op("Max", [n, f32(e, 1)])]), f32(e, math.log(n_train))])])
+def _softplus(e, s, vis, n: Normaliser, prm):
+    if prm is not None:  # λ_i = (log n_i / log n_train)^κ_h
+        cnt = row_sum(e, e.op("Cast", [vis], {"to": 1}))
+        ratio = e.op("Div", [e.op("Log", [e.op("Max", [cnt, f32(e, 2)])]), f32(e, math.log(n.n_train or 2))])
+        s = e.op("Mul", [s, e.op("Pow", [ratio, prm("kappa")])])
+    elif n.n_train:
+        cnt = row_sum(e, e.op("Cast", [vis], {"to": 1}))
+        s = e.op("Mul", [s, e.op("Div", [e.op("Log", [e.op("Max", [cnt, f32(e, 1)])]), f32(e, math.log(n.n_train))])])
     a = e.op("Where", [vis, e.op("Softplus", [s]), f32(e, 0)])
     a = safe_div(e, a, row_sum(e, a))
-    if p != 1:
-        a = e.op("Pow", [a, f32(e, p)])
+    if prm is not None or n.p != 1:
+        a = e.op("Where", [vis, e.op("Pow", [e.op("Max", [a, f32(e, 1e-30)]), prm("p") if prm else f32(e, n.p)]), f32(e, 0)])
         a = safe_div(e, a, row_sum(e, a))
     return a
 
@@ -136,14 +166,15 @@ def _logit(e, s, vis, b):
     return safe_div(e, ex, e.op("Add", [row_sum(e, ex), e.op("Exp", [e.op("Sub", [b, m])])]))
 
 
-def _redistribute(e, s, vis, site, n: Normaliser, ndim):
+def _redistribute(e, s, vis, site, n: Normaliser, ndim, prm):
+    alpha = prm("alpha") if prm else f32(e, n.alpha)
     p = softmax_visible(e, s, vis)
     head = e.op("Slice", [p, e.ints(0), e.ints(n.sinks), e.ints(-1)])
     tail = e.op("Slice", [p, e.ints(n.sinks), e.ints(2 ** 62), e.ints(-1)])
     m = row_sum(e, head)
     rest = e.op("Sub", [f32(e, 1), m])
-    factor = safe_div(e, e.op("Sub", [f32(e, 1), e.op("Mul", [m, f32(e, n.alpha)])]), rest)
-    scaled = e.op("Concat", [e.op("Mul", [head, f32(e, n.alpha)]), e.op("Mul", [tail, factor])], {"axis": -1})
+    factor = safe_div(e, e.op("Sub", [f32(e, 1), e.op("Mul", [m, alpha])]), rest)
+    scaled = e.op("Concat", [e.op("Mul", [head, alpha]), e.op("Mul", [tail, factor])], {"axis": -1})
     keep = e.op("Less", [rest, f32(e, 1e-6)])  # a row all on the sinks is left as it is
     if n.heads:
         chosen = np.zeros(site.heads, np.float32)

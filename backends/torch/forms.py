@@ -30,40 +30,49 @@ def softmax(s, vis):
     return _safe_div(e, e.sum(-1, keepdim=True))
 
 
-def normalise(n: Normaliser, s, vis, per_head, n_heads: int, affine: dict | None = None):
+def normalise(n: Normaliser, s, vis, per_head, n_heads: int, params: dict | None = None):
     """Weights of normaliser `n`; `per_head(values)` shapes per-head values to the scores.
     A trained sink logit may come as a tensor in place of `n.bias` (`bias=` of attention).
-    A per-head affine (calibration's): gain · N(temperature · S + offset), its values from
-    `affine` (name -> tensor, the module's parameters) where given, else from `n`."""
-    if n.affine:
-        vals = {}
-        for name, default in (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0)):
-            given = (affine or {}).get(name)
-            vals[name] = per_head(given if given is not None else (getattr(n, name) or [default] * n_heads))
-        s = s * vals["temperature"] + vals["offset"]
-        return normalise(n.without_affine(), s, vis, per_head, n_heads) * vals["gain"]
+    A calibrated normaliser's per-head parameters (patterns/form.py: gain · N(temperature ·
+    S + offset) and the kind's own) come from `params` (name -> tensor, the module's
+    parameters) where given, else from `n`."""
+    if n.calibrated:
+        start = n.values(n_heads)
+        v = {k: per_head(params[k] if (params or {}).get(k) is not None else start[k]) for k in n.tunable()}
+        s = s * v["temperature"] + v["offset"]
+        return _normalise(n, s, vis, per_head, n_heads, v) * v["gain"]
+    return _normalise(n, s, vis, per_head, n_heads, {k: per_head(t) for k, t in (params or {}).items() if t is not None})
+
+
+def _normalise(n: Normaliser, s, vis, per_head, n_heads: int, v: dict):
+    """The kind's formula; `v`: its per-head parameters where calibrated (else from `n`)."""
     if n.kind == "softmax":
         return softmax(s, vis)
     if n.kind == "softplus":
-        if n.n_train:
+        p = v.get("p", n.p)
+        if "kappa" in v:
+            cnt = vis.sum(-1, keepdim=True).clamp(min=2).to(s.dtype)
+            s = s * (torch.log(cnt) / math.log(n.n_train or 2)) ** v["kappa"]
+        elif n.n_train:
             cnt = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
             s = s * (torch.log(cnt) / math.log(n.n_train))
         a = torch.where(vis, F.softplus(s), 0.0)
         a = _safe_div(a, a.sum(-1, keepdim=True))
-        if n.p != 1.0:
-            a = a ** n.p
+        if "p" in v or n.p != 1.0:
+            a = torch.where(vis, a.clamp(min=1e-30) ** p, 0.0)
             a = _safe_div(a, a.sum(-1, keepdim=True))
         return a
     if n.kind == "logit":
-        b = per_head(n.per_head_bias(n_heads))
+        b = v["bias"] if "bias" in v else per_head(n.per_head_bias(n_heads))
         m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
         e = torch.where(vis, torch.exp(s - m), 0.0)
         return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
     if n.kind == "redistribute":
+        alpha = v.get("alpha", n.alpha)
         p = softmax(s, vis)
         m = p[..., :n.sinks].sum(-1, keepdim=True)
         rest = 1 - m
-        scaled = torch.cat([n.alpha * p[..., :n.sinks], p[..., n.sinks:] * _safe_div(1 - n.alpha * m, rest)], -1)
+        scaled = torch.cat([alpha * p[..., :n.sinks], p[..., n.sinks:] * _safe_div(1 - alpha * m, rest)], -1)
         keep = rest < 1e-6  # a row all on the sinks is left as it is
         if n.heads:
             keep = keep | (per_head([1.0 if h in n.heads else 0.0 for h in range(n_heads)]) == 0)
@@ -304,7 +313,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Patter
     if v.shape[-1] != q.shape[-1] or ((causal or pattern) and q.shape[2] != k.shape[2]):
         return None
     args = {"causal": bool(causal)}
-    if n.affine:  # the calibrated affine is not a kernel switch
+    if n.calibrated:  # calibrated per-head parameters are not kernel switches
         return None
     if pattern is not None:
         if pattern.kind != "window" or pattern.dense_heads:
@@ -335,7 +344,7 @@ def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Patter
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
               pattern: dict | None = None, normaliser: dict | None = None, bias=None, use_triton: bool | None = None,
-              fill=None, softcap=None, banded: bool = True, filled=(), temperature=None, offset=None, gain=None):
+              fill=None, softcap=None, banded: bool = True, filled=(), params: dict | None = None):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]; `pattern`
     and `normaliser` as their records (JSON, as the FX graph holds them), `bias` a trained
     sink logit (an nn.Parameter). CUDA tensors go to the Triton kernel where it covers the
@@ -355,11 +364,12 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
         t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
         return t.to(q.dtype).reshape((1, hkv, h // hkv) + (1,) * (ndim - 3))
 
-    affine = {"temperature": temperature, "offset": offset, "gain": gain}  # calibrated nn.Parameters, if any
+    params = dict(params or {})  # calibrated nn.Parameters, if any
+    if bias is not None and n.kind == "logit" and not n.calibrated:
+        params["bias"] = bias  # a trained sink logit
 
     def norm(s, vis, ndim):
-        return normalise(n, s, vis, lambda vals: per_head(bias if bias is not None and n.kind == "logit" else vals,
-                                                          ndim), h, affine)
+        return normalise(n, s, vis, lambda vals: per_head(vals, ndim), h, params)
 
     mask_bias, keep, after = _masks(additive, bool_mask, bool_keep, filled)
     if form is None:

@@ -69,7 +69,54 @@ def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
         return gate(gm, site, form.gate)
     if form.collapse is not None:
         return emit_collapse(gm, site, form.collapse)
-    return emit_form(gm, site, form.pattern, form.normaliser)
+    note = emit_form(gm, site, form.pattern, form.normaliser)
+    if form.lora:
+        note = "; ".join(n for n in (note, lora(gm, site, form.lora)) if n)
+    return note
+
+
+def lora(gm: fx.GraphModule, site: AttentionSite, rank: int) -> str:
+    """y = x W_o (+ b) becomes y + (x A) B after the site's output projection, A and B
+    nn.Parameters (B zero: the function is unchanged until calibration or heal fits them)."""
+    o = site.out_projection
+    if o is None:
+        return "no LoRA: no output projection with constant weights reads this site"
+    w = o.weight.const
+    d_in, d_out = (w.shape[1], w.shape[0]) if o.transposed else w.shape
+    g = gm.graph
+    y = next(n for n in g.nodes if n.name == o.node)
+    names = (f"attn_opt_{site.id}_lora_a", f"attn_opt_{site.id}_lora_b")
+    init = (torch.randn(d_in, rank, generator=torch.Generator().manual_seed(0)) / math.sqrt(d_in),
+            torch.zeros(rank, d_out))
+    for name, t in zip(names, init):
+        gm.register_parameter(name, torch.nn.Parameter(t.to(torch.float32)))
+    x = o.x.native
+    with g.inserting_after(y):
+        a = g.get_attr(names[0])
+    with g.inserting_after(a):
+        b = g.get_attr(names[1])
+    with g.inserting_after(b):
+        xf = g.call_function(_as_float, (x,))
+    with g.inserting_after(xf):
+        xa = g.call_function(torch.matmul, (xf, a))
+    with g.inserting_after(xa):
+        xab = g.call_function(torch.matmul, (xa, b))
+    with g.inserting_after(xab):
+        new = g.call_function(_add_like, (y, xab))
+    for n in (a, b, xf, xa, xab, new):
+        n.meta.update({SITE_TAG: site.id, EPILOGUE_TAG: "1"})
+    new.meta.update({k: y.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in y.meta})
+    y.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return f"LoRA rank {rank} on the output projection {o.node} (zero until calibrated)"
+
+
+def _as_float(x):
+    return x.float()
+
+
+def _add_like(y, delta):
+    """y + delta in y's dtype."""
+    return y + delta.to(y.dtype)
 
 
 def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
@@ -140,16 +187,15 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
 
     g = gm.graph
     bias = note = None
-    if normaliser.kind == "logit" and np.all(np.isfinite(normaliser.bias)):
+    params = {}
+    if normaliser.calibrated:  # calibration's per-head parameters: nn.Parameters of the module
+        for name, vals in normaliser.values(site.heads).items():
+            params[name] = f"attn_opt_{site.id}_{name}"
+            gm.register_parameter(params[name], torch.nn.Parameter(torch.tensor(vals, dtype=torch.float32)))
+    elif normaliser.kind == "logit" and np.all(np.isfinite(normaliser.bias)):
         bias = f"attn_opt_{site.id}_sink_logit"
         gm.register_parameter(bias, torch.nn.Parameter(torch.tensor(normaliser.bias, dtype=torch.float32)))
         note = f"sink logits in parameter {bias}"
-    affine = {}
-    if normaliser.affine:  # calibration's per-head temperature, offset, gain: nn.Parameters of the module
-        for name, default in (("temperature", 1.0), ("offset", 0.0), ("gain", 1.0)):
-            vals = getattr(normaliser, name) or (default,) * site.heads
-            gm.register_parameter(f"attn_opt_{site.id}_{name}", torch.nn.Parameter(torch.tensor(vals)))
-            affine[name] = f"attn_opt_{site.id}_{name}"
     banded, why = banded_pays(site, pattern) if pattern is not None else (True, None)
     note = "; ".join(n for n in (why, note) if n) or None
     out = site.output.native
@@ -162,7 +208,8 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
                   "fill": site.mask_value, "softcap": site.softcap, "banded": banded, "filled": _filled(site)}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
-        kwargs |= {name: g.get_attr(target) for name, target in affine.items()}
+        if params:
+            kwargs["params"] = {name: g.get_attr(target) for name, target in params.items()}
         new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
         new = _refold(site, new, g)
     new.meta[FORM_KEY] = form_record(site, pattern, normaliser)

@@ -125,10 +125,10 @@ class FxSteps:
 
         return lower(state.model, site, form)
 
-    def calibrate(self, gm, old_sites, rewritten, calib, heldout, progress):
+    def calibrate(self, gm, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None):
         from attn_opt.rewriter.calibrate import calibrate_fx
 
-        return calibrate_fx(gm, old_sites, rewritten, calib, heldout, progress)
+        return calibrate_fx(gm, old_sites, rewritten, calib, heldout, progress, lora, targets)
 
     def graph_edit(self, state: State, edit: str) -> list[str]:
         from attn_opt.backends.torch.fx import GRAPH_EDITS

@@ -118,10 +118,10 @@ class OnnxSteps:
             note = (note + "; " if note else "") + f"computed in float32 inside (the site is {edit.site_dtype()})"
         return note
 
-    def calibrate(self, model: OnnxModel, old_sites, rewritten, calib, heldout, progress):
+    def calibrate(self, model: OnnxModel, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None):
         from attn_opt.rewriter.calibrate import calibrate
 
-        return calibrate(model, old_sites, rewritten, calib, heldout, progress)
+        return calibrate(model, old_sites, rewritten, calib, heldout, progress, lora, targets)
 
     def graph_edit(self, state: State, edit: str) -> list[str]:
         from attn_opt.backends.onnx.lower import GRAPH_EDITS

@@ -353,20 +353,19 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
     from attn_opt.rewriter.calibrate import relative_error
 
     def measure(refs, f):
-        """(worst relative error, worst order) over the outputs: ||out − original|| /
-        ||original|| (the sites' figure, model-wide); the order is the arg-max agreement of
-        logits, else the pair ranking of the batch's rows, pooled over the positions an input
-        named like a mask keeps (rewriter/fidelity.py)."""
+        """(worst relative error over the outputs, the order of each output): ||out −
+        original|| / ||original|| (the sites' figure, model-wide); an output's order is the
+        arg-max agreement of logits, else the pair ranking of the batch's rows, pooled over
+        the positions an input named like a mask keeps (rewriter/fidelity.py)."""
         if refs is None:
-            return None, None
+            return None, {}
         outs = steps.outputs_on(model, f)
         same = [k for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
         errs = [relative_error(np.asarray(outs[k], np.float64), np.asarray(refs[k], np.float64)) for k in same]
         mask = next((v for n, v in f.items() if "mask" in n.lower() and np.ndim(v) == 2), None)  # a padding mask
-        order = [fidelity.compare(refs[k], outs[k], logits=True).top1_agreement if k in logits
-                 else fidelity.pair_ranking(refs[k], outs[k], mask) for k in same]
-        order = [o for o in order if o is not None]
-        return (max(errs) if errs else None), (min(order) if order else None)
+        order = {k: fidelity.compare(refs[k], outs[k], logits=True).top1_agreement if k in logits
+                 else fidelity.pair_ranking(refs[k], outs[k], mask) for k in same}
+        return (max(errs) if errs else None), {k: o for k, o in order.items() if o is not None}
 
     (cal_b, _), (held_b, rank_b) = measure(ref_cal, calib), measure(ref_heldout, heldout)
     before = {"calibration": cal_b, "heldout": held_b, "heldout_order": rank_b}
@@ -375,11 +374,13 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
     seconds = time.perf_counter() - t0
     (cal_a, _), (held_a, rank_a) = measure(ref_cal, calib), measure(ref_heldout, heldout)
     after = {"calibration": cal_a, "heldout": held_a, "heldout_order": rank_a}
+    worse = [k for k in rank_a if k in rank_b and rank_a[k] < rank_b[k]]
     why = None
     if held_a is not None and held_b is not None and held_a > held_b:
         why = f"the model's held-out error rose with calibration ({held_b:.3g} -> {held_a:.3g})"
-    elif rank_a is not None and rank_b is not None and rank_a < rank_b:
-        why = f"the order of the model's held-out outputs got worse with calibration ({rank_b:.4f} -> {rank_a:.4f})"
+    elif worse:
+        why = ("the order of the model's held-out outputs got worse with calibration ("
+               + ", ".join(f"{k} {rank_b[k]:.4f} -> {rank_a[k]:.4f}" for k in worse) + ")")
     note = None
     if why:
         from attn_opt.rewriter.calibrate import reset

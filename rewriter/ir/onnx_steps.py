@@ -137,9 +137,12 @@ class OnnxSteps:
         model.check(full=True)
 
     def logit_outputs(self, state: State) -> set[str]:
-        """Outputs that are logits: named so, or sized like a vocabulary (an embedding table)."""
-        vocab = {int(v.const_value.shape[0]) for v in state.model.ir.graph.initializers.values()
-                 if v.const_value is not None and len(v.const_value.shape) == 2 and v.const_value.shape[0] >= 100}
+        """Outputs that are logits: named so, or sized like the vocabulary (the rows of the
+        largest table a Gather looks tokens up in), not like any weight (a hidden size)."""
+        tables = [n.inputs[0] for n in state.model.ir.graph if n.op_type == "Gather" and n.inputs
+                  and n.inputs[0] is not None and n.inputs[0].const_value is not None]
+        rows = [int(v.const_value.shape[0]) for v in tables if len(v.const_value.shape) == 2]
+        vocab = {max(rows)} if rows and max(rows) >= 100 else set()  # the token table, not positions
         return {k for k, v in (state.outputs or {}).items()
                 if "logit" in k.lower() or (np.ndim(v) >= 2 and np.shape(v)[-1] in vocab)}
 

@@ -5,6 +5,16 @@ is older). target=ort: ONNX Runtime's `com.microsoft.MultiHeadAttention` (no GQA
 GQA sites get `Attention`). target=auto: per site shape, whichever of the two ONNX
 Runtime's CPU provider runs faster, timed once per shape and said in the report
 (backends/onnx/ort.py). On torch.fx: one `scaled_dot_product_attention`.
+
+A decoder step (K/V = Concat(past input, new), returned as present) keeps its cache:
+target=onnx gives `Attention` with past_key/past_value and present outputs; target=ort
+gives `com.microsoft.GroupQueryAttention` reading the same past inputs and writing the
+same present outputs (MHA sites too: kv_num_heads = num_heads), and target=auto the
+faster of the two at the site's shape. Where GroupQueryAttention cannot take the step
+(not causal, a boolean mask, not float32, ...) the site gets `Attention`
+and the report says why. A site a pass already rewrote is fused only if its form is
+softmax, or a sink logit (sinkfree:mode=logit, in an earlier run) on a decoder step with
+target=ort|auto: GroupQueryAttention's head_sink; else it is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attn_opt.patterns.form import FUSED_TARGETS, Form
+from attn_opt.patterns.form import FUSED_TARGETS, Form, gqa_step_reason
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.rewriter.passbase import Pass, option
 
@@ -37,6 +47,17 @@ class Fuse(Pass):
             return "heads or head size unknown (the model did not run on sample inputs)"
         if any(op.packed for op in (site.q, site.k, site.v)):
             return "Q/K/V are not in [B, H, S, D] layout"
+        if site.pattern is not None:
+            return f"its pattern ({site.pattern.describe()}) would be lost: a fused op keeps every pair"
+        n = site.normaliser
+        if n.is_softmax:
+            return None
+        if n.kind != "logit" or n.affine:
+            return f"its normaliser ({n.describe()}) would be lost: the fused ops compute softmax"
+        if self.target == "onnx":
+            return "a sink logit, which ONNX Attention has not: fuse:target=ort writes GroupQueryAttention's head_sink"
+        if (why := gqa_step_reason(site)) is not None:
+            return f"a sink logit, which only GroupQueryAttention (head_sink) computes, and {why}"
         return None
 
     def form(self, site: AttentionSite, diag=None) -> Form:

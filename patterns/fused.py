@@ -68,9 +68,21 @@ def match_ms_mha(gv: GraphView, n: Node) -> Candidate:
 def match_ms_gqa(gv: GraphView, n: Node) -> Candidate:
     c = _base("ms-gqa", n)
     c.q, c.k, c.v = (Operand(n.input(i), packed=True) for i in range(3))
-    c.causal_attr = True  # GroupQueryAttention is always causal
+    if n.input(3) is not None and n.input(4) is not None and len(n.outputs) >= 3 and all(n.outputs[1:3]):
+        # the keys/values attended: past + new, as the op returns them ([B, kvH, T, D])
+        c.k, c.v = operand(n.outputs[1], False), operand(n.outputs[2], False)
+        c.notes.append("reads a past key/value cache and returns the present one")
+    c.causal_attr = n.attrs.get("causal", 1) == 1
     c.heads_attr = n.attrs.get("num_heads")
     c.kv_heads_attr = n.attrs.get("kv_num_heads")
+    _mask(c, n.input(10))  # attention_bias
+    if n.attrs.get("softcap"):
+        c.softcap = float(n.attrs["softcap"])
+    sink = n.input(11)  # head_sink: exp(S) / (exp(b_h) + Σ exp(S))
+    if sink is not None and sink.const is not None:
+        c.normaliser = Normaliser("logit", bias=tuple(float(b) for b in sink.const.reshape(-1)))
+    elif sink is not None:
+        c.notes.append("a head_sink computed in the graph")
     if n.attrs.get("local_window_size", -1) not in (-1, None):
         c.notes.append(f"local_window_size={n.attrs['local_window_size']}")
     return c

@@ -1,7 +1,8 @@
 """Decoder steps with a KV cache (inputs past_key_values.*, outputs present.*), exported
 both ways: every site is found with its cache, the generation loop in ONNX Runtime is
-the model's own greedy decoding, fuse is exact on the step and through the loop, and
-bad decoder inputs are one-line errors."""
+the model's own greedy decoding, fuse is exact on the step and through the loop (as
+ONNX Attention, or as ORT GroupQueryAttention with fuse:target=ort, a sink logit as its
+head_sink), and bad decoder inputs are one-line errors."""
 
 from __future__ import annotations
 
@@ -52,12 +53,97 @@ def test_fuse_is_exact_through_the_loop(step_onnx, tmp_path, name, exporter):
     fused = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention"]
     assert [(n.input[4], n.output[1]) for n in fused] == [(f"past_key_values.{i}.key", f"present.{i}.key") for i in range(2)]
     assert all(s.cache is not None for s in attn_opt.inspect(str(out)).sites)  # the fused step is still a loop
+    _same_loop(src, out, tmp_path)
+
+
+def _same_loop(src, out, tmp_path):
+    """`generate --compare`: 33 greedy steps of `out` against `src`, the same tokens."""
     np.save(tmp_path / "p.npy", np.array([[5, 6, 7, 8]]))
     r = cli("generate", src, "--prompt-ids", tmp_path / "p.npy", "--max-new-tokens", 33, "--compare", out, "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["compare"]["steps"] == 33 and got["compare"]["max_rel_error"] <= 1e-4
     assert got["compare"]["token_agreement"] == 1.0 and got["total_tokens"] == 36
+
+
+def _gqa_nodes(path):
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_fuse_ort_is_group_query_attention_through_the_loop(step_onnx, tmp_path, name, exporter):
+    """fuse:target=ort: each step site becomes GroupQueryAttention reading the step's own
+    past inputs and writing its present outputs (GPT-2's MHA too), exact on the step, on
+    the padded batch (a row that sees one key, a row that sees none) and the longer one,
+    and through the loop."""
+    src, out, rep = step_onnx(name, exporter), tmp_path / "g.onnx", tmp_path / "r.json"
+    r = cli(src, "--pass", "fuse:target=ort", "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(rep.read_text())
+    p = report["passes"][0]
+    assert {"padded", "length+5", "decode x4"} <= set(report["inputs"]["variants"])
+    assert any(k.endswith("@padded") for k in p["per_output"]) and any(k.endswith("@length+5") for k in p["per_output"])
+    assert p["sites_rewritten"] == ["a0", "a1"] and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+    assert all("GroupQueryAttention (com.microsoft) with past_key/past_value in and present_key/present_value out"
+               in note and note.endswith("asked for") for note in p["notes"])
+    fused = _gqa_nodes(out)
+    assert [(n.input[3], n.input[4], n.output[1], n.output[2]) for n in fused] == \
+        [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
+         for i in range(2)]
+    cfg = zoo.DECODERS[name][2]
+    kv = cfg.get("num_key_value_heads", cfg.get("num_attention_heads", cfg.get("n_head")))
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in fused]
+    assert all(a["kv_num_heads"] == kv and a["do_rotary"] == 0 for a in attrs)
+    assert not any(n.op_type == "Attention" for n in onnx.load(str(out)).graph.node)
+    sites = attn_opt.inspect(str(out)).sites  # the fused step is still a loop, its mask read back
+    assert [(s.rule, s.cache.past_key, s.mask) for s in sites] == \
+        [("ms-gqa", f"past_key_values.{i}.key", "additive") for i in range(2)]
+    _same_loop(src, out, tmp_path)
+
+
+def test_fuse_on_a_step_chooses_and_says_why(step_onnx, tmp_path):
+    """target=onnx keeps Attention; auto times both at the site's shape and says so; a
+    step GroupQueryAttention cannot take gets Attention with the reason."""
+    import dataclasses
+
+    from attn_opt.backends.onnx.fused import choose
+
+    src = step_onnx("llama", "torchscript")
+    site = attn_opt.inspect(str(src)).sites[0]
+    assert choose(site, "ort") == ("gqa", "asked for") and choose(site, "onnx")[0] == "onnx"
+    pick, why = choose(dataclasses.replace(site, causal=False), "ort")
+    assert pick == "onnx" and why.startswith("not GroupQueryAttention: not causal")
+    pick, why = choose(site, "auto")
+    assert pick in ("onnx", "gqa") and "ms vs GroupQueryAttention" in why and "S=16 past=8" in why
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "fuse:target=auto", "-o", tmp_path / "a.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert all("ms vs GroupQueryAttention" in note for note in p["notes"])
+    assert p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+
+
+def test_a_sink_logit_step_fuses_to_head_sink(step_onnx, tmp_path):
+    """sinkfree:mode=logit, then (in a second run: fuse after a form pass is refused in one)
+    fuse:target=ort: GroupQueryAttention's head_sink is the sink logit, exact through the
+    loop; Attention has no sink logit, so target=onnx skips the sites, saying so."""
+    src, sf = step_onnx("llama", "torchscript"), tmp_path / "sf.onnx"
+    r = cli(src, "--pass", "sinkfree:mode=logit,bias=0.5", "--pass", "fuse:target=ort", "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2 and "would undo that form" in r.stderr
+    assert cli(src, "--pass", "sinkfree:mode=logit,bias=0.5", "-o", sf).returncode == 0
+    out, rep = tmp_path / "g.onnx", tmp_path / "r.json"
+    r = cli(sf, "--pass", "fuse:target=ort", "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert p["sites_rewritten"] == ["a0", "a1"] and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+    assert all("the sink logit as head_sink" in note for note in p["notes"])
+    assert all(len(n.input) > 11 and n.input[11] for n in _gqa_nodes(out))
+    assert [s.normaliser.bias for s in attn_opt.inspect(str(out)).sites] == [(0.5,) * 4] * 2
+    _same_loop(sf, out, tmp_path)
+    r = cli(sf, "--pass", "fuse:target=onnx", "-o", tmp_path / "o.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and not p["sites_rewritten"]
+    assert all("sink logit" in s["reason"] for s in p["sites_skipped"])
 
 
 def test_the_loop_is_the_models_own_greedy_decoding(step_onnx):

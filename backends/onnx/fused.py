@@ -3,6 +3,17 @@
 ONNX `Attention` (opset 23: GQA, soft-cap, any float dtype), or ONNX Runtime's
 `com.microsoft.MultiHeadAttention` (backends/onnx/ort.py) where the fuse target asks for
 it or, with target=auto, where it runs faster at the site's shape.
+
+A decoder step (K/V = Concat(past input, new), returned as present) keeps its cache
+inputs and outputs: `Attention` with past_key/past_value in and present out, or with
+target=ort (and with auto where it times faster at the site's shape) ONNX Runtime's
+`com.microsoft.GroupQueryAttention` reading the same past inputs and writing the same
+present outputs, seqlens_k and total_sequence_length computed in the graph from the
+shapes, the site's mask as attention_bias. A sink-logit normaliser (sinkfree:mode=logit,
+fused in a later run, target=ort or auto) is GroupQueryAttention's head_sink: no other
+fused op computes it (passes/fuse.py skips it for target=onnx). Where GroupQueryAttention
+cannot take a step (patterns/form.py: gqa_step_reason), it gets `Attention`, and the
+report says why.
 """
 
 from __future__ import annotations
@@ -14,15 +25,16 @@ from attn_opt.backends.onnx import ort
 from attn_opt.backends.onnx.edit import SiteEdit, ensure_opset
 from attn_opt.backends.onnx.visible import causal_visible
 from attn_opt.patterns.cache import new_part
+from attn_opt.patterns.form import gqa_step_reason
 from attn_opt.patterns.site import AttentionSite
 
 HIDE = {"float32": -1e30, "float64": -1e30, "bfloat16": -1e30, "float16": -6e4}  # hidden, yet finite
 
 
 def choose(site: AttentionSite, target: str) -> tuple[str, str]:
-    """("onnx" | "ort", why) for one site."""
+    """("onnx" | "ort" | "gqa", why) for one site."""
     if site.cache is not None and site.cache.present_key and site.cache.present_value:
-        return "onnx", "a decoder step: Attention reads the past cache and returns the present one"
+        return _choose_step(site, target)
     dtype = site.output.dtype or site.q.value.dtype
     if target != "onnx" and dtype not in (None, "float32"):
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
@@ -32,6 +44,20 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
         return target, "asked for"
     b, h, tq, tk, d = site.run_shape or (1, site.heads, 128, 128, site.head_dim)
     return ort.fastest_fused(b, h, site.kv_heads, max(tq, tk), d)
+
+
+def _choose_step(site: AttentionSite, target: str) -> tuple[str, str]:
+    """("onnx" | "gqa", why) for a decoder step that returns its cache."""
+    if site.normaliser.kind == "logit":  # Fuse.skip_reason let it through only where GQA can take it
+        return "gqa", "a sink logit: GroupQueryAttention's head_sink computes it, Attention has none"
+    if target == "onnx":
+        return "onnx", "a decoder step: Attention reads the past cache and returns the present one"
+    if (why := gqa_step_reason(site)) is not None:
+        return "onnx", f"not GroupQueryAttention: {why}"
+    if target == "ort":
+        return "gqa", "asked for"
+    b, h, tq, tk, d = site.run_shape or (1, site.heads, 1, 128, site.head_dim)
+    return ort.fastest_step(b, h, site.kv_heads, tq, tk - tq, d, site.mask != "causal")
 
 
 def emit_fused(e: SiteEdit, target: str) -> str:
@@ -48,6 +74,8 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if s.softcap:
         attrs["softcap"] = float(s.softcap)
     cached = _with_cache(e, s)
+    if cached is not None and choice == "gqa":
+        return _emit_gqa(e, s, q, mask, cached, why)
     if cached is not None:  # past in, present out: the op's own cache inputs and outputs
         (k_new, v_new, past_k, past_v) = cached
         if s.mask == "causal":  # is_causal aligns the triangle top-left; a step's queries come last
@@ -63,6 +91,20 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     return f"Attention (opset 23): {why}"
 
 
+def _emit_gqa(e: SiteEdit, s: AttentionSite, q, mask, cached, why: str) -> str:
+    """The step as GroupQueryAttention, its present outputs in place of the step's."""
+    y, present_k, present_v = ort.group_query_attention(e, s, q, cached, mask)
+    if mask is not None and s.normaliser.kind == "softmax":
+        y = _hidden_rows(e, s, y, mask, cached)
+    e.commit(y)
+    e.replace_output(s.cache.present_key, present_k)
+    e.replace_output(s.cache.present_value, present_v)
+    how = ["seqlens_k = past + new - 1 per row"] + (["the mask as attention_bias"] if mask is not None else []) \
+        + (["the sink logit as head_sink"] if s.normaliser.kind == "logit" else [])
+    return (f"GroupQueryAttention (com.microsoft) with past_key/past_value in and present_key/present_value out, "
+            f"{', '.join(how)}: {why}")
+
+
 def _with_cache(e: SiteEdit, s: AttentionSite):
     """(new K, new V, past key, past value) for Attention's cache inputs, when the site's
     K/V are Concat(past input, new) returned as present; else None."""
@@ -72,6 +114,28 @@ def _with_cache(e: SiteEdit, s: AttentionSite):
     if k is None or v is None or k[0] is None or v[0] is None:
         return None
     return e.value(k[1]), e.value(v[1]), e.value(k[0]), e.value(v[0])
+
+
+def _hidden_rows(e: SiteEdit, s: AttentionSite, y, mask, cached):
+    """A query row whose every key the mask hides: the original's fill (the dtype's lowest,
+    HF's finfo.min, mapped to HIDE) leaves equal scores on every key, so it averages V over
+    all T keys; GroupQueryAttention's causal triangle averages only the P + i + 1 keys up
+    to the row's own position (0-based i among the S new ones). Those rows get
+    (y·(P + i + 1) + Σ_{j > i} V_new[j]) / T: the keys after the row are new ones only, so
+    the fix reads the step's new values, not the cache (a one-token step never needs it)."""
+    _, v_new, past_k, _ = cached
+    dead = e.op("LessOrEqual", [e.op("ReduceMax", [mask, e.ints(-1)]), e.const(np.float32(HIDE["float32"]))])
+    after = e.op("CumSum", [v_new, e.const(np.int64(2))], {"exclusive": 1, "reverse": 1})  # [B, kvH, S, Dv]
+    g = s.heads // s.kv_heads  # query head h reads kv head h // g
+    heads = e.op("Concat", [e.ints(0, int(s.heads), -1), e.shape_dim(v_new, 3)], {"axis": 0})
+    after = e.op("Reshape", [e.op("Expand", [e.op("Unsqueeze", [after, e.ints(2)]), e.ints(1, 1, g, 1, 1)]), heads])
+    past, new = e.shape_dim(past_k, 2), e.shape_dim(v_new, 2)
+    total = e.op("Add", [past, new])
+    f, one = {"to": ir.DataType.FLOAT}, e.const(np.int64(1))  # float32 only (gqa_step_reason)
+    first, end = (e.op("Add", [e.op("Squeeze", [x, e.ints(0)]), one]) for x in (past, total))
+    seen = e.op("Cast", [e.op("Unsqueeze", [e.op("Range", [first, end, one]), e.ints(1)])], f)  # [S, 1]: P + i + 1
+    fixed = e.op("Div", [e.op("Add", [e.op("Mul", [y, seen]), after]), e.op("Cast", [total], f)])
+    return e.op("Where", [dead, fixed, y])
 
 
 def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value | None, bool]:

@@ -121,7 +121,11 @@ def _add_like(y, delta):
 
 def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
     """Replace one eager site by scaled_dot_product_attention (exact); a soft-capped site,
-    which SDPA cannot express, by one call of the dense form with its cap."""
+    or one with a sink logit (which fuse lets through for ONNX's GroupQueryAttention),
+    neither of which SDPA can express, by one call of the dense form."""
+    if site.normaliser.kind == "logit":
+        emit_form(gm, site, None, site.normaliser)
+        return f"one call of the dense form with its {site.normaliser.describe()} (SDPA has no sink logit)"
     if site.softcap:
         emit_form(gm, site, None, Normaliser())
         return f"one call of the dense form with soft-cap {site.softcap:g} (SDPA has no soft-cap)"

@@ -32,6 +32,28 @@ def test_fit_recovers_a_temperature():
     np.testing.assert_allclose(values["temperature"], tau, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kind,name,truth", [
+    ("softplus", "p", [1.0, 2.0, 0.5, 1.5]),
+    ("redistribute", "alpha", [0.2, 0.5, 0.9, 1.0]),
+    ("logit", "bias", [0.0, 1.0, -1.0, 2.0]),
+])
+def test_fit_recovers_each_forms_own_parameter(kind, name, truth):
+    """Data made by the form with per-head values of its own parameter (softplus power,
+    redistribute α, sink logit) is matched, and those values found, from the form's
+    defaults."""
+    rng = np.random.default_rng(1)
+    s, v = rng.standard_normal((4, 4, 8, 8)) * 2, rng.standard_normal((4, 4, 8, 5))
+    vis = np.ones(s.shape, bool)
+    start = {"softplus": Normaliser("softplus"), "redistribute": Normaliser("redistribute", alpha=0.5, sinks=1),
+             "logit": Normaliser("logit", bias=(0.5,) * 4)}[kind]
+    true = start.calibrate({name: np.asarray(truth)}, heads=4)
+    target = normalise(true, s, vis) @ v
+    values, before, after = calibrate.fit(s, vis, v, target, start, steps=1500)
+    assert before > 1e-2 and after <= 2e-3, (before, after)
+    found = values[name] - values["offset"] if kind == "logit" else values[name]  # a sink logit is b − offset
+    np.testing.assert_allclose(found, truth, atol=0.1)
+
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, zoo_onnx):
     from attn_opt.rewriter.inputs import make_inputs
@@ -73,8 +95,9 @@ def test_calibration_changes_values_not_structure(calib, tmp_path, monkeypatch):
     wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.initializer}
     wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.initializer}
     changed = sorted(k for k in wa if not np.array_equal(wa[k], wb[k]))
-    assert changed and all(k.startswith("attn_opt.a") and k.split(".")[-1] in ("temperature", "offset", "gain")
+    assert changed and all(k.startswith("attn_opt.a") and k.split(".")[-1] in Normaliser("softplus").tunable()
                            for k in changed)
+    assert {k.split(".")[-1] for k in changed} >= {"kappa", "p"}  # softplus's own parameters are fitted too
 
 
 def test_bad_calibration_files(calib, tmp_path):
@@ -115,3 +138,60 @@ def test_calibration_and_healing_on_torch():
     assert all(torch.equal(p, weights[n]) for n, p in gm.named_parameters() if n in weights)  # the model's own stay
     with pytest.raises(attn_opt.UserError, match="no attn-opt parameters"):
         attn_opt.heal(attn_opt.optimize(model, ["fuse"], example_inputs=args)[0], data, model)
+
+
+def test_lora_fits_the_output_projection(calib, tmp_path):
+    """--lora R adds x·A·B after each rewritten site's output projection (B = 0, the
+    function unchanged) and calibration fits it on what error is left: the projection's
+    error falls on the calibration rows and on the held-out ones, and the model's too."""
+    src, cal = calib
+    plain = attn_opt.optimize(str(src), ["sparse:window=4"], calibrate=str(cal))[1].passes[0].calibration
+    model, report = attn_opt.optimize(str(src), ["sparse:window=4"], calibrate=str(cal), lora=4)
+    c = report.passes[0].calibration
+    for s in c["sites"]:
+        lo = s["lora"]
+        assert lo["rank"] == 4 and lo["error_after"] < lo["error_before"]
+        assert lo["heldout_after"] < lo["heldout_before"] and not lo.get("reverted")
+    assert c["model_error_after"]["heldout"] < plain["model_error_after"]["heldout"]
+    g = model.graph_proto().graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    assert inits["attn_opt.a0.lora_a"].shape == (32, 4) and inits["attn_opt.a0.lora_b"].shape == (4, 32)
+    assert np.abs(inits["attn_opt.a0.lora_b"]).max() > 0
+    reads = [n for n in g.node if n.op_type == "MatMul" and "attn_opt.a0.lora_a" in n.input]
+    assert len(reads) == 1
+    r = cli(src, "--pass", "sparse:window=4", "--lora", "4", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "--calibrate" in r.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def test_lora_on_torch_is_trained_by_heal():
+    model, args, names = zoo.MODELS["bert-eager"].build()
+    rng = np.random.default_rng(5)
+    cal = {"input_ids": rng.integers(1, zoo.VOCAB, tuple(args[0].shape)), "attention_mask": np.ones(args[1].shape,
+                                                                                                 np.int64)}
+    gm, report = attn_opt.optimize(model, ["sparse:window=2"], example_inputs=args, calibrate=cal, lora=2)
+    sites = report.passes[0].calibration["sites"]
+    assert all(s["lora"]["error_after"] < s["lora"]["error_before"] for s in sites)
+    own = {n for n, _ in gm.named_parameters() if n.startswith("attn_opt_")}
+    assert {f"attn_opt_a{i}_lora_{x}" for i in range(2) for x in "ab"} <= own
+    got = attn_opt.heal(gm, {p: a.numpy() for p, a in zip(names, args)}, model, steps=20)
+    assert got["loss_after"] < got["loss_before"] and "attn_opt_a0_lora_b" in got["parameters"]
+
+
+def test_pair_ranking_and_what_counts_as_logits(zoo_onnx):
+    from attn_opt.rewriter import fidelity
+    from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((6, 5, 8))
+    mask = np.ones((6, 5))
+    mask[:, 3:] = 0
+    assert fidelity.pair_ranking(ref, ref, mask) == pytest.approx(1.0)
+    noisy = ref.copy()
+    noisy[:, 3:] = rng.standard_normal((6, 2, 8)) * 10  # only the padded positions change
+    assert fidelity.pair_ranking(ref, noisy, mask) == pytest.approx(1.0)
+    assert fidelity.pair_ranking(ref, noisy) < 0.99
+    assert fidelity.pair_ranking(ref[:2], ref[:2]) is None
+    steps = OnnxSteps()
+    state = steps.observe(attn_opt.rewriter.ir.onnx.load(str(zoo_onnx("bert-eager", "dynamo"))),
+                          {"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 8), np.int64)})
+    assert steps.logit_outputs(state) == set()  # hidden states are as wide as weights, not as the vocabulary

@@ -113,6 +113,7 @@ def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
     def calibrated(e, s, vis):
         start = n.values(site.heads)
         prm = lambda name: _param(e, site, name, start[name], ndim)  # noqa: E731
+        s = e.op("Where", [vis, s, f32(e, 0)])  # hidden scores (-inf) stay out of the product
         s = e.op("Add", [e.op("Mul", [s, prm("temperature")]), prm("offset")])
         return e.op("Mul", [_kind(e, s, vis, site, n, ndim, prm), prm("gain")])
 

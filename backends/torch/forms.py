@@ -39,7 +39,7 @@ def normalise(n: Normaliser, s, vis, per_head, n_heads: int, params: dict | None
     if n.calibrated:
         start = n.values(n_heads)
         v = {k: per_head(params[k] if (params or {}).get(k) is not None else start[k]) for k in n.tunable()}
-        s = s * v["temperature"] + v["offset"]
+        s = torch.where(vis, s, 0.0) * v["temperature"] + v["offset"]  # hidden scores (-inf) out of the gradient
         return _normalise(n, s, vis, per_head, n_heads, v) * v["gain"]
     return _normalise(n, s, vis, per_head, n_heads, {k: per_head(t) for k, t in (params or {}).items() if t is not None})
 

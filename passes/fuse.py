@@ -52,7 +52,7 @@ class Fuse(Pass):
         n = site.normaliser
         if n.is_softmax:
             return None
-        if n.kind != "logit" or n.affine:
+        if n.kind != "logit" or n.calibrated:
             return f"its normaliser ({n.describe()}) would be lost: the fused ops compute softmax"
         if self.target == "onnx":
             return "a sink logit, which ONNX Attention has not: fuse:target=ort writes GroupQueryAttention's head_sink"

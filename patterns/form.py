@@ -401,7 +401,7 @@ def gqa_step_reason(site) -> str | None:
     if site.bool_mask is not None:
         return "a boolean mask: GroupQueryAttention takes an additive attention_bias"
     n = site.normaliser
-    if n.affine or n.kind not in ("softmax", "logit"):
+    if n.calibrated or n.kind not in ("softmax", "logit"):
         return f"{n.describe()}: GroupQueryAttention computes softmax, with or without a sink logit per head"
     return None
 

@@ -1,7 +1,7 @@
 """stream: a decoder step whose cache stays S + W tokens long, however long it runs
 (StreamingLLM: attention sinks plus a recent window).
 
-    stream:sinks=S,window=W[,positions=original]
+    stream:sinks=S,window=W[,positions=original|cache]
 
 Each site attends as `sparse:window=W,sinks=S` with a causal window: a query sees the
 first S tokens and the W most recent ones (itself included). The step's `present`
@@ -9,9 +9,15 @@ key/values keep exactly those: the S sink slots, then the W most recent tokens i
 (each step drops the oldest window entry), so `present` has S + W positions once the
 sequence is that long, and the generation loop feeds it back unchanged. While a
 sequence fits in S + W tokens nothing is dropped and the step is exact; after that it is
-the sink + window approximation. positions=original keeps each token's rotary position
-(the position ids the loop feeds); positions=cache (StreamingLLM's re-indexing within
-the cache) is not implemented yet and is refused.
+the sink + window approximation.
+
+positions=original keeps each token's rotary position (the position ids the loop
+feeds). positions=cache is StreamingLLM's re-indexing: positions count within the cache,
+so a query at index c in it sees sink j at distance c − j however many tokens were
+dropped. Window keys are at the same distance in both (the window is contiguous); only
+the sink scores change, computed with the query rotated back by the dropped count
+(patterns/rotary.py reads the rotary's frequencies from the graph; a model without a
+rotary embedding on Q is skipped with the reason). Both are exact while nothing is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from attn_opt.patterns.form import Form, Pattern, StreamCache, form_skip_reason
-from attn_opt.rewriter.errors import NotSupported, UserError
+from attn_opt.patterns.rotary import rotary
+from attn_opt.rewriter.errors import UserError
 from attn_opt.rewriter.passbase import Pass, option
 
 
@@ -37,9 +44,6 @@ class Stream(Pass):
     def __post_init__(self):
         if self.window is None:
             raise UserError("stream: window=W is required (e.g. stream:sinks=4,window=1024)")
-        if self.positions == "cache":
-            raise NotSupported("stream: positions=cache (re-indexing rotary positions within the cache) is not "
-                               "implemented yet; positions=original keeps each token's own position")
 
     def skip_reason(self, site) -> str | None:
         if site.cache is None:
@@ -49,12 +53,22 @@ class Stream(Pass):
         if site.cache.static_past:
             return (f"its cache input {site.cache.past_key} has a static length: a streaming cache needs a dynamic "
                     "past-length axis (re-export with one)")
+        if self.positions == "cache" and self.sinks and isinstance(why := rotary(site.q.value, site.head_dim), str):
+            return f"positions=cache re-indexes rotary positions: {why}"
         return form_skip_reason(site)
 
     def form(self, site, diag=None) -> Form:
         pattern = Pattern("window", True, self.window, 1, sinks=self.sinks)
         limit = self.sinks + self.window
-        note = (f"cache kept to {self.sinks} sink + {self.window} recent positions ({limit} in all): exact while a "
-                f"sequence fits in {limit} tokens, the sink + window approximation after that")
-        return Form(pattern=pattern, normaliser=site.normaliser, stream=StreamCache(self.sinks, self.window),
-                    notes=(note,))
+        notes = [f"cache kept to {self.sinks} sink + {self.window} recent positions ({limit} in all): exact while a "
+                 f"sequence fits in {limit} tokens, the sink + window approximation after that"]
+        rot = None
+        if self.positions == "cache":
+            if self.sinks:
+                rot = rotary(site.q.value, site.head_dim)
+                notes.append("positions within the cache: sink scores use the query turned back by the dropped count "
+                             f"(rotary ω read from the graph, d/2 = {len(rot.inv_freq)})")
+            else:
+                notes.append("positions=cache is positions=original without sinks (window distances are the same)")
+        return Form(pattern=pattern, normaliser=site.normaliser, stream=StreamCache(self.sinks, self.window, rot),
+                    notes=tuple(notes))

@@ -304,13 +304,18 @@ class Collapse:
     o: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StreamCache:
     """A decoder step's returned cache kept to the first `sinks` positions and the `window`
-    most recent ones, in order (the step's attention keeps the same pairs)."""
+    most recent ones, in order (the step's attention keeps the same pairs). With
+    `rotary` (positions=cache, patterns/rotary.py), a query meets the sink keys at its
+    index among the S + W keys it sees rather than at its own position: its scores on them
+    use the query turned back by Δ_i = max(0, p_i − (S + W − 1)) rotary positions (p_i
+    its position; 0 until tokens are dropped). Window keys keep their distances either way."""
 
     sinks: int
     window: int
+    rotary: Any = None
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")

@@ -218,11 +218,59 @@ def test_stream_caps_the_cache_and_is_exact_while_it_fits(step_onnx, tmp_path, n
     assert got["b"].cache_bytes == 4 * (1 * kv * 8 * 8) * 4  # 4 tensors [1, kv, 8 positions, 8] of float32
 
 
+def _step_logits(sess, ids, positions, past):
+    """One step in ONNX Runtime: (last logits, the present cache as the next past)."""
+    n = past["past_key_values.0.key"].shape[2] + len(ids)
+    feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, n), np.int64), "position_ids": positions[None], **past}
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return out["logits"][0, -1], {k.replace("present", "past_key_values"): v for k, v in out.items()
+                                  if k.startswith("present")}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_stream_positions_cache_is_streaming_llm(cache_dir, tmp_path, name):
+    """positions=cache: once tokens are dropped, every step's logits equal the untouched
+    model's on the kept tokens (S sinks, the W most recent) at positions 0..S+W−1, which is
+    StreamingLLM's re-indexing (one layer, so a cached key depends on its token alone);
+    positions=original gives other logits there; both are exact before anything is dropped."""
+    import onnxruntime as ort
+
+    src = _cached(cache_dir / f"step1-{name}-torchscript.onnx",
+                  lambda tmp: zoo.export_decoder_step(name, "torchscript", tmp, num_hidden_layers=1))
+    sinks, window = 2, 4
+    dense = ort.InferenceSession(str(src))
+    cfg = zoo.DECODERS[name][2]
+    empty = {f"past_key_values.0.{x}": np.zeros((1, cfg["num_key_value_heads"], 0, cfg["hidden_size"] //
+                                                  cfg["num_attention_heads"]), np.float32) for x in ("key", "value")}
+    toks = np.random.default_rng(0).integers(1, zoo.VOCAB, 12)
+    for positions in ("cache", "original"):
+        out = tmp_path / f"{positions}.onnx"
+        r = cli(src, "--pass", f"stream:sinks={sinks},window={window},positions={positions}", "-o", out, "--force")
+        assert r.returncode == 0, r.stderr
+        sess, past, errs = ort.InferenceSession(str(out)), dict(empty), []
+        for p, t in enumerate(toks):
+            got, past = _step_logits(sess, np.array([t]), np.array([p]), past)
+            kept = list(range(min(sinks, p + 1))) + list(range(max(sinks, p - window + 1), p + 1))
+            want, _ = _step_logits(dense, toks[kept], np.arange(len(kept)), dict(empty))
+            errs.append(float(np.abs(got - want).max() / np.abs(want).max()))
+            assert past["past_key_values.0.key"].shape[2] == min(p + 1, sinks + window)
+        fits = sinks + window
+        assert max(errs[:fits]) <= 1e-5  # nothing dropped yet: exact either way
+        if positions == "cache":
+            assert max(errs[fits:]) <= 1e-5
+        else:
+            assert min(errs[fits:]) > 1e-5
+
+
 def test_stream_refuses_what_it_cannot_do(step_onnx, zoo_onnx, tmp_path):
     r = cli(step_onnx("llama", "torchscript"), "--pass", "stream:window=0", "-o", tmp_path / "o.onnx")
     assert r.returncode == 2 and "window" in r.stderr and not (tmp_path / "o.onnx").exists()
-    r = cli(step_onnx("llama", "torchscript"), "--pass", "stream:sinks=4,window=8,positions=cache", "-o", tmp_path / "o.onnx")
-    assert r.returncode == 2 and "not implemented yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    rep = tmp_path / "g.json"  # positions=cache on learned absolute positions (GPT-2): skipped, with the reason
+    r = cli(step_onnx("gpt2", "torchscript"), "--pass", "stream:sinks=2,window=8,positions=cache", "-o",
+            tmp_path / "g.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and not p["sites_rewritten"]
+    assert all("re-indexes rotary positions: its queries are not rotated" in s["reason"] for s in p["sites_skipped"])
     rep = tmp_path / "r.json"  # not a decoder step: every site skipped, with the reason
     r = cli(zoo_onnx("bert-eager", "dynamo"), "--pass", "stream:window=8", "-o", tmp_path / "b.onnx", "--report", rep)
     p = json.loads(rep.read_text())["passes"][0]

@@ -70,13 +70,24 @@ def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     return e.op("Unsqueeze", [x, e.ints(2)])
 
 
-def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Pattern | None = None):
+def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Pattern | None = None, sink_q=None):
     """Scores [B, Hkv, g, Tq, Tk] and the keys each row sees: the site's masks and
-    causality, and `pattern`'s pairs where one is given (the masked-dense lowering)."""
+    causality, and `pattern`'s pairs where one is given (the masked-dense lowering).
+    `sink_q` = (n, f): the first n key columns are scored with the queries f(q, k)."""
     hkv, g = site.kv_heads, site.heads // site.kv_heads
-    q5 = e.op("Reshape", [e.op("Mul", [q, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
-    k5 = e.op("Unsqueeze", [k, e.ints(2)])
-    s = softcap(e, site, e.op("MatMul", [q5, e.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})]))  # [B, Hkv, g, Tq, Tk]
+
+    def q5(x):
+        return e.op("Reshape", [e.op("Mul", [x, f32(e, site.scale)]), e.ints(0, hkv, g, -1, site.head_dim)])
+
+    kt = e.op("Transpose", [e.op("Unsqueeze", [k, e.ints(2)])], {"perm": [0, 1, 2, 4, 3]})
+    if sink_q is None:
+        s = e.op("MatMul", [q5(q), kt])
+    else:
+        n, turned = sink_q
+        head = e.op("MatMul", [q5(turned(q, k)), e.op("Slice", [kt, e.ints(0), e.ints(n), e.ints(-1)])])
+        tail = e.op("MatMul", [q5(q), e.op("Slice", [kt, e.ints(n), e.ints(2 ** 62), e.ints(-1)])])
+        s = e.op("Concat", [head, tail], {"axis": -1})
+    s = softcap(e, site, s)  # [B, Hkv, g, Tq, Tk]
     vis = filled = c = None
     for m in site.additive:
         m5 = _mask5(e, site, m)
@@ -131,10 +142,10 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None
 
 
 def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: NormaliserFn, qkv=None,
-                  pattern: Pattern | None = None) -> ir.Value:
+                  pattern: Pattern | None = None, sink_q=None) -> ir.Value:
     """The dense scores, masked to `pattern` where one is given, then `normalise`."""
     q, k, v = qkv or (e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v))
-    s, vis = scores_and_visibility(e, site, q, k, pattern)
+    s, vis = scores_and_visibility(e, site, q, k, pattern, sink_q)
     p = normalise(e, s, vis)
     o = e.op("MatMul", [p, e.op("Unsqueeze", [v, e.ints(2)])])  # [B, Hkv, g, Tq, Dv]
     shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(site.heads), e.shape_dim(q, 2), e.shape_dim(v, 3)], {"axis": 0})

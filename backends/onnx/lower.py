@@ -43,12 +43,32 @@ def lower(e: SiteEdit, form: Form) -> str | None:
         return emit_gate(e, form.gate)
     if form.collapse is not None:
         return collapse.emit_collapse(e, form.collapse)
+    sink_q = None
     if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
         cap_cache(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
-    note = emit_attention(e, e.site, form.pattern, form.normaliser)
+        if form.stream.rotary is not None:
+            sink_q = (form.stream.sinks, lambda q, k: cache_positioned(e, q, form.stream))
+    note = emit_attention(e, e.site, form.pattern, form.normaliser, sink_q)
     if form.lora:
         note = "; ".join(n for n in (note, emit_lora(SiteEdit(e.model, e.site, e.pass_name, "lora"), form.lora)) if n)
     return note
+
+
+def cache_positioned(e: SiteEdit, q: ir.Value, stream: StreamCache) -> ir.Value:
+    """The rotated queries [B, H, Tq, d] turned back by Δ_i = max(0, p_i − (S + W − 1))
+    positions, the tokens dropped before query i (p_i its rotary position): a query then
+    meets sink j at distance min(p_i, S + W − 1) − j, its index among the S + W keys it
+    sees. R(−Δ) x = x·cos(Δω) − rotate_half(x)·sin(Δω) (positions=cache, patterns/rotary.py)."""
+    rot = stream.rotary
+    pos = e.op("Cast", [rot.positions.native], {"to": ir.DataType.FLOAT})
+    pos = e.op("Reshape", [pos, e.op("Concat", [e.shape_dim(pos, 0), e.ints(-1, 1)], {"axis": 0})])  # [B, Tq, 1]
+    delta = e.op("Max", [e.op("Sub", [pos, f32(e, stream.sinks + stream.window - 1)]), f32(e, 0)])
+    angle = e.op("Mul", [e.op("Unsqueeze", [delta, e.ints(1)]), f32(e, rot.angles())])  # [B, 1, Tq, d]
+    half = len(rot.inv_freq)
+    x1 = e.op("Slice", [q, e.ints(0), e.ints(half), e.ints(-1)])
+    x2 = e.op("Slice", [q, e.ints(half), e.ints(2 * half), e.ints(-1)])
+    rotated_half = e.op("Concat", [e.op("Neg", [x2]), x1], {"axis": -1})
+    return e.op("Sub", [e.op("Mul", [q, e.op("Cos", [angle])]), e.op("Mul", [rotated_half, e.op("Sin", [angle])])])
 
 
 def emit_lora(e: SiteEdit, rank: int) -> str:
@@ -196,11 +216,16 @@ def _sigmoid(e, s, vis, b):
     return e.op("Where", [vis, e.op("Sigmoid", [e.op("Add", [s, b])]), f32(e, 0)])
 
 
-def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str | None:
-    """Emit `site` with this form, commit it, and record the form on the output node."""
+def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser,
+                   sink_q=None) -> str | None:
+    """Emit `site` with this form, commit it, and record the form on the output node.
+    `sink_q`: (sinks, q -> the queries the sink keys are scored with) for positions=cache."""
     e.compute_in_fp32()
     note = None
-    if pattern is not None and pattern.kind == "grid":
+    if sink_q is not None:
+        out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5), pattern=pattern, sink_q=sink_q)
+        note = "dense scores masked to the pattern (the sink columns are scored at cache positions)"
+    elif pattern is not None and pattern.kind == "grid":
         out = _grid(e, site, pattern, normaliser)
     elif pattern is not None:
         banded, note = banded_pays(site, pattern)

@@ -79,9 +79,27 @@ def site_tensors(new_site, old_site, probed: dict):
     return s, kept(new_site.pattern), v, target
 
 
+def live_rows(vis: np.ndarray) -> np.ndarray:
+    """[B, Tq] bool: query rows at tokens some query may attend to. A padding token (hidden
+    as a key from every query) changes nothing the model's real tokens compute, so its
+    row is left out of the fit and of the errors. Cross-attention (the query block not the
+    last Tq of the keys): every row."""
+    b, _, tq, tk = vis.shape
+    alive = np.asarray(vis).any(axis=(1, 2))  # [B, Tk]
+    live = alive[:, tk - tq:] if tq <= tk else np.ones((b, tq), bool)
+    return live if live.any() else np.ones((b, tq), bool)
+
+
+def row_error(a, b, live) -> float:
+    """relative_error over the live rows of [B, H, Tq, d] outputs."""
+    m = np.asarray(live)[:, None, :, None]
+    return relative_error(np.where(m, a, 0.0), np.where(m, b, 0.0))
+
+
 def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float, float]:
     """The calibrated `normaliser`'s per-head parameters minimising the squared error of its
-    output against `target`, from the identity; (values, error before, after)."""
+    output against `target` on the live rows (`live_rows`), from the identity; (values,
+    error before, after)."""
     import torch
 
     from attn_opt.backends.torch.forms import normalise
@@ -93,8 +111,10 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
     pick = np.linspace(0, b - 1, min(b, keep)).round().astype(int)
     s, vis, v, target = (np.asarray(x)[pick] for x in (s, vis, v, target))
     s = np.where(vis, s, 0.0)  # hidden scores do not count, and must not send exp() to inf in the gradient
+    live = live_rows(vis)
     S, V, T = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (s, v, target))
     Vis = torch.from_numpy(np.ascontiguousarray(vis))
+    rows = torch.from_numpy(np.ascontiguousarray(live[:, None, :, None], dtype=np.float32))
     params = {k: torch.tensor(x, dtype=torch.float32, requires_grad=True) for k, x in normaliser.values(h).items()}
 
     def out():
@@ -103,12 +123,12 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
         return w @ V
 
     with torch.no_grad():
-        before = relative_error(out().numpy(), target)  # on the rows fitted
+        before = row_error(out().numpy(), target, live)  # on the rows fitted
     opt = torch.optim.Adam(params.values(), lr=LR)
     scale = T.abs().max().clamp(min=1e-12)
     for _ in range(steps):
         opt.zero_grad()
-        loss = (((out() - T) / scale) ** 2).mean()
+        loss = ((((out() - T) / scale) ** 2) * rows).sum() / rows.sum()
         loss.backward()
         opt.step()
         with torch.no_grad():
@@ -116,7 +136,7 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
                 if k in params:
                     params[k].clamp_(min=low)
     with torch.no_grad():
-        after = relative_error(out().numpy(), target)
+        after = row_error(out().numpy(), target, live)
     return {k: t.detach().numpy().astype(np.float64) for k, t in params.items()}, before, after
 
 
@@ -148,6 +168,18 @@ def _projection(site):
         return None
     w = o.weight.const.T if o.transposed else o.weight.const
     return o.x, np.asarray(w, np.float64)
+
+
+def _lora_data(site, probed, out_new, before_pass: dict, live):
+    """(what the output projection reads now, what it should give: its original output) on
+    the live token rows, or a reason the LoRA cannot be fitted here: what it reads is
+    checked to be the site's output with heads merged."""
+    x = _lora_rows(site, probed, out_new)
+    if isinstance(x, str):
+        return x
+    keep = np.asarray(live).reshape(-1)
+    x_o, w = _projection(site)
+    return x[keep], _original(before_pass, x_o)[keep] @ w
 
 
 def _lora_rows(site, probed, out_new):
@@ -276,22 +308,23 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
 
 
 def _site_output(site, old_site, probed, values: dict):
-    """The site's output with these parameter values on probed values, [B, H, T, dv]."""
+    """(The site's output with these parameter values on probed values, [B, H, T, dv]; its
+    live rows)."""
     from attn_opt.patterns import reference
 
     s, vis, v, _ = site_tensors(site, old_site, probed)
-    return reference.normalise(site.normaliser.calibrate(values), s, vis) @ v
+    return reference.normalise(site.normaliser.calibrate(values), s, vis) @ v, live_rows(vis)
 
 
 def _fit_lora_site(site, old_site, probed, write, rank: int, values: dict, before_pass: dict) -> dict:
     """Fit and write the site's rank-`rank` LoRA on its projection's error (the site's
     parameters at `values`); what it did."""
-    x_w = _projection(site)
-    x = _lora_rows(site, probed, _site_output(site, old_site, probed, values))
-    if isinstance(x, str):
-        return {"rank": rank, "skipped": x}
-    w = x_w[1]
-    want = _original(before_pass, x_w[0]) @ w
+    out, live = _site_output(site, old_site, probed, values)
+    got = _lora_data(site, probed, out, before_pass, live)
+    if isinstance(got, str):
+        return {"rank": rank, "skipped": got}
+    x, want = got
+    w = _projection(site)[1]
     a, b = fit_lora(x, want - x @ w, rank)
     before, after = relative_error(x @ w, want), relative_error(x @ (w + a @ b), want)
     info = {"rank": rank, "error_before": before, "error_after": after, "b_shape": list(b.shape)}
@@ -313,22 +346,23 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, write, before_pass=None)
     for sid, f in fits.items():
         site = sites[sid]
         s, vis, v, target = site_tensors(site, old_sites[sid], probed)
+        live = live_rows(vis)
         if f.values:
             identity = site.normaliser.calibrate(f.start)
-            f.heldout_before = relative_error(reference.normalise(identity, s, vis) @ v, target)
-            f.heldout_after = relative_error(reference.normalise(site.normaliser.calibrate(f.values), s, vis) @ v,
-                                             target)
+            f.heldout_before = row_error(reference.normalise(identity, s, vis) @ v, target, live)
+            f.heldout_after = row_error(reference.normalise(site.normaliser.calibrate(f.values), s, vis) @ v, target,
+                                        live)
             if f.heldout_after > f.heldout_before:
                 f.reverted = True
                 write(sid, f.start)
         info = f.lora or {}
         if info.get("a") is not None:
             n = site.normaliser.calibrate(f.values or f.start)  # the values the held-out run had
-            x = _lora_rows(site, probed, reference.normalise(n, s, vis) @ v)
-            if isinstance(x, str):
+            got = _lora_data(site, probed, reference.normalise(n, s, vis) @ v, before_pass, live)
+            if isinstance(got, str):
                 continue
+            x, want = got
             w = _projection(site)[1]
-            want = _original(before_pass, _projection(site)[0]) @ w
             info["heldout_before"] = relative_error(x @ w, want)
             info["heldout_after"] = relative_error(x @ (w + info["a"] @ info["b"]), want)
             if info["heldout_after"] > info["heldout_before"]:

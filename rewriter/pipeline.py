@@ -354,15 +354,21 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
 
     def measure(refs, f):
         """(worst relative error over the outputs, the order of each output): ||out −
-        original|| / ||original|| (the sites' figure, model-wide); an output's order is the
+        original|| / ||original|| (the sites' figure, model-wide; over the positions an input
+        named like a mask keeps, where an output has them); an output's order is the
         arg-max agreement of logits, else the pair ranking of the batch's rows, pooled over
         the positions an input named like a mask keeps (rewriter/fidelity.py)."""
         if refs is None:
             return None, {}
         outs = steps.outputs_on(model, f)
         same = [k for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
-        errs = [relative_error(np.asarray(outs[k], np.float64), np.asarray(refs[k], np.float64)) for k in same]
         mask = next((v for n, v in f.items() if "mask" in n.lower() and np.ndim(v) == 2), None)  # a padding mask
+
+        def kept(x):  # the positions the padding mask keeps, where an output is [B, T, ...]
+            x = np.asarray(x, np.float64)
+            return x[np.asarray(mask, bool)] if mask is not None and x.shape[:2] == np.shape(mask) else x
+
+        errs = [relative_error(kept(outs[k]), kept(refs[k])) for k in same]
         order = {k: fidelity.compare(refs[k], outs[k], logits=True).top1_agreement if k in logits
                  else fidelity.pair_ranking(refs[k], outs[k], mask) for k in same}
         return (max(errs) if errs else None), {k: o for k, o in order.items() if o is not None}

@@ -195,3 +195,20 @@ def test_pair_ranking_and_what_counts_as_logits(zoo_onnx):
     state = steps.observe(attn_opt.rewriter.ir.onnx.load(str(zoo_onnx("bert-eager", "dynamo"))),
                           {"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 8), np.int64)})
     assert steps.logit_outputs(state) == set()  # hidden states are as wide as weights, not as the vocabulary
+
+
+def test_padding_rows_are_left_out_of_the_fit():
+    """A query row at a padding token (a key no query sees) does not count: data that a
+    temperature explains on the real rows, with noise on the padded ones, is still
+    recovered."""
+    rng = np.random.default_rng(2)
+    s, v = rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((2, 4, 8, 5))
+    vis = np.ones(s.shape, bool)
+    vis[1, :, :, 6:] = False  # the second sequence has two padding tokens
+    assert calibrate.live_rows(vis).tolist() == [[True] * 8, [True] * 6 + [False] * 2]
+    tau = np.array([2.0, 0.5, 1.5, 3.0])
+    target = normalise(Normaliser(), s * tau[None, :, None, None], vis) @ v
+    target[1, :, 6:] = rng.standard_normal((4, 2, 5)) * 10  # whatever padding rows hold
+    values, _, after = calibrate.fit(s, vis, v, target, Normaliser(), steps=2000)
+    assert after <= 1e-4
+    np.testing.assert_allclose(values["temperature"], tau, rtol=1e-3)

@@ -86,7 +86,7 @@ def test_diff_page(browser, zoo_onnx, tmp_path, name, exporter, spec):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", shown[0])
-    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(shown[0])).click()  # details of a changed box
+    WebDriverWait(browser, 60).until(ec.element_to_be_clickable(shown[0])).click()  # details of a changed box
     assert "in:" in browser.find_element(By.ID, "details").text
 
 
@@ -105,7 +105,7 @@ def test_pipeline_page_has_a_tab_per_pass(browser, zoo_onnx, tmp_path):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tabs[1])).click()
+    WebDriverWait(browser, 60).until(ec.element_to_be_clickable(tabs[1])).click()
     assert "gated" in browser.find_element(By.ID, "passinfo").text
 
 

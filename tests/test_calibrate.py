@@ -212,3 +212,16 @@ def test_padding_rows_are_left_out_of_the_fit():
     values, _, after = calibrate.fit(s, vis, v, target, Normaliser(), steps=2000)
     assert after <= 1e-4
     np.testing.assert_allclose(values["temperature"], tau, rtol=1e-3)
+
+
+def test_cli_says_what_calibration_fitted(calib, tmp_path):
+    """The console shows each site's LoRA; a pass with nothing to fit (gated) says so."""
+    src, cal = calib
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "sparse:window=4", "--pass", "gated", "--calibrate", cal, "--lora", "2",
+            "-o", tmp_path / "o.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "LoRA" in r.stdout and "calibration" in r.stdout
+    sparse, gated = json.loads(rep.read_text())["passes"]
+    assert all(s["lora"]["rank"] == 2 for s in sparse["calibration"]["sites"])
+    assert "gated has no parameters --calibrate fits" in gated["calibration"]["note"]

@@ -12,7 +12,8 @@ and values V are probed in the model whose layers before l are already calibrate
 target is the original normaliser and visibility on those same S and V (the site as it
 was before the pass); the parameters are fitted with Adam in torch (CPU, a few hundred
 steps). The LoRA is then fitted in closed form (ridge, reduced rank) on the projection's
-probed input against the original output merged to heads. After the last layer each site
+probed input against what the projection read in the model before the pass. Query rows
+at padding tokens are left out throughout. After the last layer each site
 is checked on the held-out inputs (the pipeline's fidelity inputs): where its error
 there is worse than uncalibrated, the site (or its LoRA) goes back to the identity, and
 the report says so.
@@ -110,7 +111,6 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
     keep = max(1, FIT_ROWS // (h * tq))  # whole sequences, evenly spread, up to FIT_ROWS rows per head group
     pick = np.linspace(0, b - 1, min(b, keep)).round().astype(int)
     s, vis, v, target = (np.asarray(x)[pick] for x in (s, vis, v, target))
-    s = np.where(vis, s, 0.0)  # hidden scores do not count, and must not send exp() to inf in the gradient
     live = live_rows(vis)
     S, V, T = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (s, v, target))
     Vis = torch.from_numpy(np.ascontiguousarray(vis))
@@ -171,42 +171,33 @@ def _projection(site):
 
 
 def _lora_data(site, probed, out_new, before_pass: dict, live):
-    """(what the output projection reads now, what it should give: its original output) on
-    the live token rows, or a reason the LoRA cannot be fitted here: what it reads is
-    checked to be the site's output with heads merged."""
-    x = _lora_rows(site, probed, out_new)
-    if isinstance(x, str):
-        return x
-    keep = np.asarray(live).reshape(-1)
-    x_o, w = _projection(site)
-    return x[keep], _original(before_pass, x_o)[keep] @ w
+    """(what the output projection reads now [rows, D], what it gave in the model before
+    the pass [rows, Dout], W) on the live token rows, or a reason the LoRA cannot be fitted
+    here: what it reads is checked to be the site's output with heads merged. The target
+    is the original model's, so a layer also makes up for what earlier layers still change."""
+    x_value, w = _projection(site)
 
+    def rows(a):
+        a = np.asarray(a, np.float64)
+        return a.reshape(-1, a.shape[-1])
 
-def _lora_rows(site, probed, out_new):
-    """What the output projection reads now, as [rows, D], or a reason the LoRA cannot be
-    fitted here: it is checked to be the site's output with heads merged."""
-    x = probed[_projection(site)[0].name]
-    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    x = rows(probed[x_value.name])
     mine = merged(out_new)
     if x.shape != mine.shape or relative_error(mine, x) > 1e-3:
         return "the output projection does not read the site's output with its heads merged"
-    return x
+    keep = np.asarray(live).reshape(-1)
+    return x[keep], rows(before_pass[x_value.name])[keep] @ w, w
 
 
-def _original(before_pass: dict, x) -> np.ndarray:
-    """What the output projection read in the model before the pass, as [rows, D]: the
-    LoRA's target is the original model's, so a layer also makes up for what earlier
-    layers still change."""
-    a = np.asarray(before_pass[x.name], np.float64)
-    return a.reshape(-1, a.shape[-1])
+def _lora_errors(x, want, w, a, b) -> tuple[float, float]:
+    """The projection's output error without and with the LoRA a·b."""
+    return relative_error(x @ w, want), relative_error(x @ (w + a @ b), want)
 
 
 def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None,
               lora: int = 0, targets=None) -> list[SiteFit]:
     """Fit and write the parameters of every rewritten site of the ONNX model `om` (edited
     in place), layer by layer; `old_sites`: id -> the site before the pass."""
-    import onnx_ir as ir
-
     from attn_opt.rewriter.ir import onnx as onnx_adapter
 
     shaped = onnx_adapter.with_shapes(om)  # the copy the view probes; the values go back to `om` at the end
@@ -214,51 +205,51 @@ def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     missing = [i for i in rewritten if f"attn_opt.{i}.temperature" not in inits]
     if missing:
         raise UserError(f"calibration: the parameters of {', '.join(missing)} are missing after the pass")
-
-    def write(site_id: str, values: dict) -> None:
-        for name, vals in values.items():
-            key = f"attn_opt.{site_id}.{name}"
-            inits[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
-
-    fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, write, progress, lora, targets)
+    fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, writer(shaped), progress, lora,
+                     targets)
     for key in [k for k in inits if k.startswith("attn_opt.") and k.split(".")[1] in rewritten]:
         om.ir.graph.initializers[key].const_value = inits[key].const_value
     return fits
 
 
+def writer(model):
+    """write(site, {name: per-head values}): a site's parameters set in an ONNX model
+    (initializers attn_opt.<site>.<name>) or a GraphModule (nn.Parameters attn_opt_<site>_<name>)."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        def write(site_id: str, values: dict) -> None:
+            with torch.no_grad():
+                for name, vals in values.items():
+                    p = model.get_parameter(f"attn_opt_{site_id}_{name}")
+                    p.copy_(torch.as_tensor(np.asarray(vals), dtype=p.dtype))
+        return write
+
+    import onnx_ir as ir
+
+    inits = model.ir.graph.initializers
+
+    def write(site_id: str, values: dict) -> None:
+        for name, vals in values.items():
+            key = f"attn_opt.{site_id}.{name}"
+            inits[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
+    return write
+
+
 def reset(model, fits: list[SiteFit]) -> None:
     """The sites' parameters back to the identity, their LoRA to zero (an ONNX model or a
     GraphModule)."""
-    import onnx_ir as ir
-    import torch
-
+    write = writer(model)
     for f in fits:
-        values = dict(f.start)
-        if f.lora and "b_shape" in f.lora:
-            values["lora_b"] = np.zeros(f.lora["b_shape"])
-        for name, vals in values.items():
-            if isinstance(model, torch.nn.Module):
-                with torch.no_grad():
-                    model.get_parameter(f"attn_opt_{f.site}_{name}").copy_(torch.as_tensor(vals))
-            else:
-                key = f"attn_opt.{f.site}.{name}"
-                model.ir.graph.initializers[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
+        write(f.site, f.start | ({"lora_b": np.zeros(f.lora["b_shape"])} if f.lora and "b_shape" in f.lora else {}))
 
 
 def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None,
                  lora: int = 0, targets=None):
     """The same on a GraphModule: the parameters are nn.Parameters of the module."""
-    import torch
-
     from attn_opt.rewriter.ir import fx as fx_adapter
 
-    def write(site_id: str, values: dict) -> None:
-        with torch.no_grad():
-            for name, vals in values.items():
-                p = gm.get_parameter(f"attn_opt_{site_id}_{name}")
-                p.copy_(torch.as_tensor(np.asarray(vals), dtype=p.dtype))
-
-    return fit_sites(fx_adapter.view(gm), old_sites, rewritten, calib, heldout, write, progress, lora, targets)
+    return fit_sites(fx_adapter.view(gm), old_sites, rewritten, calib, heldout, writer(gm), progress, lora, targets)
 
 
 def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, write,
@@ -285,20 +276,20 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
         ctx = progress.step(f"calibrate layer {layer}" if layer is not None else f"calibrate {chosen[0].id}") if progress is not None else _Null()
         with ctx:
             probed = gv.probe([x for s in chosen for x in reference.needed(s) + [s.v.value]], calib)
+            tensors = {s.id: site_tensors(s, old_sites[s.id], probed) for s in chosen}
             for s in chosen:
-                tensors = site_tensors(s, old_sites[s.id], probed)
                 n = s.normaliser
-                values, before, after = fit(*tensors, normaliser=n)
+                values, before, after = fit(*tensors[s.id], normaliser=n)
                 start = n.values(s.heads)
                 if after < before:
                     write(s.id, values)
                 fits[s.id] = SiteFit(s.id, s.layer, before, min(after, before), start=start,
                                      values=values if after < before else {})
             mine = [s for s in chosen if s.id in with_lora]
-            if mine:  # with the fitted values written, what the projections now read
-                probed = gv.probe([x for s in mine for x in reference.needed(s) + [s.v.value, _projection(s)[0]]], calib)
+            if mine:  # with the fitted values written, what the projections now read (S and V are upstream)
+                probed = gv.probe([_projection(s)[0] for s in mine], calib)
                 for s in mine:
-                    fits[s.id].lora = _fit_lora_site(s, old_sites[s.id], probed, write, lora,
+                    fits[s.id].lora = _fit_lora_site(s, tensors[s.id], probed, write, lora,
                                                     fits[s.id].values or fits[s.id].start, targets[0])
         for s in chosen:
             fits[s.id].seconds = (time.perf_counter() - t0) / len(chosen)
@@ -307,26 +298,19 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     return [fits[i] for i in rewritten if i in fits]
 
 
-def _site_output(site, old_site, probed, values: dict):
-    """(The site's output with these parameter values on probed values, [B, H, T, dv]; its
-    live rows)."""
+def _fit_lora_site(site, tensors, probed, write, rank: int, values: dict, before_pass: dict) -> dict:
+    """Fit and write the site's rank-`rank` LoRA on its projection's error (the site's
+    parameters at `values`, its `site_tensors`); what it did."""
     from attn_opt.patterns import reference
 
-    s, vis, v, _ = site_tensors(site, old_site, probed)
-    return reference.normalise(site.normaliser.calibrate(values), s, vis) @ v, live_rows(vis)
-
-
-def _fit_lora_site(site, old_site, probed, write, rank: int, values: dict, before_pass: dict) -> dict:
-    """Fit and write the site's rank-`rank` LoRA on its projection's error (the site's
-    parameters at `values`); what it did."""
-    out, live = _site_output(site, old_site, probed, values)
-    got = _lora_data(site, probed, out, before_pass, live)
+    s, vis, v, _ = tensors
+    out = reference.normalise(site.normaliser.calibrate(values), s, vis) @ v
+    got = _lora_data(site, probed, out, before_pass, live_rows(vis))
     if isinstance(got, str):
         return {"rank": rank, "skipped": got}
-    x, want = got
-    w = _projection(site)[1]
+    x, want, w = got
     a, b = fit_lora(x, want - x @ w, rank)
-    before, after = relative_error(x @ w, want), relative_error(x @ (w + a @ b), want)
+    before, after = _lora_errors(x, want, w, a, b)
     info = {"rank": rank, "error_before": before, "error_after": after, "b_shape": list(b.shape)}
     if after < before:
         write(site.id, {"lora_a": a, "lora_b": b})
@@ -361,10 +345,8 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, write, before_pass=None)
             got = _lora_data(site, probed, reference.normalise(n, s, vis) @ v, before_pass, live)
             if isinstance(got, str):
                 continue
-            x, want = got
-            w = _projection(site)[1]
-            info["heldout_before"] = relative_error(x @ w, want)
-            info["heldout_after"] = relative_error(x @ (w + info["a"] @ info["b"]), want)
+            x, want, w = got
+            info["heldout_before"], info["heldout_after"] = _lora_errors(x, want, w, info["a"], info["b"])
             if info["heldout_after"] > info["heldout_before"]:
                 info["reverted"] = True
                 write(sid, {"lora_b": np.zeros_like(info["b"])})

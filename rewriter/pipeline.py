@@ -160,9 +160,8 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
     if p.needs_diagnostics() and chosen:
         from attn_opt.patterns.diagnostics import for_pass
 
-        on = next((f for f in (choose_on, feeds) if f is not None), None)
-        diag = for_pass(state.view, chosen, on if on is not None else state.view.sample_inputs(),
-                        getattr(p, "window", None))
+        on = next((f for f in (choose_on, feeds) if f is not None), None) or state.view.sample_inputs()
+        diag = for_pass(state.view, chosen, on, getattr(p, "window", None))
     rewritten, notes = [], []
     for site in chosen:
         reason = p.skip_reason(site)

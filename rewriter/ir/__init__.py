@@ -29,8 +29,14 @@ def _load_pt2(path: Path) -> Loaded:
     log = logging.getLogger("torch.export")  # it logs a traceback before raising
     level = log.level
     log.setLevel(logging.CRITICAL)
+    from attn_opt.rewriter.ir.pt2_vet import guarded, vet
+
+    vet(path)  # refuses what would run code from the file, before torch reads it
     try:
-        ep = torch.export.load(str(path))
+        with guarded():
+            ep = torch.export.load(str(path))
+    except UserError:
+        raise
     except Exception as e:
         first = first_line(e)
         raise UserError(f"{path} is not a readable torch.export program ({first})") from None

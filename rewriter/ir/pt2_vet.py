@@ -159,8 +159,8 @@ def _vet_target(path, target: str) -> None:
         ok = rest in MATH_OK
     elif mod == "torch" and rest in TORCH_SYM_OK:
         ok = True
-    elif target.startswith("torch.ops.") and "__" not in target:
-        obj = torch.ops
+    elif target.startswith("torch.ops.") and all(p.isidentifier() for p in target.split(".")):
+        obj = torch.ops  # getattr only: resolving a name calls nothing
         for part in target.split(".")[2:]:
             obj = getattr(obj, part, None)
             if obj is None:

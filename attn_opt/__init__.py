@@ -11,7 +11,7 @@ from typing import Any
 
 from attn_opt.patterns.detect import Detection, detect
 from attn_opt.patterns.site import AttentionSite, NearMiss
-from attn_opt.rewriter.errors import NotSupported, UserError
+from attn_opt.core.errors import NotSupported, UserError
 
 __all__ = ["inspect", "optimize", "heal", "backend", "Detection", "AttentionSite", "NearMiss", "UserError", "NotSupported"]
 __version__ = "0.1.0"
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
     """Find every attention site in `model`; `near_misses` says why each other softmax is not one."""
-    from attn_opt.rewriter.ir import load
+    from attn_opt.core.ir import load
 
     loaded = load(model, example_inputs)
     return detect(loaded.view, feeds=feeds)
@@ -39,8 +39,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     inputs to fit each rewritten site's per-head parameters on, as `--calibrate`; `lora`: the
     rank of an output-projection correction fitted with them, as `--lora`.
     """
-    from attn_opt.rewriter.ir import load
-    from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
+    from attn_opt.core.ir import load
+    from attn_opt.pipeline.run import parse_chain, run_pipeline
 
     chain = parse_chain(passes)
     options = dict(layers=set(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
@@ -49,8 +49,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
         options["lora"] = lora
     loaded = load(model, example_inputs)
     if loaded.ir == "onnx":
-        from attn_opt.rewriter.inputs import checked_feeds, feeds_from_npz, make_inputs
-        from attn_opt.rewriter.ir import onnx as onnx_adapter
+        from attn_opt.core.inputs import checked_feeds, feeds_from_npz, make_inputs
+        from attn_opt.core.ir import onnx as onnx_adapter
 
         specs = onnx_adapter.input_specs(loaded.view)
         feeds = feeds or make_inputs(specs)
@@ -62,14 +62,14 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
         return run_pipeline(loaded.native if isinstance(model, (str, os.PathLike)) else model, chain, feeds, **options)
     import torch
 
-    from attn_opt.rewriter.fx_pipeline import run_fx_pipeline
+    from attn_opt.pipeline.fx_pipeline import run_fx_pipeline
 
     if example_inputs is None and feeds is None:
         example_inputs = tuple(torch.from_numpy(v) for v in loaded.view.sample_inputs().values())
     reference = model if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule) else None
     if calibrate is not None:  # the program's own (static) input shapes
-        from attn_opt.rewriter.inputs import checked_feeds, read_npz
-        from attn_opt.rewriter.ir import fx as fx_adapter
+        from attn_opt.core.inputs import checked_feeds, read_npz
+        from attn_opt.core.ir import fx as fx_adapter
 
         data = read_npz(calibrate) if isinstance(calibrate, str) else calibrate
         options["calibrate"] = checked_feeds(fx_adapter.input_specs(loaded.view), data, "calibrate")
@@ -80,13 +80,13 @@ def heal(gm, data: dict, reference, steps: int = 200, lr: float = 1e-2) -> dict:
     """Distil a rewritten GraphModule towards `reference` (the original module) on `data`
     (input name -> array), training only the parameters attn-opt added (calibration's
     per-head affine, sink logits, gates); returns the loss before and after."""
-    from attn_opt.rewriter.calibrate import heal as run
+    from attn_opt.pipeline.calibrate import heal as run
 
     return run(gm, data, reference, steps, lr)
 
 
 def backend(passes=("fuse",), check: bool = True, inner: str = "inductor"):
     """A torch.compile backend: torch.compile(m, backend=attn_opt.backend(passes=[...]))."""
-    from attn_opt.backends.torch.compile import backend as make
+    from attn_opt.compile import backend as make
 
     return make(passes, check, inner)

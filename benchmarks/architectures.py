@@ -43,7 +43,7 @@ import transformers
 from _report import RESULTS, write
 
 import attn_opt
-from attn_opt.rewriter.errors import first_line
+from attn_opt.core.errors import first_line
 from attn_opt.tools import zoo
 
 CACHE = Path(os.environ.get("ATTN_OPT_CACHE", Path.home() / ".cache" / "attn-opt")) / "arch"

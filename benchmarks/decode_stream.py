@@ -46,8 +46,8 @@ def build(folder: Path) -> tuple[Path, Path, Path]:
     assert report.passes[0].sites_rewritten, report.passes[0].sites_skipped
     out.save(stream)
     gqa_local_window(dense, peer, WINDOW)
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.ir.onnx_decode import compare, loop_of
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import compare, loop_of
 
     om, _, gv = onnx_adapter.load_view(str(dense))
     loop = loop_of(gv, onnx_adapter.input_specs(gv))
@@ -66,7 +66,7 @@ def gqa_local_window(src: Path, dst: Path, window: int) -> None:
     from attn_opt.backends.onnx.edit import MS, SiteEdit, ensure_opset, sweep
     from attn_opt.patterns.cache import new_part
     from attn_opt.patterns.detect import detect
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.core.ir import onnx as onnx_adapter
 
     om, model, gv = onnx_adapter.load_view(str(src))
     for site in detect(gv).sites:
@@ -97,8 +97,8 @@ def one(model: str, length: int) -> dict:
     """Decode STEPS tokens after a cache of length - 1 (capped as the model caps it)."""
     import psutil
 
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.ir.onnx_decode import Stepper, loop_of
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import Stepper, loop_of
 
     proc = psutil.Process()
     base = proc.memory_info().rss

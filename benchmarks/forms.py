@@ -20,9 +20,9 @@ import onnx
 from _report import write
 
 from attn_opt import passes
-from attn_opt.rewriter.inputs import make_inputs
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import run_pipeline
+from attn_opt.core.inputs import make_inputs
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import run_pipeline
 from attn_opt.tools import zoo
 
 MODELS = [("bert-eager", "dynamo", {"input_ids": (2, 32), "attention_mask": (2, 32)}),

@@ -27,8 +27,8 @@ import torch
 from _report import RESULTS, write
 from real_weights import Encoder, embed, load_minilm, sentences, spearman
 
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import parse_chain, run_pipeline
 from attn_opt.tools import zoo
 
 FORMS = ["softplus", "sigmoid", "sinkfree:mode=relu", "sinkfree:mode=redistribute,alpha=0.5", "sparse:window=16",

@@ -29,8 +29,8 @@ from _report import RESULTS, write
 from attn_opt import passes
 from attn_opt.patterns.detect import detect
 from attn_opt.patterns.diagnostics import diagnose
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import run_pipeline
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import run_pipeline
 from attn_opt.tools import zoo
 
 WINDOWS = (8, 16, 32, 64)

@@ -31,9 +31,9 @@ from torch import nn
 from attn_opt.backends.onnx.edit import MS, SiteEdit, ensure_opset, sweep
 from attn_opt.passes.sparse import Sparse
 from attn_opt.patterns.detect import detect
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.ir import onnx_flops
-from attn_opt.rewriter.pipeline import apply_pass
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.core.ir import onnx_flops
+from attn_opt.pipeline.run import apply_pass
 from attn_opt.tools import zoo
 
 RESULTS = Path(__file__).parent / "results"

@@ -14,7 +14,7 @@ import torch
 import attn_opt
 from attn_opt.patterns.form import Normaliser
 from attn_opt.patterns.reference import normalise
-from attn_opt.rewriter import calibrate
+from attn_opt.pipeline import calibrate
 from attn_opt.tools import zoo
 from test_pipeline import cli
 
@@ -56,8 +56,8 @@ def test_fit_recovers_each_forms_own_parameter(kind, name, truth):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, zoo_onnx):
-    from attn_opt.rewriter.inputs import make_inputs
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
+    from attn_opt.core.inputs import make_inputs
+    from attn_opt.core.ir import onnx as onnx_adapter
 
     src = zoo_onnx("bert-eager", "dynamo")
     f = make_inputs(onnx_adapter.input_specs(onnx_adapter.view(onnx_adapter.load(str(src)))),
@@ -178,8 +178,8 @@ def test_lora_on_torch_is_trained_by_heal():
 
 
 def test_pair_ranking_and_what_counts_as_logits(zoo_onnx):
-    from attn_opt.rewriter import fidelity
-    from attn_opt.rewriter.ir.onnx_steps import OnnxSteps
+    from attn_opt.core import fidelity
+    from attn_opt.pipeline.onnx_steps import OnnxSteps
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((6, 5, 8))
@@ -192,7 +192,7 @@ def test_pair_ranking_and_what_counts_as_logits(zoo_onnx):
     assert fidelity.pair_ranking(ref, noisy) < 0.99
     assert fidelity.pair_ranking(ref[:2], ref[:2]) is None
     steps = OnnxSteps()
-    state = steps.observe(attn_opt.rewriter.ir.onnx.load(str(zoo_onnx("bert-eager", "dynamo"))),
+    state = steps.observe(attn_opt.core.ir.onnx.load(str(zoo_onnx("bert-eager", "dynamo"))),
                           {"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 8), np.int64)})
     assert steps.logit_outputs(state) == set()  # hidden states are as wide as weights, not as the vocabulary
 

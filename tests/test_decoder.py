@@ -148,8 +148,8 @@ def test_a_sink_logit_step_fuses_to_head_sink(step_onnx, tmp_path):
 
 def test_the_loop_is_the_models_own_greedy_decoding(step_onnx):
     """ONNX Runtime's loop (cache fed back) picks the tokens torch's step module picks."""
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.ir.onnx_decode import generate, loop_of
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import generate, loop_of
 
     om, _, gv = onnx_adapter.load_view(str(step_onnx("llama", "torchscript")))
     prompt = np.array([[5, 6, 7, 8]])
@@ -198,8 +198,8 @@ def test_bad_decoder_inputs(step_onnx, tmp_path):
 def test_stream_caps_the_cache_and_is_exact_while_it_fits(step_onnx, tmp_path, name, exporter):
     """stream:sinks=2,window=6: present holds 8 positions however long the loop runs;
     the logits equal the dense step's while prompt + generated tokens fit in 8."""
-    from attn_opt.rewriter.ir import onnx as onnx_adapter
-    from attn_opt.rewriter.ir.onnx_decode import compare, loop_of
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import compare, loop_of
 
     src, out, rep = step_onnx(name, exporter), tmp_path / "s.onnx", tmp_path / "r.json"
     r = cli(src, "--pass", "stream:sinks=2,window=6", "-o", out, "--report", rep)

@@ -9,7 +9,7 @@ from torch import fx
 
 import attn_opt
 from attn_opt.patterns.detect import detect
-from attn_opt.rewriter.ir import fx as fxa
+from attn_opt.core.ir import fx as fxa
 from attn_opt.tools import zoo
 from test_detect_onnx import check_sites
 from variants import VARIANTS

@@ -14,7 +14,7 @@ import torch
 
 import attn_opt
 from attn_opt.patterns.diagnostics import head_stats, probabilities
-from attn_opt.rewriter.ir import load
+from attn_opt.core.ir import load
 from attn_opt.tools import zoo
 
 

@@ -17,7 +17,7 @@ import torch
 
 import attn_opt
 from attn_opt import passes
-from attn_opt.rewriter.errors import UserError
+from attn_opt.core.errors import UserError
 from attn_opt.tools import zoo
 from test_pipeline import cli
 

@@ -174,7 +174,7 @@ def test_heads_in_batch_families(folded, tmp_path, cls, exporter):
 def test_heads_in_batch_on_torch(folded, cls, spec):
     """On torch.fx (BLOOM's baddbmm scores included) every pass takes the 3-D layout and
     computes what the ONNX lowering computes on the dynamo export of the same weights."""
-    from attn_opt.rewriter.pipeline import parse_chain, run_pipeline
+    from attn_opt.pipeline.run import parse_chain, run_pipeline
 
     cfg, kw, _ = FOLDED[cls]
     model = zoo._Text(zoo._hf(cls, cfg, "eager", **kw))

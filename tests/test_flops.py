@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.utils.flop_counter import FlopCounterMode
 
-from attn_opt.rewriter.ir import onnx_flops
+from attn_opt.core.ir import onnx_flops
 from attn_opt.tools import zoo
 from onnx_attention import attention_model, feeds
 

@@ -9,9 +9,9 @@ import pytest
 
 from attn_opt import passes
 from attn_opt.patterns import reference as forms
-from attn_opt.rewriter.errors import UserError
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import apply_pass
+from attn_opt.core.errors import UserError
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import apply_pass
 from onnx_attention import attention_model, feeds, reference
 
 MODELS = {  # name: (model kwargs, feed kwargs)
@@ -78,7 +78,7 @@ def test_gated_is_exact_at_insertion(variant_onnx):
         for k in a:
             assert np.array_equal(a[k], b[k])  # bitwise: σ(30) is exactly 1 in fp32
         extra = 32 * 4 + 4 if mode == "headwise" else 32 * 32 + 32
-        from attn_opt.rewriter.ir.onnx_flops import params
+        from attn_opt.core.ir.onnx_flops import params
         assert params(new) == params(proto) + extra
 
 
@@ -131,7 +131,7 @@ def test_gated_weights_wrong_shape(variant_onnx, tmp_path):
 
 def test_compose_sparse_softplus_gated():
     """The three passes rewrite the same site in turn: window × softplus, then a gate."""
-    from attn_opt.rewriter.ir.onnx_flops import count
+    from attn_opt.core.ir.onnx_flops import count
 
     model = attention_model(causal=True)
     f = feeds()

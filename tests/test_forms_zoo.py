@@ -10,10 +10,10 @@ import pytest
 from attn_opt import passes
 from attn_opt.patterns import reference
 from attn_opt.patterns.detect import detect
-from attn_opt.rewriter import fidelity
-from attn_opt.rewriter.inputs import make_inputs
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import apply_pass, run_pipeline
+from attn_opt.core import fidelity
+from attn_opt.core.inputs import make_inputs
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import apply_pass, run_pipeline
 from attn_opt.tools import zoo
 
 

@@ -10,9 +10,9 @@ import pytest
 import attn_opt
 from attn_opt import passes
 from attn_opt.patterns.mlp import mlp_blocks
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.pipeline import run_pipeline
-from attn_opt.rewriter.inputs import make_inputs
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.pipeline.run import run_pipeline
+from attn_opt.core.inputs import make_inputs
 
 
 def _feeds(proto):

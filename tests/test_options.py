@@ -11,7 +11,7 @@ import pytest
 
 import attn_opt
 from attn_opt import passes
-from attn_opt.rewriter.errors import UserError
+from attn_opt.core.errors import UserError
 from test_pipeline import cli
 
 BOUNDED = [(name, f) for name, cls in sorted(passes.REGISTRY.items()) for f in dataclasses.fields(cls)

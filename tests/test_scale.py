@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attn_opt
-from attn_opt.rewriter.ir.onnx_model import OnnxModel
+from attn_opt.core.ir.onnx_model import OnnxModel
 from attn_opt.tools import zoo
 from test_pipeline import cli, digest
 
@@ -81,7 +81,7 @@ def test_inline_model_weights_stay_in_the_file(tmp_path, monkeypatch):
     ModelProto held in memory has its weights moved once to a temporary file instead."""
     from onnx.external_data_helper import uses_external_data
 
-    from attn_opt.rewriter.ir import onnx_model
+    from attn_opt.core.ir import onnx_model
 
     monkeypatch.setattr(onnx_model, "SPILL_MODEL_BYTES", 1)  # every model counts as large
     model, args, names = zoo.MODELS["bert-eager"].build()
@@ -146,8 +146,8 @@ def test_check_sites_catches_a_wrong_lowering(external_model):
     """A site check that cannot fail is worth nothing: break fuse's scale, see it caught."""
     import onnx_ir as ir
 
-    from attn_opt.rewriter.ir import onnx_steps
-    from attn_opt.rewriter.ir.onnx_segments import check_sites
+    from attn_opt.pipeline import onnx_steps
+    from attn_opt.core.ir.onnx_segments import check_sites
     from attn_opt import passes
 
     src, _ = external_model
@@ -157,7 +157,7 @@ def test_check_sites_catches_a_wrong_lowering(external_model):
     state = steps.observe(om, feeds)
     state = steps.prepare(state, passes.parse("fuse:target=onnx"), feeds)
     before = steps.snapshot(state)
-    from attn_opt.rewriter.pipeline import rewrite
+    from attn_opt.pipeline.run import rewrite
 
     rewrite(steps, state, passes.parse("fuse:target=onnx"))
     for n in state.model.ir.graph:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from attn_opt import passes
-from attn_opt.rewriter.ir import onnx as onnx_adapter
-from attn_opt.rewriter.ir import onnx_flops
-from attn_opt.rewriter.pipeline import apply_pass
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.core.ir import onnx_flops
+from attn_opt.pipeline.run import apply_pass
 from onnx_attention import attention_model, feeds, reference
 
 CASES = [  # (spec, model kwargs)
@@ -114,7 +114,7 @@ def test_flops_fall_with_length():
     ("sparsity:window=8", "unknown pass"),
 ])
 def test_bad_specs(spec, msg):
-    from attn_opt.rewriter.errors import UserError
+    from attn_opt.core.errors import UserError
 
     with pytest.raises(UserError, match=msg):
         passes.parse(spec)

@@ -14,7 +14,7 @@ from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.visible import pattern_visible as onnx_visible
 from attn_opt.backends.torch.forms import pattern_visible as torch_visible
 from attn_opt.patterns.form import Pattern
-from attn_opt.rewriter.ir import onnx as onnx_adapter
+from attn_opt.core.ir import onnx as onnx_adapter
 
 PATTERNS = {
     "window": Pattern("window", False, 5, 8),

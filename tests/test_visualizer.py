@@ -64,7 +64,7 @@ def open_page(driver, path: Path, shot: Path):
 def test_diff_page(browser, zoo_onnx, tmp_path, name, exporter, spec):
     from selenium.webdriver.common.by import By
 
-    from attn_opt.rewriter.ir import load
+    from attn_opt.core.ir import load
     from attn_opt.tools import zoo
     from attn_opt.tools.diff import diff_views
 

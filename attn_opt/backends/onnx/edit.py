@@ -1,0 +1,172 @@
+"""Building rewrites on an onnx_ir model: one `SiteEdit` per site collects the new nodes
+(tagged with the site id, so FLOP counts and the diff know them), inserts them after
+the site's last node and rewires the site's output; dead nodes go in one sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+from attn_opt.patterns.site import AttentionSite, Operand
+from attn_opt.core.graph import EPILOGUE_TAG, PASS_TAG, SITE_TAG
+
+MS = "com.microsoft"
+# site dtypes the form lowerings compute in float32, and their ONNX types
+LOW_PRECISION = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16, "float64": ir.DataType.DOUBLE}
+
+
+class SiteEdit:
+    def __init__(self, model: ir.Model, site: AttentionSite, pass_name: str, part: str = ""):
+        self.model, self.site, self.pass_name = model, site, pass_name
+        self.prefix = f"attn_opt/{site.id}/{pass_name}" + (f"/{part}" if part else "")  # node names: unique per edit
+        self.nodes: list[ir.Node] = []
+        self._n = 0
+        self.diagnostics = None  # head statistics of this site, for passes that ask for them
+        self.in_fp32 = False  # set by lowerings that compute a fp16/bf16 site in float32
+        self.epilogue = False  # the new nodes read the site's output (a gate); they are not the site
+
+    def site_dtype(self) -> str | None:
+        return self.site.output.dtype or self.site.q.value.dtype
+
+    def compute_in_fp32(self) -> str | None:
+        """Compute this site in float32 (its values are cast in, the result cast back);
+        a note to say so when the site is fp16/bf16/fp64, else None."""
+        dt = self.site_dtype()
+        self.in_fp32 = dt in LOW_PRECISION
+        return f"computed in float32 inside the {dt} model" if self.in_fp32 else None
+
+    def value(self, v) -> ir.Value:
+        """A site value as the lowering computes with it (cast to float32 if so; a term
+        added to 3-D heads-in-batch scores viewed as [B, H, ·, ·])."""
+        x = v.native
+        if self.in_fp32 and (v.dtype in LOW_PRECISION):
+            x = self.op("Cast", [x], {"to": ir.DataType.FLOAT})
+        if v.name in self.site.folded_terms:
+            x = self.unfold(x, self.site.heads)
+        return x
+
+    def unfold(self, x: ir.Value, heads: int) -> ir.Value:
+        """[B*H, a, b] -> [B, H, a, b]."""
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(1), self.ints(3), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1, heads), rest], {"axis": 0})])
+
+    def fold(self, x: ir.Value) -> ir.Value:
+        """[B, H, a, b] -> [B*H, a, b] (the layout of a heads-in-batch site's output)."""
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(2), self.ints(4), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1), rest], {"axis": 0})])
+
+    def back(self, x: ir.Value) -> ir.Value:
+        """A float32 result back in the site's dtype."""
+        if self.in_fp32:
+            return self.op("Cast", [x], {"to": LOW_PRECISION[self.site_dtype()]})
+        return x
+
+    def _name(self, op: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{op}_{self._n}"
+
+    def op(self, op_type: str, inputs, attrs: dict | None = None, domain: str = "", outputs: int = 1):
+        tags = {SITE_TAG: self.site.id, PASS_TAG: self.pass_name} | ({EPILOGUE_TAG: "1"} if self.epilogue else {})
+        node = ir.Node(domain, op_type, list(inputs), attributes=_attrs(attrs or {}), num_outputs=outputs,
+                       name=self._name(op_type), metadata_props=tags)
+        for i, o in enumerate(node.outputs):
+            o.name = f"{node.name}:{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else node.outputs
+
+    def const(self, value, dtype=None) -> ir.Value:
+        arr = np.asarray(value, dtype=dtype)
+        return self.op("Constant", [], {"value": ir.tensor(arr)})
+
+    def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
+        """A new weight of the model (so it shows in parameter counts and can be trained)."""
+        name = f"attn_opt.{self.site.id}.{suffix}"
+        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
+        self.model.graph.register_initializer(v)
+        return v
+
+    def ints(self, *values: int) -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def bhsd(self, operand: Operand) -> ir.Value:
+        """The operand as [B, H, S, D] (one Transpose where its layout differs)."""
+        v = self.value(operand.value)
+        if operand.packed:
+            raise ValueError("packed [B, S, H*D] operand")
+        v = self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
+        return self.unfold(v, operand.fold) if operand.fold else v
+
+    def shape_dim(self, value: ir.Value, axis: int) -> ir.Value:
+        """Size of one axis as a 1-element int64 tensor (Shape then Gather: valid at every
+        opset, where Shape's start/end need opset 15)."""
+        return self.op("Gather", [self.op("Shape", [value]), self.ints(axis)], {"axis": 0})
+
+    def commit(self, new_output: ir.Value, folded: bool = False) -> None:
+        """Insert the new nodes after the site's last node and use `new_output` for its output
+        (a heads-in-batch site's output goes back to [B*H, Tq, dv] unless already `folded`)."""
+        if self.site.q.fold and not folded:
+            new_output = self.fold(new_output)
+        self.commit_value(self.site.output.native, new_output)
+
+    def commit_output(self, old: ir.Value, new_output: ir.Value, shape: ir.Shape | None = None) -> None:
+        """Insert the new nodes after `old`'s producer and return `new_output` (of `shape`,
+        default `old`'s) as the graph output `old` was, under its name; `old`'s other uses stay."""
+        graph = self.model.graph
+        graph.insert_after(old.producer(), self.nodes)
+        i = next(i for i, v in enumerate(graph.outputs) if v is old)
+        name = old.name
+        old.name = f"{name}__full"
+        new_output.name, new_output.type = name, old.type
+        new_output.shape = shape if shape is not None else old.shape
+        graph.outputs[i] = new_output
+
+    def replace_output(self, name: str, new_output: ir.Value) -> None:
+        """`new_output` (computed by nodes already inserted) becomes the graph output `name`."""
+        graph = self.model.graph
+        i = next(i for i, v in enumerate(graph.outputs) if v.name == name)
+        old = graph.outputs[i]
+        old.name = f"{name}__replaced"
+        new_output.name, new_output.type, new_output.shape = name, old.type, old.shape
+        graph.outputs[i] = new_output
+
+    def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:
+        """Insert the new nodes after `old`'s producer and use `new_output` in its place."""
+        graph = self.model.graph
+        anchor = old.producer()
+        graph.insert_after(anchor, self.nodes)
+        was_output = old.is_graph_output()
+        name = old.name
+        ours = {id(n) for n in self.nodes}
+        keep = [(u.node, u.idx) for u in old.uses() if id(u.node) in ours]  # e.g. a gate reading O
+        old.replace_all_uses_with(new_output, replace_graph_outputs=True)
+        for node, idx in keep:
+            node.replace_input_with(idx, old)
+        if was_output:
+            old.name = f"{name}__replaced"
+            new_output.name = name
+        if old.type is not None and new_output.type is None:
+            new_output.type = old.type
+
+
+def _attrs(attrs: dict) -> list:
+    out = []
+    for k, v in attrs.items():
+        if v is None:
+            continue
+        out.append(ir.Attr(k, ir.AttributeType.TENSOR, v) if isinstance(v, ir.TensorProtocol)
+                   else ir.convenience.convert_attribute(k, v))
+    return out
+
+
+def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
+    have = model.opset_imports.get(domain)
+    if have is None or have < version:
+        model.opset_imports[domain] = version
+        model.graph.opset_imports[domain] = version
+
+
+def sweep(model: ir.Model) -> None:
+    RemoveUnusedNodesPass()(model)
+    RemoveUnusedOpsetsPass()(model)

@@ -1,0 +1,317 @@
+"""Lower a site's `Form` (patterns/form.py) on torch.fx: calls inserted into the
+GraphModule, built from the AttentionSite record (the same record the ONNX lowering reads).
+
+fused: one `F.scaled_dot_product_attention`. A pattern × normaliser form: one call to
+`backends.torch.forms.attention` carrying the form record, so the next pass can read the
+site back (trained values, like sink logits, are nn.Parameters). A gate: an `nn.Linear`
+registered on the module (trainable). Collapsed weights: one call to
+`backends.torch.forms.collapsed` with the matrices as nn.Parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.mlp import mlp_blocks
+from attn_opt.patterns.record import form_record
+from attn_opt.patterns.site import AttentionSite, Operand
+from attn_opt.core.errors import NotSupported
+from attn_opt.core.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG
+
+HIDE = -1e30  # a hidden key's bias: finite, so a row hidden completely gets uniform weights
+
+
+def _node(v, graph: fx.Graph):
+    """An fx node (or a literal) for a view Value."""
+    if v.native is not None:
+        return v.native
+    arr = v.const
+    return arr.item() if arr is not None and arr.size == 1 else torch.as_tensor(arr)
+
+
+def _bhsd(op: Operand, graph: fx.Graph):
+    x = _node(op.value, graph)
+    x = graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
+    return graph.call_method("unflatten", (x, 0, (-1, op.fold))) if op.fold else x  # [B*H, S, D] -> 4-D
+
+
+def _term(site: AttentionSite, t, graph: fx.Graph):
+    """An additive term; one added to 3-D heads-in-batch scores viewed as [B, H, ·, ·]."""
+    x = _node(t, graph)
+    return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
+
+
+def _filled(site: AttentionSite) -> tuple[int, ...]:
+    """Indices of the additive terms added after the boolean mask's fill."""
+    return tuple(i for i, t in enumerate(site.additive) if t.name in site.filled_terms)
+
+
+def _refold(site: AttentionSite, new, graph: fx.Graph):
+    """A heads-in-batch site's output back to [B*H, Tq, dv]."""
+    return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
+
+
+def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
+    """Emit `form` for `site` in place of its nodes; a note for the report."""
+    if form.stream is not None:
+        raise NotSupported("stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
+                           "DynamicCache object the graph does not return, so it is not lowered there yet")
+    if form.fused:
+        return fuse_site(gm, site)
+    if form.gate is not None:
+        return gate(gm, site, form.gate)
+    if form.collapse is not None:
+        return emit_collapse(gm, site, form.collapse)
+    note = emit_form(gm, site, form.pattern, form.normaliser)
+    if form.lora:
+        note = "; ".join(n for n in (note, lora(gm, site, form.lora)) if n)
+    return note
+
+
+def lora(gm: fx.GraphModule, site: AttentionSite, rank: int) -> str:
+    """y = x W_o (+ b) becomes y + (x A) B after the site's output projection, A and B
+    nn.Parameters (B zero: the function is unchanged until calibration or heal fits them)."""
+    o = site.out_projection
+    if o is None:
+        return "no LoRA: no output projection with constant weights reads this site"
+    w = o.weight.const
+    d_in, d_out = (w.shape[1], w.shape[0]) if o.transposed else w.shape
+    g = gm.graph
+    y = next(n for n in g.nodes if n.name == o.node)
+    names = (f"attn_opt_{site.id}_lora_a", f"attn_opt_{site.id}_lora_b")
+    init = (torch.randn(d_in, rank, generator=torch.Generator().manual_seed(0)) / math.sqrt(d_in),
+            torch.zeros(rank, d_out))
+    for name, t in zip(names, init):
+        gm.register_parameter(name, torch.nn.Parameter(t.to(torch.float32)))
+    x = o.x.native
+    with g.inserting_after(y):
+        a = g.get_attr(names[0])
+    with g.inserting_after(a):
+        b = g.get_attr(names[1])
+    with g.inserting_after(b):
+        xf = g.call_function(_as_float, (x,))
+    with g.inserting_after(xf):
+        xa = g.call_function(torch.matmul, (xf, a))
+    with g.inserting_after(xa):
+        xab = g.call_function(torch.matmul, (xa, b))
+    with g.inserting_after(xab):
+        new = g.call_function(_add_like, (y, xab))
+    for n in (a, b, xf, xa, xab, new):
+        n.meta.update({SITE_TAG: site.id, EPILOGUE_TAG: "1"})
+    new.meta.update({k: y.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in y.meta})
+    y.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return f"LoRA rank {rank} on the output projection {o.node} (zero until calibrated)"
+
+
+def _as_float(x):
+    return x.float()
+
+
+def _add_like(y, delta):
+    """y + delta in y's dtype."""
+    return y + delta.to(y.dtype)
+
+
+def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
+    """Replace one eager site by scaled_dot_product_attention (exact); a soft-capped site,
+    or one with a sink logit (which fuse lets through for ONNX's GroupQueryAttention),
+    neither of which SDPA can express, by one call of the dense form."""
+    if site.normaliser.kind == "logit":
+        emit_form(gm, site, None, site.normaliser)
+        return f"one call of the dense form with its {site.normaliser.describe()} (SDPA has no sink logit)"
+    if site.softcap:
+        emit_form(gm, site, None, Normaliser())
+        return f"one call of the dense form with soft-cap {site.softcap:g} (SDPA has no soft-cap)"
+    g = gm.graph
+    out = site.output.native
+    with g.inserting_before(out):
+        q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
+        mask = None
+        for term in site.additive:
+            t = _term(site, term, g)
+            mask = t if mask is None else g.call_function(operator.add, (mask, t))
+        if site.bool_mask is not None:
+            keep = _node(site.bool_mask, g)
+            keep = g.call_method("bool", (keep,))
+            if not site.bool_keep:
+                keep = g.call_function(torch.logical_not, (keep,))
+            fill = site.mask_value
+            if mask is None and (fill is None or not math.isfinite(fill)):
+                mask = keep
+            else:  # hidden keys get a finite fill, so a row hidden completely is uniform as in the original
+                low = max(fill, HIDE) if fill is not None and math.isfinite(fill) else HIDE
+                after = [_term(site, t, g) for t in site.additive if t.name in site.filled_terms]
+                if after and fill is not None and math.isfinite(fill):  # fill + later terms may overflow: hidden for good
+                    total = after[0]
+                    for t in after[1:]:
+                        total = g.call_function(operator.add, (total, t))
+                    dead = g.call_function(torch.isinf, (g.call_function(operator.add, (total, fill)),))
+                    low = g.call_method("type_as", (g.call_function(torch.where, (dead, -math.inf, low)), total))
+                mask = g.call_function(torch.where, (keep, mask if mask is not None else 0.0, low))
+        causal = site.mask == "causal"
+        kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
+        if site.gqa:
+            kwargs["enable_gqa"] = True
+        new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
+    out.replace_all_uses_with(new)
+    new.meta[SITE_TAG] = site.id
+    covered = set(site.nodes)
+    for n in list(g.nodes):  # export's metadata assertions on the replaced nodes go with them
+        if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
+            g.erase_node(n)
+    new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+    return "scaled_dot_product_attention"
+
+
+def erase_dead(g: fx.Graph, names: set[str]) -> None:
+    """Erase the named nodes once nothing uses them, and export's metadata assertions on them.
+    Dead-code elimination alone keeps them: dropout counts as impure."""
+    for n in reversed(list(g.nodes)):
+        asserting = "_assert" in str(n.target) and any(getattr(a, "name", None) in names for a in n.args)
+        if (asserting or (n.name in names and n.op == "call_function")) and not n.users:
+            g.erase_node(n)
+
+
+def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
+    """The replaced nodes of `site` go."""
+    erase_dead(g, set(site.nodes))
+
+
+def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str | None:
+    """Replace `site` by one call computing it with this pattern and normaliser; a sink
+    logit becomes an nn.Parameter of the module (trainable)."""
+    from attn_opt.backends.torch.forms import attention
+
+    g = gm.graph
+    bias = note = None
+    params = {}
+    if normaliser.calibrated:  # calibration's per-head parameters: nn.Parameters of the module
+        for name, vals in normaliser.values(site.heads).items():
+            params[name] = f"attn_opt_{site.id}_{name}"
+            gm.register_parameter(params[name], torch.nn.Parameter(torch.tensor(vals, dtype=torch.float32)))
+    elif normaliser.kind == "logit" and np.all(np.isfinite(normaliser.bias)):
+        bias = f"attn_opt_{site.id}_sink_logit"
+        gm.register_parameter(bias, torch.nn.Parameter(torch.tensor(normaliser.bias, dtype=torch.float32)))
+        note = f"sink logits in parameter {bias}"
+    banded, why = banded_pays(site, pattern) if pattern is not None else (True, None)
+    note = "; ".join(n for n in (why, note) if n) or None
+    out = site.output.native
+    with g.inserting_before(out):
+        q, k, v = (_bhsd(op, g) for op in (site.q, site.k, site.v))
+        additive = [_term(site, t, g) for t in site.additive]
+        boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
+        kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
+                  "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
+                  "fill": site.mask_value, "softcap": site.softcap, "banded": banded, "filled": _filled(site)}
+        if bias is not None:
+            kwargs["bias"] = g.get_attr(bias)
+        if params:
+            kwargs["params"] = {name: g.get_attr(target) for name, target in params.items()}
+        new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
+        new = _refold(site, new, g)
+    new.meta[FORM_KEY] = form_record(site, pattern, normaliser)
+    new.meta[SITE_TAG] = site.id
+    out.replace_all_uses_with(new)
+    new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+    _drop_asserts(g, site)
+    return note
+
+
+def gate(gm: fx.GraphModule, site: AttentionSite, gt: Gate) -> str:
+    """O ⊙ σ(X W + b) per head, W and b an nn.Linear registered as a submodule."""
+    import torch.nn as nn
+
+    weight, bias, mode = gt.weight, gt.bias, gt.mode
+    g = gm.graph
+    name = f"attn_opt_{site.id}_gate"
+    lin = nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(weight.T.copy()))
+        lin.bias.copy_(torch.from_numpy(bias))
+    gm.add_submodule(name, lin)
+    out = site.output.native
+    k = 1 if mode == "headwise" else site.head_dim
+    x = gt.source.native
+    users = list(out.users)
+    with g.inserting_after(out):
+        logits = g.call_module(name, (x,))
+    with g.inserting_after(logits):
+        sig = g.call_function(torch.sigmoid, (logits,))
+    with g.inserting_after(sig):
+        shape = g.call_function(getattr, (sig, "shape"))  # [B, S, H·k]
+    with g.inserting_after(shape):
+        b_ = g.call_function(operator.getitem, (shape, 0))
+    with g.inserting_after(b_):
+        t_ = g.call_function(operator.getitem, (shape, 1))
+    with g.inserting_after(t_):
+        g4 = g.call_function(torch.reshape, (sig, (b_, t_, site.heads, k)))
+    with g.inserting_after(g4):
+        g4t = g.call_function(torch.transpose, (g4, 1, 2))
+    made = [logits, sig, shape, b_, t_, g4, g4t]
+    with g.inserting_after(g4t):
+        o4 = g.call_method("unflatten", (out, 0, (-1, site.heads))) if site.q.fold else out  # [B*H, S, dv] -> 4-D
+    with g.inserting_after(o4 if site.q.fold else g4t):
+        gated = g.call_function(operator.mul, (o4, g4t))
+    if site.q.fold:
+        made.append(o4)
+        with g.inserting_after(gated):
+            made.append(gated)
+            gated = g.call_method("flatten", (gated, 0, 1))
+    for n in made + [gated]:
+        n.meta.update({SITE_TAG: site.id, EPILOGUE_TAG: "1"})
+    for u in users:
+        u.replace_input_with(out, gated)
+    return f"nn.Linear {name}"
+
+
+def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
+    """mlpfree's collapsed products as one call; the new matrices are nn.Parameters."""
+    from attn_opt.backends.torch.forms import collapsed
+
+    g = gm.graph
+
+    def param(key, value):
+        if value is None:
+            return None
+        name = f"attn_opt_{site.id}_{key}"
+        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value.astype("float32"))))
+        return name
+
+    pq, pvo = param("w_qk", c.w_qk), param("w_vo", c.w_vo)
+    vo = pvo is not None
+    o = c.o
+    target = next(n for n in g.nodes if n.name == o.node) if vo else site.output.native
+    with g.inserting_before(target):
+        xq = c.xq.native if pq else _bhsd(site.q, g)
+        xk = c.xk.native if pq else _bhsd(site.k, g)
+        kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
+                  "heads": site.heads, "xv": c.xv.native if vo else None,
+                  "w_vo": g.get_attr(pvo) if vo else None,
+                  "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value,
+                  "softcap": site.softcap, "filled": _filled(site)}
+        new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
+                                          [_node(t, g) for t in site.additive],
+                                          _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)
+    target.replace_all_uses_with(new)
+    g.eliminate_dead_code()  # the output projection and P·V first, so the site's own nodes lose their users
+    _drop_asserts(g, site)
+
+
+def drop_mlp(gm: fx.GraphModule, gv) -> list[str]:
+    """x + MLP(norm(x)) becomes x, for every feed-forward block found."""
+    notes = []
+    for add, x, nodes in mlp_blocks(gv):
+        add.outputs[0].native.replace_all_uses_with(x.native)
+        erase_dead(gm.graph, {n.name for n in nodes} | {add.name})
+        notes.append(f"dropped the feed-forward block ending at {add.name} ({len(nodes)} nodes)")
+    return notes or ["drop_mlp: no feed-forward block found"]
+
+
+GRAPH_EDITS = {"drop_mlp": drop_mlp}

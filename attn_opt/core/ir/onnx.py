@@ -1,0 +1,190 @@
+"""ONNX adapter: load a model safely, view it through `core.graph`, run it in ORT."""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from attn_opt.core.errors import UserError
+from attn_opt.core.graph import FORM_KEY, GraphView, Node, Value, link
+from attn_opt.core.inputs import InputSpec, make_inputs
+from attn_opt.core.ir.onnx_model import OnnxModel
+from attn_opt.core.errors import first_line as _first_line
+
+MS_DOMAIN = "com.microsoft"
+
+
+def load(model) -> OnnxModel:
+    """A path, ModelProto or OnnxModel as an OnnxModel (weights left where they are)."""
+    if isinstance(model, OnnxModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return OnnxModel.from_proto(model)
+    om = OnnxModel.load(model)
+    try:
+        onnx.checker.check_model(om.checkable_proto())
+    except Exception as e:
+        raise UserError(f"{model} is not a valid ONNX model ({_first_line(e)})") from None
+    return om
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The whole model as one proto (weights inline): for small models."""
+    return load(path).to_proto()
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Static shape inference with data propagation; the model unchanged if it fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:
+        return proto
+
+
+def with_shapes(om: OnnxModel) -> OnnxModel:
+    """The model re-read from its weightless proto after shape inference, so its values
+    carry inferred shapes; the weights are shared, not copied."""
+    proto = infer_shapes(om.graph_proto())
+    model = ir.serde.deserialize_model(proto)
+    if om.folder:
+        ir.external_data.set_base_dir(model.graph, om.folder)
+    return OnnxModel(model, om.folder, om.source, om.external_input, om._keep)
+
+
+def to_ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(proto)
+
+
+def _dims(shape) -> tuple | None:
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(d.value if getattr(d, "value", None) else None)
+    return tuple(out)
+
+
+def _dtype(v: ir.Value) -> str | None:
+    try:
+        return np.dtype(v.dtype.numpy()).name if v.dtype is not None else None
+    except Exception:
+        return None
+
+
+def _scope(node: ir.Node) -> str | None:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:  # the dynamo exporter: ['', 'model', ..., 'model.encoder.layer.0.attention.self', 'softmax']
+        try:
+            names = ast.literal_eval(scopes)
+            return names[-2] if len(names) >= 2 else None
+        except (ValueError, SyntaxError):
+            return None
+    name = node.name or ""
+    if name.startswith("/"):  # the TorchScript exporter: /model/encoder/layer.0/attention/self/Softmax
+        return ".".join(p for p in name.strip("/").split("/")[:-1])
+    return None
+
+
+def _op(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _attr_value(a):
+    v = a.value
+    if isinstance(v, (ir.TensorProtocol,)):
+        return v.numpy()
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return v
+
+
+def view(om: OnnxModel) -> GraphView:
+    """The neutral view of a model (values carry the shapes `with_shapes` inferred)."""
+    g = om.ir.graph
+    values: dict[int, Value] = {}
+
+    def val(v: ir.Value | None) -> Value | None:
+        if v is None:
+            return None
+        key = id(v)
+        if key not in values:
+            const = None
+            if v.const_value is not None:
+                const = v.const_value.numpy()
+            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape), dtype=_dtype(v),
+                                const=const, is_input=v.is_graph_input(), is_output=v.is_graph_output(),
+                                native=v)
+        return values[key]
+
+    nodes = []
+    for n in g:
+        node = Node(name=n.name or f"{n.op_type}_{len(nodes)}", op=_op(n), inputs=[val(i) for i in n.inputs],
+                    outputs=[val(o) for o in n.outputs],
+                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n,
+                    meta=dict(n.metadata_props))
+        if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
+            node.op = "attn_opt.Attention"
+        if node.op == "Constant" and "value" in node.attrs:
+            node.outputs[0].const = np.asarray(node.attrs["value"])
+        elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
+            node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
+        nodes.append(node)
+    link(nodes)
+    gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
+    gv.probe_fn = lambda vals, feeds: om.probe(feeds, [v.name for v in vals])
+    gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
+    return gv
+
+
+def _embedding_rows(v: Value, depth: int = 4) -> int | None:
+    """Rows of the embedding table an integer input indexes, following Cast/Reshape/..."""
+    frontier = [v]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            for u in x.users:
+                if u.op == "Gather" and u.input(1) is x and u.input(0) is not None and u.input(0).const is not None:
+                    return int(u.input(0).const.shape[0])
+                if u.op in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Squeeze", "Identity"):
+                    nxt.extend(u.outputs)
+        frontier = nxt
+    return None
+
+
+def input_specs(gv: GraphView) -> list[InputSpec]:
+    specs = []
+    for v in gv.inputs:
+        if v.const is not None:
+            continue
+        if v.shape is None or v.dtype is None:
+            raise UserError(f"input {v.name!r} has no static type or rank; pass --inputs FILE.npz")
+        high = _embedding_rows(v) if np.dtype(v.dtype).kind in "iu" else None
+        specs.append(InputSpec(v.name, v.dtype, v.shape, high))
+    return specs
+
+
+def session(model, threads: int | None = None):
+    """An ONNX Runtime session of a ModelProto or OnnxModel, set up for timing (weights
+    prepacked as ORT does by default)."""
+    return load(model).session(threads=threads, prepack=True)
+
+
+def run(model, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
+    """Run a ModelProto or OnnxModel once in ORT; `extra` names intermediate values to return."""
+    return load(model).run(feeds, extra)
+
+
+def load_view(model) -> tuple[OnnxModel, ir.Model, GraphView]:
+    """(model with inferred shapes, its onnx_ir graph, its view) of a path, proto or OnnxModel."""
+    om = with_shapes(load(model))
+    return om, om.ir, view(om)

@@ -1,0 +1,241 @@
+"""An ONNX model whose weights stay where they are.
+
+The graph lives in an `onnx_ir.Model`; tensors kept in external data files stay there
+(onnx_ir memory-maps them and reads a page only when a pass asks for a weight). A model
+whose large weights are inline has them moved once into a temporary data file, so every
+later step works on a *weightless* graph proto of a few MB: shape inference, the checker,
+FLOP counting and the ONNX Runtime session (which maps the weight files itself through
+`session.model_external_initializers_file_folder_path`). Nothing copies the weights, and
+the model is serialised with them only when it is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import external_data_helper
+
+from attn_opt.core.errors import UserError, first_line as _first_line
+from attn_opt.core.ir.onnx_wire import load_weightless, save_external, save_inline
+
+SPILL_BYTES = 1024  # inline tensors at least this large go to the weight file
+SPILL_MODEL_BYTES = 64 << 20  # models smaller than this keep their weights inline (no temp file)
+PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models must keep their weights outside
+SEGMENTED_ABOVE = 1 << 30  # probes of larger models run one segment at a time ...
+SEGMENT_BYTES = 256 << 20  # ... of about this many bytes of weights
+FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def _uses_external(proto: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
+
+
+class OnnxModel:
+    """The graph (`ir`), the folder its weight files are in, and where it came from."""
+
+    def __init__(self, model: ir.Model, folder: str | None, source: str = "<model>",
+                 external_input: bool = False, keep: object = None):
+        self.ir = model
+        self.folder = folder  # base folder of every external tensor, or None
+        self.source = source
+        self.external_input = external_input  # the user's file had external data
+        self._keep = keep  # the temporary weight folder, removed with the last model using it
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "OnnxModel":
+        """Read an ONNX file without its external data, or raise a one-line UserError."""
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"no such file: {p}")
+        if p.is_dir():
+            raise UserError(f"{p} is a directory, not an ONNX model")
+        big = p.stat().st_size >= SPILL_MODEL_BYTES
+        try:  # a large inline model: its weights stay in the file, referenced where they lie
+            proto = load_weightless(p, SPILL_BYTES) if big else onnx.load(str(p), load_external_data=False)
+        except Exception as e:  # protobuf DecodeError, a truncated file, ...
+            raise UserError(f"{p} is not a readable ONNX model ({_first_line(e)})") from None
+        if not proto.graph.node and not proto.graph.output:
+            raise UserError(f"{p} is not an ONNX model (no graph found)")
+        external = _uses_external(proto)
+        if external:
+            _check_data_files(proto, p.parent)
+        inline = big and not any(external_data_helper.uses_external_data(t) and
+                                 external_data_helper.ExternalDataInfo(t).location != p.name
+                                 for t in proto.graph.initializer)
+        folder = str(p.parent.resolve()) if external else None
+        om = cls._from_proto(proto, folder, str(p), external and not inline, size=0)
+        return om
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, folder: str | None = None, source: str = "<ModelProto>"):
+        """A model held in memory (its external tensors, if any, resolve against `folder`)."""
+        return cls._from_proto(proto, folder, source, _uses_external(proto))
+
+    @classmethod
+    def _from_proto(cls, proto, folder, source, external, size: int | None = None) -> "OnnxModel":
+        keep = None
+        if not external and (size if size is not None else proto.ByteSize()) >= SPILL_MODEL_BYTES:
+            keep = tempfile.TemporaryDirectory(prefix="attn-opt-weights-")
+            folder = keep.name
+            proto = _spill(proto, folder)
+        model = ir.serde.deserialize_model(proto)
+        if folder:
+            ir.external_data.set_base_dir(model.graph, folder)
+            _inline_small(model)
+        return cls(model, folder, source, external, keep)
+
+    def clone(self) -> "OnnxModel":
+        """A copy of the graph that shares the weights (tensors are immutable here)."""
+        return OnnxModel(self.ir.clone(), self.folder, self.source, self.external_input, self._keep)
+
+    # ---- weightless views ----------------------------------------------------------------
+    def graph_proto(self) -> onnx.ModelProto:
+        """The model as a proto whose large weights are references into the weight files."""
+        return ir.serde.serialize_model(self.ir)
+
+    def weight_bytes(self) -> int:
+        total = 0
+        for v in self.ir.graph.initializers.values():
+            if v.const_value is not None:
+                total += v.const_value.nbytes
+        return total
+
+    def checkable_proto(self) -> onnx.ModelProto:
+        """The weightless proto with each external weight declared as a graph input of its
+        type and shape: what onnx.checker can check without the weight files."""
+        proto = self.graph_proto()
+        keep, moved = [], []
+        for t in proto.graph.initializer:
+            (moved if external_data_helper.uses_external_data(t) else keep).append(t)
+        if moved:
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(keep)
+            have = {i.name for i in proto.graph.input}
+            proto.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                     for t in moved if t.name not in have)
+        return proto
+
+    def check(self, full: bool = True) -> None:
+        """onnx.checker on the weightless proto (full: with strict shape inference)."""
+        try:
+            onnx.checker.check_model(self.checkable_proto(), full_check=full)
+        except Exception as e:
+            raise UserError(f"the rewritten model is not valid ONNX ({_first_line(e)})") from None
+
+    # ---- running ---------------------------------------------------------------------------
+    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False):
+        """An ONNX Runtime session; `extra` names intermediate values to return as well.
+        Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
+        asked for: the pipeline runs each session once, where it costs seconds and memory."""
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(4)
+        proto = self.graph_proto()
+        if extra:
+            have = {o.name for o in proto.graph.output}
+            proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra) if n not in have)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        if threads:
+            opts.intra_op_num_threads = threads
+        if self.folder:
+            opts.add_session_config_entry(FOLDER_KEY, self.folder)
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        data = proto.SerializeToString()
+        del proto
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
+        """Run once in ONNX Runtime; the session is released before returning."""
+        sess = self.session(extra)
+        names = [o.name for o in sess.get_outputs()]
+        wanted = {i.name for i in sess.get_inputs()}
+        out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        del sess
+        return dict(zip(names, out))
+
+    def probe(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The named values of one run; a model over SEGMENTED_ABOVE runs one segment of
+        weights at a time, so memory holds about one layer."""
+        if self.weight_bytes() <= SEGMENTED_ABOVE:
+            return self.run(feeds, names)
+        from attn_opt.core.ir.onnx_segments import run_segmented
+
+        return run_segmented(self, feeds, set(names), SEGMENT_BYTES)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        """The whole model with its weights inline (small models; tests and the Python API)."""
+        proto = self.graph_proto()
+        if self.folder and _uses_external(proto):
+            external_data_helper.load_external_data_for_model(proto, self.folder)
+        return proto
+
+    def save(self, dest: str | os.PathLike, external: bool | None = None) -> Path | None:
+        """Write atomically. With external data (when the input had it, or when the model is
+        over protobuf's limit) the weights go to DEST.data next to DEST. Returns that path."""
+        from attn_opt.core.io import atomic_dir
+
+        dest = Path(dest)
+        if external is None:
+            external = self.external_input or self.weight_bytes() >= PROTO_LIMIT - (64 << 20)
+        data = dest.with_name(dest.name + ".data") if external else None
+        if data is not None and self.folder and any(
+                Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
+            raise UserError(f"{data} holds the input model's weights; choose another -o")
+        with atomic_dir(dest.parent) as tmp:
+            staged = Path(tmp) / dest.name
+            if data is None and self.folder:  # inline output: weights streamed from their files
+                save_inline(self.graph_proto(), self.folder, staged)
+            elif data is None:
+                ir.save(self.ir, staged)
+            else:  # weights copied file to file, the graph written once
+                save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
+            if data is not None and (Path(tmp) / data.name).exists():
+                os.replace(Path(tmp) / data.name, data)
+            os.replace(staged, dest)
+        return data
+
+    def _external_tensors(self):
+        for v in self.ir.graph.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                yield v.const_value
+
+
+def _inline_small(model: ir.Model) -> None:
+    """Small external tensors (shapes, axes) come inline: shape inference and ORT's
+    graph-time checks read their values."""
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor) and t.nbytes < SPILL_BYTES:
+            v.const_value = ir.Tensor(np.array(t.numpy()), name=t.name)
+
+
+def _check_data_files(proto: onnx.ModelProto, folder: Path) -> None:
+    for t in proto.graph.initializer:
+        if external_data_helper.uses_external_data(t):
+            info = external_data_helper.ExternalDataInfo(t)
+            if not (folder / info.location).is_file():
+                raise UserError(f"the model's external data file {info.location!r} is missing next to it "
+                                f"(looked in {folder})")
+
+
+def _spill(proto: onnx.ModelProto, folder: str) -> onnx.ModelProto:
+    """The large inline initializers written to FOLDER/weights.bin; a fresh, small proto
+    that references them. The caller's proto is left as it was (the spill works on a copy,
+    released once the weights are written)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    external_data_helper.convert_model_to_external_data(
+        work, all_tensors_to_one_file=True, location="weights.bin", size_threshold=SPILL_BYTES,
+        convert_attribute=False)
+    external_data_helper.write_external_data_tensors(work, folder)
+    return onnx.ModelProto.FromString(work.SerializeToString())  # frees the arena that held the weights

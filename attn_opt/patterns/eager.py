@@ -1,0 +1,320 @@
+"""The canonical eager attention pattern, anchored at Softmax:
+
+    MatMul(Q, Kᵀ) → (Mul | Div | pre-scaled Q or K | none) → (Add bias/mask | Where mask)*
+        → Softmax(-1) → (Cast | Dropout | NaN guard | none) → MatMul(·, V)
+
+Each stage is a table of tagged alternatives, not one pattern per exporter. Where the
+exporters differ is noted beside the alternative that covers them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attn_opt.patterns.candidate import Candidate
+from attn_opt.patterns.layout import operand, weight_like
+from attn_opt.patterns.site import Miss, Operand
+from attn_opt.core.graph import GraphView, Node, Value
+
+# ops that carry the scores/probabilities through unchanged
+PASS = {"Cast", "Identity", "Dropout", "Contiguous"}
+SCALE = {"Mul", "Div"}
+MAX_STAGES = 12
+
+
+def is_scalar(v: Value | None) -> bool:
+    if v is None:
+        return False
+    if v.const is not None:
+        return v.const.size == 1
+    return v.shape is not None and all(d == 1 for d in v.shape)
+
+
+def _scale_of(n: Node, path: Value) -> tuple[Value, bool] | None:
+    """(factor, divides) when `n` multiplies/divides `path` by a scalar."""
+    a, b = n.input(0), n.input(1)
+    if n.op == "Div" and a is path and is_scalar(b):
+        return b, True
+    if n.op == "Mul" and a is path and is_scalar(b):
+        return b, False
+    if n.op == "Mul" and b is path and is_scalar(a):
+        return a, False
+    return None
+
+
+def _unfolds(n: Node) -> bool:
+    """A Reshape of 3-D scores [B*H, Tq, Tk] to 4-D [B, H, Tq, Tk]."""
+    return n.op == "Reshape" and n.input(0) is not None and n.input(0).rank == 3 and n.outputs[0].rank == 4
+
+
+def _same_view(n: Node) -> bool:
+    """A Reshape that keeps the scores' rank and shape (`s.view(b, h, t, t)` on 4-D scores)."""
+    if n.op != "Reshape" or n.input(0) is None or n.input(0).rank is None or n.input(0).rank != n.outputs[0].rank:
+        return False
+    a, b = n.input(0).shape, n.outputs[0].shape
+    return a is None or b is None or all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b))
+
+
+def _qdq_source(v: Value) -> Value | None:
+    """x of DequantizeLinear(QuantizeLinear(x)) (a QDQ model's activation rounding), else None."""
+    dq = v.producer
+    if dq is None or dq.op != "DequantizeLinear":
+        return None
+    q = dq.input(0).producer
+    return q.input(0) if q is not None and q.op == "QuantizeLinear" else None
+
+
+def _qdq_user(p: Value) -> Node | None:
+    """The DequantizeLinear of QuantizeLinear(p) → DequantizeLinear, when that is p's only use."""
+    users = [u for u in p.users if u.op != "Assert"]
+    if len(users) != 1 or users[0].op != "QuantizeLinear":
+        return None
+    dq = users[0].outputs[0].users
+    return dq[0] if len(dq) == 1 and dq[0].op == "DequantizeLinear" else None
+
+
+def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
+    """The MatMul that `v` is computed from through score ops (a weight product too, so
+    that the miss can name the weight)."""
+    for _ in range(budget):
+        n = v.producer
+        if n is None:
+            return None
+        if n.op in ("MatMul", "Einsum", "Gemm", "Linear"):
+            return n
+        if (src := _qdq_source(v)) is not None:
+            v = src
+            continue
+        if _unfolds(n) or _same_view(n):
+            v = n.input(0)
+            continue
+        if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
+            v = n.input(0)
+        elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
+            v = n.input(1)
+        elif n.op == "Add":
+            hits = [x for x in n.inputs if x is not None and _qk_matmul(x, budget - 1)]
+            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
+        elif n.op == "Where":
+            hits = [x for x in n.inputs[1:] if x is not None and _qk_matmul(x, budget - 1)]
+            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
+        else:
+            return None
+    return None
+
+
+def _walk_scores(c: Candidate, v: Value) -> Node:
+    """From the Softmax input back to the Q·Kᵀ MatMul, collecting scale and masks."""
+    for _ in range(MAX_STAGES):
+        n = v.producer
+        if n is None:
+            raise Miss("the softmax input is a graph input, not computed scores")
+        if n.op in ("MatMul", "Einsum"):
+            return n
+        c.covered.append(n)
+        if _unfolds(n):  # 3-D [B*H, Tq, Tk] scores viewed as [B, H, Tq, Tk] (bmm attention: BLOOM, DeBERTa)
+            if c.unfold is not None:
+                raise Miss("two reshapes of the scores before the softmax", n)
+            c.unfold = n.outputs[0]
+            v = n.input(0)
+            continue
+        if _same_view(n):
+            v = n.input(0)
+            continue
+        if (src := _qdq_source(v)) is not None:  # QDQ models round the scores to int8 between ops
+            c.covered.append(src.users[0]) if len(src.users) == 1 else None
+            c.quantized = True
+            v = src
+            continue
+        if n.op in PASS:
+            v = n.input(0)
+        elif n.op in SCALE and (s := _scale_of(n, n.input(0)) or _scale_of(n, n.input(1))):
+            c.scale_factors.append(s)
+            v = n.input(0) if s[0] is not n.input(0) else n.input(1)
+        elif n.op == "Add":  # additive mask or bias (T5 adds position bias, then the mask)
+            paths = [x for x in n.inputs if _qk_matmul(x)]
+            if len(paths) != 1:
+                raise Miss("an Add before the softmax has no single score operand", n)
+            terms = [x for x in n.inputs if x is not paths[0]]
+            c.additive.extend(terms)
+            if c.unfold is not None:  # added while the scores were 3-D: heads folded into the batch
+                c.folded_terms.extend(terms)
+            v = paths[0]
+        elif n.op == "Where":  # boolean mask (TorchScript's masked_fill, aten.where)
+            cond, x, y = n.inputs
+            if _qk_matmul(x) and not _qk_matmul(y):
+                c.set_bool_mask(cond, keep=True, fill=y)
+                v = x
+            elif _qk_matmul(y) and not _qk_matmul(x):
+                c.set_bool_mask(cond, keep=False, fill=x)
+                v = y
+            else:
+                raise Miss("a Where before the softmax has no single score operand", n)
+        elif n.op in ("Gemm", "Linear", "Conv"):
+            w = next((i.name for i in n.inputs[1:] if i is not None and weight_like(i)), "?")
+            raise Miss(f"the scores are a {n.op} with the weight {w}, not a product with keys "
+                       "(a projection, classifier or router)", n)
+        elif n.op == "Tanh":  # soft-capping c·tanh(S/c) (Gemma 2, Grok): the factors after it are c
+            v = _softcap(c, n)
+        else:
+            raise Miss(f"the scores come from {n.op}, not from a Q·Kᵀ MatMul", n)
+    raise Miss("more than 12 ops between Q·Kᵀ and the softmax")
+
+
+def _softcap(c: Candidate, tanh: Node) -> Value:
+    """Record c of c·tanh(S/c): the scale factors met after the Tanh (walking back) are its
+    c_out, the scalar division right before it is its 1/c_in; they must agree. Returns S."""
+    if c.softcap is not None:
+        raise Miss("two Tanh soft-caps before the softmax", tanh)
+    after, c.scale_factors = c.scale_factors, []
+    pre = tanh.input(0).producer
+    s = _scale_of(pre, pre.input(0)) if pre is not None and pre.op in SCALE else None
+    if s is None or any(f.const is None for f, _ in after) or s[0].const is None:
+        raise Miss("a Tanh before the softmax that is not a constant soft-cap c·tanh(S/c)", tanh)
+    c_out = scale_value(after, {})
+    c_in = float(np.asarray(s[0].const).reshape(-1)[0])
+    c_in = c_in if s[1] else 1.0 / c_in
+    if not np.isclose(c_out, c_in, rtol=1e-6) or c_out <= 0:
+        raise Miss(f"a Tanh before the softmax with caps {c_in:g} in and {c_out:g} out, not c·tanh(S/c)", tanh)
+    c.softcap = float(c_out)
+    c.covered.append(pre)
+    return pre.input(0)
+
+
+def _strip_scale(c: Candidate, v: Value) -> Value:
+    """Q or K pre-scaled by a scalar (torch's SDPA decomposition scales both by d^-1/4)."""
+    while v.producer is not None and v.producer.op in SCALE and len(v.users) == 1:
+        s = _scale_of(v.producer, v.producer.input(0)) or _scale_of(v.producer, v.producer.input(1))
+        if s is None:
+            break
+        c.scale_factors.append(s)
+        c.covered.append(v.producer)
+        v = v.producer.input(0) if s[0] is not v.producer.input(0) else v.producer.input(1)
+    return v
+
+
+def _walk_probs(c: Candidate, p: Value) -> Node:
+    """From the Softmax output forward to the MatMul with V."""
+    c.probs = p
+    for _ in range(MAX_STAGES):
+        users = [u for u in p.users if u.op != "Assert"]  # torch.export's metadata checks are not uses
+        isnan = [u for u in users if u.op == "IsNaN"]
+        guards = [u for u in users if u.op == "Where" and isnan and u.input(0) is isnan[0].outputs[0]]
+        if guards:  # the NaN guard of torch's SDPA decomposition: where(isnan(p), 0, p)
+            c.covered += [isnan[0], guards[0]]
+            c.probs_shared |= len(users) > 2
+            p = guards[0].outputs[0]
+            continue
+        if (dq := _qdq_user(p)) is not None:  # the probabilities rounded to int8 (QDQ)
+            c.covered += [p.users[0], dq]
+            c.quantized = True
+            p = dq.outputs[0]
+            continue
+        folds = [u for u in users if u.op == "Reshape" and p.rank == 4 and u.outputs[0].rank == 3]
+        data_users = [u for u in users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
+        if c.unfold is not None and len(data_users) == 1 and folds:  # back to [B*H, Tq, Tk] for the bmm with V
+            c.covered.append(folds[0])
+            p = folds[0].outputs[0]
+            continue
+        passes = [u for u in users if u.op in PASS]
+        matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]
+        if len(matmuls) == 1:
+            c.probs_shared |= len(users) > 1
+            return matmuls[0]
+        if len(passes) == 1:
+            c.probs_shared |= len(users) > 1
+            c.covered.append(passes[0])
+            p = passes[0].outputs[0]
+            continue
+        if not users:
+            raise Miss("the probabilities are not used")
+        raise Miss("the probabilities are not multiplied by values (used by "
+                   + ", ".join(sorted({u.op for u in users})) + ")", *users)
+    raise Miss("more than 12 ops between the softmax and the MatMul with V")
+
+
+def _einsum_terms(n: Node) -> tuple[str, str, str]:
+    eq = str(n.attrs.get("equation", "")).replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or len(out) != 4 or any(len(t) != 4 for t in terms):
+        raise Miss(f"einsum {eq!r} is not a 4-D batched product", n)
+    return terms[0], terms[1], out
+
+
+def _einsum_v(n: Node) -> Operand:
+    """V of einsum("bhqk,bhkd->bhqd", P, V), with its layout."""
+    pt, vt, out = _einsum_terms(n)
+    b, h, i, d = out
+    ks = (set(pt) & set(vt)) - set(out)
+    if len(ks) != 1 or pt.index(i) != 2:
+        raise Miss(f"einsum {pt},{vt}->{out} is not P·V", n)
+    (k,) = ks
+    return Operand(n.input(1), tuple(vt.index(x) for x in (b, h, k, d)))
+
+
+def _einsum_operands(n: Node) -> tuple[Operand, Operand]:
+    qt, kt, out = _einsum_terms(n)
+    b, h, i, j = out
+    d = (set(qt) & set(kt)) - set(out)
+    if len(d) != 1 or j in qt or i in kt:
+        raise Miss(f"einsum {qt},{kt}->{out} is not a batched Q·Kᵀ", n)
+    (d,) = d
+    q_perm = tuple(qt.index(x) for x in (b, h, i, d))
+    k_perm = tuple(kt.index(x) for x in (b, h, j, d))
+    return Operand(n.input(0), q_perm), Operand(n.input(1), k_perm)
+
+
+def _flattened(sm: Node) -> tuple[Value, Value, list[Node]] | None:
+    """Flatten(axis=r-1) → Softmax → Reshape: ONNX's version converter keeps an opset-11
+    softmax over the last axis this way when it moves a model to opset 13+.
+    (scores, probabilities, the two wrapping nodes), or None."""
+    fl, users = sm.input(0).producer, sm.outputs[0].users
+    if fl is None or fl.op != "Flatten" or len(users) != 1 or users[0].op != "Reshape":
+        return None
+    x = fl.input(0)
+    if x.rank is None or int(fl.attrs.get("axis", 1)) not in (x.rank - 1, -1):
+        return None
+    return x, users[0].outputs[0], [fl, users[0]]
+
+
+def match_eager(gv: GraphView, sm: Node) -> Candidate:
+    x, probs, wrap = sm.input(0), sm.outputs[0], []
+    if (flat := _flattened(sm)) is not None:
+        x, probs, wrap = flat
+    axis = int(sm.attrs.get("axis", -1))
+    if not wrap and x.rank is not None and axis not in (-1, x.rank - 1):
+        raise Miss(f"softmax over axis {axis}, not the key axis", sm)
+    c = Candidate(rule="eager", anchor=sm)
+    c.covered += wrap
+    qk = _walk_scores(c, x)
+    if any(weight_like(i) for i in qk.inputs if i is not None):
+        w = next(i for i in qk.inputs if i is not None and weight_like(i))
+        raise Miss(f"the scores are a MatMul with the weight {w.name}, not with keys "
+                   "(a projection or classifier, not attention)", qk, sm)
+    pv = _walk_probs(c, probs)
+    v_in = pv.input(1)
+    if v_in is None or weight_like(v_in):
+        raise Miss("the probabilities are multiplied by a weight, not by values", pv)
+    c.covered += [qk, sm, pv]
+    c.scores = qk.outputs[0]
+    if qk.op == "Einsum":
+        c.q, c.k = _einsum_operands(qk)
+    else:
+        c.q = operand(_strip_scale(c, qk.input(0)), transposed=False)
+        c.k = operand(_strip_scale(c, qk.input(1)), transposed=True)
+    c.v = _einsum_v(pv) if pv.op == "Einsum" else operand(v_in, transposed=False)
+    if c.unfold is not None and any(x.value.rank != 3 for x in (c.q, c.k, c.v)):
+        raise Miss("scores reshaped to 4-D from a product whose operands are not 3-D", sm)
+    c.output = pv.outputs[0]
+    c.scope = sm.scope or qk.scope
+    return c
+
+
+def scale_value(factors, probed) -> float:
+    s = 1.0
+    for f, divides in factors:
+        val = f.const if f.const is not None else probed.get(f.name)
+        val = float(np.asarray(val).reshape(-1)[0])
+        s = s / val if divides else s * val
+    return s

@@ -1,0 +1,178 @@
+"""The NumPy reference of every form (patterns/form.py): the executable statement of the
+forms' math that the ONNX, torch and Triton lowerings are tested against, and what the
+diagnostics and the sink-ratio report run on a site's probed Q, K and masks.
+
+Every normaliser maps scores `s` [..., Tq, Tk] (scale and additive terms included) and
+`vis` (keys each row may see) to weights, 0 outside `vis`, a zero row where a row sees
+nothing. Per-head values broadcast over the heads axis of [B, H, Tq, Tk].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from attn_opt.patterns.form import Normaliser
+from attn_opt.patterns.site import MASKED, AttentionSite, Operand
+from attn_opt.core.graph import Value
+
+
+def _safe_div(num, den):
+    return np.divide(num, den, out=np.zeros(np.broadcast_shapes(num.shape, den.shape)), where=den > 0)
+
+
+def softmax(s, vis):
+    m = np.max(np.where(vis, s, -np.inf), axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    with np.errstate(over="ignore"):  # hidden scores may overflow; they are dropped
+        e = np.where(vis, np.exp(s - m), 0.0)
+    return _safe_div(e, e.sum(-1, keepdims=True))
+
+
+def softplus(s, vis, n_train: int | None = None, p=1.0, kappa=None):
+    """A_ij = φ(λ_i s_ij) / Σ_j φ(λ_i s_ij), φ = softplus, λ_i = log n_i / log n_train;
+    with a (per-head) length exponent κ: λ_i = (log n_i / log n_train)^κ, n_train = 2
+    where none is given. Then A^p / Σ A^p (p per head or one number)."""
+    n = vis.sum(-1, keepdims=True).astype(np.float64)
+    if kappa is not None:
+        lam = (np.log(np.maximum(n, 2)) / np.log(n_train or 2)) ** kappa
+    else:
+        lam = np.log(np.maximum(n, 1)) / np.log(n_train) if n_train else np.ones_like(n)
+    a = np.where(vis, np.logaddexp(0, lam * s), 0.0)
+    a = _safe_div(a, a.sum(-1, keepdims=True))
+    if np.any(np.asarray(p) != 1):
+        a = a ** p
+        a = _safe_div(a, a.sum(-1, keepdims=True))
+    return a
+
+
+def sink_logit(s, vis, bias):
+    """exp(s_ij) / (exp(b_h) + Σ_j exp(s_ij)); `bias` broadcasts over [..., H, 1, 1]."""
+    b = np.asarray(bias, dtype=np.float64)
+    m = np.maximum(np.max(np.where(vis, s, -np.inf), axis=-1, keepdims=True), b)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.where(vis, np.exp(s - m), 0.0)
+    return _safe_div(e, e.sum(-1, keepdims=True) + np.exp(b - m))
+
+
+def redistribute(s, vis, alpha: float, sinks: int = 1, heads=None):
+    """Scale the mass on the first `sinks` keys by α and renormalise the rest so rows sum to 1."""
+    p = softmax(s, vis)
+    m = p[..., :sinks].sum(-1, keepdims=True)
+    rest = 1 - m
+    scale_rest = _safe_div(1 - alpha * m, rest)
+    q = np.concatenate([alpha * p[..., :sinks], p[..., sinks:] * scale_rest], axis=-1)
+    q = np.where(rest < 1e-6, p, q)
+    if heads is not None:  # p is [B, H, Tq, Tk]
+        sel = np.zeros(p.shape[1], bool)
+        sel[list(heads)] = True
+        q = np.where(sel[None, :, None, None], q, p)
+    return q
+
+
+def relu(s, vis):
+    n = vis.sum(-1, keepdims=True).astype(np.float64)
+    return _safe_div(np.where(vis, np.maximum(s, 0), 0.0), n)
+
+
+def sink_ratio(p: np.ndarray) -> np.ndarray:
+    """Per head: the mean share of attention the first key receives. p is [B, H, Tq, Tk]."""
+    return p[..., 0].mean(axis=(0, 2))
+
+
+def sigmoid(s, vis, bias=None):
+    """σ(s_ij + b) on visible keys, no row normalisation; b = −log n_i when `bias` is None."""
+    if bias is None:
+        n = vis.sum(-1, keepdims=True).astype(np.float64)
+        bias = -np.log(np.maximum(n, 1))
+    x = s + np.asarray(bias, dtype=np.float64)
+    return np.where(vis, np.exp(-np.logaddexp(0, -x)), 0.0)  # σ(x), without overflow
+
+
+def _per_head(values, s):
+    """Per-head values shaped to broadcast over [B, H, Tq, Tk] scores."""
+    return np.asarray(values, dtype=np.float64).reshape((1, -1) + (1,) * (s.ndim - 2))
+
+
+def normalise(n: Normaliser, s, vis):
+    """The weights of normaliser `n` on [B, H, Tq, Tk] scores (with its per-head
+    parameters, gain · N(temperature · S + offset), where it is calibrated)."""
+    h = s.shape[1]
+    if n.calibrated:
+        v = {k: _per_head(x, s) for k, x in n.values(h).items()}
+        s = s * v["temperature"] + v["offset"]
+        if n.kind == "softplus":
+            w = softplus(s, vis, n.n_train, v["p"], v["kappa"])
+        elif n.kind == "redistribute":
+            w = redistribute(s, vis, v["alpha"], n.sinks)
+        else:
+            w = normalise(dataclasses.replace(n, temperature=None, offset=None, gain=None), s, vis)
+        return w * v["gain"]
+    if n.kind == "softmax":
+        return softmax(s, vis)
+    if n.kind == "softplus":
+        return softplus(s, vis, n.n_train, n.p)
+    if n.kind == "logit":
+        return sink_logit(s, vis, _per_head(n.per_head_bias(h), s))
+    if n.kind == "redistribute":
+        return redistribute(s, vis, n.alpha, n.sinks, n.heads)
+    if n.kind == "relu":
+        return relu(s, vis)
+    return sigmoid(s, vis, None if n.bias is None else _per_head(n.per_head_bias(h), s))
+
+
+def needed(site: AttentionSite) -> list[Value]:
+    vals = [site.q.value, site.k.value]
+    vals += [m for m in site.additive if m.const is None]
+    if site.bool_mask is not None and site.bool_mask.const is None:
+        vals.append(site.bool_mask)
+    return vals
+
+
+def _get(v: Value, probed: dict) -> np.ndarray:
+    return v.const if v.const is not None else probed[v.name]
+
+
+def operand(op: Operand, probed: dict) -> np.ndarray:
+    """A probed operand as [B, H, S, D] (its permutation applied, heads unfolded)."""
+    x = _get(op.value, probed)
+    x = np.transpose(x, op.perm) if op.perm else x
+    return x.reshape((-1, op.fold) + x.shape[1:]) if op.fold else x
+
+
+def _four_d(m: np.ndarray) -> np.ndarray:
+    return m.reshape((1,) * (4 - m.ndim) + m.shape) if m.ndim < 4 else m
+
+
+def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(S, visible), S = scale·Q·Kᵀ + additive terms, [B, H, Tq, Tk] in float64."""
+    if any(op.packed for op in (site.q, site.k)):
+        raise ValueError(f"site {site.id}: Q/K are packed [B, S, H*D]; no per-head probabilities")
+    q = operand(site.q, probed).astype(np.float64)
+    k = operand(site.k, probed).astype(np.float64)
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    s = q @ np.swapaxes(k, -1, -2) * site.scale
+    if site.softcap:
+        s = np.tanh(s / site.softcap) * site.softcap
+    vis = np.ones(s.shape, bool)
+    for m in site.additive:
+        a = np.asarray(_get(m, probed), dtype=np.float64)
+        if m.name in site.folded_terms and a.ndim == 3:
+            a = a.reshape((-1, site.heads) + a.shape[1:])
+        a = _four_d(a)
+        s = s + a
+        vis &= a > MASKED
+    if site.bool_mask is not None:
+        c = _four_d(np.asarray(_get(site.bool_mask, probed)).astype(bool))
+        vis &= c if site.bool_keep else ~c
+    if site.causal and site.rule != "eager":
+        tq, tk = s.shape[-2:]
+        vis &= np.tril(np.ones((tq, tk), bool), tk - tq)
+    return s, np.broadcast_to(vis, s.shape)
+
+
+def probabilities(site: AttentionSite, probed: dict, normaliser: Normaliser | None = None) -> np.ndarray:
+    """A site's weights [B, H, Tq, Tk] from its probed values (`normaliser`: the site's own)."""
+    s, vis = scores(site, probed)
+    return normalise(normaliser or site.normaliser, s, vis)

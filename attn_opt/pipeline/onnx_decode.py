@@ -1,0 +1,143 @@
+"""The greedy generation loop of an ONNX decoder step, in ONNX Runtime: the prompt in one
+call, then one token per call, each step's `present` cache fed back as the next step's
+`past`. The pairs come from the graph (patterns/cache.py: Concat(past input, new) on the
+sequence axis whose result is a graph output), not from names.
+
+`generate` drives one model; `compare` drives two on the same tokens (the first model's
+greedy choices), giving per-step logit error and token agreement; `decode_check` is the
+pipeline's fidelity variant for decoder graphs (a few steps through the loop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from attn_opt.patterns.cache import cache_pairs
+from attn_opt.core.errors import UserError
+from attn_opt.core.inputs import InputSpec
+
+
+DECODE_STEPS = 4  # steps of the loop the pipeline's fidelity check runs on a decoder step
+
+
+@dataclass(frozen=True)
+class Loop:
+    ids: str  # token ids input [B, T]
+    mask: str | None  # attention mask over past + new [B, P + T]
+    positions: str | None  # position ids [B, T]
+    pairs: tuple[tuple[str, str], ...]  # (present output, past input)
+    pasts: dict  # past input -> (shape with 0 past positions, dtype)
+    logits: str  # the output whose last row picks the next token
+
+
+def loop_of(gv, specs: list[InputSpec]) -> Loop | None:
+    """The loop of a decoder step, or None when the graph is not one (no cache pairs)."""
+    pairs = cache_pairs(gv)
+    if not pairs:
+        return None
+    by_name = {s.name: s for s in specs}
+    missing = [past for present, past in pairs if present is None]
+    if missing:
+        raise UserError(f"the model reads a cache ({', '.join(missing)}) but does not return it: "
+                        "a decoder step must output its present key/values to be run in a loop")
+    ints = [s for s in specs if s.dtype.startswith("int") and len(s.shape) == 2]
+    ids = next((s for s in ints if "mask" not in s.name.lower() and "position" not in s.name.lower()), None)
+    if ids is None:
+        raise UserError("the decoder step has no token-id input")
+    mask = next((s.name for s in ints if "mask" in s.name.lower()), None)
+    pos = next((s.name for s in ints if "position" in s.name.lower()), None)
+    pasts = {}
+    for _, past in pairs:
+        s = by_name[past]
+        if isinstance(s.shape[2], int):
+            raise UserError(f"the cache input {past} has a static length ({s.shape[2]}): re-export it with a dynamic "
+                            "past-length axis to run it in a loop")
+        pasts[past] = (tuple(0 if i == 2 else d for i, d in enumerate(s.shape)), s.dtype)
+    logits = next((v.name for v in gv.outputs if "logit" in v.name.lower()),
+                  next(v.name for v in gv.outputs if v.name not in {p for p, _ in pairs}))
+    return Loop(ids.name, mask, pos, tuple(pairs), pasts, logits)
+
+
+class Stepper:
+    """One model in the loop: an ONNX Runtime session kept open across steps."""
+
+    def __init__(self, model, loop: Loop):
+        self.sess, self.loop = model.session(), loop
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.inputs = {i.name for i in self.sess.get_inputs()}
+
+    def start(self, batch: int) -> dict:
+        cache = {}
+        for past, (shape, dtype) in self.loop.pasts.items():
+            cache[past] = np.zeros(tuple(batch if i == 0 and not isinstance(d, int) else d
+                                         for i, d in enumerate(shape)), dtype=np.dtype(dtype))
+        return cache
+
+    def step(self, ids: np.ndarray, cache: dict, done: int) -> tuple[np.ndarray, dict]:
+        """Logits of the new tokens `ids` [B, T] after `done` cached ones, and the new cache."""
+        b, t = ids.shape
+        feeds = {self.loop.ids: ids.astype(np.int64), **cache}
+        held = next(iter(cache.values())).shape[2]  # the cache's length: `done`, or less where the step caps it
+        if self.loop.mask:
+            feeds[self.loop.mask] = np.ones((b, held + t), np.int64)
+        if self.loop.positions:
+            feeds[self.loop.positions] = np.broadcast_to(np.arange(done, done + t, dtype=np.int64), (b, t)).copy()
+        out = dict(zip(self.names, self.sess.run(self.names, {k: v for k, v in feeds.items() if k in self.inputs})))
+        return out[self.loop.logits], {past: out[present] for present, past in self.loop.pairs}
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # [B, new]
+    logits: list  # per step, the last row's logits [B, V]
+    seconds: float  # decode steps only (after the prompt)
+    prompt_seconds: float
+    cache_bytes: int  # the cache after the last step
+
+
+def generate(model, loop: Loop, prompt: np.ndarray, new_tokens: int, forced: np.ndarray | None = None) -> Generation:
+    """Greedy decoding (or the tokens `forced` [B, new], to compare two models on one path)."""
+    s = Stepper(model, loop)
+    cache = s.start(prompt.shape[0])
+    t0 = time.perf_counter()
+    logits, cache = s.step(prompt, cache, 0)
+    prompt_s = time.perf_counter() - t0
+    done, tokens, rows = prompt.shape[1], [], [logits[:, -1]]
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+        nxt = forced[:, i] if forced is not None else logits[:, -1].argmax(-1)
+        tokens.append(nxt)
+        if i == new_tokens - 1:
+            break
+        logits, cache = s.step(nxt[:, None], cache, done)
+        done += 1
+        rows.append(logits[:, -1])
+    return Generation(np.stack(tokens, 1), rows, time.perf_counter() - t0, prompt_s,
+                      sum(int(v.nbytes) for v in cache.values()))
+
+
+def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int) -> dict:
+    """Model `b` on model `a`'s greedy path: per-step max relative logit error, and the
+    share of steps where `b` would pick `a`'s token."""
+    ga = generate(a, loop, prompt, new_tokens)
+    gb = generate(b, loop, prompt, new_tokens, forced=ga.tokens)
+    errs = [float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), 1e-30)) for x, y in zip(ga.logits, gb.logits)]
+    agree = [bool(np.all(x.argmax(-1) == y.argmax(-1))) for x, y in zip(ga.logits, gb.logits)]
+    return {"steps": len(errs), "max_rel_error": max(errs), "per_step_error": errs,
+            "token_agreement": sum(agree) / len(agree), "a": ga, "b": gb}
+
+
+def decode_check(loop: Loop, prompt: np.ndarray, steps: int = DECODE_STEPS):
+    """A fidelity variant for the pipeline: the logits of `steps` greedy steps after the
+    prompt, teacher-forced on the untouched model's tokens so both run the same path."""
+    path: dict = {}
+
+    def outputs(model) -> dict:
+        g = generate(model, loop, prompt, steps, forced=path.get("tokens"))
+        path.setdefault("tokens", g.tokens)
+        return {f"{loop.logits}@step{i}": x for i, x in enumerate(g.logits)}
+
+    return outputs

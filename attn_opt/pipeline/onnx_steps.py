@@ -1,0 +1,163 @@
+"""The pipeline's steps on ONNX models (see pipeline/run.py for the list).
+
+Every step works on the weightless graph: the weights stay in their files, ORT maps them
+itself, and each model is run once per pass (its outputs, the values detection probes and
+the shapes FLOP counting could not infer come back from that one run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from attn_opt.patterns.detect import match, needed
+from attn_opt.core.errors import DoesNotRun, UserError, first_line as _first_line
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.core.ir import onnx_flops
+from attn_opt.core.ir.onnx_model import OnnxModel
+from attn_opt.pipeline.run import State, outputs_epsilon
+
+
+def _opset(proto_or_model) -> int:
+    imports = proto_or_model.opset_imports if hasattr(proto_or_model, "opset_imports") else None
+    if imports is not None:
+        return imports.get("", imports.get("ai.onnx", 0))
+    return next((o.version for o in proto_or_model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+class OnnxSteps:
+    ir = "onnx"
+
+    def observe(self, model: OnnxModel, feeds, run: bool = True, known: State | None = None) -> State:
+        """View, match, one run (outputs + probes + missing shapes), detect, count. With
+        `known` (the same function before an opset conversion) its values are reused and
+        the model runs only if they lack something."""
+        om = onnx_adapter.with_shapes(model)
+        gv = onnx_adapter.view(om)
+        found = match(gv)
+        proto = om.graph_proto()
+        shapes, missing = onnx_flops.static_shapes(proto, feeds)
+        probed, outputs = {}, None
+        names = [v.name for v in needed(found) if v.const is None]
+        have = dict(known.view.probed) if known is not None else {}
+        if known is not None and all(n in have for n in names + missing) and (known.outputs is not None or not run):
+            outputs, probed = known.outputs, {n: have[n] for n in names}
+            shapes.update({k: tuple(np.shape(have[k])) for k in missing})
+            gv.remember(feeds, probed)
+        else:
+            try:
+                if run:
+                    got = om.run(feeds, names + missing)
+                else:  # what detection and counting need, one segment of weights in memory at a time
+                    from attn_opt.core.ir.onnx_segments import run_segmented
+
+                    budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
+                    got = run_segmented(om, feeds, set(names + missing), budget)
+            except Exception as e:
+                raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
+                                "give --inputs FILE.npz or --input-shape NAME=DIMS") from None
+            outs = {o.name for o in proto.graph.output}
+            outputs = {k: v for k, v in got.items() if k in outs} if run else None
+            probed = {k: v for k, v in got.items() if k not in outs or k in names}
+            shapes.update({k: tuple(np.shape(v)) for k, v in got.items()})
+            gv.remember(feeds, probed)
+        det = found.finish(gv, probed, None, feeds)
+        attention = {n for s in det.sites for n in s.nodes}
+        flops = onnx_flops.count_shapes(proto, shapes, attention)
+        return State(om, gv, det, outputs, flops, onnx_flops.params(proto))
+
+    def prepare(self, state: State, p, feeds, run: bool = True) -> State:
+        """Convert to the opset the pass needs (on the weightless graph); re-observe if so."""
+        need = self.opset_for(p)
+        upgraded = self.upgrade(state.model, need, p.name) if need else state.model
+        if upgraded is state.model:
+            return state
+        new = self.observe(upgraded, feeds, run, known=state)
+        lost = [s.id for s in state.det.sites[len(new.det.sites):]] if len(new.det.sites) < len(state.det.sites) else []
+        if lost:
+            raise UserError(f"{p.name}: converting the model from opset {_opset(state.model.ir)} to {need} loses "
+                            f"site(s) {', '.join(lost)} ({len(state.det.sites)} found before, {len(new.det.sites)} "
+                            "after); nothing written")
+        return new
+
+    @staticmethod
+    def opset_for(p) -> int | None:
+        """The opset the lowering of `p`'s forms needs, if it rewrites sites."""
+        from attn_opt.backends.onnx.lower import opset_for
+
+        return opset_for(p.produces) if p.touches_sites() else None
+
+    def upgrade(self, om: OnnxModel, need: int, why: str) -> OnnxModel:
+        """The model at opset `need` (converted on the weightless graph), or itself."""
+        cur = _opset(om.ir)
+        if cur >= need:
+            return om
+        proto = om.graph_proto()
+        try:
+            new = onnx.version_converter.convert_version(proto, need)
+        except Exception as e:
+            raise UserError(f"cannot convert the model from opset {cur} to {need} for {why} ({_first_line(e)})") from None
+        meta = {n.name: n.metadata_props for n in proto.graph.node if n.name and n.metadata_props}
+        for n in new.graph.node:  # the converter drops node metadata (module scopes: layers)
+            if n.name in meta and not n.metadata_props:
+                n.metadata_props.extend(meta[n.name])
+        upgraded = OnnxModel.from_proto(new, om.folder, om.source)
+        upgraded.external_input, upgraded._keep = om.external_input, om._keep
+        return upgraded
+
+    def snapshot(self, state: State) -> OnnxModel:
+        return state.model.clone()
+
+    def lower(self, state: State, site, form, pass_name: str) -> str | None:
+        from attn_opt.backends.onnx.edit import SiteEdit
+        from attn_opt.backends.onnx.lower import lower
+
+        edit = SiteEdit(state.model.ir, site, pass_name)
+        note = lower(edit, form)
+        if edit.in_fp32:
+            note = (note + "; " if note else "") + f"computed in float32 inside (the site is {edit.site_dtype()})"
+        return note
+
+    def calibrate(self, model: OnnxModel, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None):
+        from attn_opt.pipeline.calibrate import calibrate
+
+        return calibrate(model, old_sites, rewritten, calib, heldout, progress, lora, targets)
+
+    def graph_edit(self, state: State, edit: str) -> list[str]:
+        from attn_opt.backends.onnx.lower import GRAPH_EDITS
+
+        return GRAPH_EDITS[edit](state.model.ir, state.view)
+
+    def finish(self, state: State) -> None:
+        from attn_opt.backends.onnx.edit import sweep
+
+        sweep(state.model.ir)
+
+    def validate(self, model: OnnxModel) -> None:
+        model.check(full=True)
+
+    def logit_outputs(self, state: State) -> set[str]:
+        """Outputs that are logits: named so, or sized like the vocabulary (the rows of the
+        largest table a Gather looks tokens up in), not like any weight (a hidden size)."""
+        tables = [n.inputs[0] for n in state.model.ir.graph if n.op_type == "Gather" and n.inputs
+                  and n.inputs[0] is not None and n.inputs[0].const_value is not None]
+        rows = [int(v.const_value.shape[0]) for v in tables if len(v.const_value.shape) == 2]
+        vocab = {max(rows)} if rows and max(rows) >= 100 else set()  # the token table, not positions
+        return {k for k, v in (state.outputs or {}).items()
+                if "logit" in k.lower() or (np.ndim(v) >= 2 and np.shape(v)[-1] in vocab)}
+
+    def output_epsilon(self, state: State) -> float | None:
+        return outputs_epsilon(state.outputs)
+
+    def outputs_on(self, model: OnnxModel, feeds) -> dict:
+        """The model's outputs on other inputs (the fidelity variants); a variant that is a
+        function of the model (a decoder step's generation loop) is called with it."""
+        return feeds(model) if callable(feeds) else model.run(feeds)
+
+    def view_for_diff(self, model: OnnxModel, feeds):
+        return onnx_adapter.view(onnx_adapter.with_shapes(model))
+
+    def check_sites(self, before: OnnxModel, after: OnnxModel, site_ids, feeds):
+        from attn_opt.core.ir.onnx_segments import check_sites
+
+        return check_sites(before, after, site_ids, feeds)

@@ -1,0 +1,481 @@
+"""The pass pipeline, one for both IRs: a flat list of named steps, each an adapter method
+(`pipeline/onnx_steps.py`, `pipeline/fx_steps.py`).
+
+    observe   view the model, match the rules, run it once on the fidelity inputs (outputs,
+              the values detection probes, the shapes FLOP counting needs), detect, count
+    select    the sites --layers / --sites choose
+    rewrite   each chosen site the pass does not skip (every skip has a reason)
+    validate  the rewritten graph is valid (onnx.checker / graph.lint)
+    observe   the rewritten model, the same way: its one run gives its outputs for
+              fidelity and the next pass's sites
+    fidelity  against the untouched model (outputs computed once) and the previous step
+    count     FLOPs (matrix products) and attention FLOPs, parameters
+
+An exact pass past its dtype's bound, or any pass past --max-error, stops the pipeline
+unless forced. With check="sites" the model is never run whole: each rewritten site is
+checked on the activations of the model before the pass, one segment at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attn_opt.core import fidelity
+from attn_opt.core.errors import DoesNotRun, NotSupported, UserError, first_line
+from attn_opt.core.passbase import Pass
+from attn_opt.core.progress import Progress
+
+EXACT_TOL = 1e-4
+CHECKS = ("model", "sites", "none")
+
+
+class FidelityError(UserError):
+    """A pass moved the model further than allowed; nothing was written."""
+
+
+@dataclass
+class PassReport:
+    name: str
+    options: dict
+    exact: bool
+    sites_rewritten: list[str] = field(default_factory=list)
+    sites_skipped: list[dict] = field(default_factory=list)
+    flops_before: int = 0
+    flops_after: int = 0
+    attention_flops_before: int = 0
+    attention_flops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    fidelity: dict = field(default_factory=dict)  # against the original model (cumulative)
+    step_fidelity: dict = field(default_factory=dict)  # against the model before this pass
+    per_output: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sink_ratio: dict = field(default_factory=dict)  # site -> {"before": [per head], "after": [...]}
+    seconds: float = 0.0
+    check: str = "model"
+    per_site: dict = field(default_factory=dict)  # check="sites": site -> fidelity of its output
+    fidelity_all: dict = field(default_factory=dict)  # worst over every input set (fidelity + variants)
+    step_fidelity_all: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # --calibrate: per site fits, the model before/after
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    inputs: dict
+    passes: list[PassReport] = field(default_factory=list)
+    models: list = field(default_factory=list, repr=False)  # the model after each pass (not in JSON)
+    check: str = "model"
+    flops_definition: str = ("matrix products (MatMul/Gemm/Einsum/Conv and the products inside attention "
+                             "ops), 2 FLOPs per multiply-add, at the fidelity inputs' shapes")
+
+    steps: list = field(default_factory=list)  # (step, seconds) of the whole invocation
+
+    def to_json(self) -> dict:
+        return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
+                "passes": [p.to_json() for p in self.passes], "steps": self.steps}
+
+
+@dataclass
+class State:
+    """One model as the pipeline sees it: what its one run and its detection gave."""
+
+    model: Any  # OnnxModel or GraphModule
+    view: Any  # GraphView
+    det: Any  # Detection
+    outputs: dict[str, np.ndarray] | None  # None when the model was not run (check != "model")
+    flops: Any  # Flops
+    params: int
+
+
+@dataclass
+class Applied:
+    rewritten: list[str]
+    skipped: list[dict]
+    notes: list[str]
+    sink_ratio: dict = field(default_factory=dict)
+
+
+def parse_chain(passes) -> list[Pass]:
+    """Pass specs ("sparse:window=8") or Pass objects to a checked chain of passes."""
+    from attn_opt import passes as registry
+
+    chain = [registry.parse(p) if isinstance(p, str) else p for p in passes]
+    registry.check_chain(chain)
+    return chain
+
+
+def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> None:
+    """--sites / --layers naming what the model does not have is a typo: refuse it."""
+    have = [s.id for s in sites]
+    if ids is not None and set(ids) - set(have):
+        missing = sorted(set(ids) - set(have))
+        raise UserError(f"no site {', '.join(map(repr, missing))}; sites: {', '.join(have) or 'none'}")
+    known = sorted({s.layer for s in sites if s.layer is not None})
+    if layers is not None and set(layers) - set(known):
+        missing = sorted(set(layers) - set(known))
+        raise UserError(f"no attention in layer {', '.join(map(str, missing))}; "
+                        f"layers with sites: {_ranges(known) or 'none (no layer numbers found)'}")
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
+        i = j + 1
+    return ",".join(out)
+
+
+def select(sites, layers: set[int] | None, ids: set[str] | None):
+    chosen, skipped = [], []
+    for s in sites:
+        if ids is not None and s.id not in ids:
+            skipped.append({"id": s.id, "reason": "not in --sites"})
+        elif layers is not None and s.layer not in layers:
+            skipped.append({"id": s.id, "reason": f"layer {s.layer} not in --layers"})
+        else:
+            chosen.append(s)
+    return chosen, skipped
+
+
+def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, want_sinks: bool = False,
+            calibrating: bool = False, lora: int = 0, choose_on: dict | None = None) -> Applied:
+    """Rewrite the chosen sites of `state.model` in place (the sites refer to its nodes);
+    `calibrating`: the forms carry their per-head parameters, at the identity, to be fitted,
+    and a rank-`lora` correction of each site's output projection (zero) if `lora`.
+    `choose_on`: the inputs the diagnostics behind choices like sinks=auto run on (default
+    `feeds`; with calibration, the calibration inputs, so the held-out set stays unseen)."""
+    chosen, skipped = select(state.det.sites, layers, ids) if p.touches_sites() else ([], [])
+    diag = {}
+    if p.needs_diagnostics() and chosen:
+        from attn_opt.patterns.diagnostics import for_pass
+
+        on = next((f for f in (choose_on, feeds) if f is not None), None) or state.view.sample_inputs()
+        diag = for_pass(state.view, chosen, on, getattr(p, "window", None))
+    rewritten, notes = [], []
+    for site in chosen:
+        reason = p.skip_reason(site)
+        if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
+            reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
+                      f"{p.name} would compute them in float, so it is not exact here")
+        if reason:
+            skipped.append({"id": site.id, "reason": reason})
+            continue
+        form = p.form(site, diag.get(site.id))
+        if calibrating and p.produces == "form":
+            if form.pattern is not None and form.pattern.dense_heads:
+                raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
+            form = dataclasses.replace(form, normaliser=form.normaliser.calibrate(heads=site.heads), lora=lora)
+        said = [form.describe(), *form.notes, steps.lower(state, site, form, p.name)]
+        rewritten.append(site.id)
+        if any(said):
+            notes.append(f"{site.id}: " + "; ".join(n for n in said if n))
+    for edit in p.graph_edits():
+        notes += steps.graph_edit(state, edit)
+    sinks = {}
+    if want_sinks and feeds is not None and p.replaces_normaliser and rewritten:
+        sinks = sink_ratios(state.view, [s for s in chosen if s.id in rewritten], p, feeds)
+    steps.finish(state)
+    return Applied(rewritten, skipped, notes, sinks)
+
+
+def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
+    """Per site and head, the share of attention on the first token before and after `p`,
+    on the fidelity inputs (the form's NumPy normaliser on probed Q/K/V)."""
+    from attn_opt.patterns import reference
+
+    probed = gv.probe([v for s in sites for v in reference.needed(s)], feeds)
+    out = {}
+    for s in sites:
+        try:
+            before = reference.sink_ratio(reference.probabilities(s, probed))
+            after = reference.sink_ratio(reference.probabilities(s, probed, p.form(s).normaliser))
+        except (ValueError, KeyError):
+            continue
+        out[s.id] = {"before": np.round(before, 4).tolist(), "after": np.round(after, 4).tolist()}
+    return out
+
+
+def outputs_epsilon(outputs: dict | None) -> float | None:
+    """Machine epsilon of the coarsest floating output array."""
+    eps = [float(np.finfo(v.dtype).eps) for v in (outputs or {}).values()
+           if np.issubdtype(np.asarray(v).dtype, np.floating)]
+    return max(eps) if eps else None
+
+
+def exact_bound(steps, state: State) -> float:
+    """How far an exact pass may move outputs: 1e-4 in fp32, scaled to coarser dtypes'
+    rounding (the outputs' own epsilon times 8)."""
+    return max(EXACT_TOL, 8 * (steps.output_epsilon(state) or 0.0))
+
+
+def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
+               max_error: float | None = None, force: bool = False, input_note: dict | None = None,
+               check: str = "model", reference: dict | None = None, keep_models: bool = False,
+               progress: Progress | None = None, variants: list | None = None, calibrate: dict | None = None,
+               lora: int = 0):
+    """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
+    (the rewritten model, Report). `reference`: the untouched model's outputs if the
+    caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the
+    passes are also checked on (padded rows, another length), with check="model".
+    `calibrate`: inputs to fit each rewritten site's per-head parameters on (pipeline/calibrate.py);
+    `feeds` are then its held-out inputs; `lora`: the rank of an output-projection correction
+    calibration fits as well (0: none)."""
+    from attn_opt.passes import check_chain
+
+    if check not in CHECKS:
+        raise UserError(f"--check must be one of {', '.join(CHECKS)}")
+    if max_error is not None and not max_error >= 0:
+        raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
+    if calibrate is not None and check != "model":
+        raise UserError("--calibrate runs the model on its inputs: it needs --check=model")
+    if lora and calibrate is None:
+        raise UserError("--lora R is fitted by calibration: give --calibrate FILE.npz too")
+    if not (isinstance(lora, int) and lora >= 0):
+        raise UserError(f"--lora must be a whole number >= 0 (got {lora!r})")
+    check_chain(passes)
+    progress = progress or Progress(None)
+    report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check)
+    with progress.step("observe the model (one run: outputs, probes, shapes)" if check == "model"
+                       else "observe the model (structure only)"):
+        cur = steps.observe(model, feeds, run=check == "model")
+    ref = reference if reference is not None else cur.outputs
+    check_selection(cur.det.sites, layers, ids)
+    ref_cal = steps.outputs_on(cur.model, calibrate) if calibrate is not None else None
+    variants = list(variants or []) if check == "model" else []
+    ref_var, variant_notes = {}, []
+    for label, f in variants:
+        try:
+            ref_var[label] = steps.outputs_on(cur.model, f)
+        except Exception as e:  # a model that takes only its own length: checked on the rest
+            variant_notes.append(f"not checked on the {label} inputs: the model does not run on them "
+                                 f"({first_line(e)[:120]})")
+    variants = [(label, f) for label, f in variants if label in ref_var]
+    report.inputs = dict(report.inputs, variants=[label for label, _ in variants])
+    prev_var = dict(ref_var)
+    for p in passes:
+        t0 = time.perf_counter()
+        with progress.step(f"{p.name}: prepare"):
+            cur = steps.prepare(cur, p, feeds, run=check == "model")
+        before = steps.snapshot(cur) if keep_models or check == "sites" else None
+        prev_outputs, flops_before, params_before = cur.outputs, cur.flops, cur.params
+        with progress.step(f"{p.name}: rewrite sites"):
+            old_sites = {s.id: s for s in cur.det.sites}
+            calibrating = calibrate is not None and p.produces == "form"
+            targets = None
+            if calibrating and lora:  # what each output projection reads in this model: the LoRA's targets
+                wanted = [s.out_projection.x for s in cur.det.sites if s.out_projection is not None]
+                targets = (cur.view.probe(wanted, calibrate), cur.view.probe(wanted, feeds))
+            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model", calibrating=calibrating,
+                              lora=lora, choose_on=calibrate)
+        with progress.step(f"{p.name}: validate"):
+            steps.validate(cur.model)
+        calibration = {}
+        if calibrating and applied.rewritten:
+            calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, calibrate, feeds, ref_cal, ref,
+                                     progress, lora, targets, steps.logit_outputs(cur))
+        elif calibrate is not None and p.touches_sites():
+            calibration = {"note": f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
+                                   + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
+                                      if p.produces == "gate" else ")")}
+        per_site = {}
+        if check == "sites" and applied.rewritten:
+            with progress.step(f"{p.name}: check each rewritten site"):
+                per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
+        with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
+            try:
+                new = steps.observe(cur.model, feeds, run=check == "model")
+            except DoesNotRun as e:
+                raise UserError(f"{p.name}: the rewritten model does not run "
+                                f"({str(e).split('; give --inputs')[0]}); nothing written") from None
+        rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
+                         flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
+                         new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
+                         sink_ratio=applied.sink_ratio, check=check, calibration=calibration)
+        fid = step = fid_all = step_all = None
+        if check == "model":
+            logits = steps.logit_outputs(new)
+            new_var = {}
+            for label, f in variants:
+                with progress.step(f"{p.name}: fidelity on the {label} inputs"):
+                    new_var[label] = steps.outputs_on(new.model, f)
+            per, changed = _compared(ref, new.outputs, logits)
+            steps_, _ = _compared(prev_outputs, new.outputs, logits)
+            fid, step = fidelity.worst(per), fidelity.worst(steps_)  # the headline: the fidelity inputs
+            for label, outs in new_var.items():
+                per |= _compared(ref_var[label], outs, logits, f"@{label}")[0]
+                steps_ |= _compared(prev_var[label], outs, logits, f"@{label}")[0]
+            if changed:
+                rep.notes.append(f"outputs that changed shape are not compared: {', '.join(changed)}")
+            if new_var:  # what the bounds are checked on: every input set
+                rep.fidelity_all, rep.step_fidelity_all = fidelity.worst(per).to_json(), fidelity.worst(steps_).to_json()
+                fid_all, step_all = fidelity.worst(per), fidelity.worst(steps_)
+            rep.per_output = {k: f.to_json() for k, f in per.items()}
+            rep.notes += variant_notes
+            prev_var = new_var
+        elif check == "sites" and per_site:
+            step = fidelity.worst(per_site)
+            rep.per_site = {k: f.to_json() for k, f in per_site.items()}
+            rep.notes.append("check=sites: each rewritten site's output compared with the site before the pass, "
+                             "on that model's own activations; the whole model was not run, so errors are per "
+                             "site and not compounded")
+        elif check == "none":
+            rep.notes.append("check=none: the model was validated, and run only segment by segment for what "
+                             "detection reads (shapes, masks); outputs not compared, no fidelity figures")
+        rep.fidelity = fid.to_json() if fid else (step.to_json() if step else {})
+        rep.step_fidelity = step.to_json() if step else {}
+        rep.seconds = time.perf_counter() - t0
+        report.passes.append(rep)
+        _enforce(p, rep, fid_all or fid, step_all or step, exact_bound(steps, new), max_error, force, report)
+        if keep_models:
+            report.models.append((before, steps.snapshot(new)))
+        cur = new
+    report.steps = progress.seconds
+    return cur.model, report
+
+
+def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress, lora=0,
+               targets=None, logits: set = frozenset()) -> dict:
+    """Fit the rewritten sites' parameters (steps.calibrate) and say what it did: per site, and
+    the model's error against the original before and after, on the calibration inputs
+    and on the held-out ones."""
+    from attn_opt.pipeline.calibrate import relative_error
+
+    def measure(refs, f):
+        """(worst relative error over the outputs, the order of each output): ||out −
+        original|| / ||original|| (the sites' figure, model-wide; over the positions an input
+        named like a mask keeps, where an output has them); an output's order is the
+        arg-max agreement of logits, else the pair ranking of the batch's rows, pooled over
+        the positions an input named like a mask keeps (core/fidelity.py)."""
+        if refs is None:
+            return None, {}
+        outs = steps.outputs_on(model, f)
+        same = [k for k in refs if np.shape(outs[k]) == np.shape(refs[k])]
+        mask = next((v for n, v in f.items() if "mask" in n.lower() and np.ndim(v) == 2), None)  # a padding mask
+
+        def kept(x):  # the positions the padding mask keeps, where an output is [B, T, ...]
+            x = np.asarray(x, np.float64)
+            return x[np.asarray(mask, bool)] if mask is not None and x.shape[:2] == np.shape(mask) else x
+
+        errs = [relative_error(kept(outs[k]), kept(refs[k])) for k in same]
+        order = {k: fidelity.compare(refs[k], outs[k], logits=True).top1_agreement if k in logits
+                 else fidelity.pair_ranking(refs[k], outs[k], mask) for k in same}
+        return (max(errs) if errs else None), {k: o for k, o in order.items() if o is not None}
+
+    (cal_b, _), (held_b, rank_b) = measure(ref_cal, calib), measure(ref_heldout, heldout)
+    before = {"calibration": cal_b, "heldout": held_b, "heldout_order": rank_b}
+    t0 = time.perf_counter()
+    fits = steps.calibrate(model, old_sites, rewritten, calib, heldout, progress, lora, targets)
+    seconds = time.perf_counter() - t0
+    (cal_a, _), (held_a, rank_a) = measure(ref_cal, calib), measure(ref_heldout, heldout)
+    after = {"calibration": cal_a, "heldout": held_a, "heldout_order": rank_a}
+    worse = [k for k in rank_a if k in rank_b and rank_a[k] < rank_b[k]]
+    why = None
+    if held_a is not None and held_b is not None and held_a > held_b:
+        why = f"the model's held-out error rose with calibration ({held_b:.3g} -> {held_a:.3g})"
+    elif worse:
+        why = ("the order of the model's held-out outputs got worse with calibration ("
+               + ", ".join(f"{k} {rank_b[k]:.4f} -> {rank_a[k]:.4f}" for k in worse) + ")")
+    note = None
+    if why:
+        from attn_opt.pipeline.calibrate import reset
+
+        reset(model, fits)  # calibration undone
+        for f in fits:
+            f.reverted = True
+        note = why + ": every site went back to the identity"
+        after = dict(before)
+    return {"sites": [f.to_json() for f in fits], "model_error_before": before, "model_error_after": after,
+            "seconds": seconds, "reverted": [f.site for f in fits if f.reverted], "note": note}
+
+
+def _compared(refs: dict, outs: dict, logits: set, suffix: str = "") -> tuple[dict, list[str]]:
+    """Fidelity of each output against its reference, leaving out outputs whose shape the
+    pass changed (a capped cache), which it lists."""
+    got, changed = {}, []
+    for k in refs:
+        if np.shape(refs[k]) != np.shape(outs[k]):
+            changed.append(f"{k} {list(np.shape(refs[k]))} -> {list(np.shape(outs[k]))}")
+        else:
+            got[f"{k}{suffix}"] = fidelity.compare(refs[k], outs[k], logits=k in logits)
+    return got, changed
+
+
+def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
+    problem = None
+    if p.is_exact() and step is not None and not step.max_rel_error <= bound:
+        problem = (f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {bound:g}"
+                   f"{'; on every input set' if rep.step_fidelity_all else ''})")
+    elif max_error is not None and (fid or step) is not None and not (fid or step).max_rel_error <= max_error:
+        problem = (f"{p.name}: relative error {(fid or step).max_rel_error:.3g} from the original exceeds "
+                   f"--max-error {max_error:g}")
+    if problem and not force:
+        err = FidelityError(f"{problem}; nothing written (use --force to write anyway)")
+        err.report = report
+        raise err
+
+
+def run_pipeline(model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
+                 max_error: float | None = None, force: bool = False, input_note: dict | None = None, **options):
+    """The pipeline on an ONNX model (a ModelProto, OnnxModel or path): (rewritten, Report);
+    a ModelProto in gives a ModelProto out."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_steps import OnnxSteps
+
+    import onnx
+
+    om = onnx_adapter.load(model)
+    if "variants" not in options:
+        options["variants"] = onnx_variants(om, feeds)
+    out, report = run_passes(OnnxSteps(), om, passes, feeds, layers, ids, max_error, force, input_note, **options)
+    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), report
+
+
+def onnx_variants(om, feeds: dict, overrides: dict | None = None) -> list:
+    """The fidelity variants of an ONNX model: a padded batch, another length, and for a
+    decoder step, four steps of its generation loop after the fidelity inputs' first row
+    of tokens as the prompt."""
+    from attn_opt.core.inputs import fidelity_variants
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import DECODE_STEPS, decode_check, loop_of
+
+    gv = onnx_adapter.view(om)
+    specs = onnx_adapter.input_specs(gv)
+    out = fidelity_variants(feeds, specs, overrides)
+    try:
+        loop = loop_of(gv, specs)
+    except UserError:  # a cache it does not return, or a static past: not a loop to run (generate says why)
+        loop = None
+    if loop is not None:
+        out.append((f"decode x{DECODE_STEPS}", decode_check(loop, feeds[loop.ids][:1], DECODE_STEPS)))
+    return out
+
+
+def apply_pass(model, p: Pass, layers=None, ids=None, feeds=None):
+    """One pass without checks on an ONNX model (ModelProto or OnnxModel), detection on
+    `feeds` (default: generated): (rewritten model, rewritten ids, skipped, notes)."""
+    from attn_opt.patterns.detect import detect
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_steps import OnnxSteps
+
+    import onnx
+
+    steps = OnnxSteps()
+    om = onnx_adapter.load(model)
+    need = steps.opset_for(p)
+    om = steps.upgrade(om, need, p.name) if need else om
+    om, _, gv = onnx_adapter.load_view(om)
+    state = State(om, gv, detect(gv, feeds=feeds), None, None, 0)
+    applied = rewrite(steps, state, p, layers, ids, feeds)
+    out = state.model
+    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), applied.rewritten, applied.skipped, applied.notes

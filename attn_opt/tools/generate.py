@@ -1,0 +1,52 @@
+"""`attn-opt generate`: a decoder step's greedy loop in ONNX Runtime, alone or against
+another model on the same path (pipeline/onnx_decode.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attn_opt.core.errors import UserError, first_line
+
+
+def _prompt(path: str) -> np.ndarray:
+    try:
+        ids = np.load(path)
+    except Exception as e:
+        raise UserError(f"cannot read --prompt-ids {path}: {first_line(e)}") from None
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
+        raise UserError(f"--prompt-ids {path}: expected integer token ids [B, T] or [T], got {ids.dtype} {ids.shape}")
+    return ids.astype(np.int64)
+
+
+def _step(path: str):
+    """(model, its generation loop) of a decoder step, or a one-line error."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import loop_of
+
+    om, _, gv = onnx_adapter.load_view(path)
+    loop = loop_of(gv, onnx_adapter.input_specs(gv))
+    if loop is None:
+        raise UserError(f"{path} is not a decoder step: no cache input (past) concatenated with new keys/values")
+    return om, loop
+
+
+def run(model: str, prompt_path: str, new_tokens: int, other: str | None = None) -> dict:
+    from attn_opt.pipeline.onnx_decode import compare, generate
+
+    prompt = _prompt(prompt_path)
+    om, loop = _step(model)
+    if other is None:
+        g = generate(om, loop, prompt, new_tokens)
+        cmp = None
+    else:
+        r = compare(om, _step(other)[0], loop, prompt, new_tokens)
+        g, gb = r["a"], r["b"]
+        cmp = {"steps": r["steps"], "max_rel_error": r["max_rel_error"], "per_step_error": r["per_step_error"],
+               "token_agreement": r["token_agreement"], "cache_bytes": gb.cache_bytes,
+               "tokens_per_second": (new_tokens - 1) / gb.seconds if gb.seconds > 0 else 0.0}
+    return {"batch": int(prompt.shape[0]), "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
+            "total_tokens": int(prompt.shape[1] + new_tokens - 1), "tokens": g.tokens.tolist(),
+            "prompt_seconds": g.prompt_seconds, "tokens_per_second": (new_tokens - 1) / g.seconds if g.seconds > 0 else 0.0,
+            "cache_bytes": g.cache_bytes, "compare": cmp}

@@ -197,7 +197,7 @@ def run_pass(path: Path, spec: str) -> dict:
         return {"error": f"{type(e).__name__}: {first_line(e)}"}
     p = report.passes[0]
     step = p.step_fidelity_all or p.step_fidelity
-    return {"rewritten": p.sites_rewritten, "skipped": p.sites_skipped,
+    return {"rewritten": p.sites_rewritten, "skipped": [s.to_json() for s in p.sites_skipped],
             "max_rel_error": step.get("max_rel_error"), "notes": p.notes}
 
 

@@ -22,7 +22,7 @@ from _report import write
 from attn_opt import passes
 from attn_opt.core.inputs import make_inputs
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import run_pipeline
+import attn_opt
 from attn_opt.tools import zoo
 
 MODELS = [("bert-eager", "dynamo", {"input_ids": (2, 32), "attention_mask": (2, 32)}),
@@ -43,11 +43,11 @@ def main() -> int:
             specs = onnx_adapter.input_specs(onnx_adapter.load_view(proto)[2])
             feeds = make_inputs(specs, shapes, seed=0)
             for spec in FORMS:
-                _, report = run_pipeline(proto, [passes.parse(spec)], feeds, force=True)
+                _, report = attn_opt.optimize(proto, [passes.parse(spec)], feeds=feeds, force=True)
                 p = report.passes[0]
                 sink = [np.mean(r["before"]) for r in p.sink_ratio.values()], [np.mean(r["after"]) for r in p.sink_ratio.values()]
                 rows.append({"model": f"{name} ({exporter})", "form": spec, "exact": p.exact,
-                             "rewritten": len(p.sites_rewritten), "skipped": [s["reason"] for s in p.sites_skipped],
+                             "rewritten": len(p.sites_rewritten), "skipped": [s.reason for s in p.sites_skipped],
                              "max_rel_error": p.fidelity["max_rel_error"], "cosine": p.fidelity["cosine"],
                              "attention_flops": [p.attention_flops_before, p.attention_flops_after],
                              "params": [p.params_before, p.params_after],

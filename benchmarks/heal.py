@@ -28,7 +28,8 @@ from _report import RESULTS, write
 from real_weights import Encoder, embed, load_minilm, sentences, spearman
 
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import parse_chain, run_pipeline
+import attn_opt
+from attn_opt.pipeline.run import parse_chain
 from attn_opt.tools import zoo
 
 FORMS = ["softplus", "sigmoid", "sinkfree:mode=relu", "sinkfree:mode=redistribute,alpha=0.5", "sparse:window=16",
@@ -67,9 +68,9 @@ def main() -> int:
     rows, records = [], []
     runs = [(spec, 0) for spec in args.forms] + [(spec, r) for spec, r in LORA.items() if spec in args.forms]
     for spec, lora in runs:
-        plain, rep0 = run_pipeline(proto, parse_chain([spec]), heldout, force=True)
+        plain, rep0 = attn_opt.optimize(proto, parse_chain([spec]), feeds=heldout, force=True)
         t0 = time.perf_counter()
-        healed, rep1 = run_pipeline(proto, parse_chain([spec]), heldout, force=True, calibrate=calib, lora=lora)
+        healed, rep1 = attn_opt.optimize(proto, parse_chain([spec]), feeds=heldout, force=True, calibrate=calib, lora=lora)
         seconds = time.perf_counter() - t0
         (c0, s0), (c1, s1) = scores(plain), scores(healed)
         p, cal = rep1.passes[0], rep1.passes[0].calibration

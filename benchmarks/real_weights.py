@@ -30,7 +30,7 @@ from attn_opt import passes
 from attn_opt.patterns.detect import detect
 from attn_opt.patterns.diagnostics import diagnose
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import run_pipeline
+import attn_opt
 from attn_opt.tools import zoo
 
 WINDOWS = (8, 16, 32, 64)
@@ -122,7 +122,7 @@ def main() -> int:
               "mlpfree:collapse=qk,symmetric=true", "mlpfree:drop_mlp=true"]
     rows = []
     for spec in specs:
-        out, report = run_pipeline(proto, [passes.parse(spec)], feeds, force=True)
+        out, report = attn_opt.optimize(proto, [passes.parse(spec)], feeds=feeds, force=True)
         p = report.passes[0]
         e = embed(list(onnx_adapter.run(out, feeds).values())[0], feeds["attention_mask"])
         rows.append({"form": spec, "cosine": float(np.mean(np.sum(e * ref, -1))),

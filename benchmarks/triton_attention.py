@@ -44,6 +44,7 @@ def main() -> int:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attn_opt.backends.triton.launcher import attention
+    from attn_opt.patterns.form import Pattern
 
     rows, h, d, w = [], args.heads, args.head_dim, args.window
     for t in args.lengths:
@@ -57,7 +58,8 @@ def main() -> int:
             "sdpa causal": timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)),
             "triton causal": timed(lambda: attention(q, k, v, causal=True, block_m=64, block_n=64)),
             "flex causal window": timed(lambda: flex(q, k, v, block_mask=mask)),
-            "triton causal window": timed(lambda: attention(q, k, v, causal=True, window=w, block_m=64, block_n=64)),
+            "triton causal window": timed(lambda: attention(q, k, v, causal=True, pattern=Pattern("window", True, w, 64),
+                                                           block_m=64, block_n=64)),
         }
         bound = kept_dense / kept_window
         row = {"T": t, **{f"{k_} s": s for k_, s in res.items()},

@@ -279,7 +279,7 @@ def test_stream_refuses_what_it_cannot_do(step_onnx, zoo_onnx, tmp_path):
     step, args, *_ = zoo.decoder_step("llama")  # torch: traced at the example's fixed past length
     _, report = attn_opt.optimize(step, ["stream:window=8"], example_inputs=args)
     p = report.passes[0]
-    assert not p.sites_rewritten and all("static length" in s["reason"] for s in p.sites_skipped)
+    assert not p.sites_rewritten and all("static length" in s.reason for s in p.sites_skipped)
 
 
 def test_torch_decoder_step_with_a_cache():

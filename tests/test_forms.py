@@ -11,7 +11,7 @@ from attn_opt import passes
 from attn_opt.patterns import reference as forms
 from attn_opt.core.errors import UserError
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import apply_pass
+from rewrite import apply_pass
 from onnx_attention import attention_model, feeds, reference
 
 MODELS = {  # name: (model kwargs, feed kwargs)

@@ -13,7 +13,8 @@ from attn_opt.patterns.detect import detect
 from attn_opt.core import fidelity
 from attn_opt.core.inputs import make_inputs
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import apply_pass, run_pipeline
+import attn_opt
+from rewrite import apply_pass
 from attn_opt.tools import zoo
 
 
@@ -25,10 +26,10 @@ def _feeds(proto, **kw):
 @pytest.mark.parametrize("name", list(zoo.MODELS))
 def test_exact_forms_on_every_zoo_model(zoo_onnx, name, spec):
     proto = onnx.load(str(zoo_onnx(name, "dynamo")))
-    _, report = run_pipeline(proto, [passes.parse(spec)], _feeds(proto))
+    _, report = attn_opt.optimize(proto, [passes.parse(spec)], feeds=_feeds(proto))
     p = report.passes[0]
     assert len(p.sites_rewritten) + len(p.sites_skipped) == zoo.MODELS[name].expected.sites
-    assert all(s["reason"] for s in p.sites_skipped)
+    assert all(s.reason for s in p.sites_skipped)
     assert p.exact and p.step_fidelity["max_rel_error"] <= 1e-4
 
 

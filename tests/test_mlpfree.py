@@ -11,7 +11,7 @@ import attn_opt
 from attn_opt import passes
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.core.ir import onnx as onnx_adapter
-from attn_opt.pipeline.run import run_pipeline
+import attn_opt
 from attn_opt.core.inputs import make_inputs
 
 
@@ -25,7 +25,7 @@ def _feeds(proto):
 @pytest.mark.parametrize("spec", ["mlpfree:collapse=qk", "mlpfree:collapse=vo", "mlpfree:collapse=qk+vo"])
 def test_collapse_is_exact(zoo_onnx, name, exporter, spec):
     proto = onnx.load(str(zoo_onnx(name, exporter)))
-    _, report = run_pipeline(proto, [passes.parse(spec)], _feeds(proto))
+    _, report = attn_opt.optimize(proto, [passes.parse(spec)], feeds=_feeds(proto))
     p = report.passes[0]
     assert p.sites_rewritten and not p.sites_skipped, p.sites_skipped
     assert p.step_fidelity["max_rel_error"] <= 1e-4
@@ -35,8 +35,8 @@ def test_collapse_is_exact(zoo_onnx, name, exporter, spec):
 
 def test_collapse_skips_rotary_with_reason(zoo_onnx):
     proto = onnx.load(str(zoo_onnx("llama-eager", "dynamo")))
-    _, report = run_pipeline(proto, [passes.parse("mlpfree:collapse=qk")], _feeds(proto))
-    assert [s["reason"] for s in report.passes[0].sites_skipped] == [
+    _, report = attn_opt.optimize(proto, [passes.parse("mlpfree:collapse=qk")], feeds=_feeds(proto))
+    assert [s.reason for s in report.passes[0].sites_skipped] == [
         "Q is not a projection reshaped to heads (rotary embedding or another op in between)"] * 2
 
 
@@ -45,7 +45,7 @@ def test_symmetric_is_approximate(zoo_onnx):
     from onnx import numpy_helper
 
     proto = onnx.load(str(zoo_onnx("bert-eager", "dynamo")))
-    out, report = run_pipeline(proto, [passes.parse("mlpfree:collapse=qk,symmetric=true")], _feeds(proto))
+    out, report = attn_opt.optimize(proto, [passes.parse("mlpfree:collapse=qk,symmetric=true")], feeds=_feeds(proto))
     p = report.passes[0]
     assert not p.exact and p.fidelity["max_rel_error"] > 1e-6  # reported as approximate, and it moved
     w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}["attn_opt.a0.w_qk"]
@@ -67,7 +67,7 @@ def test_mlp_blocks_found(zoo_onnx, name, blocks, exporter):
     assert len(found) == blocks
     for _, _, nodes in found:
         assert not any(n.op == "Softmax" for n in nodes)
-    _, report = run_pipeline(proto, [passes.parse("mlpfree:drop_mlp=true")], _feeds(proto))
+    _, report = attn_opt.optimize(proto, [passes.parse("mlpfree:drop_mlp=true")], feeds=_feeds(proto))
     p = report.passes[0]
     assert sum(n.startswith("dropped the feed-forward block") for n in p.notes) == blocks
     assert p.params_after < p.params_before and p.flops_after < p.flops_before

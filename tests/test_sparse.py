@@ -9,7 +9,7 @@ import pytest
 from attn_opt import passes
 from attn_opt.core.ir import onnx as onnx_adapter
 from attn_opt.core.ir import onnx_flops
-from attn_opt.pipeline.run import apply_pass
+from rewrite import apply_pass
 from onnx_attention import attention_model, feeds, reference
 
 CASES = [  # (spec, model kwargs)
@@ -176,4 +176,4 @@ def test_grid_on_vit(zoo_onnx):
     x = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
     assert all(np.isfinite(o).all() for o in onnx_adapter.run(new, x).values())
     _, _, skipped, _ = apply_pass(proto, passes.parse("sparse:window=3x3,grid=5x5"))
-    assert "does not hold a 5x5 grid" in skipped[0]["reason"]
+    assert "does not hold a 5x5 grid" in skipped[0].reason

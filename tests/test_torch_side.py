@@ -69,13 +69,13 @@ def test_fx_pass_agrees_with_onnx(zoo_onnx, name, spec):
 
     from attn_opt import passes
     from attn_opt.core.ir import onnx_flops
-    from attn_opt.pipeline.run import run_pipeline
+    import attn_opt
 
     model, args, names = zoo.MODELS[name].build()
     _, fx_report = attn_opt.optimize(model, [spec], example_inputs=args)
     proto = onnx.load(str(zoo_onnx(name, "dynamo")))
     feeds = {n: a.numpy() for n, a in zip(names, args)}
-    out, onnx_report = run_pipeline(proto, [passes.parse(spec)], feeds, force=True)
+    out, onnx_report = attn_opt.optimize(proto, [passes.parse(spec)], feeds=feeds, force=True)
     f, o = fx_report.passes[0], onnx_report.passes[0]
     assert f.sites_rewritten == o.sites_rewritten
     assert abs(f.fidelity["max_rel_error"] - o.fidelity["max_rel_error"]) <= 1e-4
@@ -91,14 +91,15 @@ def test_fx_windowed_sigmoid_agrees_with_onnx(zoo_onnx):
     import onnx
 
     from attn_opt.core.ir import onnx_flops
-    from attn_opt.pipeline.run import parse_chain, run_pipeline
+    import attn_opt
+    from attn_opt.pipeline.run import parse_chain
 
     chain = ["sparse:window=4", "sigmoid"]
     model, args, names = zoo.MODELS["llama-eager"].build()
     gm, fx_report = attn_opt.optimize(model, chain, example_inputs=args)
     proto = onnx.load(str(zoo_onnx("llama-eager", "dynamo")))
     feeds = {n: a.numpy() for n, a in zip(names, args)}
-    out, onnx_report = run_pipeline(proto, parse_chain(chain), feeds, force=True)
+    out, onnx_report = attn_opt.optimize(proto, parse_chain(chain), feeds=feeds, force=True)
     f, o = fx_report.passes[1], onnx_report.passes[1]
     assert f.sites_rewritten == o.sites_rewritten == ["a0", "a1"]
     assert abs(f.fidelity["max_rel_error"] - o.fidelity["max_rel_error"]) <= 1e-4

@@ -35,6 +35,23 @@ CASES = {
 }
 
 
+def _form(opts: dict, h: int) -> dict:
+    """A CASES row as the launcher's arguments: the form as Pattern × Normaliser objects."""
+    window, dilation, sinks = opts.pop("window", 0), opts.pop("dilation", 1), opts.pop("sinks", 0)
+    if window:
+        opts["pattern"] = Pattern("window", opts.get("causal", False), window, 16, sinks=sinks, dilation=dilation)
+    kind = opts.pop("normaliser", "softmax")
+    n_train, power = opts.pop("n_train", None), opts.pop("power", 1.0)
+    score_bias = opts.pop("score_bias", None)
+    if kind == "softplus":
+        opts["normaliser"] = Normaliser("softplus", n_train=n_train, p=power)
+    elif kind == "sigmoid":
+        opts["normaliser"] = Normaliser("sigmoid", bias=None if score_bias is None else tuple(score_bias.tolist()))
+    elif opts.get("sink_logit") is not None:
+        opts["normaliser"] = Normaliser("logit", bias=tuple(opts["sink_logit"].tolist()))
+    return opts
+
+
 @pytest.mark.parametrize("kvh", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(name, kvh):
@@ -55,6 +72,7 @@ def test_kernel_matches_reference(name, kvh):
         opts["score_bias"] = torch.tensor([-3.0, -2.0, -1.0, 0.5])
     if opts.pop("gate", False):
         opts["gate"] = torch.randn(b, h, t, generator=g)
+    opts = _form(opts, h)
     got = attention(q, k, v, **opts)
     want = reference(q, k, v, **opts)
     assert torch.isfinite(got).all()
@@ -66,7 +84,7 @@ def test_padded_window_rows_are_zero():
     q = k = v = torch.randn(1, 1, 40, 8)
     bias = torch.zeros(1, 40)
     bias[0, 28:] = torch.finfo(torch.float32).min
-    out = attention(q, k, v, window=8, key_bias=bias)
+    out = attention(q, k, v, pattern=Pattern("window", False, 8, 16), key_bias=bias)
     assert torch.isfinite(out).all() and (out[0, 0, 33:] == 0).all()
 
 
@@ -80,7 +98,8 @@ def test_padded_window_rows_are_zero():
 def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
     """backends.torch.forms.attention hands the forms the kernel covers to it (as it does for CUDA
     tensors); the result equals its PyTorch path."""
-    from attn_opt.backends.torch.forms import attention as form_attention, kernel_args
+    from attn_opt.backends.torch.forms import attention as form_attention, kernel_reason
+    from attn_opt.patterns.form import Form
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 29, 8, generator=g) for _ in range(3))
@@ -94,8 +113,8 @@ def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
         boolean[-1, ..., -7:] = False
     causal = bool(pattern and pattern.causal)
     norm = normaliser or Normaliser()
-    kw = dict(scale=8 ** -0.5, causal=causal, pattern=pattern and pattern.to_json(), normaliser=norm.to_json())
-    assert kernel_args(q, k, v, additive, boolean, True, causal, pattern, norm) is not None
+    kw = dict(scale=8 ** -0.5, causal=causal, pattern=pattern, normaliser=norm)
+    assert kernel_reason(q, k, v, additive, boolean, True, causal, Form(pattern=pattern, normaliser=norm)) is None
     got = form_attention(q, k, v, additive, boolean, use_triton=True, **kw)
     want = form_attention(q, k, v, additive, boolean, use_triton=False, **kw)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -24,6 +24,14 @@ FORM_KEY = "attn_opt.form"  # on a rewritten site's output: its record (form and
 EPILOGUE_TAG = "attn_opt.epilogue"  # an op applied to a site's output (a gate), not part of the site
 
 
+def param_name(site_id: str, name: str, ir: str = "onnx") -> str:
+    """The name of a weight attn-opt adds for a site: `attn_opt.<site>.<name>` as an ONNX
+    initializer, `attn_opt_<site>_<name>` as a module attribute (no dots there)."""
+    if ir == "onnx":
+        return f"attn_opt.{site_id}.{name}"
+    return re.sub(r"\W", "_", f"attn_opt_{site_id}_{name}")
+
+
 @dataclass(eq=False)
 class Value:
     name: str

@@ -79,6 +79,11 @@ class Pass:
     sets_pattern: ClassVar[bool] = False  # chooses the kept pairs: at most one such pass per site
     once: ClassVar[bool] = False  # give it once, with all its options
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.produces not in PRODUCES:
+            raise TypeError(f"pass {cls.name or cls.__name__}: produces={cls.produces!r}, not one of {PRODUCES}")
+
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -12,9 +12,10 @@ gives `com.microsoft.GroupQueryAttention` reading the same past inputs and writi
 same present outputs (MHA sites too: kv_num_heads = num_heads), and target=auto the
 faster of the two at the site's shape. Where GroupQueryAttention cannot take the step
 (not causal, a boolean mask, not float32, ...) the site gets `Attention`
-and the report says why. A site a pass already rewrote is fused only if its form is
-softmax, or a sink logit (sinkfree:mode=logit, in an earlier run) on a decoder step with
-target=ort|auto: GroupQueryAttention's head_sink; else it is skipped, saying why.
+and the report says why. A site a pass already rewrote keeps its pattern and normaliser
+in the form; the backend says whether a fused op computes them (ONNX: softmax, or a sink
+logit on a decoder step with target=ort|auto as GroupQueryAttention's head_sink; torch:
+softmax), else the site is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attn_opt.patterns.form import FUSED_TARGETS, Form, gqa_step_reason
+from attn_opt.patterns.form import FUSED_TARGETS, Form
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.passbase import Pass, option
 
@@ -47,18 +48,9 @@ class Fuse(Pass):
             return "heads or head size unknown (the model did not run on sample inputs)"
         if any(op.packed for op in (site.q, site.k, site.v)):
             return "Q/K/V are not in [B, H, S, D] layout"
-        if site.pattern is not None:
-            return f"its pattern ({site.pattern.describe()}) would be lost: a fused op keeps every pair"
-        n = site.normaliser
-        if n.is_softmax:
-            return None
-        if n.kind != "logit" or n.calibrated:
-            return f"its normaliser ({n.describe()}) would be lost: the fused ops compute softmax"
-        if self.target == "onnx":
-            return "a sink logit, which ONNX Attention has not: fuse:target=ort writes GroupQueryAttention's head_sink"
-        if (why := gqa_step_reason(site)) is not None:
-            return f"a sink logit, which only GroupQueryAttention (head_sink) computes, and {why}"
         return None
 
     def form(self, site: AttentionSite, diag=None) -> Form:
-        return Form(fused=self.target)
+        """One op computing the site as it is: its pattern and normaliser travel with the
+        form, and the backend says whether its fused op has them."""
+        return Form(fused=self.target, pattern=site.pattern, normaliser=site.normaliser)

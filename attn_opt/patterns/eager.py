@@ -9,6 +9,9 @@ exporters differ is noted beside the alternative that covers them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import numpy as np
 
 from attn_opt.patterns.candidate import Candidate
@@ -73,92 +76,138 @@ def _qdq_user(p: Value) -> Node | None:
     return dq[0] if len(dq) == 1 and dq[0].op == "DequantizeLinear" else None
 
 
-def _qk_matmul(v: Value, budget: int = MAX_STAGES) -> Node | None:
-    """The MatMul that `v` is computed from through score ops (a weight product too, so
-    that the miss can name the weight)."""
+# -- the score stage: from the softmax input back to Q·Kᵀ ---------------------------------
+#
+# One table, read top to bottom at each node: the first alternative whose `match` holds
+# says what the node is (`tag`), and `step` records it on the candidate and returns the
+# value to walk back to, or the product node where the walk ends. The same table answers
+# "do these scores come from a Q·Kᵀ product?" (`leads_to_product`: no candidate, nothing
+# recorded), which the Add and Where alternatives ask of each operand.
+
+
+@dataclass(frozen=True)
+class Alt:
+    tag: str  # what the node is, in the pattern's words
+    match: Callable[[Node, Value], Any]  # None (or False) where it does not apply, else what `step` needs
+    step: Callable[[Candidate | None, Node, Value, Any], Any]  # the value to walk back to, or the product node
+    seen: str = ""  # where exporters write it
+
+
+def _product(c, n, v, m):
+    return n
+
+
+def _through(c, n, v, m):
+    return n.input(0)
+
+
+def _unfold(c, n, v, m):
+    if c is not None:  # 3-D [B*H, Tq, Tk] scores viewed as [B, H, Tq, Tk]
+        if c.unfold is not None:
+            raise Miss("two reshapes of the scores before the softmax", n)
+        c.unfold = n.outputs[0]
+    return n.input(0)
+
+
+def _qdq(c, n, v, src):
+    if c is not None:
+        c.covered.append(src.users[0]) if len(src.users) == 1 else None
+        c.quantized = True
+    return src
+
+
+def _scaled(c, n, v, s):
+    if c is not None:
+        c.scale_factors.append(s)
+    return n.input(0) if s[0] is not n.input(0) else n.input(1)
+
+
+def _score_paths(candidates) -> list[Value]:
+    return [x for x in candidates if x is not None and leads_to_product(x)]
+
+
+def _add_term(c, n, v, m):
+    """An additive mask or bias (T5 adds its position bias, then the mask)."""
+    paths = _score_paths(n.inputs)
+    if len(paths) != 1:
+        raise Miss("an Add before the softmax has no single score operand", n)
+    if c is not None:
+        terms = [x for x in n.inputs if x is not paths[0]]
+        c.additive.extend(terms)
+        if c.unfold is not None:  # added while the scores were 3-D: heads folded into the batch
+            c.folded_terms.extend(terms)
+    return paths[0]
+
+
+def _where_mask(c, n, v, m):
+    """A boolean mask: where(cond, scores, fill) or where(cond, fill, scores)."""
+    cond, x, y = n.inputs
+    on_x, on_y = bool(_score_paths([x])), bool(_score_paths([y]))
+    if on_x == on_y:
+        raise Miss("a Where before the softmax has no single score operand", n)
+    if c is not None:
+        c.set_bool_mask(cond, keep=on_x, fill=y if on_x else x)
+    return x if on_x else y
+
+
+def _weight_product(c, n, v, m):
+    if c is None:
+        return n  # a product all the same: the miss names its weight
+    w = next((i.name for i in n.inputs[1:] if i is not None and weight_like(i)), "?")
+    raise Miss(f"the scores are a {n.op} with the weight {w}, not a product with keys "
+               "(a projection, classifier or router)", n)
+
+
+def _softcapped(c, n, v, m):
+    return _softcap(c, n) if c is not None else n.input(0)
+
+
+SCORE_STAGES = [
+    Alt("product", lambda n, v: n.op in ("MatMul", "Einsum"), _product, "every exporter"),
+    Alt("unfold", lambda n, v: _unfolds(n), _unfold, "bmm attention viewed as 4-D scores (BLOOM, DeBERTa)"),
+    Alt("same view", lambda n, v: _same_view(n), _through, "s.view(b, h, t, t) on 4-D scores"),
+    Alt("qdq", lambda n, v: _qdq_source(v), _qdq, "QDQ models round the scores to int8 between ops"),
+    Alt("pass-through", lambda n, v: n.op in PASS, _through, "Cast (fp16 exports), Dropout, Identity"),
+    Alt("scale", lambda n, v: n.op in SCALE and (_scale_of(n, n.input(0)) or _scale_of(n, n.input(1))), _scaled,
+        "Mul by 1/√d (dynamo), Div by √d (TorchScript's Pow/Div)"),
+    Alt("additive term", lambda n, v: n.op == "Add", _add_term, "masks, ALiBi, relative-position biases"),
+    Alt("boolean mask", lambda n, v: n.op == "Where", _where_mask, "masked_fill (TorchScript), aten.where"),
+    Alt("weight product", lambda n, v: n.op in ("Gemm", "Linear", "Conv"), _weight_product,
+        "a projection, classifier or router softmax"),
+    Alt("soft-cap", lambda n, v: n.op == "Tanh", _softcapped, "c·tanh(S/c) (Gemma 2, Grok)"),
+]
+
+
+def walk_scores(c: Candidate | None, v: Value, budget: int = MAX_STAGES) -> Node:
+    """From the softmax input back to the Q·Kᵀ product through `SCORE_STAGES`, recording
+    scale, masks and terms on `c` (None: only find the product)."""
     for _ in range(budget):
         n = v.producer
         if n is None:
-            return None
-        if n.op in ("MatMul", "Einsum", "Gemm", "Linear"):
-            return n
-        if (src := _qdq_source(v)) is not None:
-            v = src
-            continue
-        if _unfolds(n) or _same_view(n):
-            v = n.input(0)
-            continue
-        if n.op in PASS or n.op == "Tanh" or (n.op in SCALE and _scale_of(n, n.input(0)) is not None):
-            v = n.input(0)
-        elif n.op in SCALE and n.input(1) is not None and _scale_of(n, n.input(1)):
-            v = n.input(1)
-        elif n.op == "Add":
-            hits = [x for x in n.inputs if x is not None and _qk_matmul(x, budget - 1)]
-            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
-        elif n.op == "Where":
-            hits = [x for x in n.inputs[1:] if x is not None and _qk_matmul(x, budget - 1)]
-            return _qk_matmul(hits[0], budget - 1) if len(hits) == 1 else None
-        else:
-            return None
-    return None
-
-
-def _walk_scores(c: Candidate, v: Value) -> Node:
-    """From the Softmax input back to the Q·Kᵀ MatMul, collecting scale and masks."""
-    for _ in range(MAX_STAGES):
-        n = v.producer
-        if n is None:
             raise Miss("the softmax input is a graph input, not computed scores")
-        if n.op in ("MatMul", "Einsum"):
-            return n
-        c.covered.append(n)
-        if _unfolds(n):  # 3-D [B*H, Tq, Tk] scores viewed as [B, H, Tq, Tk] (bmm attention: BLOOM, DeBERTa)
-            if c.unfold is not None:
-                raise Miss("two reshapes of the scores before the softmax", n)
-            c.unfold = n.outputs[0]
-            v = n.input(0)
-            continue
-        if _same_view(n):
-            v = n.input(0)
-            continue
-        if (src := _qdq_source(v)) is not None:  # QDQ models round the scores to int8 between ops
-            c.covered.append(src.users[0]) if len(src.users) == 1 else None
-            c.quantized = True
-            v = src
-            continue
-        if n.op in PASS:
-            v = n.input(0)
-        elif n.op in SCALE and (s := _scale_of(n, n.input(0)) or _scale_of(n, n.input(1))):
-            c.scale_factors.append(s)
-            v = n.input(0) if s[0] is not n.input(0) else n.input(1)
-        elif n.op == "Add":  # additive mask or bias (T5 adds position bias, then the mask)
-            paths = [x for x in n.inputs if _qk_matmul(x)]
-            if len(paths) != 1:
-                raise Miss("an Add before the softmax has no single score operand", n)
-            terms = [x for x in n.inputs if x is not paths[0]]
-            c.additive.extend(terms)
-            if c.unfold is not None:  # added while the scores were 3-D: heads folded into the batch
-                c.folded_terms.extend(terms)
-            v = paths[0]
-        elif n.op == "Where":  # boolean mask (TorchScript's masked_fill, aten.where)
-            cond, x, y = n.inputs
-            if _qk_matmul(x) and not _qk_matmul(y):
-                c.set_bool_mask(cond, keep=True, fill=y)
-                v = x
-            elif _qk_matmul(y) and not _qk_matmul(x):
-                c.set_bool_mask(cond, keep=False, fill=x)
-                v = y
-            else:
-                raise Miss("a Where before the softmax has no single score operand", n)
-        elif n.op in ("Gemm", "Linear", "Conv"):
-            w = next((i.name for i in n.inputs[1:] if i is not None and weight_like(i)), "?")
-            raise Miss(f"the scores are a {n.op} with the weight {w}, not a product with keys "
-                       "(a projection, classifier or router)", n)
-        elif n.op == "Tanh":  # soft-capping c·tanh(S/c) (Gemma 2, Grok): the factors after it are c
-            v = _softcap(c, n)
+        for alt in SCORE_STAGES:
+            m = alt.match(n, v)
+            if m is None or m is False:
+                continue
+            if c is not None and alt.tag != "product":
+                c.covered.append(n)
+            nxt = alt.step(c, n, v, m)
+            if isinstance(nxt, Node):
+                return nxt
+            v = nxt
+            break
         else:
             raise Miss(f"the scores come from {n.op}, not from a Q·Kᵀ MatMul", n)
-    raise Miss("more than 12 ops between Q·Kᵀ and the softmax")
+    raise Miss(f"more than {budget} ops between Q·Kᵀ and the softmax")
+
+
+def leads_to_product(v: Value) -> bool:
+    """Whether `v` is computed from a Q·Kᵀ product (or a weight product) through score ops."""
+    try:
+        walk_scores(None, v)
+        return True
+    except Miss:
+        return False
 
 
 def _softcap(c: Candidate, tanh: Node) -> Value:
@@ -287,7 +336,7 @@ def match_eager(gv: GraphView, sm: Node) -> Candidate:
         raise Miss(f"softmax over axis {axis}, not the key axis", sm)
     c = Candidate(rule="eager", anchor=sm)
     c.covered += wrap
-    qk = _walk_scores(c, x)
+    qk = walk_scores(c, x)
     if any(weight_like(i) for i in qk.inputs if i is not None):
         w = next(i for i in qk.inputs if i is not None and weight_like(i))
         raise Miss(f"the scores are a MatMul with the weight {w.name}, not with keys "

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from attn_opt.patterns.cache import PAST_INPUTS, new_part
+from attn_opt.patterns.cache import PAST_INPUTS
 
 NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
+PATTERN_KINDS = ("window", "shift", "stride", "grid")  # every backend declares each (patterns/capability.py)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Pattern:
     grid: tuple[int, int] | None = None
     shift: bool = False  # grid: neighborhoods moved inward at the borders
     dense_heads: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in PATTERN_KINDS:
+            raise ValueError(f"unknown pattern kind {self.kind!r}")
 
     @property
     def span(self) -> int:
@@ -89,10 +94,12 @@ class Pattern:
         elif self.kind == "shift":
             start = np.maximum(np.minimum(i - self.window // 2, t - self.span), 0)
             vis = (j >= start) & (j < start + self.span)
-        elif self.causal:
+        elif self.kind == "window" and self.causal:
             vis = (d >= 0) & (d < self.window * self.dilation)
-        else:
+        elif self.kind == "window":
             vis = np.abs(d) <= self.window // 2 * self.dilation
+        else:
+            raise ValueError(f"window_visible: {self.kind} is not a window")
         if self.dilation > 1:
             vis = vis & (d % self.dilation == 0)
         return vis & (d >= 0) if self.causal else vis
@@ -380,35 +387,6 @@ def reads_own_cache(site) -> bool:
     GroupQueryAttention with past)."""
     return any((n := op.value.producer) is not None and n.op in PAST_INPUTS and n.name in site.nodes
                for op in (site.k, site.v))
-
-
-def gqa_step_reason(site) -> str | None:
-    """Why a decoder-step site cannot be ONNX Runtime's GroupQueryAttention reading its own
-    past cache and returning the present one (None: it can). The op is causal (ORT's CPU
-    takes causal=0 only without a multi-token batch after a past), float32 here (float16
-    on CPU too, not written), its mask an additive attention_bias, its normaliser softmax
-    or softmax with a per-head sink logit (head_sink)."""
-    c = site.cache
-    if c is None or not (c.present_key and c.present_value):
-        return "not a decoder step that returns its cache"
-    if site.kind != "self":
-        return "cross-attention: GroupQueryAttention's new keys are its queries' own tokens"
-    parts = [new_part(op.value) for op in (site.k, site.v)]
-    if any(op.perm or op.packed or op.fold for op in (site.k, site.v)) or not all(p and p[0] for p in parts):
-        return "its K/V are not Concat(past input, new) in [B, H, S, D] layout"
-    if site.heads is None or site.kv_heads is None or site.scale is None or site.heads % site.kv_heads:
-        return "heads, kv heads or scale unknown, or the heads do not group over the kv heads"
-    dtype = site.output.dtype or site.q.value.dtype
-    if dtype not in (None, "float32"):  # ORT's CPU op also takes float16; that lowering is not written
-        return f"this site is {dtype}: attn-opt writes GroupQueryAttention for float32 steps"
-    if not site.causal:
-        return "not causal: GroupQueryAttention after a past cache is causal (causal=0 takes no multi-token batch)"
-    if site.bool_mask is not None:
-        return "a boolean mask: GroupQueryAttention takes an additive attention_bias"
-    n = site.normaliser
-    if n.calibrated or n.kind not in ("softmax", "logit"):
-        return f"{n.describe()}: GroupQueryAttention computes softmax, with or without a sink logit per head"
-    return None
 
 
 def form_skip_reason(site) -> str | None:

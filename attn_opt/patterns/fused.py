@@ -6,7 +6,7 @@ from __future__ import annotations
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.layout import operand
 from attn_opt.patterns.site import Miss, Operand
-from attn_opt.patterns.form import Normaliser, Pattern
+from attn_opt.patterns.form import Normaliser
 from attn_opt.core.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG, GraphView, Node, Value
 
 
@@ -134,30 +134,30 @@ def opaque_module(gv: GraphView, n: Node) -> Candidate:
 
 def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     """A site attn-opt already rewrote: rebuilt from the record on its output node."""
-    import json
+    from attn_opt.patterns.record import FormRecord
 
-    rec = json.loads(n.meta[FORM_KEY])
-    c = Candidate(rule="attn-opt", anchor=n, output=n.outputs[0], scope=rec.get("scope"))
+    rec = FormRecord.from_json(n.meta[FORM_KEY])
+    c = Candidate(rule="attn-opt", anchor=n, output=n.outputs[0], scope=rec.scope)
     vals = {}
     for key in ("q", "k", "v"):
-        v = gv.value(rec[key]["name"])
+        o = getattr(rec, key)
+        v = gv.value(o.name)
         if v is None:
-            raise Miss(f"the record of rewritten site {rec['site']} names a missing value {rec[key]['name']}", n)
-        vals[key] = Operand(v, tuple(rec[key]["perm"]) if rec[key]["perm"] else None, repeated=rec[key]["repeated"],
-                            fold=rec[key].get("fold"))
+            raise Miss(f"the record of rewritten site {rec.site} names a missing value {o.name}", n)
+        vals[key] = Operand(v, o.perm, repeated=o.repeated, fold=o.fold)
     c.q, c.k, c.v = vals["q"], vals["k"], vals["v"]
     # a mask the lowering did not read (a 2-D neighborhood drops the site's no-op mask) is gone
     # from the graph: the form does not depend on it
-    c.additive = [v for a in rec["additive"] if (v := gv.value(a)) is not None]
-    c.folded_terms = [v for v in c.additive if v.name in rec.get("folded_terms", ())]
-    c.filled_terms = [v for v in c.additive if v.name in rec.get("filled_terms", ())]
-    if rec["bool"] and gv.value(rec["bool"]) is not None:
-        c.bool_mask, c.bool_keep = gv.value(rec["bool"]), rec["bool_keep"]
-    c.scale, c.causal_attr = rec["scale"], rec["causal"]
-    c.heads_attr, c.kv_heads_attr = rec["heads"], rec["kv_heads"]
-    c.pattern, c.normaliser = Pattern.from_json(rec["pattern"]), Normaliser.from_json(rec["normaliser"])
-    c.softcap, c.fill_value = rec.get("softcap"), rec.get("fill")
-    c.covered = [m for m in gv.nodes if m.meta.get(SITE_TAG) == rec["site"] and EPILOGUE_TAG not in m.meta]
+    c.additive = [v for a in rec.additive if (v := gv.value(a)) is not None]
+    c.folded_terms = [v for v in c.additive if v.name in rec.folded_terms]
+    c.filled_terms = [v for v in c.additive if v.name in rec.filled_terms]
+    if rec.bool and gv.value(rec.bool) is not None:
+        c.bool_mask, c.bool_keep = gv.value(rec.bool), rec.bool_keep
+    c.scale, c.causal_attr = rec.scale, rec.causal
+    c.heads_attr, c.kv_heads_attr = rec.heads, rec.kv_heads
+    c.pattern, c.normaliser = rec.pattern, rec.normaliser
+    c.softcap, c.fill_value = rec.softcap, rec.fill
+    c.covered = [m for m in gv.nodes if m.meta.get(SITE_TAG) == rec.site and EPILOGUE_TAG not in m.meta]
     return c
 
 

@@ -1,10 +1,14 @@
 """The record a rewritten site carries (ONNX node metadata, FX node meta): its form and
 the names of the values it reads, so detection can read the site back and the next pass
-can rewrite it again. IR-neutral: names and permutations only."""
+can rewrite it again. IR-neutral: names and permutations only. Both halves live here:
+`FormRecord.of(site, ...)` → `to_json()` when a lowering writes it, `FormRecord.from_json`
+when detection (patterns/fused.py: match_attn_opt) reads it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 
 from attn_opt.patterns.form import Normaliser, Pattern
 from attn_opt.patterns.site import AttentionSite
@@ -15,17 +19,72 @@ def _name(v) -> str:
     return getattr(v.native, "name", None) or v.name
 
 
-def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str:
-    def op(o):
-        return {"name": _name(o.value), "perm": list(o.perm) if o.perm else None, "repeated": o.repeated,
-                "fold": o.fold}
+@dataclass(frozen=True)
+class OperandRecord:
+    name: str
+    perm: tuple[int, ...] | None = None
+    repeated: bool = False
+    fold: int | None = None
 
-    return json.dumps({
-        "site": site.id, "scope": site.scope, "q": op(site.q), "k": op(site.k), "v": op(site.v),
-        "additive": [_name(a) for a in site.additive],
-        "bool": _name(site.bool_mask) if site.bool_mask is not None else None,
-        "bool_keep": site.bool_keep, "scale": site.scale, "causal": bool(site.causal), "heads": site.heads,
-        "kv_heads": site.kv_heads, "head_dim": site.head_dim, "pattern": pattern.to_json() if pattern else None,
-        "normaliser": normaliser.to_json(),
-        "softcap": site.softcap, "fill": site.mask_value, "folded_terms": list(site.folded_terms),
-        "filled_terms": list(site.filled_terms)})
+
+@dataclass(frozen=True)
+class FormRecord:
+    site: str
+    scope: str | None
+    q: OperandRecord
+    k: OperandRecord
+    v: OperandRecord
+    additive: tuple[str, ...]
+    bool: str | None
+    bool_keep: bool
+    scale: float | None
+    causal: bool
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    pattern: Pattern | None
+    normaliser: Normaliser
+    softcap: float | None = None
+    fill: float | None = None
+    folded_terms: tuple[str, ...] = ()
+    filled_terms: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> "FormRecord":
+        def op(o):
+            return OperandRecord(_name(o.value), tuple(o.perm) if o.perm else None, o.repeated, o.fold)
+
+        return cls(site.id, site.scope, op(site.q), op(site.k), op(site.v), tuple(_name(a) for a in site.additive),
+                   _name(site.bool_mask) if site.bool_mask is not None else None, site.bool_keep, site.scale,
+                   bool(site.causal), site.heads, site.kv_heads, site.head_dim, pattern, normaliser, site.softcap,
+                   site.mask_value, tuple(site.folded_terms), tuple(site.filled_terms))
+
+    def to_json(self) -> str:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("q", "k", "v"):
+            o = d[key]
+            d[key] = {"name": o.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated, "fold": o.fold}
+        d["pattern"] = self.pattern.to_json() if self.pattern else None
+        d["normaliser"] = self.normaliser.to_json()
+        for key in ("additive", "folded_terms", "filled_terms"):
+            d[key] = list(d[key])
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FormRecord":
+        d = json.loads(text)
+
+        def op(o):
+            return OperandRecord(o["name"], tuple(o["perm"]) if o.get("perm") else None, bool(o.get("repeated")),
+                                 o.get("fold"))
+
+        return cls(d["site"], d.get("scope"), op(d["q"]), op(d["k"]), op(d["v"]), tuple(d.get("additive", ())),
+                   d.get("bool"), bool(d.get("bool_keep", True)), d.get("scale"), bool(d.get("causal")),
+                   d.get("heads"), d.get("kv_heads"), d.get("head_dim"), Pattern.from_json(d.get("pattern")),
+                   Normaliser.from_json(d.get("normaliser")), d.get("softcap"), d.get("fill"),
+                   tuple(d.get("folded_terms", ())), tuple(d.get("filled_terms", ())))
+
+
+def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str:
+    """The record of `site` rewritten into `pattern` × `normaliser`, as node metadata text."""
+    return FormRecord.of(site, pattern, normaliser).to_json()

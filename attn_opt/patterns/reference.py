@@ -9,11 +9,10 @@ nothing. Per-head values broadcast over the heads axis of [B, H, Tq, Tk].
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from attn_opt.patterns.form import Normaliser
+from attn_opt.patterns.capability import FEATURES, Capabilities
+from attn_opt.patterns.form import Normaliser, Pattern
 from attn_opt.patterns.site import MASKED, AttentionSite, Operand
 from attn_opt.core.graph import Value
 
@@ -102,24 +101,41 @@ def normalise(n: Normaliser, s, vis):
     if n.calibrated:
         v = {k: _per_head(x, s) for k, x in n.values(h).items()}
         s = s * v["temperature"] + v["offset"]
-        if n.kind == "softplus":
-            w = softplus(s, vis, n.n_train, v["p"], v["kappa"])
-        elif n.kind == "redistribute":
-            w = redistribute(s, vis, v["alpha"], n.sinks)
-        else:
-            w = normalise(dataclasses.replace(n, temperature=None, offset=None, gain=None), s, vis)
-        return w * v["gain"]
-    if n.kind == "softmax":
-        return softmax(s, vis)
-    if n.kind == "softplus":
-        return softplus(s, vis, n.n_train, n.p)
-    if n.kind == "logit":
-        return sink_logit(s, vis, _per_head(n.per_head_bias(h), s))
-    if n.kind == "redistribute":
-        return redistribute(s, vis, n.alpha, n.sinks, n.heads)
-    if n.kind == "relu":
-        return relu(s, vis)
-    return sigmoid(s, vis, None if n.bias is None else _per_head(n.per_head_bias(h), s))
+        return CAPABILITIES.implementation("normaliser", n.kind)(n, s, vis, v) * v["gain"]
+    return CAPABILITIES.implementation("normaliser", n.kind)(n, s, vis, None)
+
+
+def _softmax(n: Normaliser, s, vis, v):
+    return softmax(s, vis)
+
+
+def _softplus(n: Normaliser, s, vis, v):
+    return softplus(s, vis, n.n_train, v["p"], v["kappa"]) if v else softplus(s, vis, n.n_train, n.p)
+
+
+def _logit(n: Normaliser, s, vis, v):
+    return sink_logit(s, vis, v["bias"] if v else _per_head(n.per_head_bias(s.shape[1]), s))
+
+
+def _redistribute(n: Normaliser, s, vis, v):
+    return redistribute(s, vis, v["alpha"], n.sinks) if v else redistribute(s, vis, n.alpha, n.sinks, n.heads)
+
+
+def _relu(n: Normaliser, s, vis, v):
+    return relu(s, vis)
+
+
+def _sigmoid(n: Normaliser, s, vis, v):
+    return sigmoid(s, vis, None if n.bias is None else _per_head(n.per_head_bias(s.shape[1]), s))
+
+
+CAPABILITIES = Capabilities(
+    "reference",
+    normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
+                "relu": _relu, "sigmoid": _sigmoid},
+    pattern={kind: Pattern.visible for kind in ("window", "shift", "stride", "grid")},
+    declined={f: "the reference states the attention weights; the lowerings of this part are tested against "
+                 "the original model" for f in FEATURES})
 
 
 def needed(site: AttentionSite) -> list[Value]:

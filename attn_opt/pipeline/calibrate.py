@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attn_opt.core.graph import param_name
 from attn_opt.core.errors import UserError
 
 STEPS, LR = 300, 0.05
@@ -202,7 +203,7 @@ def calibrate(om, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
 
     shaped = onnx_adapter.with_shapes(om)  # the copy the view probes; the values go back to `om` at the end
     inits = shaped.ir.graph.initializers
-    missing = [i for i in rewritten if f"attn_opt.{i}.temperature" not in inits]
+    missing = [i for i in rewritten if param_name(i, "temperature") not in inits]
     if missing:
         raise UserError(f"calibration: the parameters of {', '.join(missing)} are missing after the pass")
     fits = fit_sites(onnx_adapter.view(shaped), old_sites, rewritten, calib, heldout, writer(shaped), progress, lora,
@@ -221,7 +222,7 @@ def writer(model):
         def write(site_id: str, values: dict) -> None:
             with torch.no_grad():
                 for name, vals in values.items():
-                    p = model.get_parameter(f"attn_opt_{site_id}_{name}")
+                    p = model.get_parameter(param_name(site_id, name, "fx"))
                     p.copy_(torch.as_tensor(np.asarray(vals), dtype=p.dtype))
         return write
 
@@ -231,7 +232,7 @@ def writer(model):
 
     def write(site_id: str, values: dict) -> None:
         for name, vals in values.items():
-            key = f"attn_opt.{site_id}.{name}"
+            key = param_name(site_id, name)
             inits[key].const_value = ir.tensor(np.asarray(vals, np.float32), name=key)
     return write
 

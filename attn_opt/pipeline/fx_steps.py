@@ -33,21 +33,61 @@ CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdp
 
 
 class _Run(fx.Interpreter):
-    """Runs the module once, keeping the wanted values and each node's FLOPs."""
+    """Runs the module once, keeping the wanted values and each node's FLOPs; with `only`,
+    computes just those nodes (the cone of the values detection reads) and skips the rest."""
 
-    def __init__(self, gm, wanted: set[str]):
+    def __init__(self, gm, wanted: set[str], only: set[str] | None = None):
         super().__init__(gm)
-        self.wanted, self.seen, self.flops = wanted, {}, {}
+        self.wanted, self.only, self.seen, self.flops = wanted, only, {}, {}
 
     def run_node(self, n):
         if n.op not in ("call_function", "call_method", "call_module"):
             return super().run_node(n)
+        if self.only is not None and n.name not in self.only:
+            return None
         with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
             out = super().run_node(n)
         self.flops[n.name] = counter.get_total_flops()
         if n.name in self.wanted:
             self.seen[n.name] = out[0] if isinstance(out, (tuple, list)) else out
         return out
+
+
+def _cone(gm: fx.GraphModule, names: set[str]) -> set[str]:
+    """The nodes the named ones are computed from (themselves included)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    out, stack = set(), [by_name[x] for x in names if x in by_name]
+    while stack:
+        n = stack.pop()
+        if n.name in out:
+            continue
+        out.add(n.name)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def _observe_without_running(gm: fx.GraphModule, args, found) -> tuple[dict, dict]:
+    """(probed, FLOPs per node) without running the module: shapes and FLOPs
+    from one pass over fake tensors (no arithmetic), and the values detection reads
+    (masks, scale factors) computed from their own cone of nodes, which holds no
+    attention and no weight product. Q, K, V stand in as zero-strided arrays of their shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape_only = {id(v) for c in found.candidates for v in (c.q.value, c.k.value, c.v.value, c.unfold) if v is not None}
+    values = [v for v in needed(found) if v.const is None]
+    real = {v.name for v in values if id(v) not in shape_only}
+    shapes = {v.name for v in values if id(v) in shape_only}
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = _Run(gm, shapes)
+        with torch.no_grad():
+            fake.run(*[mode.from_tensor(a) for a in args])
+    probed = {k: np.broadcast_to(np.zeros((), dtype=fx_adapter._to_numpy(torch.zeros((), dtype=t.dtype)).dtype),
+                                 tuple(t.shape)) for k, t in fake.seen.items() if isinstance(t, torch.Tensor)}
+    rec = _Run(gm, real, only=_cone(gm, real))
+    with torch.no_grad():
+        rec.run(*args)
+    probed |= {k: a for k, t in rec.seen.items() if (a := fx_adapter._to_numpy(t)) is not None}
+    return probed, fake.flops
 
 
 class _Forced(fx.Interpreter):
@@ -85,6 +125,11 @@ def args_of(gm: fx.GraphModule, feeds: dict[str, np.ndarray]) -> tuple:
     return tuple(torch.from_numpy(np.ascontiguousarray(feeds[p.name])) for p in ph)
 
 
+def feeds_of(gm: fx.GraphModule, example_inputs) -> dict:
+    """Example inputs as the pipeline's feeds (placeholder name -> array)."""
+    return {p.name: fx_adapter._to_numpy(x) for p, x in zip(placeholders(gm), example_inputs)}
+
+
 def run_module(fn, args) -> dict[str, np.ndarray]:
     with torch.no_grad():
         return outputs_of(fn(*args))
@@ -93,26 +138,60 @@ def run_module(fn, args) -> dict[str, np.ndarray]:
 class FxSteps:
     ir = "fx"
 
+    def load(self, path: str) -> fx.GraphModule:
+        from attn_opt.core.ir import load
+
+        return load(path).native
+
+    def input_specs(self, gm: fx.GraphModule) -> list:
+        return fx_adapter.input_specs(fx_adapter.view(gm))
+
+    def weight_bytes(self, gm: fx.GraphModule) -> int:
+        return 0  # a torch program is checked whole: its weights are in memory already
+
+    def save(self, gm: fx.GraphModule, path: str, feeds) -> None:
+        """torch.export.save of the rewritten program, traced on the fidelity inputs."""
+        from attn_opt.core.io import atomic_path
+
+        program = torch.export.export(gm, args_of(gm, feeds))
+        with atomic_path(path) as tmp:
+            torch.export.save(program, tmp)
+
+    def variants(self, gm: fx.GraphModule, feeds, overrides) -> list:
+        from attn_opt.core.inputs import fidelity_variants
+
+        return fidelity_variants(feeds, self.input_specs(gm), overrides)
+
     def observe(self, gm: fx.GraphModule, feeds, run: bool = True) -> State:
+        """With `run`: one run gives the outputs, the probed values and each node's FLOPs.
+        Without: the module is not run (shapes and FLOPs over fake tensors, mask values
+        from their own small cone of nodes) and there are no outputs."""
         args = args_of(gm, feeds)
         gv = fx_adapter.view(gm, args)
         found = match(gv)
-        rec = _Run(gm, {v.name for v in needed(found)})
+        outputs = None
         try:
-            with torch.no_grad():
-                out = rec.run(*args)
+            if run:
+                rec = _Run(gm, {v.name for v in needed(found)})
+                with torch.no_grad():
+                    outputs = outputs_of(rec.run(*args))
+                probed, flops = {k: a for k, t in rec.seen.items() if (a := fx_adapter._to_numpy(t)) is not None}, \
+                    rec.flops
+            else:
+                probed, flops = _observe_without_running(gm, args, found)
         except Exception as e:
             raise DoesNotRun(f"the program does not run on these inputs ({first_line(e)[:300]})") from None
-        probed = {k: a for k, t in rec.seen.items() if (a := fx_adapter._to_numpy(t)) is not None}
         gv.remember(feeds, probed)
         det = found.finish(gv, probed, None, feeds)
         covered = {n for s in det.sites for n in s.nodes}
         tagged = {n.name for n in gm.graph.nodes if SITE_TAG in n.meta or FORM_KEY in n.meta}
-        total = sum(rec.flops.values())
-        att = sum(f for k, f in rec.flops.items() if k in covered or k in tagged)
-        params = sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers()
-                                                               if b.is_floating_point())
-        return State(gm, gv, det, outputs_of(out), Flops(total, total, att, att), params)
+        total = sum(flops.values())
+        att = sum(f for k, f in flops.items() if k in covered or k in tagged)
+        return State(gm, gv, det, outputs, Flops(total, total, att, att), self.param_count(gm))
+
+    @staticmethod
+    def param_count(gm: fx.GraphModule) -> int:
+        return sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers() if b.is_floating_point())
 
     def prepare(self, state: State, p, feeds, run: bool = True) -> State:
         return state
@@ -124,6 +203,12 @@ class FxSteps:
         from attn_opt.backends.torch.fx import lower
 
         return lower(state.model, site, form)
+
+    def supports(self, site, form) -> str | None:
+        """Why the backend cannot lower `form` for `site` (its declared capabilities), or None."""
+        from attn_opt.backends.torch.fx import CAPABILITIES
+
+        return CAPABILITIES.supports(site, form)
 
     def calibrate(self, gm, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None):
         from attn_opt.pipeline.calibrate import calibrate_fx

@@ -28,6 +28,36 @@ def _opset(proto_or_model) -> int:
 class OnnxSteps:
     ir = "onnx"
 
+    def load(self, path: str) -> OnnxModel:
+        return onnx_adapter.load(path)
+
+    def input_specs(self, model: OnnxModel) -> list:
+        return onnx_adapter.input_specs(onnx_adapter.view(model))
+
+    def weight_bytes(self, model: OnnxModel) -> int:
+        return model.weight_bytes()
+
+    def save(self, model: OnnxModel, path: str, feeds) -> str | None:
+        data = model.save(path)
+        return data.name if data else None
+
+    def variants(self, model: OnnxModel, feeds, overrides) -> list:
+        """A padded batch, another length, and for a decoder step, four steps of its
+        generation loop after the fidelity inputs' first row of tokens as the prompt."""
+        from attn_opt.core.inputs import fidelity_variants
+        from attn_opt.pipeline.onnx_decode import DECODE_STEPS, decode_check, loop_of
+
+        gv = onnx_adapter.view(model)
+        specs = onnx_adapter.input_specs(gv)
+        out = fidelity_variants(feeds, specs, overrides)
+        try:
+            loop = loop_of(gv, specs)
+        except UserError:  # a cache it does not return, or a static past: not a loop to run (generate says why)
+            loop = None
+        if loop is not None:
+            out.append((f"decode x{DECODE_STEPS}", decode_check(loop, feeds[loop.ids][:1], DECODE_STEPS)))
+        return out
+
     def observe(self, model: OnnxModel, feeds, run: bool = True, known: State | None = None) -> State:
         """View, match, one run (outputs + probes + missing shapes), detect, count. With
         `known` (the same function before an opset conversion) its values are reused and
@@ -117,6 +147,12 @@ class OnnxSteps:
         if edit.in_fp32:
             note = (note + "; " if note else "") + f"computed in float32 inside (the site is {edit.site_dtype()})"
         return note
+
+    def supports(self, site, form) -> str | None:
+        """Why the backend cannot lower `form` for `site` (its declared capabilities), or None."""
+        from attn_opt.backends.onnx.lower import CAPABILITIES
+
+        return CAPABILITIES.supports(site, form)
 
     def calibrate(self, model: OnnxModel, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None):
         from attn_opt.pipeline.calibrate import calibrate

@@ -26,16 +26,27 @@ from typing import Any
 import numpy as np
 
 from attn_opt.core import fidelity
-from attn_opt.core.errors import DoesNotRun, NotSupported, UserError, first_line
+from attn_opt.core.errors import DoesNotRun, NotSupported, UserError
 from attn_opt.core.passbase import Pass
 from attn_opt.core.progress import Progress
+from attn_opt.pipeline.steps import Steps
 
 EXACT_TOL = 1e-4
-CHECKS = ("model", "sites", "none")
 
 
 class FidelityError(UserError):
     """A pass moved the model further than allowed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A site a pass did not rewrite, and why."""
+
+    id: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "reason": self.reason}
 
 
 @dataclass
@@ -44,7 +55,7 @@ class PassReport:
     options: dict
     exact: bool
     sites_rewritten: list[str] = field(default_factory=list)
-    sites_skipped: list[dict] = field(default_factory=list)
+    sites_skipped: list[Skipped] = field(default_factory=list)
     flops_before: int = 0
     flops_after: int = 0
     attention_flops_before: int = 0
@@ -64,7 +75,7 @@ class PassReport:
     calibration: dict = field(default_factory=dict)  # --calibrate: per site fits, the model before/after
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, sites_skipped=[s.to_json() for s in self.sites_skipped])
 
 
 @dataclass
@@ -77,6 +88,8 @@ class Report:
                              "ops), 2 FLOPs per multiply-add, at the fidelity inputs' shapes")
 
     steps: list = field(default_factory=list)  # (step, seconds) of the whole invocation
+    feeds: dict | None = field(default=None, repr=False)  # the fidelity inputs the run used (not in JSON)
+    ir: str = ""  # "onnx" | "fx" (not in JSON)
 
     def to_json(self) -> dict:
         return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
@@ -140,9 +153,9 @@ def select(sites, layers: set[int] | None, ids: set[str] | None):
     chosen, skipped = [], []
     for s in sites:
         if ids is not None and s.id not in ids:
-            skipped.append({"id": s.id, "reason": "not in --sites"})
+            skipped.append(Skipped(s.id, "not in --sites"))
         elif layers is not None and s.layer not in layers:
-            skipped.append({"id": s.id, "reason": f"layer {s.layer} not in --layers"})
+            skipped.append(Skipped(s.id, f"layer {s.layer} not in --layers"))
         else:
             chosen.append(s)
     return chosen, skipped
@@ -169,13 +182,16 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")
         if reason:
-            skipped.append({"id": site.id, "reason": reason})
+            skipped.append(Skipped(site.id, reason))
             continue
         form = p.form(site, diag.get(site.id))
         if calibrating and p.produces == "form":
             if form.pattern is not None and form.pattern.dense_heads:
                 raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
             form = dataclasses.replace(form, normaliser=form.normaliser.calibrate(heads=site.heads), lora=lora)
+        if (reason := steps.supports(site, form)) is not None:  # the backend's own word, before anything is emitted
+            skipped.append(Skipped(site.id, reason))
+            continue
         said = [form.describe(), *form.notes, steps.lower(state, site, form, p.name)]
         rewritten.append(site.id)
         if any(said):
@@ -219,129 +235,103 @@ def exact_bound(steps, state: State) -> float:
     return max(EXACT_TOL, 8 * (steps.output_epsilon(state) or 0.0))
 
 
-def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
-               max_error: float | None = None, force: bool = False, input_note: dict | None = None,
-               check: str = "model", reference: dict | None = None, keep_models: bool = False,
-               progress: Progress | None = None, variants: list | None = None, calibrate: dict | None = None,
-               lora: int = 0):
-    """Passes in order on `model` (an OnnxModel or GraphModule, edited in place); returns
-    (the rewritten model, Report). `reference`: the untouched model's outputs if the
-    caller has them (e.g. an nn.Module before export). `variants`: (label, feeds) pairs the
-    passes are also checked on (padded rows, another length), with check="model".
-    `calibrate`: inputs to fit each rewritten site's per-head parameters on (pipeline/calibrate.py);
-    `feeds` are then its held-out inputs; `lora`: the rank of an output-projection correction
-    calibration fits as well (0: none)."""
-    from attn_opt.passes import check_chain
+@dataclass
+class RunOptions:
+    """What a pipeline run is asked for besides the model, passes and inputs."""
 
-    if check not in CHECKS:
-        raise UserError(f"--check must be one of {', '.join(CHECKS)}")
-    if max_error is not None and not max_error >= 0:
-        raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
-    if calibrate is not None and check != "model":
-        raise UserError("--calibrate runs the model on its inputs: it needs --check=model")
-    if lora and calibrate is None:
-        raise UserError("--lora R is fitted by calibration: give --calibrate FILE.npz too")
-    if not (isinstance(lora, int) and lora >= 0):
-        raise UserError(f"--lora must be a whole number >= 0 (got {lora!r})")
+    check: Any = None  # a strategy of pipeline/checks.py (default: ModelCheck without variants)
+    layers: set[int] | None = None
+    ids: set[str] | None = None
+    max_error: float | None = None
+    force: bool = False
+    reference: dict | None = None  # the untouched model's outputs, where the caller has them (an nn.Module)
+    keep_models: bool = False  # (before, after) of every pass in the report, for pages
+    progress: Progress | None = None
+    calibrate: dict | None = None  # inputs the forms' parameters are fitted on (the fidelity inputs: held out)
+    lora: int = 0
+    input_note: dict | None = None
+
+
+def run(steps: Steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], opts: RunOptions | None = None):
+    """Passes in order on `model` (edited in place) through the IR's step adapter; returns
+    (the rewritten model, Report)."""
+    from attn_opt.passes import check_chain
+    from attn_opt.pipeline.checks import ModelCheck
+
+    opts = opts or RunOptions()
+    check = opts.check or ModelCheck()
+    _check_options(opts, check)
     check_chain(passes)
-    progress = progress or Progress(None)
-    report = Report(inputs=input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check)
-    with progress.step("observe the model (one run: outputs, probes, shapes)" if check == "model"
+    progress = opts.progress = opts.progress or Progress(None)
+    report = Report(inputs=opts.input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check.name)
+    with progress.step("observe the model (one run: outputs, probes, shapes)" if check.runs
                        else "observe the model (structure only)"):
-        cur = steps.observe(model, feeds, run=check == "model")
-    ref = reference if reference is not None else cur.outputs
-    check_selection(cur.det.sites, layers, ids)
-    ref_cal = steps.outputs_on(cur.model, calibrate) if calibrate is not None else None
-    variants = list(variants or []) if check == "model" else []
-    ref_var, variant_notes = {}, []
-    for label, f in variants:
-        try:
-            ref_var[label] = steps.outputs_on(cur.model, f)
-        except Exception as e:  # a model that takes only its own length: checked on the rest
-            variant_notes.append(f"not checked on the {label} inputs: the model does not run on them "
-                                 f"({first_line(e)[:120]})")
-    variants = [(label, f) for label, f in variants if label in ref_var]
-    report.inputs = dict(report.inputs, variants=[label for label, _ in variants])
-    prev_var = dict(ref_var)
+        cur = steps.observe(model, feeds, run=check.runs)
+    check_selection(cur.det.sites, opts.layers, opts.ids)
+    ref = opts.reference if opts.reference is not None else cur.outputs
+    ref_cal = steps.outputs_on(cur.model, opts.calibrate) if opts.calibrate is not None else None
+    check.start(steps, cur)
+    report.inputs = dict(report.inputs, variants=[label for label, _ in getattr(check, "variants", [])])
     for p in passes:
-        t0 = time.perf_counter()
-        with progress.step(f"{p.name}: prepare"):
-            cur = steps.prepare(cur, p, feeds, run=check == "model")
-        before = steps.snapshot(cur) if keep_models or check == "sites" else None
-        prev_outputs, flops_before, params_before = cur.outputs, cur.flops, cur.params
-        with progress.step(f"{p.name}: rewrite sites"):
-            old_sites = {s.id: s for s in cur.det.sites}
-            calibrating = calibrate is not None and p.produces == "form"
-            targets = None
-            if calibrating and lora:  # what each output projection reads in this model: the LoRA's targets
-                wanted = [s.out_projection.x for s in cur.det.sites if s.out_projection is not None]
-                targets = (cur.view.probe(wanted, calibrate), cur.view.probe(wanted, feeds))
-            applied = rewrite(steps, cur, p, layers, ids, feeds, want_sinks=check == "model", calibrating=calibrating,
-                              lora=lora, choose_on=calibrate)
-        with progress.step(f"{p.name}: validate"):
-            steps.validate(cur.model)
-        calibration = {}
-        if calibrating and applied.rewritten:
-            calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, calibrate, feeds, ref_cal, ref,
-                                     progress, lora, targets, steps.logit_outputs(cur))
-        elif calibrate is not None and p.touches_sites():
-            calibration = {"note": f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
-                                   + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
-                                      if p.produces == "gate" else ")")}
-        per_site = {}
-        if check == "sites" and applied.rewritten:
-            with progress.step(f"{p.name}: check each rewritten site"):
-                per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
-        with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
-            try:
-                new = steps.observe(cur.model, feeds, run=check == "model")
-            except DoesNotRun as e:
-                raise UserError(f"{p.name}: the rewritten model does not run "
-                                f"({str(e).split('; give --inputs')[0]}); nothing written") from None
-        rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
-                         flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
-                         new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
-                         sink_ratio=applied.sink_ratio, check=check, calibration=calibration)
-        fid = step = fid_all = step_all = None
-        if check == "model":
-            logits = steps.logit_outputs(new)
-            new_var = {}
-            for label, f in variants:
-                with progress.step(f"{p.name}: fidelity on the {label} inputs"):
-                    new_var[label] = steps.outputs_on(new.model, f)
-            per, changed = _compared(ref, new.outputs, logits)
-            steps_, _ = _compared(prev_outputs, new.outputs, logits)
-            fid, step = fidelity.worst(per), fidelity.worst(steps_)  # the headline: the fidelity inputs
-            for label, outs in new_var.items():
-                per |= _compared(ref_var[label], outs, logits, f"@{label}")[0]
-                steps_ |= _compared(prev_var[label], outs, logits, f"@{label}")[0]
-            if changed:
-                rep.notes.append(f"outputs that changed shape are not compared: {', '.join(changed)}")
-            if new_var:  # what the bounds are checked on: every input set
-                rep.fidelity_all, rep.step_fidelity_all = fidelity.worst(per).to_json(), fidelity.worst(steps_).to_json()
-                fid_all, step_all = fidelity.worst(per), fidelity.worst(steps_)
-            rep.per_output = {k: f.to_json() for k, f in per.items()}
-            rep.notes += variant_notes
-            prev_var = new_var
-        elif check == "sites" and per_site:
-            step = fidelity.worst(per_site)
-            rep.per_site = {k: f.to_json() for k, f in per_site.items()}
-            rep.notes.append("check=sites: each rewritten site's output compared with the site before the pass, "
-                             "on that model's own activations; the whole model was not run, so errors are per "
-                             "site and not compounded")
-        elif check == "none":
-            rep.notes.append("check=none: the model was validated, and run only segment by segment for what "
-                             "detection reads (shapes, masks); outputs not compared, no fidelity figures")
-        rep.fidelity = fid.to_json() if fid else (step.to_json() if step else {})
-        rep.step_fidelity = step.to_json() if step else {}
-        rep.seconds = time.perf_counter() - t0
-        report.passes.append(rep)
-        _enforce(p, rep, fid_all or fid, step_all or step, exact_bound(steps, new), max_error, force, report)
-        if keep_models:
-            report.models.append((before, steps.snapshot(new)))
-        cur = new
+        cur = _one_pass(steps, p, cur, feeds, opts, check, report, ref, ref_cal)
     report.steps = progress.seconds
     return cur.model, report
+
+
+def _check_options(opts: RunOptions, check) -> None:
+    if opts.max_error is not None and not opts.max_error >= 0:
+        raise UserError(f"--max-error must be a number >= 0 (got {opts.max_error:g})")
+    if opts.calibrate is not None and not check.runs:
+        raise UserError("--calibrate runs the model on its inputs: it needs --check=model")
+    if not (isinstance(opts.lora, int) and opts.lora >= 0):
+        raise UserError(f"--lora must be a whole number >= 0 (got {opts.lora!r})")
+    if opts.lora and opts.calibrate is None:
+        raise UserError("--lora R is fitted by calibration: give --calibrate FILE.npz too")
+
+
+def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check, report, ref, ref_cal) -> State:
+    """One pass: prepare, rewrite, validate, calibrate, observe, check, enforce."""
+    t0, progress = time.perf_counter(), opts.progress
+    with progress.step(f"{p.name}: prepare"):
+        cur = steps.prepare(cur, p, feeds, run=check.runs)
+    keep = opts.keep_models or check.snapshots
+    before = dataclasses.replace(cur, model=steps.snapshot(cur)) if keep else cur
+    calibrating = opts.calibrate is not None and p.produces == "form"
+    with progress.step(f"{p.name}: rewrite sites"):
+        old_sites = {s.id: s for s in cur.det.sites}
+        targets = None
+        if calibrating and opts.lora:  # what each output projection reads in this model: the LoRA's targets
+            wanted = [s.out_projection.x for s in cur.det.sites if s.out_projection is not None]
+            targets = (cur.view.probe(wanted, opts.calibrate), cur.view.probe(wanted, feeds))
+        applied = rewrite(steps, cur, p, opts.layers, opts.ids, feeds, want_sinks=check.runs,
+                          calibrating=calibrating, lora=opts.lora, choose_on=opts.calibrate)
+    with progress.step(f"{p.name}: validate"):
+        steps.validate(cur.model)
+    calibration = {}
+    if calibrating and applied.rewritten:
+        calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, opts.calibrate, feeds, ref_cal, ref,
+                                 progress, opts.lora, targets, steps.logit_outputs(cur))
+    elif opts.calibrate is not None and p.touches_sites():
+        calibration = {"note": f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
+                               + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
+                                  if p.produces == "gate" else ")")}
+    with progress.step(f"{p.name}: run, fidelity, FLOPs" if check.runs else f"{p.name}: FLOPs"):
+        try:
+            new = steps.observe(cur.model, feeds, run=check.runs)
+        except DoesNotRun as e:
+            raise UserError(f"{p.name}: the rewritten model does not run "
+                            f"({str(e).split('; give --inputs')[0]}); nothing written") from None
+    rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
+                     before.flops.matmul, new.flops.matmul, before.flops.attention_matmul,
+                     new.flops.attention_matmul, before.params, new.params, notes=applied.notes,
+                     sink_ratio=applied.sink_ratio, check=check.name, calibration=calibration)
+    fid, step = check.measure(steps, rep, ref, before, new, applied.rewritten, feeds, progress)
+    rep.seconds = time.perf_counter() - t0
+    report.passes.append(rep)
+    _enforce(p, rep, fid, step, exact_bound(steps, new), opts.max_error, opts.force, report)
+    if opts.keep_models:
+        report.models.append((before.model, steps.snapshot(new)))
+    return new
 
 
 def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress, lora=0,
@@ -399,18 +389,6 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
             "seconds": seconds, "reverted": [f.site for f in fits if f.reverted], "note": note}
 
 
-def _compared(refs: dict, outs: dict, logits: set, suffix: str = "") -> tuple[dict, list[str]]:
-    """Fidelity of each output against its reference, leaving out outputs whose shape the
-    pass changed (a capped cache), which it lists."""
-    got, changed = {}, []
-    for k in refs:
-        if np.shape(refs[k]) != np.shape(outs[k]):
-            changed.append(f"{k} {list(np.shape(refs[k]))} -> {list(np.shape(outs[k]))}")
-        else:
-            got[f"{k}{suffix}"] = fidelity.compare(refs[k], outs[k], logits=k in logits)
-    return got, changed
-
-
 def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
     problem = None
     if p.is_exact() and step is not None and not step.max_rel_error <= bound:
@@ -425,57 +403,3 @@ def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
         raise err
 
 
-def run_pipeline(model, passes: list[Pass], feeds: dict[str, np.ndarray], layers=None, ids=None,
-                 max_error: float | None = None, force: bool = False, input_note: dict | None = None, **options):
-    """The pipeline on an ONNX model (a ModelProto, OnnxModel or path): (rewritten, Report);
-    a ModelProto in gives a ModelProto out."""
-    from attn_opt.core.ir import onnx as onnx_adapter
-    from attn_opt.pipeline.onnx_steps import OnnxSteps
-
-    import onnx
-
-    om = onnx_adapter.load(model)
-    if "variants" not in options:
-        options["variants"] = onnx_variants(om, feeds)
-    out, report = run_passes(OnnxSteps(), om, passes, feeds, layers, ids, max_error, force, input_note, **options)
-    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), report
-
-
-def onnx_variants(om, feeds: dict, overrides: dict | None = None) -> list:
-    """The fidelity variants of an ONNX model: a padded batch, another length, and for a
-    decoder step, four steps of its generation loop after the fidelity inputs' first row
-    of tokens as the prompt."""
-    from attn_opt.core.inputs import fidelity_variants
-    from attn_opt.core.ir import onnx as onnx_adapter
-    from attn_opt.pipeline.onnx_decode import DECODE_STEPS, decode_check, loop_of
-
-    gv = onnx_adapter.view(om)
-    specs = onnx_adapter.input_specs(gv)
-    out = fidelity_variants(feeds, specs, overrides)
-    try:
-        loop = loop_of(gv, specs)
-    except UserError:  # a cache it does not return, or a static past: not a loop to run (generate says why)
-        loop = None
-    if loop is not None:
-        out.append((f"decode x{DECODE_STEPS}", decode_check(loop, feeds[loop.ids][:1], DECODE_STEPS)))
-    return out
-
-
-def apply_pass(model, p: Pass, layers=None, ids=None, feeds=None):
-    """One pass without checks on an ONNX model (ModelProto or OnnxModel), detection on
-    `feeds` (default: generated): (rewritten model, rewritten ids, skipped, notes)."""
-    from attn_opt.patterns.detect import detect
-    from attn_opt.core.ir import onnx as onnx_adapter
-    from attn_opt.pipeline.onnx_steps import OnnxSteps
-
-    import onnx
-
-    steps = OnnxSteps()
-    om = onnx_adapter.load(model)
-    need = steps.opset_for(p)
-    om = steps.upgrade(om, need, p.name) if need else om
-    om, _, gv = onnx_adapter.load_view(om)
-    state = State(om, gv, detect(gv, feeds=feeds), None, None, 0)
-    applied = rewrite(steps, state, p, layers, ids, feeds)
-    out = state.model
-    return (out.to_proto() if isinstance(model, onnx.ModelProto) else out), applied.rewritten, applied.skipped, applied.notes

@@ -129,5 +129,5 @@ def check(case: dict, folder: str | Path | None = None) -> dict:
         out["exact"] = p.sites_rewritten == ["a0"] and err is not None and err <= 1e-4
         if not out["exact"]:
             out["problem"] = (out["problem"] or "") + f" fuse: rewritten {p.sites_rewritten}, error {err}, " \
-                f"skipped {[x['reason'] for x in p.sites_skipped]}"
+                f"skipped {[x.reason for x in p.sites_skipped]}"
     return out

@@ -19,19 +19,6 @@ def _same_file(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, dict]:
-    from attn_opt.core.inputs import feeds_from_npz, make_inputs, parse_shape_overrides
-
-    if npz:
-        feeds = feeds_from_npz(specs, npz, "--inputs")
-        return feeds, {"source": npz, "shapes": {k: list(v.shape) for k, v in feeds.items()}}
-    overrides = parse_shape_overrides(shapes)
-    feeds = make_inputs(specs, overrides, seed=0, pad=False)
-    return feeds, {"source": "generated (seed 0; ids in the embedding range, masks of ones, floats N(0,1))",
-                   "shapes": {k: list(v.shape) for k, v in feeds.items()},
-                   "defaults": "dynamic dims: batch 2, others 16 unless --input-shape"}
-
-
 def _num(d: dict, key: str, fmt: str) -> str:
     v = d.get(key) if d else None
     return "-" if v is None else format(v, fmt)
@@ -53,55 +40,23 @@ def pass_table(report) -> Table:
     return t
 
 
-def available_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def choose_check(check: str | None, weight_bytes: int) -> tuple[str, str | None]:
-    """--check as given, or model when the weights fit in memory twice over, else sites."""
-    if check:
-        return check, None
-    avail = available_memory()
-    if 2 * weight_bytes <= avail:
-        return "model", None
-    return "sites", (f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit twice in available memory "
-                     f"({avail / 2**30:.1f} GiB): each rewritten site is checked alone (--check=sites)")
-
-
-def _load(model: str):
-    """(steps, model, view for the input signature) of an .onnx or .pt2 file."""
-    if Path(model).suffix == ".pt2":
-        from attn_opt.core.ir import load
-        from attn_opt.pipeline.fx_steps import FxSteps
-
-        loaded = load(model)
-        return FxSteps(), loaded.native, loaded.view
-    from attn_opt.core.ir import onnx as onnx_adapter
-    from attn_opt.pipeline.onnx_steps import OnnxSteps
-
-    om = onnx_adapter.load(model)
-    return OnnxSteps(), om, onnx_adapter.view(om)
-
-
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
              calibrate: str | None = None, lora: int = 0) -> None:
+    """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
+    from attn_opt import api
     from attn_opt import passes as registry
-    from attn_opt.core.errors import DoesNotRun
     from attn_opt.core.inputs import parse_shape_overrides
     from attn_opt.core.passbase import parse_ranges, parse_sites
-    from attn_opt.pipeline.run import FidelityError, run_passes
     from attn_opt.core.progress import Progress
+    from attn_opt.pipeline.run import FidelityError
 
     if not specs:
         raise UserError(f"no --pass given; passes: {', '.join(sorted(registry.REGISTRY))}")
     if not output:
         raise UserError("missing -o OUTPUT")
-    chain = [registry.parse(s) for s in specs]
-    registry.check_chain(chain)
+    registry.check_chain([registry.parse(s) for s in specs])
     if not Path(model).exists():
         raise UserError(f"no such file: {model}")
     if _same_file(model, output) if Path(output).exists() else Path(model).resolve() == Path(output).resolve():
@@ -112,76 +67,41 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
                         f"-o {output} has the other kind")
     if max_error is not None and not max_error >= 0:
         raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
-    if inputs and not Path(inputs).is_file():
-        raise UserError(f"no such file: {inputs} (--inputs)")
-    if calibrate and not Path(calibrate).is_file():
-        raise UserError(f"no such file: {calibrate} (--calibrate)")
+    for path, flag in ((inputs, "--inputs"), (calibrate, "--calibrate")):
+        if path and not Path(path).is_file():
+            raise UserError(f"no such file: {path} ({flag})")
     parse_shape_overrides(input_shape)
     progress = Progress(console)
-    kwargs = dict(layers=parse_ranges(layers), ids=parse_sites(sites), max_error=max_error, force=force, check=check,
-                  keep_models=bool(html), progress=progress)
-    with progress.step("load"):
-        steps, native, gv = _load(model)
-    specs_ = steps_input_specs(steps, gv)
-    feeds, note = load_feeds(specs_, inputs, input_shape)
-    if calibrate:
-        from attn_opt.core.inputs import feeds_from_npz
-
-        kwargs["calibrate"] = feeds_from_npz(specs_, calibrate, "--calibrate")
-        note = dict(note, calibration=calibrate, heldout="the fidelity inputs")
-    if lora:
-        kwargs["lora"] = lora
-    from attn_opt.core.inputs import fidelity_variants
-    from attn_opt.pipeline.run import onnx_variants
-
-    def variants(f, overrides):  # ONNX decoder steps are also checked through their generation loop
-        return fidelity_variants(f, specs_, overrides) if pt2 else onnx_variants(native, f, overrides)
-
-    kwargs["variants"] = variants(feeds, parse_shape_overrides(input_shape) or bool(inputs))
-    check, why = choose_check(check, native.weight_bytes() if not pt2 else 0)
-    kwargs["check"] = check
-    if why:
-        note = dict(note, check=why)
-        console.print(f"note: {why}")
-    tries = [feeds] + ([{k: v[:1] for k, v in feeds.items()}] if not inputs and not input_shape else [])
-    for i, f in enumerate(tries):
-        try:
-            note_i = note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
-                                             retried="the model failed at batch 2 and runs at batch 1")
-            if i:
-                kwargs["variants"] = variants(f, True)
-            out, report = run_passes(steps, native, chain, f, input_note=note_i, **kwargs)
-            feeds = f
-            break
-        except DoesNotRun:  # raised by the first run, before any rewrite: the model is untouched
-            if i + 1 == len(tries):
-                raise
-        except FidelityError as e:
-            if report_path and getattr(e, "report", None):
-                _write_json(report_path, e.report.to_json())
-            raise
+    try:
+        out, report = api.optimize(model, specs, inputs=inputs, input_shape=input_shape, force=force,
+                                   layers=parse_ranges(layers), sites=parse_sites(sites), max_error=max_error,
+                                   check=check, calibrate=calibrate, lora=lora, progress=progress,
+                                   keep_models=bool(html))
+    except FidelityError as e:
+        if report_path and getattr(e, "report", None):
+            _write_json(report_path, e.report.to_json())
+        raise
+    if report.inputs.get("check"):
+        console.print(f"note: {report.inputs['check']}")
     console.print(pass_table(report))
     for p in report.passes:
         for s in p.sites_skipped:
-            console.print(f"  {p.name}: skipped {s['id']}: {s['reason']}")
+            console.print(f"  {p.name}: skipped {s.id}: {s.reason}")
         for n in p.notes:
             console.print(f"  {p.name}: {n}")
         for sid, r in p.sink_ratio.items():
             console.print(f"  {p.name}: {sid} sink ratio per head {r['before']} -> {r['after']}")
         if p.calibration:
             console.print(calibration_table(p))
+    steps = api.steps_for(report.ir)
     with progress.step("write"):
-        if pt2:
-            _save_pt2(out, feeds, output)
-            data = None
-        else:
-            data = out.save(output)
+        data = steps.save(out, output, report.feeds)
     if report_path:
         _write_json(report_path, report.to_json())
     if html:
-        write_pipeline_page(steps, report, html, feeds)
+        write_pipeline_page(steps, report, html, report.feeds)
         console.print(f"wrote {html}")
-    console.print(f"wrote {output}" + (f" (weights in {data.name})" if data else ""))
+    console.print(f"wrote {output}" + (f" (weights in {data})" if data else ""))
 
 
 def calibration_table(p) -> Table | str:
@@ -220,25 +140,6 @@ def _lora_cell(lo: dict | None) -> str:
     if "heldout_before" in lo:
         cell += f" ({lo['heldout_before']:.3g} -> {lo['heldout_after']:.3g})"
     return cell + (", reverted" if lo.get("reverted") else "")
-
-
-def steps_input_specs(steps, gv):
-    if steps.ir == "onnx":
-        from attn_opt.core.ir import onnx as adapter
-    else:
-        from attn_opt.core.ir import fx as adapter
-    return adapter.input_specs(gv)
-
-
-def _save_pt2(gm, feeds, output: str) -> None:
-    import torch
-
-    from attn_opt.core.io import atomic_path
-    from attn_opt.pipeline.fx_steps import args_of
-
-    program = torch.export.export(gm, args_of(gm, feeds))
-    with atomic_path(output) as tmp:
-        torch.export.save(program, tmp)
 
 
 def _write_json(path: str, obj) -> None:

@@ -9,7 +9,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from attn_opt.patterns.site import AttentionSite, Operand
-from attn_opt.core.graph import EPILOGUE_TAG, PASS_TAG, SITE_TAG
+from attn_opt.core.graph import EPILOGUE_TAG, PASS_TAG, SITE_TAG, param_name
 
 MS = "com.microsoft"
 # site dtypes the form lowerings compute in float32, and their ONNX types
@@ -22,7 +22,6 @@ class SiteEdit:
         self.prefix = f"attn_opt/{site.id}/{pass_name}" + (f"/{part}" if part else "")  # node names: unique per edit
         self.nodes: list[ir.Node] = []
         self._n = 0
-        self.diagnostics = None  # head statistics of this site, for passes that ask for them
         self.in_fp32 = False  # set by lowerings that compute a fp16/bf16 site in float32
         self.epilogue = False  # the new nodes read the site's output (a gate); they are not the site
 
@@ -81,7 +80,7 @@ class SiteEdit:
 
     def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
         """A new weight of the model (so it shows in parameter counts and can be trained)."""
-        name = f"attn_opt.{self.site.id}.{suffix}"
+        name = param_name(self.site.id, suffix)
         v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
                      const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
         self.model.graph.register_initializer(v)
@@ -143,11 +142,13 @@ class SiteEdit:
         old.replace_all_uses_with(new_output, replace_graph_outputs=True)
         for node, idx in keep:
             node.replace_input_with(idx, old)
-        if was_output:
-            old.name = f"{name}__replaced"
-            new_output.name = name
         if old.type is not None and new_output.type is None:
             new_output.type = old.type
+        if was_output:  # the graph output keeps its name, type and shape
+            old.name = f"{name}__replaced"
+            new_output.name, new_output.type = name, old.type
+            if old.shape is not None:
+                new_output.shape = old.shape
 
 
 def _attrs(attrs: dict) -> list:

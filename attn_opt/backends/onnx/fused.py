@@ -12,8 +12,10 @@ present outputs, seqlens_k and total_sequence_length computed in the graph from 
 shapes, the site's mask as attention_bias. A sink-logit normaliser (sinkfree:mode=logit,
 fused in a later run, target=ort or auto) is GroupQueryAttention's head_sink: no other
 fused op computes it (passes/fuse.py skips it for target=onnx). Where GroupQueryAttention
-cannot take a step (patterns/form.py: gqa_step_reason), it gets `Attention`, and the
-report says why.
+cannot take a step (`gqa_step_reason`), it gets `Attention`, and the report says why.
+`limits` is what the ONNX backend declares it cannot fuse (backends/onnx/lower.py:
+CAPABILITIES): a pattern, a normaliser other than softmax, a sink logit anywhere but
+GroupQueryAttention's head_sink.
 """
 
 from __future__ import annotations
@@ -25,10 +27,56 @@ from attn_opt.backends.onnx import ort
 from attn_opt.backends.onnx.edit import SiteEdit, ensure_opset
 from attn_opt.backends.onnx.visible import causal_visible
 from attn_opt.patterns.cache import new_part
-from attn_opt.patterns.form import gqa_step_reason
+from attn_opt.patterns.form import Form
 from attn_opt.patterns.site import AttentionSite
 
 HIDE = {"float32": -1e30, "float64": -1e30, "bfloat16": -1e30, "float16": -6e4}  # hidden, yet finite
+
+
+def limits(site: AttentionSite, form: Form) -> str | None:
+    """Why the ONNX backend cannot fuse `site` into one op keeping `form`'s pattern and
+    normaliser (the site's own), or None."""
+    if form.pattern is not None:
+        return f"its pattern ({form.pattern.describe()}) would be lost: a fused op keeps every pair"
+    n = form.normaliser
+    if n.is_softmax:
+        return None
+    if n.kind != "logit" or n.calibrated:
+        return f"its normaliser ({n.describe()}) would be lost: the fused ops compute softmax"
+    if form.fused == "onnx":
+        return "a sink logit, which ONNX Attention has not: fuse:target=ort writes GroupQueryAttention's head_sink"
+    if (why := gqa_step_reason(site)) is not None:
+        return f"a sink logit, which only GroupQueryAttention (head_sink) computes, and {why}"
+    return None
+
+
+def gqa_step_reason(site) -> str | None:
+    """Why a decoder-step site cannot be ONNX Runtime's GroupQueryAttention reading its own
+    past cache and returning the present one (None: it can). The op is causal (ORT's CPU
+    takes causal=0 only without a multi-token batch after a past), float32 here (float16
+    on CPU too, not written), its mask an additive attention_bias, its normaliser softmax
+    or softmax with a per-head sink logit (head_sink)."""
+    c = site.cache
+    if c is None or not (c.present_key and c.present_value):
+        return "not a decoder step that returns its cache"
+    if site.kind != "self":
+        return "cross-attention: GroupQueryAttention's new keys are its queries' own tokens"
+    parts = [new_part(op.value) for op in (site.k, site.v)]
+    if any(op.perm or op.packed or op.fold for op in (site.k, site.v)) or not all(p and p[0] for p in parts):
+        return "its K/V are not Concat(past input, new) in [B, H, S, D] layout"
+    if site.heads is None or site.kv_heads is None or site.scale is None or site.heads % site.kv_heads:
+        return "heads, kv heads or scale unknown, or the heads do not group over the kv heads"
+    dtype = site.output.dtype or site.q.value.dtype
+    if dtype not in (None, "float32"):  # ORT's CPU op also takes float16; that lowering is not written
+        return f"this site is {dtype}: attn-opt writes GroupQueryAttention for float32 steps"
+    if not site.causal:
+        return "not causal: GroupQueryAttention after a past cache is causal (causal=0 takes no multi-token batch)"
+    if site.bool_mask is not None:
+        return "a boolean mask: GroupQueryAttention takes an additive attention_bias"
+    n = site.normaliser
+    if n.calibrated or n.kind not in ("softmax", "logit"):
+        return f"{n.describe()}: GroupQueryAttention computes softmax, with or without a sink logit per head"
+    return None
 
 
 def choose(site: AttentionSite, target: str) -> tuple[str, str]:

@@ -1,7 +1,9 @@
 """Lower a site's `Form` (patterns/form.py) to ONNX.
 
 `lower(edit, form)` is the one entry: a fused op (fused.py), a gate epilogue, collapsed
-weights (collapse.py), or a pattern × normaliser form. The last is computed banded
+weights (collapse.py), or a pattern × normaliser form. `CAPABILITIES` declares every
+kind this backend lowers and the function that does it (patterns/capability.py); a kind
+missing there stops with "<kind>: no onnx lowering". The last is computed banded
 (banded.py: only the key blocks the pattern reaches) where that counts fewer score pairs
 than dense at the site's length, else as dense scores masked to the pattern
 (explicit.py); either way its output node carries the site's record (metadata
@@ -16,16 +18,16 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from attn_opt.backends.onnx import collapse
+from attn_opt.backends.onnx import collapse, fused
 from attn_opt.backends.onnx.banded import emit_banded
 from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
-from attn_opt.backends.onnx.fused import emit_fused
+from attn_opt.patterns.capability import Capabilities
 from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
-from attn_opt.core.graph import FORM_KEY
+from attn_opt.core.graph import FORM_KEY, param_name
 
 OPSET = {"fused": 23, "form": 18, "collapse": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
 
@@ -37,20 +39,22 @@ def opset_for(produces: str) -> int | None:
 
 def lower(e: SiteEdit, form: Form) -> str | None:
     """Emit `form` for `e.site` and rewire the site's output; a note for the report."""
+    feature = lambda name: CAPABILITIES.implementation("feature", name)  # noqa: E731
     if form.fused:
-        return emit_fused(e, form.fused)
+        return feature("fused")(e, form.fused)
     if form.gate is not None:
-        return emit_gate(e, form.gate)
+        return feature("gate")(e, form.gate)
     if form.collapse is not None:
-        return collapse.emit_collapse(e, form.collapse)
+        return feature("collapse")(e, form.collapse)
     sink_q = None
     if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
-        cap_cache(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
+        feature("stream")(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
         if form.stream.rotary is not None:
             sink_q = (form.stream.sinks, lambda q, k: cache_positioned(e, q, form.stream))
     note = emit_attention(e, e.site, form.pattern, form.normaliser, sink_q)
     if form.lora:
-        note = "; ".join(n for n in (note, emit_lora(SiteEdit(e.model, e.site, e.pass_name, "lora"), form.lora)) if n)
+        lora = feature("lora")(SiteEdit(e.model, e.site, e.pass_name, "lora"), form.lora)
+        note = "; ".join(n for n in (note, lora) if n)
     return note
 
 
@@ -142,7 +146,7 @@ def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
 
 def _param(e: SiteEdit, site: AttentionSite, name: str, values, ndim: int):
     """The site's per-head initializer `name` ([heads]), viewed as [1, Hkv, g, 1, ...]."""
-    init = e.model.graph.initializers.get(f"attn_opt.{site.id}.{name}")
+    init = e.model.graph.initializers.get(param_name(site.id, name))
     if init is None:
         init = e.initializer(name, np.asarray(values, np.float32))
     shape = e.ints(1, site.kv_heads, site.heads // site.kv_heads, *([1] * (ndim - 3)))
@@ -151,21 +155,14 @@ def _param(e: SiteEdit, site: AttentionSite, name: str, values, ndim: int):
 
 def _kind(e, s, vis, site, n: Normaliser, ndim, prm):
     """The kind's formula; `prm(name)`: a calibrated per-head parameter (None: constants from `n`)."""
-    if n.kind == "softmax":
-        return softmax_visible(e, s, vis)
-    if n.kind == "softplus":
-        return _softplus(e, s, vis, n, prm)
-    if n.kind == "logit":
-        return _logit(e, s, vis, prm("bias") if prm else per_head(e, site, n.per_head_bias(site.heads), ndim))
-    if n.kind == "redistribute":
-        return _redistribute(e, s, vis, site, n, ndim, prm)
-    if n.kind == "relu":
-        return _relu(e, s, vis)
-    bias = n.per_head_bias(site.heads)
-    return _sigmoid(e, s, vis, None if bias is None else per_head(e, site, bias, ndim))
+    return CAPABILITIES.implementation("normaliser", n.kind)(e, s, vis, site, n, ndim, prm)
 
 
-def _softplus(e, s, vis, n: Normaliser, prm):
+def _softmax(e, s, vis, site, n: Normaliser, ndim, prm):
+    return softmax_visible(e, s, vis)
+
+
+def _softplus(e, s, vis, site, n: Normaliser, ndim, prm):
     if prm is not None:  # λ_i = (log n_i / log n_train)^κ_h
         cnt = row_sum(e, e.op("Cast", [vis], {"to": 1}))
         ratio = e.op("Div", [e.op("Log", [e.op("Max", [cnt, f32(e, 2)])]), f32(e, math.log(n.n_train or 2))])
@@ -181,7 +178,8 @@ def _softplus(e, s, vis, n: Normaliser, prm):
     return a
 
 
-def _logit(e, s, vis, b):
+def _logit(e, s, vis, site, n: Normaliser, ndim, prm):
+    b = prm("bias") if prm else per_head(e, site, n.per_head_bias(site.heads), ndim)
     m = e.op("Max", [row_max(e, e.op("Where", [vis, s, f32(e, MIN)])), b])
     ex = e.op("Where", [vis, e.op("Exp", [e.op("Sub", [s, m])]), f32(e, 0)])
     return safe_div(e, ex, e.op("Add", [row_sum(e, ex), e.op("Exp", [e.op("Sub", [b, m])])]))
@@ -204,12 +202,14 @@ def _redistribute(e, s, vis, site, n: Normaliser, ndim, prm):
     return e.op("Where", [keep, p, scaled])
 
 
-def _relu(e, s, vis):
+def _relu(e, s, vis, site, n: Normaliser, ndim, prm):
     return safe_div(e, e.op("Where", [vis, e.op("Relu", [s]), f32(e, 0)]), row_sum(e, e.op("Cast", [vis], {"to": 1})))
 
 
-def _sigmoid(e, s, vis, b):
+def _sigmoid(e, s, vis, site, n: Normaliser, ndim, prm):
     """σ(S + b) on visible keys; b = −log n_i where no bias is given."""
+    bias = n.per_head_bias(site.heads)
+    b = None if bias is None else per_head(e, site, bias, ndim)
     if b is None:
         n = row_sum(e, e.op("Cast", [vis], {"to": 1}))
         b = e.op("Neg", [e.op("Log", [e.op("Max", [n, f32(e, 1)])])])
@@ -225,11 +225,8 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, no
     if sink_q is not None:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5), pattern=pattern, sink_q=sink_q)
         note = "dense scores masked to the pattern (the sink columns are scored at cache positions)"
-    elif pattern is not None and pattern.kind == "grid":
-        out = _grid(e, site, pattern, normaliser)
     elif pattern is not None:
-        banded, note = banded_pays(site, pattern)
-        out = _split_heads(e, site, pattern, normaliser, banded)
+        out, note = CAPABILITIES.implementation("pattern", pattern.kind)(e, site, pattern, normaliser)
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
     out = e.back(out)
@@ -243,6 +240,12 @@ def _sparse(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Norm
     if banded:
         return emit_banded(e, site, pattern, normaliser_fn(normaliser, site, 6), qkv=qkv)
     return emit_explicit(e, site, normaliser_fn(normaliser, site, 5), qkv=qkv, pattern=pattern)
+
+
+def _windowed(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
+    """A window (plain, shifted or strided): banded where that pays at the site's shape."""
+    banded, note = banded_pays(site, pattern)
+    return _split_heads(e, site, pattern, normaliser, banded), note
 
 
 def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser, banded: bool):
@@ -274,6 +277,10 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
 def _grid(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
     """Vision tokens: the prefix (class/register tokens) attends densely and stays visible
     to all; grid tokens attend to their kh x kw neighborhood, banded by grid row."""
+    return _grid_tokens(e, site, pattern, normaliser), None
+
+
+def _grid_tokens(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
     import dataclasses
 
     site = dataclasses.replace(site, additive=(), bool_mask=None)  # mask kind "none": any term is a no-op
@@ -304,3 +311,17 @@ def emit_gate(e: SiteEdit, gate: Gate) -> None:
     g4 = e.op("Transpose", [e.op("Reshape", [g, shape])], {"perm": [0, 2, 1, 3]})  # [B, H, T, k]
     e.commit(e.back(e.op("Mul", [o, g4])))
 
+
+
+def _limits(site: AttentionSite, form: Form) -> str | None:
+    return fused.limits(site, form) if form.fused else None
+
+
+CAPABILITIES = Capabilities(
+    "onnx",
+    normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
+                "relu": _relu, "sigmoid": _sigmoid},
+    pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
+    feature={"fused": fused.emit_fused, "gate": emit_gate, "collapse": collapse.emit_collapse, "stream": cap_cache,
+             "lora": emit_lora},
+    limits=_limits)

@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attn_opt.patterns.form import Normaliser, Pattern
+from attn_opt.patterns.capability import Capabilities
+from attn_opt.patterns.form import SOFTMAX, Form, Normaliser, Pattern
 from attn_opt.patterns.site import MASKED
 
 
@@ -46,41 +47,55 @@ def normalise(n: Normaliser, s, vis, per_head, n_heads: int, params: dict | None
 
 def _normalise(n: Normaliser, s, vis, per_head, n_heads: int, v: dict):
     """The kind's formula; `v`: its per-head parameters where calibrated (else from `n`)."""
-    if n.kind == "softmax":
-        return softmax(s, vis)
-    if n.kind == "softplus":
-        p = v.get("p", n.p)
-        if "kappa" in v:
-            cnt = vis.sum(-1, keepdim=True).clamp(min=2).to(s.dtype)
-            s = s * (torch.log(cnt) / math.log(n.n_train or 2)) ** v["kappa"]
-        elif n.n_train:
-            cnt = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
-            s = s * (torch.log(cnt) / math.log(n.n_train))
-        a = torch.where(vis, F.softplus(s), 0.0)
+    return CAPABILITIES.implementation("normaliser", n.kind)(n, s, vis, per_head, n_heads, v)
+
+
+def _softmax(n, s, vis, per_head, n_heads, v):
+    return softmax(s, vis)
+
+
+def _softplus(n, s, vis, per_head, n_heads, v):
+    p = v.get("p", n.p)
+    if "kappa" in v:
+        cnt = vis.sum(-1, keepdim=True).clamp(min=2).to(s.dtype)
+        s = s * (torch.log(cnt) / math.log(n.n_train or 2)) ** v["kappa"]
+    elif n.n_train:
+        cnt = vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+        s = s * (torch.log(cnt) / math.log(n.n_train))
+    a = torch.where(vis, F.softplus(s), 0.0)
+    a = _safe_div(a, a.sum(-1, keepdim=True))
+    if "p" in v or n.p != 1.0:
+        a = torch.where(vis, a.clamp(min=1e-30) ** p, 0.0)
         a = _safe_div(a, a.sum(-1, keepdim=True))
-        if "p" in v or n.p != 1.0:
-            a = torch.where(vis, a.clamp(min=1e-30) ** p, 0.0)
-            a = _safe_div(a, a.sum(-1, keepdim=True))
-        return a
-    if n.kind == "logit":
-        b = v["bias"] if "bias" in v else per_head(n.per_head_bias(n_heads))
-        m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
-        e = torch.where(vis, torch.exp(s - m), 0.0)
-        return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
-    if n.kind == "redistribute":
-        alpha = v.get("alpha", n.alpha)
-        p = softmax(s, vis)
-        m = p[..., :n.sinks].sum(-1, keepdim=True)
-        rest = 1 - m
-        scaled = torch.cat([alpha * p[..., :n.sinks], p[..., n.sinks:] * _safe_div(1 - alpha * m, rest)], -1)
-        keep = rest < 1e-6  # a row all on the sinks is left as it is
-        if n.heads:
-            keep = keep | (per_head([1.0 if h in n.heads else 0.0 for h in range(n_heads)]) == 0)
-        return torch.where(keep, p, scaled)
-    if n.kind == "relu":
-        cnt = vis.sum(-1, keepdim=True).to(s.dtype)
-        return _safe_div(torch.where(vis, torch.relu(s), 0.0), cnt)
-    if n.bias is None:  # sigmoid, b = −log n_i
+    return a
+
+
+def _logit(n, s, vis, per_head, n_heads, v):
+    b = v["bias"] if "bias" in v else per_head(n.per_head_bias(n_heads))
+    m = torch.maximum(torch.where(vis, s, torch.finfo(s.dtype).min).amax(-1, keepdim=True), b)
+    e = torch.where(vis, torch.exp(s - m), 0.0)
+    return _safe_div(e, e.sum(-1, keepdim=True) + torch.exp(b - m))
+
+
+def _redistribute(n, s, vis, per_head, n_heads, v):
+    alpha = v.get("alpha", n.alpha)
+    p = softmax(s, vis)
+    m = p[..., :n.sinks].sum(-1, keepdim=True)
+    rest = 1 - m
+    scaled = torch.cat([alpha * p[..., :n.sinks], p[..., n.sinks:] * _safe_div(1 - alpha * m, rest)], -1)
+    keep = rest < 1e-6  # a row all on the sinks is left as it is
+    if n.heads:
+        keep = keep | (per_head([1.0 if h in n.heads else 0.0 for h in range(n_heads)]) == 0)
+    return torch.where(keep, p, scaled)
+
+
+def _relu(n, s, vis, per_head, n_heads, v):
+    cnt = vis.sum(-1, keepdim=True).to(s.dtype)
+    return _safe_div(torch.where(vis, torch.relu(s), 0.0), cnt)
+
+
+def _sigmoid(n, s, vis, per_head, n_heads, v):
+    if n.bias is None:  # b = −log n_i
         b = -torch.log(vis.sum(-1, keepdim=True).clamp(min=1).to(s.dtype))
     else:
         b = per_head(n.per_head_bias(n_heads))
@@ -174,10 +189,12 @@ def window_visible(f: Pattern, i, p, t: int):
             first = i - f.window // 2
         start = first.clamp(max=t - f.span).clamp(min=0)
         vis = (p >= start) & (p < start + f.span)
-    elif f.causal:
+    elif f.kind == "window" and f.causal:
         vis = d < f.window * f.dilation
-    else:
+    elif f.kind == "window":
         vis = d.abs() <= f.window // 2 * f.dilation
+    else:
+        raise ValueError(f"window_visible: {f.kind} is not a window")
     if f.dilation > 1:
         vis = vis & (d % f.dilation == 0)
     return vis & (d >= 0) if f.causal else vis
@@ -305,60 +322,52 @@ def _banded(q, k, v, bias, keep, scale, form, norm, sink_kv=None, softcap=None):
     return out if band.inverse is None else out[:, :, band.inverse]
 
 
-def kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, pattern: Pattern | None, n: Normaliser,
-                bias=None) -> dict | None:
-    """The Triton kernel's arguments for this site, or None where the form is beyond it
-    (stride, shifted or 2-D windows, dense heads, redistribute/relu, masks other than a
-    per-key padding mask, Tq != Tk with a window or causal, dv != d)."""
-    if v.shape[-1] != q.shape[-1] or ((causal or pattern) and q.shape[2] != k.shape[2]):
-        return None
-    args = {"causal": bool(causal)}
-    if n.calibrated:  # calibrated per-head parameters are not kernel switches
-        return None
-    if pattern is not None:
-        if pattern.kind != "window" or pattern.dense_heads:
-            return None
-        args.update(window=pattern.window, dilation=pattern.dilation, sinks=pattern.sinks)
-    if n.kind in ("softplus", "sigmoid"):
-        args.update(normaliser=n.kind, n_train=n.n_train, power=n.p)
-        if n.kind == "sigmoid" and n.bias is not None:
-            args["score_bias"] = torch.tensor(n.per_head_bias(q.shape[1]), device=q.device).float()
-    elif n.kind == "logit":
-        b = bias if bias is not None else torch.tensor(n.bias)
-        args["sink_logit"] = b.to(q.device).float().reshape(-1)
-    elif n.kind != "softmax":
-        return None
+def kernel_key_bias(q, additive, bool_mask, bool_keep) -> tuple[torch.Tensor | None, str | None]:
+    """The site's masks as the Triton kernel's per-key bias [B, Tk] (None: no mask), or
+    (None, why) where they are not one per-key padding mask."""
     terms = list(additive)
     if bool_mask is not None:
         keep = bool_mask.bool() if bool_keep else ~bool_mask.bool()
         terms.append(torch.where(keep, 0.0, torch.finfo(torch.float32).min))
     if len(terms) > 1:
-        return None
-    if terms:
-        m = _four(terms[0])
-        if m.shape[1] != 1 or m.shape[2] != 1:
-            return None
-        args["key_bias"] = m.reshape(m.shape[0], m.shape[-1]).expand(q.shape[0], -1).float()
-    return args
+        return None, "more than one mask term"
+    if not terms:
+        return None, None
+    m = _four(terms[0])
+    if m.shape[1] != 1 or m.shape[2] != 1:
+        return None, "a mask that is not one per-key padding mask"
+    return m.reshape(m.shape[0], m.shape[-1]).expand(q.shape[0], -1).float(), None
+
+
+def kernel_reason(q, k, v, additive, bool_mask, bool_keep, causal, form: Form, softcap=None) -> str | None:
+    """Why the Triton kernel cannot compute this site (None: it can)."""
+    from attn_opt.backends.triton.launcher import reason
+
+    if softcap:
+        return "a soft-cap"
+    key_bias, why = kernel_key_bias(q, additive, bool_mask, bool_keep)
+    return why or reason(q, k, v, causal, form, key_bias)
 
 
 def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal=False,
-              pattern: dict | None = None, normaliser: dict | None = None, bias=None, use_triton: bool | None = None,
-              fill=None, softcap=None, banded: bool = True, filled=(), params: dict | None = None):
+              pattern: Pattern | None = None, normaliser: Normaliser = SOFTMAX, bias=None,
+              use_triton: bool | None = None, fill=None, softcap=None, banded: bool = True, filled=(),
+              params: dict | None = None):
     """One attention site in a given form; q [B, H, Tq, D], k/v [B, Hkv, Tk, ·]; `pattern`
-    and `normaliser` as their records (JSON, as the FX graph holds them), `bias` a trained
-    sink logit (an nn.Parameter). CUDA tensors go to the Triton kernel where it covers the
-    form (`use_triton` overrides the choice). A pattern is computed banded, or with
-    banded=False as dense scores masked to it (chosen by cost at the site's shape,
-    patterns/form.py: banded_pays)."""
-    form, n = Pattern.from_json(pattern), Normaliser.from_json(normaliser)
+    and `normaliser` the form's own objects, `bias` a trained sink logit (an nn.Parameter).
+    CUDA tensors go to the Triton kernel where it covers the form (`use_triton` overrides
+    the choice). A pattern is computed banded, or with banded=False as dense scores masked
+    to it (chosen by cost at the site's shape, patterns/form.py: banded_pays)."""
+    n = normaliser
     h, hkv = q.shape[1], k.shape[1]
-    if (q.is_cuda if use_triton is None else use_triton) and not softcap:
-        args = kernel_args(q, k, v, additive, bool_mask, bool_keep, causal, form, n, bias)
-        if args is not None:
+    if q.is_cuda if use_triton is None else use_triton:
+        form = Form(pattern=pattern, normaliser=n)
+        if kernel_reason(q, k, v, additive, bool_mask, bool_keep, causal, form, softcap) is None:
             from attn_opt.backends.triton.launcher import attention as kernel
 
-            return kernel(q, k, v, scale=scale, **args)
+            key_bias, _ = kernel_key_bias(q, additive, bool_mask, bool_keep)
+            return kernel(q, k, v, pattern=pattern, normaliser=n, scale=scale, causal=causal, key_bias=key_bias,
+                          sink_logit=bias)
 
     def per_head(values, ndim=5):
         t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
@@ -371,15 +380,25 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
     def norm(s, vis, ndim):
         return normalise(n, s, vis, lambda vals: per_head(vals, ndim), h, params)
 
-    mask_bias, keep, after = _masks(additive, bool_mask, bool_keep, filled)
-    if form is None:
-        return _explicit(q, k, v, mask_bias, keep, scale, causal, norm, fill, softcap, after=after)
-    if form.kind == "grid":
-        s = form.sinks
-        grid = _banded(q[:, :, s:], k[:, :, s:], v[:, :, s:], None, None, scale, form, norm, sink_kv=(k, v),
-                       softcap=softcap)
-        return torch.cat([_explicit(q[:, :, :s], k, v, None, None, scale, False, norm, softcap=softcap), grid],
-                         2) if s else grid
+    masks = _masks(additive, bool_mask, bool_keep, filled)
+    if pattern is None:
+        return _explicit(q, k, v, masks[0], masks[1], scale, causal, norm, fill, softcap, after=masks[2])
+    lower = CAPABILITIES.implementation("pattern", pattern.kind)
+    return lower(q, k, v, masks, scale, causal, pattern, norm, fill, softcap, banded)
+
+
+def _grid(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
+    s = form.sinks
+    grid = _banded(q[:, :, s:], k[:, :, s:], v[:, :, s:], None, None, scale, form, norm, sink_kv=(k, v),
+                   softcap=softcap)
+    return torch.cat([_explicit(q[:, :, :s], k, v, None, None, scale, False, norm, softcap=softcap), grid],
+                     2) if s else grid
+
+
+def _windowed(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
+    """A window (plain, shifted or strided), its `dense_heads` through the dense form."""
+    mask_bias, keep, after = masks
+
     def sparse(q_, k_, v_, f):
         if banded:
             return _banded(q_, k_, v_, mask_bias, keep, scale, f, norm, softcap=softcap)
@@ -387,6 +406,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
 
     if not form.dense_heads:
         return sparse(q, k, v, form)
+    h = q.shape[1]
     dense = sorted(form.dense_heads)
     rest = [x for x in range(h) if x not in dense]
     outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill, softcap,
@@ -433,3 +453,10 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     vh = (aug(xv) @ w_vo).reshape(b, xv.shape[1], heads, d_model).transpose(1, 2)
     out = (p @ vh).sum(1)
     return out if o_bias is None else out + o_bias
+
+
+CAPABILITIES = Capabilities(
+    "torch",
+    normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
+                "relu": _relu, "sigmoid": _sigmoid},
+    pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid})

@@ -10,6 +10,7 @@ registered on the module (trainable). Collapsed weights: one call to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -18,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from attn_opt.backends.torch import forms
 from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
 from attn_opt.core.errors import NotSupported
-from attn_opt.core.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG
+from attn_opt.core.graph import EPILOGUE_TAG, FORM_KEY, SITE_TAG, param_name
 
 HIDE = -1e30  # a hidden key's bias: finite, so a row hidden completely gets uniform weights
 
@@ -60,18 +62,18 @@ def _refold(site: AttentionSite, new, graph: fx.Graph):
 
 def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
     """Emit `form` for `site` in place of its nodes; a note for the report."""
+    feature = lambda name: CAPABILITIES.implementation("feature", name)  # noqa: E731
     if form.stream is not None:
-        raise NotSupported("stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
-                           "DynamicCache object the graph does not return, so it is not lowered there yet")
+        feature("stream")
     if form.fused:
-        return fuse_site(gm, site)
+        return feature("fused")(gm, site)
     if form.gate is not None:
-        return gate(gm, site, form.gate)
+        return feature("gate")(gm, site, form.gate)
     if form.collapse is not None:
-        return emit_collapse(gm, site, form.collapse)
+        return feature("collapse")(gm, site, form.collapse)
     note = emit_form(gm, site, form.pattern, form.normaliser)
     if form.lora:
-        note = "; ".join(n for n in (note, lora(gm, site, form.lora)) if n)
+        note = "; ".join(n for n in (note, feature("lora")(gm, site, form.lora)) if n)
     return note
 
 
@@ -85,7 +87,7 @@ def lora(gm: fx.GraphModule, site: AttentionSite, rank: int) -> str:
     d_in, d_out = (w.shape[1], w.shape[0]) if o.transposed else w.shape
     g = gm.graph
     y = next(n for n in g.nodes if n.name == o.node)
-    names = (f"attn_opt_{site.id}_lora_a", f"attn_opt_{site.id}_lora_b")
+    names = (param_name(site.id, "lora_a", "fx"), param_name(site.id, "lora_b", "fx"))
     init = (torch.randn(d_in, rank, generator=torch.Generator().manual_seed(0)) / math.sqrt(d_in),
             torch.zeros(rank, d_out))
     for name, t in zip(names, init):
@@ -121,11 +123,7 @@ def _add_like(y, delta):
 
 def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
     """Replace one eager site by scaled_dot_product_attention (exact); a soft-capped site,
-    or one with a sink logit (which fuse lets through for ONNX's GroupQueryAttention),
-    neither of which SDPA can express, by one call of the dense form."""
-    if site.normaliser.kind == "logit":
-        emit_form(gm, site, None, site.normaliser)
-        return f"one call of the dense form with its {site.normaliser.describe()} (SDPA has no sink logit)"
+    which SDPA cannot express, by one call of the dense form."""
     if site.softcap:
         emit_form(gm, site, None, Normaliser())
         return f"one call of the dense form with soft-cap {site.softcap:g} (SDPA has no soft-cap)"
@@ -187,17 +185,15 @@ def _drop_asserts(g: fx.Graph, site: AttentionSite) -> None:
 def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str | None:
     """Replace `site` by one call computing it with this pattern and normaliser; a sink
     logit becomes an nn.Parameter of the module (trainable)."""
-    from attn_opt.backends.torch.forms import attention
-
     g = gm.graph
     bias = note = None
     params = {}
     if normaliser.calibrated:  # calibration's per-head parameters: nn.Parameters of the module
         for name, vals in normaliser.values(site.heads).items():
-            params[name] = f"attn_opt_{site.id}_{name}"
+            params[name] = param_name(site.id, name, "fx")
             gm.register_parameter(params[name], torch.nn.Parameter(torch.tensor(vals, dtype=torch.float32)))
     elif normaliser.kind == "logit" and np.all(np.isfinite(normaliser.bias)):
-        bias = f"attn_opt_{site.id}_sink_logit"
+        bias = param_name(site.id, "sink_logit", "fx")
         gm.register_parameter(bias, torch.nn.Parameter(torch.tensor(normaliser.bias, dtype=torch.float32)))
         note = f"sink logits in parameter {bias}"
     banded, why = banded_pays(site, pattern) if pattern is not None else (True, None)
@@ -208,13 +204,12 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
         additive = [_term(site, t, g) for t in site.additive]
         boolean = _node(site.bool_mask, g) if site.bool_mask is not None else None
         kwargs = {"bool_keep": site.bool_keep, "scale": float(site.scale), "causal": bool(site.causal),
-                  "pattern": pattern.to_json() if pattern else None, "normaliser": normaliser.to_json(),
                   "fill": site.mask_value, "softcap": site.softcap, "banded": banded, "filled": _filled(site)}
         if bias is not None:
             kwargs["bias"] = g.get_attr(bias)
         if params:
             kwargs["params"] = {name: g.get_attr(target) for name, target in params.items()}
-        new = g.call_function(attention, (q, k, v, additive, boolean), kwargs)
+        new = g.call_function(SiteAttention(site.id, pattern, normaliser), (q, k, v, additive, boolean), kwargs)
         new = _refold(site, new, g)
     new.meta[FORM_KEY] = form_record(site, pattern, normaliser)
     new.meta[SITE_TAG] = site.id
@@ -224,13 +219,28 @@ def emit_form(gm: fx.GraphModule, site: AttentionSite, pattern: Pattern | None, 
     return note
 
 
+class SiteAttention:
+    """The call a rewritten site becomes: `forms.attention` with the site's `Pattern` and
+    `Normaliser` held as they are (FX keeps a call's target as an object of the generated
+    code, so the form never goes through text on the way to the computation)."""
+
+    def __init__(self, site_id: str, pattern: Pattern | None, normaliser: Normaliser):
+        self.pattern, self.normaliser = pattern, normaliser
+        self.__name__ = param_name(site_id, "attention", "fx")  # the name FX's generated code gives the call
+
+    def __call__(self, q, k, v, additive=(), bool_mask=None, **kwargs):
+        from attn_opt.backends.torch.forms import attention
+
+        return attention(q, k, v, additive, bool_mask, pattern=self.pattern, normaliser=self.normaliser, **kwargs)
+
+
 def gate(gm: fx.GraphModule, site: AttentionSite, gt: Gate) -> str:
     """O ⊙ σ(X W + b) per head, W and b an nn.Linear registered as a submodule."""
     import torch.nn as nn
 
     weight, bias, mode = gt.weight, gt.bias, gt.mode
     g = gm.graph
-    name = f"attn_opt_{site.id}_gate"
+    name = param_name(site.id, "gate", "fx")
     lin = nn.Linear(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(weight.T.copy()))
@@ -280,7 +290,7 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
     def param(key, value):
         if value is None:
             return None
-        name = f"attn_opt_{site.id}_{key}"
+        name = param_name(site.id, key, "fx")
         gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value.astype("float32"))))
         return name
 
@@ -315,3 +325,22 @@ def drop_mlp(gm: fx.GraphModule, gv) -> list[str]:
 
 
 GRAPH_EDITS = {"drop_mlp": drop_mlp}
+
+
+def _limits(site: AttentionSite, form: Form) -> str | None:
+    """What scaled_dot_product_attention cannot keep of a site's own form."""
+    if not form.fused:
+        return None
+    if form.pattern is not None:
+        return f"its pattern ({form.pattern.describe()}) would be lost: a fused op keeps every pair"
+    if not form.normaliser.is_softmax:
+        return f"its normaliser ({form.normaliser.describe()}) would be lost: scaled_dot_product_attention computes softmax"
+    return None
+
+
+CAPABILITIES = dataclasses.replace(
+    forms.CAPABILITIES,
+    feature={"fused": fuse_site, "gate": gate, "collapse": emit_collapse, "lora": lora},
+    declined={"stream": "stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
+                        "DynamicCache object the graph does not return"},
+    limits=_limits)

@@ -1,6 +1,8 @@
 """`attention(...)`: the Triton kernel for CUDA tensors (or any tensors under
 TRITON_INTERPRET=1, which is how the tests run it on the CPU), the PyTorch reference
-otherwise. Both compute the same forms; see kernels.py."""
+otherwise. Both compute the same forms, handed over as the `Pattern` and `Normaliser`
+objects themselves; `CAPABILITIES` declares the subset the kernel covers and why it
+declines the rest; see kernels.py."""
 
 from __future__ import annotations
 
@@ -9,22 +11,55 @@ import os
 
 import torch
 
-from attn_opt.patterns.form import Normaliser, Pattern
+from attn_opt.core.errors import NotSupported
+from attn_opt.patterns.capability import Capabilities
+from attn_opt.patterns.form import SOFTMAX, Form, Normaliser, Pattern
 from attn_opt.patterns.site import MASKED
 
-NORMS = ("softmax", "softplus", "sigmoid")  # the kernel's NORM switch
+NORM = {"softmax": 0, "logit": 0, "softplus": 1, "sigmoid": 2}  # the kernel's NORM switch (a sink logit: softmax + SINK_LOGIT)
 
 
-def _normaliser(normaliser: str, n_train, power, sink_logit, score_bias) -> Normaliser:
-    if normaliser == "softplus":
-        return Normaliser("softplus", n_train=n_train, p=power)
-    if normaliser == "sigmoid":
-        return Normaliser("sigmoid", bias=None if score_bias is None else tuple(score_bias.tolist()))
-    return Normaliser("logit", bias=tuple(sink_logit.tolist())) if sink_logit is not None else Normaliser()
+def _window_switches(p: Pattern, t: int) -> dict:
+    return dict(WINDOW=p.window, DILATION=p.dilation, SINKS=p.sinks)
 
 
-def reference(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=0, key_bias=None,
-              normaliser="softmax", n_train=None, power=1.0, sink_logit=None, score_bias=None, gate=None):
+def _kernel_limits(_site, form: Form) -> str | None:
+    if form.normaliser.calibrated:
+        return "calibrated per-head parameters are not kernel switches"
+    if form.pattern is not None and form.pattern.dense_heads:
+        return "dense heads beside sparse ones"
+    return None
+
+
+CAPABILITIES = Capabilities(
+    "triton",
+    normaliser={kind: switch for kind, switch in NORM.items()},
+    pattern={"window": _window_switches},
+    declined={"redistribute": "the kernel normalises in one pass; redistribute needs the sink mass first",
+              "relu": "no ReLU branch in the kernel", "shift": "the kernel's window is a centred band",
+              "stride": "the kernel's window is per query, not per query block",
+              "grid": "the kernel reads 1-D token order", "fused": "the kernel is the attention itself",
+              "gate": "a gate is an epilogue the FX lowering adds outside the kernel",
+              "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
+              "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel"},
+    limits=_kernel_limits)
+
+
+def reason(q, k, v, causal: bool, form: Form, key_bias) -> str | None:
+    """Why the kernel cannot compute this call (None: it can): the kinds it lacks, its
+    limits, and what its tiles assume (dv = d; queries aligned with keys under a window or
+    the causal triangle)."""
+    if (why := CAPABILITIES.supports(None, form)) is not None:
+        return why
+    if v.shape[-1] != q.shape[-1]:
+        return "values of another width than the queries"
+    if (causal or form.pattern is not None) and q.shape[2] != k.shape[2]:
+        return "fewer queries than keys with a window or the causal triangle"
+    return None
+
+
+def reference(q, k, v, *, pattern: Pattern | None = None, normaliser: Normaliser = SOFTMAX, scale=None,
+              causal=False, key_bias=None, sink_logit=None, gate=None):
     """The forms in plain PyTorch: dense scores, the torch lowering's visibility and normalisers."""
     from attn_opt.backends.torch.forms import normalise, pattern_visible
 
@@ -34,8 +69,8 @@ def reference(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=
     scale = d ** -0.5 if scale is None else scale
     s = q.float() @ k.transpose(-1, -2) * scale
     tk = k.shape[2]
-    if window:
-        vis = pattern_visible(Pattern("window", causal, window, 1, sinks=sinks, dilation=dilation), tq, tk, q.device)
+    if pattern is not None:
+        vis = pattern_visible(pattern, tq, tk, q.device)
     else:
         vis = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
         vis = vis & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + tk - tq) if causal else vis
@@ -43,8 +78,9 @@ def reference(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=
     if key_bias is not None:
         s = s + key_bias[:, None, None, :]
         vis = vis & (s > MASKED)
-    n = _normaliser(normaliser, n_train, power, sink_logit, score_bias)
-    p = normalise(n, s, vis, lambda vals: torch.as_tensor(vals, dtype=s.dtype).reshape(1, h, 1, 1), h)
+    params = {"bias": sink_logit} if sink_logit is not None else None
+    per_head = lambda vals: torch.as_tensor(vals, dtype=s.dtype).reshape(1, h, 1, 1)  # noqa: E731
+    p = normalise(normaliser, s, vis, per_head, h, params)
     out = p @ v
     if gate is not None:
         out = out * torch.sigmoid(gate)[..., None]
@@ -55,20 +91,16 @@ def use_kernel(q: torch.Tensor) -> bool:
     return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=0, key_bias=None,
-              normaliser="softmax", n_train=None, power=1.0, sink_logit=None, score_bias=None, gate=None,
-              block_m: int = 16, block_n: int = 16):
-    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D]; key_bias [B, Tk]; sink_logit [H] (softmax);
-    score_bias [H] (sigmoid's b; None: −log n_i); gate [B, H, Tq]."""
-    opts = dict(scale=scale, causal=causal, window=window, dilation=dilation, sinks=sinks, key_bias=key_bias,
-                normaliser=normaliser, n_train=n_train, power=power, sink_logit=sink_logit, score_bias=score_bias,
-                gate=gate)
-    if normaliser not in NORMS:
-        raise ValueError(f"normaliser must be one of {', '.join(NORMS)}")
-    if normaliser != "softmax" and sink_logit is not None:
-        raise ValueError("the sink logit belongs to the softmax normaliser")
-    if normaliser != "sigmoid" and score_bias is not None:
-        raise ValueError("score_bias belongs to the sigmoid normaliser")
+def attention(q, k, v, *, pattern: Pattern | None = None, normaliser: Normaliser = SOFTMAX, scale=None,
+              causal=False, key_bias=None, sink_logit=None, gate=None, block_m: int = 16, block_n: int = 16):
+    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] in the form `pattern` × `normaliser`; key_bias
+    [B, Tk] (padding); sink_logit [H], a trained sink logit in place of the normaliser's
+    `bias`; gate [B, H, Tq]. A form the kernel does not cover is refused (`reason`)."""
+    form = Form(pattern=pattern, normaliser=normaliser)
+    if (why := reason(q, k, v, causal, form, key_bias)) is not None:
+        raise NotSupported(f"the Triton kernel cannot compute this: {why}")
+    opts = dict(pattern=pattern, normaliser=normaliser, scale=scale, causal=causal, key_bias=key_bias,
+                sink_logit=sink_logit, gate=gate)
     if not use_kernel(q):
         return reference(q, k, v, **opts)
     import triton
@@ -77,23 +109,30 @@ def attention(q, k, v, *, scale=None, causal=False, window=0, dilation=1, sinks=
 
     b, h, tq, d = q.shape
     tk = k.shape[2]
+    n = normaliser
+    norm = CAPABILITIES.implementation("normaliser", n.kind)
+    window = CAPABILITIES.implementation("pattern", pattern.kind)(pattern, tk) if pattern is not None else {}
+    if n.kind == "logit" and sink_logit is None:
+        sink_logit = torch.tensor(n.per_head_bias(h), device=q.device)
+    score_bias = torch.tensor(n.per_head_bias(h), device=q.device) if n.kind == "sigmoid" and n.bias is not None else None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     kb = key_bias.contiguous().float() if key_bias is not None else dummy
-    sl = sink_logit.contiguous().float() if sink_logit is not None else dummy
+    sl = sink_logit.reshape(-1).contiguous().float() if sink_logit is not None else dummy
     sb = score_bias.contiguous().float() if score_bias is not None else dummy
     gt = gate.contiguous().float() if gate is not None else dummy
     grid = (triton.cdiv(tq, block_m), b * h)
+    length_scale = n.kind == "softplus" and bool(n.n_train)
     attention_fwd[grid](
         q, k, v, o, kb, sl, gt, sb, tq, tk, d, h, h // k.shape[1], d ** -0.5 if scale is None else scale,
-        math.log(n_train) if n_train else 1.0, float(power),
+        math.log(n.n_train) if length_scale else 1.0, float(n.p) if n.kind == "softplus" else 1.0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         kb.stride(0) if key_bias is not None else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        WINDOW=int(window or 0), CAUSAL=bool(causal), DILATION=int(dilation), SINKS=int(sinks),
-        NORM=NORMS.index(normaliser), LENGTH_SCALE=bool(normaliser == "softplus" and n_train),
+        WINDOW=int(window.get("WINDOW", 0)), CAUSAL=bool(causal), DILATION=int(window.get("DILATION", 1)),
+        SINKS=int(window.get("SINKS", 0)), NORM=norm, LENGTH_SCALE=length_scale,
         SINK_LOGIT=sink_logit is not None, GATE=gate is not None, KEY_BIAS=key_bias is not None,
         SCORE_BIAS=score_bias is not None)
     return o

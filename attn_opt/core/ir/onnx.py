@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
 from typing import Mapping
 
 import numpy as np
@@ -33,11 +32,6 @@ def load(model) -> OnnxModel:
     return om
 
 
-def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
-    """The whole model as one proto (weights inline): for small models."""
-    return load(path).to_proto()
-
-
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Static shape inference with data propagation; the model unchanged if it fails."""
     try:
@@ -54,10 +48,6 @@ def with_shapes(om: OnnxModel) -> OnnxModel:
     if om.folder:
         ir.external_data.set_base_dir(model.graph, om.folder)
     return OnnxModel(model, om.folder, om.source, om.external_input, om._keep)
-
-
-def to_ir(proto: onnx.ModelProto) -> ir.Model:
-    return ir.serde.deserialize_model(proto)
 
 
 def _dims(shape) -> tuple | None:

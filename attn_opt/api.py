@@ -1,0 +1,178 @@
+"""The front door: `inspect`, `optimize`, `heal` and `backend`, what `import attn_opt`
+gives and what the command line calls. `optimize` owns everything between a user's
+request and the pipeline: loading any kind of model, the fidelity inputs (given, read
+from an .npz, or generated from the signature, with a retry at batch 1 for models traced
+at it), the calibration inputs, the variant input sets, and the `check` choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from attn_opt.core.errors import DoesNotRun, UserError
+from attn_opt.patterns.detect import Detection, detect
+from attn_opt.pipeline.checks import check as check_strategy
+
+
+def steps_for(ir: str):
+    """The pipeline's step adapter for an IR."""
+    if ir == "onnx":
+        from attn_opt.pipeline.onnx_steps import OnnxSteps
+
+        return OnnxSteps()
+    from attn_opt.pipeline.fx_steps import FxSteps
+
+    return FxSteps()
+
+
+def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
+    """Find every attention site in `model`; `near_misses` says why each other softmax is not one."""
+    from attn_opt.core.ir import load
+
+    loaded = load(model, example_inputs)
+    return detect(loaded.view, feeds=feeds)
+
+
+def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, inputs: str | None = None,
+             input_shape=(), force: bool = False, layers=None, sites=None, max_error: float | None = None,
+             check: str | None = None, calibrate=None, lora: int = 0, progress=None, keep_models: bool = False):
+    """Run passes through the one pipeline; returns (rewritten model, report).
+
+    `model`: an ONNX path, ModelProto or OnnxModel (a ModelProto comes back for a
+    ModelProto, else an OnnxModel: `.save(path)` writes it, with external data where the
+    input had it), a `.pt2` path, nn.Module, ExportedProgram or GraphModule (a
+    GraphModule comes back; fidelity against the original module). The fidelity inputs:
+    `feeds` (name -> array), else `inputs` (an .npz), else `example_inputs`, else
+    generated from the signature (`input_shape`: NAME=1x4096 strings or name -> dims for
+    its dynamic dims). `layers` / `sites` restrict the passes, `max_error` bounds the
+    relative error, `check` is "model", "sites" or "none" (None: "model" where the weights
+    fit in memory twice, else "sites"). `calibrate` (an .npz path or name -> array):
+    inputs to fit each rewritten site's per-head parameters on; `lora` the rank of an
+    output-projection correction fitted with them.
+    """
+    from attn_opt.core.inputs import parse_shape_overrides
+    from attn_opt.core.ir import load
+    from attn_opt.pipeline.run import RunOptions, parse_chain, run
+
+    chain = parse_chain(passes)
+    overrides = input_shape if isinstance(input_shape, dict) else parse_shape_overrides(tuple(input_shape or ()))
+    loaded = load(model, example_inputs)
+    steps = steps_for(loaded.ir)
+    native = copy.deepcopy(loaded.native) if loaded.ir == "fx" else loaded.native  # the caller's module untouched
+    specs = steps.input_specs(native)
+    f0, note = _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded)
+    calib = _calibration_inputs(specs, calibrate)
+    if calib is not None:
+        note = dict(note, calibration=calibrate if isinstance(calibrate, str) else "given", heldout="the fidelity inputs")
+    name, why = choose_check(check, steps.weight_bytes(native))
+    if why:
+        note = dict(note, check=why)
+    generated = feeds is None and inputs is None and example_inputs is None and not overrides
+    tries = [f0] + ([{k: v[:1] for k, v in f0.items()}] if generated else [])
+    for i, f in enumerate(tries):
+        try:
+            variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []
+            opts = RunOptions(check=check_strategy(name, variants), layers=_set(layers), ids=_set(sites),
+                              max_error=max_error, force=force, reference=_reference(model, native, f),
+                              keep_models=keep_models, progress=progress, calibrate=calib, lora=lora,
+                              input_note=note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
+                                                                 retried="the model failed at batch 2 and runs at batch 1"))
+            out, report = run(steps, native, chain, f, opts)
+            break
+        except DoesNotRun:  # raised by the first run, before any rewrite: the model is untouched
+            if i + 1 == len(tries):
+                raise
+    report.feeds, report.ir = f, loaded.ir
+    return _as_given(model, out), report
+
+
+def _set(xs):
+    return set(xs) if xs is not None else None
+
+
+def _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded) -> tuple[dict, dict]:
+    from attn_opt.core.inputs import checked_feeds, feeds_from_npz, make_inputs
+
+    if feeds is not None:
+        f = checked_feeds(specs, feeds, "feeds")
+        return f, {"source": "given", "shapes": {k: list(v.shape) for k, v in f.items()}}
+    if inputs is not None:
+        f = feeds_from_npz(specs, inputs, "--inputs")
+        return f, {"source": inputs, "shapes": {k: list(v.shape) for k, v in f.items()}}
+    if example_inputs is not None and loaded.ir == "fx":
+        from attn_opt.pipeline.fx_steps import feeds_of
+
+        f = feeds_of(loaded.native, example_inputs)
+        return f, {"source": "example inputs", "shapes": {k: list(v.shape) for k, v in f.items()}}
+    f = make_inputs(specs, overrides, seed=0, pad=False)
+    return f, {"source": "generated (seed 0; ids in the embedding range, masks of ones, floats N(0,1))",
+               "shapes": {k: list(v.shape) for k, v in f.items()},
+               "defaults": "dynamic dims: batch 2, others 16 unless --input-shape"}
+
+
+def _calibration_inputs(specs, calibrate) -> dict | None:
+    from attn_opt.core.inputs import checked_feeds, feeds_from_npz
+
+    if calibrate is None:
+        return None
+    if isinstance(calibrate, (str, os.PathLike)):
+        return feeds_from_npz(specs, str(calibrate), "--calibrate")
+    return checked_feeds(specs, calibrate, "calibrate")
+
+
+def _reference(model, native, feeds) -> dict | None:
+    """An nn.Module's own outputs, what a torch program's fidelity is measured against."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
+        return None
+    from attn_opt.pipeline.fx_steps import args_of, run_module
+
+    return run_module(model, args_of(native, feeds))
+
+
+def _as_given(model, out):
+    """A ModelProto for a ModelProto; the rewritten model otherwise."""
+    if type(model).__name__ == "ModelProto":
+        return out.to_proto()
+    return out
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_check(check: str | None, weight_bytes: int) -> tuple[str, str | None]:
+    """--check as given, or model when the weights fit in memory twice over, else sites."""
+    if check:
+        return check, None
+    avail = available_memory()
+    if 2 * weight_bytes <= avail:
+        return "model", None
+    return "sites", (f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit twice in available memory "
+                     f"({avail / 2**30:.1f} GiB): each rewritten site is checked alone (--check=sites)")
+
+
+def heal(gm, data: dict, reference, steps: int = 200, lr: float = 1e-2) -> dict:
+    """Distil a rewritten GraphModule towards `reference` (the original module) on `data`
+    (input name -> array), training only the parameters attn-opt added (calibration's
+    per-head affine, sink logits, gates); returns the loss before and after."""
+    from attn_opt.pipeline.calibrate import heal as run
+
+    return run(gm, data, reference, steps, lr)
+
+
+def backend(passes=("fuse",), check: str | bool = "model", inner: str = "inductor"):
+    """A torch.compile backend: torch.compile(m, backend=attn_opt.backend(passes=[...])).
+    `check`: "model" compares the first call with the untouched graph, "none" does not."""
+    from attn_opt.compile import backend as make
+
+    return make(passes, check, inner)
+
+
+__all__ = ["inspect", "optimize", "heal", "backend", "choose_check", "steps_for", "UserError"]

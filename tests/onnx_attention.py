@@ -100,3 +100,92 @@ def reference(f: dict, visible: np.ndarray | bool = True, causal=False, normalis
 
     p = (normalise or forms.softmax)(s, vis)
     return p @ v
+
+
+# ---- attention inside local functions and control flow (If, Loop, Scan) ----------------------
+
+MIN = float(np.finfo(np.float32).min)
+
+
+def eager_nodes(p: str, q: str, k: str, v: str, out: str, d: int, bias: str | None = None,
+                causal: int | None = None, div: bool = False) -> list[onnx.NodeProto]:
+    """Eager attention as nodes named with prefix `p`: Transpose(K), MatMul, Mul (or Div)
+    by the scale, + `bias`, + a constant causal mask of `causal` positions, Softmax,
+    MatMul. Constants are Constant nodes, so the nodes fit in a function body or a branch."""
+    c = helper.make_node
+    scale = np.float32(d ** 0.5 if div else d ** -0.5)
+    nodes = [c("Constant", [], [f"{p}_scale"], name=f"{p}_scale_c", value=numpy_helper.from_array(scale)),
+             c("Transpose", [k], [f"{p}_kt"], name=f"{p}_kt", perm=[0, 1, 3, 2]),
+             c("MatMul", [q, f"{p}_kt"], [f"{p}_qk"], name=f"{p}_qk"),
+             c("Div" if div else "Mul", [f"{p}_qk", f"{p}_scale"], [f"{p}_s"], name=f"{p}_s")]
+    s = f"{p}_s"
+    if bias is not None:
+        nodes.append(c("Add", [s, bias], [f"{p}_sb"], name=f"{p}_sb"))
+        s = f"{p}_sb"
+    if causal is not None:
+        tri = np.triu(np.full((causal, causal), MIN, np.float32), 1)
+        nodes += [c("Constant", [], [f"{p}_tri"], name=f"{p}_tri_c", value=numpy_helper.from_array(tri)),
+                  c("Add", [s, f"{p}_tri"], [f"{p}_sc"], name=f"{p}_sc")]
+        s = f"{p}_sc"
+    return nodes + [c("Softmax", [s], [f"{p}_p"], name=f"{p}_softmax", axis=-1),
+                    c("MatMul", [f"{p}_p", v], [out], name=f"{p}_pv")]
+
+
+def _bias_nodes(mask: str, out: str) -> list[onnx.NodeProto]:
+    """An int64 padding mask [B, T] as HF's additive bias [B, 1, 1, T] (0 kept, MIN hidden)."""
+    c = helper.make_node
+    const = lambda n, a: c("Constant", [], [n], name=n, value=numpy_helper.from_array(a))  # noqa: E731
+    return [const("one", np.float32(1)), const("lowest", np.float32(MIN)), const("axes12", np.array([1, 2], np.int64)),
+            c("Cast", [mask], ["maskf"], name="maskf", to=F), c("Sub", ["one", "maskf"], ["inv"], name="inv"),
+            c("Mul", ["inv", "lowest"], ["bias2"], name="bias2"), c("Unsqueeze", ["bias2", "axes12"], [out], name="bias")]
+
+
+def control_flow_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
+    """Attention in every place the top-level graph does not show it:
+    - function `custom.Attn(q, k, v, bias)`, called twice (o1 = Attn(q), o1b = Attn(o1));
+    - `If` named `pad_if` on "no row is padded": then a causal site, else a padded site
+      scaled by Div (the padded fidelity inputs take the else branch);
+    - `Loop` named `loop`, 2 iterations: x <- attention(x, k, v) from x = q;
+    - `Scan` named `scan` over [q, 2q]: each slice's attention, summed in its state.
+    Inputs q, k, v [B, H, T, D] and attention_mask [B, T] (int64)."""
+    c = helper.make_node
+    vi = helper.make_tensor_value_info
+    bhtd = [b, h, t, d]
+    fn = helper.make_function("custom", "Attn", ["q", "k", "v", "bias"], ["o"],
+                              eager_nodes("fa", "q", "k", "v", "o", d, bias="bias"),
+                              [helper.make_opsetid("", 17)])
+    then_g = helper.make_graph(eager_nodes("then", "q", "k", "v", "o2_then", d, causal=t), "then",
+                               [], [vi("o2_then", F, bhtd)])
+    else_g = helper.make_graph(eager_nodes("else", "q", "k", "v", "o2_else", d, bias="bias", div=True), "else",
+                               [], [vi("o2_else", F, bhtd)])
+    body = helper.make_graph(
+        eager_nodes("loop", "x_in", "k", "v", "x_out", d, bias="bias") + [c("Identity", ["c_in"], ["c_out"], name="c_id")],
+        "loop_body", [vi("i", TensorProto.INT64, []), vi("c_in", TensorProto.BOOL, []), vi("x_in", F, bhtd)],
+        [vi("c_out", TensorProto.BOOL, []), vi("x_out", F, bhtd)])
+    scan_body = helper.make_graph(
+        eager_nodes("scan", "qi", "k", "v", "oi", d, bias="bias") + [c("Add", ["acc_in", "oi"], ["acc_out"], name="acc")],
+        "scan_body", [vi("acc_in", F, bhtd), vi("qi", F, bhtd)], [vi("acc_out", F, bhtd), vi("oi", F, bhtd)])
+    const = lambda n, a: c("Constant", [], [n], name=n, value=numpy_helper.from_array(a))  # noqa: E731
+    nodes = _bias_nodes("attention_mask", "bias") + [
+        c("Attn", ["q", "k", "v", "bias"], ["o1"], name="attn_call0", domain="custom"),
+        c("Attn", ["o1", "k", "v", "bias"], ["o1b"], name="attn_call1", domain="custom"),
+        c("ReduceMin", ["attention_mask"], ["min_mask"], name="min_mask", keepdims=0),
+        const("zero", np.int64(0)), c("Greater", ["min_mask", "zero"], ["no_pad"], name="no_pad"),
+        c("If", ["no_pad"], ["o2"], name="pad_if", then_branch=then_g, else_branch=else_g),
+        const("trips", np.int64(2)), const("true", np.bool_(True)),
+        c("Loop", ["trips", "true", "q"], ["o3"], name="loop", body=body),
+        const("two", np.float32(2)), const("ax0", np.array([0], np.int64)),
+        c("Mul", ["q", "two"], ["q2"], name="q2"), c("Unsqueeze", ["q", "ax0"], ["qa"], name="qa"),
+        c("Unsqueeze", ["q2", "ax0"], ["qb"], name="qb"), c("Concat", ["qa", "qb"], ["qs"], name="qs", axis=0),
+        c("ConstantOfShape", [c_shape := "shape_q"], ["acc0"], name="acc0",
+          value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        c("Scan", ["acc0", "qs"], ["acc", "os"], name="scan", body=scan_body, num_scan_inputs=1)]
+    nodes.insert(len(_bias_nodes("attention_mask", "bias")), c("Shape", ["q"], [c_shape], name="shape_q"))
+    inputs = [vi(n, F, bhtd) for n in "qkv"] + [vi("attention_mask", TensorProto.INT64, [b, t])]
+    outputs = [vi("o1b", F, bhtd), vi("o2", F, bhtd), vi("o3", F, bhtd), vi("acc", F, bhtd),
+               vi("os", F, [2] + bhtd)]
+    graph = helper.make_graph(nodes, "control_flow", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+                              functions=[fn])
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -47,12 +47,13 @@ class OnnxSteps:
         else:
             try:
                 if run:
-                    got = om.run(feeds, names + missing)
+                    top = lambda ns: om.run(feeds, ns)  # noqa: E731
                 else:  # what detection and counting need, one segment of weights in memory at a time
                     from attn_opt.core.ir.onnx_segments import run_segmented
 
                     budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
-                    got = run_segmented(om, feeds, set(names + missing), budget)
+                    top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
+                got = onnx_adapter.probe(gv, feeds, names + missing, top)  # values inside regions: run alone
             except Exception as e:
                 raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None
@@ -89,18 +90,18 @@ class OnnxSteps:
 
     def upgrade(self, om: OnnxModel, need: int, why: str) -> OnnxModel:
         """The model at opset `need` (converted on the weightless graph), or itself."""
+        from attn_opt.core.ir.onnx_opset import convert, lowest_opset
+
         cur = _opset(om.ir)
-        if cur >= need:
+        if lowest_opset(om.ir) >= need:
             return om
         proto = om.graph_proto()
-        try:
-            new = onnx.version_converter.convert_version(proto, need)
+        try:  # local functions and node metadata (module scopes: layers) kept
+            new = convert(proto, need)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"cannot convert the model from opset {cur} to {need} for {why} ({_first_line(e)})") from None
-        meta = {n.name: n.metadata_props for n in proto.graph.node if n.name and n.metadata_props}
-        for n in new.graph.node:  # the converter drops node metadata (module scopes: layers)
-            if n.name in meta and not n.metadata_props:
-                n.metadata_props.extend(meta[n.name])
         upgraded = OnnxModel.from_proto(new, om.folder, om.source)
         upgraded.external_input, upgraded._keep = om.external_input, om._keep
         return upgraded

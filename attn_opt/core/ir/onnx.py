@@ -109,8 +109,14 @@ def _attr_value(a):
 
 
 def view(om: OnnxModel) -> GraphView:
-    """The neutral view of a model (values carry the shapes `with_shapes` inferred)."""
-    g = om.ir.graph
+    """The neutral view of a model (values carry the shapes `with_shapes` inferred): its
+    graph's nodes, each region's (core/ir/onnx_regions.py: local functions' bodies, If
+    branches, Loop and Scan bodies) placed before the node that owns it, function bodies
+    last. A value a region captures from an enclosing graph is the same view value there,
+    so patterns follow it across the boundary."""
+    from attn_opt.core.ir.onnx_regions import Regions
+
+    regions = Regions(om.ir, om.folder)
     values: dict[int, Value] = {}
 
     def val(v: ir.Value | None) -> Value | None:
@@ -126,24 +132,62 @@ def view(om: OnnxModel) -> GraphView:
                                 native=v)
         return values[key]
 
+    inside = {}  # id(owner node) -> the regions its attributes hold
+    for r in regions.all[1:]:
+        if r.owner is not None:
+            inside.setdefault(id(r.owner), []).append(r)
     nodes = []
-    for n in g:
-        node = Node(name=n.name or f"{n.op_type}_{len(nodes)}", op=_op(n), inputs=[val(i) for i in n.inputs],
-                    outputs=[val(o) for o in n.outputs],
-                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n,
-                    meta=dict(n.metadata_props))
-        if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
-            node.op = "attn_opt.Attention"
-        if node.op == "Constant" and "value" in node.attrs:
-            node.outputs[0].const = np.asarray(node.attrs["value"])
-        elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
-            node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
-        nodes.append(node)
+
+    def add(r):
+        for n in r.body:
+            for sub in inside.get(id(n), ()):
+                add(sub)
+            nodes.append(_node(n, val, len(nodes), r.path))
+
+    for r in regions.all:
+        if r.parent is None:  # the model's graph and each function body; the others through their owners
+            add(r)
     link(nodes)
+    g = om.ir.graph
     gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
-    gv.probe_fn = lambda vals, feeds: om.probe(feeds, [v.name for v in vals])
+    gv.regions, gv.region_index = regions.info(), regions
+    gv.probe_fn = lambda vals, feeds: probe(gv, feeds, [v.name for v in vals],
+                                            lambda ns: om.probe(feeds, ns) if ns else {})
+    gv.call_probe_fn = lambda vals, feeds: regions.probe_calls(feeds, [v.name for v in vals],
+                                                               lambda ns: om.probe(feeds, ns) if ns else {})
     gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
+
+
+def _node(n: ir.Node, val, index: int, region: str) -> Node:
+    node = Node(name=n.name or f"{n.op_type}_{index}", op=_op(n), inputs=[val(i) for i in n.inputs],
+                outputs=[val(o) for o in n.outputs], attrs={k: _attr_value(a) for k, a in n.attributes.items()
+                                                            if a.type not in _GRAPH_ATTRS},
+                scope=_scope(n), native=n, meta=dict(n.metadata_props), region=region)
+    if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
+        node.op = "attn_opt.Attention"
+    if node.op == "Constant" and "value" in node.attrs:
+        node.outputs[0].const = np.asarray(node.attrs["value"])
+    elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
+        node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
+    return node
+
+
+_GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def probe(gv: GraphView, feeds, names: list[str], top) -> dict[str, np.ndarray]:
+    """Values of one run on `feeds`, wherever they are: `top(names)` runs the model for the
+    top-level ones (what it returns is kept: the model's outputs too), each region holding
+    a wanted value runs alone (onnx_regions.Regions.probe); a region that cannot run is
+    said in `gv.regions[path].error`."""
+    regions = gv.region_index
+    if regions is None or len(regions.all) == 1:
+        return top(list(names))
+    got = regions.probe(feeds, names, top)
+    for path, info in gv.regions.items():
+        info.error = regions.errors.get(path)
+    return got
 
 
 def _embedding_rows(v: Value, depth: int = 4) -> int | None:

@@ -189,3 +189,78 @@ def control_flow_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
                               functions=[fn])
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def merged_decoder_model(h=2, d=8, vocab=50, seed=0) -> onnx.ModelProto:
+    """A one-layer decoder step in the shape of Hugging Face Optimum's older
+    decoder_model_merged.onnx: If(use_cache_branch) between the cached steps (then: K/V =
+    Concat(past, new), returned as present) and the first step (else: no past read; present
+    = the new K/V). Inputs input_ids [B, S], attention_mask [B, P+S], past_key_values.0.key
+    and .value [B, H, P, D], use_cache_branch [1]; outputs logits and the present cache.
+    Weights are top-level initializers both branches read."""
+    c = helper.make_node
+    vi = helper.make_tensor_value_info
+    rng = np.random.default_rng(seed)
+    e = h * d
+    w = lambda n, *s: numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), n)  # noqa
+    inits = [w("emb", vocab, e), w("wq", e, e), w("wk", e, e), w("wv", e, e), w("wo", e, e), w("lm", e, vocab),
+             numpy_helper.from_array(np.array([0, 0, h, d], np.int64), "heads_shape"),
+             numpy_helper.from_array(np.array([0, 0, e], np.int64), "merge_shape")]
+
+    def branch(p: str, cached: bool) -> onnx.GraphProto:
+        const = lambda n, a: c("Constant", [], [f"{p}_{n}"], name=f"{p}_{n}", value=numpy_helper.from_array(a))  # noqa
+        nodes = [c("Gather", ["emb", "input_ids"], [f"{p}_x"], name=f"{p}_embed")]
+        for t in "qkv":
+            nodes += [c("MatMul", [f"{p}_x", f"w{t}"], [f"{p}_{t}2"], name=f"{p}_{t}_proj"),
+                      c("Reshape", [f"{p}_{t}2", "heads_shape"], [f"{p}_{t}3"], name=f"{p}_{t}_heads"),
+                      c("Transpose", [f"{p}_{t}3"], [f"{p}_{t}_new" if t != "q" else f"{p}_q"], name=f"{p}_{t}_t",
+                        perm=[0, 2, 1, 3])]
+        if cached:
+            nodes += [c("Concat", ["past_key_values.0.key", f"{p}_k_new"], [f"{p}_k"], name=f"{p}_cat_k", axis=2),
+                      c("Concat", ["past_key_values.0.value", f"{p}_v_new"], [f"{p}_v"], name=f"{p}_cat_v", axis=2)]
+        else:
+            nodes += [c("Identity", [f"{p}_k_new"], [f"{p}_k"], name=f"{p}_k_id"),
+                      c("Identity", [f"{p}_v_new"], [f"{p}_v"], name=f"{p}_v_id")]
+        # bias [B, 1, S, T]: the padding mask over the T keys (the last T of attention_mask) and causal
+        nodes += [const("zero", np.int64(0)), const("one", np.int64(1)), const("ax1", np.array([1], np.int64)),
+                  const("lowest", np.float32(MIN)), const("f0", np.float32(0)), const("neg1", np.array([-1], np.int64)),
+                  const("big", np.array([2 ** 62], np.int64)), const("axes12", np.array([1, 2], np.int64)),
+                  const("two", np.int64(2)), const("zero_ax", np.array([0], np.int64)),
+                  c("Shape", [f"{p}_k"], [f"{p}_kshape"], name=f"{p}_kshape"),
+                  c("Gather", [f"{p}_kshape", f"{p}_two"], [f"{p}_t"], name=f"{p}_t", axis=0),
+                  c("Shape", ["input_ids"], [f"{p}_ishape"], name=f"{p}_ishape"),
+                  c("Gather", [f"{p}_ishape", f"{p}_one"], [f"{p}_slen"], name=f"{p}_slen", axis=0),
+                  c("Sub", [f"{p}_t", f"{p}_slen"], [f"{p}_past"], name=f"{p}_past"),
+                  c("Range", [f"{p}_past", f"{p}_t", f"{p}_one"], [f"{p}_qpos"], name=f"{p}_qpos"),
+                  c("Range", [f"{p}_zero", f"{p}_t", f"{p}_one"], [f"{p}_kpos"], name=f"{p}_kpos"),
+                  c("Unsqueeze", [f"{p}_qpos", f"{p}_ax1"], [f"{p}_qcol"], name=f"{p}_qcol"),
+                  c("Greater", [f"{p}_kpos", f"{p}_qcol"], [f"{p}_future"], name=f"{p}_future"),
+                  c("Unsqueeze", [f"{p}_t", f"{p}_zero_ax"], [f"{p}_t1"], name=f"{p}_t1"),
+                  c("Neg", [f"{p}_t1"], [f"{p}_negt"], name=f"{p}_negt"),
+                  c("Slice", ["attention_mask", f"{p}_negt", f"{p}_big", f"{p}_ax1"], [f"{p}_m"], name=f"{p}_m"),
+                  c("Cast", [f"{p}_m"], [f"{p}_mb"], name=f"{p}_mb", to=TensorProto.BOOL),
+                  c("Not", [f"{p}_mb"], [f"{p}_pad"], name=f"{p}_pad"),
+                  c("Unsqueeze", [f"{p}_pad", f"{p}_axes12"], [f"{p}_pad4"], name=f"{p}_pad4"),
+                  c("Or", [f"{p}_pad4", f"{p}_future"], [f"{p}_hidden"], name=f"{p}_hidden"),
+                  c("Where", [f"{p}_hidden", f"{p}_lowest", f"{p}_f0"], [f"{p}_bias"], name=f"{p}_bias")]
+        nodes += eager_nodes(p, f"{p}_q", f"{p}_k", f"{p}_v", f"{p}_o", d, bias=f"{p}_bias")
+        nodes += [c("Transpose", [f"{p}_o"], [f"{p}_ot"], name=f"{p}_ot", perm=[0, 2, 1, 3]),
+                  c("Reshape", [f"{p}_ot", "merge_shape"], [f"{p}_om"], name=f"{p}_om"),
+                  c("MatMul", [f"{p}_om", "wo"], [f"{p}_h"], name=f"{p}_o_proj"),
+                  c("Add", [f"{p}_x", f"{p}_h"], [f"{p}_res"], name=f"{p}_res"),
+                  c("MatMul", [f"{p}_res", "lm"], [f"{p}_logits"], name=f"{p}_lm_head")]
+        outs = [vi(f"{p}_logits", F, ["B", "S", vocab]), vi(f"{p}_k", F, ["B", h, "T", d]),
+                vi(f"{p}_v", F, ["B", h, "T", d])]
+        return helper.make_graph(nodes, p, [], outs)
+
+    inputs = [vi("input_ids", TensorProto.INT64, ["B", "S"]), vi("attention_mask", TensorProto.INT64, ["B", "T"]),
+              vi("past_key_values.0.key", F, ["B", h, "P", d]), vi("past_key_values.0.value", F, ["B", h, "P", d]),
+              vi("use_cache_branch", TensorProto.BOOL, [1])]
+    outputs = [vi("logits", F, ["B", "S", vocab]), vi("present.0.key", F, ["B", h, "T", d]),
+               vi("present.0.value", F, ["B", h, "T", d])]
+    node = c("If", ["use_cache_branch"], ["logits", "present.0.key", "present.0.value"], name="optimum::if",
+             then_branch=branch("with_past", True), else_branch=branch("no_past", False))
+    graph = helper.make_graph([node], "decoder_model_merged", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -81,3 +81,18 @@ def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12)
     return a == b
+
+
+def rewrite_reason(site: AttentionSite, p, calibrating: bool = False) -> str | None:
+    """Why pass `p` may not rewrite `site` because of where it is, or None."""
+    if site.blocked:
+        return site.blocked
+    if not site.region:
+        return None
+    if p.name == "stream":
+        return (f"stream caps a decoder's KV cache where the model's graph takes and returns it; this site is inside "
+                f"{site.region}, whose outputs the node holding it declares")
+    if calibrating and site.region.startswith("function:"):
+        return ("--calibrate fits per-head parameters held as initializers, and a function body has none; "
+                "inline the function (onnx.inliner) to calibrate this site")
+    return None

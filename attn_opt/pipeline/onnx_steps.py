@@ -39,9 +39,10 @@ class OnnxSteps:
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
         probed, outputs = {}, None
         names = [v.name for v in needed(found) if v.const is None]
+        control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
         have = dict(known.view.probed) if known is not None else {}
         if known is not None and all(n in have for n in names + missing) and (known.outputs is not None or not run):
-            outputs, probed = known.outputs, {n: have[n] for n in names}
+            outputs, probed = known.outputs, {n: have[n] for n in names + control if n in have}
             shapes.update({k: tuple(np.shape(have[k])) for k in missing})
             gv.remember(feeds, probed)
         else:
@@ -53,7 +54,7 @@ class OnnxSteps:
 
                     budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
                     top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
-                got = onnx_adapter.probe(gv, feeds, names + missing, top)  # values inside regions: run alone
+                got = onnx_adapter.probe(gv, feeds, names + missing + control, top)  # regions: run alone
             except Exception as e:
                 raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None
@@ -64,7 +65,7 @@ class OnnxSteps:
             gv.remember(feeds, probed)
         det = found.finish(gv, probed, None, feeds)
         attention = {n for s in det.sites for n in s.nodes}
-        flops = onnx_flops.count_shapes(proto, shapes, attention)
+        flops = onnx_flops.count_shapes(proto, shapes, attention, {**probed, **feeds})
         return State(om, gv, det, outputs, flops, onnx_flops.params(proto))
 
     def prepare(self, state: State, p, feeds, run: bool = True) -> State:

@@ -162,9 +162,11 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
 
         on = next((f for f in (choose_on, feeds) if f is not None), None) or state.view.sample_inputs()
         diag = for_pass(state.view, chosen, on, getattr(p, "window", None))
+    from attn_opt.patterns.regions import rewrite_reason
+
     rewritten, notes = [], []
     for site in chosen:
-        reason = p.skip_reason(site)
+        reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site)
         if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")
@@ -302,6 +304,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                          flops_before.matmul, new.flops.matmul, flops_before.attention_matmul,
                          new.flops.attention_matmul, params_before, new.params, notes=applied.notes,
                          sink_ratio=applied.sink_ratio, check=check, calibration=calibration)
+        rep.notes += [f"FLOPs: {n}" for n in getattr(new.flops, "notes", ())]  # branches, loops, functions
         fid = step = fid_all = step_all = None
         if check == "model":
             logits = steps.logit_outputs(new)

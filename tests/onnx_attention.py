@@ -264,3 +264,54 @@ def merged_decoder_model(h=2, d=8, vocab=50, seed=0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def scaled_function_model(scales=(0.35, 0.7), b=2, h=4, t=12, d=8, ref_attr: bool = False) -> onnx.ModelProto:
+    """Function `custom.Scaled` whose scale comes from the call: a formal input (one call
+    per entry of `scales`), or with `ref_attr` its attribute `scale` (read by a Constant
+    node through ref_attr_name). Calls with different scales disagree on the site."""
+    c = helper.make_node
+    vi = helper.make_tensor_value_info
+    nodes = [c("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]), c("MatMul", ["q", "kt"], ["qk"], name="qk")]
+    if ref_attr:
+        const = c("Constant", [], ["s"], name="s_const")
+        const.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="scale",
+                                                   type=onnx.AttributeProto.FLOAT))
+        nodes.append(const)
+    nodes += [c("Mul", ["qk", "s"], ["sc"], name="scale"), c("Softmax", ["sc"], ["p"], name="softmax", axis=-1),
+              c("MatMul", ["p", "v"], ["o"], name="pv")]
+    fn = helper.make_function("custom", "Scaled", ["q", "k", "v"] + ([] if ref_attr else ["s"]), ["o"], nodes,
+                              [helper.make_opsetid("", 17)], attributes=["scale"] if ref_attr else [])
+    top, outs = [], []
+    for i, s in enumerate(scales):
+        if ref_attr:
+            top.append(c("Scaled", ["q", "k", "v"], [f"o{i}"], name=f"call{i}", domain="custom", scale=float(s)))
+        else:
+            top += [c("Constant", [], [f"s{i}"], name=f"s{i}", value=numpy_helper.from_array(np.float32(s))),
+                    c("Scaled", ["q", "k", "v", f"s{i}"], [f"o{i}"], name=f"call{i}", domain="custom")]
+        outs.append(vi(f"o{i}", F, [b, h, t, d]))
+    graph = helper.make_graph(top, "scaled", [vi(n, F, [b, h, t, d]) for n in "qkv"], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+                              functions=[fn])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def twin_branches_model(b=2, h=4, t=12, d=8, classifier: bool = False) -> onnx.ModelProto:
+    """If(cond) whose two branches reuse the same node and value names (ONNX allows it in
+    sibling graphs); with `classifier`, each branch is a softmax over a class axis instead
+    (not attention: a near miss, inside a branch)."""
+    vi = helper.make_tensor_value_info
+    if classifier:
+        body = [helper.make_node("Softmax", ["q"], ["o"], name="cls", axis=1)]
+    else:
+        body = eager_nodes("att", "q", "k", "v", "o", d)
+    then_g = helper.make_graph(body, "then", [], [vi("o", F, [b, h, t, d])])
+    else_g = helper.make_graph([onnx.NodeProto().__class__.FromString(n.SerializeToString()) for n in body], "else",
+                               [], [vi("o", F, [b, h, t, d])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                              "twins", [vi(n, F, [b, h, t, d]) for n in "qkv"] + [vi("cond", TensorProto.BOOL, [])],
+                              [vi("y", F, [b, h, t, d])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -78,6 +78,7 @@ class Region:
     calls: int = 1  # a function: how many nodes call it (0: never, so never probed)
     in_function: bool = False  # it is, or is inside, a function body (no initializers there)
     error: str | None = None  # why it could not be run alone (set by the probe that tried)
+    scope: str | None = None  # the module path of the node holding it (a function's only call), for layers
 
 
 @dataclass(eq=False)

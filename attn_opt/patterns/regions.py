@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from attn_opt.core.errors import first_line
-from attn_opt.core.graph import GraphView, Region
+from attn_opt.core.graph import GraphView, Region, layer_of
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.site import AttentionSite
 
@@ -45,8 +45,9 @@ def finish_in_region(gv: GraphView, c: Candidate, site: AttentionSite, feeds, re
             and r.error is None:
         blocked, said = _calls_differ(gv, c, site, feeds, refinish)
         notes.append(said)
+    layer = site.layer if site.layer is not None else layer_of(r.scope)  # else the layer of what holds it
     return dataclasses.replace(site, id=f"{path}/{site.id}", region=path, cache=None, blocked=blocked,
-                               notes=site.notes + tuple(notes))
+                               notes=site.notes + tuple(notes), layer=layer)
 
 
 def _calls_differ(gv: GraphView, c: Candidate, site: AttentionSite, feeds, refinish) -> tuple[str | None, str]:
@@ -64,7 +65,7 @@ def _calls_differ(gv: GraphView, c: Candidate, site: AttentionSite, feeds, refin
             why = f"its function's call {j} could not be run alone, so the calls could not be compared"
             return why, why
         other = _facts(refinish(probed))
-        diff = [f"{k} {first[k]} vs {other[k]}" for k in FACTS if not _same(first[k], other[k])]
+        diff = [f"{k} {_fmt(first[k])} vs {_fmt(other[k])}" for k in FACTS if not _same(first[k], other[k])]
         if diff:
             why = (f"its function's calls differ (call 1 vs call {j}: {', '.join(diff)}): one rewrite of the body "
                    "would be wrong for some call; inline the function (onnx.inliner.inline_selected_functions) "
@@ -75,6 +76,10 @@ def _calls_differ(gv: GraphView, c: Candidate, site: AttentionSite, feeds, refin
 
 def _facts(s: AttentionSite) -> dict:
     return {k: getattr(s, k) for k in FACTS}
+
+
+def _fmt(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _same(a, b) -> bool:

@@ -143,7 +143,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if why:
         note = dict(note, check=why)
         console.print(f"note: {why}")
-    tries = [feeds] + ([{k: v[:1] for k, v in feeds.items()}] if not inputs and not input_shape else [])
+    tries = [feeds] + ([{k: v[:1] if v.ndim else v for k, v in feeds.items()}] if not inputs and not input_shape else [])
     for i, f in enumerate(tries):
         try:
             note_i = note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},

@@ -117,6 +117,7 @@ def view(om: OnnxModel) -> GraphView:
     from attn_opt.core.ir.onnx_regions import Regions
 
     regions = Regions(om.ir, om.folder)
+    inferred = regions.function_shapes() if om.ir.functions else {}
     values: dict[int, Value] = {}
 
     def val(v: ir.Value | None) -> Value | None:
@@ -127,7 +128,8 @@ def view(om: OnnxModel) -> GraphView:
             const = None
             if v.const_value is not None:
                 const = v.const_value.numpy()
-            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape), dtype=_dtype(v),
+            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape) or inferred.get(v.name),
+                                dtype=_dtype(v),
                                 const=const, is_input=v.is_graph_input(), is_output=v.is_graph_output(),
                                 native=v)
         return values[key]
@@ -151,6 +153,11 @@ def view(om: OnnxModel) -> GraphView:
     g = om.ir.graph
     gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
     gv.regions, gv.region_index = regions.info(), regions
+    for r in regions.all[1:]:  # a region's layer: the scope of the node that holds it
+        calls = regions.calls[r.function.identifier()] if r.function is not None else []
+        holder = r.owner if r.owner is not None else (calls[0] if len(calls) == 1 else None)
+        parent = gv.regions.get(r.parent.path) if r.parent is not None else None
+        gv.regions[r.path].scope = (_scope(holder) if holder is not None else None) or (parent and parent.scope)
     gv.probe_fn = lambda vals, feeds: probe(gv, feeds, [v.name for v in vals],
                                             lambda ns: om.probe(feeds, ns) if ns else {})
     gv.call_probe_fn = lambda vals, feeds: regions.probe_calls(feeds, [v.name for v in vals],

@@ -57,20 +57,37 @@ def convert(proto: onnx.ModelProto, need: int) -> onnx.ModelProto:
 
 def _function(f: onnx.FunctionProto, need: int, proto: onnx.ModelProto) -> onnx.FunctionProto:
     """One local function's body converted: wrapped as a model (inputs untyped), converted,
-    unwrapped."""
+    unwrapped. The converter drops attribute references (ref_attr_name), so they are taken
+    off each node before and put back on the node of the same name after."""
     have = next((o.version for o in f.opset_import if o.domain in ("", "ai.onnx")), None)
     if have is None or have >= need:
         return f
-    if any(a.ref_attr_name for n in _nodes(helper.make_graph(f.node, f.name, [], [])) for a in n.attribute):
-        raise UserError(f"cannot convert local function {f.domain}.{f.name} from opset {have} to {need}: its body "
-                        "refers to the function's attributes, which the version converter cannot read")
-    graph = helper.make_graph(list(f.node), f.name, [onnx.ValueInfoProto(name=i) for i in f.input],
+    nodes, refs = [], {}
+    for i, n in enumerate(f.node):
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = m.name or f"attn_opt_node_{i}"
+        if any(a.ref_attr_name for a in m.attribute):
+            refs[m.name] = [a for a in m.attribute if a.ref_attr_name]
+            keep = [a for a in m.attribute if not a.ref_attr_name]
+            del m.attribute[:]
+            m.attribute.extend(keep)
+        nodes.append(m)
+    graph = helper.make_graph(nodes, f.name, [onnx.ValueInfoProto(name=i) for i in f.input],
                               [onnx.ValueInfoProto(name=o) for o in f.output])
     opsets = list(f.opset_import) + [o for o in proto.opset_import
                                      if o.domain not in {x.domain for x in f.opset_import}]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=proto.ir_version)
     try:
         body = onnx.version_converter.convert_version(model, need).graph
+        by_name = {n.name: n for n in body.node}
+        for name, attrs in refs.items():
+            if name not in by_name:
+                raise RuntimeError(f"the converter replaced node {name}, which reads the function's attributes")
+            n = by_name[name]
+            kept = [a for a in n.attribute if a.name not in {r.name for r in attrs}]
+            del n.attribute[:]
+            n.attribute.extend(kept + attrs)
     except Exception as e:
         raise UserError(f"cannot convert local function {f.domain}.{f.name} from opset {have} to {need} "
                         f"({first_line(e)})") from None
@@ -78,6 +95,9 @@ def _function(f: onnx.FunctionProto, need: int, proto: onnx.ModelProto) -> onnx.
     out.CopyFrom(f)
     del out.node[:]
     out.node.extend(body.node)
+    for n in out.node:
+        if n.name.startswith("attn_opt_node_"):
+            n.name = ""
     for o in out.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = need

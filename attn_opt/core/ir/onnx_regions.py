@@ -228,6 +228,28 @@ class Regions:
             out[r.path] = RegionInfo(r.path, r.kind, what, how, calls, fn is not None, self.errors.get(r.path))
         return out
 
+    def function_shapes(self) -> dict[str, tuple]:
+        """Static sizes of the values in each function body at its first call (shape inference
+        does not enter function bodies; patterns read ranks and scalars)."""
+        from attn_opt.core.ir.onnx_region_shapes import _infer_call
+
+        out = {}
+        host = helper.make_model(helper.make_graph([], "host", [], []), ir_version=self.model.ir_version or 8,
+                                 opset_imports=[helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()],
+                                 functions=[ir.serde.serialize_function(f) for f in self.model.functions.values()])
+        for key, fn in self.model.functions.items():
+            calls = self.calls[key]
+            if not calls or any(v is None or v.type is None for v in calls[0].inputs):
+                continue
+            types = [ir.serde.serialize_value(v).type for v in calls[0].inputs]
+            body = _infer_call(host, ir.serde.serialize_function(fn), ir.serde.serialize_node(calls[0]), types)
+            for vi in (list(body.input) + list(body.value_info) if body is not None else ()):
+                t = vi.type.tensor_type
+                if t.HasField("shape"):
+                    out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                         for d in t.shape.dim)
+        return out
+
     # ---- running a region alone -------------------------------------------------------------
     def _plan(self, r: Region, call: int = 0) -> _Plan | str:
         """How to run `r` alone, or why it cannot be."""

@@ -8,7 +8,6 @@ the shapes FLOP counting could not infer come back from that one run).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from attn_opt.patterns.detect import match, needed
 from attn_opt.core.errors import DoesNotRun, UserError, first_line as _first_line

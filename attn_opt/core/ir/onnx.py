@@ -114,10 +114,11 @@ def view(om: OnnxModel) -> GraphView:
     branches, Loop and Scan bodies) placed before the node that owns it, function bodies
     last. A value a region captures from an enclosing graph is the same view value there,
     so patterns follow it across the boundary."""
+    from attn_opt.core.ir.onnx_region_shapes import function_shapes
     from attn_opt.core.ir.onnx_regions import Regions
 
     regions = Regions(om.ir, om.folder)
-    inferred = regions.function_shapes() if om.ir.functions else {}
+    inferred = function_shapes(regions) if om.ir.functions else {}
     values: dict[int, Value] = {}
 
     def val(v: ir.Value | None) -> Value | None:

@@ -12,6 +12,7 @@ leaves a gap, the body's values as probed on its first call fill it (unscoped na
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 SEP = "::"
@@ -80,7 +81,7 @@ def calls(proto: onnx.ModelProto, out: dict, types: dict) -> None:
 
 def _infer_call(proto: onnx.ModelProto, f: onnx.FunctionProto, call: onnx.NodeProto, in_types) -> onnx.GraphProto | None:
     """The function's body with inferred value_info for this call's input types, or None."""
-    from attn_opt.core.ir.onnx_regions import _bind
+    from attn_opt.core.ir.onnx_regions import bind
 
     if any(t is None for t in in_types[:len(f.input)]):
         return None
@@ -88,7 +89,7 @@ def _infer_call(proto: onnx.ModelProto, f: onnx.FunctionProto, call: onnx.NodePr
     for a, b in zip(nodes, f.node):
         a.CopyFrom(b)
     attrs = {a.name: a for a in f.attribute_proto} | {a.name: a for a in call.attribute}
-    _bind(nodes, attrs)
+    bind(nodes, attrs)
     inputs = [helper.make_value_info(name, t) for name, t in zip(f.input, in_types)]
     graph = helper.make_graph(nodes, f.name, inputs, [onnx.ValueInfoProto(name=o) for o in f.output])
     own = {o.domain for o in f.opset_import}
@@ -99,3 +100,24 @@ def _infer_call(proto: onnx.ModelProto, f: onnx.FunctionProto, call: onnx.NodePr
         return onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     except Exception:  # the first call's probed sizes fill in
         return None
+
+
+def function_shapes(regions) -> dict[str, tuple]:
+    """Static sizes of the values in each function body at its first call (`regions`: an
+    onnx_regions.Regions), for the view: patterns read ranks and scalars."""
+    out = {}
+    host = helper.make_model(helper.make_graph([], "host", [], []), ir_version=regions.model.ir_version or 8,
+                             opset_imports=[helper.make_opsetid(d, v) for d, v in regions.model.opset_imports.items()],
+                             functions=[ir.serde.serialize_function(f) for f in regions.model.functions.values()])
+    for key, fn in regions.model.functions.items():
+        calls = regions.calls[key]
+        if not calls or any(v is None or v.type is None for v in calls[0].inputs):
+            continue
+        types = [ir.serde.serialize_value(v).type for v in calls[0].inputs]
+        body = _infer_call(host, ir.serde.serialize_function(fn), ir.serde.serialize_node(calls[0]), types)
+        for vi in (list(body.input) + list(body.value_info) if body is not None else ()):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                     for d in t.shape.dim)
+    return out

@@ -315,3 +315,30 @@ def twin_branches_model(b=2, h=4, t=12, d=8, classifier: bool = False) -> onnx.M
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def nested_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
+    """Regions inside regions: Loop `loop` (2 iterations, x <- ...) whose body holds If
+    `inner_if` on a captured condition: then calls function `custom.Attn(x, k, v)`, else
+    is an eager site. Inputs q, k, v [B, H, T, D] and flag (bool)."""
+    c = helper.make_node
+    vi = helper.make_tensor_value_info
+    bhtd = [b, h, t, d]
+    fn = helper.make_function("custom", "Attn", ["q", "k", "v"], ["o"], eager_nodes("fa", "q", "k", "v", "o", d),
+                              [helper.make_opsetid("", 17)])
+    then_g = helper.make_graph([c("Attn", ["x_in", "k", "v"], ["y_then"], name="call", domain="custom")], "then", [],
+                               [vi("y_then", F, bhtd)])
+    else_g = helper.make_graph(eager_nodes("in_else", "x_in", "k", "v", "y_else", d), "else", [], [vi("y_else", F, bhtd)])
+    body = helper.make_graph(
+        [c("If", ["flag"], ["x_out"], name="inner_if", then_branch=then_g, else_branch=else_g),
+         c("Identity", ["c_in"], ["c_out"], name="c_id")],
+        "body", [vi("i", TensorProto.INT64, []), vi("c_in", TensorProto.BOOL, []), vi("x_in", F, bhtd)],
+        [vi("c_out", TensorProto.BOOL, []), vi("x_out", F, bhtd)])
+    nodes = [c("Constant", [], ["trips"], name="trips", value=numpy_helper.from_array(np.int64(2))),
+             c("Loop", ["trips", "", "q"], ["y"], name="loop", body=body)]
+    graph = helper.make_graph(nodes, "nested", [vi(n, F, bhtd) for n in "qkv"] + [vi("flag", TensorProto.BOOL, [])],
+                              [vi("y", F, bhtd)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+                              functions=[fn])
+    onnx.checker.check_model(model, full_check=True)
+    return model

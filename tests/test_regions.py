@@ -18,7 +18,7 @@ import attn_opt
 from attn_opt.core.ir import onnx_flops
 from attn_opt.core.ir.onnx_regions import Regions
 from attn_opt.pipeline.run import parse_chain, run_pipeline
-from onnx_attention import (control_flow_model, merged_decoder_model, scaled_function_model,
+from onnx_attention import (control_flow_model, merged_decoder_model, nested_model, scaled_function_model,
                             twin_branches_model)
 
 REGION_SITES = ["pad_if/then/a0", "pad_if/else/a0", "loop/body/a0", "scan/body/a0", "function:Attn/a0"]
@@ -112,6 +112,33 @@ def test_cli_lists_paths_and_rewrites(tmp_path):
     assert rep["fidelity_all"]["max_rel_error"] <= 1e-4
     r = cli(src, "--pass", "fuse", "--sites", "nope/a0", "-o", tmp_path / "x.onnx")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "pad_if/then/a0" in r.stderr
+
+
+def test_regions_inside_regions():
+    """A function called from an If branch inside a Loop body: probed through both."""
+    src = nested_model()
+    det = attn_opt.inspect(src)
+    assert [s.id for s in det.sites] == ["loop/body/inner_if/else/a0", "function:Attn/a0"]
+    assert all(s.heads == 4 and s.scale == pytest.approx(8 ** -0.5) for s in det.sites)
+    assert not any("not run alone" in n for s in det.sites for n in s.notes)
+    rng = np.random.default_rng(0)
+    for flag in (True, False):
+        f = {n: rng.standard_normal((2, 4, 12, 8)).astype(np.float32) for n in "qkv"} | {"flag": np.array(flag)}
+        out, rep = run_pipeline(src, parse_chain(["fuse"]), f)
+        assert rep.passes[0].sites_rewritten == [s.id for s in det.sites]
+        assert rep.passes[0].fidelity["max_rel_error"] <= 1e-4
+        assert rep.passes[0].flops_after == 2 * 2 * (2 * 2 * 4 * 12 * 12 * 8)  # 2 iterations, one branch
+
+
+def test_layer_of_a_region_is_its_holders():
+    """A site inside a branch takes the layer of the If that holds it (the exporter's scope)."""
+    src = control_flow_model()
+    node = next(n for n in src.graph.node if n.name == "pad_if")
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'model.layers.2', 'cond']")
+    det = attn_opt.inspect(src)
+    assert {s.id: s.layer for s in det.sites}["pad_if/then/a0"] == 2
+    _, rep = run_pipeline(src, parse_chain(["fuse"]), cf_feeds(), layers={2})
+    assert rep.passes[0].sites_rewritten == ["pad_if/then/a0", "pad_if/else/a0"]
 
 
 # ---- numeric: fuse exact on every input set, both branches ------------------------------------

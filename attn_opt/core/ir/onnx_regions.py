@@ -57,13 +57,14 @@ class Region:
 
 
 def _graphs(node: ir.Node):
-    """(label, graph) of each subgraph attribute of `node` (an If's then branch first)."""
+    """(label, kind, graph) of each subgraph attribute of `node` (an If's then branch first):
+    then/else/body, or the attribute's name (numbered in a list of graphs)."""
     for name, attr in sorted(node.attributes.items(), key=lambda kv: kv[0] != "then_branch"):
         if attr.type == ir.AttributeType.GRAPH:
-            yield SHORT.get(name, name), attr.as_graph()
+            yield SHORT.get(name, name), SHORT.get(name, name), attr.as_graph()
         elif attr.type == ir.AttributeType.GRAPHS:
             for i, g in enumerate(attr.as_graphs()):
-                yield f"{name}{i}", g
+                yield f"{name}{i}", name, g
 
 
 def function_labels(model: ir.Model) -> dict:
@@ -84,10 +85,9 @@ def walk(model: ir.Model) -> list[Region]:
     def visit(r: Region):
         out.append(r)
         for node in r.body:
-            for label, g in _graphs(node):
+            for label, kind, g in _graphs(node):
                 prefix = f"{r.path}/" if r.path else ""
-                visit(Region(f"{prefix}{node.name}/{label}", g, label.rstrip("0123456789") if label[-1:].isdigit()
-                             else label, r, node))
+                visit(Region(f"{prefix}{node.name}/{label}", g, kind, r, node))
 
     visit(Region("", model.graph, "graph", None))
     labels = function_labels(model)
@@ -110,6 +110,7 @@ def settle_names(model: ir.Model) -> None:
     values, nodes = set(), set()
     top = model.graph
     values.update(v.name for v in _defined(top) if v.name)
+    nodes.update(n.name for n in top if n.name)
     for i, n in enumerate(top):
         if not n.name and any(True for _ in _graphs(n)):
             n.name = _fresh(f"{n.op_type}_{i}", nodes)
@@ -127,11 +128,11 @@ def settle_names(model: ir.Model) -> None:
             if v.name:
                 values.add(v.name)
         for n in body:
-            for label, g in _graphs(n):
+            for label, _, g in _graphs(n):
                 settle(g, f"{path}/{n.name}/{label}" if path else f"{n.name}/{label}")
 
     for n in top:
-        for label, g in _graphs(n):
+        for label, _, g in _graphs(n):
             settle(g, f"{n.name}/{label}")
     labels = function_labels(model)
     for key, fn in model.functions.items():
@@ -150,7 +151,7 @@ def free_values(body) -> list[ir.Value]:
     inside, free = set(), {}
     graphs = [body]
     for n in ir.traversal.RecursiveGraphIterator(body):
-        for _, g in _graphs(n):
+        for _, _, g in _graphs(n):
             graphs.append(g)
     for g in graphs:
         inside.update(id(v) for v in _defined(g))

@@ -137,7 +137,8 @@ def _bias_nodes(mask: str, out: str) -> list[onnx.NodeProto]:
     const = lambda n, a: c("Constant", [], [n], name=n, value=numpy_helper.from_array(a))  # noqa: E731
     return [const("one", np.float32(1)), const("lowest", np.float32(MIN)), const("axes12", np.array([1, 2], np.int64)),
             c("Cast", [mask], ["maskf"], name="maskf", to=F), c("Sub", ["one", "maskf"], ["inv"], name="inv"),
-            c("Mul", ["inv", "lowest"], ["bias2"], name="bias2"), c("Unsqueeze", ["bias2", "axes12"], [out], name="bias")]
+            c("Mul", ["inv", "lowest"], ["bias2"], name="bias2"),
+            c("Unsqueeze", ["bias2", "axes12"], [out], name="bias")]
 
 
 def control_flow_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
@@ -159,11 +160,13 @@ def control_flow_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
     else_g = helper.make_graph(eager_nodes("else", "q", "k", "v", "o2_else", d, bias="bias", div=True), "else",
                                [], [vi("o2_else", F, bhtd)])
     body = helper.make_graph(
-        eager_nodes("loop", "x_in", "k", "v", "x_out", d, bias="bias") + [c("Identity", ["c_in"], ["c_out"], name="c_id")],
+        eager_nodes("loop", "x_in", "k", "v", "x_out", d, bias="bias")
+        + [c("Identity", ["c_in"], ["c_out"], name="c_id")],
         "loop_body", [vi("i", TensorProto.INT64, []), vi("c_in", TensorProto.BOOL, []), vi("x_in", F, bhtd)],
         [vi("c_out", TensorProto.BOOL, []), vi("x_out", F, bhtd)])
     scan_body = helper.make_graph(
-        eager_nodes("scan", "qi", "k", "v", "oi", d, bias="bias") + [c("Add", ["acc_in", "oi"], ["acc_out"], name="acc")],
+        eager_nodes("scan", "qi", "k", "v", "oi", d, bias="bias")
+        + [c("Add", ["acc_in", "oi"], ["acc_out"], name="acc")],
         "scan_body", [vi("acc_in", F, bhtd), vi("qi", F, bhtd)], [vi("acc_out", F, bhtd), vi("oi", F, bhtd)])
     const = lambda n, a: c("Constant", [], [n], name=n, value=numpy_helper.from_array(a))  # noqa: E731
     nodes = _bias_nodes("attention_mask", "bias") + [
@@ -328,7 +331,8 @@ def nested_model(b=2, h=4, t=12, d=8) -> onnx.ModelProto:
                               [helper.make_opsetid("", 17)])
     then_g = helper.make_graph([c("Attn", ["x_in", "k", "v"], ["y_then"], name="call", domain="custom")], "then", [],
                                [vi("y_then", F, bhtd)])
-    else_g = helper.make_graph(eager_nodes("in_else", "x_in", "k", "v", "y_else", d), "else", [], [vi("y_else", F, bhtd)])
+    else_g = helper.make_graph(eager_nodes("in_else", "x_in", "k", "v", "y_else", d), "else", [],
+                               [vi("y_else", F, bhtd)])
     body = helper.make_graph(
         [c("If", ["flag"], ["x_out"], name="inner_if", then_branch=then_g, else_branch=else_g),
          c("Identity", ["c_in"], ["c_out"], name="c_id")],

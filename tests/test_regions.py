@@ -237,7 +237,8 @@ def test_function_calls_that_differ_are_not_rewritten(ref_attr):
 
 def test_function_calls_that_agree_are_rewritten_once():
     src = scaled_function_model((0.35, 0.35), ref_attr=True)  # the scale an attribute reference
-    out, rep = run_pipeline(src, parse_chain(["fuse:target=onnx"]), {n: np.ones((2, 4, 12, 8), np.float32) for n in "qkv"})
+    feeds = {n: np.ones((2, 4, 12, 8), np.float32) for n in "qkv"}
+    out, rep = run_pipeline(src, parse_chain(["fuse:target=onnx"]), feeds)
     assert rep.passes[0].sites_rewritten == ["function:Scaled/a0"]
     assert [n.op_type for n in out.functions[0].node] == ["Attention"]
     assert out.functions[0].opset_import[0].version == 23  # the body converted with the model

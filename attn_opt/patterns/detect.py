@@ -110,7 +110,8 @@ def _probe(gv: GraphView, values: list[Value], feeds):
     for attempt in attempts:
         try:
             if attempt is None or isinstance(attempt, int):
-                f = gv.sample_inputs() if attempt is None else {k: a[:1] if a.ndim else a for k, a in gv.sample_inputs().items()}
+                f = gv.sample_inputs()
+                f = f if attempt is None else {k: a[:1] if a.ndim else a for k, a in f.items()}  # a scalar stays
             else:
                 f = attempt
             return gv.probe(values, f), None, f

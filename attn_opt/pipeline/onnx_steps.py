@@ -40,7 +40,7 @@ class OnnxSteps:
         names = [v.name for v in needed(found) if v.const is None]
         control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
         have = dict(known.view.probed) if known is not None else {}
-        if known is not None and all(n in have for n in names + missing) and (known.outputs is not None or not run):
+        if known is not None and all(n in have for n in names + missing + control) and (known.outputs is not None or not run):
             outputs, probed = known.outputs, {n: have[n] for n in names + control if n in have}
             shapes.update({k: tuple(np.shape(have[k])) for k in missing})
             gv.remember(feeds, probed)

@@ -143,7 +143,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if why:
         note = dict(note, check=why)
         console.print(f"note: {why}")
-    tries = [feeds] + ([{k: v[:1] if v.ndim else v for k, v in feeds.items()}] if not inputs and not input_shape else [])
+    batch1 = {k: v[:1] if v.ndim else v for k, v in feeds.items()}  # a scalar (an If's condition) has no batch
+    tries = [feeds] + ([batch1] if not inputs and not input_shape else [])
     for i, f in enumerate(tries):
         try:
             note_i = note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},

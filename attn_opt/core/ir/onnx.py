@@ -129,7 +129,8 @@ def view(om: OnnxModel) -> GraphView:
             const = None
             if v.const_value is not None:
                 const = v.const_value.numpy()
-            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape) if v.shape is not None else inferred.get(v.name),
+            shape = _dims(v.shape) if v.shape is not None else inferred.get(v.name)  # a function body's: its first call's
+            values[key] = Value(name=v.name or f"v{len(values)}", shape=shape,
                                 dtype=_dtype(v),
                                 const=const, is_input=v.is_graph_input(), is_output=v.is_graph_output(),
                                 native=v)

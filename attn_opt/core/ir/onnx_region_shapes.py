@@ -79,7 +79,8 @@ def calls(proto: onnx.ModelProto, out: dict, types: dict) -> None:
     visit(proto.graph, "", 0)
 
 
-def _infer_call(proto: onnx.ModelProto, f: onnx.FunctionProto, call: onnx.NodeProto, in_types) -> onnx.GraphProto | None:
+def _infer_call(proto: onnx.ModelProto, f: onnx.FunctionProto, call: onnx.NodeProto,
+                in_types) -> onnx.GraphProto | None:
     """The function's body with inferred value_info for this call's input types, or None."""
     from attn_opt.core.ir.onnx_regions import bind
 

@@ -25,7 +25,8 @@ class SiteEdit:
 
     def __init__(self, model: ir.Model, site: AttentionSite, pass_name: str, part: str = ""):
         self.model, self.site, self.pass_name = model, site, pass_name
-        graph = site.output.native.producer().graph if site.output.native.producer() is not None else model.graph
+        out = getattr(site.output, "native", None)
+        graph = out.producer().graph if out is not None and out.producer() is not None else model.graph
         self.function = next((f for f in model.functions.values() if f.graph is graph), None)
         self.graph = self.function if self.function is not None else graph  # its outputs are the site's graph's
         self.prefix = f"attn_opt/{site.id}/{pass_name}" + (f"/{part}" if part else "")  # node names: unique per edit

@@ -70,7 +70,8 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, i
     if why:
         note = dict(note, check=why)
     generated = feeds is None and inputs is None and example_inputs is None and not overrides
-    tries = [f0] + ([{k: v[:1] for k, v in f0.items()}] if generated else [])
+    batch1 = {k: v[:1] if v.ndim else v for k, v in f0.items()}  # a scalar (an If's condition) has no batch
+    tries = [f0] + ([batch1] if generated else [])
     for i, f in enumerate(tries):
         try:
             variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []

@@ -62,6 +62,7 @@ class Node:
     scope: str | None = None  # module path, e.g. "model.encoder.layer.0.attention.self"
     native: Any = None
     meta: dict[str, str] = field(default_factory=dict)  # the IR's node metadata
+    region: str = ""  # the graph it is in: "" the model's, else a path (core/ir/onnx_regions.py)
 
     def input(self, i: int) -> Value | None:
         return self.inputs[i] if i < len(self.inputs) else None
@@ -71,6 +72,21 @@ class Node:
 
 
 Probe = Callable[[list[Value], Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Region:
+    """A graph inside the model that its top-level node list does not show: a local
+    function's body or a control-flow subgraph (an If branch, a Loop or Scan body)."""
+
+    path: str  # "function:Attn", "pad_if/then", "loop/body", nested: "loop/body/inner_if/else"
+    kind: str  # "function", "then", "else", "body" (or the attribute's name)
+    what: str  # e.g. "the then branch of If pad_if", "the body of local function Attn"
+    how: str  # how its values are read, e.g. "on its first iteration"
+    calls: int = 1  # a function: how many nodes call it (0: never, so never probed)
+    in_function: bool = False  # it is, or is inside, a function body (no initializers there)
+    error: str | None = None  # why it could not be run alone (set by the probe that tried)
+    scope: str | None = None  # the module path of the node holding it (a function's only call), for layers
 
 
 @dataclass(eq=False)
@@ -85,6 +101,10 @@ class GraphView:
     sample_inputs_fn: Callable[[], dict[str, np.ndarray]] | None = None
     probed: dict[str, np.ndarray] = field(default_factory=dict)  # values from the last run ...
     probed_feeds: Mapping[str, np.ndarray] | None = None  # ... and the inputs it ran on
+    regions: dict[str, Region] = field(default_factory=dict)  # path -> the graphs inside it
+    region_index: Any = None  # the IR adapter's own index of them (ONNX: core/ir/onnx_regions.Regions)
+    # (values, feeds) -> one probe per further call of the function `values` are in (functions only)
+    call_probe_fn: Callable[[list[Value], Mapping[str, np.ndarray]], list[dict[str, np.ndarray]]] | None = None
 
     def value(self, name: str) -> Value | None:
         """The value called `name` (inputs, node outputs and constants they read)."""

@@ -109,6 +109,8 @@ def cache_pairs(gv) -> list[tuple[str | None, str]]:
     step does not return the result)."""
     found = {}
     for n in gv.nodes:
+        if n.region:  # a cache is read where the model's graph takes and returns it (patterns/regions.py)
+            continue
         if n.op == "Concat" and n.attrs.get("axis") in (2, -2):
             outs = n.outputs[:1]
         elif n.op in PAST_INPUTS:  # a fused step: past in, present out

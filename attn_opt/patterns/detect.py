@@ -63,8 +63,22 @@ class Matched:
     counts: dict[str, int]
 
     def finish(self, gv: GraphView, probed: dict, err: str | None = None, feeds=None) -> Detection:
-        """Sites from the candidates, with shapes and masks read from the probed values."""
-        sites = [_finalize(gv, c, i, probed, err) for i, c in enumerate(self.candidates)]
+        """Sites from the candidates, with shapes and masks read from the probed values; a
+        site inside a region (a function body, a branch, a loop body) is numbered within it
+        and says where it is (patterns/regions.py)."""
+        from attn_opt.patterns.regions import finish_in_region, region_of
+
+        sites, index = [], {}
+        for c in self.candidates:
+            path = region_of(c)
+            i = index[path] = index.get(path, -1) + 1
+            if not path:
+                sites.append(_finalize(gv, c, i, probed, err))
+                continue
+            info = gv.regions.get(path)
+            why = err or (info.error if info is not None else None)
+            site = _finalize(gv, c, i, probed, why, "it was not run alone" if why and not err else None)
+            sites.append(finish_in_region(gv, c, site, feeds, lambda p: _finalize(gv, c, i, p, None)))
         return Detection(sites, self.near_misses, self.counts, err, feeds or {})
 
 
@@ -96,7 +110,8 @@ def _probe(gv: GraphView, values: list[Value], feeds):
     for attempt in attempts:
         try:
             if attempt is None or isinstance(attempt, int):
-                f = gv.sample_inputs() if attempt is None else {k: a[:1] for k, a in gv.sample_inputs().items()}
+                f = gv.sample_inputs()
+                f = f if attempt is None else {k: a[:1] if a.ndim else a for k, a in f.items()}  # a scalar stays
             else:
                 f = attempt
             return gv.probe(values, f), None, f
@@ -234,7 +249,8 @@ def _length(op: Operand, shape: tuple | None, seq_first: bool) -> int | None:
     return int(shape[-2]) if len(shape) == 4 else None
 
 
-def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | None) -> AttentionSite:
+def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | None,
+              unrun: str | None = None) -> AttentionSite:
     notes = list(c.notes)
     if c.quantized:
         notes.append("its scores/probabilities are quantized (QDQ) inside; a rewrite computes them in float")
@@ -290,7 +306,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         mask = "boolean" if c.bool_mask is not None and not c.additive else "additive"
     causal = causal or window is not None  # after the mask kind: a window is a mask, not is_causal
     if err:
-        notes.append(f"shapes from static inference only: the model did not run ({err})")
+        notes.append(f"shapes from static inference only: {unrun or 'the model did not run'} ({err})")
         causal = causal if (c.causal_attr or hidden is not None) else None
 
     projs = {}

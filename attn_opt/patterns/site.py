@@ -74,6 +74,8 @@ class AttentionSite:
     folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
     filled_terms: tuple[str, ...] = ()  # additive terms added after the boolean mask's fill (fill + term may be -inf)
     cache: Cache | None = None  # a decoder step's KV cache: K/V = Concat(past input, new), returned as present
+    region: str = ""  # the graph it is in: "" the model's, else a path (patterns/regions.py)
+    blocked: str | None = None  # why no pass may rewrite it (a function whose calls differ), if so
 
     @property
     def out_projection(self) -> "Projection | None":
@@ -95,7 +97,7 @@ class AttentionSite:
             "rule": self.rule, "nodes": list(self.nodes),
             "projections": {k: p.node for k, p in self.projections.items()},
             "notes": list(self.notes), "softcap": self.softcap, "window": self.window,
-            "cache": self.cache.to_json() if self.cache else None,
+            "cache": self.cache.to_json() if self.cache else None, "region": self.region, "blocked": self.blocked,
             "form": {"pattern": self.pattern.to_json() if self.pattern else None, "normaliser": self.normaliser.to_json()},
         }
 

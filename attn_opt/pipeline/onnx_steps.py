@@ -8,7 +8,6 @@ the shapes FLOP counting could not infer come back from that one run).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from attn_opt.patterns.detect import match, needed
 from attn_opt.core.errors import DoesNotRun, UserError, first_line as _first_line
@@ -69,20 +68,22 @@ class OnnxSteps:
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
         probed, outputs = {}, None
         names = [v.name for v in needed(found) if v.const is None]
+        control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
         have = dict(known.view.probed) if known is not None else {}
-        if known is not None and all(n in have for n in names + missing) and (known.outputs is not None or not run):
-            outputs, probed = known.outputs, {n: have[n] for n in names}
+        if known is not None and all(n in have for n in names + missing + control) and (known.outputs is not None or not run):
+            outputs, probed = known.outputs, {n: have[n] for n in names + control if n in have}
             shapes.update({k: tuple(np.shape(have[k])) for k in missing})
             gv.remember(feeds, probed)
         else:
             try:
                 if run:
-                    got = om.run(feeds, names + missing)
+                    top = lambda ns: om.run(feeds, ns)  # noqa: E731
                 else:  # what detection and counting need, one segment of weights in memory at a time
                     from attn_opt.core.ir.onnx_segments import run_segmented
 
                     budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
-                    got = run_segmented(om, feeds, set(names + missing), budget)
+                    top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
+                got = onnx_adapter.probe(gv, feeds, names + missing + control, top)  # regions: run alone
             except Exception as e:
                 raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None
@@ -93,7 +94,7 @@ class OnnxSteps:
             gv.remember(feeds, probed)
         det = found.finish(gv, probed, None, feeds)
         attention = {n for s in det.sites for n in s.nodes}
-        flops = onnx_flops.count_shapes(proto, shapes, attention)
+        flops = onnx_flops.count_shapes(proto, shapes, attention, {**probed, **feeds})
         return State(om, gv, det, outputs, flops, onnx_flops.params(proto))
 
     def prepare(self, state: State, p, feeds, run: bool = True) -> State:
@@ -119,18 +120,18 @@ class OnnxSteps:
 
     def upgrade(self, om: OnnxModel, need: int, why: str) -> OnnxModel:
         """The model at opset `need` (converted on the weightless graph), or itself."""
+        from attn_opt.core.ir.onnx_opset import convert, lowest_opset
+
         cur = _opset(om.ir)
-        if cur >= need:
+        if lowest_opset(om.ir) >= need:
             return om
         proto = om.graph_proto()
-        try:
-            new = onnx.version_converter.convert_version(proto, need)
+        try:  # local functions and node metadata (module scopes: layers) kept
+            new = convert(proto, need)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"cannot convert the model from opset {cur} to {need} for {why} ({_first_line(e)})") from None
-        meta = {n.name: n.metadata_props for n in proto.graph.node if n.name and n.metadata_props}
-        for n in new.graph.node:  # the converter drops node metadata (module scopes: layers)
-            if n.name in meta and not n.metadata_props:
-                n.metadata_props.extend(meta[n.name])
         upgraded = OnnxModel.from_proto(new, om.folder, om.source)
         upgraded.external_input, upgraded._keep = om.external_input, om._keep
         return upgraded

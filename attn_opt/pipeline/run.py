@@ -128,8 +128,7 @@ def parse_chain(passes) -> list[Pass]:
 def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> None:
     """--sites / --layers naming what the model does not have is a typo: refuse it."""
     have = [s.id for s in sites]
-    if ids is not None and set(ids) - set(have):
-        missing = sorted(set(ids) - set(have))
+    if ids is not None and (missing := sorted(x for x in ids if not any(_picks(h, {x}) for h in have))):
         raise UserError(f"no site {', '.join(map(repr, missing))}; sites: {', '.join(have) or 'none'}")
     known = sorted({s.layer for s in sites if s.layer is not None})
     if layers is not None and set(layers) - set(known):
@@ -149,10 +148,15 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
+def _picks(site_id: str, ids: set[str]) -> bool:
+    """An id names the site, or the region it is in (`--sites pad_if/then` or `function:Attn`)."""
+    return site_id in ids or any(site_id.startswith(x.rstrip("/") + "/") for x in ids)
+
+
 def select(sites, layers: set[int] | None, ids: set[str] | None):
     chosen, skipped = [], []
     for s in sites:
-        if ids is not None and s.id not in ids:
+        if ids is not None and not _picks(s.id, ids):
             skipped.append(Skipped(s.id, "not in --sites"))
         elif layers is not None and s.layer not in layers:
             skipped.append(Skipped(s.id, f"layer {s.layer} not in --layers"))
@@ -168,6 +172,8 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
     and a rank-`lora` correction of each site's output projection (zero) if `lora`.
     `choose_on`: the inputs the diagnostics behind choices like sinks=auto run on (default
     `feeds`; with calibration, the calibration inputs, so the held-out set stays unseen)."""
+    from attn_opt.patterns.regions import rewrite_reason
+
     chosen, skipped = select(state.det.sites, layers, ids) if p.touches_sites() else ([], [])
     diag = {}
     if p.needs_diagnostics() and chosen:
@@ -177,7 +183,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         diag = for_pass(state.view, chosen, on, getattr(p, "window", None))
     rewritten, notes = [], []
     for site in chosen:
-        reason = p.skip_reason(site)
+        reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site)
         if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")
@@ -325,6 +331,7 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
                      before.flops.matmul, new.flops.matmul, before.flops.attention_matmul,
                      new.flops.attention_matmul, before.params, new.params, notes=applied.notes,
                      sink_ratio=applied.sink_ratio, check=check.name, calibration=calibration)
+    rep.notes += [f"FLOPs: {n}" for n in getattr(new.flops, "notes", ())]  # branches, loops, functions
     fid, step = check.measure(steps, rep, ref, before, new, applied.rewritten, feeds, progress)
     rep.seconds = time.perf_counter() - t0
     report.passes.append(rep)

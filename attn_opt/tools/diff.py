@@ -74,7 +74,8 @@ def side_of(gv: GraphView) -> Side:
         shapes_in = [str(list(v.shape)) if v is not None and v.shape is not None else "?" for v in n.inputs]
         shapes_out = [str(list(v.shape)) if v.shape is not None else "?" for v in n.outputs]
         attrs = {k: _short(v) for k, v in n.attrs.items() if k != "value"}
-        g.add_node(n.name, op=n.op, attrs=attrs, ins=shapes_in, outs=shapes_out, scope=n.scope or "",
+        where = " ".join(x for x in (n.scope, f"(in {n.region})" if n.region else "") if x)  # a subgraph's, a function's
+        g.add_node(n.name, op=n.op, attrs=attrs, ins=shapes_in, outs=shapes_out, scope=where,
                    inputs=[v.name if v is not None else "" for v in n.inputs])
     for n in gv.nodes:
         if n.op in HIDDEN:

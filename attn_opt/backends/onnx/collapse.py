@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.edit import SiteEdit, find_node
 from attn_opt.backends.onnx.explicit import emit_scores_probs
 from attn_opt.patterns.form import Collapse
 from attn_opt.patterns.mlp import mlp_blocks
@@ -57,9 +57,9 @@ def _heads(e: SiteEdit, x, h: int, width: int):
 
 
 def _output_of(e: SiteEdit, node_name: str):
-    for n in e.model.graph:
-        if n.name == node_name:
-            return n.outputs[0]
+    n = find_node(e.model, node_name)
+    if n is not None:
+        return n.outputs[0]
     raise UserError(f"mlpfree: projection node {node_name} vanished")
 
 

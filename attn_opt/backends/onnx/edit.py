@@ -17,8 +17,18 @@ LOW_PRECISION = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT1
 
 
 class SiteEdit:
+    """The new nodes of one site. A site inside a region (an If branch, a Loop or Scan body,
+    a function body: patterns/regions.py) is edited where it is: its nodes go into the graph
+    that holds its output, reading values from enclosing graphs as they are; its weights are
+    top-level initializers, which a subgraph reads from the enclosing scope, or Constant
+    nodes in a function body, which has no initializers."""
+
     def __init__(self, model: ir.Model, site: AttentionSite, pass_name: str, part: str = ""):
         self.model, self.site, self.pass_name = model, site, pass_name
+        out = getattr(site.output, "native", None)
+        graph = out.producer().graph if out is not None and out.producer() is not None else model.graph
+        self.function = next((f for f in model.functions.values() if f.graph is graph), None)
+        self.graph = self.function if self.function is not None else graph  # its outputs are the site's graph's
         self.prefix = f"attn_opt/{site.id}/{pass_name}" + (f"/{part}" if part else "")  # node names: unique per edit
         self.nodes: list[ir.Node] = []
         self._n = 0
@@ -81,10 +91,19 @@ class SiteEdit:
     def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
         """A new weight of the model (so it shows in parameter counts and can be trained)."""
         name = param_name(self.site.id, suffix)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if self.function is not None:  # a function body has no initializers
+            return self.const(array)
         v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
+                     const_value=ir.tensor(array, name=name))
         self.model.graph.register_initializer(v)
         return v
+
+    def ensure_opset(self, domain: str, version: int) -> None:
+        """The model (and the function the site is in) imports `domain` at `version` or later."""
+        ensure_opset(self.model, domain, version)
+        if self.function is not None and self.function.opset_imports.get(domain, -1) < version:
+            self.function.opset_imports[domain] = version
 
     def ints(self, *values: int) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64))
@@ -112,8 +131,8 @@ class SiteEdit:
     def commit_output(self, old: ir.Value, new_output: ir.Value, shape: ir.Shape | None = None) -> None:
         """Insert the new nodes after `old`'s producer and return `new_output` (of `shape`,
         default `old`'s) as the graph output `old` was, under its name; `old`'s other uses stay."""
-        graph = self.model.graph
-        graph.insert_after(old.producer(), self.nodes)
+        graph = self.graph
+        old.producer().graph.insert_after(old.producer(), self.nodes)
         i = next(i for i, v in enumerate(graph.outputs) if v is old)
         name = old.name
         old.name = f"{name}__full"
@@ -123,7 +142,7 @@ class SiteEdit:
 
     def replace_output(self, name: str, new_output: ir.Value) -> None:
         """`new_output` (computed by nodes already inserted) becomes the graph output `name`."""
-        graph = self.model.graph
+        graph = self.graph
         i = next(i for i, v in enumerate(graph.outputs) if v.name == name)
         old = graph.outputs[i]
         old.name = f"{name}__replaced"
@@ -132,9 +151,8 @@ class SiteEdit:
 
     def commit_value(self, old: ir.Value, new_output: ir.Value) -> None:
         """Insert the new nodes after `old`'s producer and use `new_output` in its place."""
-        graph = self.model.graph
         anchor = old.producer()
-        graph.insert_after(anchor, self.nodes)
+        anchor.graph.insert_after(anchor, self.nodes)
         was_output = old.is_graph_output()
         name = old.name
         ours = {id(n) for n in self.nodes}
@@ -144,7 +162,7 @@ class SiteEdit:
             node.replace_input_with(idx, old)
         if old.type is not None and new_output.type is None:
             new_output.type = old.type
-        if was_output:  # the graph output keeps its name, type and shape
+        if was_output:  # a graph output (or a branch's, which its If declares) keeps its name, type and shape
             old.name = f"{name}__replaced"
             new_output.name, new_output.type = name, old.type
             if old.shape is not None:
@@ -159,6 +177,15 @@ def _attrs(attrs: dict) -> list:
         out.append(ir.Attr(k, ir.AttributeType.TENSOR, v) if isinstance(v, ir.TensorProtocol)
                    else ir.convenience.convert_attribute(k, v))
     return out
+
+
+def find_node(model: ir.Model, name: str) -> ir.Node | None:
+    """The node called `name`, in the model's graph, a subgraph or a function body."""
+    for body in [model.graph, *model.functions.values()]:
+        for n in ir.traversal.RecursiveGraphIterator(body):
+            if n.name == name:
+                return n
+    return None
 
 
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:

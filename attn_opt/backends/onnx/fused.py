@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attn_opt.backends.onnx import ort
-from attn_opt.backends.onnx.edit import SiteEdit, ensure_opset
+from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.visible import causal_visible
 from attn_opt.patterns.cache import new_part
 from attn_opt.patterns.form import Form
@@ -117,7 +117,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if choice == "ort" and not s.gqa:
         e.commit(ort.multi_head_attention(e, s, q, k, v, mask, is_bool))
         return f"MultiHeadAttention (com.microsoft): {why}"
-    ensure_opset(e.model, "", 23)
+    e.ensure_opset("", 23)
     attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
     if s.softcap:
         attrs["softcap"] = float(s.softcap)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx import collapse, fused
 from attn_opt.backends.onnx.banded import emit_banded
-from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit
+from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit, find_node
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
 from attn_opt.patterns.capability import Capabilities
@@ -88,7 +88,7 @@ def emit_lora(e: SiteEdit, rank: int) -> str:
     a = e.initializer("lora_a", rng.standard_normal((d_in, rank)) / np.sqrt(d_in))
     b = e.initializer("lora_b", np.zeros((rank, d_out)))
     e.epilogue = True
-    y = next(n for n in e.model.graph if n.name == o.node).outputs[0]
+    y = find_node(e.model, o.node).outputs[0]
     x = o.x.native
     low = o.x.dtype in LOW_PRECISION
     if low:
@@ -106,7 +106,7 @@ def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
     attention still reads the whole concatenation."""
     c = e.site.cache
     for name in (c.present_key, c.present_value):
-        full = next(v for v in e.model.graph.outputs if v.name == name)
+        full = next(v for v in e.graph.outputs if v.name == name)
         length = e.shape_dim(full, 2)
         start = e.op("Max", [e.ints(stream.sinks), e.op("Sub", [length, e.ints(stream.window)])])
         head = e.op("Slice", [full, e.ints(0), e.ints(stream.sinks), e.ints(2)])

@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from attn_opt.backends.onnx.edit import MS, SiteEdit, ensure_opset
+from attn_opt.backends.onnx.edit import MS, SiteEdit
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.ir.onnx import session
 
@@ -65,7 +65,7 @@ def fastest_fused(b: int, h: int, kvh: int, t: int, d: int) -> tuple[str, str]:
 
 def multi_head_attention(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
     """MultiHeadAttention wants Q [B, S, H*D] and takes K/V as [B, H, S, D]; bias additive."""
-    ensure_opset(e.model, MS, 1)
+    e.ensure_opset(MS, 1)
     q3 = e.op("Reshape", [e.op("Transpose", [q], {"perm": [0, 2, 1, 3]}), e.ints(0, 0, -1)])
     if mask is not None and is_bool:  # a row hidden by a boolean mask gives zeros, as with -inf
         mask = e.op("Where", [mask, e.const(np.float32(0)), e.const(np.float32(-np.inf))])
@@ -142,7 +142,7 @@ def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
     would write the new keys over the past at seqlens_k + 1 - S); the mask, padding
     included, goes in as attention_bias. query_seqlens (= S) lets a batch of several
     rows take a multi-token step after a past (ORT refuses that without it)."""
-    ensure_opset(e.model, MS, 1)
+    e.ensure_opset(MS, 1)
     k_new, v_new, past_k, past_v = cached
     i32 = lambda x: e.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
     new, batch = e.shape_dim(q, 2), e.shape_dim(q, 0)

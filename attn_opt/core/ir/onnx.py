@@ -99,8 +99,16 @@ def _attr_value(a):
 
 
 def view(om: OnnxModel) -> GraphView:
-    """The neutral view of a model (values carry the shapes `with_shapes` inferred)."""
-    g = om.ir.graph
+    """The neutral view of a model (values carry the shapes `with_shapes` inferred): its
+    graph's nodes, each region's (core/ir/onnx_regions.py: local functions' bodies, If
+    branches, Loop and Scan bodies) placed before the node that owns it, function bodies
+    last. A value a region captures from an enclosing graph is the same view value there,
+    so patterns follow it across the boundary."""
+    from attn_opt.core.ir.onnx_region_shapes import function_shapes
+    from attn_opt.core.ir.onnx_regions import Regions
+
+    regions = Regions(om.ir, om.folder)
+    inferred = function_shapes(regions) if om.ir.functions else {}
     values: dict[int, Value] = {}
 
     def val(v: ir.Value | None) -> Value | None:
@@ -111,29 +119,74 @@ def view(om: OnnxModel) -> GraphView:
             const = None
             if v.const_value is not None:
                 const = v.const_value.numpy()
-            values[key] = Value(name=v.name or f"v{len(values)}", shape=_dims(v.shape), dtype=_dtype(v),
+            shape = _dims(v.shape) if v.shape is not None else inferred.get(v.name)  # a function body's: its first call's
+            values[key] = Value(name=v.name or f"v{len(values)}", shape=shape,
+                                dtype=_dtype(v),
                                 const=const, is_input=v.is_graph_input(), is_output=v.is_graph_output(),
                                 native=v)
         return values[key]
 
+    inside = {}  # id(owner node) -> the regions its attributes hold
+    for r in regions.all[1:]:
+        if r.owner is not None:
+            inside.setdefault(id(r.owner), []).append(r)
     nodes = []
-    for n in g:
-        node = Node(name=n.name or f"{n.op_type}_{len(nodes)}", op=_op(n), inputs=[val(i) for i in n.inputs],
-                    outputs=[val(o) for o in n.outputs],
-                    attrs={k: _attr_value(a) for k, a in n.attributes.items()}, scope=_scope(n), native=n,
-                    meta=dict(n.metadata_props))
-        if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
-            node.op = "attn_opt.Attention"
-        if node.op == "Constant" and "value" in node.attrs:
-            node.outputs[0].const = np.asarray(node.attrs["value"])
-        elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
-            node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
-        nodes.append(node)
+
+    def add(r):
+        for n in r.body:
+            for sub in inside.get(id(n), ()):
+                add(sub)
+            nodes.append(_node(n, val, len(nodes), r.path))
+
+    for r in regions.all:
+        if r.parent is None:  # the model's graph and each function body; the others through their owners
+            add(r)
     link(nodes)
+    g = om.ir.graph
     gv = GraphView(nodes=nodes, inputs=[val(v) for v in g.inputs], outputs=[val(v) for v in g.outputs], ir="onnx")
-    gv.probe_fn = lambda vals, feeds: om.probe(feeds, [v.name for v in vals])
+    gv.regions, gv.region_index = regions.info(), regions
+    for r in regions.all[1:]:  # a region's layer: the scope of the node that holds it
+        calls = regions.calls[r.function.identifier()] if r.function is not None else []
+        holder = r.owner if r.owner is not None else (calls[0] if len(calls) == 1 else None)
+        parent = gv.regions.get(r.parent.path) if r.parent is not None else None
+        gv.regions[r.path].scope = (_scope(holder) if holder is not None else None) or (parent and parent.scope)
+    gv.probe_fn = lambda vals, feeds: probe(gv, feeds, [v.name for v in vals],
+                                            lambda ns: om.probe(feeds, ns) if ns else {})
+    gv.call_probe_fn = lambda vals, feeds: regions.probe_calls(feeds, [v.name for v in vals],
+                                                               lambda ns: om.probe(feeds, ns) if ns else {})
     gv.sample_inputs_fn = lambda: make_inputs(input_specs(gv), pad=True)
     return gv
+
+
+def _node(n: ir.Node, val, index: int, region: str) -> Node:
+    node = Node(name=n.name or f"{n.op_type}_{index}", op=_op(n), inputs=[val(i) for i in n.inputs],
+                outputs=[val(o) for o in n.outputs], attrs={k: _attr_value(a) for k, a in n.attributes.items()
+                                                            if a.type not in _GRAPH_ATTRS},
+                scope=_scope(n), native=n, meta=dict(n.metadata_props), region=region)
+    if FORM_KEY in node.meta:  # attention attn-opt rewrote: its record makes it one site again
+        node.op = "attn_opt.Attention"
+    if node.op == "Constant" and "value" in node.attrs:
+        node.outputs[0].const = np.asarray(node.attrs["value"])
+    elif node.op in ("Identity",) and node.inputs[0] is not None and node.inputs[0].const is not None:
+        node.outputs[0].const = node.inputs[0].const  # TorchScript wraps weights in Identity
+    return node
+
+
+_GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def probe(gv: GraphView, feeds, names: list[str], top) -> dict[str, np.ndarray]:
+    """Values of one run on `feeds`, wherever they are: `top(names)` runs the model for the
+    top-level ones (what it returns is kept: the model's outputs too), each region holding
+    a wanted value runs alone (onnx_regions.Regions.probe); a region that cannot run is
+    said in `gv.regions[path].error`."""
+    regions = gv.region_index
+    if regions is None or len(regions.all) == 1:
+        return top(list(names))
+    got = regions.probe(feeds, names, top)
+    for path, info in gv.regions.items():
+        info.error = regions.errors.get(path)
+    return got
 
 
 def _embedding_rows(v: Value, depth: int = 4) -> int | None:

@@ -9,14 +9,14 @@ a pass (metadata `attn_opt.site`) or covered by a detected site count as attenti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
 import onnx
 
 from attn_opt.core.graph import SITE_TAG
-from attn_opt.core.ir.onnx import run
+from attn_opt.core.ir import onnx_region_shapes as shapes_of
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Erf", "Sqrt", "Pow",
                "Where", "Neg", "Gelu", "Softplus", "Max", "Min", "Abs", "Reciprocal", "Not", "And", "Or",
@@ -35,15 +35,24 @@ class Flops:
     matmul: int = 0
     attention: int = 0
     attention_matmul: int = 0
+    notes: list[str] = field(default_factory=list)  # how subgraphs and functions were counted
 
     def to_json(self) -> dict:
         return {"total": self.total, "matmul": self.matmul, "attention": self.attention,
-                "attention_matmul": self.attention_matmul}
+                "attention_matmul": self.attention_matmul, "notes": self.notes}
+
+    def add(self, other: "Flops", times: int = 1) -> None:
+        self.total += other.total * times
+        self.matmul += other.matmul * times
+        self.attention += other.attention * times
+        self.attention_matmul += other.attention_matmul * times
+        self.notes += [n for n in other.notes if n not in self.notes]
 
 
 def static_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Concrete shapes from static inference with the inputs fixed to the feeds' shapes
-    (on the weightless proto: initializers give their dims), and the values it could not size."""
+    (on the weightless proto: initializers give their dims), inside subgraphs and, per call,
+    function bodies too (onnx_region_shapes.py); and the values it could not size."""
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     for inp in m.graph.input:
@@ -57,31 +66,50 @@ def static_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple
     except Exception:
         pass
     out: dict[str, tuple[int, ...]] = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = tuple(d.dim_value for d in dims)
-    for init in m.graph.initializer:
-        out[init.name] = tuple(init.dims)
-    for n in m.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = tuple(a.t.dims)
-    counted = {n.name for n in m.graph.node if n.op_type in COUNTED}
-    missing = [v for n in m.graph.node if n.name in counted for v in list(n.input) + list(n.output)[:1]
-               if v and v not in out]
+    types: dict = {}
+    shapes_of.collect(m.graph, out, types)
+    shapes_of.calls(m, out, types)
+    missing = []
+    for g in shapes_of.all_graphs(m.graph):
+        missing += [v for n in g.node if n.op_type in COUNTED for v in list(n.input) + list(n.output)[:1]
+                    if v and v not in out]
+    for f in m.functions:  # sized at no call: its first call's probe sizes it
+        for g in shapes_of.all_graphs(onnx.helper.make_graph(f.node, f.name, [], [])):
+            missing += [v for n in g.node if n.op_type in COUNTED for v in list(n.input) + list(n.output)[:1]
+                        if v and v not in out and not any(k.endswith(shapes_of.SEP + v) for k in out)]
     return out, list(dict.fromkeys(missing))
+
+
+def control_values(proto: onnx.ModelProto) -> list[str]:
+    """The values FLOP counting reads, not only sizes: each If's condition and each Loop's
+    trip count (which branch ran, how many times a body ran)."""
+    out = []
+    graphs = list(shapes_of.all_graphs(proto.graph))
+    for f in proto.functions:
+        graphs += list(shapes_of.all_graphs(onnx.helper.make_graph(f.node, f.name, [], [])))
+    for g in graphs:
+        for n in g.node:
+            if n.op_type in ("If", "Loop") and n.input and n.input[0]:
+                out.append(n.input[0])
+    return out
 
 
 def shapes(model, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Concrete shape of every value a count needs (a ModelProto or OnnxModel): static
-    inference, then one ORT run for the values inference could not size."""
+    inference, then one ORT run for the values inference could not size (values inside
+    regions from each region run alone)."""
     out, missing = static_shapes(_graph(model), feeds)
     if missing:
-        got = run(model, feeds, missing)
+        got = _run(model, feeds, missing)
         out.update({k: tuple(np.shape(v)) for k, v in got.items()})
     return out
+
+
+def _run(model, feeds, names: list[str]) -> dict:
+    from attn_opt.core.ir import onnx as adapter
+
+    om = adapter.load(model)
+    return adapter.probe(adapter.view(om), feeds, names, lambda ns: om.run(feeds, ns))
 
 
 def _matmul(a: tuple, b: tuple) -> int:
@@ -156,33 +184,46 @@ def _graph(model) -> onnx.ModelProto:
 
 def count(model, feeds: dict[str, np.ndarray], attention_nodes: set[str] = frozenset()) -> Flops:
     """FLOPs of a ModelProto or OnnxModel at the feeds' shapes."""
-    return count_shapes(_graph(model), shapes(model, feeds), attention_nodes)
+    proto = _graph(model)
+    shp = shapes(model, feeds)
+    control = [n for n in control_values(proto) if n not in feeds]
+    values = _run(model, feeds, control) if control else {}
+    return count_shapes(proto, shp, attention_nodes, dict(values) | dict(feeds))
 
 
-def count_shapes(proto: onnx.ModelProto, shp: dict, attention_nodes: set[str] = frozenset()) -> Flops:
-    """FLOPs of the graph's nodes at the given concrete shapes."""
+def count_shapes(proto: onnx.ModelProto, shp: dict, attention_nodes: set[str] = frozenset(),
+                 values: dict | None = None) -> Flops:
+    """FLOPs of the graph's nodes at the given concrete shapes, the regions' included
+    (onnx_flops_regions.py): `values` are those of the run the shapes came from (which
+    branch each If took, each Loop's trip count)."""
+    from attn_opt.core.ir.onnx_flops_regions import Counter
+
+    return Counter(proto, shp, attention_nodes, values or {}).count()
+
+
+def node_counts(n: onnx.NodeProto, shp, attention_nodes: set[str]) -> Flops:
+    """One node's FLOPs (not a control-flow node or a function call)."""
     f = Flops()
-    for n in proto.graph.node:
-        fl, is_mm = node_flops(n, shp)
-        if n.op_type in ATTENTION_OPS:  # the softmax inside a fused op: not a matrix product
-            soft = _attention(n, shp)[1] if fl else 0
-            f.total += soft
-            f.attention += soft
-        if not fl:
-            continue
-        f.total += fl
-        f.matmul += fl if is_mm else 0
-        tagged = any(p.key == SITE_TAG for p in n.metadata_props)
-        if tagged or n.name in attention_nodes or n.op_type in ATTENTION_OPS:
-            f.attention += fl
-            f.attention_matmul += fl if is_mm else 0
+    fl, is_mm = node_flops(n, shp)
+    if n.op_type in ATTENTION_OPS:  # the softmax inside a fused op: not a matrix product
+        soft = _attention(n, shp)[1] if fl else 0
+        f.total += soft
+        f.attention += soft
+    if not fl:
+        return f
+    f.total += fl
+    f.matmul += fl if is_mm else 0
+    tagged = any(p.key == SITE_TAG for p in n.metadata_props)
+    if tagged or n.name in attention_nodes or n.op_type in ATTENTION_OPS:
+        f.attention += fl
+        f.attention_matmul += fl if is_mm else 0
     return f
 
 
 def params(model) -> int:
-    """Parameters: elements of floating-point initializers of rank ≥ 1."""
+    """Parameters: elements of floating-point initializers of rank ≥ 1 (a subgraph's too)."""
     total = 0
-    for t in _graph(model).graph.initializer:
+    for t in (t for g in shapes_of.all_graphs(_graph(model).graph) for t in g.initializer):
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                            onnx.TensorProto.DOUBLE) and len(t.dims) >= 1:
             total += prod(t.dims)

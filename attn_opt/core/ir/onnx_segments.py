@@ -17,23 +17,35 @@ from onnx import helper
 from attn_opt.core import fidelity
 from attn_opt.core.graph import SITE_TAG
 from attn_opt.core.ir.onnx_model import OnnxModel
+from attn_opt.core.ir.onnx_region_shapes import graphs_of
+
+
+def reads(n: onnx.NodeProto) -> list[str]:
+    """What a node reads: its inputs, and what its subgraphs read from enclosing graphs."""
+    out = list(n.input)
+    for _, g in graphs_of(n):
+        inside = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for m in g.node for o in m.output}
+        out += [x for m in g.node for x in reads(m) if x not in inside]
+        out += [o.name for o in g.output if o.name not in inside]
+    return out
 
 
 def _sub_model(proto: onnx.ModelProto, nodes: list, inputs: dict[str, np.ndarray], outputs: list[str]):
     inits = {t.name: t for t in proto.graph.initializer}
-    used = {x for n in nodes for x in n.input if x in inits}
+    used = {x for n in nodes for x in reads(n) if x in inits}
     graph = helper.make_graph(
         nodes, "segment",
         [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
          for k, a in inputs.items()],
         [onnx.ValueInfoProto(name=o) for o in outputs], [inits[k] for k in sorted(used)])
-    return helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    return helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
+                             functions=list(proto.functions))
 
 
 def _run_sub(model: OnnxModel, proto, nodes, env: dict, outputs: list[str]) -> dict[str, np.ndarray]:
     produced = {o for n in nodes for o in n.output}
     inits = {t.name for t in proto.graph.initializer}
-    ins = {x: env[x] for n in nodes for x in n.input if x and x not in produced and x not in inits}
+    ins = {x: env[x] for n in nodes for x in reads(n) if x and x not in produced and x not in inits}
     sub = OnnxModel.from_proto(_sub_model(proto, nodes, ins, outputs), model.folder)
     return sub.run(ins, outputs)
 
@@ -44,7 +56,7 @@ def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
              for t in proto.graph.initializer}
     out, cur, used = [], [], 0
     for i, n in enumerate(proto.graph.node):
-        w = sum(sizes.get(x, 0) for x in n.input)
+        w = sum(sizes.get(x, 0) for x in set(reads(n)))
         if cur and used + w > budget:
             out.append(cur)
             cur, used = [], 0
@@ -59,7 +71,7 @@ def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int) 
     nodes = list(proto.graph.node)
     last = {}
     for i, n in enumerate(nodes):
-        for x in n.input:
+        for x in reads(n):
             last[x] = i
     for o in proto.graph.output:
         last[o.name] = len(nodes)

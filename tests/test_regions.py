@@ -187,7 +187,7 @@ def test_merged_decoder_both_branches():
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5)
     _, rep = attn_opt.optimize(src, parse_chain(["stream:sinks=2,window=4"]), feeds=f)
     assert rep.passes[0].sites_rewritten == []
-    assert all("inside optimum::if" in s["reason"] for s in rep.passes[0].sites_skipped)
+    assert all("inside optimum::if" in s.reason for s in rep.passes[0].sites_skipped)
 
 
 @pytest.mark.parametrize("spec", ["sparse:window=4", "softplus", "sigmoid", "sinkfree:mode=logit,bias=0",
@@ -201,7 +201,8 @@ def test_forms_rewrite_every_region(spec):
 
 
 def test_forms_compose_in_regions():
-    out, rep = attn_opt.optimize(control_flow_model(), parse_chain(["sparse:window=4", "softplus"]), feeds=cf_feeds())
+    out, rep = attn_opt.optimize(control_flow_model(), parse_chain(["sparse:window=4", "softplus"]),
+                                 feeds=cf_feeds())
     assert [p.sites_rewritten for p in rep.passes] == [REGION_SITES, REGION_SITES]
     sites = attn_opt.inspect(out).sites
     assert all(s.pattern is not None and s.normaliser.kind == "softplus" for s in sites)
@@ -214,7 +215,8 @@ def test_gated_and_mlpfree_in_torch_cond_branches(cond_onnx):
     assert [s.id.split("/", 1)[1] for s in det.sites] == ["then/a0", "else/a0"]
     assert [s.causal for s in det.sites] == [True, False]
     for spec in ("fuse", "gated", "mlpfree:collapse=qk+vo"):
-        out, rep = attn_opt.optimize(str(cond_onnx), parse_chain([spec]), feeds={"x": np.random.default_rng(1).standard_normal((2, 6, 32)).astype(np.float32)})
+        x = np.random.default_rng(1).standard_normal((2, 6, 32)).astype(np.float32)
+        out, rep = attn_opt.optimize(str(cond_onnx), parse_chain([spec]), feeds={"x": x})
         p = rep.passes[0]
         assert len(p.sites_rewritten) == 2, (spec, p.sites_skipped)
         assert p.fidelity["max_rel_error"] <= 1e-4, spec  # all three are exact
@@ -229,8 +231,9 @@ def test_function_calls_that_differ_are_not_rewritten(ref_attr):
     det = attn_opt.inspect(src)
     assert [s.id for s in det.sites] == ["function:Scaled/a0"]
     assert "calls differ" in det.sites[0].blocked and "scale 0.35 vs 0.7" in det.sites[0].blocked
-    out, rep = attn_opt.optimize(src, parse_chain(["fuse"]), feeds={n: np.ones((2, 4, 12, 8), np.float32) for n in "qkv"})
-    assert rep.passes[0].sites_rewritten == [] and "calls differ" in rep.passes[0].sites_skipped[0]["reason"]
+    out, rep = attn_opt.optimize(src, parse_chain(["fuse"]), feeds={n: np.ones((2, 4, 12, 8), np.float32)
+                                                                     for n in "qkv"})
+    assert rep.passes[0].sites_rewritten == [] and "calls differ" in rep.passes[0].sites_skipped[0].reason
     assert not any(n.op_type == "Attention" for n in out.functions[0].node)
 
 
@@ -248,18 +251,19 @@ def test_calibration_skips_function_sites(tmp_path):
     out, rep = attn_opt.optimize(src, parse_chain(["softplus"]), feeds=cf_feeds(), calibrate=cf_feeds(seed=5))
     p = rep.passes[0]
     assert p.sites_rewritten == REGION_SITES[:4]
-    assert [s["id"] for s in p.sites_skipped] == ["function:Attn/a0"]
-    assert "function body has none" in p.sites_skipped[0]["reason"]
+    assert [s.id for s in p.sites_skipped] == ["function:Attn/a0"]
+    assert "function body has none" in p.sites_skipped[0].reason
     assert {f["site"] for f in p.calibration["sites"]} == set(REGION_SITES[:4])
 
 
 # ---- selection, FLOPs, checks, the diff ---------------------------------------------------------
 
 def test_selection_by_site_and_region():
-    _, rep = attn_opt.optimize(control_flow_model(), parse_chain(["fuse"]), feeds=cf_feeds(), sites={"pad_if", "function:Attn/a0"})
+    _, rep = attn_opt.optimize(control_flow_model(), parse_chain(["fuse"]), feeds=cf_feeds(),
+                               sites={"pad_if", "function:Attn/a0"})
     p = rep.passes[0]
     assert p.sites_rewritten == ["pad_if/then/a0", "pad_if/else/a0", "function:Attn/a0"]
-    assert {s["id"]: s["reason"] for s in p.sites_skipped} == {"loop/body/a0": "not in --sites",
+    assert {s.id: s.reason for s in p.sites_skipped} == {"loop/body/a0": "not in --sites",
                                                                 "scan/body/a0": "not in --sites"}
 
 

@@ -142,15 +142,16 @@ def feeds_from_npz(specs: list[InputSpec], path: str, flag: str) -> dict[str, np
 
 
 def checked_feeds(specs: list[InputSpec], data: dict, what: str) -> dict[str, np.ndarray]:
-    """Every input present, none empty, each of the model's rank and static sizes; a
-    one-line UserError naming `what` otherwise."""
+    """Every input present, none empty (but a decoder's cache: an empty past is a first
+    step), each of the model's rank and static sizes; a one-line UserError naming `what`
+    otherwise."""
     missing = [s.name for s in specs if s.name not in data]
     if missing:
         raise UserError(f"{what} lacks {missing}; it has {sorted(data)}")
-    feeds = {}
+    feeds, caches = {}, {s.name for s in past_inputs(specs)}
     for s in specs:
         a = np.asarray(data[s.name])
-        if a.size == 0:
+        if a.size == 0 and s.name not in caches:
             raise UserError(f"{what}: {s.name} is empty")
         if a.ndim != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, a.shape)):
             want = "x".join(str(d) if isinstance(d, int) else "?" for d in s.shape)

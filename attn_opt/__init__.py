@@ -17,16 +17,21 @@ __all__ = ["inspect", "optimize", "heal", "backend", "Detection", "AttentionSite
 __version__ = "0.1.0"
 
 
-def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
-    """Find every attention site in `model`; `near_misses` says why each other softmax is not one."""
+def inspect(model: Any, example_inputs=None, feeds=None, max_memory: str | int | None = None) -> Detection:
+    """Find every attention site in `model`; `near_misses` says why each other softmax is not one.
+    `max_memory` (bytes, or "8G"): the limit a run on `feeds` is refused past (default: the
+    memory available)."""
+    from attn_opt.core import limits
     from attn_opt.core.ir import load
 
-    loaded = load(model, example_inputs)
-    return detect(loaded.view, feeds=feeds)
+    with limits.use(max_memory):
+        loaded = load(model, example_inputs)
+        return detect(loaded.view, feeds=feeds)
 
 
 def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, force: bool = False, layers=None,
-             sites=None, max_error: float | None = None, check: str = "model", calibrate=None, lora: int = 0):
+             sites=None, max_error: float | None = None, check: str = "model", calibrate=None, lora: int = 0,
+             max_memory: str | int | None = None):
     """Run passes through the one pipeline; returns (rewritten model, report).
 
     ONNX (a path, ModelProto or OnnxModel): a ModelProto for a ModelProto, else an
@@ -37,13 +42,24 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
     the passes, `max_error` bounds the relative error, `check` is "model", "sites"
     (ONNX) or "none", as on the command line. `calibrate` (an .npz path or name -> array):
     inputs to fit each rewritten site's per-head parameters on, as `--calibrate`; `lora`: the
-    rank of an output-projection correction fitted with them, as `--lora`.
+    rank of an output-projection correction fitted with them, as `--lora`. `max_memory` (bytes,
+    or "8G"), as `--max-memory`: inputs, runs and fits estimated (from their shapes) to need
+    more are refused before anything is allocated; default: the memory available.
     """
+    from attn_opt.core import limits
+
+    with limits.use(max_memory):
+        return _optimize(model, passes, example_inputs, feeds, force, layers, sites, max_error, check, calibrate,
+                         lora)
+
+
+def _optimize(model, passes, example_inputs, feeds, force, layers, sites, max_error, check, calibrate, lora):
     from attn_opt.core.ir import load
+    from attn_opt.core.passbase import Layers
     from attn_opt.pipeline.run import parse_chain, run_pipeline
 
     chain = parse_chain(passes)
-    options = dict(layers=set(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
+    options = dict(layers=Layers.of(layers) if layers is not None else None, ids=set(sites) if sites is not None else None,
                    max_error=max_error, force=force, check=check)
     if lora:
         options["lora"] = lora
@@ -53,7 +69,7 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, forc
         from attn_opt.core.ir import onnx as onnx_adapter
 
         specs = onnx_adapter.input_specs(loaded.view)
-        feeds = feeds or make_inputs(specs)
+        feeds = checked_feeds(specs, feeds, "feeds") if feeds else make_inputs(specs)
         if calibrate is not None:
             options["calibrate"] = feeds_from_npz(specs, calibrate, "calibrate") if isinstance(calibrate, str) \
                 else checked_feeds(specs, calibrate, "calibrate")

@@ -175,21 +175,67 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
         raise UserError(f"{name}: {e}") from None
 
 
-def parse_ranges(text: str | None) -> set[int] | None:
-    """`0-3,7` to {0, 1, 2, 3, 7}."""
+@dataclass(frozen=True)
+class Layers:
+    """A layer selection as closed intervals, never expanded into numbers, so
+    `0-99999999999999999999` costs two integers and is checked against the model's
+    layers as intervals."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    def __contains__(self, layer) -> bool:
+        return isinstance(layer, int) and any(a <= layer <= b for a, b in self.spans)
+
+    def missing(self, known) -> list[tuple[int, int]]:
+        """The parts of the selection no known layer covers, as intervals."""
+        have = sorted(set(known))
+        out = []
+        for a, b in sorted(self.spans):
+            lo = a
+            for k in have:
+                if k < lo or k > b:
+                    continue
+                if k > lo:
+                    out.append((lo, k - 1))
+                lo = k + 1
+            if lo <= b:
+                out.append((lo, b))
+        return out
+
+    @classmethod
+    def of(cls, layers) -> "Layers":
+        """From a Layers, a `range` (step 1: its ends only) or layer numbers."""
+        if isinstance(layers, Layers):
+            return layers
+        if isinstance(layers, str):
+            return parse_ranges(layers)
+        if isinstance(layers, range) and layers.step == 1:
+            return cls(((layers.start, layers.stop - 1),) if len(layers) else ())
+        nums = set(layers)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in nums):
+            raise UserError(f"layers must be whole numbers >= 0 (got {sorted(nums, key=str)[:5]})")
+        return cls(tuple((x, x) for x in sorted(nums)))
+
+
+def spans_text(spans) -> str:
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
+def parse_ranges(text: str | None) -> Layers | None:
+    """`0-3,7` to the intervals (0, 3), (7, 7)."""
     if text is None:
         return None
-    out: set[int] = set()
+    spans = []
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
             a, b = (int(lo), int(hi)) if sep else (int(lo), int(lo))
             if a < 0 or b < a:
                 raise ValueError
-            out |= set(range(a, b + 1))
+            spans.append((a, b))
     except ValueError:
         raise UserError(f"bad --layers {text!r}: expected layer numbers >= 0 and ranges lo-hi, e.g. 0-3,7") from None
-    return out
+    return Layers(tuple(spans))
 
 
 def parse_sites(text: str | None) -> set[str] | None:

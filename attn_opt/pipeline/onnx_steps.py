@@ -53,6 +53,8 @@ class OnnxSteps:
 
                     budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
                     got = run_segmented(om, feeds, set(names + missing), budget)
+            except UserError:  # refused before it ran (the memory limit): said as it is
+                raise
             except Exception as e:
                 raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None

@@ -27,7 +27,7 @@ import numpy as np
 
 from attn_opt.core import fidelity
 from attn_opt.core.errors import DoesNotRun, NotSupported, UserError, first_line
-from attn_opt.core.passbase import Pass
+from attn_opt.core.passbase import Layers, Pass, spans_text
 from attn_opt.core.progress import Progress
 
 EXACT_TOL = 1e-4
@@ -119,9 +119,9 @@ def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> Non
         missing = sorted(set(ids) - set(have))
         raise UserError(f"no site {', '.join(map(repr, missing))}; sites: {', '.join(have) or 'none'}")
     known = sorted({s.layer for s in sites if s.layer is not None})
-    if layers is not None and set(layers) - set(known):
-        missing = sorted(set(layers) - set(known))
-        raise UserError(f"no attention in layer {', '.join(map(str, missing))}; "
+    missing = Layers.of(layers).missing(known) if layers is not None else []  # intervals: never expanded
+    if missing:
+        raise UserError(f"no attention in layer {spans_text(missing)}; "
                         f"layers with sites: {_ranges(known) or 'none (no layer numbers found)'}")
 
 
@@ -251,6 +251,10 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
         cur = steps.observe(model, feeds, run=check == "model")
     ref = reference if reference is not None else cur.outputs
     check_selection(cur.det.sites, layers, ids)
+    if lora:
+        from attn_opt.pipeline.calibrate import check_lora
+
+        check_lora(select(cur.det.sites, layers, ids)[0], lora)
     ref_cal = steps.outputs_on(cur.model, calibrate) if calibrate is not None else None
     variants = list(variants or []) if check == "model" else []
     ref_var, variant_notes = {}, []

@@ -101,6 +101,12 @@ def _attention(model: str, det, feeds, window, heatmaps):
     return stats
 
 
+MAX_MEMORY = click.option(
+    "--max-memory", metavar="SIZE",
+    help="Refuse inputs, runs and fits estimated (from shapes, before allocating) to need more than SIZE "
+         "(8G, 512M, bytes); default: the memory available now.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
 def cli():
@@ -115,15 +121,17 @@ def cli():
 @click.option("--inputs", help="Inputs for --attention as .npz (default: generated from the signature).")
 @click.option("--window", type=click.IntRange(min=1), help="With --attention: report the attention mass outside this window.")
 @click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
-def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps):
+@MAX_MEMORY
+def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps, max_memory):
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
     from attn_opt import inspect as run_inspect
-
+    from attn_opt.core import limits
     from attn_opt.core.inputs import read_npz
 
-    feeds = read_npz(inputs) if inputs else None
-    det = run_inspect(model, feeds=feeds)
-    stats = _attention(model, det, feeds, window, heatmaps) if attention else None
+    with limits.use(max_memory):
+        feeds = read_npz(inputs) if inputs else None
+        det = run_inspect(model, feeds=feeds)
+        stats = _attention(model, det, feeds, window, heatmaps) if attention else None
     if as_json:
         out = {"model": model, "sites": [s.to_json() for s in det.sites],
                "near_misses": [m.to_json() for m in det.near_misses], "rule_counts": det.counts,
@@ -172,13 +180,14 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")
 @click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
+@MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora):
+             calibrate, lora, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora)
+        html, check, calibrate, lora, max_memory)
 
 
 @cli.command("passes")

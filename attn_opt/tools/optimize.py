@@ -19,13 +19,17 @@ def _same_file(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def load_feeds(specs, npz: str | None, shapes: tuple[str, ...]) -> tuple[dict, dict]:
-    from attn_opt.core.inputs import feeds_from_npz, make_inputs, parse_shape_overrides
+def load_feeds(specs, npz: str | None, shapes: tuple[str, ...], check=None) -> tuple[dict, dict]:
+    """The fidelity inputs, read or generated once `check(shapes)` (a run at their shapes
+    fits the memory limit) passed on their shapes alone."""
+    from attn_opt.core.inputs import feeds_from_npz, make_inputs, parse_shape_overrides, resolve_shapes
 
     if npz:
-        feeds = feeds_from_npz(specs, npz, "--inputs")
+        feeds = feeds_from_npz(specs, npz, "--inputs", check)
         return feeds, {"source": npz, "shapes": {k: list(v.shape) for k, v in feeds.items()}}
     overrides = parse_shape_overrides(shapes)
+    if check is not None:
+        check(resolve_shapes(specs, overrides))
     feeds = make_inputs(specs, overrides, seed=0, pad=False)
     return feeds, {"source": "generated (seed 0; ids in the embedding range, masks of ones, floats N(0,1))",
                    "shapes": {k: list(v.shape) for k, v in feeds.items()},
@@ -88,7 +92,26 @@ def _load(model: str):
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
-             calibrate: str | None = None, lora: int = 0) -> None:
+             calibrate: str | None = None, lora: int = 0, max_memory: str | None = None) -> None:
+    from attn_opt.core import limits
+
+    with limits.use(max_memory):
+        _optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, console,
+                  html, check, calibrate, lora)
+
+
+def _run_check(native, pt2: bool, hint: str):
+    """What refuses, from shapes alone, a run of the model that would not fit in memory."""
+    if pt2:
+        return None
+    from attn_opt.core.ir.onnx_memory import check_run
+
+    proto = native.graph_proto()
+    return lambda shapes: check_run(proto, shapes, hint)
+
+
+def _optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, console,
+              html, check, calibrate, lora) -> None:
     from attn_opt import passes as registry
     from attn_opt.core.errors import DoesNotRun
     from attn_opt.core.inputs import parse_shape_overrides
@@ -123,11 +146,13 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     with progress.step("load"):
         steps, native, gv = _load(model)
     specs_ = steps_input_specs(steps, gv)
-    feeds, note = load_feeds(specs_, inputs, input_shape)
+    feeds, note = load_feeds(specs_, inputs, input_shape,
+                             _run_check(native, pt2, "give smaller --inputs" if inputs else "give smaller --input-shape"))
     if calibrate:
         from attn_opt.core.inputs import feeds_from_npz
 
-        kwargs["calibrate"] = feeds_from_npz(specs_, calibrate, "--calibrate")
+        kwargs["calibrate"] = feeds_from_npz(specs_, calibrate, "--calibrate",
+                                             _run_check(native, pt2, "give smaller --calibrate arrays"))
         note = dict(note, calibration=calibrate, heldout="the fidelity inputs")
     if lora:
         kwargs["lora"] = lora

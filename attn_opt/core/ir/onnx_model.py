@@ -154,7 +154,11 @@ class OnnxModel:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
-        """Run once in ONNX Runtime; the session is released before returning."""
+        """Run once in ONNX Runtime, when the run fits the memory limit (estimated from the
+        shapes: core/ir/onnx_memory.py); the session is released before returning."""
+        from attn_opt.core.ir.onnx_memory import check_run
+
+        check_run(self.graph_proto(), {k: np.shape(v) for k, v in feeds.items()})
         sess = self.session(extra)
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}

@@ -143,10 +143,11 @@ class SiteEdit:
         old.replace_all_uses_with(new_output, replace_graph_outputs=True)
         for node, idx in keep:
             node.replace_input_with(idx, old)
-        if was_output:
+        if was_output:  # the graph output keeps its name, type and shape (a graph output must declare them)
             old.name = f"{name}__replaced"
             new_output.name = name
-        if old.type is not None and new_output.type is None:
+            new_output.type, new_output.shape = old.type, old.shape
+        elif old.type is not None and new_output.type is None:
             new_output.type = old.type
 
 

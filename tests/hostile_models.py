@@ -1,0 +1,43 @@
+"""Small hand-built ONNX models the hostile-input tests share: attention whose output is
+itself the graph output, with its Q, K, V as inputs or projected from one hidden state."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+F = TensorProto.FLOAT
+SHAPE = [1, 2, 8, 4]  # B, H, T, D
+
+
+def _attention(q: str, k: str, v: str, out: str = "y") -> list:
+    return [helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [q, "kt"], ["s"]),
+            helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", F, [], [0.5])),
+            helper.make_node("Mul", ["s", "c"], ["ss"]),
+            helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", v], [out])]
+
+
+def output_site(opset: int = 18) -> onnx.ModelProto:
+    """Inputs q, k, v [1, 2, 8, 4] -> Transpose(k), MatMul, Mul 0.5, Softmax, MatMul -> graph output y."""
+    ins = [helper.make_tensor_value_info(n, F, SHAPE) for n in "qkv"]
+    g = helper.make_graph(_attention("q", "k", "v"), "g", ins, [helper.make_tensor_value_info("y", F, SHAPE)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def projected_output_site(opset: int = 18) -> onnx.ModelProto:
+    """The same attention with Q, K, V projected from a hidden state x [1, 8, 16] (so gated
+    and mlpfree have projections to read); y is still the graph output."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), f"W{c}") for c in "qkv"]
+    inits.append(numpy_helper.from_array(np.array([1, 8, 2, 4], np.int64), "shp"))
+    nodes = []
+    for c in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"W{c}"], [f"{c}p"]),
+                  helper.make_node("Reshape", [f"{c}p", "shp"], [f"{c}r"]),
+                  helper.make_node("Transpose", [f"{c}r"], [c], perm=[0, 2, 1, 3])]
+    g = helper.make_graph(nodes + _attention("q", "k", "v"), "g", [helper.make_tensor_value_info("x", F, [1, 8, 16])],
+                          [helper.make_tensor_value_info("y", F, SHAPE)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attn_opt.core.errors import UserError, first_line
+from attn_opt.core.errors import UserError
 from attn_opt.core.graph import Dim
 
 DEFAULT_BATCH = 2

@@ -5,6 +5,7 @@ name, option or bad value is a one-line error that lists what is accepted."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -13,12 +14,13 @@ from attn_opt.core.errors import UserError
 
 
 def option(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, accepts: str | None = None):
+           high: float | None = None, accepts: str | None = None, infinite: tuple[str, ...] = ()):
     """A pass option: its default, a one-line help, for strings the accepted values, for
     numbers (and each number of a list) the inclusive range [low, high]; `accepts` words
-    what a string option that the pass parses itself takes."""
+    what a string option that the pass parses itself takes. A float is finite unless
+    `infinite` names the infinity it may be ("-inf", "inf") and what that means is defined."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
-                                                        "accepts": accepts})
+                                                        "accepts": accepts, "infinite": infinite})
 
 
 def accepted(f: dataclasses.Field) -> str:
@@ -50,13 +52,15 @@ def type_name(typ) -> str:
 
 def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
     low, high = f.metadata.get("low"), f.metadata.get("high")
-    if low is None and high is None:
-        return
     for v in value if isinstance(value, tuple) else (value,):
-        if v is None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if isinstance(v, float) and v != v:
             raise UserError(f"{cls.name}: {fname} cannot be nan")
+        if isinstance(v, float) and math.isinf(v) and ("-inf" if v < 0 else "inf") not in f.metadata.get("infinite", ()):
+            allowed = " or ".join(f.metadata.get("infinite", ()))
+            raise UserError(f"{cls.name}: {fname} must be a finite number{f' or {allowed}' if allowed else ''} "
+                            f"(got {v:g})")
         if (low is not None and v < low) or (high is not None and v > high):
             raise UserError(f"{cls.name}: {fname} must be {accepted(f)} (got {v:g})")
 
@@ -167,6 +171,8 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
             raise UserError(f"{name}: unknown option {key!r}; options: {accepted}")
         if not eq:
             raise UserError(f"{name}: option {key} needs a value ({key}=...)")
+        if key in kwargs:  # `window=4,window=8`: which one was meant is not ours to guess
+            raise UserError(f"{name}: option {key} is given twice")
         kwargs[key] = _convert(cls, key, raw.strip(), hints[key], fields[key].metadata.get("choices"))
         _check_range(cls, key, kwargs[key], fields[key])
     try:

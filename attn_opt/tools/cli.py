@@ -9,7 +9,6 @@ unless ATTN_OPT_DEBUG=1.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from attn_opt.core import strict_json
 from attn_opt.core.errors import UserError
 
 
@@ -138,7 +138,7 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                "probe_error": det.probe_error}
         if stats is not None:
             out["attention"] = [h.to_json() for h in stats]
-        click.echo(json.dumps(out, indent=2))
+        click.echo(strict_json.dumps(out, indent=2))
         return
     con = out_console()
     con.print(sites_table(det, f"{len(det.sites)} attention site(s) in {model}"))
@@ -212,7 +212,7 @@ def passes_cmd(name: str | None, as_json: bool):
             {"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "accepted": accepted(f),
              "help": f.metadata.get("help", "")} for f in dataclasses.fields(cls)]}
     if as_json:
-        click.echo(json.dumps(out, indent=2, default=str))
+        click.echo(strict_json.dumps(out, indent=2, default=str))
         return
     con = out_console()
     for pname, info in out.items():
@@ -307,7 +307,7 @@ def generate(model: str, prompt: str, max_new_tokens: int, other: str | None, as
     out = run(model, prompt, max_new_tokens, other)
     con = out_console()
     if as_json:
-        click.echo(json.dumps(out))
+        click.echo(strict_json.dumps(out))
         return
     con.print(f"prompt {out['prompt_tokens']} tokens x batch {out['batch']}: {out['prompt_seconds'] * 1e3:.1f} ms; "
               f"{out['new_tokens']} new tokens: {out['tokens_per_second']:.1f} tokens/s; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -267,10 +266,11 @@ def _save_pt2(gm, feeds, output: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
+    from attn_opt.core import strict_json
     from attn_opt.core.io import atomic_path
 
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2))
+        Path(tmp).write_text(strict_json.dumps(obj, indent=2))  # strict: null (and why) for inf/NaN
 
 
 def write_pipeline_page(steps, report, path: str, feeds) -> None:

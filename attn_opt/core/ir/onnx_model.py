@@ -64,8 +64,8 @@ class OnnxModel:
         if not proto.graph.node and not proto.graph.output:
             raise UserError(f"{p} is not an ONNX model (no graph found)")
         external = _uses_external(proto)
-        if external:
-            _check_data_files(proto, p.parent)
+        if external:  # the inline weights of a large model are referenced in its own file: `own`
+            check_external(proto, p.parent, own=p.name if big else None)
         inline = big and not any(external_data_helper.uses_external_data(t) and
                                  external_data_helper.ExternalDataInfo(t).location != p.name
                                  for t in proto.graph.initializer)
@@ -85,6 +85,8 @@ class OnnxModel:
             keep = tempfile.TemporaryDirectory(prefix="attn-opt-weights-")
             folder = keep.name
             proto = _spill(proto, folder)
+        if external and folder:
+            check_external(proto, folder)
         model = ir.serde.deserialize_model(proto)
         if folder:
             ir.external_data.set_base_dir(model.graph, folder)
@@ -223,13 +225,34 @@ def _inline_small(model: ir.Model) -> None:
             v.const_value = ir.Tensor(np.array(t.numpy()), name=t.name)
 
 
-def _check_data_files(proto: onnx.ModelProto, folder: Path) -> None:
+def _tensor_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of its type and shape holds (None for strings and types numpy lacks)."""
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.data_type in (onnx.TensorProto.STRING,) or item == 0:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    return (n + 1) // 2 if t.data_type in bits else n * item
+
+
+def check_external(proto: onnx.ModelProto, folder: str | os.PathLike, own: str | None = None) -> None:
+    """Every external tensor's file inside `folder` (core/ir/external.py) and its bytes inside
+    that file, as many as its type needs: one line naming the tensor otherwise."""
+    from attn_opt.core.ir.external import check_range, data_path
+
     for t in proto.graph.initializer:
         if external_data_helper.uses_external_data(t):
-            info = external_data_helper.ExternalDataInfo(t)
-            if not (folder / info.location).is_file():
-                raise UserError(f"the model's external data file {info.location!r} is missing next to it "
-                                f"(looked in {folder})")
+            try:
+                info = external_data_helper.ExternalDataInfo(t)
+            except ValueError as e:  # a negative or non-numeric offset/length
+                raise UserError(f"tensor {t.name!r}: bad external data ({_first_line(e)})") from None
+            path = data_path(folder, info.location, t.name, own)
+            check_range(path, info.offset, info.length, _tensor_bytes(t), t.name)
 
 
 def _spill(proto: onnx.ModelProto, folder: str) -> onnx.ModelProto:

@@ -239,6 +239,10 @@ def diff(before, after, output, text):
 
     if not output and not text:
         raise UserError("give -o DIFF.html, --text, or both")
+    if output:
+        from attn_opt.core.io import check_writable
+
+        check_writable(output)
     lb, la = load(before), load(after)
     if lb.ir != la.ir:
         raise UserError(f"cannot diff a {lb.ir} model against a {la.ir} model")
@@ -337,17 +341,42 @@ def zoo(name: str | None, output: str | None, exporter: str):
         raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(z.MODELS)}")
     if not output:
         raise UserError("missing -o OUTPUT.onnx")
-    from attn_opt.core.io import atomic_path
+    from attn_opt.core.io import atomic_path, check_writable
+
+    check_writable(output)
 
     with atomic_path(output) as tmp:
         z.export_onnx(name, exporter, tmp)
     click.echo(f"wrote {output} ({name}, {exporter} exporter)")
 
 
+def _terminated(signum, frame):
+    """SIGTERM / SIGHUP end the run like Ctrl-C does: through every `finally`, so staging
+    files and folders are removed (only SIGKILL, which Python never sees, leaves them)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
         argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            try:
+                saved[sig] = signal.signal(sig, _terminated)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                pass
+    try:
+        return _main(argv)
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _main(argv: list[str]) -> int:
     try:
         cli.main(args=argv, prog_name="attn-opt", standalone_mode=False)
     except click.exceptions.Abort:
@@ -364,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except MemoryError:  # an allocation no estimate foresaw: still one line, and said plainly
+        _error("error: out of memory (an estimate from shapes let this through; --max-memory sets a lower limit)")
+        return 2
     except Exception as e:  # a bug: still one line, with a way to see more
         if os.environ.get("ATTN_OPT_DEBUG"):
             raise

@@ -99,6 +99,20 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
                   html, check, calibrate, lora)
 
 
+def _check_outputs(model: str, output: str, report: str | None, html: str | None) -> None:
+    """Every path to be written can be, and names neither the input nor another output:
+    checked before anything runs, so no model is written when its report could not be."""
+    from attn_opt.core.io import check_writable
+
+    named = [("-o", output)] + [(flag, p) for flag, p in (("--report", report), ("--html", html)) if p]
+    for i, (flag, p) in enumerate(named):
+        for other_flag, other in [("the input model", model)] + named[:i]:
+            if Path(p).resolve() == Path(other).resolve() or (Path(p).exists() and _same_file(p, other)):
+                raise UserError(f"{flag} {p} is also {other_flag if other_flag.startswith('the') else other_flag + ' ' + other}; "
+                                "give each output its own path (the input is never modified)")
+        check_writable(p, flag)
+
+
 def _run_check(native, pt2: bool, hint: str):
     """What refuses, from shapes alone, a run of the model that would not fit in memory."""
     if pt2:
@@ -128,6 +142,7 @@ def _optimize(model, specs, output, report_path, inputs, input_shape, layers, si
         raise UserError(f"no such file: {model}")
     if _same_file(model, output) if Path(output).exists() else Path(model).resolve() == Path(output).resolve():
         raise UserError("the output path is the input model; choose another -o (the input is never modified)")
+    _check_outputs(model, output, report_path, html)
     pt2 = Path(model).suffix == ".pt2"
     if pt2 != (Path(output).suffix == ".pt2"):
         raise UserError(f"a {'.pt2' if pt2 else 'ONNX'} model is written as {'.pt2' if pt2 else '.onnx'}; "

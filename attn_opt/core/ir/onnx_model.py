@@ -188,7 +188,7 @@ class OnnxModel:
     def save(self, dest: str | os.PathLike, external: bool | None = None) -> Path | None:
         """Write atomically. With external data (when the input had it, or when the model is
         over protobuf's limit) the weights go to DEST.data next to DEST. Returns that path."""
-        from attn_opt.core.io import atomic_dir
+        from attn_opt.core.io import atomic_dir, check_space, os_errors, switch_in
 
         dest = Path(dest)
         if external is None:
@@ -197,7 +197,9 @@ class OnnxModel:
         if data is not None and self.folder and any(
                 Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
             raise UserError(f"{data} holds the input model's weights; choose another -o")
-        with atomic_dir(dest.parent) as tmp:
+        check_space(dest.parent, self.graph_proto().ByteSize() + sum(t.nbytes for t in self._external_tensors()),
+                    str(dest))
+        with os_errors(dest), atomic_dir(dest.parent) as tmp:
             staged = Path(tmp) / dest.name
             if data is None and self.folder:  # inline output: weights streamed from their files
                 save_inline(self.graph_proto(), self.folder, staged)
@@ -205,9 +207,8 @@ class OnnxModel:
                 ir.save(self.ir, staged)
             else:  # weights copied file to file, the graph written once
                 save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
-            if data is not None and (Path(tmp) / data.name).exists():
-                os.replace(Path(tmp) / data.name, data)
-            os.replace(staged, dest)
+            pairs = [(Path(tmp) / data.name, data)] if data is not None and (Path(tmp) / data.name).exists() else []
+            switch_in(pairs + [(staged, dest)])  # the weights and the graph that names them, together
         return data
 
     def _external_tensors(self):

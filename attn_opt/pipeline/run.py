@@ -298,7 +298,8 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                 per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
         with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
             try:
-                new = steps.observe(cur.model, feeds, run=check == "model")
+                # check=none: the values detection read before the pass are reused; only what they lack runs
+                new = steps.observe(cur.model, feeds, run=check == "model", known=cur if check == "none" else None)
             except DoesNotRun as e:
                 raise UserError(f"{p.name}: the rewritten model does not run "
                                 f"({str(e).split('; give --inputs')[0]}); nothing written") from None
@@ -334,8 +335,9 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                              "on that model's own activations; the whole model was not run, so errors are per "
                              "site and not compounded")
         elif check == "none":
-            rep.notes.append("check=none: the model was validated, and run only segment by segment for what "
-                             "detection reads (shapes, masks); outputs not compared, no fidelity figures")
+            rep.notes.append("check=none: the model was validated, and run only as far as the values detection "
+                             "reads (shapes, masks), segment by segment, the rewritten model reusing them; "
+                             "outputs not compared, no fidelity figures")
         rep.fidelity = fid.to_json() if fid else (step.to_json() if step else {})
         rep.step_fidelity = step.to_json() if step else {}
         rep.seconds = time.perf_counter() - t0

@@ -174,7 +174,8 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
 @click.option("--check", type=click.Choice(["model", "sites", "none"]),
               help="How each pass is checked: run the whole model (default when it fits in memory), each "
                    "rewritten site alone on the previous model's activations (one segment in memory at a "
-                   "time), or not run at all (structure only).")
+                   "time), or none: outputs not compared (the model runs, one segment at a time, only as far as "
+                   "the values detection reads; the rewritten model reuses them).")
 @click.option("--calibrate", metavar="FILE.npz",
               help="Inputs to fit each rewritten site's per-head parameters on (temperature, offset, gain and "
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")

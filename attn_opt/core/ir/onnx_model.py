@@ -87,7 +87,13 @@ class OnnxModel:
             proto = _spill(proto, folder)
         if external and folder:
             check_external(proto, folder)
-        model = ir.serde.deserialize_model(proto)
+        check_names(proto)
+        try:
+            model = ir.serde.deserialize_model(proto)
+        except Exception as e:  # onnx_ir wraps the reason: the innermost one is what to say
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise UserError(f"{source} is not a readable ONNX model ({_first_line(e)[:300]})") from None
         if folder:
             ir.external_data.set_base_dir(model.graph, folder)
             _inline_small(model)
@@ -224,6 +230,33 @@ def _inline_small(model: ir.Model) -> None:
         t = v.const_value
         if isinstance(t, ir.ExternalTensor) and t.nbytes < SPILL_BYTES:
             v.const_value = ir.Tensor(np.array(t.numpy()), name=t.name)
+
+
+def check_names(proto: onnx.ModelProto) -> None:
+    """Each value of the main graph named once: inputs, initializers and node outputs (an
+    initializer may share its name with the input it gives a default to, as IR < 4 wrote);
+    a duplicate makes every later reference ambiguous, so it is one line naming it."""
+    g = proto.graph
+    seen: dict[str, str] = {}
+
+    def claim(name: str, what: str) -> None:
+        if name in seen:
+            raise UserError(f"the model names two values {name!r} ({seen[name]} and {what}); "
+                            "each value must have its own name")
+        seen[name] = what
+
+    for i in g.input:
+        claim(i.name, "a graph input")
+    inputs = set(seen)
+    for t in g.initializer:
+        if t.name in inputs:
+            inputs.discard(t.name)  # the legacy default of an input: once only
+            continue
+        claim(t.name, "an initializer")
+    for n in g.node:
+        for o in n.output:
+            if o:
+                claim(o, f"an output of node {n.name or n.op_type!r}")
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int | None:

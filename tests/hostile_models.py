@@ -41,3 +41,42 @@ def projected_output_site(opset: int = 18) -> onnx.ModelProto:
     g = helper.make_graph(nodes + _attention("q", "k", "v"), "g", [helper.make_tensor_value_info("x", F, [1, 8, 16])],
                           [helper.make_tensor_value_info("y", F, SHAPE)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+# ---- .npy / .npz files whose headers lie -----------------------------------------------------
+def npy_header(shape, dtype) -> bytes:
+    """A .npy header (format 1.0) declaring `shape` and `dtype`, whatever data follows."""
+    import io
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                     "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def write_npz(path, members: dict[str, bytes]) -> None:
+    """An archive with these raw members (names as given), stored."""
+    import zipfile
+    import warnings
+
+    with zipfile.ZipFile(path, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names are what some tests want
+        for name, raw in members.items() if isinstance(members, dict) else members:
+            z.writestr(name, raw)
+
+
+def deflated_zeros(path, shapes: dict[str, tuple[int, ...]], dtype="<i8") -> None:
+    """An honest-looking archive: each member a header and that many zero bytes, deflated
+    (a few MB on disk for GBs of array): a decompression bomb."""
+    import zipfile
+
+    chunk = b"\0" * (16 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, shape in shapes.items():
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                f.write(npy_header(shape, dtype))
+                for start in range(0, size, len(chunk)):
+                    f.write(chunk[:min(len(chunk), size - start)])

@@ -29,33 +29,59 @@ class Header:
     nbytes: int
 
 
+def _read_header(fp, name: str, file_size: int, what: str) -> Header:
+    """The .npy header at `fp`, checked: a plain numeric dtype, a shape, and no more data
+    promised than the `file_size` bytes the array's file (or archive member) holds."""
+    try:
+        version = npy.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(fp, max_header_size=MAX_HEADER)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy.read_array_header_2_0(fp, max_header_size=MAX_HEADER)
+        else:
+            raise ValueError(f"unknown .npy format version {version}")
+        start = fp.tell()
+    except Exception as e:  # a bad magic string, a header that is not a dict literal, a bad CRC, ...
+        raise UserError(f"{what}: {name} is not a readable .npy array ({first_line(e)[:200]})") from None
+    if dtype.hasobject:
+        raise UserError(f"{what}: {name} holds Python objects (pickled); give plain numeric arrays")
+    if dtype.kind not in "biuf":
+        raise UserError(f"{what}: {name} has dtype {dtype}; inputs are boolean, integer or float arrays")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise UserError(f"{what}: {name} declares a bad shape {shape}")
+    size = limits.nbytes(shape, dtype.itemsize)
+    if start + size > file_size:  # the header promises more data than the file holds
+        raise UserError(f"{what}: {name} declares a {'x'.join(map(str, shape)) or 'scalar'} {dtype} array "
+                        f"({limits.size_text(size)}) but the file holds {limits.size_text(file_size)} for it")
+    return Header(name, tuple(shape), dtype, size)
+
+
 def _header(z: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> Header:
     name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
     try:
         with z.open(info) as fp:
-            version = npy.read_magic(fp)
-            if version == (1, 0):
-                shape, fortran, dtype = npy.read_array_header_1_0(fp, max_header_size=MAX_HEADER)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = npy.read_array_header_2_0(fp, max_header_size=MAX_HEADER)
-            else:
-                raise ValueError(f"unknown .npy format version {version}")
-            start = fp.tell()
+            h = _read_header(fp, f"member {name!r}", info.file_size, what)
     except UserError:
         raise
-    except Exception as e:  # a bad magic string, a header that is not a dict literal, a bad CRC, ...
+    except Exception as e:  # a bad CRC, a damaged local header, ...
         raise UserError(f"{what}: member {name!r} is not a readable .npy array ({first_line(e)[:200]})") from None
-    if dtype.hasobject:
-        raise UserError(f"{what}: member {name!r} holds Python objects (pickled); give plain numeric arrays")
-    if dtype.kind not in "biuf":
-        raise UserError(f"{what}: member {name!r} has dtype {dtype}; inputs are boolean, integer or float arrays")
-    if any(not isinstance(d, int) or d < 0 for d in shape):
-        raise UserError(f"{what}: member {name!r} declares a bad shape {shape}")
-    size = limits.nbytes(shape, dtype.itemsize)
-    if start + size > info.file_size:  # the header promises more data than the archive holds
-        raise UserError(f"{what}: member {name!r} declares a {'x'.join(map(str, shape)) or 'scalar'} {dtype} array "
-                        f"({limits.size_text(size)}) but the archive holds {limits.size_text(info.file_size)} for it")
-    return Header(name, tuple(shape), dtype, size)
+    return Header(name, h.shape, h.dtype, h.nbytes)
+
+
+def load_npy(path: str, what: str) -> np.ndarray:
+    """One .npy file's array, its header checked first and its size against the memory limit."""
+    import os
+
+    try:
+        with open(path, "rb") as fp:
+            h = _read_header(fp, "the file", os.fstat(fp.fileno()).st_size, what)
+    except OSError as e:
+        raise UserError(f"cannot read {what}: {e.strerror or first_line(e)}") from None
+    limits.refuse_past(f"{what} ({'x'.join(map(str, h.shape))} {h.dtype})", 2 * h.nbytes, "give a smaller array")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"cannot read {what}: {first_line(e)[:200]}") from None
 
 
 def headers(path: str, what: str) -> list[Header]:

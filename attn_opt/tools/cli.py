@@ -107,6 +107,25 @@ MAX_MEMORY = click.option(
          "(8G, 512M, bytes); default: the memory available now.")
 
 
+def _inspect_feeds(model: str, inputs: str) -> dict:
+    """--inputs for inspect, checked like the rewrite's: the .npz headers against the model's
+    signature, and (ONNX) a run at their shapes against the memory limit, before any data."""
+    from attn_opt.core.inputs import feeds_from_npz
+    from attn_opt.core.ir import load
+
+    loaded = load(model)
+    if loaded.ir == "onnx":
+        from attn_opt.core.ir import onnx as adapter
+        from attn_opt.core.ir.onnx_memory import check_run
+
+        proto = loaded.native.graph_proto()
+        return feeds_from_npz(adapter.input_specs(loaded.view), inputs, "--inputs",
+                              lambda shapes: check_run(proto, shapes, "give smaller --inputs"))
+    from attn_opt.core.ir import fx as adapter
+
+    return feeds_from_npz(adapter.input_specs(loaded.view), inputs, "--inputs")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
 def cli():
@@ -126,10 +145,9 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
     from attn_opt import inspect as run_inspect
     from attn_opt.core import limits
-    from attn_opt.core.inputs import read_npz
 
     with limits.use(max_memory):
-        feeds = read_npz(inputs) if inputs else None
+        feeds = _inspect_feeds(model, inputs) if inputs else None
         det = run_inspect(model, feeds=feeds)
         stats = _attention(model, det, feeds, window, heatmaps) if attention else None
     if as_json:

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import attn_opt
-from hostile_models import SHAPE, output_site, projected_output_site
+from attn_opt.tools.hostile_files import SHAPE, output_site, projected_output_site
 from test_pipeline import cli
 
 # (pass, model, exact): every pass that rewrites a site of these models

@@ -27,7 +27,7 @@ import onnx
 import pytest
 
 from attn_opt.tools.cli import main
-from hostile_models import output_site, projected_output_site
+from attn_opt.tools.hostile_files import output_site, projected_output_site
 
 UNWRITABLE = Path("/proc") if os.geteuid() == 0 else None  # root writes anywhere a mode allows
 

@@ -16,7 +16,7 @@ from attn_opt import passes
 from attn_opt.core.errors import UserError
 from attn_opt.core.strict_json import dumps, for_script
 from attn_opt.tools.cli import main
-from hostile_models import output_site
+from attn_opt.tools.hostile_files import output_site
 
 HOSTILE_NAMES = ["<!--<script>", "</script><script>alert(1)</script>", "a&amp;b", "x>y", "\u2028"]
 

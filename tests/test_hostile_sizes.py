@@ -15,7 +15,7 @@ import pytest
 
 from attn_opt.core.errors import UserError
 from attn_opt.core.inputs import InputSpec, feeds_from_npz
-from hostile_models import deflated_zeros, npy_header, write_npz
+from attn_opt.tools.hostile_files import deflated_zeros, npy_header, write_npz
 from hostile_run import one_line_error, run_limited
 
 GB = 1 << 30

@@ -298,8 +298,9 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                 per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
         with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
             try:
-                # check=none: the values detection read before the pass are reused; only what they lack runs
-                new = steps.observe(cur.model, feeds, run=check == "model", known=cur if check == "none" else None)
+                # check=none (ONNX): the values detection read before the pass are reused; only what they lack runs
+                reuse = {"known": cur} if check == "none" and steps.ir == "onnx" else {}
+                new = steps.observe(cur.model, feeds, run=check == "model", **reuse)
             except DoesNotRun as e:
                 raise UserError(f"{p.name}: the rewritten model does not run "
                                 f"({str(e).split('; give --inputs')[0]}); nothing written") from None

@@ -9,8 +9,10 @@ unless ATTN_OPT_DEBUG=1.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
 import click
 from rich.console import Console
@@ -388,9 +390,17 @@ def main(argv: list[str] | None = None) -> int:
                 saved[sig] = signal.signal(sig, _terminated)
             except ValueError:  # not the main thread: leave the process's handlers alone
                 pass
+    quiet = not os.environ.get("ATTN_OPT_DEBUG")
+    root, hush = logging.getLogger(), logging.NullHandler()
+    if quiet and not root.handlers:  # libraries' warnings (onnx_ir's "cannot be found in any scope") would
+        root.addHandler(hush)        # print through logging's last resort, beside our one line
     try:
-        return _main(argv)
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            return _main(argv)
     finally:
+        root.removeHandler(hush)
         for sig, old in saved.items():
             signal.signal(sig, old)
 
@@ -412,6 +422,10 @@ def _main(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the system refused a path the user gave (a name too long, a folder not readable, ...)
+        name = f"{str(e.filename)[:120]}: " if e.filename else ""
+        _error(f"error: {name}{e.strerror or type(e).__name__}")
+        return 2
     except MemoryError:  # an allocation no estimate foresaw: still one line, and said plainly
         _error("error: out of memory (an estimate from shapes let this through; --max-memory sets a lower limit)")
         return 2

@@ -1,5 +1,7 @@
-"""Small hand-built ONNX models the hostile-input tests share: attention whose output is
-itself the graph output, with its Q, K, V as inputs or projected from one hidden state."""
+"""Files for hostile-input testing (tools/fuzz_hostile.py and the tests): small hand-built
+ONNX models (attention whose output is itself the graph output, with its Q, K, V as inputs
+or projected from one hidden state), .npy headers that declare what their data is not,
+.npz archives with any members, and decompression bombs."""
 
 from __future__ import annotations
 

@@ -9,10 +9,7 @@ unless ATTN_OPT_DEBUG=1.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import warnings
 
 import click
 from rich.console import Console
@@ -21,10 +18,6 @@ from rich.table import Table
 from attn_opt.core import strict_json
 from attn_opt.core.errors import UserError
 
-
-
-def _error(msg: str) -> None:
-    click.echo(msg.replace("\n", " "), err=True)
 
 
 def out_console() -> Console:
@@ -371,71 +364,13 @@ def zoo(name: str | None, output: str | None, exporter: str):
     click.echo(f"wrote {output} ({name}, {exporter} exporter)")
 
 
-def _terminated(signum, frame):
-    """SIGTERM / SIGHUP end the run like Ctrl-C does: through every `finally`, so staging
-    files and folders are removed (only SIGKILL, which Python never sees, leaves them)."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
         argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
-    saved = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
-            try:
-                saved[sig] = signal.signal(sig, _terminated)
-            except ValueError:  # not the main thread: leave the process's handlers alone
-                pass
-    quiet = not os.environ.get("ATTN_OPT_DEBUG")
-    root, hush = logging.getLogger(), logging.NullHandler()
-    if quiet and not root.handlers:  # libraries' warnings (onnx_ir's "cannot be found in any scope") would
-        root.addHandler(hush)        # print through logging's last resort, beside our one line
-    try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.simplefilter("ignore")
-            return _main(argv)
-    finally:
-        root.removeHandler(hush)
-        for sig, old in saved.items():
-            signal.signal(sig, old)
+    from attn_opt.tools.guard import guarded
 
-
-def _main(argv: list[str]) -> int:
-    try:
-        cli.main(args=argv, prog_name="attn-opt", standalone_mode=False)
-    except click.exceptions.Abort:
-        _error("aborted")
-        return 130
-    except click.ClickException as e:
-        _error(f"error: {e.format_message()}")
-        return 2
-    except UserError as e:
-        _error(f"error: {e}")
-        return 2
-    except NotImplementedError as e:
-        _error(f"not supported: {e}")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except OSError as e:  # the system refused a path the user gave (a name too long, a folder not readable, ...)
-        name = f"{str(e.filename)[:120]}: " if e.filename else ""
-        _error(f"error: {name}{e.strerror or type(e).__name__}")
-        return 2
-    except MemoryError:  # an allocation no estimate foresaw: still one line, and said plainly
-        _error("error: out of memory (an estimate from shapes let this through; --max-memory sets a lower limit)")
-        return 2
-    except Exception as e:  # a bug: still one line, with a way to see more
-        if os.environ.get("ATTN_OPT_DEBUG"):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _error(f"internal error: {type(e).__name__}: {first} (ATTN_OPT_DEBUG=1 shows the traceback)")
-        return 1
-    return 0
+    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False))
 
 
 if __name__ == "__main__":

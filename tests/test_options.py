@@ -122,3 +122,17 @@ def test_passes_listing():
     assert r.returncode == 0 and "dilation" in r.stdout
     r = cli("passes", "nope")
     assert r.returncode == 2 and "unknown pass 'nope'" in r.stderr
+
+
+def test_layer_ranges_are_intervals():
+    """--layers is never expanded: a range of 10^20 layers costs two numbers, and what the
+    model lacks is said as intervals."""
+    from attn_opt.core.passbase import Layers, parse_ranges, spans_text
+
+    huge = parse_ranges("0-99999999999999999999")
+    assert huge.spans == ((0, 99999999999999999999,),) and 5 in huge and 10**20 not in huge
+    assert spans_text(huge.missing([0, 1, 2, 5])) == "3-4,6-99999999999999999999"
+    assert parse_ranges("0-3,7").missing(range(8)) == [] and Layers.of(range(2, 10**18)).spans == ((2, 10**18 - 1),)
+    assert Layers.of({3, 1}).missing([1]) == [(3, 3)]
+    with pytest.raises(UserError, match="bad --layers"):
+        parse_ranges("3-1")

@@ -26,6 +26,14 @@ def option(default: Any, help: str, choices: tuple | None = None, low: float | N
 def accepted(f: dataclasses.Field) -> str:
     """What an option accepts, in words: choices, or a range."""
     m = f.metadata
+    if m.get("infinite"):  # a float whose infinity means something: said beside the rest
+        base = accepted_finite(f)
+        return f"{'a finite number' if base == 'any' else base} or {' or '.join(m['infinite'])}"
+    return accepted_finite(f)
+
+
+def accepted_finite(f: dataclasses.Field) -> str:
+    m = f.metadata
     if m.get("accepts"):
         return m["accepts"]
     if m.get("choices"):

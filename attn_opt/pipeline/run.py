@@ -298,7 +298,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                 per_site = steps.check_sites(before, cur.model, applied.rewritten, feeds)
         with progress.step(f"{p.name}: run, fidelity, FLOPs" if check == "model" else f"{p.name}: FLOPs"):
             try:
-                # check=none (ONNX): the values detection read before the pass are reused; only what they lack runs
+                # check=none (ONNX): the values detection read before the pass serve if it needs no other
                 reuse = {"known": cur} if check == "none" and steps.ir == "onnx" else {}
                 new = steps.observe(cur.model, feeds, run=check == "model", **reuse)
             except DoesNotRun as e:
@@ -337,8 +337,7 @@ def run_passes(steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], l
                              "site and not compounded")
         elif check == "none":
             rep.notes.append("check=none: the model was validated, and run only as far as the values detection "
-                             "reads (shapes, masks), segment by segment, the rewritten model reusing them; "
-                             "outputs not compared, no fidelity figures")
+                             "reads (shapes, masks), segment by segment; outputs not compared, no fidelity figures")
         rep.fidelity = fid.to_json() if fid else (step.to_json() if step else {})
         rep.step_fidelity = step.to_json() if step else {}
         rep.seconds = time.perf_counter() - t0

@@ -188,7 +188,7 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
               help="How each pass is checked: run the whole model (default when it fits in memory), each "
                    "rewritten site alone on the previous model's activations (one segment in memory at a "
                    "time), or none: outputs not compared (the model runs, one segment at a time, only as far as "
-                   "the values detection reads; the rewritten model reuses them).")
+                   "the values detection reads).")
 @click.option("--calibrate", metavar="FILE.npz",
               help="Inputs to fit each rewritten site's per-head parameters on (temperature, offset, gain and "
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")

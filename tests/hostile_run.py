@@ -25,12 +25,12 @@ class Run:
 
 
 def run_limited(*args, as_limit: int = AS_LIMIT, cwd=None, module: str = "attn_opt") -> Run:
-    """`python -m attn_opt ARGS` (or `python -c ARGS[0]` with module=None) under the limits."""
+    """`python -m MODULE ARGS` (the command line by default) under the limits."""
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
         resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT, CPU_LIMIT))
 
-    cmd = [sys.executable, "-m", module, *map(str, args)] if module else [sys.executable, "-c", *map(str, args)]
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=limit, cwd=cwd)
         _, status, usage = os.wait4(p.pid, 0)

@@ -50,7 +50,7 @@ def hostile_external(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ext")
     m = root / "m"
     m.mkdir()
-    model = projected_output_site()
+    model = projected_output_site(hidden=64)  # weights of 2 KiB: they stay external when loaded
     onnx.save(model, m / "good.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
               location="good.onnx.data", size_threshold=0)
     (root / "secret").write_bytes((m / "good.onnx.data").read_bytes())
@@ -75,7 +75,7 @@ EXTERNAL = [
     ("missing", "location", "nothere.data", "is missing next to it"),
     ("offset-past-end", "offset", "100000", "offset 100000 is past the end of good.onnx.data"),
     ("length-past-end", "length", "100000", "runs past the end of good.onnx.data"),
-    ("too-few-bytes", "length", "16", "its type and shape need 512 bytes"),
+    ("too-few-bytes", "length", "16", "its type and shape need 2048 bytes"),
     ("negative-offset", "offset", "-5", "must be non-negative"),
 ]
 SAYS = {name: says for name, _, _, says in EXTERNAL}
@@ -95,7 +95,11 @@ def test_hostile_external_data(hostile_external, tmp_path, capsys, name, command
 
 
 def test_good_external_data_still_works(hostile_external, tmp_path):
+    """The honest model rewrites, its weights copied (through the same checks) to o.onnx.data."""
     assert main([str(hostile_external / "good.onnx"), "--pass", "fuse", "-o", str(tmp_path / "o.onnx")]) == 0
+    assert (tmp_path / "o.onnx.data").stat().st_size == 3 * 64 * 8 * 4
+    out = onnx.load(tmp_path / "o.onnx")  # loads the weights back from o.onnx.data
+    assert {t.name for t in out.graph.initializer} >= {"Wq", "Wk", "Wv"}
 
 
 def _dups():

@@ -29,18 +29,20 @@ def output_site(opset: int = 18) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def projected_output_site(opset: int = 18) -> onnx.ModelProto:
-    """The same attention with Q, K, V projected from a hidden state x [1, 8, 16] (so gated
-    and mlpfree have projections to read); y is still the graph output."""
+def projected_output_site(opset: int = 18, hidden: int = 16) -> onnx.ModelProto:
+    """The same attention with Q, K, V projected from a hidden state x [1, 8, hidden] (so
+    gated and mlpfree have projections to read); y is still the graph output. hidden=64
+    makes each weight 2 KiB: large enough to stay in an external data file."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), f"W{c}") for c in "qkv"]
+    inits = [numpy_helper.from_array((rng.standard_normal((hidden, 8)) * 0.3).astype(np.float32), f"W{c}")
+             for c in "qkv"]
     inits.append(numpy_helper.from_array(np.array([1, 8, 2, 4], np.int64), "shp"))
     nodes = []
     for c in "qkv":
         nodes += [helper.make_node("MatMul", ["x", f"W{c}"], [f"{c}p"]),
                   helper.make_node("Reshape", [f"{c}p", "shp"], [f"{c}r"]),
                   helper.make_node("Transpose", [f"{c}r"], [c], perm=[0, 2, 1, 3])]
-    g = helper.make_graph(nodes + _attention("q", "k", "v"), "g", [helper.make_tensor_value_info("x", F, [1, 8, 16])],
+    g = helper.make_graph(nodes + _attention("q", "k", "v"), "g", [helper.make_tensor_value_info("x", F, [1, 8, hidden])],
                           [helper.make_tensor_value_info("y", F, SHAPE)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 

@@ -193,8 +193,8 @@ def save_external(proto: onnx.ModelProto, folder: str | None, dest: str | os.Pat
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     dest = os.fspath(dest)
-    data_path = os.path.join(os.path.dirname(dest), data_name)
-    with open(data_path, "wb") as out:
+    out_path = os.path.join(os.path.dirname(dest), data_name)
+    with open(out_path, "wb") as out:
         for t in proto.graph.initializer:
             if uses_external_data(t):
                 info = ExternalDataInfo(t)

@@ -59,8 +59,8 @@ class Seeds:
         onnx.save(model, self.model)
         self.ext = folder / "ext"
         self.ext.mkdir()
-        onnx.save(hf.projected_output_site(hidden=64), self.ext / "m.onnx",  # weights large enough to stay external save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="m.onnx.data", size_threshold=0)
+        onnx.save(hf.projected_output_site(hidden=64), self.ext / "m.onnx", save_as_external_data=True,
+                  all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)  # 2 KiB weights: external
         rng = np.random.default_rng(0)
         self.inputs = {"x": rng.standard_normal((1, 8, 16)).astype(np.float32)}
         self.pt2 = _export_pt2(folder / "m.pt2") if pt2 else None

@@ -27,17 +27,22 @@ def steps_for(ir: str):
     return FxSteps()
 
 
-def inspect(model: Any, example_inputs=None, feeds=None) -> Detection:
-    """Find every attention site in `model`; `near_misses` says why each other softmax is not one."""
+def inspect(model: Any, example_inputs=None, feeds=None, max_memory: str | int | None = None) -> Detection:
+    """Find every attention site in `model`; `near_misses` says why each other softmax is not one.
+    `max_memory` (bytes, or "8G"): the limit a run on `feeds` is refused past (default: the
+    memory available)."""
+    from attn_opt.core import limits
     from attn_opt.core.ir import load
 
-    loaded = load(model, example_inputs)
-    return detect(loaded.view, feeds=feeds)
+    with limits.use(max_memory):
+        loaded = load(model, example_inputs)
+        return detect(loaded.view, feeds=feeds)
 
 
 def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, inputs: str | None = None,
              input_shape=(), force: bool = False, layers=None, sites=None, max_error: float | None = None,
-             check: str | None = None, calibrate=None, lora: int = 0, progress=None, keep_models: bool = False):
+             check: str | None = None, calibrate=None, lora: int = 0, progress=None, keep_models: bool = False,
+             max_memory: str | int | None = None):
     """Run passes through the one pipeline; returns (rewritten model, report).
 
     `model`: an ONNX path, ModelProto or OnnxModel (a ModelProto comes back for a
@@ -50,8 +55,19 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, i
     relative error, `check` is "model", "sites" or "none" (None: "model" where the weights
     fit in memory twice, else "sites"). `calibrate` (an .npz path or name -> array):
     inputs to fit each rewritten site's per-head parameters on; `lora` the rank of an
-    output-projection correction fitted with them.
+    output-projection correction fitted with them. `max_memory` (bytes, or "8G"), as
+    `--max-memory`: inputs, runs and fits estimated (from their shapes) to need more are
+    refused before anything is allocated; default: the memory available.
     """
+    from attn_opt.core import limits
+
+    with limits.use(max_memory):
+        return _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, layers, sites, max_error,
+                         check, calibrate, lora, progress, keep_models)
+
+
+def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, layers, sites, max_error, check,
+              calibrate, lora, progress, keep_models):
     from attn_opt.core.inputs import parse_shape_overrides
     from attn_opt.core.ir import load
     from attn_opt.pipeline.run import RunOptions, parse_chain, run
@@ -62,8 +78,9 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, i
     steps = steps_for(loaded.ir)
     native = copy.deepcopy(loaded.native) if loaded.ir == "fx" else loaded.native  # the caller's module untouched
     specs = steps.input_specs(native)
-    f0, note = _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded)
-    calib = _calibration_inputs(specs, calibrate)
+    f0, note = _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded,
+                                steps.run_check(native, "give smaller --inputs" if inputs else "give smaller --input-shape"))
+    calib = _calibration_inputs(specs, calibrate, steps.run_check(native, "give smaller --calibrate arrays"))
     if calib is not None:
         note = dict(note, calibration=calibrate if isinstance(calibrate, str) else "given", heldout="the fidelity inputs")
     name, why = choose_check(check, steps.weight_bytes(native))
@@ -75,7 +92,7 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, i
     for i, f in enumerate(tries):
         try:
             variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []
-            opts = RunOptions(check=check_strategy(name, variants), layers=_set(layers), ids=_set(sites),
+            opts = RunOptions(check=check_strategy(name, variants), layers=_layers(layers), ids=_set(sites),
                               max_error=max_error, force=force, reference=_reference(model, native, f),
                               keep_models=keep_models, progress=progress, calibrate=calib, lora=lora,
                               input_note=note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
@@ -93,33 +110,43 @@ def _set(xs):
     return set(xs) if xs is not None else None
 
 
-def _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded) -> tuple[dict, dict]:
-    from attn_opt.core.inputs import checked_feeds, feeds_from_npz, make_inputs
+def _layers(layers):
+    from attn_opt.core.passbase import Layers
+
+    return Layers.of(layers) if layers is not None else None  # intervals: never expanded
+
+
+def _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded, run_check) -> tuple[dict, dict]:
+    """The fidelity inputs and a note of where they came from; a run at their shapes is
+    checked against the memory limit (`run_check`) before they are read or generated."""
+    from attn_opt.core.inputs import checked_feeds, feeds_from_npz, make_inputs, resolve_shapes
 
     if feeds is not None:
         f = checked_feeds(specs, feeds, "feeds")
         return f, {"source": "given", "shapes": {k: list(v.shape) for k, v in f.items()}}
     if inputs is not None:
-        f = feeds_from_npz(specs, inputs, "--inputs")
+        f = feeds_from_npz(specs, inputs, "--inputs", run_check)
         return f, {"source": inputs, "shapes": {k: list(v.shape) for k, v in f.items()}}
     if example_inputs is not None and loaded.ir == "fx":
         from attn_opt.pipeline.fx_steps import feeds_of
 
         f = feeds_of(loaded.native, example_inputs)
         return f, {"source": "example inputs", "shapes": {k: list(v.shape) for k, v in f.items()}}
+    if run_check is not None:
+        run_check(resolve_shapes(specs, overrides))
     f = make_inputs(specs, overrides, seed=0, pad=False)
     return f, {"source": "generated (seed 0; ids in the embedding range, masks of ones, floats N(0,1))",
                "shapes": {k: list(v.shape) for k, v in f.items()},
                "defaults": "dynamic dims: batch 2, others 16 unless --input-shape"}
 
 
-def _calibration_inputs(specs, calibrate) -> dict | None:
+def _calibration_inputs(specs, calibrate, run_check) -> dict | None:
     from attn_opt.core.inputs import checked_feeds, feeds_from_npz
 
     if calibrate is None:
         return None
     if isinstance(calibrate, (str, os.PathLike)):
-        return feeds_from_npz(specs, str(calibrate), "--calibrate")
+        return feeds_from_npz(specs, str(calibrate), "--calibrate", run_check)
     return checked_feeds(specs, calibrate, "calibrate")
 
 

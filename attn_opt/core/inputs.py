@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attn_opt.core.errors import UserError, first_line
+from attn_opt.core.errors import UserError
 from attn_opt.core.graph import Dim
 
 DEFAULT_BATCH = 2
@@ -77,6 +77,18 @@ def resolve_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int, ...]]
     return _decoder_step(specs, shapes, overrides)
 
 
+def check_sizes(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Refuse input shapes whose arrays would not fit the memory limit, before allocating
+    them (floats are drawn in float64 first)."""
+    from attn_opt.core import limits
+
+    sizes = {s.name: limits.nbytes(shapes[s.name], max(np.dtype(s.dtype).itemsize, 8)) for s in specs}
+    big = max(sizes, key=sizes.get, default=None)
+    if big is not None:
+        limits.refuse_past(f"{what} ({big} {'x'.join(map(str, shapes[big]))})", sum(sizes.values()),
+                           "give smaller --input-shape")
+
+
 def past_inputs(specs: list[InputSpec]) -> list[InputSpec]:
     """A decoder step's cache inputs: float [B, H, past, D] tensors named past*."""
     return [s for s in specs if "past" in s.name.lower() and len(s.shape) == 4 and s.dtype.startswith(("float", "bfloat"))]
@@ -112,6 +124,7 @@ def _past_length(specs: list[InputSpec], shapes: dict) -> int:
 def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shapes = resolve_shapes(specs, overrides)
+    check_sizes(specs, shapes, "the generated inputs")
     start = _past_length(specs, shapes)  # a decoder step's new tokens come after its cache
     feeds = {}
     for s in specs:
@@ -136,42 +149,82 @@ def make_inputs(specs: list[InputSpec], overrides=None, seed: int = 0, pad: bool
     return feeds
 
 
-def feeds_from_npz(specs: list[InputSpec], path: str, flag: str) -> dict[str, np.ndarray]:
-    """The model's inputs from an .npz, checked (`checked_feeds`)."""
-    return checked_feeds(specs, read_npz(path), f"{flag} {path}")
+def feeds_from_npz(specs: list[InputSpec], path: str, flag: str, check=None) -> dict[str, np.ndarray]:
+    """The model's inputs from an .npz: every member's header checked against the signature
+    and the memory limit (and by `check(shapes)`: a run at those shapes) before its data is
+    read, then the values (`checked_feeds`)."""
+    what = f"{flag} {path}"
+    from attn_opt.core import npz
+
+    heads = {h.name: h for h in npz.headers(path, what)}
+    _check_signature(specs, {k: (h.shape, h.dtype) for k, h in heads.items()}, what)
+    if check is not None:
+        check({s.name: heads[s.name].shape for s in specs})
+    return checked_feeds(specs, npz.load(path, what, {s.name for s in specs}), what)
+
+
+def _check_signature(specs: list[InputSpec], have: dict[str, tuple], what: str) -> None:
+    """Names, ranks, static sizes and dtype kinds ({name: (shape, dtype)}) against the
+    model's inputs, before any data is read or cast."""
+    missing = [s.name for s in specs if s.name not in have]
+    if missing:
+        raise UserError(f"{what} lacks {missing}; it has {sorted(have)}")
+    caches = {s.name for s in past_inputs(specs)}  # an empty past is a decoder's first step
+    for s in specs:
+        shape, dtype = have[s.name]
+        if 0 in shape and s.name not in caches:
+            raise UserError(f"{what}: {s.name} is empty")
+        if len(shape) != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, shape)):
+            want = "x".join(str(d) if isinstance(d, int) else "?" for d in s.shape)
+            raise UserError(f"{what}: {s.name} has shape {'x'.join(map(str, shape))}; the model wants {want}")
+        want = np.dtype(s.dtype)
+        if dtype.kind not in ("biuf" if want.kind == "f" else "biu" if want.kind in "biu" else want.kind):
+            raise UserError(f"{what}: {s.name} is {dtype}, the model takes {want}; "
+                            f"{'float or complex values are not cast to integers' if want.kind in 'biu' else 'not cast'}")
+
+
+def _check_values(s: InputSpec, a: np.ndarray, what: str) -> None:
+    """Values the cast to the model's dtype would change or that mean nothing to it."""
+    want = np.dtype(s.dtype)
+    if want.kind in "biu" and a.dtype.kind in "iu" and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        rng = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max)
+        if s.int_high is not None and want.kind != "b":  # ids into an embedding table of int_high rows
+            rng = (0, s.int_high - 1)
+        if lo < rng[0] or hi > rng[1]:
+            bad = lo if lo < rng[0] else hi
+            what_range = f"the embedding table has {s.int_high} rows" if s.int_high is not None and want.kind != "b" \
+                else f"{want} holds {rng[0]}..{rng[1]}"
+            raise UserError(f"{what}: {s.name} has value {bad}, outside {rng[0]}..{rng[1]} ({what_range})")
+    elif want.kind == "f" and a.dtype.kind == "f" and a.size:
+        if np.isnan(a).any():
+            raise UserError(f"{what}: {s.name} has NaN values")
+        finite = a[np.isfinite(a)]
+        if finite.size and np.abs(finite).max() > np.finfo(want).max:
+            raise UserError(f"{what}: {s.name} has values beyond {want}'s range ({float(np.abs(finite).max()):.3g})")
 
 
 def checked_feeds(specs: list[InputSpec], data: dict, what: str) -> dict[str, np.ndarray]:
-    """Every input present, none empty (but a decoder's cache: an empty past is a first
-    step), each of the model's rank and static sizes; a one-line UserError naming `what`
-    otherwise."""
-    missing = [s.name for s in specs if s.name not in data]
-    if missing:
-        raise UserError(f"{what} lacks {missing}; it has {sorted(data)}")
-    feeds, caches = {}, {s.name for s in past_inputs(specs)}
+    """Every input present, none empty (but a decoder's cache), each of the model's rank and static sizes, of a
+    dtype that casts to the model's without changing a value (no float or complex ids, no
+    NaN, ids inside the table they index); a one-line UserError naming `what` otherwise."""
+    arrays = {k: np.asarray(v) for k, v in data.items()}
+    for k, a in arrays.items():
+        if a.dtype.hasobject or a.dtype.kind not in "biuf":
+            raise UserError(f"{what}: {k} has dtype {a.dtype}; inputs are boolean, integer or float arrays")
+    _check_signature(specs, {k: (a.shape, a.dtype) for k, a in arrays.items()}, what)
+    feeds = {}
     for s in specs:
-        a = np.asarray(data[s.name])
-        if a.size == 0 and s.name not in caches:
-            raise UserError(f"{what}: {s.name} is empty")
-        if a.ndim != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, a.shape)):
-            want = "x".join(str(d) if isinstance(d, int) else "?" for d in s.shape)
-            raise UserError(f"{what}: {s.name} has shape {'x'.join(map(str, a.shape))}; the model wants {want}")
-        feeds[s.name] = a.astype(s.dtype)
+        _check_values(s, arrays[s.name], what)
+        feeds[s.name] = arrays[s.name].astype(s.dtype, copy=False)
     return feeds
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
-    """Inputs from a .npz file, or a one-line UserError."""
-    import zipfile
+def read_npz(path: str, what: str | None = None) -> dict[str, np.ndarray]:
+    """Arrays from a .npz file (headers checked before the data is read), or a one-line UserError."""
+    from attn_opt.core import npz
 
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"cannot read --inputs {path}: not a .npz archive (write it with numpy.savez)")
-    try:
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        first = first_line(e)
-        raise UserError(f"cannot read --inputs {path}: {first}") from None
+    return npz.load(path, what or f"--inputs {path}")
 
 
 def _is_mask(name: str, a: np.ndarray) -> bool:

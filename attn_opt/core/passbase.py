@@ -5,6 +5,7 @@ name, option or bad value is a one-line error that lists what is accepted."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -13,16 +14,25 @@ from attn_opt.core.errors import UserError
 
 
 def option(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, accepts: str | None = None):
+           high: float | None = None, accepts: str | None = None, infinite: tuple[str, ...] = ()):
     """A pass option: its default, a one-line help, for strings the accepted values, for
     numbers (and each number of a list) the inclusive range [low, high]; `accepts` words
-    what a string option that the pass parses itself takes."""
+    what a string option that the pass parses itself takes. A float is finite unless
+    `infinite` names the infinity it may be ("-inf", "inf") and what that means is defined."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
-                                                        "accepts": accepts})
+                                                        "accepts": accepts, "infinite": infinite})
 
 
 def accepted(f: dataclasses.Field) -> str:
     """What an option accepts, in words: choices, or a range."""
+    m = f.metadata
+    if m.get("infinite"):  # a float whose infinity means something: said beside the rest
+        base = accepted_finite(f)
+        return f"{'a finite number' if base == 'any' else base} or {' or '.join(m['infinite'])}"
+    return accepted_finite(f)
+
+
+def accepted_finite(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("accepts"):
         return m["accepts"]
@@ -50,13 +60,15 @@ def type_name(typ) -> str:
 
 def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
     low, high = f.metadata.get("low"), f.metadata.get("high")
-    if low is None and high is None:
-        return
     for v in value if isinstance(value, tuple) else (value,):
-        if v is None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if isinstance(v, float) and v != v:
             raise UserError(f"{cls.name}: {fname} cannot be nan")
+        if isinstance(v, float) and math.isinf(v) and ("-inf" if v < 0 else "inf") not in f.metadata.get("infinite", ()):
+            allowed = " or ".join(f.metadata.get("infinite", ()))
+            raise UserError(f"{cls.name}: {fname} must be a finite number{f' or {allowed}' if allowed else ''} "
+                            f"(got {v:g})")
         if (low is not None and v < low) or (high is not None and v > high):
             raise UserError(f"{cls.name}: {fname} must be {accepted(f)} (got {v:g})")
 
@@ -172,6 +184,8 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
             raise UserError(f"{name}: unknown option {key!r}; options: {accepted}")
         if not eq:
             raise UserError(f"{name}: option {key} needs a value ({key}=...)")
+        if key in kwargs:  # `window=4,window=8`: which one was meant is not ours to guess
+            raise UserError(f"{name}: option {key} is given twice")
         kwargs[key] = _convert(cls, key, raw.strip(), hints[key], fields[key].metadata.get("choices"))
         _check_range(cls, key, kwargs[key], fields[key])
     try:
@@ -180,21 +194,67 @@ def parse_spec(spec: str, registry: dict[str, type[Pass]]) -> Pass:
         raise UserError(f"{name}: {e}") from None
 
 
-def parse_ranges(text: str | None) -> set[int] | None:
-    """`0-3,7` to {0, 1, 2, 3, 7}."""
+@dataclass(frozen=True)
+class Layers:
+    """A layer selection as closed intervals, never expanded into numbers, so
+    `0-99999999999999999999` costs two integers and is checked against the model's
+    layers as intervals."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    def __contains__(self, layer) -> bool:
+        return isinstance(layer, int) and any(a <= layer <= b for a, b in self.spans)
+
+    def missing(self, known) -> list[tuple[int, int]]:
+        """The parts of the selection no known layer covers, as intervals."""
+        have = sorted(set(known))
+        out = []
+        for a, b in sorted(self.spans):
+            lo = a
+            for k in have:
+                if k < lo or k > b:
+                    continue
+                if k > lo:
+                    out.append((lo, k - 1))
+                lo = k + 1
+            if lo <= b:
+                out.append((lo, b))
+        return out
+
+    @classmethod
+    def of(cls, layers) -> "Layers":
+        """From a Layers, a `range` (step 1: its ends only) or layer numbers."""
+        if isinstance(layers, Layers):
+            return layers
+        if isinstance(layers, str):
+            return parse_ranges(layers)
+        if isinstance(layers, range) and layers.step == 1:
+            return cls(((layers.start, layers.stop - 1),) if len(layers) else ())
+        nums = set(layers)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in nums):
+            raise UserError(f"layers must be whole numbers >= 0 (got {sorted(nums, key=str)[:5]})")
+        return cls(tuple((x, x) for x in sorted(nums)))
+
+
+def spans_text(spans) -> str:
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
+def parse_ranges(text: str | None) -> Layers | None:
+    """`0-3,7` to the intervals (0, 3), (7, 7)."""
     if text is None:
         return None
-    out: set[int] = set()
+    spans = []
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
             a, b = (int(lo), int(hi)) if sep else (int(lo), int(lo))
             if a < 0 or b < a:
                 raise ValueError
-            out |= set(range(a, b + 1))
+            spans.append((a, b))
     except ValueError:
         raise UserError(f"bad --layers {text!r}: expected layer numbers >= 0 and ranges lo-hi, e.g. 0-3,7") from None
-    return out
+    return Layers(tuple(spans))
 
 
 def parse_sites(text: str | None) -> set[str] | None:

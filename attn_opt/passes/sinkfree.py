@@ -29,7 +29,7 @@ class Sinkfree(Pass):
     replaces_normaliser: ClassVar[bool] = True
     why: ClassVar[str] = "remove attention sinks: a null-slot logit, redistribution, or ReLU attention"
     mode: str = option("logit", "which form", choices=("logit", "redistribute", "relu"))
-    bias: float | None = option(None, "logit: the null-slot logit b (all heads); -inf is softmax")
+    bias: float | None = option(None, "logit: the null-slot logit b (all heads); -inf is softmax", infinite=("-inf",))
     weights: str | None = option(None, "logit: per-head b_h from .npz/.safetensors (key <site>.sink_logit)")
     alpha: float | None = option(None, "redistribute: scale of the sink tokens' share", low=0, high=1)
     sinks: int = option(1, "redistribute: how many first tokens are sinks", low=1)

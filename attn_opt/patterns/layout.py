@@ -53,8 +53,8 @@ def operand(v: Value, transposed: bool) -> Operand:
     cur = v
     for _ in range(8):
         n = cur.producer
-        if n is not None and n.op == "Transpose" and len(n.attrs.get("perm", [])) == rank:
-            p_in = list(n.attrs["perm"])
+        if n is not None and n.op == "Transpose" and sorted(n.attrs.get("perm", [])) == list(range(rank)):
+            p_in = list(n.attrs["perm"])  # a permutation of the axes (a damaged file may hold anything)
             perm = [p_in[i] for i in perm]
             cur = n.input(0)
             continue

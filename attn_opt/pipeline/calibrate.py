@@ -56,6 +56,26 @@ class SiteFit:
         return d
 
 
+def check_lora(sites, rank: int) -> None:
+    """Refuse a LoRA rank no output projection can have (at most min(in, out) of each), or
+    whose factors, with the fit's copies, would not fit the memory limit: before the
+    lowering allocates them."""
+    from attn_opt.core import limits
+
+    total = 0
+    for s in sites:
+        o = s.out_projection
+        if o is None:
+            continue
+        d_in, d_out = (o.weight.const.shape[1], o.weight.const.shape[0]) if o.transposed else o.weight.const.shape
+        if rank > min(d_in, d_out):
+            raise UserError(f"--lora {rank}: site {s.id}'s output projection is {d_in}x{d_out}, so a correction "
+                            f"has rank at most {min(d_in, d_out)}")
+        total += 4 * rank * (d_in + d_out) * 8  # A and B in float64: the initial ones, the fit's, the written
+    limits.refuse_past(f"--lora {rank} (the factors of {len(sites)} site(s) and their fit)", total,
+                       "give a smaller rank")
+
+
 def relative_error(a, b) -> float:
     """Relative error ||a − b|| / ||b|| over the whole output (the site's error figure)."""
     scale = float(np.linalg.norm(b))

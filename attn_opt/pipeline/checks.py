@@ -108,8 +108,8 @@ class NoCheck:
         pass
 
     def measure(self, steps, rep, ref, before, new, rewritten, feeds, progress):
-        rep.notes.append("check=none: the model was validated, not run for fidelity (detection read only what "
-                         "it needs: shapes and masks); outputs not compared, no fidelity figures")
+        rep.notes.append("check=none: the model was validated, and run only as far as the values detection "
+                         "reads (shapes, masks), segment by segment; outputs not compared, no fidelity figures")
         return None, None
 
 

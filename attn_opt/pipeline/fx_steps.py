@@ -146,6 +146,9 @@ class FxSteps:
     def input_specs(self, gm: fx.GraphModule) -> list:
         return fx_adapter.input_specs(fx_adapter.view(gm))
 
+    def run_check(self, gm: fx.GraphModule, hint: str):
+        return None  # a program's run is not estimated from shapes (its inputs are, by their headers)
+
     def weight_bytes(self, gm: fx.GraphModule) -> int:
         return 0  # a torch program is checked whole: its weights are in memory already
 
@@ -162,7 +165,7 @@ class FxSteps:
 
         return fidelity_variants(feeds, self.input_specs(gm), overrides)
 
-    def observe(self, gm: fx.GraphModule, feeds, run: bool = True) -> State:
+    def observe(self, gm: fx.GraphModule, feeds, run: bool = True, known: State | None = None) -> State:
         """With `run`: one run gives the outputs, the probed values and each node's FLOPs.
         Without: the module is not run (shapes and FLOPs over fake tensors, mask values
         from their own small cone of nodes) and there are no outputs."""

@@ -33,6 +33,13 @@ class OnnxSteps:
     def input_specs(self, model: OnnxModel) -> list:
         return onnx_adapter.input_specs(onnx_adapter.view(model))
 
+    def run_check(self, model: OnnxModel, hint: str):
+        """What refuses, from shapes alone, a run of the model that would not fit in memory."""
+        from attn_opt.core.ir.onnx_memory import check_run
+
+        proto = model.graph_proto()
+        return lambda shapes: check_run(proto, shapes, hint)
+
     def weight_bytes(self, model: OnnxModel) -> int:
         return model.weight_bytes()
 
@@ -84,6 +91,8 @@ class OnnxSteps:
                     budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
                     top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
                 got = onnx_adapter.probe(gv, feeds, names + missing + control, top)  # regions: run alone
+            except UserError:  # refused before it ran (the memory limit): said as it is
+                raise
             except Exception as e:
                 raise DoesNotRun(f"the model does not run in ONNX Runtime on these inputs ({_first_line(e)[:300]}); "
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None

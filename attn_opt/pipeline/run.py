@@ -27,7 +27,7 @@ import numpy as np
 
 from attn_opt.core import fidelity
 from attn_opt.core.errors import DoesNotRun, NotSupported, UserError
-from attn_opt.core.passbase import Pass
+from attn_opt.core.passbase import Layers, Pass, spans_text
 from attn_opt.core.progress import Progress
 from attn_opt.pipeline.steps import Steps
 
@@ -131,9 +131,9 @@ def check_selection(sites, layers: set[int] | None, ids: set[str] | None) -> Non
     if ids is not None and (missing := sorted(x for x in ids if not any(_picks(h, {x}) for h in have))):
         raise UserError(f"no site {', '.join(map(repr, missing))}; sites: {', '.join(have) or 'none'}")
     known = sorted({s.layer for s in sites if s.layer is not None})
-    if layers is not None and set(layers) - set(known):
-        missing = sorted(set(layers) - set(known))
-        raise UserError(f"no attention in layer {', '.join(map(str, missing))}; "
+    missing = Layers.of(layers).missing(known) if layers is not None else []  # intervals: never expanded
+    if missing:
+        raise UserError(f"no attention in layer {spans_text(missing)}; "
                         f"layers with sites: {_ranges(known) or 'none (no layer numbers found)'}")
 
 
@@ -274,6 +274,10 @@ def run(steps: Steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], o
                        else "observe the model (structure only)"):
         cur = steps.observe(model, feeds, run=check.runs)
     check_selection(cur.det.sites, opts.layers, opts.ids)
+    if opts.lora:
+        from attn_opt.pipeline.calibrate import check_lora
+
+        check_lora(select(cur.det.sites, opts.layers, opts.ids)[0], opts.lora)
     ref = opts.reference if opts.reference is not None else cur.outputs
     ref_cal = steps.outputs_on(cur.model, opts.calibrate) if opts.calibrate is not None else None
     check.start(steps, cur)
@@ -323,7 +327,8 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
                                   if p.produces == "gate" else ")")}
     with progress.step(f"{p.name}: run, fidelity, FLOPs" if check.runs else f"{p.name}: FLOPs"):
         try:
-            new = steps.observe(cur.model, feeds, run=check.runs)
+            # without a run, the values detection read before the pass serve where it needs no other
+            new = steps.observe(cur.model, feeds, run=check.runs, known=None if check.runs else cur)
         except DoesNotRun as e:
             raise UserError(f"{p.name}: the rewritten model does not run "
                             f"({str(e).split('; give --inputs')[0]}); nothing written") from None

@@ -20,6 +20,10 @@ class Steps(Protocol):
     def input_specs(self, model) -> list:
         """The model's inputs (core/inputs.py: InputSpec) for generated and checked feeds."""
 
+    def run_check(self, model, hint: str):
+        """A function refusing (UserError, `hint` said) input shapes a run would not fit in
+        memory with, decided from the shapes alone; None where runs are not estimated."""
+
     def weight_bytes(self, model) -> int:
         """Bytes of weights, for choosing how a model can be checked."""
 
@@ -30,8 +34,9 @@ class Steps(Protocol):
         """(label, feeds or a function of the model) the passes are also checked on."""
 
     # -- one model as the pipeline sees it
-    def observe(self, model, feeds: dict, run: bool = True):
-        """View, match, read what detection needs (a whole run when `run`), detect, count: a State."""
+    def observe(self, model, feeds: dict, run: bool = True, known=None):
+        """View, match, read what detection needs (a whole run when `run`), detect, count: a State.
+        `known`: a state of the same function whose read values may serve (without a run)."""
 
     def prepare(self, state, p, feeds: dict, run: bool = True):
         """The state the pass starts from (an opset conversion where it needs one)."""

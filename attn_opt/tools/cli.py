@@ -9,20 +9,15 @@ unless ATTN_OPT_DEBUG=1.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from attn_opt.core import strict_json
 from attn_opt.core.errors import UserError
 
-
-
-def _error(msg: str) -> None:
-    click.echo(msg.replace("\n", " "), err=True)
 
 
 def out_console() -> Console:
@@ -101,6 +96,31 @@ def _attention(model: str, det, feeds, window, heatmaps):
     return stats
 
 
+MAX_MEMORY = click.option(
+    "--max-memory", metavar="SIZE",
+    help="Refuse inputs, runs and fits estimated (from shapes, before allocating) to need more than SIZE "
+         "(8G, 512M, bytes); default: the memory available now.")
+
+
+def _inspect_feeds(model: str, inputs: str) -> dict:
+    """--inputs for inspect, checked like the rewrite's: the .npz headers against the model's
+    signature, and (ONNX) a run at their shapes against the memory limit, before any data."""
+    from attn_opt.core.inputs import feeds_from_npz
+    from attn_opt.core.ir import load
+
+    loaded = load(model)
+    if loaded.ir == "onnx":
+        from attn_opt.core.ir import onnx as adapter
+        from attn_opt.core.ir.onnx_memory import check_run
+
+        proto = loaded.native.graph_proto()
+        return feeds_from_npz(adapter.input_specs(loaded.view), inputs, "--inputs",
+                              lambda shapes: check_run(proto, shapes, "give smaller --inputs"))
+    from attn_opt.core.ir import fx as adapter
+
+    return feeds_from_npz(adapter.input_specs(loaded.view), inputs, "--inputs")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
 def cli():
@@ -115,22 +135,23 @@ def cli():
 @click.option("--inputs", help="Inputs for --attention as .npz (default: generated from the signature).")
 @click.option("--window", type=click.IntRange(min=1), help="With --attention: report the attention mass outside this window.")
 @click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
-def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps):
+@MAX_MEMORY
+def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps, max_memory):
     """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
     from attn_opt import inspect as run_inspect
+    from attn_opt.core import limits
 
-    from attn_opt.core.inputs import read_npz
-
-    feeds = read_npz(inputs) if inputs else None
-    det = run_inspect(model, feeds=feeds)
-    stats = _attention(model, det, feeds, window, heatmaps) if attention else None
+    with limits.use(max_memory):
+        feeds = _inspect_feeds(model, inputs) if inputs else None
+        det = run_inspect(model, feeds=feeds)
+        stats = _attention(model, det, feeds, window, heatmaps) if attention else None
     if as_json:
         out = {"model": model, "sites": [s.to_json() for s in det.sites],
                "near_misses": [m.to_json() for m in det.near_misses], "rule_counts": det.counts,
                "probe_error": det.probe_error}
         if stats is not None:
             out["attention"] = [h.to_json() for h in stats]
-        click.echo(json.dumps(out, indent=2))
+        click.echo(strict_json.dumps(out, indent=2))
         return
     con = out_console()
     con.print(sites_table(det, f"{len(det.sites)} attention site(s) in {model}"))
@@ -166,19 +187,21 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
 @click.option("--check", type=click.Choice(["model", "sites", "none"]),
               help="How each pass is checked: run the whole model (default when it fits in memory), each "
                    "rewritten site alone on the previous model's activations (one segment in memory at a "
-                   "time), or not run at all (structure only).")
+                   "time), or none: outputs not compared (the model runs, one segment at a time, only as far as "
+                   "the values detection reads).")
 @click.option("--calibrate", metavar="FILE.npz",
               help="Inputs to fit each rewritten site's per-head parameters on (temperature, offset, gain and "
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")
 @click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
+@MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora):
+             calibrate, lora, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora)
+        html, check, calibrate, lora, max_memory)
 
 
 @cli.command("passes")
@@ -203,7 +226,7 @@ def passes_cmd(name: str | None, as_json: bool):
             {"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "accepted": accepted(f),
              "help": f.metadata.get("help", "")} for f in dataclasses.fields(cls)]}
     if as_json:
-        click.echo(json.dumps(out, indent=2, default=str))
+        click.echo(strict_json.dumps(out, indent=2, default=str))
         return
     con = out_console()
     for pname, info in out.items():
@@ -230,6 +253,10 @@ def diff(before, after, output, text):
 
     if not output and not text:
         raise UserError("give -o DIFF.html, --text, or both")
+    if output:
+        from attn_opt.core.io import check_writable
+
+        check_writable(output)
     lb, la = load(before), load(after)
     if lb.ir != la.ir:
         raise UserError(f"cannot diff a {lb.ir} model against a {la.ir} model")
@@ -298,7 +325,7 @@ def generate(model: str, prompt: str, max_new_tokens: int, other: str | None, as
     out = run(model, prompt, max_new_tokens, other)
     con = out_console()
     if as_json:
-        click.echo(json.dumps(out))
+        click.echo(strict_json.dumps(out))
         return
     con.print(f"prompt {out['prompt_tokens']} tokens x batch {out['batch']}: {out['prompt_seconds'] * 1e3:.1f} ms; "
               f"{out['new_tokens']} new tokens: {out['tokens_per_second']:.1f} tokens/s; "
@@ -328,7 +355,9 @@ def zoo(name: str | None, output: str | None, exporter: str):
         raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(z.MODELS)}")
     if not output:
         raise UserError("missing -o OUTPUT.onnx")
-    from attn_opt.core.io import atomic_path
+    from attn_opt.core.io import atomic_path, check_writable
+
+    check_writable(output)
 
     with atomic_path(output) as tmp:
         z.export_onnx(name, exporter, tmp)
@@ -339,29 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
         argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
-    try:
-        cli.main(args=argv, prog_name="attn-opt", standalone_mode=False)
-    except click.exceptions.Abort:
-        _error("aborted")
-        return 130
-    except click.ClickException as e:
-        _error(f"error: {e.format_message()}")
-        return 2
-    except UserError as e:
-        _error(f"error: {e}")
-        return 2
-    except NotImplementedError as e:
-        _error(f"not supported: {e}")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # a bug: still one line, with a way to see more
-        if os.environ.get("ATTN_OPT_DEBUG"):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _error(f"internal error: {type(e).__name__}: {first} (ATTN_OPT_DEBUG=1 shows the traceback)")
-        return 1
-    return 0
+    from attn_opt.tools.guard import guarded
+
+    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn_opt.core.errors import UserError, first_line
+from attn_opt.core.errors import UserError
 
 
 def _prompt(path: str) -> np.ndarray:
-    try:
-        ids = np.load(path)
-    except Exception as e:
-        raise UserError(f"cannot read --prompt-ids {path}: {first_line(e)}") from None
+    from attn_opt.core.npz import load_npy
+
+    ids = load_npy(path, f"--prompt-ids {path}")  # header checked before the data is read
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":

@@ -43,7 +43,7 @@ def pass_table(report) -> Table:
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
-             calibrate: str | None = None, lora: int = 0) -> None:
+             calibrate: str | None = None, lora: int = 0, max_memory: str | None = None) -> None:
     """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
     from attn_opt import api
     from attn_opt import passes as registry
@@ -71,12 +71,13 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         if path and not Path(path).is_file():
             raise UserError(f"no such file: {path} ({flag})")
     parse_shape_overrides(input_shape)
+    _check_outputs(model, output, report_path, html)
     progress = Progress(console)
     try:
         out, report = api.optimize(model, specs, inputs=inputs, input_shape=input_shape, force=force,
                                    layers=parse_ranges(layers), sites=parse_sites(sites), max_error=max_error,
                                    check=check, calibrate=calibrate, lora=lora, progress=progress,
-                                   keep_models=bool(html))
+                                   keep_models=bool(html), max_memory=max_memory)
     except FidelityError as e:
         if report_path and getattr(e, "report", None):
             _write_json(report_path, e.report.to_json())
@@ -102,6 +103,21 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         write_pipeline_page(steps, report, html, report.feeds)
         console.print(f"wrote {html}")
     console.print(f"wrote {output}" + (f" (weights in {data})" if data else ""))
+
+
+def _check_outputs(model: str, output: str, report: str | None, html: str | None) -> None:
+    """Every path to be written can be, and names neither the input nor another output:
+    checked before anything runs, so no model is written when its report could not be."""
+    from attn_opt.core.io import check_writable
+
+    named = [("-o", output)] + [(flag, p) for flag, p in (("--report", report), ("--html", html)) if p]
+    for i, (flag, p) in enumerate(named):
+        for other_flag, other in [("the input model", model)] + named[:i]:
+            if Path(p).resolve() == Path(other).resolve() or (Path(p).exists() and _same_file(p, other)):
+                said = other_flag if other_flag.startswith("the") else f"{other_flag} {other}"
+                raise UserError(f"{flag} {p} is also {said}; give each output its own path (the input is never "
+                                "modified)")
+        check_writable(p, flag)
 
 
 def calibration_table(p) -> Table | str:
@@ -145,8 +161,10 @@ def _lora_cell(lo: dict | None) -> str:
 def _write_json(path: str, obj) -> None:
     from attn_opt.core.io import atomic_path
 
+    from attn_opt.core import strict_json
+
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2))
+        Path(tmp).write_text(strict_json.dumps(obj, indent=2))  # strict: null (and why) for inf/NaN
 
 
 def write_pipeline_page(steps, report, path: str, feeds) -> None:

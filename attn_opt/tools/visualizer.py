@@ -15,6 +15,7 @@ from importlib import resources
 
 import networkx as nx
 
+from attn_opt.core.strict_json import for_script
 from attn_opt.tools.diff import Diff
 
 X_GAP, Y_GAP = 170, 70
@@ -158,5 +159,5 @@ def render(steps: list[tuple[Diff, dict | None]]) -> str:
         item["pass"] = passrep
         data.append(item)
     template = resources.files("attn_opt.tools").joinpath("diff_page.html").read_text()
-    blob = json.dumps(data).replace("</", "<\\/")
+    blob = for_script(data)  # strict JSON (JSON.parse refuses NaN), with <, >, & escaped
     return template.replace("__DATA__", blob)

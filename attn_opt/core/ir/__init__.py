@@ -35,6 +35,7 @@ def _load_pt2(path: Path) -> Loaded:
     try:
         with guarded():
             ep = torch.export.load(str(path))
+        return _from_program(ep, str(path))  # building the module reads the program too (its guards)
     except UserError:
         raise
     except Exception as e:
@@ -42,7 +43,6 @@ def _load_pt2(path: Path) -> Loaded:
         raise UserError(f"{path} is not a readable torch.export program ({first})") from None
     finally:
         log.setLevel(level)
-    return _from_program(ep, str(path))
 
 
 def _from_program(ep, source: str) -> Loaded:

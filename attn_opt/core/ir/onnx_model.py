@@ -64,8 +64,8 @@ class OnnxModel:
         if not proto.graph.node and not proto.graph.output:
             raise UserError(f"{p} is not an ONNX model (no graph found)")
         external = _uses_external(proto)
-        if external:
-            _check_data_files(proto, p.parent)
+        if external:  # the inline weights of a large model are referenced in its own file: `own`
+            check_external(proto, p.parent, own=p.name if big else None)
         inline = big and not any(external_data_helper.uses_external_data(t) and
                                  external_data_helper.ExternalDataInfo(t).location != p.name
                                  for t in proto.graph.initializer)
@@ -85,7 +85,15 @@ class OnnxModel:
             keep = tempfile.TemporaryDirectory(prefix="attn-opt-weights-")
             folder = keep.name
             proto = _spill(proto, folder)
-        model = ir.serde.deserialize_model(proto)
+        if external and folder:
+            check_external(proto, folder)
+        check_names(proto)
+        try:
+            model = ir.serde.deserialize_model(proto)
+        except Exception as e:  # onnx_ir wraps the reason: the innermost one is what to say
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise UserError(f"{source} is not a readable ONNX model ({_first_line(e)[:300]})") from None
         if folder:
             ir.external_data.set_base_dir(model.graph, folder)
             _inline_small(model)
@@ -154,7 +162,11 @@ class OnnxModel:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
-        """Run once in ONNX Runtime; the session is released before returning."""
+        """Run once in ONNX Runtime, when the run fits the memory limit (estimated from the
+        shapes: core/ir/onnx_memory.py); the session is released before returning."""
+        from attn_opt.core.ir.onnx_memory import check_run
+
+        check_run(self.graph_proto(), {k: np.shape(v) for k, v in feeds.items()})
         sess = self.session(extra)
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
@@ -182,7 +194,7 @@ class OnnxModel:
     def save(self, dest: str | os.PathLike, external: bool | None = None) -> Path | None:
         """Write atomically. With external data (when the input had it, or when the model is
         over protobuf's limit) the weights go to DEST.data next to DEST. Returns that path."""
-        from attn_opt.core.io import atomic_dir
+        from attn_opt.core.io import atomic_dir, check_space, os_errors, switch_in
 
         dest = Path(dest)
         if external is None:
@@ -191,7 +203,9 @@ class OnnxModel:
         if data is not None and self.folder and any(
                 Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
             raise UserError(f"{data} holds the input model's weights; choose another -o")
-        with atomic_dir(dest.parent) as tmp:
+        check_space(dest.parent, self.graph_proto().ByteSize() + sum(t.nbytes for t in self._external_tensors()),
+                    str(dest))
+        with os_errors(dest), atomic_dir(dest.parent) as tmp:
             staged = Path(tmp) / dest.name
             if data is None and self.folder:  # inline output: weights streamed from their files
                 save_inline(self.graph_proto(), self.folder, staged)
@@ -199,9 +213,8 @@ class OnnxModel:
                 ir.save(self.ir, staged)
             else:  # weights copied file to file, the graph written once
                 save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
-            if data is not None and (Path(tmp) / data.name).exists():
-                os.replace(Path(tmp) / data.name, data)
-            os.replace(staged, dest)
+            pairs = [(Path(tmp) / data.name, data)] if data is not None and (Path(tmp) / data.name).exists() else []
+            switch_in(pairs + [(staged, dest)])  # the weights and the graph that names them, together
         return data
 
     def _external_tensors(self):
@@ -219,13 +232,61 @@ def _inline_small(model: ir.Model) -> None:
             v.const_value = ir.Tensor(np.array(t.numpy()), name=t.name)
 
 
-def _check_data_files(proto: onnx.ModelProto, folder: Path) -> None:
+def check_names(proto: onnx.ModelProto) -> None:
+    """Each value of the main graph named once: inputs, initializers and node outputs (an
+    initializer may share its name with the input it gives a default to, as IR < 4 wrote);
+    a duplicate makes every later reference ambiguous, so it is one line naming it."""
+    g = proto.graph
+    seen: dict[str, str] = {}
+
+    def claim(name: str, what: str) -> None:
+        if name in seen:
+            raise UserError(f"the model names two values {name!r} ({seen[name]} and {what}); "
+                            "each value must have its own name")
+        seen[name] = what
+
+    for i in g.input:
+        claim(i.name, "a graph input")
+    inputs = set(seen)
+    for t in g.initializer:
+        if t.name in inputs:
+            inputs.discard(t.name)  # the legacy default of an input: once only
+            continue
+        claim(t.name, "an initializer")
+    for n in g.node:
+        for o in n.output:
+            if o:
+                claim(o, f"an output of node {n.name or n.op_type!r}")
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of its type and shape holds (None for strings and types numpy lacks)."""
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.data_type in (onnx.TensorProto.STRING,) or item == 0:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    return (n + 1) // 2 if t.data_type in bits else n * item
+
+
+def check_external(proto: onnx.ModelProto, folder: str | os.PathLike, own: str | None = None) -> None:
+    """Every external tensor's file inside `folder` (core/ir/external.py) and its bytes inside
+    that file, as many as its type needs: one line naming the tensor otherwise."""
+    from attn_opt.core.ir.external import check_range, data_path
+
     for t in proto.graph.initializer:
         if external_data_helper.uses_external_data(t):
-            info = external_data_helper.ExternalDataInfo(t)
-            if not (folder / info.location).is_file():
-                raise UserError(f"the model's external data file {info.location!r} is missing next to it "
-                                f"(looked in {folder})")
+            try:
+                info = external_data_helper.ExternalDataInfo(t)
+            except ValueError as e:  # a negative or non-numeric offset/length
+                raise UserError(f"tensor {t.name!r}: bad external data ({_first_line(e)})") from None
+            path = data_path(folder, info.location, t.name, own)
+            check_range(path, info.offset, info.length, _tensor_bytes(t), t.name)
 
 
 def _spill(proto: onnx.ModelProto, folder: str) -> onnx.ModelProto:

@@ -77,7 +77,10 @@ def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int) 
         last[o.name] = len(nodes)
     env = dict(feeds)
     segs = segments(proto, budget)
+    stop = max((i for i, n in enumerate(nodes) if any(o in wanted for o in n.output)), default=-1)
     for seg in segs:
+        if seg[0] > stop:  # nothing wanted comes later: the rest of the model is not run
+            break
         end = seg[-1]
         seg_nodes = [nodes[i] for i in seg]
         outs = [o for n in seg_nodes for o in n.output if o and (last.get(o, -1) > end or o in wanted)]

@@ -15,6 +15,9 @@ import os
 
 import onnx
 
+from attn_opt.core.errors import UserError
+from attn_opt.core.ir.external import data_path
+
 # field numbers (onnx.proto3)
 MODEL_GRAPH = 7
 GRAPH_INITIALIZER = 5
@@ -137,9 +140,11 @@ def _inline_tensor(buf, start: int, end: int, folder: str, files: dict) -> tuple
         return [bytes(buf[start:end])], end - start
     location, offset = info["location"], int(info.get("offset", 0) or 0)
     if location not in files:
-        with open(os.path.join(folder, location), "rb") as f:
+        with open(data_path(folder, location, links=False), "rb") as f:
             files[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     length = int(info["length"]) if info.get("length") else len(files[location]) - offset
+    if offset < 0 or length < 0 or offset + length > len(files[location]):
+        raise UserError(f"external data {location!r} {offset}+{length} runs past the end of the file")
     head = _enc_varint(TENSOR_RAW_DATA << 3 | LEN) + _enc_varint(length)
     pieces += [head, (files[location], offset, length)]
     return pieces, sum(len(p) for p in pieces[:-1]) + length
@@ -188,13 +193,15 @@ def save_external(proto: onnx.ModelProto, folder: str | None, dest: str | os.Pat
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     dest = os.fspath(dest)
-    data_path = os.path.join(os.path.dirname(dest), data_name)
-    with open(data_path, "wb") as out:
+    out_path = os.path.join(os.path.dirname(dest), data_name)
+    with open(out_path, "wb") as out:
         for t in proto.graph.initializer:
             if uses_external_data(t):
                 info = ExternalDataInfo(t)
-                src = os.path.join(folder or "", info.location)
+                src = data_path(folder or os.getcwd(), info.location, t.name, links=False)
                 length = info.length if info.length else os.path.getsize(src) - (info.offset or 0)
+                if (info.offset or 0) + length > os.path.getsize(src):
+                    raise UserError(f"tensor {t.name!r}: external data runs past the end of {info.location}")
                 out.flush()  # the kernel copy writes at the descriptor's position
                 offset = out.tell()
                 with open(src, "rb") as f:

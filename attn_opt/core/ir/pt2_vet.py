@@ -142,9 +142,12 @@ def _vet_program(path, name: str, prog) -> None:
             _vet_target(path, value)
         elif key == "expr_str" and isinstance(value, str):
             _vet_expr(path, value)
-    for sym in (prog.get("range_constraints") or {}):
+    ranges, guards = prog.get("range_constraints") or {}, prog.get("guards_code") or []
+    if not isinstance(ranges, dict) or not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+        raise UserError(f"{path}: {name} is not a serialized program (range_constraints / guards_code)")
+    for sym in ranges:
         _vet_expr(path, sym)
-    for guard in prog.get("guards_code") or ():
+    for guard in guards:
         _vet_guard(path, guard)
 
 

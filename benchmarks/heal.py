@@ -74,16 +74,16 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         (c0, s0), (c1, s1) = scores(plain), scores(healed)
         p, cal = rep1.passes[0], rep1.passes[0].calibration
-        layers = len({s["layer"] for s in cal["sites"]}) or 1
+        layers = len({s.layer for s in cal.sites}) or 1
         closed = (s1 - s0) / (1 - s0) if s0 < 1 else 0.0
         rec = {"form": spec + (f" --lora {lora}" if lora else ""), "cosine": c0, "spearman": s0, "cosine_healed": c1, "spearman_healed": s1,
                "gap_closed": closed, "attention_vs_dense": p.attention_flops_after / p.attention_flops_before,
-               "calibration_seconds_per_layer": cal["seconds"] / layers, "pipeline_seconds": seconds,
-               "reverted": cal["reverted"]}
+               "calibration_seconds_per_layer": cal.seconds / layers, "pipeline_seconds": seconds,
+               "reverted": cal.reverted}
         records.append(rec)
         rows.append([rec["form"], f"{c0:.4f}", f"{c1:.4f}", f"{s0:.4f}", f"{s1:.4f}", f"{closed:.2f}",
                      f"{rec['attention_vs_dense']:.2f}", f"{rec['calibration_seconds_per_layer']:.1f}",
-                     ", ".join(cal["reverted"]) or "-"])
+                     ", ".join(cal.reverted) or "-"])
         print(rows[-1], file=sys.stderr)
     preface = ["# Healing by calibration: all-MiniLM-L6-v2, real sentences", "",
                f"{len(text)} sentences from installed documentation, padded to 64 tokens: calibration on the first "

@@ -127,8 +127,8 @@ def test_calibration_and_healing_on_torch():
                                                                                                     np.int64)}
     gm, report = attn_opt.optimize(model, ["sigmoid"], example_inputs=args, calibrate=cal)
     c = report.passes[0].calibration
-    assert all(s["error_after"] < s["error_before"] for s in c["sites"])
-    assert c["model_error_after"]["calibration"] < c["model_error_before"]["calibration"]
+    assert all(s.error_after < s.error_before for s in c.sites)
+    assert c.model_error_after["calibration"] < c.model_error_before["calibration"]
     assert {n for n, _ in gm.named_parameters() if n.startswith("attn_opt_")} == {
         f"attn_opt_a{i}_{p}" for i in range(2) for p in ("temperature", "offset", "gain")}
     data = {p: a.numpy() for p, a in zip(names, args)}
@@ -148,11 +148,12 @@ def test_lora_fits_the_output_projection(calib, tmp_path):
     plain = attn_opt.optimize(str(src), ["sparse:window=4"], calibrate=str(cal))[1].passes[0].calibration
     model, report = attn_opt.optimize(str(src), ["sparse:window=4"], calibrate=str(cal), lora=4)
     c = report.passes[0].calibration
-    for s in c["sites"]:
-        lo = s["lora"]
-        assert lo["rank"] == 4 and lo["error_after"] < lo["error_before"]
-        assert lo["heldout_after"] < lo["heldout_before"] and not lo.get("reverted")
-    assert c["model_error_after"]["heldout"] < plain["model_error_after"]["heldout"]
+    for s in c.sites:
+        lo = s.lora
+        assert lo.rank == 4 and lo.error_after < lo.error_before
+        assert lo.heldout_after < lo.heldout_before and not lo.reverted
+        assert lo.a is None and lo.b is None  # the factors live in the model, not in the report
+    assert c.model_error_after["heldout"] < plain.model_error_after["heldout"]
     g = model.graph_proto().graph
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
     assert inits["attn_opt.a0.lora_a"].shape == (32, 4) and inits["attn_opt.a0.lora_b"].shape == (4, 32)
@@ -169,8 +170,8 @@ def test_lora_on_torch_is_trained_by_heal():
     cal = {"input_ids": rng.integers(1, zoo.VOCAB, tuple(args[0].shape)), "attention_mask": np.ones(args[1].shape,
                                                                                                  np.int64)}
     gm, report = attn_opt.optimize(model, ["sparse:window=2"], example_inputs=args, calibrate=cal, lora=2)
-    sites = report.passes[0].calibration["sites"]
-    assert all(s["lora"]["error_after"] < s["lora"]["error_before"] for s in sites)
+    sites = report.passes[0].calibration.sites
+    assert all(s.lora.error_after < s.lora.error_before for s in sites)
     own = {n for n, _ in gm.named_parameters() if n.startswith("attn_opt_")}
     assert {f"attn_opt_a{i}_lora_{x}" for i in range(2) for x in "ab"} <= own
     got = attn_opt.heal(gm, {p: a.numpy() for p, a in zip(names, args)}, model, steps=20)

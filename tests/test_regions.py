@@ -253,7 +253,7 @@ def test_calibration_skips_function_sites(tmp_path):
     assert p.sites_rewritten == REGION_SITES[:4]
     assert [s.id for s in p.sites_skipped] == ["function:Attn/a0"]
     assert "function body has none" in p.sites_skipped[0].reason
-    assert {f["site"] for f in p.calibration["sites"]} == set(REGION_SITES[:4])
+    assert {f.site for f in p.calibration.sites} == set(REGION_SITES[:4])
 
 
 # ---- selection, FLOPs, checks, the diff ---------------------------------------------------------

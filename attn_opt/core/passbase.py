@@ -107,9 +107,9 @@ class Pass:
         """Why this pass cannot rewrite `site`, or None."""
         return None
 
-    def form(self, site, diag: dict | None = None):
-        """The `Form` this pass makes of `site` (`diag`: its attention diagnostics, for
-        passes that choose from them)."""
+    def form(self, site, diag=None):
+        """The `Form` this pass makes of `site` (`diag`: its attention diagnostics, a
+        patterns.diagnostics.SiteDiagnostics, for passes that choose from them)."""
         raise NotImplementedError
 
     def needs_diagnostics(self) -> bool:

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from attn_opt.patterns.diagnostics import SiteDiagnostics
 from attn_opt.patterns.form import Form, Pattern, form_skip_reason
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.errors import NotSupported, UserError
@@ -120,12 +121,12 @@ class Sparse(Pass):
     def needs_diagnostics(self) -> bool:
         return self.sinks == "auto" or self.heads == "auto"
 
-    def resolve(self, site: AttentionSite, diag: dict | None) -> tuple["Sparse", str]:
+    def resolve(self, site: AttentionSite, diag: SiteDiagnostics | None) -> tuple["Sparse", str]:
         """sinks=auto / heads=auto made concrete from this site's diagnostics: head
         statistics, and the probabilities to measure what the pattern would drop."""
         if not diag:
             raise UserError(f"sparse: no attention probabilities for site {site.id} to choose sinks/heads from")
-        stats = diag["stats"]
+        stats = diag.stats
         notes, changes = [], {}
         if self.sinks == "auto":
             received = np.mean([h.first_tokens for h in stats], axis=0) if stats else np.zeros(1)
@@ -137,7 +138,7 @@ class Sparse(Pass):
                          f"{self.sink_threshold:g}; per-head sinks found at {found or 'none'})")
             changes["sinks"] = str(n)
         if self.heads == "auto":
-            p = diag["probs"]  # [B, H, Tq, Tk]
+            p = diag.probs  # [B, H, Tq, Tk]
             kept = dataclasses.replace(self, **changes, heads="all").pattern(site).visible(p.shape[-1])[-p.shape[2]:]
             rows = p.sum(-1) > 0.5
             dropped = [float((p[:, h] * ~kept).sum(-1)[rows[:, h]].mean()) for h in range(p.shape[1])]
@@ -166,7 +167,7 @@ class Sparse(Pass):
         kind = "shift" if self.border == "shift" and not causal else "window"
         return Pattern(kind, causal, w, b, sinks=sinks, dilation=self.dilation, dense_heads=dense)
 
-    def form(self, site: AttentionSite, diag: dict | None = None) -> Form:
+    def form(self, site: AttentionSite, diag: SiteDiagnostics | None = None) -> Form:
         concrete, note = self.resolve(site, diag) if self.needs_diagnostics() else (self, "")
         if concrete.dense_heads and max(concrete.dense_heads) >= site.heads:
             raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({site.heads} heads)")

@@ -43,6 +43,14 @@ class HeadStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SiteDiagnostics:
+    """What a pass that chooses from data (sinks=auto, heads=auto) gets for one site: the
+    per-head statistics and the probabilities they were read from, [B, H, Tq, Tk]."""
+    stats: list[HeadStats]
+    probs: np.ndarray
+
+
 def outside_mask(tq: int, tk: int, window: int, causal: bool) -> np.ndarray:
     """[Tq, Tk]: the pairs outside a window of `window` keys (queries the last Tq of Tk)."""
     i = np.arange(tq)[:, None] + (tk - tq)
@@ -97,7 +105,7 @@ def diagnose(gv, sites: list[AttentionSite], feeds, window: int | None = None, *
     return stats
 
 
-def for_pass(gv, sites: list[AttentionSite], feeds, window: int | None) -> dict[str, dict]:
-    """Per site, what a pass that chooses from diagnostics gets: {"stats": [...], "probs": P}."""
+def for_pass(gv, sites: list[AttentionSite], feeds, window: int | None) -> dict[str, SiteDiagnostics]:
+    """Per site id, what a pass that chooses from diagnostics gets."""
     probs = probabilities(gv, sites, feeds)
-    return {s.id: {"stats": head_stats(s, probs[s.id], window), "probs": probs[s.id]} for s in sites if s.id in probs}
+    return {s.id: SiteDiagnostics(head_stats(s, probs[s.id], window), probs[s.id]) for s in sites if s.id in probs}

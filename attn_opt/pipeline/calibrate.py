@@ -37,6 +37,30 @@ LOWER = {"p": 0.05, "alpha": 0.0}  # parameters kept above a bound while fitting
 
 
 @dataclass
+class LoraFit:
+    """A site's rank-`rank` correction of its output projection: the projection's output
+    error against what it read before the pass, before/after the fit, on the calibration
+    rows and the held-out ones; `skipped`: why none was fitted."""
+    rank: int
+    error_before: float | None = None
+    error_after: float | None = None
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    reverted: bool = False
+    skipped: str | None = None
+    b_shape: tuple | None = None
+    a: np.ndarray | None = field(default=None, repr=False)  # kept until the held-out check, never reported
+    b: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        if self.skipped is not None:
+            return {"rank": self.rank, "skipped": self.skipped}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("a", "b", "skipped") and v is not None}
+        d["b_shape"] = list(self.b_shape) if self.b_shape is not None else None
+        return d
+
+
+@dataclass
 class SiteFit:
     site: str
     layer: int | None
@@ -48,12 +72,41 @@ class SiteFit:
     seconds: float = 0.0
     values: dict = field(default_factory=dict)  # name -> per-head values written
     start: dict = field(default_factory=dict)  # name -> the identity's values (what a revert writes)
-    lora: dict | None = None  # rank, errors of the projection's output before/after, reverted / why not
+    lora: LoraFit | None = None
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "start"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("start", "lora")}
         d["values"] = {k: np.round(v, 4).tolist() for k, v in self.values.items()}
+        d["lora"] = self.lora.to_json() if self.lora is not None else None
         return d
+
+
+@dataclass
+class Calibration:
+    """What --calibrate did in one pass: per site, and the model's error against the
+    original before and after (on the calibration inputs and the held-out ones; `*_order`:
+    the held-out order of each output), its time, and why it was undone if it was."""
+    sites: list[SiteFit] = field(default_factory=list)
+    model_error_before: dict = field(default_factory=dict)
+    model_error_after: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str | None = None  # why every site went back to the identity, or why nothing was fitted
+
+    @property
+    def reverted(self) -> list[str]:
+        return [f.site for f in self.sites if f.reverted]
+
+    @property
+    def fitted(self) -> bool:
+        """Whether anything was calibrated (a pass with nothing to fit has only a note)."""
+        return bool(self.sites) or bool(self.model_error_before)
+
+    def to_json(self) -> dict:
+        if not self.fitted:
+            return {"note": self.note}
+        return {"sites": [f.to_json() for f in self.sites], "model_error_before": self.model_error_before,
+                "model_error_after": self.model_error_after, "seconds": self.seconds, "reverted": self.reverted,
+                "note": self.note}
 
 
 def check_lora(sites, rank: int) -> None:
@@ -262,7 +315,7 @@ def reset(model, fits: list[SiteFit]) -> None:
     GraphModule)."""
     write = writer(model)
     for f in fits:
-        write(f.site, f.start | ({"lora_b": np.zeros(f.lora["b_shape"])} if f.lora and "b_shape" in f.lora else {}))
+        write(f.site, f.start | ({"lora_b": np.zeros(f.lora.b_shape)} if f.lora and f.lora.b_shape else {}))
 
 
 def calibrate_fx(gm, old_sites: dict, rewritten: list[str], calib: dict, heldout: dict | None, progress=None,
@@ -319,7 +372,7 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
     return [fits[i] for i in rewritten if i in fits]
 
 
-def _fit_lora_site(site, tensors, probed, write, rank: int, values: dict, before_pass: dict) -> dict:
+def _fit_lora_site(site, tensors, probed, write, rank: int, values: dict, before_pass: dict) -> LoraFit:
     """Fit and write the site's rank-`rank` LoRA on its projection's error (the site's
     parameters at `values`, its `site_tensors`); what it did."""
     from attn_opt.patterns import reference
@@ -328,14 +381,14 @@ def _fit_lora_site(site, tensors, probed, write, rank: int, values: dict, before
     out = reference.normalise(site.normaliser.calibrate(values), s, vis) @ v
     got = _lora_data(site, probed, out, before_pass, live_rows(vis))
     if isinstance(got, str):
-        return {"rank": rank, "skipped": got}
+        return LoraFit(rank, skipped=got)
     x, want, w = got
     a, b = fit_lora(x, want - x @ w, rank)
     before, after = _lora_errors(x, want, w, a, b)
-    info = {"rank": rank, "error_before": before, "error_after": after, "b_shape": list(b.shape)}
+    info = LoraFit(rank, before, after, b_shape=tuple(b.shape))
     if after < before:
         write(site.id, {"lora_a": a, "lora_b": b})
-        info["a"], info["b"] = a, b
+        info.a, info.b = a, b
     return info
 
 
@@ -346,7 +399,7 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, write, before_pass=None)
     from attn_opt.patterns import reference
 
     wanted = [x for s in sites.values() for x in reference.needed(s) + [s.v.value]]
-    wanted += [_projection(s)[0] for sid, s in sites.items() if (fits[sid].lora or {}).get("a") is not None]
+    wanted += [_projection(s)[0] for sid, s in sites.items() if fits[sid].lora is not None and fits[sid].lora.a is not None]
     probed = gv.probe(wanted, heldout)
     for sid, f in fits.items():
         site = sites[sid]
@@ -360,19 +413,18 @@ def _check_heldout(gv, sites, old_sites, fits, heldout, write, before_pass=None)
             if f.heldout_after > f.heldout_before:
                 f.reverted = True
                 write(sid, f.start)
-        info = f.lora or {}
-        if info.get("a") is not None:
+        info = f.lora
+        if info is not None and info.a is not None:
             n = site.normaliser.calibrate(f.values or f.start)  # the values the held-out run had
             got = _lora_data(site, probed, reference.normalise(n, s, vis) @ v, before_pass, live)
-            if isinstance(got, str):
-                continue
-            x, want, w = got
-            info["heldout_before"], info["heldout_after"] = _lora_errors(x, want, w, info["a"], info["b"])
-            if info["heldout_after"] > info["heldout_before"]:
-                info["reverted"] = True
-                write(sid, {"lora_b": np.zeros_like(info["b"])})
-        for k in ("a", "b"):
-            info.pop(k, None)
+            if not isinstance(got, str):
+                x, want, w = got
+                info.heldout_before, info.heldout_after = _lora_errors(x, want, w, info.a, info.b)
+                if info.heldout_after > info.heldout_before:
+                    info.reverted = True
+                    write(sid, {"lora_b": np.zeros_like(info.b)})
+        if info is not None:
+            info.a = info.b = None
 
 
 class _Null:

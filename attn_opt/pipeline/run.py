@@ -29,6 +29,7 @@ from attn_opt.core import fidelity
 from attn_opt.core.errors import DoesNotRun, NotSupported, UserError
 from attn_opt.core.passbase import Layers, Pass, spans_text
 from attn_opt.core.progress import Progress
+from attn_opt.pipeline.calibrate import Calibration
 from attn_opt.pipeline.steps import Steps
 
 EXACT_TOL = 1e-4
@@ -72,10 +73,11 @@ class PassReport:
     per_site: dict = field(default_factory=dict)  # check="sites": site -> fidelity of its output
     fidelity_all: dict = field(default_factory=dict)  # worst over every input set (fidelity + variants)
     step_fidelity_all: dict = field(default_factory=dict)
-    calibration: dict = field(default_factory=dict)  # --calibrate: per site fits, the model before/after
+    calibration: Calibration | None = None  # --calibrate: per site fits, the model before/after
 
     def to_json(self) -> dict:
-        return dict(self.__dict__, sites_skipped=[s.to_json() for s in self.sites_skipped])
+        return dict(self.__dict__, sites_skipped=[s.to_json() for s in self.sites_skipped],
+                    calibration=self.calibration.to_json() if self.calibration is not None else {})
 
 
 @dataclass
@@ -317,14 +319,14 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
                           calibrating=calibrating, lora=opts.lora, choose_on=opts.calibrate)
     with progress.step(f"{p.name}: validate"):
         steps.validate(cur.model)
-    calibration = {}
+    calibration = None
     if calibrating and applied.rewritten:
         calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, opts.calibrate, feeds, ref_cal, ref,
                                  progress, opts.lora, targets, steps.logit_outputs(cur))
     elif opts.calibrate is not None and p.touches_sites():
-        calibration = {"note": f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
-                               + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
-                                  if p.produces == "gate" else ")")}
+        calibration = Calibration(note=f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
+                                       + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"
+                                          if p.produces == "gate" else ")"))
     with progress.step(f"{p.name}: run, fidelity, FLOPs" if check.runs else f"{p.name}: FLOPs"):
         try:
             # without a run, the values detection read before the pass serve where it needs no other
@@ -347,7 +349,7 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
 
 
 def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_heldout, progress, lora=0,
-               targets=None, logits: set = frozenset()) -> dict:
+               targets=None, logits: set = frozenset()) -> Calibration:
     """Fit the rewritten sites' parameters (steps.calibrate) and say what it did: per site, and
     the model's error against the original before and after, on the calibration inputs
     and on the held-out ones."""
@@ -397,8 +399,7 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
             f.reverted = True
         note = why + ": every site went back to the identity"
         after = dict(before)
-    return {"sites": [f.to_json() for f in fits], "model_error_before": before, "model_error_after": after,
-            "seconds": seconds, "reverted": [f.site for f in fits if f.reverted], "note": note}
+    return Calibration(fits, before, after, seconds, note)
 
 
 def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:

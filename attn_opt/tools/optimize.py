@@ -122,40 +122,40 @@ def _check_outputs(model: str, output: str, report: str | None, html: str | None
 
 def calibration_table(p) -> Table | str:
     c = p.calibration
-    if "sites" not in c:  # a pass with nothing to calibrate says why
-        return f"  {p.name}: calibration: {c.get('note', 'nothing fitted')}"
-    b, a = c["model_error_before"], c["model_error_after"]
-    t = Table(title=f"{p.name}: calibration ({c['seconds']:.1f} s); model error vs the original: calibration inputs "
+    if not c.fitted:  # a pass with nothing to calibrate says why
+        return f"  {p.name}: calibration: {c.note or 'nothing fitted'}"
+    b, a = c.model_error_before, c.model_error_after
+    t = Table(title=f"{p.name}: calibration ({c.seconds:.1f} s); model error vs the original: calibration inputs "
                     f"{_num(b, 'calibration', '.3g')} -> {_num(a, 'calibration', '.3g')}, held-out "
                     f"{_num(b, 'heldout', '.3g')} -> {_num(a, 'heldout', '.3g')}"
                     + "".join(f"; held-out order of {k} {v:.4f} -> {(a.get('heldout_order') or {}).get(k, v):.4f}"
                               for k, v in (b.get("heldout_order") or {}).items()), title_justify="left")
-    lora = any(s.get("lora") for s in c["sites"])
+    lora = any(f.lora for f in c.sites)
     for col in ("site", "layer", "error before", "after", "held-out before", "after", "kept", "s") + (
             ("LoRA: projection error (held-out)",) if lora else ()):
         t.add_column(col)
-    for s in c["sites"]:
-        row = [s["site"], str(s["layer"]), f"{s['error_before']:.3g}", f"{s['error_after']:.3g}",
-               _num(s, "heldout_before", ".3g"), _num(s, "heldout_after", ".3g"),
-               "reverted (held-out worse)" if s["reverted"] else ("yes" if s["values"] else "no gain"),
-               f"{s['seconds']:.2f}"]
+    for f in c.sites:
+        row = [f.site, str(f.layer), f"{f.error_before:.3g}", f"{f.error_after:.3g}",
+               _num(f.__dict__, "heldout_before", ".3g"), _num(f.__dict__, "heldout_after", ".3g"),
+               "reverted (held-out worse)" if f.reverted else ("yes" if f.values else "no gain"),
+               f"{f.seconds:.2f}"]
         if lora:
-            row.append(_lora_cell(s.get("lora")))
+            row.append(_lora_cell(f.lora))
         t.add_row(*row)
-    if c.get("note"):
-        t.caption = c["note"]
+    if c.note:
+        t.caption = c.note
     return t
 
 
-def _lora_cell(lo: dict | None) -> str:
-    if not lo:
+def _lora_cell(lo) -> str:
+    if lo is None:
         return "-"
-    if "skipped" in lo:
-        return f"not fitted: {lo['skipped']}"
-    cell = f"{lo['error_before']:.3g} -> {lo['error_after']:.3g}"
-    if "heldout_before" in lo:
-        cell += f" ({lo['heldout_before']:.3g} -> {lo['heldout_after']:.3g})"
-    return cell + (", reverted" if lo.get("reverted") else "")
+    if lo.skipped is not None:
+        return f"not fitted: {lo.skipped}"
+    cell = f"{lo.error_before:.3g} -> {lo.error_after:.3g}"
+    if lo.heldout_before is not None:
+        cell += f" ({lo.heldout_before:.3g} -> {lo.heldout_after:.3g})"
+    return cell + (", reverted" if lo.reverted else "")
 
 
 def _write_json(path: str, obj) -> None:

@@ -93,7 +93,8 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
         try:
             variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []
             opts = RunOptions(check=check_strategy(name, variants), layers=_layers(layers), ids=_set(sites),
-                              max_error=max_error, force=force, reference=_reference(model, native, f),
+                              max_error=max_error, force=force,
+                              reference=_reference(model, native, f) if name == "model" else None,
                               keep_models=keep_models, progress=progress, calibrate=calib, lora=lora,
                               input_note=note if not i else dict(note, shapes={k: list(v.shape) for k, v in f.items()},
                                                                  retried="the model failed at batch 2 and runs at batch 1"))
@@ -151,7 +152,8 @@ def _calibration_inputs(specs, calibrate, run_check) -> dict | None:
 
 
 def _reference(model, native, feeds) -> dict | None:
-    """An nn.Module's own outputs, what a torch program's fidelity is measured against."""
+    """An nn.Module's own outputs, what a torch program's fidelity is measured against
+    (only where the check runs the whole model: check=sites and check=none never do)."""
     import sys
 
     torch = sys.modules.get("torch")

@@ -174,3 +174,34 @@ def test_external_data_model(zoo_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (digest(src), digest(tmp_path / "ext.onnx.data")) == before
     assert len(attn_opt.inspect(str(out)).sites) == 2
+
+
+def test_check_none_on_torch_runs_nothing(monkeypatch):
+    """check=none on a torch program computes nothing of the model: its one pass is over
+    fake tensors; the only real values are the small cone of nodes detection reads
+    (masks, scale factors), never a whole run, never an output comparison."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from attn_opt.pipeline import fx_steps
+    from attn_opt.tools import zoo
+
+    runs, whole = [], []
+    real_run = fx_steps._Run.run
+
+    def spy(self, *args, **kw):
+        runs.append((any(isinstance(a, FakeTensor) for a in args), self.only))
+        return real_run(self, *args, **kw)
+
+    monkeypatch.setattr(fx_steps._Run, "run", spy)
+    real_module = fx_steps.run_module
+    monkeypatch.setattr(fx_steps, "run_module", lambda *a, **k: whole.append(a) or real_module(*a, **k))
+    model, args, _ = zoo.MODELS["bert-eager"].build()
+    _, checked = attn_opt.optimize(model, ["fuse"], example_inputs=args)  # the default runs it whole and compares
+    assert checked.passes[0].fidelity and any(not fake and only is None for fake, only in runs)
+    runs.clear(), whole.clear()
+    gm, report = attn_opt.optimize(model, ["fuse"], example_inputs=args, check="none")
+    assert report.passes[0].sites_rewritten and report.passes[0].fidelity == {}
+    assert not whole and runs
+    n_nodes = len(list(gm.graph.nodes))
+    for fake, only in runs:  # each run is fake, or real on a cone far smaller than the program
+        assert fake or (only is not None and len(only) < n_nodes / 4), (fake, only and len(only))

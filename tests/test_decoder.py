@@ -19,6 +19,7 @@ from conftest import _cached
 from test_pipeline import cli
 
 CASES = [(name, exporter) for name in zoo.DECODERS for exporter in ("torchscript", "dynamo")]
+SINK_LOGITS = {"gpt-oss"}  # decoders whose attention concatenates a learned sink logit per head
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +51,14 @@ def test_fuse_is_exact_through_the_loop(step_onnx, tmp_path, name, exporter):
     p = report["passes"][0]
     assert "decode x4" in report["inputs"]["variants"] and any("@decode x4" in k for k in p["per_output"])
     assert p["sites_rewritten"] == ["a0", "a1"] and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
-    fused = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention"]
-    assert [(n.input[4], n.output[1]) for n in fused] == [(f"past_key_values.{i}.key", f"present.{i}.key") for i in range(2)]
+    if name in SINK_LOGITS:  # Attention has no sink logit: GroupQueryAttention's head_sink is it
+        fused = _gqa_nodes(out)
+        assert [(n.input[3], n.output[1], n.input[11]) for n in fused] == \
+            [(f"past_key_values.{i}.key", f"present.{i}.key", f"attn_opt.a{i}.sink_logit") for i in range(2)]
+    else:
+        fused = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention"]
+        assert [(n.input[4], n.output[1]) for n in fused] == \
+            [(f"past_key_values.{i}.key", f"present.{i}.key") for i in range(2)]
     assert all(s.cache is not None for s in attn_opt.inspect(str(out)).sites)  # the fused step is still a loop
     _same_loop(src, out, tmp_path)
 
@@ -194,7 +201,8 @@ def test_bad_decoder_inputs(step_onnx, tmp_path):
     assert r.returncode == 2 and "integer token ids" in r.stderr
 
 
-@pytest.mark.parametrize("name,exporter", [("llama", "torchscript"), ("llama", "dynamo"), ("gpt2", "torchscript")])
+@pytest.mark.parametrize("name,exporter", [("llama", "torchscript"), ("llama", "dynamo"), ("gpt2", "torchscript"),
+                                           ("gpt-oss", "torchscript")])
 def test_stream_caps_the_cache_and_is_exact_while_it_fits(step_onnx, tmp_path, name, exporter):
     """stream:sinks=2,window=6: present holds 8 positions however long the loop runs;
     the logits equal the dense step's while prompt + generated tokens fit in 8."""
@@ -214,8 +222,10 @@ def test_stream_caps_the_cache_and_is_exact_while_it_fits(step_onnx, tmp_path, n
     assert max(got["per_step_error"][fits:]) > 1e-3  # beyond: the sink + window approximation
     per_layer = 2 * 2 * 8 * got["b"].cache_bytes // (2 * 2 * 8 * 1)  # bytes of the capped cache
     assert got["b"].cache_bytes == per_layer and got["b"].cache_bytes < got["a"].cache_bytes
-    kv = 2 if name == "llama" else 4
+    kv = 4 if name == "gpt2" else 2
     assert got["b"].cache_bytes == 4 * (1 * kv * 8 * 8) * 4  # 4 tensors [1, kv, 8 positions, 8] of float32
+    before, after = attn_opt.inspect(str(src)).sites, attn_opt.inspect(str(out)).sites
+    assert [s.normaliser for s in after] == [s.normaliser for s in before]  # a sink logit stays one
 
 
 def _step_logits(sess, ids, positions, past):
@@ -295,3 +305,28 @@ def test_torch_decoder_step_with_a_cache():
     with torch.no_grad():
         want, got = step(*args), compiled(*args)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_gpt_oss_sink_logits_are_read_and_kept(step_onnx, tmp_path, exporter):
+    """gpt-oss concatenates a learned logit per head to the scores and slices its column
+    off the probabilities: the site's normaliser is that sink logit (the model's own values),
+    the sliding layer's window is read from its mask, fuse:target=onnx refuses it (Attention
+    has no sink), and sinkfree, which replaces the sink, is not exact there."""
+    src = step_onnx("gpt-oss", exporter)
+    sites = attn_opt.inspect(str(src)).sites
+    step, *_ = zoo.decoder_step("gpt-oss")
+    want = [tuple(float(x) for x in layer.self_attn.sinks.detach()) for layer in step.model.model.layers]
+    assert [s.normaliser.kind for s in sites] == ["logit"] * 2
+    assert np.allclose([s.normaliser.bias for s in sites], want, atol=1e-6) and np.ptp(want) > 1
+    assert [s.window for s in sites] == [4, None] and all(s.causal for s in sites)
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "fuse:target=onnx", "-o", tmp_path / "o.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and not p["sites_rewritten"]
+    assert all("a sink logit, which ONNX Attention has not" in s["reason"] for s in p["sites_skipped"])
+    r = cli(src, "--pass", "sinkfree:mode=logit,bias=-inf", "-o", tmp_path / "s.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert p["sites_rewritten"] == ["a0", "a1"] and p["exact"] is False
+    assert p["step_fidelity_all"]["max_rel_error"] > 1e-3  # the sinks are gone: not the same function

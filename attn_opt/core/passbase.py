@@ -103,6 +103,11 @@ class Pass:
         """Exact for these options (a pass may be exact only in some settings)."""
         return self.exact
 
+    def exact_on(self, site) -> bool:
+        """Exact on this site (an exact pass may not be on a site it changes in kind, such as
+        a sink-free form on a site that has its own sink logits)."""
+        return self.is_exact()
+
     def skip_reason(self, site) -> str | None:
         """Why this pass cannot rewrite `site`, or None."""
         return None

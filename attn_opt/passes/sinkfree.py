@@ -50,6 +50,9 @@ class Sinkfree(Pass):
     def is_exact(self) -> bool:
         return self.mode == "logit" and self.bias == -math.inf or (self.mode == "redistribute" and self.alpha == 1)
 
+    def exact_on(self, site) -> bool:
+        return self.is_exact() and site.normaliser.is_softmax  # a site's own sink logits are what it removes
+
     def skip_reason(self, site):
         reason = form_skip_reason(site)
         if reason:

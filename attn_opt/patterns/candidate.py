@@ -42,6 +42,10 @@ class Candidate:
     folded_terms: list[Value] = field(default_factory=list)  # additive terms added to the 3-D scores
     filled_terms: list[Value] = field(default_factory=list)  # additive terms added after the boolean mask's fill
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
+    negated: list[Value] = field(default_factory=list)  # additive terms the scores subtract (s − 1e30·mask)
+    sink: Value | None = None  # a column concatenated to the scores before the softmax: per-head sink logits
+    sink_last: bool = True  # the sink column comes after the keys (else before them)
+    sink_cut: bool = False  # the sink column is sliced off the probabilities before ·V
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:
         if self.bool_mask is not None:

@@ -12,6 +12,7 @@ import numpy as np
 from attn_opt.patterns import eager, fused, projections
 from attn_opt.patterns.cache import cache_of
 from attn_opt.patterns.candidate import Candidate
+from attn_opt.patterns.form import Normaliser
 from attn_opt.patterns.layout import unexpanded
 from attn_opt.patterns.site import MASKED, AttentionSite, Miss, NearMiss, Operand
 from attn_opt.core.errors import first_line
@@ -146,6 +147,8 @@ def _needed(cands: list[Candidate]) -> list[Value]:
             vals.append(c.bool_mask)
         if c.unfold is not None:
             vals.append(c.unfold)
+        if c.sink is not None and c.sink.const is None:
+            vals.append(c.sink)
     return vals
 
 
@@ -201,7 +204,8 @@ def _masked(c: Candidate, probed: dict) -> tuple[np.ndarray | None, bool]:
         terms = [_arr(a, probed) for a in c.additive]
         if any(t is None for t in terms):
             return None, False
-        total = sum(np.asarray(t, dtype=np.float64) for t in terms)
+        total = sum(np.asarray(t, dtype=np.float64) * (-1 if any(a is x for x in c.negated) else 1)
+                    for a, t in zip(c.additive, terms))
         hidden = total <= MASKED
         bias = bool(np.any((total != 0) & ~hidden))
     if c.bool_mask is not None:
@@ -327,6 +331,10 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     else:
         lq, lk = (qs[-2] if qs and len(qs) == 4 else None), (ks[-2] if ks and len(ks) == 4 else None)
         kind = "cross" if (lq is not None and lk is not None and lq != lk) or (tq and tk and tq != tk) else "self"
+    normaliser, blocked = c.normaliser, None
+    if c.sink is not None:
+        normaliser, blocked, said = _sink_logits(c, probed, heads)
+        notes.append(said)
     order = {id(n): i for i, n in enumerate(gv.nodes)}
     covered = sorted({id(n): n for n in c.covered}.values(), key=lambda n: order.get(id(n), 0))
     return AttentionSite(
@@ -339,7 +347,8 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         hidden=next(iter(src_q.values())) if len(src_q) == 1 else None, softcap=c.softcap, window=window,
         quantized=c.quantized, folded_terms=tuple(t.name for t in c.folded_terms),
         filled_terms=tuple(t.name for t in c.filled_terms), cache=cache_of(c.k.value, c.v.value),
-        pattern=c.pattern, normaliser=c.normaliser,
+        pattern=c.pattern, normaliser=normaliser, blocked=blocked,
+        negated_terms=tuple(t.name for t in c.negated),
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 
@@ -349,3 +358,23 @@ def _fill(c: Candidate, probed: dict) -> float | None:
         return c.fill_value
     a = _arr(c.fill, probed)
     return None if a is None or a.size != 1 else float(a.reshape(-1)[0])
+
+
+def _sink_logits(c: Candidate, probed: dict, heads: int | None) -> tuple[Normaliser, str | None, str]:
+    """The sink column as a per-head sink logit b_h (exp(S) / (exp(b_h) + Σ exp(S))): the
+    normaliser, why no pass may rewrite the site where b_h cannot be read, and a note."""
+    a = _arr(c.sink, probed)
+    why = None
+    if _input_dependent(c.sink):
+        why = "its sink column is computed from the inputs, not one learned logit per head"
+    elif a is None or not heads:
+        why = "its sink logits could not be read (the model did not run on sample inputs)"
+    else:
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 4 or a.shape[-1] != 1 or a.shape[1] not in (1, heads) or not np.all(a == a[:1, :, :1, :]):
+            why = f"its sink column {tuple(a.shape)} is not one logit per head, the same for every row"
+    if why is not None:
+        return Normaliser("logit"), why, f"a sink column before the softmax; {why}"
+    bias = np.broadcast_to(a[0, :, 0, 0], (heads,))
+    norm = Normaliser("logit", bias=tuple(float(b) for b in bias))
+    return norm, None, "a learned sink logit per head concatenated before the softmax (sliced off before ·V)"

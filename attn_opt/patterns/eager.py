@@ -162,6 +162,69 @@ def _softcapped(c, n, v, m):
     return _softcap(c, n) if c is not None else n.input(0)
 
 
+def _reduce_axes(n: Node) -> list[int] | None:
+    """A Reduce*'s axes: the attribute (opset < 18) or the constant second input."""
+    if "axes" in n.attrs:
+        return [int(a) for a in n.attrs["axes"]]
+    a = n.input(1)
+    return None if a is None or a.const is None else [int(x) for x in np.asarray(a.const).reshape(-1)]
+
+
+def _last_axis(axis: int, rank: int | None) -> bool:
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _max_shift(n: Node, v: Value):
+    """Sub(x, ReduceMax(x) over the key axis): softmax's own stabiliser written out (gpt-oss)."""
+    x, m = n.input(0), n.input(1)
+    r = m.producer if m is not None else None
+    if n.op != "Sub" or r is None or r.op != "ReduceMax" or r.input(0) is not x:
+        return None
+    axes = _reduce_axes(r)
+    return bool(int(r.attrs.get("keepdims", 1)) and axes and len(axes) == 1 and _last_axis(axes[0], x.rank))
+
+
+def _shifted(c, n, v, m):
+    if c is not None:
+        c.covered.append(n.input(1).producer)
+    return n.input(0)
+
+
+def _sink_column(n: Node, v: Value):
+    """Concat([scores, sink], key axis): a learned sink logit per head as one more column."""
+    if n.op != "Concat" or len(n.inputs) != 2 or not _last_axis(int(n.attrs.get("axis", 0)), n.outputs[0].rank):
+        return None
+    paths = [i for i, x in enumerate(n.inputs) if x is not None and leads_to_product(x)]
+    return paths[0] + 1 if len(paths) == 1 else None  # 1-based: 0 would read as "no match"
+
+
+def _sink(c, n, v, at):
+    scores, sink = n.inputs[at - 1], n.inputs[2 - at]
+    if c is not None:
+        if c.sink is not None:
+            raise Miss("two sink columns before the softmax", n)
+        if c.additive or c.bool_mask is not None or c.scale_factors or c.softcap is not None or c.unfold is not None:
+            raise Miss("scores scaled or masked after the sink column was concatenated", n)
+        c.sink, c.sink_last = sink, at == 1
+    return scores
+
+
+def _subtracted(n: Node, v: Value):
+    """Sub(scores, term): a mask applied by subtraction (XLNet's s − 1e30·mask)."""
+    return n.op == "Sub" and n.input(0) is not None and leads_to_product(n.input(0)) \
+        and not (n.input(1) is not None and leads_to_product(n.input(1)))
+
+
+def _negated_term(c, n, v, m):
+    if c is not None:
+        term = n.input(1)
+        c.additive.append(term)
+        c.negated.append(term)
+        if c.unfold is not None:
+            c.folded_terms.append(term)
+    return n.input(0)
+
+
 SCORE_STAGES = [
     Alt("product", lambda n, v: n.op in ("MatMul", "Einsum"), _product, "every exporter"),
     Alt("unfold", lambda n, v: _unfolds(n), _unfold, "bmm attention viewed as 4-D scores (BLOOM, DeBERTa)"),
@@ -175,6 +238,9 @@ SCORE_STAGES = [
     Alt("weight product", lambda n, v: n.op in ("Gemm", "Linear", "Conv"), _weight_product,
         "a projection, classifier or router softmax"),
     Alt("soft-cap", lambda n, v: n.op == "Tanh", _softcapped, "c·tanh(S/c) (Gemma 2, Grok)"),
+    Alt("max shift", _max_shift, _shifted, "S − max(S) written out before the softmax (gpt-oss)"),
+    Alt("sink column", _sink_column, _sink, "cat([S, sinks], -1), the column sliced off before ·V (gpt-oss)"),
+    Alt("subtracted term", _subtracted, _negated_term, "s − 1e30·mask (XLNet), s − INF·(1 − mask) (Funnel)"),
 ]
 
 
@@ -242,43 +308,131 @@ def _strip_scale(c: Candidate, v: Value) -> Value:
     return v
 
 
+# -- the probability stage: from the softmax output forward to the product with V ---------
+#
+# The same shape of table: `match(c, p, users)` looks at the uses of the probabilities `p`
+# (Assert metadata checks left out), `step` records what it found and returns the value
+# to walk on to, or the MatMul/Einsum with V where the walk ends.
+
+
+@dataclass(frozen=True)
+class ProbAlt:
+    tag: str
+    match: Callable[[Candidate, Value, list], Any]
+    step: Callable[[Candidate, Value, list, Any], Any]
+    seen: str = ""
+
+
+def _nan_guard(c, p, users):
+    isnan = [u for u in users if u.op == "IsNaN"]
+    guards = [u for u in users if u.op == "Where" and isnan and u.input(0) is isnan[0].outputs[0]]
+    return (isnan[0], guards[0]) if guards else None
+
+
+def _guarded(c, p, users, m):
+    c.covered += list(m)
+    c.probs_shared |= len(users) > 2
+    return m[1].outputs[0]
+
+
+def _qdq_probs(c, p, users):
+    return _qdq_user(p)
+
+
+def _dequantized(c, p, users, dq):
+    c.covered += [p.users[0], dq]
+    c.quantized = True
+    return dq.outputs[0]
+
+
+def _drops_sink(u: Node, last: bool) -> bool:
+    """Slice(p, 0, -1) (sink last) or Slice(p, 1, end) (sink first) on the key axis, step 1."""
+    if u.op != "Slice" or len(u.inputs) < 4:
+        return False
+    cs = [None if x is None or x.const is None else np.asarray(x.const).reshape(-1).tolist() for x in u.inputs[1:5]]
+    starts, ends, axes = cs[0], cs[1], cs[2]
+    steps = cs[3] if len(cs) > 3 and u.input(4) is not None else [1]
+    if None in (starts, ends, axes, steps) or len(axes) != 1 or steps != [1] or not _last_axis(axes[0], u.input(0).rank):
+        return False
+    return (starts, ends) == ([0], [-1]) if last else (starts == [1] and ends[0] >= 2 ** 31 - 1)
+
+
+def _sink_cut(c, p, users):
+    if c.sink is None or c.sink_cut:
+        return None
+    cuts = [u for u in users if _drops_sink(u, c.sink_last)]
+    return cuts[0] if len(cuts) == 1 and len([u for u in users if u.op not in ("Shape", "Size")]) == 1 else None
+
+
+def _cut(c, p, users, sl):
+    c.covered.append(sl)
+    c.sink_cut = True
+    c.probs = sl.outputs[0]  # the weights on the keys; the sink's share is what they lack
+    return sl.outputs[0]
+
+
+def _fold_back(c, p, users):
+    folds = [u for u in users if u.op == "Reshape" and p.rank == 4 and u.outputs[0].rank == 3]
+    data_users = [u for u in users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
+    return folds[0] if c.unfold is not None and len(data_users) == 1 and folds else None
+
+
+def _covered_step(c, p, users, n):
+    c.covered.append(n)
+    return n.outputs[0]
+
+
+def _pv_product(c, p, users):
+    matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]
+    return matmuls[0] if len(matmuls) == 1 else None
+
+
+def _ends(c, p, users, mm):
+    if c.sink is not None and not c.sink_cut:
+        raise Miss("the sink column reaches the product with V (it is not sliced off)", mm)
+    c.probs_shared |= len(users) > 1
+    return mm
+
+
+def _pass_through(c, p, users):
+    passes = [u for u in users if u.op in PASS]
+    return passes[0] if len(passes) == 1 else None
+
+
+def _passed(c, p, users, n):
+    c.probs_shared |= len(users) > 1
+    return _covered_step(c, p, users, n)
+
+
+PROB_STAGES = [
+    ProbAlt("nan guard", _nan_guard, _guarded, "torch's SDPA decomposition: where(isnan(p), 0, p)"),
+    ProbAlt("qdq", _qdq_probs, _dequantized, "QDQ models round the probabilities to int8"),
+    ProbAlt("sink cut", _sink_cut, _cut, "p[..., :-1]: the sink column dropped before ·V (gpt-oss)"),
+    ProbAlt("fold back", _fold_back, _covered_step, "back to [B*H, Tq, Tk] for the bmm with V"),
+    ProbAlt("product with V", _pv_product, _ends, "every exporter"),
+    ProbAlt("pass-through", _pass_through, _passed, "Cast (fp16 exports), Dropout, Identity"),
+]
+
+
 def _walk_probs(c: Candidate, p: Value) -> Node:
-    """From the Softmax output forward to the MatMul with V."""
+    """From the Softmax output forward to the MatMul with V through `PROB_STAGES`."""
     c.probs = p
     for _ in range(MAX_STAGES):
         users = [u for u in p.users if u.op != "Assert"]  # torch.export's metadata checks are not uses
-        isnan = [u for u in users if u.op == "IsNaN"]
-        guards = [u for u in users if u.op == "Where" and isnan and u.input(0) is isnan[0].outputs[0]]
-        if guards:  # the NaN guard of torch's SDPA decomposition: where(isnan(p), 0, p)
-            c.covered += [isnan[0], guards[0]]
-            c.probs_shared |= len(users) > 2
-            p = guards[0].outputs[0]
-            continue
-        if (dq := _qdq_user(p)) is not None:  # the probabilities rounded to int8 (QDQ)
-            c.covered += [p.users[0], dq]
-            c.quantized = True
-            p = dq.outputs[0]
-            continue
-        folds = [u for u in users if u.op == "Reshape" and p.rank == 4 and u.outputs[0].rank == 3]
-        data_users = [u for u in users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
-        if c.unfold is not None and len(data_users) == 1 and folds:  # back to [B*H, Tq, Tk] for the bmm with V
-            c.covered.append(folds[0])
-            p = folds[0].outputs[0]
-            continue
-        passes = [u for u in users if u.op in PASS]
-        matmuls = [u for u in users if u.op in ("MatMul", "Einsum") and u.input(0) is p]
-        if len(matmuls) == 1:
-            c.probs_shared |= len(users) > 1
-            return matmuls[0]
-        if len(passes) == 1:
-            c.probs_shared |= len(users) > 1
-            c.covered.append(passes[0])
-            p = passes[0].outputs[0]
-            continue
-        if not users:
-            raise Miss("the probabilities are not used")
-        raise Miss("the probabilities are not multiplied by values (used by "
-                   + ", ".join(sorted({u.op for u in users})) + ")", *users)
+        for alt in PROB_STAGES:
+            m = alt.match(c, p, users)
+            if m is None:
+                continue
+            nxt = alt.step(c, p, users, m)
+            if isinstance(nxt, Node):
+                return nxt
+            p = nxt
+            break
+        else:
+            if not users:
+                raise Miss("the probabilities are not used")
+            raise Miss("the probabilities are not multiplied by values (used by "
+                       + ", ".join(sorted({u.op for u in users})) + ")", *users)
     raise Miss("more than 12 ops between the softmax and the MatMul with V")
 
 

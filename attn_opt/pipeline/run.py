@@ -116,6 +116,7 @@ class Applied:
     skipped: list[dict]
     notes: list[str]
     sink_ratio: dict = field(default_factory=dict)
+    exact: bool = True  # the pass is exact on every site it rewrote (Pass.exact_on)
 
 
 def parse_chain(passes) -> list[Pass]:
@@ -210,7 +211,8 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
     if want_sinks and feeds is not None and p.replaces_normaliser and rewritten:
         sinks = sink_ratios(state.view, [s for s in chosen if s.id in rewritten], p, feeds)
     steps.finish(state)
-    return Applied(rewritten, skipped, notes, sinks)
+    exact = p.is_exact() and all(p.exact_on(s) for s in chosen if s.id in rewritten)
+    return Applied(rewritten, skipped, notes, sinks, exact)
 
 
 def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
@@ -334,7 +336,7 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
         except DoesNotRun as e:
             raise UserError(f"{p.name}: the rewritten model does not run "
                             f"({str(e).split('; give --inputs')[0]}); nothing written") from None
-    rep = PassReport(p.name, p.options(), p.is_exact(), applied.rewritten, applied.skipped,
+    rep = PassReport(p.name, p.options(), applied.exact, applied.rewritten, applied.skipped,
                      before.flops.matmul, new.flops.matmul, before.flops.attention_matmul,
                      new.flops.attention_matmul, before.params, new.params, notes=applied.notes,
                      sink_ratio=applied.sink_ratio, check=check.name, calibration=calibration)
@@ -404,7 +406,7 @@ def _calibrate(steps, model, old_sites, rewritten, calib, heldout, ref_cal, ref_
 
 def _enforce(p, rep, fid, step, bound, max_error, force, report) -> None:
     problem = None
-    if p.is_exact() and step is not None and not step.max_rel_error <= bound:
+    if rep.exact and step is not None and not step.max_rel_error <= bound:
         problem = (f"{p.name} is exact, but moved outputs by {step.max_rel_error:.3g} (bound {bound:g}"
                    f"{'; on every input set' if rep.step_fidelity_all else ''})")
     elif max_error is not None and (fid or step) is not None and not (fid or step).max_rel_error <= max_error:

@@ -256,7 +256,26 @@ DECODERS = {  # name: (model class, config class, config)
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                        num_attention_heads=4, num_key_value_heads=2,
                                                        intermediate_size=64, max_position_embeddings=512)),
+    # learned sink logits (cat([S, sinks]) → softmax → [..., :-1]), sliding and full layers alternating, GQA,
+    # a mixture of experts (the batched_mm experts are the ones that export)
+    "gpt-oss": ("GptOssForCausalLM", "GptOssConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0), experts_implementation="batched_mm")),
 }
+
+
+def _loud_sinks(model: nn.Module) -> None:
+    """Sink logits of the size trained models have (the init's std 0.02 would hide a lost sink)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(getattr(m, "sinks", None), nn.Parameter):
+            with torch.no_grad():
+                m.sinks.copy_(torch.randn(m.sinks.shape, generator=g) * 1.5)
+
+
+AFTER_BUILD = {"gpt-oss": _loud_sinks}  # name: what the tiny random model needs after it is built
 
 
 class DecoderStep(nn.Module):
@@ -286,6 +305,7 @@ def decoder_step(name: str, **config) -> tuple[DecoderStep, tuple, tuple[str, ..
     `config` overrides the family's tiny config."""
     cls, cfg, kw = DECODERS[name]
     step = DecoderStep(_hf(cls, cfg, "eager", **(kw | config)))
+    AFTER_BUILD.get(name, lambda m: None)(step.model)
     c = step.model.config
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     d = c.hidden_size // c.num_attention_heads

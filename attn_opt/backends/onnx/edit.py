@@ -99,6 +99,16 @@ class SiteEdit:
         self.model.graph.register_initializer(v)
         return v
 
+    def weight(self, suffix: str, array: np.ndarray) -> ir.Value:
+        """`initializer`, reusing the site's weight of that name where it holds the same
+        values (a site lowered again keeps its sink logits under one name)."""
+        old = self.model.graph.initializers.get(param_name(self.site.id, suffix))
+        if old is None:
+            return self.initializer(suffix, array)
+        if old.const_value is not None and np.array_equal(old.const_value.numpy(), np.asarray(array, np.float32)):
+            return old
+        return self.const(np.asarray(array, np.float32))
+
     def ensure_opset(self, domain: str, version: int) -> None:
         """The model (and the function the site is in) imports `domain` at `version` or later."""
         ensure_opset(self.model, domain, version)

@@ -97,7 +97,8 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
 def _choose_step(site: AttentionSite, target: str) -> tuple[str, str]:
     """("onnx" | "gqa", why) for a decoder step that returns its cache."""
     if site.normaliser.kind == "logit":  # Fuse.skip_reason let it through only where GQA can take it
-        return "gqa", "a sink logit: GroupQueryAttention's head_sink computes it, Attention has none"
+        return "gqa", ("asked for" if target == "ort" else
+                       "a sink logit: GroupQueryAttention's head_sink computes it, Attention has none")
     if target == "onnx":
         return "onnx", "a decoder step: Attention reads the past cache and returns the present one"
     if (why := gqa_step_reason(site)) is not None:

@@ -179,7 +179,11 @@ def _softplus(e, s, vis, site, n: Normaliser, ndim, prm):
 
 
 def _logit(e, s, vis, site, n: Normaliser, ndim, prm):
-    b = prm("bias") if prm else per_head(e, site, n.per_head_bias(site.heads), ndim)
+    if prm:
+        b = prm("bias")
+    else:  # the site's weight attn_opt.<site>.sink_logit, viewed per head
+        shape = e.ints(1, site.kv_heads, site.heads // site.kv_heads, *([1] * (ndim - 3)))
+        b = e.op("Reshape", [e.weight("sink_logit", n.per_head_bias(site.heads)), shape])
     m = e.op("Max", [row_max(e, e.op("Where", [vis, s, f32(e, MIN)])), b])
     ex = e.op("Where", [vis, e.op("Exp", [e.op("Sub", [s, m])]), f32(e, 0)])
     return safe_div(e, ex, e.op("Add", [row_sum(e, ex), e.op("Exp", [e.op("Sub", [b, m])])]))

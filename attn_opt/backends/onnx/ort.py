@@ -150,7 +150,7 @@ def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
     seqlens = i32(e.op("Expand", [e.op("Sub", [total, e.ints(1)]), batch]))
     sink = None
     if s.normaliser.kind == "logit":  # exp(S) / (exp(b_h) + Σ exp(S)): head_sink is b_h
-        sink = e.const(s.normaliser.per_head_bias(s.heads).astype(np.float32))
+        sink = e.weight("sink_logit", s.normaliser.per_head_bias(s.heads))
     attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "do_rotary": 0}
     if s.softcap:
         attrs["softcap"] = float(s.softcap)

@@ -198,3 +198,50 @@ def test_bad_values_are_one_line(spec, error, msg):
 def test_block_larger_than_the_sequence_is_refused():
     with pytest.raises(UserError, match="block 64 is larger than the sequence"):
         apply_pass(attention_model(), passes.parse("sparse:topk=2,block=64"))
+
+
+def _zoo_feeds(proto, **kw):
+    from attn_opt.core.inputs import make_inputs
+
+    return make_inputs(onnx_adapter.input_specs(onnx_adapter.load_view(proto)[2]), **kw)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("attn_opt.tools.zoo", fromlist=["MODELS"]).MODELS))
+def test_all_blocks_is_exact_on_every_zoo_model(zoo_onnx, name):
+    """K = all blocks on every zoo model's ONNX export, on padded inputs: every site
+    rewritten or skipped with a reason, and exact."""
+    import onnx
+
+    from attn_opt.tools import zoo
+
+    proto = onnx.load(str(zoo_onnx(name, "dynamo")))
+    _, report = attn_opt.optimize(proto, [passes.parse("sparse:topk=512,block=4")], feeds=_zoo_feeds(proto, pad=True),
+                                  force=True)
+    p = report.passes[0]
+    assert len(p.sites_rewritten) + len(p.sites_skipped) == zoo.MODELS[name].expected.sites
+    assert all(s.reason for s in p.sites_skipped)
+    if p.sites_rewritten:
+        assert p.step_fidelity["max_rel_error"] <= 1e-4, p.step_fidelity
+
+
+@pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])
+def test_fx_agrees_with_onnx_on_zoo_models(zoo_onnx, name):
+    """Blocks dropped: the FX rewrite and the ONNX rewrite give the same outputs on the
+    same inputs (the same selection in both IRs)."""
+    import onnx
+
+    from attn_opt.tools import zoo
+
+    model, args, names = zoo.MODELS[name].build()
+    spec = "sparse:topk=1,block=2"
+    gm, fx_rep = attn_opt.optimize(model, [spec], example_inputs=args)
+    proto = onnx.load(str(zoo_onnx(name, "dynamo")))
+    feed = {n: a.numpy() for n, a in zip(names, args)}
+    new, onnx_rep = attn_opt.optimize(proto, [passes.parse(spec)], feeds=feed, force=True)
+    assert fx_rep.passes[0].sites_rewritten == onnx_rep.passes[0].sites_rewritten != []
+    assert fx_rep.passes[0].step_fidelity["max_rel_error"] > 1e-3  # blocks were dropped
+    with torch.no_grad():
+        got_fx = torch.utils._pytree.tree_leaves(gm(*args))[0].numpy()
+    got_onnx = onnx_adapter.run(new, feed)
+    first = next(iter(got_onnx.values()))
+    np.testing.assert_allclose(got_fx, first, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 
 from attn_opt.core.errors import NotSupported
 from attn_opt.patterns.capability import FEATURES, TABLES, Capabilities
-from attn_opt.patterns.form import NORMALISERS, PATTERN_KINDS, Form, Normaliser, Pattern
+from attn_opt.patterns.form import NORMALISERS, PATTERN_KINDS, SELECTION_KINDS, Form, Normaliser, Pattern, Selection
 
 
 def backends() -> dict[str, Capabilities]:
@@ -45,12 +45,14 @@ def test_full_backends_lower_every_normaliser_and_pattern():
         caps = backends()[name]
         assert set(caps.normaliser) == set(NORMALISERS), name
         assert set(caps.pattern) == set(PATTERN_KINDS), name
+        assert set(caps.selection) == set(SELECTION_KINDS), name
     for name in ("onnx", "torch"):
         assert set(backends()[name].feature) >= set(FEATURES) - {"stream"}, name
 
 
 def test_the_tables_know_the_form_module():
     assert TABLES["normaliser"] == NORMALISERS and TABLES["pattern"] == PATTERN_KINDS
+    assert TABLES["selection"] == SELECTION_KINDS
 
 
 def test_a_missing_kind_is_refused_by_name():
@@ -62,7 +64,8 @@ def test_a_missing_kind_is_refused_by_name():
     assert caps.supports(None, Form(normaliser=Normaliser("relu"))) == "relu: no demo lowering"
     assert caps.supports(None, Form()) is None
     assert caps.unaccounted() == {"normaliser": [k for k in NORMALISERS if k not in ("softmax", "sigmoid")],
-                                  "pattern": list(PATTERN_KINDS), "feature": list(FEATURES)}
+                                  "pattern": list(PATTERN_KINDS), "selection": list(SELECTION_KINDS),
+                                  "feature": list(FEATURES)}
 
 
 def test_an_unknown_kind_never_computes_as_another():
@@ -92,3 +95,18 @@ def test_triton_declines_in_words():
     assert caps.supports(None, Form(pattern=shifted)).startswith("shift: no triton lowering")
     calibrated = dataclasses.replace(Normaliser(), temperature=(1.0,), offset=(0.0,), gain=(1.0,))
     assert "calibrated" in caps.supports(None, Form(normaliser=calibrated))
+
+
+@pytest.mark.parametrize("kind", SELECTION_KINDS)
+def test_every_selection_kind_in_every_backend(kind):
+    """A content pattern is looked up in the selection table: lowered, or refused with the
+    backend's reason (never computed as a fixed pattern)."""
+    pattern = Pattern(kind, False, 0, 4, selection=Selection(kind, 1))
+    for name, caps in backends().items():
+        why = caps.supports(None, Form(pattern=pattern))
+        if kind in caps.selection:
+            assert why is None, name
+        else:
+            assert why.startswith(f"{kind}: no {name} lowering (") and caps.declined[kind], name
+            with pytest.raises(NotSupported, match=f"{kind}: no {name} lowering"):
+                caps.implementation("selection", kind)

@@ -1,6 +1,7 @@
 """sparse: keep only some (query, key) pairs, and skip the rest of the work.
 
     sparse:window=W[,sinks=N|auto][,heads=all|auto][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
+    sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=1]
 
 window: query i sees |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal; `auto`
 follows the site). border=shift keeps exactly W keys per query at the ends
@@ -11,6 +12,11 @@ whose mean received attention exceeds sink_threshold. heads=auto keeps dense the
 whose attention mass outside the window exceeds dense_threshold (dense_heads=0+3 names
 them by hand), and sparsifies the rest; the report says which tokens and heads.
 The site's own mask still applies on top; a query left with no visible key gives zeros.
+
+topk=K is content-based (HiP-style): per query block, the K key blocks whose mean-pooled
+keys score highest against the block's mean-pooled queries, plus the blocks of the first
+`sinks` tokens and of the local band `window` (patterns/form.py: Selection); only the
+chosen blocks are gathered and attended.
 
 The form is a `Pattern` (patterns/form.py) with the site's normaliser kept. The ONNX and
 torch lowerings compute scores only inside a band of key blocks where that costs less
@@ -27,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from attn_opt.patterns.diagnostics import SiteDiagnostics
-from attn_opt.patterns.form import Form, Pattern, form_skip_reason
+from attn_opt.patterns.form import Form, Pattern, Selection, form_skip_reason
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.errors import NotSupported, UserError
 from attn_opt.core.passbase import Pass, option
@@ -41,7 +47,7 @@ class Sparse(Pass):
     once: ClassVar[bool] = True
     sets_pattern: ClassVar[bool] = True
     window: str | None = option(None, "keys per query, or a KHxKW kernel with grid=HxW",
-                                accepts="W >= 1 (required), or KHxKW")
+                                accepts="W >= 1 (required), or KHxKW; with topk W >= 0 (its local band)")
     sinks: str = option("0", "first tokens every query sees", accepts=">= 0, or auto")
     heads: str = option("all", "which heads to sparsify", choices=("all", "auto"))
     dense_heads: tuple[int, ...] | None = option(None, "heads kept dense, e.g. 0+3", low=0)
@@ -52,12 +58,20 @@ class Sparse(Pass):
     border: str = option("clip", "window at the sequence ends", choices=("clip", "shift"))
     stride: int = option(1, "queries sharing one window", low=1)
     dilation: int = option(1, "keep every d-th key", low=1)
-    block: int | None = option(None, "query block size of the banded lowering", low=1)
+    block: int | None = option(None, "query block size of the banded lowering; topk: tokens per block "
+                                      "(default 64, 16 below 256 keys)", low=1)
     grid: str | None = option(None, "token grid for 2-D neighborhoods", accepts="HxW, H and W >= 1")
+    topk: int | None = option(None, "content-based: key blocks each query block keeps by mean-pooled Q·K score "
+                                    "(beyond the sinks and the local band `window`)", low=1)
+    levels: int = option(1, "topk: HiP coarse-to-fine levels (1: score the blocks directly)", low=1)
 
     def __post_init__(self):
+        if self.topk is not None:
+            return self._check_content()
+        if self.levels != 1:
+            raise UserError("sparse: levels needs topk=K")
         if self.window is None:
-            raise UserError("sparse: window=W is required (e.g. sparse:window=128)")
+            raise UserError("sparse: window=W is required (e.g. sparse:window=128), or topk=K")
         if self.grid is not None:
             object.__setattr__(self, "kernel", _pair(self.window, "window"))
             object.__setattr__(self, "grid_shape", _pair(self.grid, "grid"))
@@ -79,7 +93,28 @@ class Sparse(Pass):
         if self.dilation > 1 and (self.stride > 1 or self.border == "shift"):
             raise NotSupported("sparse: dilation with stride or border=shift is not implemented yet")
 
+    def _check_content(self):
+        """topk: the options a content selection takes, checked before anything runs."""
+        try:
+            object.__setattr__(self, "window", int(self.window or 0))
+        except ValueError:
+            raise UserError(f"sparse: bad value {self.window!r} for window (a number)") from None
+        if self.sinks != "auto" and not str(self.sinks).isdigit():
+            raise UserError(f"sparse: bad value {self.sinks!r} for sinks (expected a number >= 0 or auto)")
+        if self.window < 0:
+            raise UserError("sparse: window must be >= 0 with topk (0: no local band)")
+        if self.block is not None and self.block < 1:
+            raise UserError("sparse: block must be >= 1")
+        if self.grid is not None or self.stride > 1 or self.dilation > 1 or self.border != "clip":
+            raise UserError("sparse: topk takes block, window, sinks and levels; not grid, stride, dilation or border")
+        if self.heads != "all" or self.dense_heads is not None:
+            raise NotSupported("sparse: topk with heads=auto or dense_heads is not implemented yet")
+        if self.levels > 1:
+            raise NotSupported("sparse: levels > 1 (HiP's coarse-to-fine search) is not implemented yet")
+
     def skip_reason(self, site: AttentionSite) -> str | None:
+        if self.topk is not None:
+            return self._content_skip(site)
         if self.grid is not None:
             gh, gw = self.grid_shape
             if site.run_shape is None or site.run_shape[2] < gh * gw or site.run_shape[2] != site.run_shape[3]:
@@ -99,6 +134,25 @@ class Sparse(Pass):
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
         return None
+
+    def _content_skip(self, site: AttentionSite) -> str | None:
+        reason = form_skip_reason(site)
+        if reason:
+            return reason
+        if site.cache is not None:
+            return "topk on a decoder step (selecting blocks of the past cache) is not implemented yet"
+        if site.kind == "cross" and self.window:
+            return "a local band needs self-attention (queries and keys on one axis)"
+        if site.causal and site.kind == "cross":
+            return "a causal cross-attention site: queries and keys are not on one axis"
+        return None
+
+    def content_block(self, site: AttentionSite) -> int:
+        """Tokens per block: `block`, else 64, or 16 below 256 keys at the fidelity inputs."""
+        if self.block is not None:
+            return self.block
+        run = site.run_shape
+        return 16 if run and run[3] < 256 else 64
 
     def coverage_note(self, site: AttentionSite) -> str | None:
         """Said when the window keeps every key: at the model's fixed length, or at the
@@ -153,6 +207,9 @@ class Sparse(Pass):
 
     def pattern(self, site: AttentionSite) -> Pattern:
         """The pairs these (concrete) options keep at `site`."""
+        if self.topk is not None:
+            return Pattern("topk", self.is_causal(site), self.window, self.content_block(site), sinks=int(self.sinks),
+                           selection=Selection("topk", self.topk, self.levels))
         if self.grid is not None:
             (kh, kw), (gh, gw) = self.kernel, self.grid_shape
             prefix = (site.run_shape[2] - gh * gw) if site.run_shape else None
@@ -169,12 +226,28 @@ class Sparse(Pass):
 
     def form(self, site: AttentionSite, diag: SiteDiagnostics | None = None) -> Form:
         concrete, note = self.resolve(site, diag) if self.needs_diagnostics() else (self, "")
+        if self.topk is not None:
+            return concrete._content_form(site, note)
         if concrete.dense_heads and max(concrete.dense_heads) >= site.heads:
             raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({site.heads} heads)")
         notes = [n for n in (self.coverage_note(site), note) if n]
         if not site.normaliser.is_softmax:
             notes.insert(0, f"{site.normaliser.kind} normaliser kept")
         return Form(pattern=concrete.pattern(site), normaliser=site.normaliser, notes=tuple(notes))
+
+
+    def _content_form(self, site: AttentionSite, note: str) -> Form:
+        pattern = self.pattern(site)
+        tk = site.k_len if isinstance(site.k_len, int) else (site.run_shape[3] if site.run_shape else None)
+        if tk is not None and pattern.block > tk:
+            raise UserError(f"sparse: block {pattern.block} is larger than the sequence ({tk} keys at site {site.id})")
+        notes = [n for n in (note,) if n]
+        if tk is not None and pattern.kept_blocks(-(-tk // pattern.block)) == -(-tk // pattern.block):
+            notes.append(f"at {tk} keys every block is kept ({-(-tk // pattern.block)} blocks of {pattern.block}): "
+                         "this rewrite drops nothing at that length")
+        if not site.normaliser.is_softmax:
+            notes.insert(0, f"{site.normaliser.kind} normaliser kept")
+        return Form(pattern=pattern, normaliser=site.normaliser, notes=tuple(notes))
 
 
 def _pair(text: str, what: str) -> tuple[int, int]:

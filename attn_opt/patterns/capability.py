@@ -1,9 +1,9 @@
 """What a backend can lower, declared as data.
 
 Every backend (the NumPy reference, ONNX, torch, the Triton kernel) declares one
-`Capabilities`: per table — normaliser kinds, pattern kinds, the form's other parts
-(`FEATURES`) — the implementation of each kind it lowers, and, for a backend that
-covers a subset, why it declines the rest. Lowerings look their implementation up here
+`Capabilities`: per table — normaliser kinds, pattern kinds, selection kinds (content-based
+patterns), the form's other parts (`FEATURES`) — the implementation of each kind it lowers,
+and, for a backend that covers a subset, why it declines the rest. Lowerings look their implementation up here
 (`implementation`), so a kind with no entry stops with "<kind>: no <backend> lowering"
 rather than being computed as another kind; `supports(site, form)` says, before anything
 is emitted, why a backend cannot take a form (a missing kind, or one of the backend's own
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from attn_opt.core.errors import NotSupported
-from attn_opt.patterns.form import NORMALISERS, PATTERN_KINDS, Form
+from attn_opt.patterns.form import NORMALISERS, PATTERN_KINDS, SELECTION_KINDS, Form
 
 FEATURES = ("fused", "gate", "collapse", "stream", "lora")  # the parts of a Form besides pattern × normaliser
-TABLES = {"normaliser": NORMALISERS, "pattern": PATTERN_KINDS, "feature": FEATURES}
+TABLES = {"normaliser": NORMALISERS, "pattern": PATTERN_KINDS, "selection": SELECTION_KINDS, "feature": FEATURES}
 
 
 def form_kinds(form: Form) -> list[tuple[str, str]]:
@@ -29,7 +29,7 @@ def form_kinds(form: Form) -> list[tuple[str, str]]:
     if form.fused or form.gate is not None or form.collapse is not None:
         return kinds  # the site's own pattern and normaliser are the fused op's business (its limits)
     if form.pattern is not None:
-        kinds.append(("pattern", form.pattern.kind))
+        kinds.append((form.pattern.table, form.pattern.kind))
     return kinds + [("normaliser", form.normaliser.kind)]
 
 
@@ -44,6 +44,7 @@ class Capabilities:
     normaliser: Mapping[str, Any]  # kind -> implementation
     pattern: Mapping[str, Any] = field(default_factory=dict)
     feature: Mapping[str, Any] = field(default_factory=dict)
+    selection: Mapping[str, Any] = field(default_factory=dict)  # content-based patterns (Pattern.selection)
     declined: Mapping[str, str] = field(default_factory=dict)  # kind -> why this backend does not lower it
     limits: Callable[[Any, Form], str | None] | None = None  # the backend's own limits: a reason, or None
 

@@ -5,7 +5,8 @@ backends/triton); the NumPy reference (patterns/reference.py) evaluates it; a re
 site's record (patterns/record.py) carries its pattern and normaliser, so the next pass reads them back and
 forms compose on one site.
 
-    Form = Pattern (which (query, key) pairs are kept; None = dense)
+    Form = Pattern (which (query, key) pairs are kept; None = dense; with a Selection
+                    the kept key blocks are chosen from Q and K themselves)
          × Normaliser (how scores become weights: softmax, softplus, sink logit,
                        redistribute, relu, sigmoid)
          + Gate (an epilogue: the output times a sigmoid gate)
@@ -27,6 +28,36 @@ from attn_opt.patterns.cache import PAST_INPUTS
 
 NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
 PATTERN_KINDS = ("window", "shift", "stride", "grid")  # every backend declares each (patterns/capability.py)
+SELECTION_KINDS = ("topk",)  # content-based patterns: Pattern.selection (every backend declares each)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The score-dependent slot of a Pattern: which key blocks each query block keeps,
+    chosen from Q and K at run time (HiP-style block top-k).
+
+    Keys and queries are cut into blocks of `Pattern.block` tokens. Per query block a and
+    key block c (per batch row and kv head: one selection per KV group),
+        score(a, c) = scale · Σ_{heads h of the group} mean(Q_h[block a]) · mean(K[block c])
+    (means over the block's tokens inside the sequence). Forced blocks come first: the
+    blocks holding the first `Pattern.sinks` tokens and the local band (the blocks within
+    ceil((W//2)/block) of a, or ceil((W−1)/block) before it when causal; W =
+    `Pattern.window`, 0 = none). A causal query block never ranks a key block after it.
+    Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
+    interior block): forced ones, then the highest scores, ties to the lowest block index
+    in every backend. Query i then sees key j iff j's block is kept for i's block (and the
+    site's masks and causality allow it), so with C = all blocks the form is exact."""
+
+    kind: str  # SELECTION_KINDS
+    topk: int  # key blocks kept per query block beyond the forced ones
+    levels: int = 1  # HiP's coarse-to-fine levels (1: score the blocks directly)
+
+    def __post_init__(self):
+        if self.kind not in SELECTION_KINDS:
+            raise ValueError(f"unknown selection kind {self.kind!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -50,10 +81,47 @@ class Pattern:
     grid: tuple[int, int] | None = None
     shift: bool = False  # grid: neighborhoods moved inward at the borders
     dense_heads: tuple[int, ...] = ()
+    selection: Selection | None = None  # content-based: kind == selection.kind, the blocks chosen from Q, K
 
     def __post_init__(self):
-        if self.kind not in PATTERN_KINDS:
+        if self.selection is not None:
+            if self.kind != self.selection.kind:
+                raise ValueError(f"pattern kind {self.kind!r} with a {self.selection.kind!r} selection")
+        elif self.kind not in PATTERN_KINDS:
             raise ValueError(f"unknown pattern kind {self.kind!r}")
+
+    @property
+    def table(self) -> str:
+        """The capability table its kind is declared in (patterns/capability.py)."""
+        return "pattern" if self.selection is None else "selection"
+
+    def sink_blocks(self) -> int:
+        """Key blocks forced for the sinks (a content pattern)."""
+        return -(-self.sinks // self.block)
+
+    def band_blocks(self) -> int:
+        """Key blocks the local band reaches on each side (causal: before) of a query
+        block (a content pattern; -1: no band)."""
+        if self.window <= 0:
+            return -1
+        return -(-(self.window - 1 if self.causal else self.window // 2) // self.block)
+
+    def forced_count(self) -> int:
+        """F: the forced key blocks of an interior query block."""
+        r = self.band_blocks()
+        return self.sink_blocks() + (0 if r < 0 else r + 1 if self.causal else 2 * r + 1)
+
+    def kept_blocks(self, nbk: int) -> int:
+        """C: key blocks each query block keeps out of `nbk`."""
+        return min(nbk, self.selection.topk + self.forced_count())
+
+    def forced(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Query block a always keeps key block c (broadcasting)."""
+        f = c < self.sink_blocks()
+        r = self.band_blocks()
+        if r >= 0:
+            f = f | (((a - c >= 0) & (a - c <= r)) if self.causal else (np.abs(a - c) <= r))
+        return f
 
     @property
     def span(self) -> int:
@@ -107,6 +175,8 @@ class Pattern:
     def visible(self, t: int) -> np.ndarray:
         """[t, t] boolean: the pairs this pattern keeps at sequence length t (the reference
         every lowering is tested against)."""
+        if self.selection is not None:
+            raise ValueError("a content pattern's pairs depend on Q and K: patterns/reference.py: selected_visible")
         if self.kind == "grid":
             return self._grid_visible(t)
         i, j = np.arange(t)[:, None], np.arange(t)[None, :]
@@ -130,7 +200,10 @@ class Pattern:
         return vis
 
     def banded_pairs(self, t: int) -> int:
-        """Score pairs the banded lowering computes at length t (padding included)."""
+        """Score pairs the banded (or gathered) lowering computes at length t (padding included)."""
+        if self.selection is not None:
+            nb = -(-t // self.block)
+            return nb * self.block * self.kept_blocks(nb) * self.block
         if self.kind == "grid":
             n = t - self.grid[0] * self.grid[1]
             return n * t + self.grid[0] * self.grid[1] * (self.keys + n)
@@ -138,6 +211,11 @@ class Pattern:
         return nb * self.block * (self.keys + self.sinks)
 
     def describe(self) -> str:
+        if self.selection is not None:
+            sel = self.selection
+            s = f"top-{sel.topk} key blocks of {self.block} per query block (mean-pooled Q·K)"
+            s += f", local band {self.window}" if self.window else ""
+            return s + (f", {self.sinks} sink tokens" if self.sinks else "") + (", causal" if self.causal else "")
         if self.kind == "grid":
             return (f"{self.kernel[0]}x{self.kernel[1]} neighborhood on a {self.grid[0]}x{self.grid[1]} grid"
                     f"{' (shifted at borders)' if self.shift else ''}, {self.sinks} global prefix token(s)")
@@ -148,7 +226,10 @@ class Pattern:
         return s + (f", heads {list(self.dense_heads)} dense" if self.dense_heads else "")
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        if self.selection is None:
+            d.pop("selection")
+        return d
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Pattern | None":
@@ -158,6 +239,8 @@ class Pattern:
         for k in ("kernel", "grid", "dense_heads"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        if d.get("selection") is not None:
+            d["selection"] = Selection(**d["selection"])
         return cls(**d)
 
 
@@ -372,6 +455,12 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
     if pattern.kind == "grid" or not site.run_shape:
         return True, None
     tq, tk = site.run_shape[2], site.run_shape[3]
+    if pattern.selection is not None:  # always gathered (exact either way); said where it saves nothing
+        nbq, nbk = -(-tq // pattern.block), -(-tk // pattern.block)
+        kept = nbq * pattern.block * pattern.kept_blocks(nbk) * pattern.block
+        return True, (None if kept < tq * tk else
+                      f"selecting costs more than it saves: at the site's length ({tk} keys) the kept blocks hold "
+                      f"{kept} score pairs vs {tq * tk} dense, plus the block scores")
     band, dense = pattern.banded_pairs(tk), tq * tk
     if band < dense:
         return True, None

@@ -2,6 +2,9 @@
 forms' math that the ONNX, torch and Triton lowerings are tested against, and what the
 diagnostics and the sink-ratio report run on a site's probed Q, K and masks.
 
+A content pattern (patterns/form.py: Selection) is stated by `selected_visible`: the
+pairs it keeps given the probed Q and K.
+
 Every normaliser maps scores `s` [..., Tq, Tk] (scale and additive terms included) and
 `vis` (keys each row may see) to weights, 0 outside `vis`, a zero row where a row sees
 nothing. Per-head values broadcast over the heads axis of [B, H, Tq, Tk].
@@ -129,11 +132,60 @@ def _sigmoid(n: Normaliser, s, vis, v):
     return sigmoid(s, vis, None if n.bias is None else _per_head(n.per_head_bias(s.shape[1]), s))
 
 
+def _block_means(x: np.ndarray, block: int) -> np.ndarray:
+    """[B, H, T, D] -> [B, H, ceil(T/block), D]: each block's mean over its tokens in the sequence."""
+    t = x.shape[2]
+    nb = -(-t // block)
+    pad = np.zeros(x.shape[:2] + (nb * block - t,) + x.shape[3:], x.dtype)
+    sums = np.concatenate([x, pad], 2).reshape(x.shape[:2] + (nb, block) + x.shape[3:]).sum(3)
+    count = np.minimum(block, t - np.arange(nb) * block).astype(x.dtype)
+    return sums / count[:, None]
+
+
+def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """The key blocks each query block keeps, [B, Hkv, nbq, C] (patterns/form.py:
+    Selection): forced blocks first, then by block score, ties to the lowest index. q is
+    [B, H, Tq, D], k [B, Hkv, Tk, D]; scores in float32 as the lowerings compute them."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qm = _block_means(q.astype(np.float32), pattern.block)  # [B, H, nbq, D]
+    qm = qm.reshape(b, hkv, h // hkv, -1, d).sum(2) * np.float32(scale)
+    km = _block_means(k.astype(np.float32), pattern.block)  # [B, Hkv, nbk, D]
+    score = qm @ np.swapaxes(km, -1, -2)  # [B, Hkv, nbq, nbk]
+    a, c = np.arange(score.shape[2])[:, None], np.arange(score.shape[3])[None, :]
+    rank = np.where(pattern.forced(a, c), np.inf, score)
+    if pattern.causal:
+        rank = np.where(c > a, -np.inf, rank)
+    order = np.argsort(-rank, axis=-1, kind="stable")  # descending, equal ranks in index order
+    return order[..., :pattern.kept_blocks(score.shape[3])]
+
+
+def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """[B, H, Tq, Tk] bool: the pairs a content pattern keeps (its selection, and
+    causality where the pattern is causal; the site's masks apply on top)."""
+    b, h, tq, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    idx = selected_blocks(pattern, q, k, scale)
+    nbk = -(-tk // pattern.block)
+    kept = np.zeros(idx.shape[:3] + (nbk,), bool)
+    np.put_along_axis(kept, idx, True, axis=-1)  # [B, Hkv, nbq, nbk]
+    i, j = np.arange(tq), np.arange(tk)
+    vis = kept[:, :, i // pattern.block][..., j // pattern.block]  # [B, Hkv, Tq, Tk]
+    if pattern.causal:
+        vis = vis & (j[None, :] <= i[:, None] + tk - tq)
+    return np.repeat(vis, h // hkv, axis=1)
+
+
+def _topk(pattern: Pattern, q, k, scale):
+    return selected_visible(pattern, q, k, scale)
+
+
 CAPABILITIES = Capabilities(
     "reference",
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={kind: Pattern.visible for kind in ("window", "shift", "stride", "grid")},
+    selection={"topk": _topk},
     declined={f: "the reference states the attention weights; the lowerings of this part are tested against "
                  "the original model" for f in FEATURES})
 

@@ -6,7 +6,8 @@ kind this backend lowers and the function that does it (patterns/capability.py);
 missing there stops with "<kind>: no onnx lowering". The last is computed banded
 (banded.py: only the key blocks the pattern reaches) where that counts fewer score pairs
 than dense at the site's length, else as dense scores masked to the pattern
-(explicit.py); either way its output node carries the site's record (metadata
+(explicit.py); a content pattern (a Selection) gathers only its chosen key blocks
+(choose.py, gathered.py); either way its output node carries the site's record (metadata
 "attn_opt.form"), so detection reads it back as the site for the next pass and forms
 compose on one site.
 """
@@ -23,6 +24,7 @@ from attn_opt.backends.onnx.banded import emit_banded
 from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit, find_node
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
+from attn_opt.backends.onnx.gathered import emit_gathered
 from attn_opt.patterns.capability import Capabilities
 from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays
 from attn_opt.patterns.record import form_record
@@ -230,7 +232,7 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, no
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5), pattern=pattern, sink_q=sink_q)
         note = "dense scores masked to the pattern (the sink columns are scored at cache positions)"
     elif pattern is not None:
-        out, note = CAPABILITIES.implementation("pattern", pattern.kind)(e, site, pattern, normaliser)
+        out, note = CAPABILITIES.implementation(pattern.table, pattern.kind)(e, site, pattern, normaliser)
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
     out = e.back(out)
@@ -276,6 +278,11 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
     order = dense + sparse
     inverse = [order.index(h) for h in range(site.heads)]
     return e.op("Gather", [e.op("Concat", outs, {"axis": 1}) if len(outs) > 1 else outs[0], e.ints(*inverse)], {"axis": 1})
+
+
+def _topk(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
+    """A content pattern: the chosen key blocks gathered (choose.py, gathered.py)."""
+    return emit_gathered(e, site, pattern, normaliser_fn(normaliser, site, 6)), banded_pays(site, pattern)[1]
 
 
 def _grid(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
@@ -326,6 +333,7 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
+    selection={"topk": _topk},
     feature={"fused": fused.emit_fused, "gate": emit_gate, "collapse": collapse.emit_collapse, "stream": cap_cache,
              "lora": emit_lora},
     limits=_limits)

@@ -383,7 +383,7 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
     masks = _masks(additive, bool_mask, bool_keep, filled)
     if pattern is None:
         return _explicit(q, k, v, masks[0], masks[1], scale, causal, norm, fill, softcap, after=masks[2])
-    lower = CAPABILITIES.implementation("pattern", pattern.kind)
+    lower = CAPABILITIES.implementation(pattern.table, pattern.kind)
     return lower(q, k, v, masks, scale, causal, pattern, norm, fill, softcap, banded)
 
 
@@ -415,6 +415,84 @@ def _windowed(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap,
         outs.append(sparse(q[:, rest], k[:, rest], v[:, rest], form.sparse_heads()))
     order = dense + rest
     return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
+
+
+def _block_means(x, block: int):
+    """[B, H, T, D] -> [B, H, nb, D]: each block's mean over its tokens in the sequence."""
+    b, h, t, d = x.shape
+    nb = -(-t // block)
+    sums = F.pad(x, (0, 0, 0, nb * block - t)).reshape(b, h, nb, block, d).sum(3)
+    count = (t - torch.arange(nb, device=x.device) * block).clamp(max=block).to(x.dtype)
+    return sums / count[:, None]
+
+
+def forced_blocks(f: Pattern, a, c):
+    """Query block a always keeps key block c: the torch statement of `Pattern.forced`."""
+    out = c < f.sink_blocks()
+    r = f.band_blocks()
+    if r >= 0:
+        out = out | (((a - c >= 0) & (a - c <= r)) if f.causal else ((a - c).abs() <= r))
+    return out
+
+
+def choose_blocks(f: Pattern, q, k, scale: float):
+    """The key blocks each query block keeps, [B, Hkv, nbq, C]: forced blocks first, then
+    by mean-pooled score, ties to the lowest index (a stable sort; torch.topk does not
+    promise an order among equals). See patterns/reference.py: selected_blocks."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qm = _block_means(q.float(), f.block).reshape(b, hkv, h // hkv, -1, d).sum(2) * scale
+    km = _block_means(k.float(), f.block)
+    score = qm @ km.transpose(-1, -2)  # [B, Hkv, nbq, nbk]
+    a = torch.arange(score.shape[2], device=q.device)[:, None]
+    c = torch.arange(score.shape[3], device=q.device)[None, :]
+    rank = torch.where(forced_blocks(f, a, c), torch.inf, score)
+    if f.causal:
+        rank = torch.where(c > a, -torch.inf, rank)
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+    return order[..., :f.kept_blocks(score.shape[3])]
+
+
+def _gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
+    """A content pattern: only the chosen key blocks gathered and attended (as
+    backends/onnx/gathered.py)."""
+    bias, keep, _ = masks
+    bsz, h, tq, d = q.shape
+    hkv, tk, blk = k.shape[1], k.shape[2], form.block
+    idx = choose_blocks(form, q, k, scale)  # [B, Hkv, nbq, C]
+    nbq, nbk = idx.shape[2], -(-tk // blk)
+    bi = torch.arange(bsz, device=q.device)[:, None, None, None]
+    hi = torch.arange(hkv, device=q.device)[None, :, None, None]
+
+    def gather(x):  # [B, Hkv, Tk, dx] -> [B, Hkv, 1, nbq, C·b, dx]
+        xb = F.pad(x, (0, 0, 0, nbk * blk - tk)).reshape(bsz, hkv, nbk, blk, x.shape[-1])
+        return xb[bi, hi, idx].reshape(bsz, hkv, 1, nbq, -1, x.shape[-1])
+
+    kg, vg = gather(k), gather(v)
+    q6 = F.pad(q * scale, (0, 0, 0, nbq * blk - tq)).reshape(bsz, hkv, h // hkv, nbq, blk, d)
+    s = _softcap(q6 @ kg.transpose(-1, -2), softcap)  # [B, Hkv, g, nbq, b, C·b]
+    kpos = (idx[..., None] * blk + torch.arange(blk, device=q.device)).reshape(bsz, hkv, nbq, -1)[:, :, None, :, None]
+    vis = kpos < tk
+    if form.causal:  # queries are the last Tq of Tk positions
+        vis = vis & (kpos <= torch.arange(nbq * blk, device=q.device).reshape(nbq, blk, 1) + (tk - tq))
+    kclip = kpos.clamp(max=tk - 1)
+
+    def gather_mask(x):  # a 4-D mask at the gathered positions, [B, Hkv, hg, nbq, b|1, C·b]
+        x5 = _heads5(_four(x), h, hkv)
+        x5 = x5.expand(bsz, hkv, *x5.shape[2:])
+        if x5.shape[3] != 1:  # per query
+            x6 = F.pad(x5, (0, 0, 0, nbq * blk - x5.shape[3])).reshape(bsz, hkv, x5.shape[2], nbq, blk, -1)
+            return torch.gather(x6, 5, kclip.expand(*x6.shape[:5], kclip.shape[-1]))
+        flat = kclip.reshape(bsz, hkv, 1, 1, -1)
+        return torch.gather(x5, 4, flat.expand(*x5.shape[:4], flat.shape[-1])).reshape(bsz, hkv, x5.shape[2], nbq, 1, -1)
+
+    if bias is not None:
+        mb = gather_mask(bias)
+        s, vis = s + mb, vis & (mb > MASKED)
+    if keep is not None:
+        vis = vis & gather_mask(keep)
+    out = norm(s, vis.expand(s.shape), 6) @ vg  # [B, Hkv, g, nbq, b, Dv]
+    return out.reshape(bsz, h, nbq * blk, v.shape[-1])[:, :, :tq]
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
@@ -459,4 +537,5 @@ CAPABILITIES = Capabilities(
     "torch",
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
-    pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid})
+    pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
+    selection={"topk": _gathered})

@@ -1,0 +1,88 @@
+"""The selection of a content pattern in the graph (patterns/form.py: Selection): mean-pooled
+queries and keys per block, block scores, forced blocks, and TopK, giving the key blocks
+each query block keeps. The ONNX statement of `patterns/reference.py: selected_blocks`;
+its nodes are few (the scores are [nbq, nbk] per kv head, T²/block² pairs).
+
+ONNX TopK returns equal values lower index first, so ties go to the lowest block index,
+as in the reference and on torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.visible import i64
+from attn_opt.patterns.form import Pattern
+
+
+def pad_blocks(e: SiteEdit, x: ir.Value, t: ir.Value, nb: ir.Value, block: int) -> ir.Value:
+    """[B, H, T, D] zero-padded to nb·block positions (T, nb: scalar int64)."""
+    amount = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [nb, i64(e, block)]), t]), e.ints(0)])
+    pads = e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0), amount, e.ints(0)], {"axis": 0})
+    return e.op("Pad", [x, pads])
+
+
+def blocks_of(e: SiteEdit, t: ir.Value, block: int) -> ir.Value:
+    """ceil(T / block), scalar int64."""
+    return e.op("Div", [e.op("Add", [t, i64(e, block - 1)]), i64(e, block)])
+
+
+def length(e: SiteEdit, x: ir.Value, axis: int = 2) -> ir.Value:
+    return e.op("Squeeze", [e.shape_dim(x, axis), e.ints(0)])
+
+
+def block_means(e: SiteEdit, x: ir.Value, block: int, heads: int, d: int) -> ir.Value:
+    """[B, heads, T, d] -> [B, heads, nb, d]: each block's mean over its tokens in the sequence."""
+    t = length(e, x)
+    nb = blocks_of(e, t, block)
+    xb = e.op("Reshape", [pad_blocks(e, x, t, nb, block), e.ints(0, heads, -1, block, d)])
+    sums = e.op("ReduceSum", [xb, e.ints(3)], {"keepdims": 0})
+    start = e.op("Mul", [e.op("Range", [i64(e, 0), nb, i64(e, 1)]), i64(e, block)])
+    count = e.op("Min", [i64(e, block), e.op("Sub", [t, start])])  # [nb]
+    count = e.op("Unsqueeze", [e.op("Cast", [count], {"to": ir.DataType.FLOAT}), e.ints(1)])
+    return e.op("Div", [sums, count])
+
+
+def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value | None:
+    """Query block a always keeps key block c (int64, broadcasting): the sinks' blocks and
+    the local band (patterns/form.py: Pattern.forced)."""
+    parts = []
+    if pattern.sink_blocks():
+        parts.append(e.op("Less", [c, i64(e, pattern.sink_blocks())]))
+    r = pattern.band_blocks()
+    if r >= 0:
+        d = e.op("Sub", [a, c])
+        if pattern.causal:
+            parts.append(e.op("And", [e.op("GreaterOrEqual", [d, i64(e, 0)]), e.op("LessOrEqual", [d, i64(e, r)])]))
+        else:
+            parts.append(e.op("LessOrEqual", [e.op("Abs", [d]), i64(e, r)]))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else e.op("Or", parts)
+
+
+def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
+                  scale: float) -> tuple[ir.Value, ir.Value]:
+    """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
+    block keeps; q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
+    b = pattern.block
+    qm = block_means(e, q, b, heads, d)  # [B, H, nbq, D]
+    qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
+              {"keepdims": 0})
+    km = block_means(e, k, b, kv_heads, d)  # [B, Hkv, nbk, D]
+    score = e.op("MatMul", [e.op("Mul", [qm, e.const(np.float32(scale))]),
+                            e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, nbk]
+    nbq, nbk = length(e, score, 2), length(e, score, 3)
+    a = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbq, i64(e, 1)]), e.ints(1)])
+    c = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbk, i64(e, 1)]), e.ints(0)])
+    rank = score
+    f = forced(e, pattern, a, c)
+    if f is not None:
+        rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])
+    if pattern.causal:
+        rank = e.op("Where", [e.op("Greater", [c, a]), e.const(np.float32(-np.inf)), rank])
+    kept = e.op("Min", [e.op("Unsqueeze", [nbk, e.ints(0)]), e.ints(pattern.selection.topk + pattern.forced_count())])
+    idx = e.op("TopK", [rank, kept], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)[1]
+    return idx, kept

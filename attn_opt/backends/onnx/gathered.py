@@ -1,0 +1,101 @@
+"""Attention over the key blocks a content pattern chose (choose.py), with standard ONNX ops.
+
+Keys and values are cut into blocks of b and each query block gathers only its C kept
+blocks (GatherND over [B, Hkv] batches), so Q·Kᵀ is [.., nbq, b, C·b] and P·V reads C·b
+keys per query: attention FLOPs are T·C·b, not T². Which gathered pairs are visible is
+decided in the graph from absolute positions (the sequence's end, causality, the site's
+masks gathered at the same key positions); a row with no visible key gives zeros.
+
+Layout inside: 6-D [B, Hkv, g, nbq, b, ·] with g = H / Hkv, so one selection serves a KV
+group and GQA reads each kv head once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from attn_opt.backends.onnx.choose import blocks_of, choose_blocks, length, pad_blocks
+from attn_opt.backends.onnx.edit import SiteEdit
+from attn_opt.backends.onnx.explicit import softcap
+from attn_opt.backends.onnx.visible import i64
+from attn_opt.patterns.form import Pattern
+from attn_opt.patterns.site import MASKED, AttentionSite
+
+
+def _gather_mask(e: SiteEdit, s: AttentionSite, m, q, kclip6, nbq1, block: int) -> ir.Value:
+    """A site mask (rank 2 or 4) at the gathered key positions, [B, Hkv, hg, nbq, b|1, C·b]."""
+    x = e.value(m)
+    shape = tuple(s.mask_shapes[m.name])  # as run: tells a per-head / per-query mask from a broadcast one
+    if len(shape) == 2:  # [Tq, Tk] (nn.MultiheadAttention)
+        x = e.op("Unsqueeze", [x, e.ints(0, 1)])
+        shape = (1, 1) + shape
+    hkv, g = s.kv_heads, s.heads // s.kv_heads
+    per_query = shape[2] != 1 or s.run_shape is None or s.run_shape[2] == 1
+    if shape[1] == s.heads and s.heads > 1:
+        x5 = e.op("Reshape", [x, e.op("Concat", [e.shape_dim(x, 0), e.ints(hkv, g), e.op("Shape", [x], {"start": 2})],
+                                      {"axis": 0})])
+    else:
+        x5 = e.op("Unsqueeze", [x, e.ints(2)])
+    x5 = e.op("Expand", [x5, e.op("Concat", [e.shape_dim(q, 0), e.ints(hkv, 1, 1, 1)], {"axis": 0})])
+    if per_query:  # rows cut into query blocks, each gathering its own key positions
+        tq = length(e, q)
+        amount = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [e.op("Squeeze", [nbq1, e.ints(0)]), i64(e, block)]), tq]),
+                                    e.ints(0)])
+        x5 = e.op("Pad", [x5, e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0, 0), amount, e.ints(0)], {"axis": 0})])
+        x6 = e.op("Reshape", [x5, e.op("Concat", [e.ints(0, 0, 0), nbq1, e.ints(block), e.shape_dim(x5, 4)],
+                                       {"axis": 0})])
+        idx = e.op("Expand", [kclip6, e.op("Concat", [e.op("Shape", [x6], {"end": 5}), e.op("Shape", [kclip6], {"start": 5})],
+                                                       {"axis": 0})])
+        return e.op("GatherElements", [x6, idx], {"axis": 5})
+    flat = e.op("Reshape", [kclip6, e.ints(0, 0, 1, 1, -1)])  # [B, Hkv, 1, 1, nbq·C·b]
+    idx = e.op("Expand", [flat, e.op("Concat", [e.op("Shape", [x5], {"end": 4}), e.op("Shape", [flat], {"start": 4})],
+                                               {"axis": 0})])
+    got = e.op("GatherElements", [x5, idx], {"axis": 4})
+    return e.op("Reshape", [got, e.op("Concat", [e.ints(0, 0, 0), nbq1, e.ints(1, -1)], {"axis": 0})])
+
+
+def emit_gathered(e: SiteEdit, s: AttentionSite, pattern: Pattern, normalise, qkv=None) -> ir.Value:
+    """The content pattern's attention [B, H, Tq, Dv]; `normalise(e, scores, visible)` on
+    6-D scores (zero outside `visible`, zero rows where nothing is visible)."""
+    q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
+    hkv, g, b, d = s.kv_heads, s.heads // s.kv_heads, pattern.block, s.head_dim
+    idx, _ = choose_blocks(e, pattern, q, k, s.heads, hkv, d, s.scale)  # [B, Hkv, nbq, C]
+    tq, tk = length(e, q), length(e, k)
+    nbq, nbk = blocks_of(e, tq, b), blocks_of(e, tk, b)
+    nbq1 = e.op("Unsqueeze", [nbq, e.ints(0)])
+    flat = e.op("Unsqueeze", [e.op("Reshape", [idx, e.ints(0, 0, -1)]), e.ints(3)])  # [B, Hkv, nbq·C, 1]
+
+    def gather(x, dx):  # [B, Hkv, Tk, dx] -> the kept blocks, [B, Hkv, 1, nbq, C·b, dx]
+        xb = e.op("Reshape", [pad_blocks(e, x, tk, nbk, b), e.op("Concat", [e.ints(0, hkv, -1, b), dx], {"axis": 0})])
+        got = e.op("GatherND", [xb, flat], {"batch_dims": 2})  # [B, Hkv, nbq·C, b, dx]
+        return e.op("Reshape", [got, e.op("Concat", [e.ints(0, hkv, 1), nbq1, e.ints(-1), dx], {"axis": 0})])
+
+    kg, vg = gather(k, e.ints(d)), gather(v, e.shape_dim(v, 3))
+    qs = pad_blocks(e, e.op("Mul", [q, e.const(np.float32(s.scale))]), tq, nbq, b)
+    q6 = e.op("Reshape", [qs, e.ints(0, hkv, g, -1, b, d)])  # [B, Hkv, g, nbq, b, d]
+    scores = softcap(e, s, e.op("MatMul", [q6, e.op("Transpose", [kg], {"perm": [0, 1, 2, 3, 5, 4]})]))
+    kpos = e.op("Add", [e.op("Mul", [e.op("Unsqueeze", [idx, e.ints(4)]), i64(e, b)]),
+                        e.op("Range", [i64(e, 0), i64(e, b), i64(e, 1)])])  # [B, Hkv, nbq, C, b]
+    kpos6 = e.op("Unsqueeze", [e.op("Reshape", [kpos, e.ints(0, 0, 0, -1)]), e.ints(2, 4)])  # [B, Hkv, 1, nbq, 1, C·b]
+    vis = e.op("Less", [kpos6, tk])
+    if pattern.causal:  # queries are the last Tq of Tk positions
+        qpos = e.op("Reshape", [e.op("Range", [e.op("Sub", [tk, tq]), e.op("Add", [e.op("Sub", [tk, tq]),
+                                                                                   e.op("Mul", [nbq, i64(e, b)])]),
+                                               i64(e, 1)]), e.ints(-1, b, 1)])  # [nbq, b, 1]
+        vis = e.op("And", [vis, e.op("LessOrEqual", [kpos6, qpos])])
+    kclip6 = e.op("Min", [kpos6, e.op("Sub", [tk, i64(e, 1)])])
+    for m in s.additive:
+        mb = _gather_mask(e, s, m, q, kclip6, nbq1, b)
+        scores = e.op("Add", [scores, mb])
+        vis = e.op("And", [vis, e.op("Greater", [mb, e.const(np.float32(MASKED))])])
+    if s.bool_mask is not None:
+        mb = _gather_mask(e, s, s.bool_mask, q, kclip6, nbq1, b)
+        if s.bool_mask.dtype != "bool":
+            mb = e.op("Cast", [mb], {"to": ir.DataType.BOOL})
+        vis = e.op("And", [vis, mb if s.bool_keep else e.op("Not", [mb])])
+    probs = normalise(e, scores, e.op("Expand", [vis, e.op("Shape", [scores])]))
+    out = e.op("MatMul", [probs, vg])  # [B, Hkv, g, nbq, b, Dv]
+    out = e.op("Reshape", [out, e.op("Concat", [e.shape_dim(q, 0), e.ints(s.heads, -1), e.shape_dim(v, 3)],
+                                     {"axis": 0})])
+    return e.op("Slice", [out, e.ints(0), e.op("Unsqueeze", [tq, e.ints(0)]), e.ints(2)])

@@ -41,7 +41,8 @@ CAPABILITIES = Capabilities(
               "grid": "the kernel reads 1-D token order", "fused": "the kernel is the attention itself",
               "gate": "a gate is an epilogue the FX lowering adds outside the kernel",
               "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
-              "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel"},
+              "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel",
+              "latent": "the latent factorises projections outside the kernel (the FX lowering)"},
     limits=_kernel_limits)
 
 

@@ -167,7 +167,7 @@ def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int) -> dict:
     """Model `b` on model `a`'s greedy path: per-step max relative logit error, and the
     share of steps where `b` would pick `a`'s token."""
     ga = generate(a, loop, prompt, new_tokens)
-    gb = generate(b, loop, prompt, new_tokens, forced=ga.tokens)
+    gb = generate(b, own_loop(b, loop), prompt, new_tokens, forced=ga.tokens)
     errs = [float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), 1e-30)) for x, y in zip(ga.logits, gb.logits)]
     agree = [bool(np.all(x.argmax(-1) == y.argmax(-1))) for x, y in zip(ga.logits, gb.logits)]
     return {"steps": len(errs), "max_rel_error": max(errs), "per_step_error": errs,

@@ -86,12 +86,20 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
     name, why = choose_check(check, steps.weight_bytes(native))
     if why:
         note = dict(note, check=why)
+    fresh = any(getattr(p, "changes_cache", False) for p in chain) and hasattr(steps, "first_step")
+    if fresh:
+        first = steps.first_step(native, f0)  # a replaced cache has no counterpart of a random past
+        if first is not f0:
+            f0, note = first, dict(note, shapes={k: list(v.shape) for k, v in first.items()}, first_step="a pass replaces the KV cache: the fidelity inputs are the "
+                                                    "step's first call (empty past); the loop checks the steps after")
     generated = feeds is None and inputs is None and example_inputs is None and not overrides
     batch1 = {k: v[:1] if v.ndim else v for k, v in f0.items()}  # a scalar (an If's condition) has no batch
     tries = [f0] + ([batch1] if generated else [])
     for i, f in enumerate(tries):
         try:
             variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []
+            if fresh:  # every input set a first step too
+                variants = [(label, v if callable(v) else steps.first_step(native, v)) for label, v in variants]
             opts = RunOptions(check=check_strategy(name, variants), layers=_layers(layers), ids=_set(sites),
                               max_error=max_error, force=force,
                               reference=_reference(model, native, f) if name == "model" else None,

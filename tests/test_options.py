@@ -21,7 +21,7 @@ BOUNDED = [(name, f) for name, cls in sorted(passes.REGISTRY.items()) for f in d
 def _required(name: str, tested: str = "") -> str:
     """The options `name` cannot go without, less the one under test (an option is given once)."""
     need = {"sparse": {"window": "4"}, "sinkfree": {"mode": "redistribute", "alpha": "0.5"},
-            "stream": {"window": "4"}}.get(name, {})
+            "stream": {"window": "4"}, "latent": {"rank": "4"}}.get(name, {})
     return "".join(f"{k}={v}," for k, v in need.items() if k != tested)
 
 

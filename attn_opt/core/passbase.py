@@ -73,7 +73,7 @@ def _check_range(cls, fname: str, value, f: dataclasses.Field) -> None:
             raise UserError(f"{cls.name}: {fname} must be {accepted(f)} (got {v:g})")
 
 
-PRODUCES = ("fused", "form", "gate", "collapse")
+PRODUCES = ("fused", "form", "gate", "collapse", "latent")
 
 
 @dataclass(frozen=True)

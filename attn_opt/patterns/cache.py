@@ -54,6 +54,9 @@ def _source(v: Value) -> Value | None:
     return None
 
 
+past_source = _source  # the graph input a cache Concat's past operand is
+
+
 def _present(v: Value, depth: int = 3) -> Value | None:
     """The graph output carrying `v`: itself, or through copies and the Slice/Concat of a
     capped cache (stream keeps sinks + a recent window of it)."""

@@ -19,14 +19,14 @@ from typing import Any, Callable, Mapping
 from attn_opt.core.errors import NotSupported
 from attn_opt.patterns.form import NORMALISERS, PATTERN_KINDS, SELECTION_KINDS, Form
 
-FEATURES = ("fused", "gate", "collapse", "stream", "lora")  # the parts of a Form besides pattern × normaliser
+FEATURES = ("fused", "gate", "collapse", "stream", "lora", "latent")  # the parts of a Form besides pattern × normaliser
 TABLES = {"normaliser": NORMALISERS, "pattern": PATTERN_KINDS, "selection": SELECTION_KINDS, "feature": FEATURES}
 
 
 def form_kinds(form: Form) -> list[tuple[str, str]]:
     """(table, kind) of every part `form` has."""
     kinds = [("feature", f) for f in FEATURES if _has(form, f)]
-    if form.fused or form.gate is not None or form.collapse is not None:
+    if form.fused or form.gate is not None or form.collapse is not None or form.latent is not None:
         return kinds  # the site's own pattern and normaliser are the fused op's business (its limits)
     if form.pattern is not None:
         kinds.append((form.pattern.table, form.pattern.kind))

@@ -14,6 +14,7 @@ forms compose on one site.
          | fused (the same function as one attention op)
     (+ StreamCache: a decoder step's returned cache capped at sinks + window)
     (+ lora: a low-rank correction of the output projection, fitted by calibration)
+    | Latent (K/V projections through one low-rank latent c; a decoder step caches c)
 """
 
 from __future__ import annotations
@@ -408,6 +409,28 @@ class StreamCache:
     rotary: Any = None
 
 
+@dataclass(frozen=True, eq=False)
+class Latent:
+    """K and V through one shared low-rank latent (MHA → MLA): c = x · down ([D, R]),
+    then each factorised projection reads c instead of x: K = c · up_k (+ its bias),
+    V = c · up_v (+ its bias). `k`/`v` are the site's Projection records; `up_k` is None
+    where K keeps its own projection (a decoder step whose K is rotated after the
+    projection: its cache keeps the rotated K, the "rope part", and only V is in the
+    latent). With `cache` (a decoder step), the step caches c ([B, 1, T, R]) in place of
+    the factorised K/V and up-projects the whole cache each step."""
+
+    rank: int
+    x: Any  # the hidden state both projections read (a graph value)
+    k: Any  # Projection of K
+    v: Any  # Projection of V
+    down: np.ndarray  # [D, R]
+    up_k: np.ndarray | None  # [R, Hkv·d] (None: K not in the latent)
+    up_v: np.ndarray  # [R, Hkv·dv]
+    bias_k: np.ndarray | None = None  # a bias added after the projection (re-added to the up-projected cache)
+    bias_v: np.ndarray | None = None
+    cache: bool = False  # a decoder step: the cache holds c
+
+
 FUSED_TARGETS = ("onnx", "ort", "auto")
 
 
@@ -421,13 +444,14 @@ class Form:
     collapse: Collapse | None = None
     fused: str | None = None  # one attention op: FUSED_TARGETS
     stream: StreamCache | None = None  # a decoder step's cache capped at sinks + window
+    latent: Latent | None = None  # K/V projections through a low-rank latent (and the cache, on a step)
     lora: int = 0  # a rank-r correction x·A·B added to the output projection (B = 0 until calibrated)
     notes: tuple[str, ...] = field(default=())  # what the pass chose and why (said in the report)
 
     def describe(self) -> str:
         """The pattern and normaliser in words ("" for a fused op, a gate, collapsed weights:
         their notes say it)."""
-        if self.fused or self.gate is not None or self.collapse is not None:
+        if self.fused or self.gate is not None or self.collapse is not None or self.latent is not None:
             return ""
         parts = [self.pattern.describe()] if self.pattern else []
         if not self.normaliser.is_softmax or not parts:

@@ -60,7 +60,7 @@ class ModelCheck:
             per |= compared(self.refs[label], o, logits, f"@{label}")[0]
             step |= compared(self.prev[label], o, logits, f"@{label}")[0]
         if changed:
-            rep.notes.append(f"outputs that changed shape are not compared: {', '.join(changed)}")
+            rep.notes.append(f"outputs that changed shape or were replaced are not compared: {', '.join(changed)}")
         rep.per_output = {k: f.to_json() for k, f in per.items()}
         rep.notes += self.notes
         rep.fidelity, rep.step_fidelity = headline[0].to_json(), headline[1].to_json()
@@ -129,7 +129,9 @@ def compared(refs: dict, outs: dict, logits: set, suffix: str = "") -> tuple[dic
     pass changed (a capped cache), which it lists."""
     got, changed = {}, []
     for k in refs:
-        if np.shape(refs[k]) != np.shape(outs[k]):
+        if k not in outs:  # a cache output a pass replaced (latent): its replacement is listed in the notes
+            changed.append(f"{k} (replaced)")
+        elif np.shape(refs[k]) != np.shape(outs[k]):
             changed.append(f"{k} {list(np.shape(refs[k]))} -> {list(np.shape(outs[k]))}")
         else:
             got[f"{k}{suffix}"] = fidelity.compare(refs[k], outs[k], logits=k in logits)

@@ -61,6 +61,50 @@ def loop_of(gv, specs: list[InputSpec]) -> Loop | None:
     return Loop(ids.name, mask, pos, tuple(pairs), pasts, logits)
 
 
+def first_step(gv, specs: list[InputSpec], feeds: dict) -> dict:
+    """`feeds` as a decoder step's first call: every cache input empty (0 past positions),
+    the mask over the new tokens only, positions from 0. The fidelity inputs of a pass
+    that replaces the cache (latent): a random past has no counterpart in the new cache,
+    an empty one does (the loop variant then checks the steps after it)."""
+    try:
+        loop = loop_of(gv, specs)
+    except UserError:
+        return feeds
+    if loop is None or loop.ids not in feeds:
+        return feeds
+    out = dict(feeds)
+    b, t = feeds[loop.ids].shape
+    for past, (shape, dtype) in loop.pasts.items():
+        out[past] = np.zeros(tuple(b if i == 0 else d for i, d in enumerate(shape)), np.dtype(dtype))
+    if loop.mask in feeds:
+        out[loop.mask] = feeds[loop.mask][:, -t:]
+    if loop.positions in feeds:
+        out[loop.positions] = np.broadcast_to(np.arange(t, dtype=feeds[loop.positions].dtype), (b, t)).copy()
+    return out
+
+
+def with_empty_caches(gv, specs: list[InputSpec], feeds: dict) -> dict:
+    """`feeds` plus an empty cache for every cache input of this model they lack, where the
+    caches they give are empty too (a first step: a model whose cache a pass replaced runs
+    on the original's first-step inputs)."""
+    have = {s.name for s in specs}
+    if have <= set(feeds):
+        return feeds
+    try:
+        loop = loop_of(gv, specs)
+    except UserError:
+        return feeds
+    if loop is None or any(np.shape(feeds[p])[2] for p in loop.pasts if p in feeds):
+        return feeds
+    b = feeds[loop.ids].shape[0] if loop.ids in feeds else 1
+    out = dict(feeds)
+    for past, (shape, dtype) in loop.pasts.items():
+        if past not in out:
+            out[past] = np.zeros(tuple(b if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)),
+                                 np.dtype(dtype))
+    return out
+
+
 class Stepper:
     """One model in the loop: an ONNX Runtime session kept open across steps."""
 
@@ -123,11 +167,22 @@ def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int) -> dict:
     """Model `b` on model `a`'s greedy path: per-step max relative logit error, and the
     share of steps where `b` would pick `a`'s token."""
     ga = generate(a, loop, prompt, new_tokens)
-    gb = generate(b, loop, prompt, new_tokens, forced=ga.tokens)
+    gb = generate(b, own_loop(b, loop), prompt, new_tokens, forced=ga.tokens)
     errs = [float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), 1e-30)) for x, y in zip(ga.logits, gb.logits)]
     agree = [bool(np.all(x.argmax(-1) == y.argmax(-1))) for x, y in zip(ga.logits, gb.logits)]
     return {"steps": len(errs), "max_rel_error": max(errs), "per_step_error": errs,
             "token_agreement": sum(agree) / len(agree), "a": ga, "b": gb}
+
+
+def own_loop(model, loop: Loop) -> Loop:
+    """The loop of `model`: `loop`, or the model's own where a pass replaced its cache
+    (the latent cache: new past/present names)."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+
+    if set(loop.pasts) <= {v.name for v in model.ir.graph.inputs}:
+        return loop
+    gv = onnx_adapter.view(model)
+    return loop_of(gv, onnx_adapter.input_specs(gv)) or loop
 
 
 def decode_check(loop: Loop, prompt: np.ndarray, steps: int = DECODE_STEPS):
@@ -136,7 +191,7 @@ def decode_check(loop: Loop, prompt: np.ndarray, steps: int = DECODE_STEPS):
     path: dict = {}
 
     def outputs(model) -> dict:
-        g = generate(model, loop, prompt, steps, forced=path.get("tokens"))
+        g = generate(model, own_loop(model, loop), prompt, steps, forced=path.get("tokens"))
         path.setdefault("tokens", g.tokens)
         return {f"{loop.logits}@step{i}": x for i, x in enumerate(g.logits)}
 

@@ -14,6 +14,7 @@ from attn_opt.core.errors import DoesNotRun, UserError, first_line as _first_lin
 from attn_opt.core.ir import onnx as onnx_adapter
 from attn_opt.core.ir import onnx_flops
 from attn_opt.core.ir.onnx_model import OnnxModel
+from attn_opt.pipeline.onnx_decode import with_empty_caches
 from attn_opt.pipeline.run import State, outputs_epsilon
 
 
@@ -70,6 +71,7 @@ class OnnxSteps:
         the model runs only if they lack something."""
         om = onnx_adapter.with_shapes(model)
         gv = onnx_adapter.view(om)
+        feeds = with_empty_caches(gv, onnx_adapter.input_specs(gv), feeds)
         found = match(gv)
         proto = om.graph_proto()
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
@@ -198,7 +200,19 @@ class OnnxSteps:
     def outputs_on(self, model: OnnxModel, feeds) -> dict:
         """The model's outputs on other inputs (the fidelity variants); a variant that is a
         function of the model (a decoder step's generation loop) is called with it."""
-        return feeds(model) if callable(feeds) else model.run(feeds)
+        if callable(feeds):
+            return feeds(model)
+        if not {v.name for v in model.ir.graph.inputs} <= set(feeds):  # a cache a pass replaced
+            gv = onnx_adapter.view(model)
+            feeds = with_empty_caches(gv, onnx_adapter.input_specs(gv), feeds)
+        return model.run(feeds)
+
+    def first_step(self, model: OnnxModel, feeds) -> dict:
+        """The fidelity inputs as a decoder step's first call (for passes that replace the cache)."""
+        from attn_opt.pipeline.onnx_decode import first_step
+
+        gv = onnx_adapter.view(model)
+        return first_step(gv, onnx_adapter.input_specs(gv), feeds)
 
     def view_for_diff(self, model: OnnxModel, feeds):
         return onnx_adapter.view(onnx_adapter.with_shapes(model))

@@ -184,6 +184,10 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
 
         on = next((f for f in (choose_on, feeds) if f is not None), None) or state.view.sample_inputs()
         diag = for_pass(state.view, chosen, on, getattr(p, "window", None))
+    if chosen and choose_on is not None and hasattr(p, "activations"):  # latent: an SVD of what the projections read
+        wanted = p.activations(chosen)
+        got = state.view.probe(list(wanted.values()), choose_on)
+        diag = {sid: {"x": got[v.name]} for sid, v in wanted.items() if v.name in got}
     rewritten, notes = [], []
     for site in chosen:
         reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site)
@@ -325,6 +329,8 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
     if calibrating and applied.rewritten:
         calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, opts.calibrate, feeds, ref_cal, ref,
                                  progress, opts.lora, targets, steps.logit_outputs(cur))
+    elif opts.calibrate is not None and hasattr(p, "activations"):
+        calibration = {"note": f"{p.name}: fitted on the calibration inputs' activations (no parameters to fit after)"}
     elif opts.calibrate is not None and p.touches_sites():
         calibration = Calibration(note=f"{p.name} has no parameters --calibrate fits (it is exact at insertion"
                                        + ("; its gates train with attn_opt.heal on torch, or load weights=FILE)"

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from attn_opt.backends.onnx import collapse, fused
 from attn_opt.backends.onnx.banded import emit_banded
 from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit, find_node
+from attn_opt.backends.onnx.latent import emit_latent
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
 from attn_opt.backends.onnx.gathered import emit_gathered
@@ -31,7 +32,7 @@ from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.graph import FORM_KEY, param_name
 
-OPSET = {"fused": 23, "form": 18, "collapse": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
+OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 13}  # Attention; ReduceMax/ReduceSum with axes as an input
 
 
 def opset_for(produces: str) -> int | None:
@@ -48,6 +49,8 @@ def lower(e: SiteEdit, form: Form) -> str | None:
         return feature("gate")(e, form.gate)
     if form.collapse is not None:
         return feature("collapse")(e, form.collapse)
+    if form.latent is not None:
+        return feature("latent")(e, form.latent)
     sink_q = None
     if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
         feature("stream")(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
@@ -335,5 +338,5 @@ CAPABILITIES = Capabilities(
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
     selection={"topk": _topk},
     feature={"fused": fused.emit_fused, "gate": emit_gate, "collapse": collapse.emit_collapse, "stream": cap_cache,
-             "lora": emit_lora},
+             "lora": emit_lora, "latent": emit_latent},
     limits=_limits)

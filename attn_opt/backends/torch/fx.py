@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from attn_opt.backends.torch import forms
-from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.form import Collapse, Form, Gate, Latent, Normaliser, Pattern, banded_pays
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
@@ -71,6 +71,8 @@ def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
         return feature("gate")(gm, site, form.gate)
     if form.collapse is not None:
         return feature("collapse")(gm, site, form.collapse)
+    if form.latent is not None:
+        return feature("latent")(gm, site, form.latent)
     note = emit_form(gm, site, form.pattern, form.normaliser)
     if form.lora:
         note = "; ".join(n for n in (note, feature("lora")(gm, site, form.lora)) if n)
@@ -314,6 +316,35 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
     _drop_asserts(g, site)
 
 
+def emit_latent(gm: fx.GraphModule, site: AttentionSite, lat: Latent) -> None:
+    """latent's factorised projections: c = x · W_down once, each factorised projection
+    c · W_up (+ its own bias); W_down and W_up are nn.Parameters of the module."""
+    g = gm.graph
+
+    def param(key, value):
+        name = param_name(site.id, key, "fx")
+        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(value, np.float32))))
+        return g.get_attr(name)
+
+    nodes = {n.name: n for n in g.nodes}
+    projs = [(w, nodes[p.node], up) for w, p, up in (("k", lat.k, lat.up_k), ("v", lat.v, lat.up_v)) if up is not None]
+    order = {n: i for i, n in enumerate(g.nodes)}
+    first = min((n for _, n, _ in projs), key=order.get)
+    with g.inserting_before(first):
+        x = lat.x.native
+        c = g.call_function(torch.matmul, (g.call_method("to", (x, torch.float32)), param("latent_down", lat.down)))
+    for w, node, up in projs:
+        with g.inserting_before(node):
+            y = g.call_function(torch.matmul, (c, param(f"latent_up_{w}", up)))
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if bias is not None:
+                y = g.call_function(operator.add, (y, bias))
+            y = g.call_method("type_as", (y, x))
+        y.meta.update({k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta})
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+
+
 def drop_mlp(gm: fx.GraphModule, gv) -> list[str]:
     """x + MLP(norm(x)) becomes x, for every feed-forward block found."""
     notes = []
@@ -328,7 +359,10 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
-    """What scaled_dot_product_attention cannot keep of a site's own form."""
+    """What scaled_dot_product_attention cannot keep of a site's own form; a latent cache."""
+    if form.latent is not None and form.latent.cache:
+        return ("latent on a torch.fx decoder step: the cache is a DynamicCache the graph fills from its inputs; "
+                "the latent cache is not implemented on torch.fx yet (the ONNX step has it)")
     if not form.fused:
         return None
     if form.pattern is not None:
@@ -340,7 +374,7 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
 
 CAPABILITIES = dataclasses.replace(
     forms.CAPABILITIES,
-    feature={"fused": fuse_site, "gate": gate, "collapse": emit_collapse, "lora": lora},
+    feature={"fused": fuse_site, "gate": gate, "collapse": emit_collapse, "lora": lora, "latent": emit_latent},
     declined={"stream": "stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
                         "DynamicCache object the graph does not return"},
     limits=_limits)

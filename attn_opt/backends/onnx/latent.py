@@ -1,0 +1,126 @@
+"""The latent form in ONNX (passes/latent.py): K/V projections through one low-rank latent.
+
+    c = x · W_down                         one MatMul for both projections
+    K = c · W_up,k (+ bias), V = c · W_up,v  in place of each factorised projection's MatMul
+
+On a decoder step the cache of each factorised projection becomes the latent's:
+c_all = Concat(past_latent [B, 1, P, R], c), returned as the present latent, and the
+attention reads K/V up-projected from c_all (reshaped to [B, Hkv, P + T, d]) where it read
+Concat(past, new); the replaced cache inputs/outputs leave the graph, the new ones are
+named after them (…value → …latent) and take their place in the input/output lists.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit, find_node
+from attn_opt.patterns.form import Latent
+
+
+def latent_name(name: str) -> str:
+    """The latent cache tensor's name, after the value cache's it replaces."""
+    if "value" in name:
+        return "latent".join(name.rsplit("value", 1))
+    return f"{name}.latent"
+
+
+def emit_latent(e: SiteEdit, lat: Latent) -> str | None:
+    site, graph = e.site, e.model.graph
+    projs = {w: find_node(e.model, p.node) for w, p in (("k", lat.k), ("v", lat.v))}
+    low = LOW_PRECISION.get(lat.x.dtype)
+    x = lat.x.native
+    if low is not None:
+        x = e.op("Cast", [x], {"to": ir.DataType.FLOAT})
+    c = e.op("MatMul", [x, e.initializer("latent_down", lat.down)])  # [B, T, R]
+    ups = {w: u for w, u in (("k", lat.up_k), ("v", lat.up_v)) if u is not None}
+    replaced = []
+    if not lat.cache:
+        for w in ups:
+            node = projs[w]
+            y = e.op("MatMul", [c, e.initializer(f"latent_up_{w}", ups[w])])
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                y = e.op("Add", [y, node.inputs[2]])
+            replaced.append((node.outputs[0], e.op("Cast", [y], {"to": low}) if low is not None else y))
+    else:
+        replaced = _cached(e, lat, c, ups, low)
+    first = min((projs["k"], projs["v"]), key=lambda n: _index(graph, n))
+    first.graph.insert_before(first, e.nodes)
+    for old, new in replaced:
+        old.replace_all_uses_with(new)
+    if lat.cache:
+        _drop_replaced_cache(e, ups)
+    return None
+
+
+def _index(graph, node) -> int:
+    for i, n in enumerate(graph):
+        if n is node:
+            return i
+    return -1
+
+
+def _cached(e: SiteEdit, lat: Latent, c, ups: dict, low) -> list:
+    """The latent cache of a step: a new input and output beside the ones it replaces;
+    (old cache Concat output, K/V up-projected from the whole latent) pairs."""
+    site, graph, cache = e.site, e.model.graph, e.site.cache
+    past_v = next(v for v in graph.inputs if v.name == cache.past_value)
+    dims = list(past_v.shape) if past_v.shape is not None else ["batch", None, "past_sequence", None]
+    rank = lat.down.shape[1]
+    dtype = past_v.dtype or ir.DataType.FLOAT
+    past = ir.Value(name=latent_name(cache.past_value), shape=ir.Shape([dims[0], 1, dims[2], rank]),
+                    type=ir.TensorType(dtype))
+    graph.inputs.insert(list(graph.inputs).index(past_v), past)
+    c4 = e.op("Unsqueeze", [c, e.ints(1)])
+    if dtype != ir.DataType.FLOAT:
+        c4 = e.op("Cast", [c4], {"to": dtype})
+    full = e.op("Concat", [past, c4], {"axis": 2})  # [B, 1, P + T, R]
+    present = e.op("Identity", [full])
+    present.name, present.type = latent_name(cache.present_value), ir.TensorType(dtype)
+    present.shape = ir.Shape([dims[0], 1, "total_sequence", rank])
+    outs = list(graph.outputs)
+    graph.outputs.insert(next(i for i, v in enumerate(outs) if v.name == cache.present_value), present)
+    for name in [cache.present_value] + ([cache.present_key] if "k" in ups else []):  # replaced by the latent
+        graph.outputs.pop(next(i for i, v in enumerate(graph.outputs) if v.name == name))
+    flat = e.op("Squeeze", [full, e.ints(1)])
+    if dtype != ir.DataType.FLOAT:
+        flat = e.op("Cast", [flat], {"to": ir.DataType.FLOAT})
+    out = []
+    for w, up in ups.items():
+        bias = lat.bias_k if w == "k" else lat.bias_v
+        y = e.op("MatMul", [flat, e.initializer(f"latent_up_{w}", up)])
+        if bias is not None:
+            y = e.op("Add", [y, e.const(bias.astype("float32"))])
+        d = up.shape[1] // site.kv_heads
+        y = e.op("Transpose", [e.op("Reshape", [y, e.ints(0, -1, site.kv_heads, d)])], {"perm": [0, 2, 1, 3]})
+        if dtype != ir.DataType.FLOAT:
+            y = e.op("Cast", [y], {"to": dtype})
+        concat = find_node(e.model, _concat_name(site, w))
+        out.append((concat.outputs[0], y))
+    return out
+
+
+def _concat_name(site, which: str) -> str:
+    from attn_opt.patterns.cache import new_part  # noqa: F401  (the same structure detection read)
+
+    v = getattr(site, which).value
+    for _ in range(10):
+        n = v.producer
+        if n is None:
+            break
+        if n.op == "Concat":
+            return n.name
+        v = n.input(0)
+    raise ValueError(f"no cache Concat for {which.upper()} of {site.id}")
+
+
+def _drop_replaced_cache(e: SiteEdit, ups: dict) -> None:
+    """The cache inputs/outputs the latent replaced leave the graph (their nodes first)."""
+    graph, cache = e.model.graph, e.site.cache
+    pairs = [(cache.past_value, cache.present_value)] + ([(cache.past_key, cache.present_key)] if "k" in ups else [])
+    RemoveUnusedNodesPass()(e.model)
+    for past, _ in pairs:
+        v = next(v for v in graph.inputs if v.name == past)
+        if not v.uses():
+            graph.inputs.remove(v)

@@ -1,0 +1,197 @@
+"""latent: multi-head attention → latent attention (MHA2MLA, TransMLA).
+
+    latent:rank=R[,rope_dims=D]
+
+K and V are computed from one shared latent c = x · W_down (R values per token) instead
+of from x: the joint K/V projection [W_k | W_v] ([D, N]) is factorised as
+W_down = W V_R, W_up = V_Rᵀ, with V_R the top R right singular vectors of W (weights
+only), or with `--calibrate` of X·W on the calibration activations X (the projection that
+keeps most of what K and V actually carry). Biases stay where they are. At R = the full
+rank (min(D, N)) the product is W itself: the pass is exact there (test it) and an
+approximation below.
+
+On a decoder step the cache holds c ([B, 1, T, R], one shared "head") instead of the
+factorised K/V for every head, and each step up-projects the whole cache. A K that is
+rotated after its projection (RoPE) cannot be rebuilt from c at past positions, so it
+keeps its own cache (the rotary key part, rope_dims = head dim, exact) and only V goes in
+the latent; keeping fewer rotary dimensions (MHA2MLA's partial RoPE, rope_dims < head
+dim) is not implemented yet and is refused per site with that reason. The up-projections
+are not absorbed into the query and output projections: the step computes K/V from c.
+The new cache tensors are named after the ones they replace (past_key_values.0.value →
+past_key_values.0.latent, present.0.value → present.0.latent), and the usual loop drives
+them (every present* fed back as the past* of the same name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from attn_opt.core.errors import UserError
+from attn_opt.core.passbase import Pass, option
+from attn_opt.patterns.cache import past_source
+from attn_opt.patterns.form import Form, Latent, reads_own_cache
+
+_LAYOUT = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+
+
+def weight(proj) -> np.ndarray:
+    """A projection's weight as [D, out] float64."""
+    w = proj.weight.const
+    return np.asarray(w.T if proj.transposed else w, np.float64)
+
+
+def added_bias(proj) -> np.ndarray | None:
+    """The projection's bias: Gemm/Linear's own, else a constant Add right after it."""
+    if proj.bias is not None and proj.bias.const is not None:
+        return np.asarray(proj.bias.const, np.float64).reshape(-1)
+    node = proj.x.users and next((u for u in proj.x.users if u.name == proj.node), None)
+    users = node.outputs[0].users if node is not None else []
+    if len(users) == 1 and users[0].op == "Add":
+        consts = [i for i in users[0].inputs if i is not None and i.const is not None]
+        if len(consts) == 1:
+            return np.asarray(consts[0].const, np.float64).reshape(-1)
+    return None
+
+
+def cache_concat(site, which: str):
+    """The Concat(past, new) node of the site's K or V cache (through layout ops and a
+    GQA repeat), or None."""
+    past = getattr(site.cache, f"past_{which}")
+    v = getattr(site, which[0]).value
+    for _ in range(10):
+        n = v.producer
+        if n is None:
+            return None
+        if n.op == "Concat":
+            src = past_source(n.input(0)) if n.input(0) is not None else None
+            return n if src is not None and src.name == past else None
+        if n.op not in _LAYOUT + ("Expand", "Tile"):
+            return None
+        v = n.input(0)
+    return None
+
+
+def plain_from(v, node: str) -> bool:
+    """`v` is projection `node`'s output reshaped to heads (a bias Add aside): nothing that
+    depends on positions (a rotary embedding) in between."""
+    for _ in range(8):
+        n = v.producer
+        if n is None:
+            return False
+        if n.name == node:
+            return True
+        if n.op == "Add" and any(i is not None and i.const is not None for i in n.inputs):
+            v = next(i for i in n.inputs if i is not None and i.const is None)
+        elif n.op in _LAYOUT:
+            v = n.input(0)
+        else:
+            return False
+    return False
+
+
+def factorise(w: np.ndarray, rank: int, x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(down [D, R], up [R, N]) with down · up the best rank-R approximation of `w` [D, N]
+    (of x · w on the activations `x` [n, D], where given)."""
+    target = w if x is None else x.reshape(-1, x.shape[-1]).astype(np.float64) @ w
+    _, _, vt = np.linalg.svd(target, full_matrices=False)
+    basis = vt[:rank]  # [R, N]
+    return w @ basis.T, basis
+
+
+@dataclass(frozen=True)
+class LatentPass(Pass):
+    name: ClassVar[str] = "latent"
+    why: ClassVar[str] = "K/V projections through one low-rank latent; a decoder step caches it (MHA → MLA)"
+    produces: ClassVar[str] = "latent"
+    once: ClassVar[bool] = True
+    changes_cache: ClassVar[bool] = True  # a decoder step's cache inputs/outputs are replaced
+    rank: int | None = option(None, "the latent's width R per token (required; full rank = exact)", low=1)
+    rope_dims: int | None = option(None, "rotary key dimensions kept per KV head outside the latent "
+                                         "(default: the head dim, exact)", low=0)
+
+    def __post_init__(self):
+        if self.rank is None:
+            raise UserError("latent: rank=R is required (e.g. latent:rank=64)")
+
+    def is_exact(self) -> bool:
+        return False  # exact only at full rank, which depends on the site; the report gives the error
+
+    def joint(self, site) -> tuple[list[str], np.ndarray]:
+        """Which projections go in the latent ("k", "v") and their joint weight [D, N]."""
+        parts = ["v"] if site.cache is not None and not self._k_plain(site) else ["k", "v"]
+        return parts, np.concatenate([weight(site.projections[p]) for p in parts], axis=1)
+
+    @staticmethod
+    def _k_plain(site) -> bool:
+        concat = cache_concat(site, "key")
+        return concat is not None and plain_from(concat.input(1), site.projections["k"].node)
+
+    def skip_reason(self, site) -> str | None:
+        if site.region:
+            return f"latent rewrites projections and the cache where the model's graph holds them (site in {site.region})"
+        if reads_own_cache(site):
+            return "a fused op that reads its own present cache: rewrite the step before fusing it"
+        if site.head_dim is None or site.kv_heads is None:
+            return "heads or head size unknown (the model did not run on sample inputs)"
+        if self.rope_dims is not None and self.rope_dims > site.head_dim:
+            raise UserError(f"latent: rope_dims={self.rope_dims} is above the head dim ({site.head_dim}) of site {site.id}")
+        k, v = site.projections.get("k"), site.projections.get("v")
+        if k is None or v is None or k.weight.const is None or v.weight.const is None:
+            return "K or V is not computed by a projection with constant weights"
+        if k.node == v.node:
+            return "K and V come from one fused QKV projection (a Split after it): latent factorises separate ones"
+        if k.x.name != v.x.name:
+            return "K and V are projected from different hidden states"
+        if site.cache is not None:
+            c = site.cache
+            if c.present_key is None or c.present_value is None:
+                return "the step does not return this site's cache"
+            if c.static_past:
+                return f"its cache input {c.past_key} has a static length: the latent cache needs a dynamic past axis"
+            concat_v = cache_concat(site, "value")
+            if concat_v is None or not plain_from(concat_v.input(1), v.node) or cache_concat(site, "key") is None:
+                return "its cache is not Concat(past, new projection) for K and V"
+            if not self._k_plain(site) and self.rope_dims is not None and self.rope_dims < site.head_dim:
+                return (f"rope_dims={self.rope_dims} < head dim {site.head_dim}: dropping rotary dimensions (MHA2MLA's "
+                        f"partial RoPE) is not implemented yet; leave rope_dims out (K kept whole in its cache)")
+        parts, w = self.joint(site)
+        full = min(w.shape)
+        if self.rank > full:
+            raise UserError(f"latent: rank={self.rank} is above the full rank {full} of site {site.id}'s joint "
+                            f"{'/'.join(p.upper() for p in parts)} projection ({w.shape[0]}x{w.shape[1]}); "
+                            f"give rank <= {full}")
+        return None
+
+    def activations(self, sites) -> dict:
+        """Per site, the hidden state its K/V projections read (calibration fits the SVD on it)."""
+        return {s.id: s.projections["v"].x for s in sites}
+
+    def form(self, site, diag=None) -> Form:
+        parts, w = self.joint(site)
+        x = diag.get("x") if isinstance(diag, dict) else None
+        down, up = factorise(w, self.rank, x)
+        k, v = site.projections["k"], site.projections["v"]
+        nk = weight(k).shape[1] if "k" in parts else 0
+        up_k, up_v = (up[:, :nk], up[:, nk:]) if nk else (None, up)
+        step = site.cache is not None
+        lat = Latent(self.rank, v.x, k, v, down, up_k, up_v,
+                     bias_k=added_bias(k) if step and nk else None, bias_v=added_bias(v) if step else None, cache=step)
+        full = min(w.shape)
+        notes = [f"latent rank {self.rank} of {full} ({'exact: full rank' if self.rank >= full else 'approximate'}), "
+                 f"{'/'.join(p.upper() for p in parts)} from c = x·W_down, SVD of "
+                 + ("the projections' activations on the calibration inputs" if x is not None else "the weights")]
+        d, hkv = site.head_dim, site.kv_heads
+        dv = weight(v).shape[1] // hkv
+        before = hkv * (d + dv)
+        if step:
+            after = self.rank + (0 if nk else hkv * d)
+            notes.append(f"cache per token per layer: {before} → {after} values ({after / before:.0%}; "
+                         + ("K and V in the latent" if nk else "the rotated K kept whole as the rotary part, V in the latent")
+                         + "); up-projections not absorbed: each step up-projects the cached latent")
+        else:
+            n = w.shape[1]
+            notes.append(f"K/V projection weights: {w.shape[0] * n} → {w.shape[0] * self.rank + self.rank * n}")
+        return Form(latent=lat, notes=tuple(notes))

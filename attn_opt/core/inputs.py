@@ -94,6 +94,13 @@ def past_inputs(specs: list[InputSpec]) -> list[InputSpec]:
     return [s for s in specs if "past" in s.name.lower() and len(s.shape) == 4 and s.dtype.startswith(("float", "bfloat"))]
 
 
+def cache_flag(specs: list[InputSpec]) -> list[InputSpec]:
+    """A merged decoder's branch inputs: boolean flags of one element (Optimum's
+    `use_cache_branch`, an If between the first step and the cached steps)."""
+    return [s for s in specs if s.dtype == "bool" and all(isinstance(d, int) for d in s.shape)
+            and int(np.prod(s.shape, dtype=np.int64)) == 1]
+
+
 def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict:
     """A decoder step sees past + new tokens: its cache inputs get DEFAULT_PAST positions
     (unless given), and a mask over every position gets past + new."""
@@ -107,8 +114,10 @@ def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict
         if s.name not in overrides and not isinstance(s.shape[2], int):
             shapes[s.name] = shapes[s.name][:2] + (DEFAULT_PAST,) + shapes[s.name][3:]
     n_past, n_new = shapes[past[0].name][2], shapes[ids.name][1]
+    merged = bool(cache_flag(specs))  # Optimum's merge gives the mask and the ids one dim name; it covers past + new
     for s in specs:
-        if "mask" in s.name.lower() and len(s.shape) == 2 and s.shape[1] != ids.shape[1] and s.shape[1] != p_sym:
+        if "mask" in s.name.lower() and len(s.shape) == 2 and (merged or s.shape[1] != ids.shape[1]) \
+                and s.shape[1] != p_sym:
             if s.name in overrides and overrides[s.name][1] != n_past + n_new:
                 raise UserError(f"--input-shape {s.name}: a decoder step's mask covers past + new tokens "
                                 f"({n_past} + {n_new} = {n_past + n_new}), not {overrides[s.name][1]}")

@@ -1,9 +1,16 @@
 """The KV cache of a decoder-step site: K and V are Concat(past, new) along the sequence
 axis, `past` a graph input and the Concat's result a graph output (`present`), which the
-generation loop feeds back as the next step's past."""
+generation loop feeds back as the next step's past.
+
+Where the structure no longer shows the pair, the exporters' naming convention does
+(`present_by_name`): after `fuse` the Concat is inside the fused op (a leftover Concat
+may still read the past for a Shape), and Optimum's merged decoder returns the cache
+from an `If` on `use_cache_branch`; both keep Optimum's `past_key_values.N.key` ->
+`present.N.key`."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from attn_opt.core.graph import Value
@@ -106,11 +113,32 @@ def cache_of(k: Value, v: Value) -> Cache | None:
                  vs[1].name if vs[1] is not None else None, static)
 
 
+# (past input, present output) names, as the exporters write them: Optimum / transformers
+# (`past_key_values.0.key` -> `present.0.key`), onnxruntime-genai and ORT's own tools
+# (`past_key_0` -> `present_key_0`, `past_0` -> `present_0`)
+_CONVENTIONS = ((re.compile(r"^past_key_values(?=[._])"), "present"), (re.compile(r"^past(?=[._])"), "present"))
+
+
+def present_by_name(past, outputs) -> str | None:
+    """The graph output that returns the cache input `past` by the exporters' naming
+    convention: same rank and dtype, its name the past's with `past_key_values` / `past`
+    turned into `present`; None where no output is named so."""
+    by_name = {o.name: o for o in outputs}
+    for pattern, repl in _CONVENTIONS:
+        name = pattern.sub(repl, past.name, count=1)
+        out = by_name.get(name)
+        if name != past.name and out is not None and out.rank == past.rank and out.dtype == past.dtype:
+            return name
+    return None
+
+
 def cache_pairs(gv) -> list[tuple[str | None, str]]:
     """Every (present output, past input) of a decoder step, in the order of its inputs:
-    each Concat(past, new) on the sequence axis reading a graph input (None where the
-    step does not return the result)."""
-    found = {}
+    each Concat(past, new) on the sequence axis reading a graph input, or a fused op's
+    past/present, where the result is a graph output; then every rank-4 past input the
+    structure did not pair, by name (`present_by_name`); None where neither finds the
+    output that returns it."""
+    found: dict[str, str | None] = {}
     for n in gv.nodes:
         if n.region:  # a cache is read where the model's graph takes and returns it (patterns/regions.py)
             continue
@@ -123,6 +151,14 @@ def cache_pairs(gv) -> list[tuple[str | None, str]]:
         for out in outs:
             if (split := _split(out)) is not None:
                 past, present = split
-                found.setdefault(past.name, present.name if present is not None else None)
+                if found.get(past.name) is None:  # a returned present wins over a Concat left for its Shape
+                    found[past.name] = present.name if present is not None else None
+    taken = {p for p in found.values() if p is not None}
+    for v in gv.inputs:
+        if found.get(v.name) is None and v.rank == 4 and "past" in v.name.lower():
+            name = present_by_name(v, [o for o in gv.outputs if o.name not in taken])
+            if name is not None or v.name in found:
+                found[v.name] = name
+                taken.add(name)
     order = {v.name: i for i, v in enumerate(gv.inputs)}
     return [(found[p], p) for p in sorted(found, key=lambda p: order.get(p, 0))]

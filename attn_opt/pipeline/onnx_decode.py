@@ -1,7 +1,9 @@
 """The greedy generation loop of an ONNX decoder step, in ONNX Runtime: the prompt in one
 call, then one token per call, each step's `present` cache fed back as the next step's
 `past`. The pairs come from the graph (patterns/cache.py: Concat(past input, new) on the
-sequence axis whose result is a graph output), not from names.
+sequence axis whose result is a graph output), else from the exporters' names
+(`past_key_values.N.key` -> `present.N.key`). A merged decoder's boolean branch input
+(Optimum's `use_cache_branch`) is false on the prompt step (past empty) and true after.
 
 `generate` drives one model; `compare` drives two on the same tokens (the first model's
 greedy choices), giving per-step logit error and token agreement; `decode_check` is the
@@ -17,7 +19,7 @@ import numpy as np
 
 from attn_opt.patterns.cache import cache_pairs
 from attn_opt.core.errors import UserError
-from attn_opt.core.inputs import InputSpec
+from attn_opt.core.inputs import InputSpec, cache_flag
 
 
 DECODE_STEPS = 4  # steps of the loop the pipeline's fidelity check runs on a decoder step
@@ -31,6 +33,7 @@ class Loop:
     pairs: tuple[tuple[str, str], ...]  # (present output, past input)
     pasts: dict  # past input -> (shape with 0 past positions, dtype)
     logits: str  # the output whose last row picks the next token
+    branch: tuple[str, tuple] | None = None  # a merged decoder's (use-cache flag input, its shape)
 
 
 def loop_of(gv, specs: list[InputSpec]) -> Loop | None:
@@ -58,7 +61,12 @@ def loop_of(gv, specs: list[InputSpec]) -> Loop | None:
         pasts[past] = (tuple(0 if i == 2 else d for i, d in enumerate(s.shape)), s.dtype)
     logits = next((v.name for v in gv.outputs if "logit" in v.name.lower()),
                   next(v.name for v in gv.outputs if v.name not in {p for p, _ in pairs}))
-    return Loop(ids.name, mask, pos, tuple(pairs), pasts, logits)
+    flags = cache_flag(specs)
+    if len(flags) > 1:
+        raise UserError(f"the decoder step has {len(flags)} boolean flag inputs ({', '.join(s.name for s in flags)}): "
+                        "cannot tell which one selects the cached branch")
+    branch = (flags[0].name, tuple(flags[0].shape)) if flags else None
+    return Loop(ids.name, mask, pos, tuple(pairs), pasts, logits, branch)
 
 
 def first_step(gv, specs: list[InputSpec], feeds: dict) -> dict:
@@ -127,6 +135,9 @@ class Stepper:
         held = next(iter(cache.values())).shape[2]  # the cache's length: `done`, or less where the step caps it
         if self.loop.mask:
             feeds[self.loop.mask] = np.ones((b, held + t), np.int64)
+        if self.loop.branch:
+            name, shape = self.loop.branch
+            feeds[name] = np.full(shape, held > 0, dtype=bool)  # the cached branch once there is a cache
         if self.loop.positions:
             feeds[self.loop.positions] = np.broadcast_to(np.arange(done, done + t, dtype=np.int64), (b, t)).copy()
         out = dict(zip(self.names, self.sess.run(self.names, {k: v for k, v in feeds.items() if k in self.inputs})))
@@ -163,11 +174,12 @@ def generate(model, loop: Loop, prompt: np.ndarray, new_tokens: int, forced: np.
                       sum(int(v.nbytes) for v in cache.values()))
 
 
-def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int) -> dict:
-    """Model `b` on model `a`'s greedy path: per-step max relative logit error, and the
-    share of steps where `b` would pick `a`'s token."""
+def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int, loop_b: Loop | None = None) -> dict:
+    """Model `b` (run by its own loop `loop_b`, else `loop`: a merged decoder and a plain
+    one name their inputs differently) on model `a`'s greedy path: per-step max relative
+    logit error, and the share of steps where `b` would pick `a`'s token."""
     ga = generate(a, loop, prompt, new_tokens)
-    gb = generate(b, own_loop(b, loop), prompt, new_tokens, forced=ga.tokens)
+    gb = generate(b, loop_b or own_loop(b, loop), prompt, new_tokens, forced=ga.tokens)
     errs = [float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), 1e-30)) for x, y in zip(ga.logits, gb.logits)]
     agree = [bool(np.all(x.argmax(-1) == y.argmax(-1))) for x, y in zip(ga.logits, gb.logits)]
     return {"steps": len(errs), "max_rel_error": max(errs), "per_step_error": errs,

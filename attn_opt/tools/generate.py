@@ -24,11 +24,15 @@ def _step(path: str):
     from attn_opt.core.ir import onnx as onnx_adapter
     from attn_opt.pipeline.onnx_decode import loop_of
 
-    om, _, gv = onnx_adapter.load_view(path)
+    model = onnx_adapter.load(path)
+    _, _, gv = onnx_adapter.load_view(model)
     loop = loop_of(gv, onnx_adapter.input_specs(gv))
     if loop is None:
-        raise UserError(f"{path} is not a decoder step: no cache input (past) concatenated with new keys/values")
-    return om, loop
+        raise UserError(f"{path} is not a decoder step: no cache input (past) concatenated with new keys/values, "
+                        "and no past_*/present_* pair of names")
+    # the model as written runs: onnx's inferred shapes can be wrong inside If branches (Optimum's merged
+    # decoder: a data-propagated Expand shape in the no-cache branch), and ORT refuses them
+    return model, loop
 
 
 def run(model: str, prompt_path: str, new_tokens: int, other: str | None = None) -> dict:
@@ -40,7 +44,8 @@ def run(model: str, prompt_path: str, new_tokens: int, other: str | None = None)
         g = generate(om, loop, prompt, new_tokens)
         cmp = None
     else:
-        r = compare(om, _step(other)[0], loop, prompt, new_tokens)
+        ob, loop_b = _step(other)
+        r = compare(om, ob, loop, prompt, new_tokens, loop_b)
         g, gb = r["a"], r["b"]
         cmp = {"steps": r["steps"], "max_rel_error": r["max_rel_error"], "per_step_error": r["per_step_error"],
                "token_agreement": r["token_agreement"], "cache_bytes": gb.cache_bytes,

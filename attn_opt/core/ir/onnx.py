@@ -33,11 +33,42 @@ def load(model) -> OnnxModel:
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Static shape inference with data propagation; the model unchanged if it fails."""
+    """Static shape inference with data propagation; the model unchanged if it fails.
+    Data propagation only refines dims: where it gives a value another rank than plain
+    inference does, plain inference's type is kept (onnx 1.23 gives a 1-D shape tensor in
+    the no-cache branch of Optimum's merged decoder rank 4, and ORT refuses the model)."""
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        out = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
         return proto
+    try:
+        plain = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        return out
+    _keep_ranks(out.graph, plain.graph)
+    return out
+
+
+def _rank(vi) -> int | None:
+    t = vi.type.tensor_type
+    return len(t.shape.dim) if vi.type.HasField("tensor_type") and t.HasField("shape") else None
+
+
+def _keep_ranks(g: onnx.GraphProto, plain: onnx.GraphProto) -> None:
+    """`g`'s value types where `plain` (the same graph, other inference) has another rank,
+    in every subgraph too (walked side by side: a name may repeat across branches)."""
+    ref = {v.name: v for v in plain.value_info}
+    for v in g.value_info:
+        r = ref.get(v.name)
+        if r is not None and _rank(r) is not None and _rank(v) != _rank(r):
+            v.CopyFrom(r)
+    for n, m in zip(g.node, plain.node):
+        for a, b in zip(n.attribute, m.attribute):
+            if a.type == onnx.AttributeProto.GRAPH:
+                _keep_ranks(a.g, b.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for x, y in zip(a.graphs, b.graphs):
+                    _keep_ranks(x, y)
 
 
 def with_shapes(om: OnnxModel) -> OnnxModel:

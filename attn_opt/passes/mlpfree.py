@@ -119,6 +119,9 @@ class Mlpfree(Pass):
             return "a fused op that reads its own present cache: rewrite the step before fusing it"
         if site.probs_shared:
             return "its attention probabilities are used outside the attention too"
+        if site.pattern is not None or not site.normaliser.is_softmax:
+            kept = site.pattern.describe() if site.pattern is not None else site.normaliser.describe()
+            return f"its form ({kept}) would be lost: the collapsed lowering computes dense softmax attention"
         for which in (("q", "k") if "qk" in self.collapse else ()) + (("v",) if "vo" in self.collapse else ()):
             got = plain_projection(site, which)
             if isinstance(got, str):

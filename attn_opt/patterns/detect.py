@@ -238,7 +238,7 @@ def _causal_window(hidden: np.ndarray, tq: int, tk: int) -> int | None:
     i = np.arange(tq)[:, None] + (tk - tq)
     j = np.arange(tk)[None, :]
     band = (j <= i) & (j > i - w)
-    return w if w < tk and np.all(seen == band) else None
+    return w if 0 < w < tk and np.all(seen == band) else None  # a row that sees nothing is no window
 
 
 def _static_ints(shape: tuple | None) -> tuple | None:

@@ -99,6 +99,11 @@ class SiteEdit:
         self.model.graph.register_initializer(v)
         return v
 
+    def term(self, m) -> ir.Value:
+        """An additive term of the site's scores, negated where the scores subtract it."""
+        x = self.value(m)
+        return self.op("Neg", [x]) if m.name in self.site.negated_terms else x
+
     def weight(self, suffix: str, array: np.ndarray) -> ir.Value:
         """`initializer`, reusing the site's weight of that name where it holds the same
         values (a site lowered again keeps its sink logits under one name)."""

@@ -59,7 +59,7 @@ def softcap(e: SiteEdit, site: AttentionSite, s: ir.Value) -> ir.Value:
 
 def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
-    x = e.value(m)
+    x = e.term(m)
     shape = site.mask_shapes.get(m.name) or m.shape
     if len(shape) == 2:
         return e.op("Unsqueeze", [x, e.ints(0, 1, 2)])

@@ -195,7 +195,7 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
         return None, False
     add = None
     for term in s.additive:
-        t = e.value(term)
+        t = e.term(term)
         add = t if add is None else e.op("Add", [add, t])
     cond = None
     if s.bool_mask is not None:
@@ -229,7 +229,7 @@ def _hidden_by_fill(e: SiteEdit, s: AttentionSite, low, dt: str):
     after = None
     for term in s.additive:
         if term.name in s.filled_terms:
-            after = e.value(term) if after is None else e.op("Add", [after, e.value(term)])
+            after = e.term(term) if after is None else e.op("Add", [after, e.term(term)])
     dead = e.op("IsInf", [e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after])])
     return e.op("Where", [dead, e.const(np.asarray(-np.inf, dtype=_np_dtype(dt))), low])
 

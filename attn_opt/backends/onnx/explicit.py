@@ -130,11 +130,11 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None
     finite_fill = fill is not None and np.isfinite(fill)
     if not site.additive and not finite_fill:
         return s, vis
-    dead = e.op("IsInf", [e.back(s)])  # back in the site's dtype: what overflows there
+    dead = e.is_inf(e.back(s))  # back in the site's dtype: what overflows there
     if keep is not None and finite_fill:
         hidden = f32(e, fill) if filled is None else e.op("Add", [f32(e, fill), filled])
         dead = e.op("Or", [e.op("And", [keep, dead]),  # (Where has no bool kernel in ONNX Runtime)
-                           e.op("And", [e.op("Not", [keep]), e.op("IsInf", [e.back(hidden)])])])
+                           e.op("And", [e.op("Not", [keep]), e.is_inf(e.back(hidden))])])
         s = e.op("Where", [keep, s, hidden])
     alive = e.op("Not", [dead])
     uniform = e.op("And", [e.op("Not", [_any(e, vis)]), _any(e, alive)])

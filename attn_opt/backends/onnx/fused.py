@@ -230,7 +230,8 @@ def _hidden_by_fill(e: SiteEdit, s: AttentionSite, low, dt: str):
     for term in s.additive:
         if term.name in s.filled_terms:
             after = e.term(term) if after is None else e.op("Add", [after, e.term(term)])
-    dead = e.op("IsInf", [e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after])])
+    dead = e.is_inf(e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after]),
+                    dt in ("float16", "bfloat16"))
     return e.op("Where", [dead, e.const(np.asarray(-np.inf, dtype=_np_dtype(dt))), low])
 
 

@@ -12,7 +12,7 @@ import pytest
 import attn_opt
 from variants import BY_NAME
 
-SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask"]
+SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax"]
 FORM_PASSES = ["fuse", "fuse:target=ort", "sparse:window=4", "softplus", "sigmoid", "sinkfree:mode=relu",
                "sinkfree:mode=logit,bias=-inf", "gated", "mlpfree:collapse=qk"]
 
@@ -71,3 +71,17 @@ def test_every_form_pass_on_each_spelling(variant_onnx, tmp_path, name, exporter
         assert p.step_fidelity["max_rel_error"] <= 1e-4
     if name == "sink-logits" and spec.startswith("sinkfree"):
         assert p.exact is False and err > 1e-3  # the model's own sinks removed: not the same function
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_mask_after_the_softmax_keeps_its_zero_rows(variant_onnx, exporter):
+    """where(~mask, 0, softmax(where(~mask, s, min))): one site, its boolean mask, and rows
+    it hides completely recorded as zeros (the first input row sees no key); a mask applied
+    only after the softmax (rows not renormalised) is no site, with the reason."""
+    (s,) = _sites(variant_onnx("masked-after-softmax", exporter))
+    assert s.mask == "boolean" and s.zero_hidden_rows
+    x, m = (t.numpy() for t in BY_NAME["masked-after-softmax"].inputs())
+    y = ort.InferenceSession(str(variant_onnx("masked-after-softmax", exporter))).run(None, {"in0": x, "in1": m})[0]
+    assert np.isfinite(y).all()
+    det = attn_opt.inspect(str(variant_onnx("masked-after-only", exporter)))
+    assert not det.sites and "masked after the softmax by a mask not applied before it" in det.near_misses[0].reason

@@ -232,6 +232,22 @@ def subtracted_inverse_mask(q, k, v, mask):  # Funnel: s − INF·(1 − mask), 
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE - 1e6 * (1.0 - mask), dim=-1) @ v
 
 
+def masked_after_softmax(q, k, v, mask):  # DeBERTa's XSoftmax (SEW-D): hidden keys zeroed again after
+    hidden = ~mask
+    p = torch.softmax((q @ k.transpose(-2, -1) * SCALE).masked_fill(hidden, torch.finfo(torch.float32).min), -1)
+    return p.masked_fill(hidden, 0.0) @ v
+
+
+def masked_after_only(q, k, v, mask):  # zeroed after the softmax, never renormalised: not attention's weights
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE, -1).masked_fill(~mask, 0.0) @ v
+
+
+def _x_bool_dead_row():
+    x, m = _x_bool()
+    m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
+    return x, m
+
+
 def _x():
     torch.manual_seed(1)
     return (torch.randn(B, S, D_MODEL),)
@@ -294,9 +310,12 @@ VARIANTS = [
     Variant("probs-twice", ProbsTwice, _x, 1),
     Variant("sink-logits", SinkLogits, _x, 1, skip=_FX_SINKS),
     Variant("subtracted-mask", _core(subtracted_mask, _Masked), _x_hidden, 1, masks=PAD),
+    Variant("masked-after-softmax", _core(masked_after_softmax, _Masked), _x_bool_dead_row, 1, masks=PAD,
+            skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),
     Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
+    Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),
     Variant("moe-gate", MoEGate, _x, 0),
     Variant("softmax-weights", SoftmaxWeights, _x, 0),
 ]

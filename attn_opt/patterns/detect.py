@@ -348,7 +348,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         quantized=c.quantized, folded_terms=tuple(t.name for t in c.folded_terms),
         filled_terms=tuple(t.name for t in c.filled_terms), cache=cache_of(c.k.value, c.v.value),
         pattern=c.pattern, normaliser=normaliser, blocked=blocked,
-        negated_terms=tuple(t.name for t in c.negated),
+        negated_terms=tuple(t.name for t in c.negated), zero_hidden_rows=c.zero_rows,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 

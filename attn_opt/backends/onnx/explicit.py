@@ -128,7 +128,7 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None
     keep none and give zeros."""
     fill = site.mask_value
     finite_fill = fill is not None and np.isfinite(fill)
-    if not site.additive and not finite_fill:
+    if site.zero_hidden_rows or (not site.additive and not finite_fill):  # zeros there, as the normalisers give
         return s, vis
     dead = e.is_inf(e.back(s))  # back in the site's dtype: what overflows there
     if keep is not None and finite_fill:

@@ -116,7 +116,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     q, k, v = e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v)
     mask, is_bool = attention_mask(e, s, q)
     if choice == "ort" and not s.gqa:
-        e.commit(ort.multi_head_attention(e, s, q, k, v, mask, is_bool))
+        e.commit(_zero_hidden_rows(e, s, ort.multi_head_attention(e, s, q, k, v, mask, is_bool)))
         return f"MultiHeadAttention (com.microsoft): {why}"
     e.ensure_opset("", 23)
     attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
@@ -134,7 +134,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
         e.replace_output(s.cache.present_key, present_k)
         e.replace_output(s.cache.present_value, present_v)
         return f"Attention (opset 23) with past_key/past_value in and present_key/present_value out: {why}"
-    e.commit(e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs))
+    e.commit(_zero_hidden_rows(e, s, e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs)))
     if choice == "ort":
         why = "MultiHeadAttention has no grouped-query form"
     return f"Attention (opset 23): {why}"
@@ -152,6 +152,21 @@ def _emit_gqa(e: SiteEdit, s: AttentionSite, q, mask, cached, why: str) -> str:
         + (["the sink logit as head_sink"] if s.normaliser.kind == "logit" else [])
     return (f"GroupQueryAttention (com.microsoft) with past_key/past_value in and present_key/present_value out, "
             f"{', '.join(how)}: {why}")
+
+
+def _zero_hidden_rows(e: SiteEdit, s: AttentionSite, y):
+    """y [B, H, Tq, dv] with zeros on the rows the boolean mask hides completely, where the
+    site masks its probabilities again after the softmax (the fused ops give them uniform
+    weights, or zeros, depending on the fill)."""
+    if not s.zero_hidden_rows:
+        return y
+    keep = s.bool_mask.native
+    if keep.dtype != ir.DataType.BOOL:
+        keep = e.op("Cast", [keep], {"to": ir.DataType.BOOL})
+    if not s.bool_keep:
+        keep = e.op("Not", [keep])
+    seen = e.op("ReduceMax", [e.op("Cast", [keep], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
+    return e.op("Where", [e.op("Greater", [seen, e.const(np.float32(0))]), y, e.op("Sub", [y, y])])
 
 
 def _with_cache(e: SiteEdit, s: AttentionSite):

@@ -335,6 +335,8 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
     """What scaled_dot_product_attention cannot keep of a site's own form."""
+    if site.zero_hidden_rows:
+        return "rows its mask hides completely are zeroed after the softmax: not lowered on torch.fx yet (ONNX is)"
     if not form.fused:
         return None
     if form.pattern is not None:

@@ -324,6 +324,10 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     src_q, src_k = projections.hidden_sources(c.q.value), projections.hidden_sources(c.k.value)
     if src_q and src_k:  # where K comes from decides, whatever lies between (rotary, Split, quantization)
         kind = "self" if src_q.keys() & src_k.keys() else "cross"
+        if kind == "cross" and projections.root_sources(c.q.value).keys() & projections.root_sources(c.k.value).keys():
+            kind = "self"  # through low-rank factors and norms (MLA), or keys reduced by a strided map (SegFormer)
+            notes.append("self-attention through a compressed view of its hidden states (a low-rank factor and "
+                         "norm, or a strided reduction)")
     elif "q" in projs and "k" in projs:
         kind = "self" if projs["q"].x is projs["k"].x else "cross"
     elif c.q.value is c.k.value:

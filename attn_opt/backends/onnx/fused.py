@@ -88,10 +88,26 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
     if target != "onnx" and site.softcap:
         return "onnx", "MultiHeadAttention has no soft-cap; Attention (opset 23) has"
+    if target != "onnx" and (sizes := _head_sizes(site)) and sizes[0] != sizes[1]:
+        return "onnx", f"MultiHeadAttention needs one head size for K and V (here {sizes[0]} and {sizes[1]}: MLA)"
     if target != "auto":
         return target, "asked for"
     b, h, tq, tk, d = site.run_shape or (1, site.heads, 128, 128, site.head_dim)
     return ort.fastest_fused(b, h, site.kv_heads, max(tq, tk), d)
+
+
+def _head_sizes(site: AttentionSite) -> tuple[int, int] | None:
+    """(K's head size, V's) from static shapes, where both are known."""
+    out = []
+    for op in (site.k, site.v):
+        shape = op.value.shape
+        if shape is None or op.packed or len(shape) < 3:
+            return None
+        d = shape[op.perm[-1]] if op.perm else shape[-1]
+        if not isinstance(d, int):
+            return None
+        out.append(d)
+    return out[0], out[1]
 
 
 def _choose_step(site: AttentionSite, target: str) -> tuple[str, str]:

@@ -129,7 +129,8 @@ def _bottleneck_input(src: Value, budget: int = 32) -> Value | None:
             continue
         if n.op not in _NORM:
             return None  # a residual Add of two hidden states, an activation, ...: not a norm of one source
-        frontier.extend(i for i in n.inputs if i is not None and i.const is None and not weight_like(i))
+        ins = n.inputs[:1] if n.op in _LAYOUT | {"Slice", "Split", "Getitem"} else n.inputs  # not their shapes
+        frontier.extend(i for i in ins if i is not None and i.const is None and not weight_like(i))
     if len({id(n) for n in found}) != 1 or budget <= 0:
         return None
     n = found[0]

@@ -6,6 +6,7 @@ passes are exact on every input set (a padded row included)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import onnxruntime as ort
 import pytest
 
@@ -85,3 +86,50 @@ def test_mask_after_the_softmax_keeps_its_zero_rows(variant_onnx, exporter):
     assert np.isfinite(y).all()
     det = attn_opt.inspect(str(variant_onnx("masked-after-only", exporter)))
     assert not det.sites and "masked after the softmax by a mask not applied before it" in det.near_misses[0].reason
+
+
+class _NarrowCross(torch.nn.Module):
+    """Cross-attention whose K/V stream is narrower than the queries' (BLIP-2's Q-Former)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = torch.nn.Linear(32, 32), torch.nn.Linear(24, 32), torch.nn.Linear(24, 32)
+        self.o = torch.nn.Linear(32, 32)
+
+    def forward(self, x, y):
+        b = x.shape[0]
+        q, k, v = (t.view(b, -1, 4, 8).transpose(1, 2) for t in (self.q(x), self.k(y), self.v(y)))
+        p = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+        return self.o((p @ v).transpose(1, 2).reshape(b, -1, 32))
+
+
+class _SlicedQueries(_NarrowCross):
+    """Queries sliced after their projection (ProphetNet's main stream): 4 query rows from 7."""
+
+    def forward(self, x, y):
+        b = x.shape[0]
+        q = self.q(x)[:, :4].reshape(b, 4, 4, 8).transpose(1, 2)
+        k, v = (t.view(b, -1, 4, 8).transpose(1, 2) for t in (self.k(y), self.v(y)))
+        p = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+        return self.o((p @ v).transpose(1, 2).reshape(b, 4, 32))
+
+
+@pytest.mark.parametrize("module,spec,reason", [
+    (_NarrowCross, "mlpfree:collapse=qk+vo", "K is projected from 24-wide hidden states, Q from 32-wide"),
+    (_SlicedQueries, "gated", "has 7 rows, the site's queries 4"),
+])
+def test_rewrites_that_would_not_fit_are_skipped(tmp_path, module, spec, reason):
+    """collapse checks the K/V stream's width, gated the gate source's rows: skipped with the
+    reason (the model is written unchanged and runs); fuse rewrites the same site exactly."""
+    from attn_opt.tools import zoo
+
+    args = (torch.randn(2, 7, 32), torch.randn(2, 5, 24))
+    src = zoo.export_module(module().eval(), args, ("x", "y"), "torchscript", tmp_path / "m.onnx", dynamic=False)
+    feeds = {"x": args[0].numpy(), "y": args[1].numpy()}
+    _, report = attn_opt.optimize(str(src), [spec], feeds=feeds)
+    p = report.passes[0]
+    assert not p.sites_rewritten and reason in p.sites_skipped[0].reason
+    _, report = attn_opt.optimize(str(src), ["fuse"], feeds=feeds)
+    p = report.passes[0]
+    assert p.sites_rewritten == ["a0"] and p.step_fidelity["max_rel_error"] <= 1e-4

@@ -89,3 +89,20 @@ def test_zoo_command(tmp_path):
     assert r.returncode == 0 and "llama-eager" in r.stdout
     r = run_cli("zoo", "not-a-model", "-o", tmp_path / "x.onnx")
     assert r.returncode == 2 and "unknown zoo model" in r.stderr
+
+
+def test_a_pass_that_finds_no_site_says_why_and_exits_3(variant_onnx, tmp_path):
+    """No attention site: one line naming each softmax seen with its reason, exit 3, nothing
+    written; --allow-empty writes the model unchanged (exit 0); inspect stays exit 0."""
+    src, out = variant_onnx("moe-gate", "dynamo"), tmp_path / "o.onnx"
+    r = run_cli("optimize", src, "--pass", "fuse", "-o", out)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 1 and not out.exists()
+    assert lines[0].startswith("nothing found: ") and "softmax(es) seen, none attention" in lines[0]
+    assert "not with keys (a projection or classifier, not attention)" in lines[0]  # the router softmax's --why
+    r = run_cli("optimize", src, "--pass", "fuse", "-o", out, "--allow-empty")
+    assert r.returncode == 0 and out.exists()
+    relu = tmp_path / "relu.onnx"
+    _no_attention_model(relu)
+    r = run_cli("optimize", relu, "--pass", "sparse:window=4", "-o", out)
+    assert r.returncode == 3 and "no softmax and no attention op" in r.stderr

@@ -78,6 +78,48 @@ def test_fp16_fuse_bound_is_the_dtype_rounding(shipped, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.fixture(scope="session")
+def fp16_at(cache_dir):
+    """fp16_at(opset) -> path: bert-eager in float16 exported at that opset (TorchScript up
+    to 17, dynamo from 18), cached like the zoo."""
+
+    def get(opset: int):
+        path = cache_dir / f"fp16-bert-eager-op{opset}.onnx"
+        if not path.exists():
+            model, args, names = zoo.MODELS["bert-eager"].build()
+            tmp = path.with_suffix(".tmp.onnx")
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                if opset <= 17:
+                    torch.onnx.export(model.half(), args, str(tmp), dynamo=False, opset_version=opset,
+                                      input_names=list(names), dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+                else:
+                    torch.onnx.export(model.half(), args, input_names=list(names), dynamo=True, opset_version=opset,
+                                      dynamic_shapes=zoo._dynamic_shapes(names, args)).save(str(tmp))
+            os.replace(tmp, path)
+        return path
+
+    return get
+
+
+@pytest.mark.parametrize("spec", PASSES + ["sigmoid", "sinkfree:mode=redistribute,alpha=0.5"])
+@pytest.mark.parametrize("opset", [11, 13, 17, 20, 23])
+def test_fp16_opset_grid(fp16_at, tmp_path, opset, spec):
+    """float16 at every opset a user ships: each form pass writes a valid model (no IsInf on
+    float16 below opset 20) that keeps its dtype, and exact passes are exact at fp16 rounding."""
+    model, report = attn_opt.optimize(str(fp16_at(opset)), [spec], force=True)
+    p = report.passes[0]
+    assert len(p.sites_rewritten) == 2, p.sites_skipped
+    out = tmp_path / "o.onnx"
+    model.save(str(out))
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in m.graph.output)
+    if p.exact:
+        assert p.step_fidelity_all["max_rel_error"] <= 8 * float(np.finfo(np.float16).eps)
+
+
 @pytest.mark.parametrize("kind", ["op11", "op13"])
 @pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])
 @pytest.mark.parametrize("spec", ["fuse", "sparse:window=4", "gated", "softplus", "sinkfree:mode=relu"])

@@ -28,6 +28,11 @@ FAMILIES = {  # class: (config class, extra config, heads, kv heads)
     "GPTNeoModel": ("GPTNeoConfig", dict(attention_types=[[["global", "local"], 1]], window_size=4), 4, 4),
     # Q pre-scaled, K through the (empty) cache's Concat on TorchScript
     "OPTModel": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32), 4, 4),
+    # MLA: q through q_a → norm → q_b, K/V from the latent kv_a → norm → kv_b plus a shared rotary key
+    "DeepseekV3Model": ("DeepseekV3Config", dict(
+        intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=2, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, num_key_value_heads=4), 4, 4),
 }
 
 
@@ -269,3 +274,52 @@ def test_cross_attention_in_3d_products(cache_dir, tmp_path, name):
             continue
         assert p.sites_rewritten == ["a0"], p.sites_skipped
         assert not exact or p.step_fidelity_all["max_rel_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_latent_attention_is_self_attention(family, tmp_path, exporter):
+    """MLA (DeepSeek-V3): Q and K reach the hidden states through low-rank factors and norms,
+    so its sites are self-attention (sparse windows them, saying nothing of cross); K's head
+    size (nope + rope) differs from V's, so fuse:target=ort gives Attention, saying why."""
+    src = family("DeepseekV3Model", exporter)
+    sites = attn_opt.inspect(str(src)).sites
+    assert [(s.kind, s.heads, s.head_dim) for s in sites] == [("self", 4, 12)] * 2
+    assert all("compressed view of its hidden states" in " ".join(s.notes) for s in sites)
+    rep = tmp_path / "r.json"
+    r = cli(src, "--pass", "fuse:target=ort", "-o", tmp_path / "o.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert p["sites_rewritten"] == ["a0", "a1"] and p["step_fidelity_all"]["max_rel_error"] <= 1e-4
+    assert all("one head size for K and V (here 12 and 8" in n for n in p["notes"])
+
+
+@pytest.fixture(scope="session")
+def segformer(cache_dir):
+    path = cache_dir / "family-SegformerModel-torchscript.onnx"
+    if not path.exists():
+        model = zoo._hf("SegformerModel", "SegformerConfig", "eager", num_encoder_blocks=2, depths=[1, 1],
+                        sr_ratios=[4, 2], hidden_sizes=[16, 32], num_attention_heads=[1, 2], patch_sizes=[7, 3],
+                        strides=[4, 2], mlp_ratios=[2, 2], image_size=32, num_channels=3)
+        tmp = path.with_suffix(".tmp.onnx")
+        zoo.export_module(zoo._Pixels(model), (torch.randn(1, 3, 32, 32),), ("pixel_values",), "torchscript", tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def test_spatial_reduction_is_self_attention_with_reduced_keys(segformer, tmp_path):
+    """SegFormer's K/V come from a strided convolution of the queries' own hidden states:
+    self-attention, whose keys are a reduced view; fuse and gated rewrite it exactly, a
+    window is refused with that reason (it would not mean nearby tokens)."""
+    sites = attn_opt.inspect(str(segformer)).sites
+    assert [(s.kind, s.heads, s.run_shape[2:4]) for s in sites] == [("self", 1, (64, 4)), ("self", 2, (16, 4))]
+    for spec in ("fuse", "gated"):
+        rep = tmp_path / f"{spec}.json"
+        r = cli(segformer, "--pass", spec, "-o", tmp_path / f"{spec}.onnx", "--report", rep)
+        assert r.returncode == 0, r.stderr
+        p = json.loads(rep.read_text())["passes"][0]
+        assert p["sites_rewritten"] == ["a0", "a1"] and p["step_fidelity"]["max_rel_error"] <= 1e-4
+    rep = tmp_path / "s.json"
+    r = cli(segformer, "--pass", "sparse:window=4", "-o", tmp_path / "s.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and not p["sites_rewritten"]
+    assert all("reduced view of its" in s["reason"] for s in p["sites_skipped"])

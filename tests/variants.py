@@ -30,7 +30,7 @@ class Variant:
     causal: bool | None = False
     masks: frozenset = frozenset({"none"})
     kind: str = "self"
-    # front ends that cannot express this model, with the reason
+    # front ends that cannot express this model (or whose reading is not written: "fx:<front>"), with the reason
     skip: dict[str, str] = field(default_factory=dict)
 
 
@@ -209,6 +209,45 @@ class SoftmaxWeights(nn.Module):
         return torch.softmax(x @ self.w1, dim=-1) @ self.w2
 
 
+class SinkLogits(_Attn):
+    """gpt-oss: a learned logit per head as one more score column, sliced off before ·V."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.linspace(-1.0, 2.0, H))
+
+    def core(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * SCALE
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        s = torch.cat([s, sinks], dim=-1)
+        s = s - s.max(dim=-1, keepdim=True).values
+        return torch.softmax(s, dim=-1)[..., :-1] @ v
+
+
+def subtracted_mask(q, k, v, mask):  # XLNet: s − 1e30·mask, mask 1 where hidden
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE - 1e30 * mask, dim=-1) @ v
+
+
+def subtracted_inverse_mask(q, k, v, mask):  # Funnel: s − INF·(1 − mask), mask 1 where seen
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE - 1e6 * (1.0 - mask), dim=-1) @ v
+
+
+def masked_after_softmax(q, k, v, mask):  # DeBERTa's XSoftmax (SEW-D): hidden keys zeroed again after
+    hidden = ~mask
+    p = torch.softmax((q @ k.transpose(-2, -1) * SCALE).masked_fill(hidden, torch.finfo(torch.float32).min), -1)
+    return p.masked_fill(hidden, 0.0) @ v
+
+
+def masked_after_only(q, k, v, mask):  # zeroed after the softmax, never renormalised: not attention's weights
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE, -1).masked_fill(~mask, 0.0) @ v
+
+
+def _x_bool_dead_row():
+    x, m = _x_bool()
+    m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
+    return x, m
+
+
 def _x():
     torch.manual_seed(1)
     return (torch.randn(B, S, D_MODEL),)
@@ -228,6 +267,18 @@ def _x_bool():
     return torch.randn(B, S, D_MODEL), m
 
 
+def _x_hidden():
+    torch.manual_seed(1)
+    m = torch.zeros(B, 1, 1, S)
+    m[-1, ..., -2:] = 1.0  # 1 where a key is hidden
+    return torch.randn(B, S, D_MODEL), m
+
+
+def _x_seen():
+    x, m = _x_hidden()
+    return x, 1.0 - m
+
+
 def _x_cross():
     torch.manual_seed(1)
     return torch.randn(B, S, D_MODEL), torch.randn(B, S_KV, D_MODEL)
@@ -235,6 +286,8 @@ def _x_cross():
 
 PAD = frozenset({"additive", "boolean"})
 _NO_TS_GQA = {"torchscript": "the TorchScript exporter has no enable_gqa"}
+_FX_SINKS = {f"fx:{f}": "not read on torch.fx yet: the rule reads the sink column's max and slice as ONNX writes them"
+             for f in ("export", "dynamo", "symbolic_trace")}
 
 VARIANTS = [
     Variant("div-scale", _core(div_scale), _x, 1),
@@ -255,8 +308,14 @@ VARIANTS = [
     Variant("sdpa-bool-mask", _core(sdpa_bool_mask, _Masked), _x_bool, 1, masks=PAD),
     Variant("cross-attention", lambda: _core(div_scale, _Cross)(cross=True), _x_cross, 1, kind="cross"),
     Variant("probs-twice", ProbsTwice, _x, 1),
+    Variant("sink-logits", SinkLogits, _x, 1, skip=_FX_SINKS),
+    Variant("subtracted-mask", _core(subtracted_mask, _Masked), _x_hidden, 1, masks=PAD),
+    Variant("masked-after-softmax", _core(masked_after_softmax, _Masked), _x_bool_dead_row, 1, masks=PAD,
+            skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),
+    Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
+    Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),
     Variant("moe-gate", MoEGate, _x, 0),
     Variant("softmax-weights", SoftmaxWeights, _x, 0),
 ]

@@ -16,5 +16,10 @@ class NotSupported(UserError):
     """A feature the tool does not implement (yet); said plainly rather than faked."""
 
 
+class NothingFound(UserError):
+    """A pass over a model with no attention site: nothing to rewrite (exit status 3 on the
+    command line, unless --allow-empty)."""
+
+
 class DoesNotRun(UserError):
     """The model does not run on the inputs given or generated."""

@@ -49,6 +49,8 @@ class Gated(Pass):
             return "the hidden size of the gate's input is unknown"
         if site.heads is None or site.head_dim is None:
             return "heads or head size unknown (the model did not run on sample inputs)"
+        if (why := rows_differ(site, gate_input(site))) is not None:
+            return why
         four_d = site.output.rank in (None, 4) or (site.q.fold and site.output.rank == 3)  # [B*H, S, dv] unfolds
         if not four_d or site.rule in ("ms-mha", "ms-gqa", "ms-attention", "torch-mha"):
             return "the attention output is not [B, H, S, dv]"
@@ -86,6 +88,19 @@ class Gated(Pass):
         src = gate_input(site)
         return Form(gate=Gate(self.mode, w, b, src),
                     notes=(f"{self.mode} gate from {src.name}: +{w.size + b.size} parameters",))
+
+
+def rows_differ(site, src) -> str | None:
+    """Why the gate's hidden state cannot give one gate per query row: its rows (static
+    shape) are not the site's query rows (pooled landmarks, a sliced stream, windows)."""
+    shape, q = src.shape, site.q.value.shape
+    if not shape or len(shape) < 2 or not q or site.q.packed or len(q) != 4:
+        return None
+    rows, tq = shape[-2], q[site.q.perm[2]] if site.q.perm else q[2]
+    if isinstance(rows, int) and isinstance(tq, int) and rows != tq:
+        return (f"the gate's input {src.name} has {rows} rows, the site's queries {tq} (pooled or sliced "
+                "queries): no gate per query row can be built from it")
+    return None
 
 
 def gate_input(site):

@@ -119,10 +119,17 @@ class Mlpfree(Pass):
             return "a fused op that reads its own present cache: rewrite the step before fusing it"
         if site.probs_shared:
             return "its attention probabilities are used outside the attention too"
+        if site.pattern is not None or not site.normaliser.is_softmax:
+            kept = site.pattern.describe() if site.pattern is not None else site.normaliser.describe()
+            return f"its form ({kept}) would be lost: the collapsed lowering computes dense softmax attention"
+        got = {}
         for which in (("q", "k") if "qk" in self.collapse else ()) + (("v",) if "vo" in self.collapse else ()):
-            got = plain_projection(site, which)
-            if isinstance(got, str):
-                return got
+            got[which] = plain_projection(site, which)
+            if isinstance(got[which], str):
+                return got[which]
+        if "k" in got and got["q"].w.shape[0] != got["k"].w.shape[0]:  # BLIP-2's Q-Former reads a narrower stream
+            return (f"K is projected from {got['k'].w.shape[0]}-wide hidden states, Q from {got['q'].w.shape[0]}-wide "
+                    "ones: the collapsed Q·Kᵀ lowering reads both with one width")
         if "vo" in self.collapse and "o" not in site.projections:
             return "no output projection found after the attention"
         return None

@@ -133,6 +133,9 @@ class Sparse(Pass):
             return reason
         if site.kind == "cross":
             return "a window needs self-attention (queries and keys on one axis)"
+        if site.cache is None and site.run_shape and site.run_shape[2] != site.run_shape[3]:
+            return (f"its {site.run_shape[3]} keys are a reduced view of its {site.run_shape[2]} query tokens "
+                    "(spatial reduction): a window on the reduced axis would not mean nearby tokens")
         return None
 
     def _content_skip(self, site: AttentionSite) -> str | None:

@@ -46,6 +46,7 @@ class Candidate:
     sink: Value | None = None  # a column concatenated to the scores before the softmax: per-head sink logits
     sink_last: bool = True  # the sink column comes after the keys (else before them)
     sink_cut: bool = False  # the sink column is sliced off the probabilities before ·V
+    zero_rows: bool = False  # the boolean mask zeroes the probabilities again: hidden rows give zeros
 
     def set_bool_mask(self, cond: Value, keep: bool, fill: Value) -> None:
         if self.bool_mask is not None:

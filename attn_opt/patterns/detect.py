@@ -238,7 +238,7 @@ def _causal_window(hidden: np.ndarray, tq: int, tk: int) -> int | None:
     i = np.arange(tq)[:, None] + (tk - tq)
     j = np.arange(tk)[None, :]
     band = (j <= i) & (j > i - w)
-    return w if w < tk and np.all(seen == band) else None
+    return w if 0 < w < tk and np.all(seen == band) else None  # a row that sees nothing is no window
 
 
 def _static_ints(shape: tuple | None) -> tuple | None:
@@ -324,6 +324,10 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     src_q, src_k = projections.hidden_sources(c.q.value), projections.hidden_sources(c.k.value)
     if src_q and src_k:  # where K comes from decides, whatever lies between (rotary, Split, quantization)
         kind = "self" if src_q.keys() & src_k.keys() else "cross"
+        if kind == "cross" and projections.root_sources(c.q.value).keys() & projections.root_sources(c.k.value).keys():
+            kind = "self"  # through low-rank factors and norms (MLA), or keys reduced by a strided map (SegFormer)
+            notes.append("self-attention through a compressed view of its hidden states (a low-rank factor and "
+                         "norm, or a strided reduction)")
     elif "q" in projs and "k" in projs:
         kind = "self" if projs["q"].x is projs["k"].x else "cross"
     elif c.q.value is c.k.value:
@@ -348,7 +352,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         quantized=c.quantized, folded_terms=tuple(t.name for t in c.folded_terms),
         filled_terms=tuple(t.name for t in c.filled_terms), cache=cache_of(c.k.value, c.v.value),
         pattern=c.pattern, normaliser=normaliser, blocked=blocked,
-        negated_terms=tuple(t.name for t in c.negated),
+        negated_terms=tuple(t.name for t in c.negated), zero_hidden_rows=c.zero_rows,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 

@@ -371,6 +371,41 @@ def _cut(c, p, users, sl):
     return sl.outputs[0]
 
 
+def _is_zero(v: Value | None) -> bool:
+    return v is not None and v.const is not None and v.const.size == 1 and float(np.asarray(v.const).reshape(-1)[0]) == 0
+
+
+def _masked_after(c, p, users):
+    """where(cond, 0, p) / where(cond, p, 0): DeBERTa's XSoftmax (SEW-D) zeroes the hidden keys
+    again after the softmax; with the same boolean mask before it, that changes only the rows
+    it hides completely (zeros, not uniform weights)."""
+    ws = [u for u in users if u.op == "Where" and u.input(0) is not p and p in (u.input(1), u.input(2))]
+    if len(ws) != 1 or len([u for u in users if u.op not in ("Shape", "Size")]) != 1:
+        return None
+    w = ws[0]
+    zeroes_true = w.input(2) is p  # where(cond, 0, p): cond marks the hidden keys
+    if not _is_zero(w.input(1) if zeroes_true else w.input(2)):
+        return None
+    return w, zeroes_true
+
+
+def _uncast(v: Value) -> Value:
+    """The value a condition is cast from (TorchScript casts each use of a mask to bool)."""
+    while v.producer is not None and v.producer.op in ("Cast", "Identity"):
+        v = v.producer.input(0)
+    return v
+
+
+def _zeroed(c, p, users, m):
+    w, zeroes_true = m
+    if c.bool_mask is None or _uncast(w.input(0)) is not _uncast(c.bool_mask) or c.bool_keep == zeroes_true:
+        raise Miss("the probabilities are masked after the softmax by a mask not applied before it "
+                   "(its rows are not renormalised)", w)
+    c.covered.append(w)
+    c.zero_rows = True
+    return w.outputs[0]
+
+
 def _fold_back(c, p, users):
     folds = [u for u in users if u.op == "Reshape" and p.rank == 4 and u.outputs[0].rank == 3]
     data_users = [u for u in users if u.op not in ("Shape", "Size")]  # TorchScript reads shapes too
@@ -408,6 +443,7 @@ PROB_STAGES = [
     ProbAlt("nan guard", _nan_guard, _guarded, "torch's SDPA decomposition: where(isnan(p), 0, p)"),
     ProbAlt("qdq", _qdq_probs, _dequantized, "QDQ models round the probabilities to int8"),
     ProbAlt("sink cut", _sink_cut, _cut, "p[..., :-1]: the sink column dropped before ·V (gpt-oss)"),
+    ProbAlt("masked after", _masked_after, _zeroed, "masked_fill(softmax(s), ~mask, 0): XSoftmax (DeBERTa, SEW-D)"),
     ProbAlt("fold back", _fold_back, _covered_step, "back to [B*H, Tq, Tk] for the bmm with V"),
     ProbAlt("product with V", _pv_product, _ends, "every exporter"),
     ProbAlt("pass-through", _pass_through, _passed, "Cast (fp16 exports), Dropout, Identity"),

@@ -102,3 +102,65 @@ def hidden_sources(v: Value, budget: int = 256) -> dict[int, Value]:
             continue
         frontier.extend(data)
     return out
+
+
+# ops a norm (LayerNorm, RMSNorm, written out or as one op) is made of: one data input,
+# the rest constants or values computed from that same input
+_NORM = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Pow", "ReduceMean", "Sqrt",
+         "Reciprocal", "Div", "Mul", "Add", "Sub", "Cast", "Identity", "Reshape", "Transpose", "Split", "Slice",
+         "Getitem", "Flatten", "Contiguous", "Squeeze", "Unsqueeze"}
+_LAYOUT = {"Reshape", "Transpose", "Flatten", "Contiguous", "Squeeze", "Unsqueeze", "Cast", "Identity"}
+
+
+def _bottleneck_input(src: Value, budget: int = 32) -> Value | None:
+    """Where `src` is a compressed view of another hidden state: computed through norm and
+    layout ops from one weighted op that narrows its input (a low-rank factor: MLA's q_a,
+    kv_a) or reduces it with a stride (spatial-reduction attention's Conv), that op's data
+    input (through layout ops); else None."""
+    frontier, seen, found = [src], set(), []
+    while frontier and budget > 0:
+        n = frontier.pop().producer
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        budget -= 1
+        if n.op in _WEIGHTED:
+            found.append(n)
+            continue
+        if n.op not in _NORM:
+            return None  # a residual Add of two hidden states, an activation, ...: not a norm of one source
+        ins = n.inputs[:1] if n.op in _LAYOUT | {"Slice", "Split", "Getitem"} else n.inputs  # not their shapes
+        frontier.extend(i for i in ins if i is not None and i.const is None and not weight_like(i))
+    if len({id(n) for n in found}) != 1 or budget <= 0:
+        return None
+    n = found[0]
+    x = next((i for i in n.inputs if i is not None and i.const is None and not weight_like(i)), None)
+    if x is None or not _narrows(n, x):
+        return None
+    while x.producer is not None and x.producer.op in _LAYOUT:
+        x = x.producer.input(0)
+    return x
+
+
+def _narrows(n: Node, x: Value) -> bool:
+    """A projection to fewer features than it reads, or a strided convolution."""
+    if n.op == "Conv":
+        return any(int(s) > 1 for s in n.attrs.get("strides", ()) or ())
+    y = n.outputs[0]
+    return bool(x.shape and y.shape and isinstance(x.shape[-1], int) and isinstance(y.shape[-1], int)
+                and y.shape[-1] < x.shape[-1])
+
+
+def root_sources(v: Value, depth: int = 2) -> dict[int, Value]:
+    """`hidden_sources`, each source that is a compressed view (a norm of a low-rank factor,
+    a strided reduction) replaced by the hidden state it compresses, up to `depth` times:
+    MLA's q_a → norm → q_b and kv_a → norm → kv_b, or SegFormer's reduced keys, read from
+    the same hidden states as their queries."""
+    out = hidden_sources(v)
+    for _ in range(depth):
+        nxt = {}
+        for key, src in out.items():
+            x = _bottleneck_input(src)
+            nxt[id(x) if x is not None else key] = x if x is not None else src
+        out = nxt
+    return out

@@ -48,6 +48,8 @@ class FormRecord:
     fill: float | None = None
     folded_terms: tuple[str, ...] = ()
     filled_terms: tuple[str, ...] = ()
+    negated_terms: tuple[str, ...] = ()
+    zero_rows: bool = False
 
     @classmethod
     def of(cls, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> "FormRecord":
@@ -57,7 +59,8 @@ class FormRecord:
         return cls(site.id, site.scope, op(site.q), op(site.k), op(site.v), tuple(_name(a) for a in site.additive),
                    _name(site.bool_mask) if site.bool_mask is not None else None, site.bool_keep, site.scale,
                    bool(site.causal), site.heads, site.kv_heads, site.head_dim, pattern, normaliser, site.softcap,
-                   site.mask_value, tuple(site.folded_terms), tuple(site.filled_terms))
+                   site.mask_value, tuple(site.folded_terms), tuple(site.filled_terms), tuple(site.negated_terms),
+                   site.zero_hidden_rows)
 
     def to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -66,7 +69,7 @@ class FormRecord:
             d[key] = {"name": o.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated, "fold": o.fold}
         d["pattern"] = self.pattern.to_json() if self.pattern else None
         d["normaliser"] = self.normaliser.to_json()
-        for key in ("additive", "folded_terms", "filled_terms"):
+        for key in ("additive", "folded_terms", "filled_terms", "negated_terms"):
             d[key] = list(d[key])
         return json.dumps(d)
 
@@ -82,7 +85,8 @@ class FormRecord:
                    d.get("bool"), bool(d.get("bool_keep", True)), d.get("scale"), bool(d.get("causal")),
                    d.get("heads"), d.get("kv_heads"), d.get("head_dim"), Pattern.from_json(d.get("pattern")),
                    Normaliser.from_json(d.get("normaliser")), d.get("softcap"), d.get("fill"),
-                   tuple(d.get("folded_terms", ())), tuple(d.get("filled_terms", ())))
+                   tuple(d.get("folded_terms", ())), tuple(d.get("filled_terms", ())),
+                   tuple(d.get("negated_terms", ())), bool(d.get("zero_rows")))
 
 
 def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str:

@@ -225,7 +225,7 @@ def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
         s = np.tanh(s / site.softcap) * site.softcap
     vis = np.ones(s.shape, bool)
     for m in site.additive:
-        a = np.asarray(_get(m, probed), dtype=np.float64)
+        a = np.asarray(_get(m, probed), dtype=np.float64) * (-1 if m.name in site.negated_terms else 1)
         if m.name in site.folded_terms and a.ndim == 3:
             a = a.reshape((-1, site.heads) + a.shape[1:])
         a = _four_d(a)

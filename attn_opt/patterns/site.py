@@ -73,6 +73,7 @@ class AttentionSite:
     quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
     folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
     filled_terms: tuple[str, ...] = ()  # additive terms added after the boolean mask's fill (fill + term may be -inf)
+    zero_hidden_rows: bool = False  # a row its mask hides completely gives zeros (masked again after the softmax)
     negated_terms: tuple[str, ...] = ()  # additive terms the scores subtract (s − 1e30·mask): a term counts as −term
     cache: Cache | None = None  # a decoder step's KV cache: K/V = Concat(past input, new), returned as present
     region: str = ""  # the graph it is in: "" the model's, else a path (patterns/regions.py)

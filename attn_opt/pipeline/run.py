@@ -92,9 +92,12 @@ class Report:
     steps: list = field(default_factory=list)  # (step, seconds) of the whole invocation
     feeds: dict | None = field(default=None, repr=False)  # the fidelity inputs the run used (not in JSON)
     ir: str = ""  # "onnx" | "fx" (not in JSON)
+    sites_found: int = 0  # attention sites in the model as given
+    near_misses: list = field(default_factory=list, repr=False)  # the softmaxes that are not sites, and why
 
     def to_json(self) -> dict:
         return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
+                "sites_found": self.sites_found, "softmaxes_not_sites": [m.to_json() for m in self.near_misses],
                 "passes": [p.to_json() for p in self.passes], "steps": self.steps}
 
 
@@ -282,6 +285,7 @@ def run(steps: Steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], o
                        else "observe the model (structure only)"):
         cur = steps.observe(model, feeds, run=check.runs)
     check_selection(cur.det.sites, opts.layers, opts.ids)
+    report.sites_found, report.near_misses = len(cur.det.sites), list(cur.det.near_misses)
     if opts.lora:
         from attn_opt.pipeline.calibrate import check_lora
 

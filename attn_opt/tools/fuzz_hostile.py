@@ -270,8 +270,10 @@ def run_case(seed: int, index: int, kinds, seeds: Seeds, root: Path) -> dict:
             problem = f"escaped main: {type(e).__name__}: {e}"[:300]
     lines = [x for x in err.getvalue().splitlines() if x.strip()]
     if problem is None:
-        if rc not in (0, 2):
+        if rc not in (0, 2, 3):
             problem = f"exit {rc}: {' | '.join(lines)[:300]}"
+        elif rc == 3 and (len(lines) != 1 or not lines[0].startswith("nothing found: ")):
+            problem = f"exit 3 without one 'nothing found' line: {lines[:3]}"
         elif rc == 2 and (len(lines) != 1 or not lines[0].startswith(("error: ", "not supported: "))):
             problem = f"exit 2 without one error line: {lines[:3]}"
         elif "Traceback" in err.getvalue() or "Traceback" in out.getvalue():

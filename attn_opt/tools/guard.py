@@ -3,6 +3,7 @@ else printed beside it, and every `finally` run on the way out.
 
     0    done
     2    a user error (a bad file, option or path; too large for memory; an OS refusal)
+    3    nothing found: a pass found no attention site (`optimize --allow-empty` writes the copy)
     1    a bug (`internal error: ...`; ATTN_OPT_DEBUG=1 shows the traceback)
     130  Ctrl-C;  128 + N: signal N (SIGTERM, SIGHUP), after staging files are removed
 """
@@ -16,7 +17,7 @@ import warnings
 
 import click
 
-from attn_opt.core.errors import UserError
+from attn_opt.core.errors import NothingFound, UserError
 
 
 def _error(msg: str) -> None:
@@ -64,6 +65,9 @@ def _one_line(run) -> int:
     except click.ClickException as e:
         _error(f"error: {e.format_message()}")
         return 2
+    except NothingFound as e:
+        _error(f"nothing found: {e}")
+        return 3
     except UserError as e:
         _error(f"error: {e}")
         return 2

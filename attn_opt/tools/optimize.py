@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from attn_opt.core.errors import UserError
+from attn_opt.core.errors import NothingFound, UserError
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -43,7 +43,8 @@ def pass_table(report) -> Table:
 def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path: str | None, inputs: str | None,
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
-             calibrate: str | None = None, lora: int = 0, max_memory: str | None = None) -> None:
+             calibrate: str | None = None, lora: int = 0, max_memory: str | None = None,
+             allow_empty: bool = False) -> None:
     """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
     from attn_opt import api
     from attn_opt import passes as registry
@@ -82,6 +83,8 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         if report_path and getattr(e, "report", None):
             _write_json(report_path, e.report.to_json())
         raise
+    if not report.sites_found and any(p.touches_sites() for p in [registry.parse(s) for s in specs]) and not allow_empty:
+        raise NothingFound(nothing_found(model, report.near_misses))
     if report.inputs.get("check"):
         console.print(f"note: {report.inputs['check']}")
     console.print(pass_table(report))
@@ -103,6 +106,16 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         write_pipeline_page(steps, report, html, report.feeds)
         console.print(f"wrote {html}")
     console.print(f"wrote {output}" + (f" (weights in {data})" if data else ""))
+
+
+def nothing_found(model: str, misses) -> str:
+    """One line: no site, and each softmax seen with the reason it is not one (`--why`)."""
+    if not misses:
+        return f"{model} has no attention site (no softmax and no attention op); nothing written (--allow-empty writes it unchanged)"
+    said = "; ".join(f"{', '.join(m.nodes[:1]) or '?'}: {m.reason}" for m in misses[:4])
+    more = f"; and {len(misses) - 4} more" if len(misses) > 4 else ""
+    return (f"{model} has no attention site; {len(misses)} softmax(es) seen, none attention ({said}{more}); "
+            "nothing written (--allow-empty writes it unchanged)")
 
 
 def _check_outputs(model: str, output: str, report: str | None, html: str | None) -> None:

@@ -131,7 +131,7 @@ def _heads_split(s: AttentionSite, mask_heads: int) -> tuple[int, int]:
 def _gather_mask(e: SiteEdit, band: _Band, s: AttentionSite, m, sinks: bool):
     """A site mask [Bm, Hm, 1 | T, T] as [Bm, hk, hg, nb|1, 1|b, Lk or n]."""
     f = band.f
-    x = e.value(m)
+    x = e.term(m) if m is not s.bool_mask else e.value(m)
     shape = s.mask_shapes[m.name]  # as run: tells a per-head / per-query mask from a broadcast one
     if len(shape) == 2:  # [Tq, Tk] (nn.MultiheadAttention)
         x = e.op("Unsqueeze", [x, e.ints(0, 1)])

@@ -99,6 +99,17 @@ class SiteEdit:
         self.model.graph.register_initializer(v)
         return v
 
+    def is_inf(self, x: ir.Value, low_precision: bool | None = None) -> ir.Value:
+        """IsInf of `x`; a float16/bfloat16 `x` (the site's dtype after `back`) is cast to
+        float32 first: IsInf takes them only from opset 20, and the cast keeps ±inf."""
+        low = self.in_fp32 if low_precision is None else low_precision
+        return self.op("IsInf", [self.op("Cast", [x], {"to": ir.DataType.FLOAT}) if low else x])
+
+    def term(self, m) -> ir.Value:
+        """An additive term of the site's scores, negated where the scores subtract it."""
+        x = self.value(m)
+        return self.op("Neg", [x]) if m.name in self.site.negated_terms else x
+
     def weight(self, suffix: str, array: np.ndarray) -> ir.Value:
         """`initializer`, reusing the site's weight of that name where it holds the same
         values (a site lowered again keeps its sink logits under one name)."""

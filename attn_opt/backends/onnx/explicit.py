@@ -59,7 +59,7 @@ def softcap(e: SiteEdit, site: AttentionSite, s: ir.Value) -> ir.Value:
 
 def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
     """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
-    x = e.value(m)
+    x = e.term(m)
     shape = site.mask_shapes.get(m.name) or m.shape
     if len(shape) == 2:
         return e.op("Unsqueeze", [x, e.ints(0, 1, 2)])
@@ -128,13 +128,13 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None
     keep none and give zeros."""
     fill = site.mask_value
     finite_fill = fill is not None and np.isfinite(fill)
-    if not site.additive and not finite_fill:
+    if site.zero_hidden_rows or (not site.additive and not finite_fill):  # zeros there, as the normalisers give
         return s, vis
-    dead = e.op("IsInf", [e.back(s)])  # back in the site's dtype: what overflows there
+    dead = e.is_inf(e.back(s))  # back in the site's dtype: what overflows there
     if keep is not None and finite_fill:
         hidden = f32(e, fill) if filled is None else e.op("Add", [f32(e, fill), filled])
         dead = e.op("Or", [e.op("And", [keep, dead]),  # (Where has no bool kernel in ONNX Runtime)
-                           e.op("And", [e.op("Not", [keep]), e.op("IsInf", [e.back(hidden)])])])
+                           e.op("And", [e.op("Not", [keep]), e.is_inf(e.back(hidden))])])
         s = e.op("Where", [keep, s, hidden])
     alive = e.op("Not", [dead])
     uniform = e.op("And", [e.op("Not", [_any(e, vis)]), _any(e, alive)])

@@ -88,10 +88,26 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
     if target != "onnx" and site.softcap:
         return "onnx", "MultiHeadAttention has no soft-cap; Attention (opset 23) has"
+    if target != "onnx" and (sizes := _head_sizes(site)) and sizes[0] != sizes[1]:
+        return "onnx", f"MultiHeadAttention needs one head size for K and V (here {sizes[0]} and {sizes[1]}: MLA)"
     if target != "auto":
         return target, "asked for"
     b, h, tq, tk, d = site.run_shape or (1, site.heads, 128, 128, site.head_dim)
     return ort.fastest_fused(b, h, site.kv_heads, max(tq, tk), d)
+
+
+def _head_sizes(site: AttentionSite) -> tuple[int, int] | None:
+    """(K's head size, V's) from static shapes, where both are known."""
+    out = []
+    for op in (site.k, site.v):
+        shape = op.value.shape
+        if shape is None or op.packed or len(shape) < 3:
+            return None
+        d = shape[op.perm[-1]] if op.perm else shape[-1]
+        if not isinstance(d, int):
+            return None
+        out.append(d)
+    return out[0], out[1]
 
 
 def _choose_step(site: AttentionSite, target: str) -> tuple[str, str]:
@@ -116,7 +132,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     q, k, v = e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v)
     mask, is_bool = attention_mask(e, s, q)
     if choice == "ort" and not s.gqa:
-        e.commit(ort.multi_head_attention(e, s, q, k, v, mask, is_bool))
+        e.commit(_zero_hidden_rows(e, s, ort.multi_head_attention(e, s, q, k, v, mask, is_bool)))
         return f"MultiHeadAttention (com.microsoft): {why}"
     e.ensure_opset("", 23)
     attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
@@ -134,7 +150,7 @@ def emit_fused(e: SiteEdit, target: str) -> str:
         e.replace_output(s.cache.present_key, present_k)
         e.replace_output(s.cache.present_value, present_v)
         return f"Attention (opset 23) with past_key/past_value in and present_key/present_value out: {why}"
-    e.commit(e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs))
+    e.commit(_zero_hidden_rows(e, s, e.op("Attention", [q, k, v] + ([mask] if mask is not None else []), attrs)))
     if choice == "ort":
         why = "MultiHeadAttention has no grouped-query form"
     return f"Attention (opset 23): {why}"
@@ -152,6 +168,21 @@ def _emit_gqa(e: SiteEdit, s: AttentionSite, q, mask, cached, why: str) -> str:
         + (["the sink logit as head_sink"] if s.normaliser.kind == "logit" else [])
     return (f"GroupQueryAttention (com.microsoft) with past_key/past_value in and present_key/present_value out, "
             f"{', '.join(how)}: {why}")
+
+
+def _zero_hidden_rows(e: SiteEdit, s: AttentionSite, y):
+    """y [B, H, Tq, dv] with zeros on the rows the boolean mask hides completely, where the
+    site masks its probabilities again after the softmax (the fused ops give them uniform
+    weights, or zeros, depending on the fill)."""
+    if not s.zero_hidden_rows:
+        return y
+    keep = s.bool_mask.native
+    if keep.dtype != ir.DataType.BOOL:
+        keep = e.op("Cast", [keep], {"to": ir.DataType.BOOL})
+    if not s.bool_keep:
+        keep = e.op("Not", [keep])
+    seen = e.op("ReduceMax", [e.op("Cast", [keep], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
+    return e.op("Where", [e.op("Greater", [seen, e.const(np.float32(0))]), y, e.op("Sub", [y, y])])
 
 
 def _with_cache(e: SiteEdit, s: AttentionSite):
@@ -195,7 +226,7 @@ def attention_mask(e: SiteEdit, s: AttentionSite, q: ir.Value) -> tuple[ir.Value
         return None, False
     add = None
     for term in s.additive:
-        t = e.value(term)
+        t = e.term(term)
         add = t if add is None else e.op("Add", [add, t])
     cond = None
     if s.bool_mask is not None:
@@ -229,8 +260,9 @@ def _hidden_by_fill(e: SiteEdit, s: AttentionSite, low, dt: str):
     after = None
     for term in s.additive:
         if term.name in s.filled_terms:
-            after = e.value(term) if after is None else e.op("Add", [after, e.value(term)])
-    dead = e.op("IsInf", [e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after])])
+            after = e.term(term) if after is None else e.op("Add", [after, e.term(term)])
+    dead = e.is_inf(e.op("Add", [e.const(np.asarray(s.mask_value, dtype=_np_dtype(dt))), after]),
+                    dt in ("float16", "bfloat16"))
     return e.op("Where", [dead, e.const(np.asarray(-np.inf, dtype=_np_dtype(dt))), low])
 
 

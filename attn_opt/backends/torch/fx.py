@@ -46,8 +46,14 @@ def _bhsd(op: Operand, graph: fx.Graph):
 
 def _term(site: AttentionSite, t, graph: fx.Graph):
     """An additive term; one added to 3-D heads-in-batch scores viewed as [B, H, ·, ·]."""
-    x = _node(t, graph)
+    x = _signed(site, t, graph)
     return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
+
+
+def _signed(site: AttentionSite, t, graph: fx.Graph):
+    """A term's node, negated where the scores subtract it (s − 1e30·mask)."""
+    x = _node(t, graph)
+    return graph.call_function(operator.neg, (x,)) if t.name in site.negated_terms else x
 
 
 def _filled(site: AttentionSite) -> tuple[int, ...]:
@@ -309,7 +315,7 @@ def emit_collapse(gm: fx.GraphModule, site: AttentionSite, c: Collapse) -> None:
                   "o_bias": _node(o.bias, g) if vo and o.bias is not None else None, "fill": site.mask_value,
                   "softcap": site.softcap, "filled": _filled(site)}
         new = g.call_function(collapsed, (xq, xk, g.get_attr(pq) if pq else None, None if vo else _bhsd(site.v, g),
-                                          [_node(t, g) for t in site.additive],
+                                          [_signed(site, t, g) for t in site.additive],
                                           _node(site.bool_mask, g) if site.bool_mask is not None else None), kwargs)
     target.replace_all_uses_with(new)
     g.eliminate_dead_code()  # the output projection and P·V first, so the site's own nodes lose their users
@@ -363,6 +369,8 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
     if form.latent is not None and form.latent.cache:
         return ("latent on a torch.fx decoder step: the cache is a DynamicCache the graph fills from its inputs; "
                 "the latent cache is not implemented on torch.fx yet (the ONNX step has it)")
+    if site.zero_hidden_rows:
+        return "rows its mask hides completely are zeroed after the softmax: not lowered on torch.fx yet (ONNX is)"
     if not form.fused:
         return None
     if form.pattern is not None:

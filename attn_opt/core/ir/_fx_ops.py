@@ -32,6 +32,7 @@ SPELLINGS: dict[str, list[Any]] = {
     "Mul": _t(operator.mul, torch.mul, "mul", "mul_") + _aten("mul", "Tensor", "Scalar"),
     "Div": _t(operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide")
     + _aten("div", "Tensor", "Scalar"),
+    "Sub": _t(operator.sub, torch.sub, "sub") + _aten("sub", "Tensor", "Scalar"),
     "Add": _t(operator.add, torch.add, "add", "add_", operator.iadd) + _aten("add", "Tensor", "Scalar"),
     "Where": _t(torch.where) + _aten("where", "self", "ScalarOther", "ScalarSelf", "Scalar"),
     "MaskedFill": _t("masked_fill", "masked_fill_", torch.masked_fill) + _aten("masked_fill", "Scalar", "Tensor"),

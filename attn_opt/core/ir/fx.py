@@ -104,7 +104,7 @@ def _normalise(op: str, n: fx.Node, modules) -> tuple[str, list, dict]:
     a = n.args
     if op == "Softmax":
         return op, [a[0]], {"axis": _arg(n, 1, "dim", -1)}
-    if op in ("Mul", "Div", "Add", "MatMul"):
+    if op in ("Mul", "Div", "Add", "Sub", "MatMul"):
         if op == "Div" and n.kwargs.get("rounding_mode"):
             return "DivRounded", [a[0], a[1]], {}
         return op, [a[0], _arg(n, 1, "other")], {}

@@ -245,3 +245,74 @@ def test_fx_agrees_with_onnx_on_zoo_models(zoo_onnx, name):
     got_onnx = onnx_adapter.run(new, feed)
     first = next(iter(got_onnx.values()))
     np.testing.assert_allclose(got_fx, first, rtol=1e-4, atol=1e-4)
+
+
+PYRAMID = [  # (spec, model kwargs): bidirectional, per-key masks
+    ("sparse:pyramid=1,topk=1,block=8", dict()),
+    ("sparse:pyramid=2,topk=1,block=4,sinks=1", dict(mask="bool")),
+    ("sparse:pyramid=1,topk=1,block=8,window=1", dict(kvh=2, mask=None)),
+    ("sparse:pyramid=1,topk=1,block=4", dict(t=23)),
+]
+
+
+def _pyramid_want(f, pattern):
+    m = f.get("mask")
+    term = m if m is not None and m.dtype != bool else None
+    keep = m if m is not None and m.dtype == bool else None
+    return R.pyramid_attention(pattern, f["q"], f["k"], f["v"], f["q"].shape[-1] ** -0.5, term, keep), term, keep
+
+
+@pytest.mark.parametrize("spec,kw", PYRAMID, ids=[c[0] + str(c[1]) for c in PYRAMID])
+def test_pyramid_onnx_and_torch_match_the_reference(spec, kw):
+    f = feeds(mask=kw.get("mask", "padding"), **{k: kw[k] for k in ("t", "kvh") if k in kw})
+    pattern = _pattern(spec, False)
+    want, term, keep = _pyramid_want(f, pattern)
+    assert np.abs(want - reference(f)).max() > 1e-2  # pooled and dropped blocks change the output
+    new, rewritten, skipped, _ = apply_pass(attention_model(**kw), passes.parse(spec))
+    assert rewritten == ["a0"], skipped
+    np.testing.assert_allclose(onnx_adapter.run(new, f)["o"], want, rtol=1e-5, atol=1e-5)
+    got = forms.attention(*(torch.from_numpy(f[x]) for x in "qkv"), [torch.from_numpy(term)] if term is not None else [],
+                          torch.from_numpy(keep) if keep is not None else None, scale=f["q"].shape[-1] ** -0.5,
+                          pattern=pattern, use_triton=False)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pooled_key_stands_for_the_keys_it_replaces():
+    """Keys and values equal in pairs: a level-1 pooled key (+ log 2) carries exactly the
+    weight of its two keys, so a pyramid keeping every block at level 0 or 1 is exact,
+    also where the mask hides one key of a pair (n = 1 there)."""
+    f = feeds(t=32, mask="bool", pad=5)
+    for x in "kv":
+        f[x][:, :, 1::2] = f[x][:, :, 0::2]
+    spec = "sparse:pyramid=1,topk=2,block=8"  # 4 blocks: 2 full, 2 pooled
+    pattern = _pattern(spec, False)
+    assert pattern.level_counts(4) == [2, 2]
+    assert (R.block_levels(pattern, f["q"], f["k"], 8 ** -0.5) == 1).any()
+    new, *_ = apply_pass(attention_model(t=32, mask="bool"), passes.parse(spec))
+    np.testing.assert_allclose(onnx_adapter.run(new, f)["o"], reference(f), rtol=1e-5, atol=1e-5)
+
+
+def test_pyramid_refusals():
+    _, rewritten, skipped, _ = apply_pass(attention_model(causal=True), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    assert not rewritten and "causal site is not implemented yet" in skipped[0].reason
+    _, rewritten, skipped, _ = apply_pass(attention_model(mask="full"), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    assert not rewritten and "per-key (padding) masks only" in skipped[0].reason
+    new, *_ = apply_pass(attention_model(), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    _, rewritten, skipped, _ = apply_pass(new, passes.parse("softplus"))
+    assert not rewritten and "softmax only" in skipped[0].reason
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("sparse:pyramid=0", "pyramid must be >= 1"),
+    ("sparse:pyramid=2,block=6", "block must be a multiple"),
+    ("sparse:pyramid=1,budget=1.5", r"budget must be in \(0, 1\]"),
+    ("sparse:window=8,budget=0.5", "budget needs pyramid"),
+])
+def test_pyramid_bad_values(spec, msg):
+    with pytest.raises(UserError, match=msg):
+        passes.parse(spec)
+
+
+def test_pyramid_budget_sets_topk_at_the_site_length():
+    _, rewritten, _, notes = apply_pass(attention_model(t=64, mask=None), passes.parse("sparse:pyramid=1,budget=0.5,block=8"))
+    assert rewritten == ["a0"] and "budget 0.5 at 64 keys: topk=2" in notes[0]

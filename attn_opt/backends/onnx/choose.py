@@ -66,7 +66,7 @@ def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value 
 def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
                   scale: float) -> tuple[ir.Value, ir.Value]:
     """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
-    block keeps; q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
+    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
     b = pattern.block
     qm = block_means(e, q, b, heads, d)  # [B, H, nbq, D]
     qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
@@ -83,6 +83,8 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
         rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])
     if pattern.causal:
         rank = e.op("Where", [e.op("Greater", [c, a]), e.const(np.float32(-np.inf)), rank])
-    kept = e.op("Min", [e.op("Unsqueeze", [nbk, e.ints(0)]), e.ints(pattern.selection.topk + pattern.forced_count())])
+    sel = pattern.selection
+    ranked = sel.topk + pattern.forced_count() + sum(sel.topk * 2 ** lv for lv in range(1, sel.pyramid + 1))
+    kept = e.op("Min", [e.op("Unsqueeze", [nbk, e.ints(0)]), e.ints(ranked)])
     idx = e.op("TopK", [rank, kept], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)[1]
     return idx, kept

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from attn_opt.backends.torch import forms
-from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.form import Collapse, Form, Gate, Normaliser, Pattern, banded_pays, selection_reason
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
@@ -328,9 +328,10 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
-    """What scaled_dot_product_attention cannot keep of a site's own form."""
+    """What scaled_dot_product_attention cannot keep of a site's own form; a content
+    pattern's limits (patterns/form.py: selection_reason)."""
     if not form.fused:
-        return None
+        return selection_reason(site, form)
     if form.pattern is not None:
         return f"its pattern ({form.pattern.describe()}) would be lost: a fused op keeps every pair"
     if not form.normaliser.is_softmax:

@@ -42,7 +42,8 @@ CAPABILITIES = Capabilities(
               "gate": "a gate is an epilogue the FX lowering adds outside the kernel",
               "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
               "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel",
-              "topk": "the kernel does not take per-query-block key-block indices yet (block-sparse FlashAttention)"},
+              "topk": "the kernel does not take per-query-block key-block indices yet (block-sparse FlashAttention)",
+              "pyramid": "the kernel has no pooled key levels"},
     limits=_kernel_limits)
 
 

@@ -1,5 +1,6 @@
 """Content-based sparse attention on real pretrained weights: the fidelity-vs-attention-FLOPs
-curve of sparse:topk (HiP-style block top-k, patterns/form.py: Selection) next to the
+curve of sparse:topk (HiP-style block top-k) and sparse:pyramid (PSA pooled levels)
+(patterns/form.py: Selection) next to the
 fixed patterns (window, window + sinks) on all-MiniLM-L6-v2 (the packaged weights and
 the installed-documentation sentences of benchmarks/real_weights.py; nothing is fetched).
 
@@ -48,6 +49,8 @@ def content_specs(length: int) -> dict[str, list[str]]:
         out[f"topk, block {block}, sink"] = [f"sparse:topk={k},block={block},sinks=1" for k in ks]
         out[f"topk, block {block}, sink + own block"] = [f"sparse:topk={k},block={block},sinks=1,window=1"
                                                           for k in ks if k > 1]
+        out[f"pyramid 1, block {block}, sink"] = [f"sparse:pyramid=1,topk={k},block={block},sinks=1"
+                                                  for k in sorted({max(1, k // 2) for k in ks})]
     return out
 
 
@@ -112,8 +115,8 @@ def report(rows, shapes) -> None:
     for label in shapes:
         mine = [r for r in rows if r["inputs"] == label]
         for budget in (0.25, 0.5):
-            fixed = best_at(mine, lambda f: not f.startswith("topk"), budget)
-            content = best_at(mine, lambda f: f.startswith("topk"), budget)
+            fixed = best_at(mine, lambda f: f.startswith("window"), budget)
+            content = best_at(mine, lambda f: not f.startswith("window"), budget)
             verdict.append(f"- {label}, ≤ {budget}× dense attention FLOPs: best fixed "
                            + (f"{fixed['form']} {fixed['spearman']:.4f}" if fixed else "none")
                            + "; best content " + (f"{content['form']} {content['spearman']:.4f}" if content else "none"))
@@ -139,8 +142,8 @@ def plot(rows, shapes) -> None:
         for family in dict.fromkeys(r["family"] for r in mine):
             pts = sorted((r["attention_flops"] / r["dense_attention_flops"], r["spearman"]) for r in mine
                          if r["family"] == family)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if family.startswith("topk") else "s",
-                    linestyle="-" if family.startswith("topk") else "--", label=family)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if family.startswith("window") else "o",
+                    linestyle="--" if family.startswith("window") else "-", label=family)
         ax.axvline(0.5, color="grey", linewidth=0.8)
         ax.axhline(0.97, color="grey", linewidth=0.8, linestyle=":")
         n, t, _ = shapes[label]

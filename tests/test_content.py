@@ -113,11 +113,14 @@ def test_attention_flops_hand_count():
     b, h, t, d, blk, topk = 2, 4, 64, 8, 8, 2
     model = attention_model(b=b, h=h, t=t, d=d, mask=None)
     f = feeds(b=b, h=h, t=t, d=d, mask=None)
-    new, *_ = apply_pass(model, passes.parse(f"sparse:topk={topk},block={blk}"))
+    new, _, _, notes = apply_pass(model, passes.parse(f"sparse:topk={topk},block={blk}"))
     nb = t // blk
     gathered = 2 * b * h * nb * blk * (topk * blk) * (d + d)
     selection = 2 * b * h * nb * nb * d
-    assert onnx_flops.count(new, f).attention_matmul == gathered + selection
+    counted = onnx_flops.count(new, f)
+    assert counted.attention_matmul == gathered + selection
+    assert counted.selection_matmul == selection  # tagged apart, and said in the report
+    assert any(f"{selection:.3g} of the {gathered + selection:.3g} attention FLOPs choose" in n for n in notes)
     assert onnx_flops.count(model, f).matmul == 2 * b * h * t * t * (d + d)
     assert gathered + selection < 0.3 * 2 * b * h * t * t * (d + d)
 

@@ -140,16 +140,16 @@ ALL = "sparse:topk=64,block=2"  # every block of the variants' 7 (and 5) tokens
 @pytest.mark.parametrize("v", [v for v in VARIANTS if v.sites], ids=lambda v: v.name)
 def test_all_blocks_is_exact_on_the_variant_table(variant_onnx, v):
     """K = all blocks keeps every pair: exact against the original on ONNX and torch.fx,
-    on every variant (padded rows, GQA, cross, causal, bidirectional)."""
+    on every variant (padded rows, GQA, cross, causal, bidirectional) and every input set
+    the pipeline checks (rows hidden completely included)."""
     import onnx
 
     proto = onnx.load(str(variant_onnx(v.name, "dynamo")))
     x = v.inputs()
-    feed = {i.name: a.numpy() for i, a in zip(proto.graph.input, x)}
-    _, rep = attn_opt.optimize(proto, [passes.parse(ALL)], feeds=feed)
+    _, rep = attn_opt.optimize(proto, [passes.parse(ALL)])  # generated inputs, and the pipeline's variant sets
     p = rep.passes[0]
     assert p.sites_rewritten == ["a0"], p.sites_skipped
-    assert p.step_fidelity["max_rel_error"] <= 1e-5
+    assert (p.step_fidelity_all or p.step_fidelity)["max_rel_error"] <= 1e-5  # every input set it checks
     gm, rep = attn_opt.optimize(v.make().eval(), [ALL], example_inputs=x)
     p = rep.passes[0]
     if p.sites_skipped:  # only where every pattern form is refused on FX too (e.g. a mask of unknown shape)
@@ -157,7 +157,7 @@ def test_all_blocks_is_exact_on_the_variant_table(variant_onnx, v):
         assert [s.reason for s in p.sites_skipped] == [s.reason for s in window.passes[0].sites_skipped]
         return
     assert p.sites_rewritten == ["a0"]
-    assert p.step_fidelity["max_rel_error"] <= 1e-5
+    assert (p.step_fidelity_all or p.step_fidelity)["max_rel_error"] <= 1e-5
 
 
 def test_cross_attention_drops_blocks_and_matches_the_reference(variant_onnx):
@@ -218,13 +218,18 @@ def test_all_blocks_is_exact_on_every_zoo_model(zoo_onnx, name):
     from attn_opt.tools import zoo
 
     proto = onnx.load(str(zoo_onnx(name, "dynamo")))
-    _, report = attn_opt.optimize(proto, [passes.parse("sparse:topk=512,block=4")], feeds=_zoo_feeds(proto, pad=True),
-                                  force=True)
+    feeds = _zoo_feeds(proto, pad=True)
+    _, report = attn_opt.optimize(proto, [passes.parse("sparse:topk=512,block=4")], feeds=feeds, force=True)
     p = report.passes[0]
     assert len(p.sites_rewritten) + len(p.sites_skipped) == zoo.MODELS[name].expected.sites
     assert all(s.reason for s in p.sites_skipped)
-    if p.sites_rewritten:
-        assert p.step_fidelity["max_rel_error"] <= 1e-4, p.step_fidelity
+    if not p.sites_rewritten:
+        return
+    assert p.step_fidelity["max_rel_error"] <= 1e-4, p.step_fidelity
+    fid = p.step_fidelity_all or p.step_fidelity  # every input set the pipeline checks
+    if fid["max_rel_error"] > 1e-4:  # only where a window keeping every key errs the same (gpt2's where-then-add rows)
+        _, window = attn_opt.optimize(proto, [passes.parse("sparse:window=100000")], feeds=feeds, force=True)
+        assert fid["max_rel_error"] <= 1.01 * (window.passes[0].step_fidelity_all or {})["max_rel_error"], fid
 
 
 @pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])

@@ -4,7 +4,9 @@ Keys and values are cut into blocks of b and each query block gathers only its C
 blocks (GatherND over [B, Hkv] batches), so Q·Kᵀ is [.., nbq, b, C·b] and P·V reads C·b
 keys per query: attention FLOPs are T·C·b, not T². Which gathered pairs are visible is
 decided in the graph from absolute positions (the sequence's end, causality, the site's
-masks gathered at the same key positions); a row with no visible key gives zeros.
+masks gathered at the same key positions); a row its masks hide completely is treated as
+the original treats it (explicit.py: uniform over the gathered keys whose score is finite,
+zeros where none is), so keeping every block is exact on every input set.
 
 A pyramid (PSA) adds, per pooled level l, the next-ranked blocks' keys and values
 mean-pooled in groups of 2^l over their visible keys (per-key masks), each pooled logit
@@ -21,7 +23,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx.choose import blocks_of, choose_blocks, length, pad_blocks
 from attn_opt.backends.onnx.edit import SiteEdit
-from attn_opt.backends.onnx.explicit import softcap
+from attn_opt.backends.onnx.explicit import _hidden_rows_as_original, softcap
 from attn_opt.backends.onnx.visible import i64
 from attn_opt.patterns.form import Pattern
 from attn_opt.patterns.site import MASKED, AttentionSite
@@ -57,6 +59,45 @@ def _gather_mask(e: SiteEdit, s: AttentionSite, m, q, kclip6, nbq1, block: int) 
                                                {"axis": 0})])
     got = e.op("GatherElements", [x5, idx], {"axis": 4})
     return e.op("Reshape", [got, e.op("Concat", [e.ints(0, 0, 0), nbq1, e.ints(1, -1)], {"axis": 0})])
+
+
+def _hidden_rows(e: SiteEdit, s: AttentionSite, q, nbq1, block: int) -> ir.Value | None:
+    """[B|1, Hkv|1, hg, nbq|1, b|1, 1] bool: the rows the site's masks hide over every key
+    (None: no mask)."""
+    masks = [(m, None) for m in s.additive] + ([(s.bool_mask, True)] if s.bool_mask is not None else [])
+    if not masks:
+        return None
+    sees, heads, per_query = None, 1, False
+    for m, is_bool in masks:
+        x = e.value(m)
+        shape = tuple(s.mask_shapes[m.name])
+        if len(shape) == 2:
+            x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
+        if is_bool:
+            x = e.op("Cast", [x], {"to": ir.DataType.BOOL}) if m.dtype != "bool" else x
+            ok = x if s.bool_keep else e.op("Not", [x])
+        else:
+            ok = e.op("Greater", [x, e.const(np.float32(MASKED))])
+        sees = ok if sees is None else e.op("And", [sees, ok])
+        heads = max(heads, shape[1])
+        per_query = per_query or shape[2] != 1 or s.run_shape is None or s.run_shape[2] == 1
+    any_key = e.op("ReduceMax", [e.op("Cast", [sees], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
+    hidden = e.op("Equal", [any_key, e.const(np.float32(0))])  # [Bm, Hm, Tqm, 1]
+    hkv, g = s.kv_heads, s.heads // s.kv_heads
+    if heads == s.heads and s.heads > 1:
+        hidden = e.op("Reshape", [hidden, e.op("Concat", [e.shape_dim(hidden, 0), e.ints(hkv, g),
+                                                          e.op("Shape", [hidden], {"start": 2})], {"axis": 0})])
+    else:
+        hidden = e.op("Unsqueeze", [hidden, e.ints(2)])
+    if not per_query:
+        return e.op("Unsqueeze", [hidden, e.ints(4)])  # [Bm, ., ., 1, 1, 1]
+    tq = length(e, q)
+    amount = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [e.op("Squeeze", [nbq1, e.ints(0)]), i64(e, block)]), tq]),
+                                e.ints(0)])
+    hidden = e.op("Pad", [e.op("Cast", [hidden], {"to": ir.DataType.FLOAT}),
+                          e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0, 0), amount, e.ints(0)], {"axis": 0})])
+    hidden = e.op("Reshape", [hidden, e.op("Concat", [e.ints(0, 0, 0), nbq1, e.ints(block, 1)], {"axis": 0})])
+    return e.op("Greater", [hidden, e.const(np.float32(0))])
 
 
 def _key_weights(e: SiteEdit, s: AttentionSite, tk, tp) -> tuple[ir.Value, ir.Value]:
@@ -151,15 +192,25 @@ def emit_gathered(e: SiteEdit, s: AttentionSite, pattern: Pattern, normalise, qk
                                                i64(e, 1)]), e.ints(-1, b, 1)])  # [nbq, b, 1]
         vis = e.op("And", [vis, e.op("LessOrEqual", [kpos6, qpos])])
     kclip6 = e.op("Min", [kpos6, e.op("Sub", [tk, i64(e, 1)])])
+    inside, keep, filled = vis, None, None  # gathered keys in the sequence (and causally allowed)
     for m in s.additive:
         mb = _gather_mask(e, s, m, q, kclip6, nbq1, b)
         scores = e.op("Add", [scores, mb])
+        if m.name in s.filled_terms:  # added after the boolean mask's fill
+            filled = mb if filled is None else e.op("Add", [filled, mb])
         vis = e.op("And", [vis, e.op("Greater", [mb, e.const(np.float32(MASKED))])])
     if s.bool_mask is not None:
         mb = _gather_mask(e, s, s.bool_mask, q, kclip6, nbq1, b)
         if s.bool_mask.dtype != "bool":
             mb = e.op("Cast", [mb], {"to": ir.DataType.BOOL})
-        vis = e.op("And", [vis, mb if s.bool_keep else e.op("Not", [mb])])
+        keep = mb if s.bool_keep else e.op("Not", [mb])
+        vis = e.op("And", [vis, keep])
+    hidden = _hidden_rows(e, s, q, nbq1, b)
+    if hidden is not None:  # a row its masks hide completely (over every key): as the original, over the gathered keys
+        scores = e.op("Where", [inside, scores, e.const(np.float32(-np.inf))])
+        vis = e.op("Expand", [vis, e.op("Shape", [scores])])
+        scores, fallback = _hidden_rows_as_original(e, s, scores, vis, keep, filled)
+        vis = e.op("Or", [e.op("And", [hidden, fallback]), e.op("And", [e.op("Not", [hidden]), vis])])  # no bool Where in ORT
     parts = [(scores, vis, vg)]
     if pattern.selection.pyramid:  # the next ranks, pooled (per-key masks only: the pass checks)
         w, t = _key_weights(e, s, tk, e.op("Mul", [nbk, i64(e, b)]))

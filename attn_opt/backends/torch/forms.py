@@ -456,7 +456,7 @@ def choose_blocks(f: Pattern, q, k, scale: float):
 def _gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
     """A content pattern: only the chosen key blocks gathered and attended (as
     backends/onnx/gathered.py)."""
-    bias, keep, _ = masks
+    bias, keep, after = masks
     bsz, h, tq, d = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], form.block
     nbk = -(-tk // blk)
@@ -488,12 +488,27 @@ def _gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap,
         flat = kclip.reshape(bsz, hkv, 1, 1, -1)
         return torch.gather(x5, 4, flat.expand(*x5.shape[:4], flat.shape[-1])).reshape(bsz, hkv, x5.shape[2], nbq, 1, -1)
 
+    inside, kept = vis, None  # gathered keys in the sequence (and causally allowed)
     if bias is not None:
         mb = gather_mask(bias)
         s, vis = s + mb, vis & (mb > MASKED)
     if keep is not None:
-        vis = vis & gather_mask(keep)
-    parts = [(s, vis.expand(s.shape), vg)]
+        kept = gather_mask(keep)
+        vis = vis & kept
+    vis = vis.expand(s.shape)
+    if bias is not None or keep is not None:  # a row its masks hide completely (over every key): as the original
+        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
+        sees = sees & _four(keep) if keep is not None else sees
+        hidden = _heads5(~sees.any(-1, keepdim=True), h, hkv)  # [Bm, hk, hg, Tqm, 1]
+        if hidden.shape[3] != 1:
+            hidden = F.pad(hidden, (0, 0, 0, nbq * blk - hidden.shape[3])).reshape(*hidden.shape[:3], nbq, blk, 1)
+        else:
+            hidden = hidden.unsqueeze(4)
+        s, fallback = as_original(torch.where(inside, s, -torch.inf), vis, bias is not None, kept, fill,
+                                  None if after is None else gather_mask(after))
+        vis = torch.where(hidden, fallback, vis)
+    parts = [(s, vis, vg)]
     if form.selection.pyramid:
         parts += _pooled_levels(form, q6, k, v, bias, keep, ranked, nbk)
     s, vis, vals = (torch.cat(x, dim) for x, dim in zip(zip(*parts), (-1, -1, 4)))

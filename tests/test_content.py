@@ -113,11 +113,14 @@ def test_attention_flops_hand_count():
     b, h, t, d, blk, topk = 2, 4, 64, 8, 8, 2
     model = attention_model(b=b, h=h, t=t, d=d, mask=None)
     f = feeds(b=b, h=h, t=t, d=d, mask=None)
-    new, *_ = apply_pass(model, passes.parse(f"sparse:topk={topk},block={blk}"))
+    new, _, _, notes = apply_pass(model, passes.parse(f"sparse:topk={topk},block={blk}"))
     nb = t // blk
     gathered = 2 * b * h * nb * blk * (topk * blk) * (d + d)
     selection = 2 * b * h * nb * nb * d
-    assert onnx_flops.count(new, f).attention_matmul == gathered + selection
+    counted = onnx_flops.count(new, f)
+    assert counted.attention_matmul == gathered + selection
+    assert counted.selection_matmul == selection  # tagged apart, and said in the report
+    assert any(f"{selection:.3g} of the {gathered + selection:.3g} attention FLOPs choose" in n for n in notes)
     assert onnx_flops.count(model, f).matmul == 2 * b * h * t * t * (d + d)
     assert gathered + selection < 0.3 * 2 * b * h * t * t * (d + d)
 
@@ -137,16 +140,16 @@ ALL = "sparse:topk=64,block=2"  # every block of the variants' 7 (and 5) tokens
 @pytest.mark.parametrize("v", [v for v in VARIANTS if v.sites], ids=lambda v: v.name)
 def test_all_blocks_is_exact_on_the_variant_table(variant_onnx, v):
     """K = all blocks keeps every pair: exact against the original on ONNX and torch.fx,
-    on every variant (padded rows, GQA, cross, causal, bidirectional)."""
+    on every variant (padded rows, GQA, cross, causal, bidirectional) and every input set
+    the pipeline checks (rows hidden completely included)."""
     import onnx
 
     proto = onnx.load(str(variant_onnx(v.name, "dynamo")))
     x = v.inputs()
-    feed = {i.name: a.numpy() for i, a in zip(proto.graph.input, x)}
-    _, rep = attn_opt.optimize(proto, [passes.parse(ALL)], feeds=feed)
+    _, rep = attn_opt.optimize(proto, [passes.parse(ALL)])  # generated inputs, and the pipeline's variant sets
     p = rep.passes[0]
     assert p.sites_rewritten == ["a0"], p.sites_skipped
-    assert p.step_fidelity["max_rel_error"] <= 1e-5
+    assert (p.step_fidelity_all or p.step_fidelity)["max_rel_error"] <= 1e-5  # every input set it checks
     gm, rep = attn_opt.optimize(v.make().eval(), [ALL], example_inputs=x)
     p = rep.passes[0]
     if p.sites_skipped:  # only where every pattern form is refused on FX too (e.g. a mask of unknown shape)
@@ -154,7 +157,7 @@ def test_all_blocks_is_exact_on_the_variant_table(variant_onnx, v):
         assert [s.reason for s in p.sites_skipped] == [s.reason for s in window.passes[0].sites_skipped]
         return
     assert p.sites_rewritten == ["a0"]
-    assert p.step_fidelity["max_rel_error"] <= 1e-5
+    assert (p.step_fidelity_all or p.step_fidelity)["max_rel_error"] <= 1e-5
 
 
 def test_cross_attention_drops_blocks_and_matches_the_reference(variant_onnx):
@@ -215,13 +218,18 @@ def test_all_blocks_is_exact_on_every_zoo_model(zoo_onnx, name):
     from attn_opt.tools import zoo
 
     proto = onnx.load(str(zoo_onnx(name, "dynamo")))
-    _, report = attn_opt.optimize(proto, [passes.parse("sparse:topk=512,block=4")], feeds=_zoo_feeds(proto, pad=True),
-                                  force=True)
+    feeds = _zoo_feeds(proto, pad=True)
+    _, report = attn_opt.optimize(proto, [passes.parse("sparse:topk=512,block=4")], feeds=feeds, force=True)
     p = report.passes[0]
     assert len(p.sites_rewritten) + len(p.sites_skipped) == zoo.MODELS[name].expected.sites
     assert all(s.reason for s in p.sites_skipped)
-    if p.sites_rewritten:
-        assert p.step_fidelity["max_rel_error"] <= 1e-4, p.step_fidelity
+    if not p.sites_rewritten:
+        return
+    assert p.step_fidelity["max_rel_error"] <= 1e-4, p.step_fidelity
+    fid = p.step_fidelity_all or p.step_fidelity  # every input set the pipeline checks
+    if fid["max_rel_error"] > 1e-4:  # only where a window keeping every key errs the same (gpt2's where-then-add rows)
+        _, window = attn_opt.optimize(proto, [passes.parse("sparse:window=100000")], feeds=feeds, force=True)
+        assert fid["max_rel_error"] <= 1.01 * (window.passes[0].step_fidelity_all or {})["max_rel_error"], fid
 
 
 @pytest.mark.parametrize("name", ["bert-eager", "llama-eager"])
@@ -245,3 +253,74 @@ def test_fx_agrees_with_onnx_on_zoo_models(zoo_onnx, name):
     got_onnx = onnx_adapter.run(new, feed)
     first = next(iter(got_onnx.values()))
     np.testing.assert_allclose(got_fx, first, rtol=1e-4, atol=1e-4)
+
+
+PYRAMID = [  # (spec, model kwargs): bidirectional, per-key masks
+    ("sparse:pyramid=1,topk=1,block=8", dict()),
+    ("sparse:pyramid=2,topk=1,block=4,sinks=1", dict(mask="bool")),
+    ("sparse:pyramid=1,topk=1,block=8,window=1", dict(kvh=2, mask=None)),
+    ("sparse:pyramid=1,topk=1,block=4", dict(t=23)),
+]
+
+
+def _pyramid_want(f, pattern):
+    m = f.get("mask")
+    term = m if m is not None and m.dtype != bool else None
+    keep = m if m is not None and m.dtype == bool else None
+    return R.pyramid_attention(pattern, f["q"], f["k"], f["v"], f["q"].shape[-1] ** -0.5, term, keep), term, keep
+
+
+@pytest.mark.parametrize("spec,kw", PYRAMID, ids=[c[0] + str(c[1]) for c in PYRAMID])
+def test_pyramid_onnx_and_torch_match_the_reference(spec, kw):
+    f = feeds(mask=kw.get("mask", "padding"), **{k: kw[k] for k in ("t", "kvh") if k in kw})
+    pattern = _pattern(spec, False)
+    want, term, keep = _pyramid_want(f, pattern)
+    assert np.abs(want - reference(f)).max() > 1e-2  # pooled and dropped blocks change the output
+    new, rewritten, skipped, _ = apply_pass(attention_model(**kw), passes.parse(spec))
+    assert rewritten == ["a0"], skipped
+    np.testing.assert_allclose(onnx_adapter.run(new, f)["o"], want, rtol=1e-5, atol=1e-5)
+    got = forms.attention(*(torch.from_numpy(f[x]) for x in "qkv"), [torch.from_numpy(term)] if term is not None else [],
+                          torch.from_numpy(keep) if keep is not None else None, scale=f["q"].shape[-1] ** -0.5,
+                          pattern=pattern, use_triton=False)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pooled_key_stands_for_the_keys_it_replaces():
+    """Keys and values equal in pairs: a level-1 pooled key (+ log 2) carries exactly the
+    weight of its two keys, so a pyramid keeping every block at level 0 or 1 is exact,
+    also where the mask hides one key of a pair (n = 1 there)."""
+    f = feeds(t=32, mask="bool", pad=5)
+    for x in "kv":
+        f[x][:, :, 1::2] = f[x][:, :, 0::2]
+    spec = "sparse:pyramid=1,topk=2,block=8"  # 4 blocks: 2 full, 2 pooled
+    pattern = _pattern(spec, False)
+    assert pattern.level_counts(4) == [2, 2]
+    assert (R.block_levels(pattern, f["q"], f["k"], 8 ** -0.5) == 1).any()
+    new, *_ = apply_pass(attention_model(t=32, mask="bool"), passes.parse(spec))
+    np.testing.assert_allclose(onnx_adapter.run(new, f)["o"], reference(f), rtol=1e-5, atol=1e-5)
+
+
+def test_pyramid_refusals():
+    _, rewritten, skipped, _ = apply_pass(attention_model(causal=True), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    assert not rewritten and "causal site is not implemented yet" in skipped[0].reason
+    _, rewritten, skipped, _ = apply_pass(attention_model(mask="full"), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    assert not rewritten and "per-key (padding) masks only" in skipped[0].reason
+    new, *_ = apply_pass(attention_model(), passes.parse("sparse:pyramid=1,topk=1,block=8"))
+    _, rewritten, skipped, _ = apply_pass(new, passes.parse("softplus"))
+    assert not rewritten and "softmax only" in skipped[0].reason
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("sparse:pyramid=0", "pyramid must be >= 1"),
+    ("sparse:pyramid=2,block=6", "block must be a multiple"),
+    ("sparse:pyramid=1,budget=1.5", r"budget must be in \(0, 1\]"),
+    ("sparse:window=8,budget=0.5", "budget needs pyramid"),
+])
+def test_pyramid_bad_values(spec, msg):
+    with pytest.raises(UserError, match=msg):
+        passes.parse(spec)
+
+
+def test_pyramid_budget_sets_topk_at_the_site_length():
+    _, rewritten, _, notes = apply_pass(attention_model(t=64, mask=None), passes.parse("sparse:pyramid=1,budget=0.5,block=8"))
+    assert rewritten == ["a0"] and "budget 0.5 at 64 keys: topk=2" in notes[0]

@@ -22,6 +22,7 @@ SITE_TAG = "attn_opt.site"  # the site a node computes (its FLOPs are attention 
 PASS_TAG = "attn_opt.pass"  # the pass that emitted it
 FORM_KEY = "attn_opt.form"  # on a rewritten site's output: its record (form and operands, JSON)
 EPILOGUE_TAG = "attn_opt.epilogue"  # an op applied to a site's output (a gate), not part of the site
+SELECTION_TAG = "attn_opt.selection"  # part of a content pattern's selection (pooling, block scores, top-k)
 
 
 def param_name(site_id: str, name: str, ir: str = "onnx") -> str:

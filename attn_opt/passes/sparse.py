@@ -2,6 +2,7 @@
 
     sparse:window=W[,sinks=N|auto][,heads=all|auto][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
     sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=1]
+    sparse:pyramid=L[,topk=K|budget=F][,block=B][,window=W][,sinks=N]
 
 window: query i sees |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal; `auto`
 follows the site). border=shift keeps exactly W keys per query at the ends
@@ -16,7 +17,9 @@ The site's own mask still applies on top; a query left with no visible key gives
 topk=K is content-based (HiP-style): per query block, the K key blocks whose mean-pooled
 keys score highest against the block's mean-pooled queries, plus the blocks of the first
 `sinks` tokens and of the local band `window` (patterns/form.py: Selection); only the
-chosen blocks are gathered and attended.
+chosen blocks are gathered and attended. pyramid=L (PSA) goes on down the ranking: the
+next K·2^l blocks at level l with their keys and values mean-pooled by 2^l (a pooled logit
+gets + log n for the n keys it stands for), the rest dropped.
 
 The form is a `Pattern` (patterns/form.py) with the site's normaliser kept. The ONNX and
 torch lowerings compute scores only inside a band of key blocks where that costs less
@@ -64,10 +67,20 @@ class Sparse(Pass):
     topk: int | None = option(None, "content-based: key blocks each query block keeps by mean-pooled Q·K score "
                                     "(beyond the sinks and the local band `window`)", low=1)
     levels: int = option(1, "topk: HiP coarse-to-fine levels (1: score the blocks directly)", low=1)
+    pyramid: int | None = option(None, "content-based (PSA): pooling levels L; after the topk blocks, topk·2^l "
+                                       "blocks at level l with keys mean-pooled by 2^l", low=1)
+    budget: float | None = option(None, "pyramid without topk: the kept fraction of key columns (sets topk at the "
+                                        "site's length)", accepts="0 < F <= 1")
+
+    @property
+    def content(self) -> bool:
+        return self.topk is not None or self.pyramid is not None
 
     def __post_init__(self):
-        if self.topk is not None:
+        if self.content:
             return self._check_content()
+        if self.budget is not None:
+            raise UserError("sparse: budget needs pyramid=L")
         if self.levels != 1:
             raise UserError("sparse: levels needs topk=K")
         if self.window is None:
@@ -111,9 +124,20 @@ class Sparse(Pass):
             raise NotSupported("sparse: topk with heads=auto or dense_heads is not implemented yet")
         if self.levels > 1:
             raise NotSupported("sparse: levels > 1 (HiP's coarse-to-fine search) is not implemented yet")
+        if self.pyramid is None:
+            if self.budget is not None:
+                raise UserError("sparse: budget needs pyramid=L")
+            return
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise UserError(f"sparse: budget must be in (0, 1] (got {self.budget:g})")
+        if self.block is not None and self.block % 2 ** self.pyramid:
+            raise UserError(f"sparse: pyramid={self.pyramid} pools by up to {2 ** self.pyramid}: block must be a "
+                            f"multiple of it (got {self.block})")
+        if self.block is None and self.pyramid > 4:
+            raise UserError("sparse: pyramid > 4 needs block=B, a multiple of 2^L")
 
     def skip_reason(self, site: AttentionSite) -> str | None:
-        if self.topk is not None:
+        if self.content:
             return self._content_skip(site)
         if self.grid is not None:
             gh, gw = self.grid_shape
@@ -148,6 +172,15 @@ class Sparse(Pass):
             return "a local band needs self-attention (queries and keys on one axis)"
         if site.causal and site.kind == "cross":
             return "a causal cross-attention site: queries and keys are not on one axis"
+        if self.pyramid is not None:
+            if site.causal:
+                return "pyramid on a causal site is not implemented yet (a pooled group would straddle the diagonal)"
+            if site.softcap:
+                return "pyramid on a soft-capped site is not implemented yet"
+            for m in site.additive + ((site.bool_mask,) if site.bool_mask is not None else ()):
+                shape = site.mask_shapes.get(m.name)
+                if len(shape) != 4 or shape[1] != 1 or shape[2] != 1:
+                    return f"pyramid pools keys under per-key (padding) masks only; mask {m.name} is {list(shape)}"
         return None
 
     def content_block(self, site: AttentionSite) -> int:
@@ -210,9 +243,10 @@ class Sparse(Pass):
 
     def pattern(self, site: AttentionSite) -> Pattern:
         """The pairs these (concrete) options keep at `site`."""
-        if self.topk is not None:
-            return Pattern("topk", self.is_causal(site), self.window, self.content_block(site), sinks=int(self.sinks),
-                           selection=Selection("topk", self.topk, self.levels))
+        if self.content:
+            kind = "topk" if self.pyramid is None else "pyramid"
+            return Pattern(kind, self.is_causal(site), self.window, self.content_block(site), sinks=int(self.sinks),
+                           selection=Selection(kind, self.topk or 1, self.levels, self.pyramid or 0))
         if self.grid is not None:
             (kh, kw), (gh, gw) = self.kernel, self.grid_shape
             prefix = (site.run_shape[2] - gh * gw) if site.run_shape else None
@@ -229,7 +263,7 @@ class Sparse(Pass):
 
     def form(self, site: AttentionSite, diag: SiteDiagnostics | None = None) -> Form:
         concrete, note = self.resolve(site, diag) if self.needs_diagnostics() else (self, "")
-        if self.topk is not None:
+        if self.content:
             return concrete._content_form(site, note)
         if concrete.dense_heads and max(concrete.dense_heads) >= site.heads:
             raise UserError(f"sparse: dense head {max(concrete.dense_heads)} does not exist ({site.heads} heads)")
@@ -245,6 +279,13 @@ class Sparse(Pass):
         if tk is not None and pattern.block > tk:
             raise UserError(f"sparse: block {pattern.block} is larger than the sequence ({tk} keys at site {site.id})")
         notes = [n for n in (note,) if n]
+        if self.pyramid is not None and self.topk is None:  # topk from the budget at the site's length
+            if tk is None:
+                raise UserError(f"sparse: pyramid with budget needs site {site.id}'s length; give topk=K")
+            nbk, f = -(-tk // pattern.block), self.budget or 0.25
+            k = max(1, int((f * nbk - pattern.forced_count()) // (pattern.selection.pyramid + 1)))
+            pattern = dataclasses.replace(pattern, selection=dataclasses.replace(pattern.selection, topk=k))
+            notes.append(f"budget {f:g} at {tk} keys: topk={k} blocks per level")
         if tk is not None and pattern.kept_blocks(-(-tk // pattern.block)) == -(-tk // pattern.block):
             notes.append(f"at {tk} keys every block is kept ({-(-tk // pattern.block)} blocks of {pattern.block}): "
                          "this rewrite drops nothing at that length")

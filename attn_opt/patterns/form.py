@@ -29,7 +29,7 @@ from attn_opt.patterns.cache import PAST_INPUTS
 
 NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
 PATTERN_KINDS = ("window", "shift", "stride", "grid")  # every backend declares each (patterns/capability.py)
-SELECTION_KINDS = ("topk",)  # content-based patterns: Pattern.selection (every backend declares each)
+SELECTION_KINDS = ("topk", "pyramid")  # content-based patterns: Pattern.selection (every backend declares each)
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,20 @@ class Selection:
     Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
     interior block): forced ones, then the highest scores, ties to the lowest block index
     in every backend. Query i then sees key j iff j's block is kept for i's block (and the
-    site's masks and causality allow it), so with C = all blocks the form is exact."""
+    site's masks and causality allow it), so with C = all blocks the form is exact.
+
+    pyramid (PSA): the ranking goes on past C: the next topk·2 blocks are kept at level 1,
+    the next topk·4 at level 2, …, topk·2^L at level L, the rest dropped (each level costs
+    topk·block keys). At level l a block's keys come in groups of 2^l, each group one
+    pooled key: over its n visible keys (inside the sequence, kept by the site's per-key
+    mask) k̄ = mean k, v̄ = mean v, and its logit scale·q·k̄ + mean(additive terms) + log n,
+    so it stands for the n keys it replaces; softmax runs over all of a row's keys and
+    pooled keys together. Bidirectional sites with per-key masks, softmax."""
 
     kind: str  # SELECTION_KINDS
-    topk: int  # key blocks kept per query block beyond the forced ones
+    topk: int  # key blocks kept per query block beyond the forced ones (pyramid: at level 0)
     levels: int = 1  # HiP's coarse-to-fine levels (1: score the blocks directly)
+    pyramid: int = 0  # PSA's pooling levels L (kind "pyramid")
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:
@@ -113,8 +122,17 @@ class Pattern:
         return self.sink_blocks() + (0 if r < 0 else r + 1 if self.causal else 2 * r + 1)
 
     def kept_blocks(self, nbk: int) -> int:
-        """C: key blocks each query block keeps out of `nbk`."""
+        """C: key blocks each query block keeps (at full resolution) out of `nbk`."""
         return min(nbk, self.selection.topk + self.forced_count())
+
+    def level_counts(self, nbk: int) -> list[int]:
+        """Key blocks per level (0: full keys, l: pooled by 2^l) each query block keeps."""
+        counts, left = [], nbk
+        for level in range(self.selection.pyramid + 1):
+            n = min(left, self.kept_blocks(nbk) if level == 0 else self.selection.topk * 2 ** level)
+            counts.append(n)
+            left -= n
+        return counts
 
     def forced(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Query block a always keeps key block c (broadcasting)."""
@@ -204,7 +222,7 @@ class Pattern:
         """Score pairs the banded (or gathered) lowering computes at length t (padding included)."""
         if self.selection is not None:
             nb = -(-t // self.block)
-            return nb * self.block * self.kept_blocks(nb) * self.block
+            return nb * self.block * sum(n * self.block >> lv for lv, n in enumerate(self.level_counts(nb)))
         if self.kind == "grid":
             n = t - self.grid[0] * self.grid[1]
             return n * t + self.grid[0] * self.grid[1] * (self.keys + n)
@@ -215,6 +233,8 @@ class Pattern:
         if self.selection is not None:
             sel = self.selection
             s = f"top-{sel.topk} key blocks of {self.block} per query block (mean-pooled Q·K)"
+            if sel.pyramid:
+                s += f", then {sel.pyramid} pooled level(s): {sel.topk}·2^l blocks at level l, keys pooled by 2^l"
             s += f", local band {self.window}" if self.window else ""
             return s + (f", {self.sinks} sink tokens" if self.sinks else "") + (", causal" if self.causal else "")
         if self.kind == "grid":
@@ -481,7 +501,7 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
     tq, tk = site.run_shape[2], site.run_shape[3]
     if pattern.selection is not None:  # always gathered (exact either way); said where it saves nothing
         nbq, nbk = -(-tq // pattern.block), -(-tk // pattern.block)
-        kept = nbq * pattern.block * pattern.kept_blocks(nbk) * pattern.block
+        kept = nbq * pattern.block * sum(n * pattern.block >> lv for lv, n in enumerate(pattern.level_counts(nbk)))
         return True, (None if kept < tq * tk else
                       f"selecting costs more than it saves: at the site's length ({tk} keys) the kept blocks hold "
                       f"{kept} score pairs vs {tq * tk} dense, plus the block scores")
@@ -493,6 +513,16 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
                    f"vs {dense} dense, so the pattern masks the dense scores (no FLOPs saved at this length"
                    + (f"; the band pays from about {from_t} tokens: give --input-shape at that length" if from_t
                       else "") + ")")
+
+
+def selection_reason(site, form: Form) -> str | None:
+    """Why a content pattern cannot be computed with this form (every backend's limit)."""
+    p = form.pattern
+    if p is None or p.selection is None or not p.selection.pyramid:
+        return None
+    if not form.normaliser.is_softmax:
+        return f"pyramid: a pooled key stands for its keys under softmax only (not {form.normaliser.kind})"
+    return None
 
 
 def reads_own_cache(site) -> bool:

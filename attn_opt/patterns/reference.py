@@ -157,7 +157,7 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     if pattern.causal:
         rank = np.where(c > a, -np.inf, rank)
     order = np.argsort(-rank, axis=-1, kind="stable")  # descending, equal ranks in index order
-    return order[..., :pattern.kept_blocks(score.shape[3])]
+    return order[..., :sum(pattern.level_counts(score.shape[3]))]
 
 
 def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
@@ -165,8 +165,8 @@ def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: floa
     causality where the pattern is causal; the site's masks apply on top)."""
     b, h, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    idx = selected_blocks(pattern, q, k, scale)
     nbk = -(-tk // pattern.block)
+    idx = selected_blocks(pattern, q, k, scale)[..., :pattern.kept_blocks(nbk)]
     kept = np.zeros(idx.shape[:3] + (nbk,), bool)
     np.put_along_axis(kept, idx, True, axis=-1)  # [B, Hkv, nbq, nbk]
     i, j = np.arange(tq), np.arange(tk)
@@ -174,6 +174,56 @@ def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: floa
     if pattern.causal:
         vis = vis & (j[None, :] <= i[:, None] + tk - tq)
     return np.repeat(vis, h // hkv, axis=1)
+
+
+def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """[B, Hkv, nbq, nbk]: the level each key block gets for each query block (0: its
+    keys, l: pooled by 2^l, L + 1: dropped), from the ranking of `selected_blocks`."""
+    nbk = -(-k.shape[2] // pattern.block)
+    idx = selected_blocks(pattern, q, k, scale)
+    counts = pattern.level_counts(nbk)
+    levels = np.full(idx.shape[:3] + (nbk,), len(counts), np.int64)
+    rank_level = np.repeat(np.arange(len(counts)), counts)  # the level of each rank position
+    np.put_along_axis(levels, idx, np.broadcast_to(rank_level, idx.shape), axis=-1)
+    return levels
+
+
+def pyramid_attention(pattern: Pattern, q, k, v, scale: float, term=None, keep=None) -> np.ndarray:
+    """A pyramid pattern's output [B, H, Tq, Dv] (patterns/form.py: Selection): softmax over
+    each row's full-resolution keys and pooled keys together. `term` [B|1, 1, 1, Tk]: the
+    site's additive per-key terms summed; `keep` [B|1, 1, 1, Tk]: its boolean mask."""
+    b, h, tq, _ = q.shape
+    hkv, tk, blk = k.shape[1], k.shape[2], pattern.block
+    nbk = -(-tk // blk)
+    levels = np.repeat(block_levels(pattern, q, k, scale), h // hkv, axis=1)  # [B, H, nbq, nbk]
+    q64, k64, v64 = (np.repeat(x.astype(np.float64), h // x.shape[1], axis=1) for x in (q, k, v))
+    pad = nbk * blk - tk
+    w = np.broadcast_to(np.arange(nbk * blk) < tk, (b, 1, nbk * blk)).astype(np.float64)
+    t = np.zeros((b, 1, nbk * blk))
+    if term is not None:
+        tt = np.broadcast_to(np.asarray(term, np.float64).reshape(-1, 1, tk), (b, 1, tk))
+        w[..., :tk] *= tt > MASKED
+        t[..., :tk] = np.where(tt > MASKED, tt, 0)
+    if keep is not None:
+        w[..., :tk] *= np.broadcast_to(np.asarray(keep, bool).reshape(-1, 1, tk), (b, 1, tk))
+    kp, vp = (np.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k64, v64))
+    logits, values, vis = [], [], []
+    qblock = np.arange(tq) // blk
+    for lv in range(pattern.selection.pyramid + 1):
+        m = 2 ** lv
+        n = w.reshape(b, 1, -1, m).sum(-1)  # [B, 1, G] visible keys per group
+        den = np.maximum(n, 1)[..., None]
+        kbar = (kp * w[..., None]).reshape(b, h, -1, m, kp.shape[-1]).sum(3) / den
+        vbar = (vp * w[..., None]).reshape(b, h, -1, m, vp.shape[-1]).sum(3) / den
+        tbar = (t * w).reshape(b, 1, -1, m).sum(-1) / np.maximum(n, 1)
+        s = q64 @ np.swapaxes(kbar, -1, -2) * scale + (tbar + np.log(np.maximum(n, 1)))[:, :, None, :]
+        gblock = np.arange(n.shape[-1]) * m // blk
+        at = levels[:, :, qblock][..., gblock] == lv  # [B, H, Tq, G]
+        logits.append(s)
+        values.append(vbar)
+        vis.append(at & (n > 0)[:, :, None, :])
+    p = softmax(np.concatenate(logits, -1), np.concatenate(vis, -1))
+    return p @ np.concatenate(values, 2)
 
 
 def _topk(pattern: Pattern, q, k, scale):
@@ -185,7 +235,7 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={kind: Pattern.visible for kind in ("window", "shift", "stride", "grid")},
-    selection={"topk": _topk},
+    selection={"topk": _topk, "pyramid": pyramid_attention},
     declined={f: "the reference states the attention weights; the lowerings of this part are tested against "
                  "the original model" for f in FEATURES})
 

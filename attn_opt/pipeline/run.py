@@ -351,6 +351,9 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
                      new.flops.attention_matmul, before.params, new.params, notes=applied.notes,
                      sink_ratio=applied.sink_ratio, check=check.name, calibration=calibration)
     rep.notes += [f"FLOPs: {n}" for n in getattr(new.flops, "notes", ())]  # branches, loops, functions
+    if getattr(new.flops, "selection_matmul", 0):  # a content pattern's selection, within the attention FLOPs
+        rep.notes.append(f"FLOPs: {new.flops.selection_matmul:.3g} of the {new.flops.attention_matmul:.3g} attention "
+                         "FLOPs choose the key blocks (block scores of mean-pooled Q and K)")
     fid, step = check.measure(steps, rep, ref, before, new, applied.rewritten, feeds, progress)
     rep.seconds = time.perf_counter() - t0
     report.passes.append(rep)

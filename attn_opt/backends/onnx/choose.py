@@ -1,7 +1,8 @@
 """The selection of a content pattern in the graph (patterns/form.py: Selection): mean-pooled
 queries and keys per block, block scores, forced blocks, and TopK, giving the key blocks
 each query block keeps. The ONNX statement of `patterns/reference.py: selected_blocks`;
-its nodes are few (the scores are [nbq, nbk] per kv head, T²/block² pairs).
+its nodes are few (the scores are [nbq, nbk] per kv head, T²/block² pairs), tagged
+attn_opt.selection so the report counts their FLOPs apart.
 
 ONNX TopK returns equal values lower index first, so ties go to the lowest block index,
 as in the reference and on torch.
@@ -14,6 +15,7 @@ import onnx_ir as ir
 
 from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.visible import i64
+from attn_opt.core.graph import SELECTION_TAG
 from attn_opt.patterns.form import Pattern
 
 
@@ -66,8 +68,8 @@ def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value 
 def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
                   scale: float) -> tuple[ir.Value, ir.Value]:
     """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
-    block keeps; q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
-    b = pattern.block
+    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
+    b, first = pattern.block, len(e.nodes)
     qm = block_means(e, q, b, heads, d)  # [B, H, nbq, D]
     qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
               {"keepdims": 0})
@@ -83,6 +85,10 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
         rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])
     if pattern.causal:
         rank = e.op("Where", [e.op("Greater", [c, a]), e.const(np.float32(-np.inf)), rank])
-    kept = e.op("Min", [e.op("Unsqueeze", [nbk, e.ints(0)]), e.ints(pattern.selection.topk + pattern.forced_count())])
+    sel = pattern.selection
+    ranked = sel.topk + pattern.forced_count() + sum(sel.topk * 2 ** lv for lv in range(1, sel.pyramid + 1))
+    kept = e.op("Min", [e.op("Unsqueeze", [nbk, e.ints(0)]), e.ints(ranked)])
     idx = e.op("TopK", [rank, kept], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)[1]
+    for node in e.nodes[first:]:  # counted apart in the report (core/ir/onnx_flops.py)
+        node.metadata_props[SELECTION_TAG] = "1"
     return idx, kept

@@ -27,7 +27,7 @@ from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, r
                                              softmax_visible)
 from attn_opt.backends.onnx.gathered import emit_gathered
 from attn_opt.patterns.capability import Capabilities
-from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays
+from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays, selection_reason
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.graph import FORM_KEY, param_name
@@ -284,7 +284,7 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
 
 
 def _topk(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
-    """A content pattern: the chosen key blocks gathered (choose.py, gathered.py)."""
+    """A content pattern (top-k, pyramid): the chosen key blocks gathered (choose.py, gathered.py)."""
     return emit_gathered(e, site, pattern, normaliser_fn(normaliser, site, 6)), banded_pays(site, pattern)[1]
 
 
@@ -328,7 +328,7 @@ def emit_gate(e: SiteEdit, gate: Gate) -> None:
 
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
-    return fused.limits(site, form) if form.fused else None
+    return fused.limits(site, form) if form.fused else selection_reason(site, form)
 
 
 CAPABILITIES = Capabilities(
@@ -336,7 +336,7 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
-    selection={"topk": _topk},
+    selection={"topk": _topk, "pyramid": _topk},
     feature={"fused": fused.emit_fused, "gate": emit_gate, "collapse": collapse.emit_collapse, "stream": cap_cache,
              "lora": emit_lora, "latent": emit_latent},
     limits=_limits)

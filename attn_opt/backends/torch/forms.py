@@ -450,17 +450,19 @@ def choose_blocks(f: Pattern, q, k, scale: float):
     if f.causal:
         rank = torch.where(c > a, -torch.inf, rank)
     order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
-    return order[..., :f.kept_blocks(score.shape[3])]
+    return order[..., :sum(f.level_counts(score.shape[3]))]
 
 
 def _gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
     """A content pattern: only the chosen key blocks gathered and attended (as
     backends/onnx/gathered.py)."""
-    bias, keep, _ = masks
+    bias, keep, after = masks
     bsz, h, tq, d = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], form.block
-    idx = choose_blocks(form, q, k, scale)  # [B, Hkv, nbq, C]
-    nbq, nbk = idx.shape[2], -(-tk // blk)
+    nbk = -(-tk // blk)
+    ranked = choose_blocks(form, q, k, scale)  # [B, Hkv, nbq, C (+ pooled levels)]
+    idx = ranked[..., :form.kept_blocks(nbk)]
+    nbq = idx.shape[2]
     bi = torch.arange(bsz, device=q.device)[:, None, None, None]
     hi = torch.arange(hkv, device=q.device)[None, :, None, None]
 
@@ -486,13 +488,74 @@ def _gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap,
         flat = kclip.reshape(bsz, hkv, 1, 1, -1)
         return torch.gather(x5, 4, flat.expand(*x5.shape[:4], flat.shape[-1])).reshape(bsz, hkv, x5.shape[2], nbq, 1, -1)
 
+    inside, kept = vis, None  # gathered keys in the sequence (and causally allowed)
     if bias is not None:
         mb = gather_mask(bias)
         s, vis = s + mb, vis & (mb > MASKED)
     if keep is not None:
-        vis = vis & gather_mask(keep)
-    out = norm(s, vis.expand(s.shape), 6) @ vg  # [B, Hkv, g, nbq, b, Dv]
+        kept = gather_mask(keep)
+        vis = vis & kept
+    vis = vis.expand(s.shape)
+    if bias is not None or keep is not None:  # a row its masks hide completely (over every key): as the original
+        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
+        sees = sees & _four(keep) if keep is not None else sees
+        hidden = _heads5(~sees.any(-1, keepdim=True), h, hkv)  # [Bm, hk, hg, Tqm, 1]
+        if hidden.shape[3] != 1:
+            hidden = F.pad(hidden, (0, 0, 0, nbq * blk - hidden.shape[3])).reshape(*hidden.shape[:3], nbq, blk, 1)
+        else:
+            hidden = hidden.unsqueeze(4)
+        s, fallback = as_original(torch.where(inside, s, -torch.inf), vis, bias is not None, kept, fill,
+                                  None if after is None else gather_mask(after))
+        vis = torch.where(hidden, fallback, vis)
+    parts = [(s, vis, vg)]
+    if form.selection.pyramid:
+        parts += _pooled_levels(form, q6, k, v, bias, keep, ranked, nbk)
+    s, vis, vals = (torch.cat(x, dim) for x, dim in zip(zip(*parts), (-1, -1, 4)))
+    out = norm(s, vis, 6) @ vals  # [B, Hkv, g, nbq, b, Dv]
     return out.reshape(bsz, h, nbq * blk, v.shape[-1])[:, :, :tq]
+
+
+def _pooled_levels(form: Pattern, q6, k, v, bias, keep, ranked, nbk: int):
+    """A pyramid's pooled levels (as backends/onnx/gathered.py: _pooled): per level l, the
+    next-ranked blocks' keys and values mean-pooled by 2^l over their visible keys (per-key
+    masks), each pooled logit + mean term + log n."""
+    bsz, hkv, tk, blk = k.shape[0], k.shape[1], k.shape[2], form.block
+    tp = nbk * blk
+    w = (torch.arange(tp, device=k.device) < tk).to(k.dtype).reshape(1, 1, tp)
+    t = torch.zeros((1, 1, tp), dtype=k.dtype, device=k.device)
+    if bias is not None:
+        x = F.pad(bias.reshape(bias.shape[0], 1, -1).to(k.dtype), (0, tp - tk))
+        t, w = torch.where(x > MASKED, x, 0.0), w * (x > MASKED)
+    if keep is not None:
+        w = w * F.pad(keep.reshape(keep.shape[0], 1, -1).to(k.dtype), (0, tp - tk))
+    kp, vp = (F.pad(x, (0, 0, 0, tp - tk)) for x in (k, v))
+    bi = torch.arange(bsz, device=k.device)[:, None, None, None]
+    hi = torch.arange(hkv, device=k.device)[None, :, None, None]
+    nominal = form.selection.topk + form.forced_count()
+    parts, start = [], nominal
+    for level in range(1, form.selection.pyramid + 1):
+        m, end = 2 ** level, nominal + sum(form.selection.topk * 2 ** lv for lv in range(1, level + 1))
+        ids = ranked[..., min(start, ranked.shape[-1]):end]  # [B, Hkv, nbq, C_l]
+        start = end
+        n = w.reshape(w.shape[0], 1, -1, m).sum(-1)  # [Bm, 1, G]
+        den = n.clamp(min=1)
+
+        def pool(x):  # -> [B, Hkv, 1, nbq, C_l·b/m, dx] at the chosen blocks
+            mean = (x * w[..., None]).reshape(bsz, hkv, -1, m, x.shape[-1]).sum(3) / den[..., None]
+            return mean.reshape(bsz, hkv, nbk, blk // m, -1)[bi, hi, ids].reshape(bsz, hkv, 1, ids.shape[2], -1,
+                                                                                   x.shape[-1])
+
+        def per_group(x):  # [Bm, 1, G] -> [B, Hkv, 1, nbq, 1, C_l·b/m]
+            x = x.expand(bsz, hkv, -1).reshape(bsz, hkv, nbk, blk // m)
+            return x[bi, hi, ids].reshape(bsz, hkv, 1, ids.shape[2], 1, -1)
+
+        kbar, vbar = pool(kp), pool(vp)
+        tw = t * w
+        logit = tw.reshape(tw.shape[0], 1, -1, m).sum(-1) / den
+        s = q6 @ kbar.transpose(-1, -2) + per_group(logit + torch.log(den))
+        parts.append((s, (per_group(n) > 0).expand(s.shape), vbar))
+    return parts
 
 
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
@@ -538,4 +601,4 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
-    selection={"topk": _gathered})
+    selection={"topk": _gathered, "pyramid": _gathered})

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from attn_opt.backends.torch import forms
-from attn_opt.patterns.form import Collapse, Form, Gate, Latent, Normaliser, Pattern, banded_pays
+from attn_opt.patterns.form import Collapse, Form, Gate, Latent, Normaliser, Pattern, banded_pays, selection_reason
 from attn_opt.patterns.mlp import mlp_blocks
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite, Operand
@@ -365,14 +365,15 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
-    """What scaled_dot_product_attention cannot keep of a site's own form; a latent cache."""
+    """What scaled_dot_product_attention cannot keep of a site's own form; a latent cache;
+    a content pattern's limits (patterns/form.py: selection_reason)."""
     if form.latent is not None and form.latent.cache:
         return ("latent on a torch.fx decoder step: the cache is a DynamicCache the graph fills from its inputs; "
                 "the latent cache is not implemented on torch.fx yet (the ONNX step has it)")
     if site.zero_hidden_rows:
         return "rows its mask hides completely are zeroed after the softmax: not lowered on torch.fx yet (ONNX is)"
     if not form.fused:
-        return None
+        return selection_reason(site, form)
     if form.pattern is not None:
         return f"its pattern ({form.pattern.describe()}) would be lost: a fused op keeps every pair"
     if not form.normaliser.is_softmax:

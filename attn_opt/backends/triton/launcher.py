@@ -43,7 +43,8 @@ CAPABILITIES = Capabilities(
               "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
               "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel",
               "topk": "the kernel does not take per-query-block key-block indices yet (block-sparse FlashAttention)",
-              "latent": "the latent factorises projections outside the kernel (the FX lowering)"},
+              "latent": "the latent factorises projections outside the kernel (the FX lowering)",
+              "pyramid": "the kernel has no pooled key levels"},
     limits=_kernel_limits)
 
 

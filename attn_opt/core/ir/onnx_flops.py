@@ -15,7 +15,7 @@ from math import prod
 import numpy as np
 import onnx
 
-from attn_opt.core.graph import SITE_TAG
+from attn_opt.core.graph import SELECTION_TAG, SITE_TAG
 from attn_opt.core.ir import onnx_region_shapes as shapes_of
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Erf", "Sqrt", "Pow",
@@ -35,17 +35,20 @@ class Flops:
     matmul: int = 0
     attention: int = 0
     attention_matmul: int = 0
+    selection_matmul: int = 0  # of attention_matmul: a content pattern's selection (block scores)
     notes: list[str] = field(default_factory=list)  # how subgraphs and functions were counted
 
     def to_json(self) -> dict:
         return {"total": self.total, "matmul": self.matmul, "attention": self.attention,
-                "attention_matmul": self.attention_matmul, "notes": self.notes}
+                "attention_matmul": self.attention_matmul, "selection_matmul": self.selection_matmul,
+                "notes": self.notes}
 
     def add(self, other: "Flops", times: int = 1) -> None:
         self.total += other.total * times
         self.matmul += other.matmul * times
         self.attention += other.attention * times
         self.attention_matmul += other.attention_matmul * times
+        self.selection_matmul += other.selection_matmul * times
         self.notes += [n for n in other.notes if n not in self.notes]
 
 
@@ -217,6 +220,8 @@ def node_counts(n: onnx.NodeProto, shp, attention_nodes: set[str]) -> Flops:
     if tagged or n.name in attention_nodes or n.op_type in ATTENTION_OPS:
         f.attention += fl
         f.attention_matmul += fl if is_mm else 0
+        if is_mm and any(p.key == SELECTION_TAG for p in n.metadata_props):
+            f.selection_matmul += fl
     return f
 
 

@@ -324,6 +324,7 @@ class StreamCache:
     sinks: int
     window: int
     rotary: Any = None
+    target: str = "own"  # STREAM_TARGETS: attn-opt's own lowering, or a runtime's windowed op (sinks = 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -354,6 +355,7 @@ class Latent:
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")
+STREAM_TARGETS = ("own", "onnx", "ort", "auto")
 
 
 @dataclass(frozen=True, eq=False)

@@ -135,7 +135,43 @@ def fastest_step(b: int, h: int, kvh: int, s: int, p: int, d: int, masked: bool)
                   f"S={s} past={p} d={d}")
 
 
-def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
+def _window_models(b, h, kvh, p, d, window: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(ONNX Attention opset 25 with left_window_size, GroupQueryAttention with
+    local_window_size): one new token after a cache of `p` positions."""
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f, [b, h, 1, d])]
+    ins += [helper.make_tensor_value_info(n, f, [b, kvh, 1, d]) for n in ("k", "v")]
+    ins += [helper.make_tensor_value_info(n, f, [b, kvh, p, d]) for n in ("pk", "pv")]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("o", "ok", "ov")]
+    att = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["o", "ok", "ov"],
+                           left_window_size=window - 1, right_window_size=0)
+    a = helper.make_model(helper.make_graph([att], "a", ins, outs), opset_imports=[helper.make_opsetid("", 25)])
+    nodes = [n for x in ("q", "k", "v") for n in (
+        helper.make_node("Transpose", [x], [f"{x}t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", [f"{x}t", "flat"], [f"{x}3"]))]
+    nodes += [helper.make_node("GroupQueryAttention", ["q3", "k3", "v3", "pk", "pv", "seqlens", "total"],
+                               ["o3", "ok", "ov"], domain=MS, num_heads=h, kv_num_heads=kvh, local_window_size=window),
+              helper.make_node("Reshape", ["o3", "heads"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["o"], perm=[0, 2, 1, 3])]
+    consts = [helper.make_tensor("flat", TensorProto.INT64, [3], [0, 0, -1]),
+              helper.make_tensor("heads", TensorProto.INT64, [4], [0, 0, h, -1]),
+              helper.make_tensor("seqlens", TensorProto.INT32, [b], [p] * b),
+              helper.make_tensor("total", TensorProto.INT32, [], [p + 1])]
+    g = helper.make_model(helper.make_graph(nodes, "g", ins, outs, consts),
+                          opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)])
+    return a, g
+
+
+@functools.lru_cache(maxsize=64)
+def fastest_window(b: int, h: int, kvh: int, p: int, d: int, window: int) -> tuple[str, str]:
+    """("onnx" | "ort", why): the faster windowed op for one new token after `p` cached."""
+    a, g = (_time(m) for m in _window_models(b, h, kvh, p, d, window))
+    pick = "onnx" if a <= g else "ort"
+    return pick, (f"Attention-25 window {a * 1e3:.3f} ms vs GroupQueryAttention local_window_size "
+                  f"{g * 1e3:.3f} ms at B={b} H={h} kvH={kvh} cache={p} d={d}")
+
+
+def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask, window: int | None = None):
     """The decoder step as one GroupQueryAttention reading the step's own past cache:
     (output [B, H, S, D], present key, present value). seqlens_k is total - 1 for every
     row, so the op's present equals the step's Concat(past, new) (a smaller seqlens_k
@@ -152,6 +188,8 @@ def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
     if s.normaliser.kind == "logit":  # exp(S) / (exp(b_h) + Σ exp(S)): head_sink is b_h
         sink = e.const(s.normaliser.per_head_bias(s.heads).astype(np.float32))
     attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "do_rotary": 0}
+    if window is not None:  # keys j with i - j < window (the query itself included)
+        attrs["local_window_size"] = int(window)
     if s.softcap:
         attrs["softcap"] = float(s.softcap)
     inputs = [_packed(e, q), _packed(e, k_new), _packed(e, v_new), past_k, past_v, seqlens,

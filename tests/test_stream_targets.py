@@ -1,0 +1,63 @@
+"""stream:target=onnx|ort|auto: the window computed by a runtime's own op (ONNX Attention
+opset 25 with left_window_size, ORT GroupQueryAttention with local_window_size), the cache
+capped as attn-opt's own lowering caps it: the same logits as the own lowering through a
+loop that runs past the window, the op in the graph, auto's timing said; sinks refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from attn_opt.tools import zoo
+from conftest import _cached
+from test_pipeline import cli
+
+
+@pytest.fixture(scope="session")
+def step(cache_dir):
+    return _cached(cache_dir / "step-llama-torchscript.onnx",
+                   lambda tmp: zoo.export_decoder_step("llama", "torchscript", tmp))
+
+
+@pytest.fixture(scope="session")
+def own(step, tmp_path_factory):
+    out = tmp_path_factory.mktemp("own") / "own.onnx"
+    r = cli(step, "--pass", "stream:sinks=0,window=6", "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("target,op", [("ort", "GroupQueryAttention"), ("onnx", "Attention"), ("auto", None)])
+def test_windowed_op_equals_the_own_lowering_past_the_window(step, own, tmp_path, target, op):
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.pipeline.onnx_decode import compare, loop_of
+
+    out, rep = tmp_path / "s.onnx", tmp_path / "r.json"
+    r = cli(step, "--pass", f"stream:sinks=0,window=6,target={target}", "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rep.read_text())["passes"][0]
+    assert p["sites_rewritten"] == ["a0", "a1"]
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    if op is not None:
+        assert ops.count(op) == 2
+    else:  # auto: one of the two, with both timings in the note
+        assert ops.count("GroupQueryAttention") + ops.count("Attention") == 2
+        assert all("Attention-25 window" in n and "ms vs GroupQueryAttention" in n for n in p["notes"][:2])
+    a, _, gv = onnx_adapter.load_view(str(own))
+    got = compare(a, onnx_adapter.load(str(out)), loop_of(gv, onnx_adapter.input_specs(gv)), np.array([[5, 6, 7, 8]]), 20)
+    assert got["max_rel_error"] <= 1e-5  # 24 tokens: 18 past the window of 6
+    assert got["b"].cache_bytes == got["a"].cache_bytes == 4 * (1 * 2 * 6 * 8) * 4  # capped at 6
+
+
+def test_windowed_ops_take_no_sink_tokens(step, tmp_path):
+    r = cli(step, "--pass", "stream:window=6,target=ort", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "give sinks=0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    rep = tmp_path / "r.json"  # auto with sinks: the own lowering, said
+    r = cli(step, "--pass", "stream:sinks=2,window=6,target=auto", "-o", tmp_path / "a.onnx", "--report", rep)
+    p = json.loads(rep.read_text())["passes"][0]
+    assert r.returncode == 0 and p["sites_rewritten"] == ["a0", "a1"]
+    assert "attn-opt's own lowering (sinks > 0)" in " ".join(p["notes"])
+    assert not {"GroupQueryAttention", "Attention"} & {n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node}

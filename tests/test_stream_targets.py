@@ -10,6 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from attn_opt.tools import zoo
 from conftest import _cached
@@ -61,3 +62,43 @@ def test_windowed_ops_take_no_sink_tokens(step, tmp_path):
     assert r.returncode == 0 and p["sites_rewritten"] == ["a0", "a1"]
     assert "attn-opt's own lowering (sinks > 0)" in " ".join(p["notes"])
     assert not {"GroupQueryAttention", "Attention"} & {n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node}
+
+
+class _GQAEncoder(torch.nn.Module):
+    """A bidirectional grouped-query encoder layer (4 heads over 2 kv heads of 8), eager
+    softmax with an additive padding mask: what fuse:target=ort writes as GQA causal=0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        v = self.v(x).view(b, t, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5 + (1.0 - mask[:, None, None, :]) * -1e9
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 32)
+
+
+def test_fuse_ort_writes_bidirectional_gqa_as_causal_0(tmp_path):
+    from attn_opt.backends.onnx.ort import gqa_has_causal
+
+    if not gqa_has_causal():
+        pytest.skip("the installed ONNX Runtime's GroupQueryAttention has no causal attribute")
+    x, mask = torch.randn(2, 6, 32), torch.ones(2, 6)
+    mask[1, 4:] = 0
+    src = zoo.export_module(_GQAEncoder(), (x, mask), ("x", "mask"), "dynamo", tmp_path / "gqa.onnx")
+    for target in ("ort", "auto"):
+        out, rep = tmp_path / f"{target}.onnx", tmp_path / f"{target}.json"
+        r = cli(src, "--pass", f"fuse:target={target}", "-o", out, "--report", rep)
+        assert r.returncode == 0, r.stderr
+        p = json.loads(rep.read_text())["passes"][0]
+        assert p["sites_rewritten"] == ["a0"] and p["fidelity_all"]["max_rel_error"] <= 1e-4
+        gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+        if target == "ort":
+            assert len(gqa) == 1 and {a.name: a.i for a in gqa[0].attribute}["causal"] == 0
+            assert "GroupQueryAttention (com.microsoft) causal=0" in p["notes"][0]
+        else:
+            assert "GroupQueryAttention causal=0" in p["notes"][0] and " ms at B=" in p["notes"][0]

@@ -63,6 +63,56 @@ def fastest_fused(b: int, h: int, kvh: int, t: int, d: int) -> tuple[str, str]:
     return pick, f"Attention {a * 1e3:.3f} ms vs MultiHeadAttention {m * 1e3:.3f} ms at B={b} H={h} T={t} d={d}"
 
 
+@functools.lru_cache(maxsize=1)
+def gqa_has_causal() -> bool:
+    """The installed ONNX Runtime's GroupQueryAttention has the `causal` attribute (0: bidirectional)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    return any(s.name == "GroupQueryAttention" and s.domain == MS and "causal" in s.attributes
+               for s in C.get_all_operator_schema())
+
+
+def _bidirectional_gqa_model(b, h, kvh, t, d) -> onnx.ModelProto:
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f, [b, t, h * d])]
+    ins += [helper.make_tensor_value_info(n, f, [b, t, kvh * d]) for n in ("k", "v")]
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens", "total"], ["o"], domain=MS,
+                            num_heads=h, kv_num_heads=kvh, causal=0)
+    consts = [helper.make_tensor("seqlens", TensorProto.INT32, [b], [t - 1] * b),
+              helper.make_tensor("total", TensorProto.INT32, [], [t])]
+    return helper.make_model(helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("o", f, None)], consts),
+                             opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)])
+
+
+@functools.lru_cache(maxsize=64)
+def fastest_bidirectional(b: int, h: int, kvh: int, t: int, d: int) -> tuple[str, str]:
+    """("onnx" | "gqa", why): Attention vs GroupQueryAttention causal=0 for one shape."""
+    a = _time(_attention_model(b, h, kvh, t, d))
+    g = _time(_bidirectional_gqa_model(b, h, kvh, t, d))
+    pick = "onnx" if a <= g else "gqa"
+    return pick, (f"Attention {a * 1e3:.3f} ms vs GroupQueryAttention causal=0 {g * 1e3:.3f} ms at B={b} H={h} "
+                  f"kvH={kvh} T={t} d={d}")
+
+
+def bidirectional_gqa(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
+    """A bidirectional grouped-query site (an encoder) as GroupQueryAttention causal=0, no
+    past: seqlens_k = T − 1 for every row, the mask as attention_bias."""
+    e.ensure_opset(MS, 1)
+    i32 = lambda x: e.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
+    t, batch = e.shape_dim(q, 2), e.shape_dim(q, 0)
+    if mask is not None and is_bool:
+        mask = e.op("Where", [mask, e.const(np.float32(0)), e.const(np.float32(-np.inf))])
+    attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "causal": 0}
+    if s.softcap:
+        attrs["softcap"] = float(s.softcap)
+    inputs = [_packed(e, q), _packed(e, k), _packed(e, v), None, None,
+              i32(e.op("Expand", [e.op("Sub", [t, e.ints(1)]), batch])), i32(e.op("Squeeze", [t, e.ints(0)])),
+              None, None, None, mask]
+    y3 = e.op("GroupQueryAttention", inputs, attrs, domain=MS)
+    y3 = e.op("Where", [e.op("IsNaN", [y3]), e.const(np.float32(0)), y3])  # a row with no key: 0, not NaN
+    return e.op("Transpose", [e.op("Reshape", [y3, e.ints(0, 0, int(s.heads), -1)])], {"perm": [0, 2, 1, 3]})
+
+
 def multi_head_attention(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
     """MultiHeadAttention wants Q [B, S, H*D] and takes K/V as [B, H, S, D]; bias additive."""
     e.ensure_opset(MS, 1)

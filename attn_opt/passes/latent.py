@@ -237,9 +237,15 @@ class LatentPass(Pass):
             what = (f"K dims {list(lat.rope)} of each kv head kept rotated (partial RoPE: the other dims lose their "
                     "rotation, approximate at any rank), the rest of K and V in the latent" if partial else
                     "K and V in the latent" if nk else "the rotated K kept whole as the rotary part, V in the latent")
-            notes.append(f"cache per token per layer: {before} → {after} values ({after / before:.0%}; {what}"
+            size = np.dtype(site.output.dtype or "float32").itemsize if (site.output.dtype or "float32") in (
+                "float32", "float16", "float64") else 2
+            notes.append(f"cache per token per layer: {before} → {after} values, {before * size} → {after * size} "
+                         f"bytes ({after / before:.0%}; {what}"
                          + "); up-projections not absorbed: each step up-projects the cached latent")
         else:
             n = w.shape[1]
             notes.append(f"K/V projection weights: {w.shape[0] * n} → {w.shape[0] * self.rank + self.rank * n}")
+        if self.rope_dims is not None and not partial and (not step or nk):
+            notes.append(f"rope_dims={self.rope_dims} unused here: " + ("no cache to keep rotary dims in (not a "
+                         "decoder step)" if not step else "its K is not rotated after the projection"))
         return Form(latent=lat, notes=tuple(notes))

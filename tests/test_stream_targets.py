@@ -102,3 +102,39 @@ def test_fuse_ort_writes_bidirectional_gqa_as_causal_0(tmp_path):
             assert "GroupQueryAttention (com.microsoft) causal=0" in p["notes"][0]
         else:
             assert "GroupQueryAttention causal=0" in p["notes"][0] and " ms at B=" in p["notes"][0]
+
+
+def test_torch_stream_equals_the_onnx_stream_through_64_tokens(step):
+    """torch.fx: a decoder-step module filling a DynamicCache from its inputs, exported with a
+    dynamic past axis: stream caps the returned cache and windows the attention; through 64
+    greedy steps (56 past the 8 kept positions) its logits equal the ONNX step's stream."""
+    import onnxruntime as ort
+
+    import attn_opt
+
+    module, args, names, _ = zoo.decoder_step("llama")  # the same seeded weights as `step`
+    auto = torch.export.Dim.AUTO
+    ep = torch.export.export(module, args, dynamic_shapes=({1: auto}, {1: auto}, {1: auto},
+                                                           tuple({2: auto} for _ in args[3:])))
+    gm, report = attn_opt.optimize(ep, ["stream:sinks=2,window=6"], example_inputs=args)
+    assert report.passes[0].sites_rewritten == ["a0", "a1"]
+    onnx_stream, _ = attn_opt.optimize(str(step), ["stream:sinks=2,window=6"])
+    sess = ort.InferenceSession(onnx_stream.to_proto().SerializeToString())
+    outs = [o.name for o in sess.get_outputs()]
+    past_o = {n: np.zeros((1, 2, 0, 8), np.float32) for n in names[3:]}
+    past_t = [torch.zeros(1, 2, 0, 8) for _ in names[3:]]
+    ids, done, errs = np.array([[5, 6, 7, 8]]), 0, []
+    for _ in range(64):
+        t, held = ids.shape[1], past_t[0].shape[2]
+        pos = np.arange(done, done + t)[None]
+        got = dict(zip(outs, sess.run(None, {"input_ids": ids, "attention_mask": np.ones((1, held + t), np.int64),
+                                             "position_ids": pos, **past_o})))
+        with torch.no_grad():
+            y = gm(torch.from_numpy(ids), torch.ones(1, held + t, dtype=torch.long), torch.from_numpy(pos), *past_t)
+        want = got["logits"][0, -1]
+        errs.append(float(np.abs(y[0][0, -1].numpy() - want).max() / np.abs(want).max()))
+        past_o = {n: got[n.replace("past_key_values", "present")] for n in names[3:]}
+        past_t = list(y[1:])
+        assert past_t[0].shape[2] == past_o[names[3]].shape[2] == min(done + t, 8)
+        done, ids = done + t, np.array([[int(want.argmax())]])
+    assert max(errs) <= 1e-5

@@ -19,8 +19,11 @@ RoPE: D/2 rotary frequency pairs (the most query·key weight energy) stay rotate
 cached per kv head; the other K dims go in the latent unrotated, and the queries' same
 dims are turned back to unrotated (the rotary read from the graph), so those dims lose
 their position dependence: approximate at any rank (exact where every position is 0).
-The up-projections are not absorbed into the query and output projections: the step
-computes K/V from c. The new cache tensors are named after the ones they replace
+Where K keeps its own cache (the default on a rotary step), V's up-projection is
+absorbed: the step computes P·[c, 1] (R + 1 values per head and query) and then one
+[R + 1, dv] product per head, instead of up-projecting the whole cache to V (exact; the
+ones column carries the bias). K's part of the latent (no rotary, or partial RoPE) is not
+absorbed into the queries yet: those steps up-project the cached latent to K and V. The new cache tensors are named after the ones they replace
 (past_key_values.0.value → past_key_values.0.latent, past_key_values.0.key →
 past_key_values.0.key_rope, present.* likewise), and the usual loop drives them (every
 present* fed back as the past* of the same name).
@@ -204,6 +207,16 @@ class LatentPass(Pass):
                             f"give rank <= {full}")
         return None
 
+    def _absorb_note(self, site, lat) -> str:
+        h, hkv, r = site.heads, site.kv_heads, self.rank
+        dv = lat.up_v.shape[1] // hkv
+        if not lat.absorb:
+            return ("; up-projections not absorbed (K's part of the latent, partial RoPE, a heads-in-batch or "
+                    "non-float32 site): each step up-projects the cached latent")
+        return (f"; V's up-projection absorbed: per cached token a step multiplies H·(R+1) = {h * (r + 1)} values of "
+                f"P·[c, 1] instead of up-projecting R·Hkv·dv = {r * hkv * dv} (then one [R+1, dv] product per head "
+                "and query)")
+
     def activations(self, sites) -> dict:
         """Per site, the hidden state its K/V projections read (calibration fits the SVD on it)."""
         return {s.id: s.projections["v"].x for s in sites}
@@ -220,9 +233,10 @@ class LatentPass(Pass):
         bias_k = added_bias(k) if step and nk else None
         if partial and bias_k is not None:
             bias_k = self._k_nope(site, bias_k)
+        absorb = step and not nk and not site.q.fold and site.output.dtype in (None, "float32")
         lat = Latent(self.rank, v.x, k, v, down, up_k, up_v, bias_k=bias_k, bias_v=added_bias(v) if step else None,
                      cache=step, rope=self.rope_kept(site) if partial else None,
-                     rotary=rotary(site.q.value, site.head_dim) if partial else None)
+                     rotary=rotary(site.q.value, site.head_dim) if partial else None, absorb=absorb)
         full = min(w.shape)
         exact = self.rank >= full and not partial
         notes = [f"latent rank {self.rank} of {full} ({'exact: full rank' if exact else 'approximate'}), "
@@ -241,7 +255,7 @@ class LatentPass(Pass):
                 "float32", "float16", "float64") else 2
             notes.append(f"cache per token per layer: {before} → {after} values, {before * size} → {after * size} "
                          f"bytes ({after / before:.0%}; {what}"
-                         + "); up-projections not absorbed: each step up-projects the cached latent")
+                         + ")" + self._absorb_note(site, lat))
         else:
             n = w.shape[1]
             notes.append(f"K/V projection weights: {w.shape[0] * n} → {w.shape[0] * self.rank + self.rank * n}")

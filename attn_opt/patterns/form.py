@@ -352,6 +352,7 @@ class Latent:
     cache: bool = False  # a decoder step: the cache holds c
     rope: tuple[int, ...] | None = None  # partial RoPE: the rotated K dims (per kv head) cached as they are
     rotary: Any = None  # with `rope`: the queries' rotary (patterns/rotary.py), to turn the other dims back
+    absorb: bool = False  # a step whose K keeps its cache: P·(c·W_uv) computed as (P·c)·W_uv (V never up-projected)
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")

@@ -12,6 +12,7 @@ named after them (…value → …latent) and take their place in the input/outp
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -45,7 +46,9 @@ def emit_latent(e: SiteEdit, lat: Latent) -> str | None:
                 y = e.op("Add", [y, node.inputs[2]])
             replaced.append((node.outputs[0], e.op("Cast", [y], {"to": low}) if low is not None else y))
     else:
-        replaced = _cached(e, lat, c, ups, low)
+        replaced, flat = _cached(e, lat, c, {w: u for w, u in ups.items() if not (w == "v" and lat.absorb)}, low)
+        if lat.absorb:
+            replaced.append((site.output.native, _absorbed(e, lat, flat)))
     first = min((projs["k"], projs["v"]), key=lambda n: _index(graph, n))
     first.graph.insert_before(first, e.nodes)
     ours = {id(n) for n in e.nodes}
@@ -56,9 +59,33 @@ def emit_latent(e: SiteEdit, lat: Latent) -> str | None:
             node.replace_input_with(idx, old)
     if lat.cache:
         _drop_replaced_cache(e, ups)
-    if lat.rope is not None:
-        graph.sort()  # the rope part reads the rotated K and Q, which come after the projections
+    if lat.rope is not None or lat.absorb:
+        graph.sort()  # the rope part and the absorbed attention read Q and K, which come after the projections
     return None
+
+
+def _absorbed(e: SiteEdit, lat: Latent, flat):
+    """The site's output with V's up-projection absorbed: P·V_h = (P·[c, 1])·[W_uv,h; b_v,h]
+    (the ones column carries Σ_j P_ij for the bias, exact for any normaliser), the
+    attention computed on the site's own Q, K and masks (explicit.py), V = the latent."""
+    from attn_opt.backends.onnx.explicit import emit_explicit
+    from attn_opt.backends.onnx.lower import normaliser_fn
+
+    site = e.site
+    h, hkv, rank = site.heads, site.kv_heads, lat.down.shape[1]
+    dv = lat.up_v.shape[1] // hkv
+    ones = e.op("ConstantOfShape", [e.op("Concat", [e.op("Shape", [flat], {"end": -1}), e.ints(1)], {"axis": 0})],
+                {"value": ir.tensor(np.ones(1, np.float32))})
+    v = e.op("Unsqueeze", [e.op("Concat", [flat, ones], {"axis": -1}), e.ints(1)])  # [B, 1, T, R + 1]
+    v = e.op("Expand", [v, e.ints(1, hkv, 1, 1)])
+    q, k = e.bhsd(site.q), e.bhsd(site.k)
+    o = emit_explicit(e, site, normaliser_fn(site.normaliser, site, 5), qkv=(q, k, v))  # [B, H, Tq, R + 1]
+    per_head = lat.up_v.reshape(rank, hkv, dv).transpose(1, 0, 2)[np.arange(h) // (h // hkv)]  # [H, R, dv]
+    w = np.concatenate([per_head, np.zeros((h, 1, dv)) if lat.bias_v is None else
+                        lat.bias_v.reshape(hkv, 1, dv)[np.arange(h) // (h // hkv)]], axis=1)  # [H, R + 1, dv]
+    out = e.op("MatMul", [o, e.initializer("latent_up_v_heads", w[None])])  # [B, H, Tq, dv]
+    out = e.back(out) if e.in_fp32 else out
+    return e.fold(out) if site.q.fold else out
 
 
 def _index(graph, node) -> int:
@@ -93,6 +120,7 @@ def _cached(e: SiteEdit, lat: Latent, c, ups: dict, low) -> list:
     flat = e.op("Squeeze", [full, e.ints(1)])
     if dtype != ir.DataType.FLOAT:
         flat = e.op("Cast", [flat], {"to": ir.DataType.FLOAT})
+        e.in_fp32 = True
     out = []
     for w, up in ups.items():
         bias = lat.bias_k if w == "k" else lat.bias_v
@@ -108,7 +136,7 @@ def _cached(e: SiteEdit, lat: Latent, c, ups: dict, low) -> list:
             y, q = _partial_rope(e, lat, concat, y, dims, dtype)
             out.append((site.q.value.native, q))
         out.append((concat.outputs[0], y))
-    return out
+    return out, flat
 
 
 def _partial_rope(e: SiteEdit, lat: Latent, concat, k_nope, dims, dtype):

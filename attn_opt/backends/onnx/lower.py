@@ -30,7 +30,7 @@ from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.graph import FORM_KEY, param_name
 
-OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 13}  # Attention; ReduceMax/ReduceSum with axes as an input
+OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
 
 
 def opset_for(produces: str) -> int | None:

@@ -102,11 +102,8 @@ def test_refused_in_one_line(zoo_onnx, llama_step, tmp_path):
         r = cli(src, "--pass", spec, "-o", tmp_path / "o.onnx")
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "o.onnx").exists()
-    rep = tmp_path / "r.json"  # fewer rotary dimensions than the head: not implemented, said per site
-    r = cli(llama_step, "--pass", "latent:rank=8,rope_dims=4", "-o", tmp_path / "o.onnx", "--report", rep)
-    p = _report(rep)
-    assert r.returncode == 0 and not p["sites_rewritten"]
-    assert all("partial RoPE) is not implemented yet" in s["reason"] for s in p["sites_skipped"])
+    r = cli(llama_step, "--pass", "latent:rank=8,rope_dims=3", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "odd" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     rep = tmp_path / "g.json"
     gpt2 = _cached(tmp_path / "gpt2.onnx", lambda tmp: zoo.export_decoder_step("gpt2", "torchscript", tmp))
     r = cli(gpt2, "--pass", "latent:rank=8", "-o", tmp_path / "g.onnx", "--report", rep)
@@ -126,3 +123,46 @@ def test_torch_fx_factorised_weights_are_parameters():
     step, args, *_ = zoo.decoder_step("llama")  # the torch step's cache: refused in words
     _, report = attn_opt.optimize(step, ["latent:rank=16"], example_inputs=args)
     assert not report.passes[0].sites_rewritten and report.passes[0].sites_skipped
+
+
+def _first_call(sess, ids, positions, past=None):
+    """Logits of one call and its cache as the next past (by the model's own names)."""
+    feeds = {"input_ids": ids, "position_ids": positions}
+    held = 0
+    for i in sess.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = past[i.name] if past else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            held = feeds[i.name].shape[2]
+    feeds["attention_mask"] = np.ones((1, held + ids.shape[1]), np.int64)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(names, feeds)))
+    return out["logits"], {k.replace("present", "past_key_values"): v for k, v in out.items() if k != "logits"}
+
+
+def test_partial_rope_keeps_some_rotated_dims_in_their_own_cache(llama_step, tmp_path):
+    """rope_dims=4 of 8: a [B, 2, T, 4] key_rope cache and a rank-24 latent (the full rank of
+    the 8 unrotated K columns + 16 V columns). Exact where rotation is the identity (every
+    position 0); elsewhere the dropped rotation moves the logits; and the step's cache is
+    consistent: a prompt in one call equals it fed through the cache token by token."""
+    import onnxruntime as ort
+
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    r = cli(llama_step, "--pass", "latent:rank=24,rope_dims=4", "-o", out, "--report", rep, "--force")
+    assert r.returncode == 0, r.stderr
+    p = _report(rep)
+    assert p["sites_rewritten"] == ["a0", "a1"] and "32 → 32 values" in " ".join(p["notes"])  # 2 x 4 rotated + 24
+    dense, new = ort.InferenceSession(str(llama_step)), ort.InferenceSession(str(out))
+    shapes = {i.name: i.shape for i in new.get_inputs()}
+    assert shapes["past_key_values.0.key_rope"][1:] == [2, "past", 4] and shapes["past_key_values.0.latent"][3] == 24
+    ids = np.array([[5, 6, 7, 8, 9]])
+    zero, pos = np.zeros((1, 5), np.int64), np.arange(5)[None]
+    a, _ = _first_call(dense, ids, zero)
+    b, _ = _first_call(new, ids, zero)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    a, _ = _first_call(dense, ids, pos)
+    whole, _ = _first_call(new, ids, pos)
+    assert np.abs(a - whole).max() > 1e-4 * np.abs(a).max()  # the nope dims lost their rotation
+    logits, past = _first_call(new, ids[:, :2], pos[:, :2])
+    for t in range(2, 5):
+        logits, past = _first_call(new, ids[:, t:t + 1], pos[:, t:t + 1], past)
+        assert np.abs(logits[0, -1] - whole[0, t]).max() <= 1e-5 * np.abs(whole).max()

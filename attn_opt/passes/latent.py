@@ -12,14 +12,21 @@ approximation below.
 
 On a decoder step the cache holds c ([B, 1, T, R], one shared "head") instead of the
 factorised K/V for every head, and each step up-projects the whole cache. A K that is
-rotated after its projection (RoPE) cannot be rebuilt from c at past positions, so it
-keeps its own cache (the rotary key part, rope_dims = head dim, exact) and only V goes in
-the latent; keeping fewer rotary dimensions (MHA2MLA's partial RoPE, rope_dims < head
-dim) is not implemented yet and is refused per site with that reason. The up-projections
-are not absorbed into the query and output projections: the step computes K/V from c.
-The new cache tensors are named after the ones they replace (past_key_values.0.value →
-past_key_values.0.latent, present.0.value → present.0.latent), and the usual loop drives
-them (every present* fed back as the past* of the same name).
+rotated after its projection (RoPE) cannot be rebuilt from c at past positions: by
+default it keeps its own cache whole (the rotary key part, rope_dims = head dim, exact at
+full rank) and only V goes in the latent. rope_dims=D < head dim is MHA2MLA's partial
+RoPE: D/2 rotary frequency pairs (the most query·key weight energy) stay rotated and
+cached per kv head; the other K dims go in the latent unrotated, and the queries' same
+dims are turned back to unrotated (the rotary read from the graph), so those dims lose
+their position dependence: approximate at any rank (exact where every position is 0).
+Where K keeps its own cache (the default on a rotary step), V's up-projection is
+absorbed: the step computes P·[c, 1] (R + 1 values per head and query) and then one
+[R + 1, dv] product per head, instead of up-projecting the whole cache to V (exact; the
+ones column carries the bias). K's part of the latent (no rotary, or partial RoPE) is not
+absorbed into the queries yet: those steps up-project the cached latent to K and V. The new cache tensors are named after the ones they replace
+(past_key_values.0.value → past_key_values.0.latent, past_key_values.0.key →
+past_key_values.0.key_rope, present.* likewise), and the usual loop drives them (every
+present* fed back as the past* of the same name).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from attn_opt.core.errors import UserError
 from attn_opt.core.passbase import Pass, option
 from attn_opt.patterns.cache import past_source
 from attn_opt.patterns.form import Form, Latent, reads_own_cache
+from attn_opt.patterns.rotary import rotary
 
 _LAYOUT = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 
@@ -119,10 +127,38 @@ class LatentPass(Pass):
     def is_exact(self) -> bool:
         return False  # exact only at full rank, which depends on the site; the report gives the error
 
+    def partial(self, site) -> bool:
+        """A step whose K is rotated and rope_dims keeps fewer than every dim (partial RoPE)."""
+        return (site.cache is not None and self.rope_dims is not None and self.rope_dims < site.head_dim
+                and not self._k_plain(site))
+
+    def rope_kept(self, site) -> tuple[int, ...]:
+        """The rotated K dims (per kv head) kept outside the latent: rope_dims/2 frequency
+        pairs (i, i + d/2), those with the most query·key weight energy over the heads
+        (‖W_q,h,i‖·‖W_k,g(h),i‖ summed over both dims of a pair and every head; MHA2MLA's
+        2-norm choice, here from the weights)."""
+        d, h, g = site.head_dim, site.heads, site.heads // site.kv_heads
+        wq = np.linalg.norm(weight(site.projections["q"]), axis=0).reshape(h, d)
+        wk = np.linalg.norm(weight(site.projections["k"]), axis=0).reshape(site.kv_heads, d)
+        energy = (wq * wk[np.arange(h) // g]).sum(0)
+        pairs = energy[: d // 2] + energy[d // 2:]
+        top = sorted(np.argsort(-pairs, kind="stable")[: self.rope_dims // 2].tolist())
+        return tuple(top + [i + d // 2 for i in top])
+
     def joint(self, site) -> tuple[list[str], np.ndarray]:
-        """Which projections go in the latent ("k", "v") and their joint weight [D, N]."""
-        parts = ["v"] if site.cache is not None and not self._k_plain(site) else ["k", "v"]
-        return parts, np.concatenate([weight(site.projections[p]) for p in parts], axis=1)
+        """Which projections go in the latent ("k", "v") and their joint weight [D, N]
+        (with partial RoPE, K's columns outside the kept rotary dims)."""
+        if site.cache is not None and not self._k_plain(site):
+            if not self.partial(site):
+                return ["v"], weight(site.projections["v"])
+            return ["k", "v"], np.concatenate([self._k_nope(site), weight(site.projections["v"])], axis=1)
+        return ["k", "v"], np.concatenate([weight(site.projections[p]) for p in ("k", "v")], axis=1)
+
+    def _k_nope(self, site, w=None) -> np.ndarray:
+        d, keep = site.head_dim, set(self.rope_kept(site))
+        cols = [g * d + i for g in range(site.kv_heads) for i in range(d) if i not in keep]
+        w = weight(site.projections["k"]) if w is None else w
+        return w[..., cols]
 
     @staticmethod
     def _k_plain(site) -> bool:
@@ -154,9 +190,15 @@ class LatentPass(Pass):
             concat_v = cache_concat(site, "value")
             if concat_v is None or not plain_from(concat_v.input(1), v.node) or cache_concat(site, "key") is None:
                 return "its cache is not Concat(past, new projection) for K and V"
-            if not self._k_plain(site) and self.rope_dims is not None and self.rope_dims < site.head_dim:
-                return (f"rope_dims={self.rope_dims} < head dim {site.head_dim}: dropping rotary dimensions (MHA2MLA's "
-                        f"partial RoPE) is not implemented yet; leave rope_dims out (K kept whole in its cache)")
+            if self.partial(site):
+                if self.rope_dims % 2:
+                    raise UserError(f"latent: rope_dims={self.rope_dims} is odd: rotary dims come in pairs (i, i + d/2)")
+                if isinstance(why := rotary(site.q.value, site.head_dim), str):
+                    return f"partial RoPE turns the queries' dropped rotary dims back: {why}"
+                if "q" not in site.projections or site.projections["q"].weight.const is None:
+                    return "partial RoPE chooses dims by the Q/K weights: no Q projection with constant weights"
+                if site.q.fold or site.q.perm not in (None, (0, 2, 1, 3)):
+                    return "partial RoPE reads Q in [B, H, S, d] layout"
         parts, w = self.joint(site)
         full = min(w.shape)
         if self.rank > full:
@@ -164,6 +206,16 @@ class LatentPass(Pass):
                             f"{'/'.join(p.upper() for p in parts)} projection ({w.shape[0]}x{w.shape[1]}); "
                             f"give rank <= {full}")
         return None
+
+    def _absorb_note(self, site, lat) -> str:
+        h, hkv, r = site.heads, site.kv_heads, self.rank
+        dv = lat.up_v.shape[1] // hkv
+        if not lat.absorb:
+            return ("; up-projections not absorbed (K's part of the latent, partial RoPE, a heads-in-batch or "
+                    "non-float32 site): each step up-projects the cached latent")
+        return (f"; V's up-projection absorbed: per cached token a step multiplies H·(R+1) = {h * (r + 1)} values of "
+                f"P·[c, 1] instead of up-projecting R·Hkv·dv = {r * hkv * dv} (then one [R+1, dv] product per head "
+                "and query)")
 
     def activations(self, sites) -> dict:
         """Per site, the hidden state its K/V projections read (calibration fits the SVD on it)."""
@@ -174,24 +226,40 @@ class LatentPass(Pass):
         x = diag.get("x") if isinstance(diag, dict) else None
         down, up = factorise(w, self.rank, x)
         k, v = site.projections["k"], site.projections["v"]
-        nk = weight(k).shape[1] if "k" in parts else 0
+        nk = w.shape[1] - weight(v).shape[1]  # K's columns in the joint weight (0: K keeps its own cache)
         up_k, up_v = (up[:, :nk], up[:, nk:]) if nk else (None, up)
         step = site.cache is not None
-        lat = Latent(self.rank, v.x, k, v, down, up_k, up_v,
-                     bias_k=added_bias(k) if step and nk else None, bias_v=added_bias(v) if step else None, cache=step)
+        partial = self.partial(site)
+        bias_k = added_bias(k) if step and nk else None
+        if partial and bias_k is not None:
+            bias_k = self._k_nope(site, bias_k)
+        absorb = step and not nk and not site.q.fold and site.output.dtype in (None, "float32")
+        lat = Latent(self.rank, v.x, k, v, down, up_k, up_v, bias_k=bias_k, bias_v=added_bias(v) if step else None,
+                     cache=step, rope=self.rope_kept(site) if partial else None,
+                     rotary=rotary(site.q.value, site.head_dim) if partial else None, absorb=absorb)
         full = min(w.shape)
-        notes = [f"latent rank {self.rank} of {full} ({'exact: full rank' if self.rank >= full else 'approximate'}), "
+        exact = self.rank >= full and not partial
+        notes = [f"latent rank {self.rank} of {full} ({'exact: full rank' if exact else 'approximate'}), "
                  f"{'/'.join(p.upper() for p in parts)} from c = x·W_down, SVD of "
                  + ("the projections' activations on the calibration inputs" if x is not None else "the weights")]
         d, hkv = site.head_dim, site.kv_heads
         dv = weight(v).shape[1] // hkv
         before = hkv * (d + dv)
         if step:
-            after = self.rank + (0 if nk else hkv * d)
-            notes.append(f"cache per token per layer: {before} → {after} values ({after / before:.0%}; "
-                         + ("K and V in the latent" if nk else "the rotated K kept whole as the rotary part, V in the latent")
-                         + "); up-projections not absorbed: each step up-projects the cached latent")
+            kept = len(lat.rope) if partial else (0 if nk else d)
+            after = self.rank + hkv * kept
+            what = (f"K dims {list(lat.rope)} of each kv head kept rotated (partial RoPE: the other dims lose their "
+                    "rotation, approximate at any rank), the rest of K and V in the latent" if partial else
+                    "K and V in the latent" if nk else "the rotated K kept whole as the rotary part, V in the latent")
+            size = np.dtype(site.output.dtype or "float32").itemsize if (site.output.dtype or "float32") in (
+                "float32", "float16", "float64") else 2
+            notes.append(f"cache per token per layer: {before} → {after} values, {before * size} → {after * size} "
+                         f"bytes ({after / before:.0%}; {what}"
+                         + ")" + self._absorb_note(site, lat))
         else:
             n = w.shape[1]
             notes.append(f"K/V projection weights: {w.shape[0] * n} → {w.shape[0] * self.rank + self.rank * n}")
+        if self.rope_dims is not None and not partial and (not step or nk):
+            notes.append(f"rope_dims={self.rope_dims} unused here: " + ("no cache to keep rotary dims in (not a "
+                         "decoder step)" if not step else "its K is not rotated after the projection"))
         return Form(latent=lat, notes=tuple(notes))

@@ -1,7 +1,7 @@
 """stream: a decoder step whose cache stays S + W tokens long, however long it runs
 (StreamingLLM: attention sinks plus a recent window).
 
-    stream:sinks=S,window=W[,positions=original|cache]
+    stream:sinks=S,window=W[,positions=original|cache][,target=own|onnx|ort|auto]
 
 Each site attends as `sparse:window=W,sinks=S` with a causal window: a query sees the
 first S tokens and the W most recent ones (itself included). The step's `present`
@@ -18,6 +18,12 @@ dropped. Window keys are at the same distance in both (the window is contiguous)
 the sink scores change, computed with the query rotated back by the dropped count
 (patterns/rotary.py reads the rotary's frequencies from the graph; a model without a
 rotary embedding on Q is skipped with the reason). Both are exact while nothing is dropped.
+
+target=onnx|ort computes the window with a runtime's own op (ONNX Attention opset 25 with
+left_window_size, ONNX Runtime's GroupQueryAttention with local_window_size; sinks=0, as
+neither keeps sink tokens), the cache capped the same way; auto times both at the site's
+shape and keeps the faster (backends/onnx/stream_ops.py); own (default) is attn-opt's
+lowering in standard ops. A site an op cannot take is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attn_opt.patterns.form import Form, Pattern, StreamCache, form_skip_reason
+from attn_opt.patterns.form import STREAM_TARGETS, Form, Pattern, StreamCache, form_skip_reason
 from attn_opt.patterns.rotary import rotary
 from attn_opt.core.errors import UserError
 from attn_opt.core.passbase import Pass, option
@@ -40,10 +46,16 @@ class Stream(Pass):
     sinks: int = option(4, "first tokens every query sees and the cache keeps", low=0)
     window: int | None = option(None, "recent tokens each query sees and the cache keeps (required)", low=1)
     positions: str = option("original", "rotary positions of cached tokens", choices=("original", "cache"))
+    target: str = option("own", "who computes the window: attn-opt's own ONNX lowering, ONNX Attention-25, ORT "
+                                "GroupQueryAttention, or the faster of the two ops (auto; the ops need sinks=0)",
+                         choices=STREAM_TARGETS)
 
     def __post_init__(self):
         if self.window is None:
             raise UserError("stream: window=W is required (e.g. stream:sinks=4,window=1024)")
+        if self.target in ("onnx", "ort") and self.sinks:
+            raise UserError(f"stream: target={self.target} computes the window with one op that keeps no sink tokens: "
+                            "give sinks=0 (or target=own|auto)")
 
     def skip_reason(self, site) -> str | None:
         if site.cache is None:
@@ -70,5 +82,9 @@ class Stream(Pass):
                              f"(rotary ω read from the graph, d/2 = {len(rot.inv_freq)})")
             else:
                 notes.append("positions=cache is positions=original without sinks (window distances are the same)")
-        return Form(pattern=pattern, normaliser=site.normaliser, stream=StreamCache(self.sinks, self.window, rot),
+        if self.target == "auto" and self.sinks:
+            notes.append("target=auto: the windowed ops keep no sink tokens, so attn-opt's own lowering (sinks > 0)")
+        target = "own" if self.target == "auto" and self.sinks else self.target
+        return Form(pattern=pattern, normaliser=site.normaliser,
+                    stream=StreamCache(self.sinks, self.window, rot, target),
                     notes=tuple(notes))

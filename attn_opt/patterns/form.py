@@ -427,6 +427,7 @@ class StreamCache:
     sinks: int
     window: int
     rotary: Any = None
+    target: str = "own"  # STREAM_TARGETS: attn-opt's own lowering, or a runtime's windowed op (sinks = 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -437,7 +438,10 @@ class Latent:
     where K keeps its own projection (a decoder step whose K is rotated after the
     projection: its cache keeps the rotated K, the "rope part", and only V is in the
     latent). With `cache` (a decoder step), the step caches c ([B, 1, T, R]) in place of
-    the factorised K/V and up-projects the whole cache each step."""
+    the factorised K/V and up-projects the whole cache each step. With `rope` (partial
+    RoPE, MHA2MLA): only those rotated K dims keep a cache ([B, Hkv, T, len(rope)]); the
+    other K dims come unrotated from c (`up_k` holds their columns) and the queries' same
+    dims are turned back to unrotated, so scores are q_rope·k_rope + q_nope·k_nope."""
 
     rank: int
     x: Any  # the hidden state both projections read (a graph value)
@@ -449,9 +453,13 @@ class Latent:
     bias_k: np.ndarray | None = None  # a bias added after the projection (re-added to the up-projected cache)
     bias_v: np.ndarray | None = None
     cache: bool = False  # a decoder step: the cache holds c
+    rope: tuple[int, ...] | None = None  # partial RoPE: the rotated K dims (per kv head) cached as they are
+    rotary: Any = None  # with `rope`: the queries' rotary (patterns/rotary.py), to turn the other dims back
+    absorb: bool = False  # a step whose K keeps its cache: P·(c·W_uv) computed as (P·c)·W_uv (V never up-projected)
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")
+STREAM_TARGETS = ("own", "onnx", "ort", "auto")
 
 
 @dataclass(frozen=True, eq=False)

@@ -86,6 +86,13 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
     dtype = site.output.dtype or site.q.value.dtype
     if target != "onnx" and dtype not in (None, "float32"):
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
+    if target != "onnx" and site.gqa and not site.causal and site.kind == "self":  # an encoder's GQA
+        if not ort.gqa_has_causal():
+            return "onnx", "the installed ONNX Runtime's GroupQueryAttention has no causal=0 (bidirectional)"
+        if target == "ort":
+            return "gqa", "bidirectional grouped-query attention: GroupQueryAttention with causal=0"
+        b, h, tq, tk, d = site.run_shape or (1, site.heads, 128, 128, site.head_dim)
+        return ort.fastest_bidirectional(b, h, site.kv_heads, max(tq, tk), d)
     if target != "onnx" and site.softcap:
         return "onnx", "MultiHeadAttention has no soft-cap; Attention (opset 23) has"
     if target != "onnx" and (sizes := _head_sizes(site)) and sizes[0] != sizes[1]:
@@ -134,6 +141,9 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if choice == "ort" and not s.gqa:
         e.commit(_zero_hidden_rows(e, s, ort.multi_head_attention(e, s, q, k, v, mask, is_bool)))
         return f"MultiHeadAttention (com.microsoft): {why}"
+    if choice == "gqa" and s.cache is None:
+        e.commit(ort.bidirectional_gqa(e, s, q, k, v, mask, is_bool))
+        return f"GroupQueryAttention (com.microsoft) causal=0: {why}"
     e.ensure_opset("", 23)
     attrs = {"scale": float(s.scale), "is_causal": int(s.mask == "causal")}
     if s.softcap:

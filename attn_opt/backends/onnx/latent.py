@@ -12,10 +12,12 @@ named after them (…value → …latent) and take their place in the input/outp
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from attn_opt.backends.onnx.edit import LOW_PRECISION, SiteEdit, find_node
+from attn_opt.core.errors import NotSupported
 from attn_opt.patterns.form import Latent
 
 
@@ -44,14 +46,46 @@ def emit_latent(e: SiteEdit, lat: Latent) -> str | None:
                 y = e.op("Add", [y, node.inputs[2]])
             replaced.append((node.outputs[0], e.op("Cast", [y], {"to": low}) if low is not None else y))
     else:
-        replaced = _cached(e, lat, c, ups, low)
+        replaced, flat = _cached(e, lat, c, {w: u for w, u in ups.items() if not (w == "v" and lat.absorb)}, low)
+        if lat.absorb:
+            replaced.append((site.output.native, _absorbed(e, lat, flat)))
     first = min((projs["k"], projs["v"]), key=lambda n: _index(graph, n))
     first.graph.insert_before(first, e.nodes)
+    ours = {id(n) for n in e.nodes}
     for old, new in replaced:
+        keep = [(u.node, u.idx) for u in old.uses() if id(u.node) in ours]  # Q' is computed from Q
         old.replace_all_uses_with(new)
+        for node, idx in keep:
+            node.replace_input_with(idx, old)
     if lat.cache:
         _drop_replaced_cache(e, ups)
+    if lat.rope is not None or lat.absorb:
+        graph.sort()  # the rope part and the absorbed attention read Q and K, which come after the projections
     return None
+
+
+def _absorbed(e: SiteEdit, lat: Latent, flat):
+    """The site's output with V's up-projection absorbed: P·V_h = (P·[c, 1])·[W_uv,h; b_v,h]
+    (the ones column carries Σ_j P_ij for the bias, exact for any normaliser), the
+    attention computed on the site's own Q, K and masks (explicit.py), V = the latent."""
+    from attn_opt.backends.onnx.explicit import emit_explicit
+    from attn_opt.backends.onnx.lower import normaliser_fn
+
+    site = e.site
+    h, hkv, rank = site.heads, site.kv_heads, lat.down.shape[1]
+    dv = lat.up_v.shape[1] // hkv
+    ones = e.op("ConstantOfShape", [e.op("Concat", [e.op("Shape", [flat], {"end": -1}), e.ints(1)], {"axis": 0})],
+                {"value": ir.tensor(np.ones(1, np.float32))})
+    v = e.op("Unsqueeze", [e.op("Concat", [flat, ones], {"axis": -1}), e.ints(1)])  # [B, 1, T, R + 1]
+    v = e.op("Expand", [v, e.ints(1, hkv, 1, 1)])
+    q, k = e.bhsd(site.q), e.bhsd(site.k)
+    o = emit_explicit(e, site, normaliser_fn(site.normaliser, site, 5), qkv=(q, k, v))  # [B, H, Tq, R + 1]
+    per_head = lat.up_v.reshape(rank, hkv, dv).transpose(1, 0, 2)[np.arange(h) // (h // hkv)]  # [H, R, dv]
+    w = np.concatenate([per_head, np.zeros((h, 1, dv)) if lat.bias_v is None else
+                        lat.bias_v.reshape(hkv, 1, dv)[np.arange(h) // (h // hkv)]], axis=1)  # [H, R + 1, dv]
+    out = e.op("MatMul", [o, e.initializer("latent_up_v_heads", w[None])])  # [B, H, Tq, dv]
+    out = e.back(out) if e.in_fp32 else out
+    return e.fold(out) if site.q.fold else out
 
 
 def _index(graph, node) -> int:
@@ -86,6 +120,7 @@ def _cached(e: SiteEdit, lat: Latent, c, ups: dict, low) -> list:
     flat = e.op("Squeeze", [full, e.ints(1)])
     if dtype != ir.DataType.FLOAT:
         flat = e.op("Cast", [flat], {"to": ir.DataType.FLOAT})
+        e.in_fp32 = True
     out = []
     for w, up in ups.items():
         bias = lat.bias_k if w == "k" else lat.bias_v
@@ -97,8 +132,59 @@ def _cached(e: SiteEdit, lat: Latent, c, ups: dict, low) -> list:
         if dtype != ir.DataType.FLOAT:
             y = e.op("Cast", [y], {"to": dtype})
         concat = find_node(e.model, _concat_name(site, w))
+        if w == "k" and lat.rope is not None:
+            y, q = _partial_rope(e, lat, concat, y, dims, dtype)
+            out.append((site.q.value.native, q))
         out.append((concat.outputs[0], y))
-    return out
+    return out, flat
+
+
+def _partial_rope(e: SiteEdit, lat: Latent, concat, k_nope, dims, dtype):
+    """(K', Q'): the kept rotated K dims through their own cache (…key → …key_rope), then
+    K's other dims from the latent; Q's kept dims as they are, its other dims turned back
+    to unrotated (R(−p) q), in the same order, so Q'·K'ᵀ = q_rope·k_rope + q_nope·k_nope."""
+    site, graph, cache = e.site, e.model.graph, e.site.cache
+    d = site.head_dim
+    keep = list(lat.rope)
+    nope = [i for i in range(d) if i not in lat.rope]
+    parts = []
+    if keep:
+        past_k = next(v for v in graph.inputs if v.name == cache.past_key)
+        past = ir.Value(name=f"{cache.past_key}_rope", shape=ir.Shape([dims[0], site.kv_heads, dims[2], len(keep)]),
+                        type=ir.TensorType(dtype))
+        graph.inputs.insert(list(graph.inputs).index(past_k), past)
+        new = e.op("Gather", [concat.inputs[1], e.ints(*keep)], {"axis": 3})
+        full = e.op("Concat", [past, new], {"axis": 2})
+        present = e.op("Identity", [full])
+        present.name, present.type = f"{cache.present_key}_rope", ir.TensorType(dtype)
+        present.shape = ir.Shape([dims[0], site.kv_heads, "total_sequence", len(keep)])
+        at = next(i for i, v in enumerate(graph.outputs) if v.name == latent_name(cache.present_value))
+        graph.outputs.insert(at, present)
+        parts.append(full)
+    k = e.op("Concat", parts + [k_nope], {"axis": 3}) if parts else k_nope
+    q = site.q.value.native  # [B, H, Tq, d] (the pass checked the layout)
+    if site.q.perm is not None:
+        q = e.op("Transpose", [q], {"perm": list(site.q.perm)})
+    if dtype != ir.DataType.FLOAT:
+        q = e.op("Cast", [q], {"to": ir.DataType.FLOAT})
+    rot = lat.rotary
+    pos = e.op("Cast", [rot.positions.native], {"to": ir.DataType.FLOAT})
+    pos = e.op("Reshape", [pos, e.op("Concat", [e.shape_dim(pos, 0), e.ints(-1, 1)], {"axis": 0})])  # [B, Tq, 1]
+    angle = e.op("Mul", [e.op("Unsqueeze", [pos, e.ints(1)]), e.const(rot.angles().astype("float32"))])
+    half = d // 2
+    x1 = e.op("Slice", [q, e.ints(0), e.ints(half), e.ints(-1)])
+    x2 = e.op("Slice", [q, e.ints(half), e.ints(d), e.ints(-1)])
+    rotated_half = e.op("Concat", [e.op("Neg", [x2]), x1], {"axis": -1})
+    plain = e.op("Sub", [e.op("Mul", [q, e.op("Cos", [angle])]), e.op("Mul", [rotated_half, e.op("Sin", [angle])])])
+    q_parts = ([e.op("Gather", [q, e.ints(*keep)], {"axis": 3})] if keep else []) + \
+        [e.op("Gather", [plain, e.ints(*nope)], {"axis": 3})]
+    q2 = e.op("Concat", q_parts, {"axis": 3}) if len(q_parts) > 1 else q_parts[0]
+    if dtype != ir.DataType.FLOAT:
+        q2 = e.op("Cast", [q2], {"to": dtype})
+    if site.q.perm is not None:
+        inverse = [list(site.q.perm).index(i) for i in range(4)]
+        q2 = e.op("Transpose", [q2], {"perm": inverse})
+    return k, q2
 
 
 def _concat_name(site, which: str) -> str:
@@ -120,7 +206,38 @@ def _drop_replaced_cache(e: SiteEdit, ups: dict) -> None:
     graph, cache = e.model.graph, e.site.cache
     pairs = [(cache.past_value, cache.present_value)] + ([(cache.past_key, cache.present_key)] if "k" in ups else [])
     RemoveUnusedNodesPass()(e.model)
+    latent = next(v for v in graph.inputs if v.name == latent_name(cache.past_value))
     for past, _ in pairs:
         v = next(v for v in graph.inputs if v.name == past)
+        _sizes_from(v, latent)
+        RemoveUnusedNodesPass()(e.model)
         if not v.uses():
             graph.inputs.remove(v)
+        else:
+            raise NotSupported(f"latent: the step reads its cache input {past} other than as the cache "
+                               f"({', '.join(u.node.op_type for u in v.uses())}); nothing written")
+
+
+def _sizes_from(past: ir.Value, latent: ir.Value) -> None:
+    """A step that reads the past length from a replaced cache input (HF: Shape(past)[2]
+    through the cache's one-input Concat) reads it from the latent cache instead, which
+    has the same batch and length axes (0 and 2)."""
+    todo = [past]
+    while todo:
+        v = todo.pop()
+        for u in list(v.uses()):
+            n = u.node
+            if n.op_type in ("Identity", "Cast") or (n.op_type == "Concat" and len(n.inputs) == 1):
+                todo.append(n.outputs[0])
+            elif n.op_type == "Shape" and not n.attributes and all(_reads_axes(w, {0, 2, -2, -4})
+                                                                   for w in n.outputs[0].uses()):
+                n.replace_input_with(0, latent)
+
+
+def _reads_axes(use, axes: set) -> bool:
+    """A use of a Shape that only Gathers constant indices in `axes`."""
+    n = use.node
+    if n.op_type != "Gather" or use.idx != 0:
+        return False
+    t = ir.convenience.get_const_tensor(n.inputs[1])
+    return t is not None and set(t.numpy().reshape(-1).tolist()) <= axes

@@ -32,7 +32,7 @@ from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
 from attn_opt.core.graph import FORM_KEY, param_name
 
-OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 13}  # Attention; ReduceMax/ReduceSum with axes as an input
+OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
 
 
 def opset_for(produces: str) -> int | None:
@@ -52,6 +52,10 @@ def lower(e: SiteEdit, form: Form) -> str | None:
     if form.latent is not None:
         return feature("latent")(e, form.latent)
     sink_q = None
+    if form.stream is not None and form.stream.target != "own":  # a runtime's windowed op (stream_ops.py)
+        from attn_opt.backends.onnx.stream_ops import emit_stream_op
+
+        return emit_stream_op(e, form.stream, form.stream.target, feature("stream"))
     if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
         feature("stream")(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
         if form.stream.rotary is not None:
@@ -328,6 +332,12 @@ def emit_gate(e: SiteEdit, gate: Gate) -> None:
 
 
 def _limits(site: AttentionSite, form: Form) -> str | None:
+    if form.stream is not None and form.stream.target != "own":
+        from attn_opt.backends.onnx.stream_ops import TARGETS, op_reason
+
+        targets = TARGETS if form.stream.target == "auto" else (form.stream.target,)
+        why = [op_reason(site, form.stream, t) for t in targets]
+        return None if any(w is None for w in why) else "; ".join(dict.fromkeys(why))
     return fused.limits(site, form) if form.fused else selection_reason(site, form)
 
 

@@ -63,6 +63,56 @@ def fastest_fused(b: int, h: int, kvh: int, t: int, d: int) -> tuple[str, str]:
     return pick, f"Attention {a * 1e3:.3f} ms vs MultiHeadAttention {m * 1e3:.3f} ms at B={b} H={h} T={t} d={d}"
 
 
+@functools.lru_cache(maxsize=1)
+def gqa_has_causal() -> bool:
+    """The installed ONNX Runtime's GroupQueryAttention has the `causal` attribute (0: bidirectional)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    return any(s.name == "GroupQueryAttention" and s.domain == MS and "causal" in s.attributes
+               for s in C.get_all_operator_schema())
+
+
+def _bidirectional_gqa_model(b, h, kvh, t, d) -> onnx.ModelProto:
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f, [b, t, h * d])]
+    ins += [helper.make_tensor_value_info(n, f, [b, t, kvh * d]) for n in ("k", "v")]
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens", "total"], ["o"], domain=MS,
+                            num_heads=h, kv_num_heads=kvh, causal=0)
+    consts = [helper.make_tensor("seqlens", TensorProto.INT32, [b], [t - 1] * b),
+              helper.make_tensor("total", TensorProto.INT32, [], [t])]
+    return helper.make_model(helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("o", f, None)], consts),
+                             opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)])
+
+
+@functools.lru_cache(maxsize=64)
+def fastest_bidirectional(b: int, h: int, kvh: int, t: int, d: int) -> tuple[str, str]:
+    """("onnx" | "gqa", why): Attention vs GroupQueryAttention causal=0 for one shape."""
+    a = _time(_attention_model(b, h, kvh, t, d))
+    g = _time(_bidirectional_gqa_model(b, h, kvh, t, d))
+    pick = "onnx" if a <= g else "gqa"
+    return pick, (f"Attention {a * 1e3:.3f} ms vs GroupQueryAttention causal=0 {g * 1e3:.3f} ms at B={b} H={h} "
+                  f"kvH={kvh} T={t} d={d}")
+
+
+def bidirectional_gqa(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
+    """A bidirectional grouped-query site (an encoder) as GroupQueryAttention causal=0, no
+    past: seqlens_k = T − 1 for every row, the mask as attention_bias."""
+    e.ensure_opset(MS, 1)
+    i32 = lambda x: e.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
+    t, batch = e.shape_dim(q, 2), e.shape_dim(q, 0)
+    if mask is not None and is_bool:
+        mask = e.op("Where", [mask, e.const(np.float32(0)), e.const(np.float32(-np.inf))])
+    attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "causal": 0}
+    if s.softcap:
+        attrs["softcap"] = float(s.softcap)
+    inputs = [_packed(e, q), _packed(e, k), _packed(e, v), None, None,
+              i32(e.op("Expand", [e.op("Sub", [t, e.ints(1)]), batch])), i32(e.op("Squeeze", [t, e.ints(0)])),
+              None, None, None, mask]
+    y3 = e.op("GroupQueryAttention", inputs, attrs, domain=MS)
+    y3 = e.op("Where", [e.op("IsNaN", [y3]), e.const(np.float32(0)), y3])  # a row with no key: 0, not NaN
+    return e.op("Transpose", [e.op("Reshape", [y3, e.ints(0, 0, int(s.heads), -1)])], {"perm": [0, 2, 1, 3]})
+
+
 def multi_head_attention(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool):
     """MultiHeadAttention wants Q [B, S, H*D] and takes K/V as [B, H, S, D]; bias additive."""
     e.ensure_opset(MS, 1)
@@ -135,7 +185,43 @@ def fastest_step(b: int, h: int, kvh: int, s: int, p: int, d: int, masked: bool)
                   f"S={s} past={p} d={d}")
 
 
-def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
+def _window_models(b, h, kvh, p, d, window: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(ONNX Attention opset 25 with left_window_size, GroupQueryAttention with
+    local_window_size): one new token after a cache of `p` positions."""
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f, [b, h, 1, d])]
+    ins += [helper.make_tensor_value_info(n, f, [b, kvh, 1, d]) for n in ("k", "v")]
+    ins += [helper.make_tensor_value_info(n, f, [b, kvh, p, d]) for n in ("pk", "pv")]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("o", "ok", "ov")]
+    att = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["o", "ok", "ov"],
+                           left_window_size=window - 1, right_window_size=0)
+    a = helper.make_model(helper.make_graph([att], "a", ins, outs), opset_imports=[helper.make_opsetid("", 25)])
+    nodes = [n for x in ("q", "k", "v") for n in (
+        helper.make_node("Transpose", [x], [f"{x}t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", [f"{x}t", "flat"], [f"{x}3"]))]
+    nodes += [helper.make_node("GroupQueryAttention", ["q3", "k3", "v3", "pk", "pv", "seqlens", "total"],
+                               ["o3", "ok", "ov"], domain=MS, num_heads=h, kv_num_heads=kvh, local_window_size=window),
+              helper.make_node("Reshape", ["o3", "heads"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["o"], perm=[0, 2, 1, 3])]
+    consts = [helper.make_tensor("flat", TensorProto.INT64, [3], [0, 0, -1]),
+              helper.make_tensor("heads", TensorProto.INT64, [4], [0, 0, h, -1]),
+              helper.make_tensor("seqlens", TensorProto.INT32, [b], [p] * b),
+              helper.make_tensor("total", TensorProto.INT32, [], [p + 1])]
+    g = helper.make_model(helper.make_graph(nodes, "g", ins, outs, consts),
+                          opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)])
+    return a, g
+
+
+@functools.lru_cache(maxsize=64)
+def fastest_window(b: int, h: int, kvh: int, p: int, d: int, window: int) -> tuple[str, str]:
+    """("onnx" | "ort", why): the faster windowed op for one new token after `p` cached."""
+    a, g = (_time(m) for m in _window_models(b, h, kvh, p, d, window))
+    pick = "onnx" if a <= g else "ort"
+    return pick, (f"Attention-25 window {a * 1e3:.3f} ms vs GroupQueryAttention local_window_size "
+                  f"{g * 1e3:.3f} ms at B={b} H={h} kvH={kvh} cache={p} d={d}")
+
+
+def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask, window: int | None = None):
     """The decoder step as one GroupQueryAttention reading the step's own past cache:
     (output [B, H, S, D], present key, present value). seqlens_k is total - 1 for every
     row, so the op's present equals the step's Concat(past, new) (a smaller seqlens_k
@@ -152,6 +238,8 @@ def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask):
     if s.normaliser.kind == "logit":  # exp(S) / (exp(b_h) + Σ exp(S)): head_sink is b_h
         sink = e.weight("sink_logit", s.normaliser.per_head_bias(s.heads))
     attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "do_rotary": 0}
+    if window is not None:  # keys j with i - j < window (the query itself included)
+        attrs["local_window_size"] = int(window)
     if s.softcap:
         attrs["softcap"] = float(s.softcap)
     inputs = [_packed(e, q), _packed(e, k_new), _packed(e, v_new), past_k, past_v, seqlens,

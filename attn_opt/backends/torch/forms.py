@@ -596,6 +596,14 @@ def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, s
     return out if o_bias is None else out + o_bias
 
 
+def cap_cache(x, sinks: int, window: int):
+    """A step's present cache [B, H, T, d] kept to its first `sinks` positions and its last
+    `window` ones (all of them while T <= sinks + window): stream's cap, as
+    backends/onnx/lower.py: cap_cache writes it."""
+    t = x.shape[2]
+    return torch.cat([x[:, :, :sinks], x[:, :, max(sinks, t - window):]], dim=2)
+
+
 CAPABILITIES = Capabilities(
     "torch",
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,

@@ -70,7 +70,7 @@ def lower(gm: fx.GraphModule, site: AttentionSite, form: Form) -> str | None:
     """Emit `form` for `site` in place of its nodes; a note for the report."""
     feature = lambda name: CAPABILITIES.implementation("feature", name)  # noqa: E731
     if form.stream is not None:
-        feature("stream")
+        feature("stream")(gm, site, form.stream)
     if form.fused:
         return feature("fused")(gm, site)
     if form.gate is not None:
@@ -351,6 +351,22 @@ def emit_latent(gm: fx.GraphModule, site: AttentionSite, lat: Latent) -> None:
         g.erase_node(node)
 
 
+def cap_stream(gm: fx.GraphModule, site: AttentionSite, stream) -> None:
+    """stream's capped cache on torch.fx: where the graph returns the site's present
+    key/value (a DynamicCache filled from its inputs and returned as tensors), it returns
+    them kept to the sinks and the recent window (forms.cap_cache); the attention still
+    reads the whole concatenation, with the window pattern."""
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    nodes = {n.name: n for n in g.nodes}
+    for name in (site.cache.present_key, site.cache.present_value):
+        present = nodes[name]
+        with g.inserting_before(out):
+            capped = g.call_function(forms.cap_cache, (present, stream.sinks, stream.window))
+        capped.meta.update({k: present.meta[k] for k in ("val",) if k in present.meta})
+        out.replace_input_with(present, capped)
+
+
 def drop_mlp(gm: fx.GraphModule, gv) -> list[str]:
     """x + MLP(norm(x)) becomes x, for every feed-forward block found."""
     notes = []
@@ -367,6 +383,9 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 def _limits(site: AttentionSite, form: Form) -> str | None:
     """What scaled_dot_product_attention cannot keep of a site's own form; a latent cache;
     a content pattern's limits (patterns/form.py: selection_reason)."""
+    if form.stream is not None and (form.stream.rotary is not None or form.stream.target != "own"):
+        return ("stream on torch.fx: positions=cache and the runtime ops (target=onnx|ort|auto) are ONNX "
+                "lowerings; torch.fx takes positions=original, target=own")
     if form.latent is not None and form.latent.cache:
         return ("latent on a torch.fx decoder step: the cache is a DynamicCache the graph fills from its inputs; "
                 "the latent cache is not implemented on torch.fx yet (the ONNX step has it)")
@@ -383,7 +402,6 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
 
 CAPABILITIES = dataclasses.replace(
     forms.CAPABILITIES,
-    feature={"fused": fuse_site, "gate": gate, "collapse": emit_collapse, "lora": lora, "latent": emit_latent},
-    declined={"stream": "stream rewrites an ONNX decoder step's cache outputs; on torch.fx the cache is a "
-                        "DynamicCache object the graph does not return"},
+    feature={"fused": fuse_site, "gate": gate, "collapse": emit_collapse, "lora": lora, "latent": emit_latent,
+             "stream": cap_stream},
     limits=_limits)

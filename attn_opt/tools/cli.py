@@ -123,12 +123,14 @@ def _inspect_feeds(model: str, inputs: str) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
-def cli():
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show third-party warnings and log records (the exporters', onnx_ir's); anywhere on the line.")
+def cli(verbose: bool):
     """Find attention in ONNX models and torch.export programs, and rewrite it."""
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("model", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--why", is_flag=True, help="List every softmax that is not a site, with the reason.")
 @click.option("--attention", is_flag=True, help="Run the model and report sinks, entropy, dormant heads per head.")
@@ -137,9 +139,20 @@ def cli():
 @click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
 @MAX_MEMORY
 def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps, max_memory):
-    """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
+    """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save), or of
+    every .onnx file in a folder (an Optimum export)."""
     from attn_opt import inspect as run_inspect
     from attn_opt.core import limits
+
+    import os
+
+    if os.path.isdir(model):
+        if attention or inputs:
+            raise UserError(f"{model} is a folder: --attention and --inputs take one model file")
+        from attn_opt.tools.folder import inspect_folder
+
+        with limits.use(max_memory):
+            return inspect_folder(model, as_json, why, out_console())
 
     with limits.use(max_memory):
         feeds = _inspect_feeds(model, inputs) if inputs else None
@@ -194,14 +207,36 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")
 @click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
+@click.option("--model-explorer", "explorer", metavar="FILE.json",
+              help="Write Model Explorer node data for the output model (site, passes, attention FLOPs, error per "
+                   "node) to FILE.json, and the error as numbers to FILE.error.json; `attn-opt view` shows them.")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora, max_memory):
+             calibrate, lora, explorer, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora, max_memory)
+        html, check, calibrate, lora, max_memory, explorer=explorer)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--overlay", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Model Explorer node data to load (default: MODEL's FILE.json and FILE.error.json beside it, "
+                   "where `--model-explorer` wrote them as MODEL.explorer.json).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--no-browser", is_flag=True, help="Start the server only.")
+def view(model, overlay, port, no_browser):
+    """Open MODEL in Model Explorer (a local server) with attn-opt's overlays (extra: explorer)."""
+    from pathlib import Path
+
+    from attn_opt.tools.explorer import error_path, view as run
+
+    if not overlay:
+        beside = Path(model).with_suffix(".explorer.json")
+        overlay = tuple(p for p in (str(beside), error_path(str(beside))) if Path(p).is_file())
+    run(model, list(overlay), port, not no_browser)
 
 
 @cli.command("passes")
@@ -366,11 +401,14 @@ def zoo(name: str | None, output: str | None, exporter: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]  # a group option, given anywhere
     if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
         argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
     from attn_opt.tools.guard import guarded
 
-    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False))
+    argv = ["--verbose"] * verbose + argv
+    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False), verbose)
 
 
 if __name__ == "__main__":

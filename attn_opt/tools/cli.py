@@ -144,15 +144,10 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
     from attn_opt import inspect as run_inspect
     from attn_opt.core import limits
 
-    import os
+    from attn_opt.tools.folder import inspect_folder
 
-    if os.path.isdir(model):
-        if attention or inputs:
-            raise UserError(f"{model} is a folder: --attention and --inputs take one model file")
-        from attn_opt.tools.folder import inspect_folder
-
-        with limits.use(max_memory):
-            return inspect_folder(model, as_json, why, out_console())
+    if inspect_folder(model, as_json, why, out_console(), attention or inputs, max_memory):
+        return
 
     with limits.use(max_memory):
         feeds = _inspect_feeds(model, inputs) if inputs else None
@@ -207,9 +202,8 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")
 @click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
-@click.option("--model-explorer", "explorer", metavar="FILE.json",
-              help="Write Model Explorer node data for the output model (site, passes, attention FLOPs, error per "
-                   "node) to FILE.json, and the error as numbers to FILE.error.json; `attn-opt view` shows them.")
+@click.option("--model-explorer", "explorer", metavar="FILE.json", help="Write Model Explorer node data (site, "
+              "passes, attention FLOPs, error per node) to FILE.json, the error alone to FILE.error.json.")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
              calibrate, lora, explorer, max_memory):
@@ -223,19 +217,13 @@ def optimize(model, specs, output, report_path, inputs, input_shape, layers, sit
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--overlay", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Model Explorer node data to load (default: MODEL's FILE.json and FILE.error.json beside it, "
-                   "where `--model-explorer` wrote them as MODEL.explorer.json).")
+              help="Node data to load (default: MODEL.explorer.json and MODEL.explorer.error.json where they exist).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--no-browser", is_flag=True, help="Start the server only.")
 def view(model, overlay, port, no_browser):
     """Open MODEL in Model Explorer (a local server) with attn-opt's overlays (extra: explorer)."""
-    from pathlib import Path
+    from attn_opt.tools.explorer import view as run
 
-    from attn_opt.tools.explorer import error_path, view as run
-
-    if not overlay:
-        beside = Path(model).with_suffix(".explorer.json")
-        overlay = tuple(p for p in (str(beside), error_path(str(beside))) if Path(p).is_file())
     run(model, list(overlay), port, not no_browser)
 
 
@@ -394,7 +382,9 @@ def zoo(name: str | None, output: str | None, exporter: str):
 
     check_writable(output)
 
-    with atomic_path(output) as tmp:
+    from attn_opt.core.progress import Progress
+
+    with atomic_path(output) as tmp, Progress(out_console()).step(f"build {name} and export it ({exporter})"):
         z.export_onnx(name, exporter, tmp)
     click.echo(f"wrote {output} ({name}, {exporter} exporter)")
 

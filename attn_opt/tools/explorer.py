@@ -107,7 +107,11 @@ def write(path: str, model_in: str, output: str, report) -> list[str]:
 
 
 def view(model: str, overlays: list[str], port: int, browser: bool) -> None:
-    """Start Model Explorer on `model` with the overlays loaded (blocks until Ctrl-C)."""
+    """Start Model Explorer on `model` with the overlays loaded (blocks until Ctrl-C); no
+    overlay given: MODEL.explorer.json and MODEL.explorer.error.json where they exist."""
+    if not overlays:
+        beside = str(Path(model).with_suffix(".explorer.json"))
+        overlays = [p for p in (beside, error_path(beside)) if Path(p).is_file()]
     try:
         import model_explorer
         import model_explorer_onnx  # noqa: F401  (registers the ONNX adapter as an extension)

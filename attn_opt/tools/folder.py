@@ -21,9 +21,22 @@ def onnx_files(folder: str) -> list[Path]:
     return files
 
 
-def inspect_folder(folder: str, as_json: bool, why: bool, con) -> None:
-    """Each file's sites (a file that cannot be read is listed with its one-line reason,
-    and the command fails at the end, so a folder with one bad file still shows the rest)."""
+def inspect_folder(folder: str, as_json: bool, why: bool, con, one_model_options, max_memory) -> bool:
+    """False where `folder` is not a folder (inspect one model); else each file's sites (a
+    file that cannot be read is listed with its one-line reason, and the command fails at
+    the end, so a folder with one bad file still shows the rest)."""
+    if not Path(folder).is_dir():
+        return False
+    if one_model_options:
+        raise UserError(f"{folder} is a folder: --attention and --inputs take one model file")
+    from attn_opt.core import limits
+
+    with limits.use(max_memory):
+        _inspect_all(folder, as_json, why, con)
+    return True
+
+
+def _inspect_all(folder: str, as_json: bool, why: bool, con) -> None:
     from attn_opt import inspect as run_inspect
     from attn_opt.tools.cli import misses_table, sites_table
 

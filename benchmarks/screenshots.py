@@ -74,7 +74,12 @@ def explorer_view(driver, python: str, work: Path, out: Path) -> None:
         if url is None:
             raise SystemExit("Model Explorer did not start")
         driver.get(url)
-        time.sleep(20)  # the graph is laid out in a web worker and drawn with WebGL
+        time.sleep(15)  # the graph is laid out in a web worker and drawn with WebGL
+        for icon in driver.find_elements("css selector", "mat-icon"):
+            if icon.text == "unfold_more_double":  # the toolbar's "expand all layers": the overlay's nodes in view
+                icon.click()
+                time.sleep(15)
+                break
         driver.save_screenshot(str(out))
         print(f"wrote {out.relative_to(ROOT)}")
     finally:

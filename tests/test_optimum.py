@@ -198,3 +198,28 @@ def test_present_by_name_wants_the_same_rank_and_dtype():
                            [Value("present_key_0", shape=(1, 2, None, 8), dtype="float32")]) == "present_key_0"
     assert present_by_name(Value("pastry", shape=(1, 2, None, 8), dtype="float32"),
                            [Value("presentry", shape=(1, 2, None, 8), dtype="float32")]) is None
+
+
+def test_seq2seq_step_inputs_are_consistent():
+    """T5's decoder with past: the cross-attention cache is as long as the encoder's mask
+    (Optimum names both encoder_sequence_length), the self-attention cache grows; the
+    generated inputs run, so every site is read from a run."""
+    from attn_opt.core.inputs import make_inputs
+    from attn_opt.core.ir import onnx as onnx_adapter
+
+    for name in ("t5/decoder_with_past_model.onnx", "t5/decoder_model_merged.onnx"):
+        om, _, gv = onnx_adapter.load_view(str(FIX / name))
+        feeds = make_inputs(onnx_adapter.input_specs(gv))
+        assert feeds["encoder_attention_mask"].shape[1] == feeds["past_key_values.0.encoder.key"].shape[2]
+        om.run(feeds)  # raises where the shapes disagree
+    det = attn_opt.inspect(str(FIX / "t5/decoder_with_past_model.onnx"))
+    assert det.probe_error is None and all(s.heads == 4 for s in det.sites)
+
+
+def test_shape_inference_keeps_the_merged_decoder_runnable():
+    """onnx's data propagation gives a 1-D shape tensor in the no-cache branch rank 4; the
+    model with inferred shapes must still load in ORT."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+
+    om, _, _ = onnx_adapter.load_view(str(MERGED))
+    assert om.session() is not None

@@ -101,10 +101,21 @@ def cache_flag(specs: list[InputSpec]) -> list[InputSpec]:
             and int(np.prod(s.shape, dtype=np.int64)) == 1]
 
 
-def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict:
-    """A decoder step sees past + new tokens: its cache inputs get DEFAULT_PAST positions
-    (unless given), and a mask over every position gets past + new."""
+def _growing(specs: list[InputSpec]) -> list[InputSpec]:
+    """The caches that grow by a step's new tokens: past inputs whose length no other input
+    (but a mask) names; a seq2seq decoder's cross-attention cache shares its length with
+    the encoder's hidden states (Optimum: `encoder_sequence_length`) and is sized by them."""
     past = past_inputs(specs)
+    others = {d for s in specs if s not in past and "mask" not in s.name.lower() for d in s.shape
+              if isinstance(d, str)}
+    return [s for s in past if s.shape[2] not in others]
+
+
+def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict:
+    """A decoder step sees past + new tokens: its growing cache inputs get DEFAULT_PAST
+    positions (unless given), a mask over a cache's length follows that cache, and any other
+    mask over more than the new tokens gets past + new."""
+    past = _growing(specs)
     ids = next((s for s in specs if s.dtype.startswith("int") and len(s.shape) == 2 and "mask" not in s.name.lower()
                 and "position" not in s.name.lower()), None)
     if not past or ids is None:
@@ -114,10 +125,15 @@ def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict
         if s.name not in overrides and not isinstance(s.shape[2], int):
             shapes[s.name] = shapes[s.name][:2] + (DEFAULT_PAST,) + shapes[s.name][3:]
     n_past, n_new = shapes[past[0].name][2], shapes[ids.name][1]
+    cached = {p.shape[2]: shapes[p.name][2] for p in past_inputs(specs) if isinstance(p.shape[2], str)}
     merged = bool(cache_flag(specs))  # Optimum's merge gives the mask and the ids one dim name; it covers past + new
     for s in specs:
-        if "mask" in s.name.lower() and len(s.shape) == 2 and (merged or s.shape[1] != ids.shape[1]) \
-                and s.shape[1] != p_sym:
+        if "mask" not in s.name.lower() or len(s.shape) != 2:
+            continue
+        if s.shape[1] in cached and s.shape[1] != p_sym:  # the encoder's mask beside its cross-attention cache
+            if s.name not in overrides:
+                shapes[s.name] = (shapes[s.name][0], cached[s.shape[1]])
+        elif (merged or s.shape[1] != ids.shape[1]) and s.shape[1] != p_sym:
             if s.name in overrides and overrides[s.name][1] != n_past + n_new:
                 raise UserError(f"--input-shape {s.name}: a decoder step's mask covers past + new tokens "
                                 f"({n_past} + {n_new} = {n_past + n_new}), not {overrides[s.name][1]}")
@@ -126,7 +142,7 @@ def _decoder_step(specs: list[InputSpec], shapes: dict, overrides: dict) -> dict
 
 
 def _past_length(specs: list[InputSpec], shapes: dict) -> int:
-    past = past_inputs(specs)
+    past = _growing(specs)
     return shapes[past[0].name][2] if past else 0
 
 

@@ -344,10 +344,12 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
         groups.setdefault(s.layer if s.layer is not None else ("at", position[sid]), []).append(s)
     fits: dict[str, SiteFit] = {}
     with_lora = {sid for sid, s in sites.items() if lora and s.out_projection is not None}  # the pass added one
-    for chosen in sorted(groups.values(), key=lambda g: min(position[s.id] for s in g)):
+    ordered = sorted(groups.values(), key=lambda g: min(position[s.id] for s in g))
+    for i, chosen in enumerate(ordered):
         layer = chosen[0].layer
         t0 = time.perf_counter()
-        ctx = progress.step(f"calibrate layer {layer}" if layer is not None else f"calibrate {chosen[0].id}") if progress is not None else _Null()
+        what = f"calibrate layer {layer}" if layer is not None else f"calibrate {chosen[0].id}"
+        ctx = progress.step(f"{what} ({i + 1}/{len(ordered)})") if progress is not None else _Null()
         with ctx:
             probed = gv.probe([x for s in chosen for x in reference.needed(s) + [s.v.value]], calib)
             tensors = {s.id: site_tensors(s, old_sites[s.id], probed) for s in chosen}

@@ -123,12 +123,14 @@ def _inspect_feeds(model: str, inputs: str) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-opt")
-def cli():
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show third-party warnings and log records (the exporters', onnx_ir's); anywhere on the line.")
+def cli(verbose: bool):
     """Find attention in ONNX models and torch.export programs, and rewrite it."""
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("model", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--why", is_flag=True, help="List every softmax that is not a site, with the reason.")
 @click.option("--attention", is_flag=True, help="Run the model and report sinks, entropy, dormant heads per head.")
@@ -137,9 +139,15 @@ def cli():
 @click.option("--heatmaps", type=click.Path(file_okay=False), help="With --attention: write a PNG per site here.")
 @MAX_MEMORY
 def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, window, heatmaps, max_memory):
-    """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save)."""
+    """List the attention sites of MODEL (.onnx, or .pt2 saved by torch.export.save), or of
+    every .onnx file in a folder (an Optimum export)."""
     from attn_opt import inspect as run_inspect
     from attn_opt.core import limits
+
+    from attn_opt.tools.folder import inspect_folder
+
+    if inspect_folder(model, as_json, why, out_console(), attention or inputs, max_memory):
+        return
 
     with limits.use(max_memory):
         feeds = _inspect_feeds(model, inputs) if inputs else None
@@ -196,14 +204,29 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
 @click.option("--allow-empty", is_flag=True,
               help="A model with no attention site is written unchanged (exit 0) instead of exit status 3.")
+@click.option("--model-explorer", "explorer", metavar="FILE.json", help="Write Model Explorer node data (site, "
+              "passes, attention FLOPs, error per node) to FILE.json, the error alone to FILE.error.json.")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora, max_memory, allow_empty):
+             calibrate, lora, allow_empty, explorer, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora, max_memory, allow_empty)
+        html, check, calibrate, lora, max_memory, allow_empty, explorer=explorer)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--overlay", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Node data to load (default: MODEL.explorer.json and MODEL.explorer.error.json where they exist).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--no-browser", is_flag=True, help="Start the server only.")
+def view(model, overlay, port, no_browser):
+    """Open MODEL in Model Explorer (a local server) with attn-opt's overlays (extra: explorer)."""
+    from attn_opt.tools.explorer import view as run
+
+    run(model, list(overlay), port, not no_browser)
 
 
 @cli.command("passes")
@@ -361,18 +384,23 @@ def zoo(name: str | None, output: str | None, exporter: str):
 
     check_writable(output)
 
-    with atomic_path(output) as tmp:
+    from attn_opt.core.progress import Progress
+
+    with atomic_path(output) as tmp, Progress(out_console()).step(f"build {name} and export it ({exporter})"):
         z.export_onnx(name, exporter, tmp)
     click.echo(f"wrote {output} ({name}, {exporter} exporter)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]  # a group option, given anywhere
     if argv and not argv[0].startswith("-") and argv[0] not in cli.commands:
         argv = ["optimize"] + argv  # `attn-opt model.onnx --pass ...` is `attn-opt optimize ...`
     from attn_opt.tools.guard import guarded
 
-    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False))
+    argv = ["--verbose"] * verbose + argv
+    return guarded(lambda: cli.main(args=argv, prog_name="attn-opt", standalone_mode=False), verbose)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def guarded(run) -> int:
+def guarded(run, verbose: bool = False) -> int:
     """Call `run()` as the command line does: signals turned into exits that unwind, library
-    warnings and log records hushed (unless ATTN_OPT_DEBUG), errors as one line; the
+    warnings and log records below ERROR hushed (unless `verbose` (-v) or ATTN_OPT_DEBUG:
+    the exporters' "torchvision is not installed" lines go through loggers with handlers of
+    their own, so they are disabled by level, not by handler), errors as one line; the
     process's handlers are restored afterwards (the CLI may be called in-process)."""
     saved = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -41,16 +43,20 @@ def guarded(run) -> int:
                 saved[sig] = signal.signal(sig, _terminated)
             except ValueError:  # not the main thread: leave the process's handlers alone
                 pass
-    quiet = not os.environ.get("ATTN_OPT_DEBUG")
+    quiet = not (verbose or os.environ.get("ATTN_OPT_DEBUG"))
     root, hush = logging.getLogger(), logging.NullHandler()
     if quiet and not root.handlers:  # libraries' warnings (onnx_ir's "cannot be found in any scope") would
         root.addHandler(hush)        # print through logging's last resort, beside our one line
+    disabled = logging.root.manager.disable
+    if quiet:
+        logging.disable(max(disabled, logging.WARNING))  # errors and critical records still print
     try:
         with warnings.catch_warnings():
             if quiet:
                 warnings.simplefilter("ignore")
             return _one_line(run)
     finally:
+        logging.disable(disabled)
         root.removeHandler(hush)
         for sig, old in saved.items():
             signal.signal(sig, old)

@@ -44,7 +44,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
              calibrate: str | None = None, lora: int = 0, max_memory: str | None = None,
-             allow_empty: bool = False) -> None:
+             allow_empty: bool = False, explorer: str | None = None) -> None:
     """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
     from attn_opt import api
     from attn_opt import passes as registry
@@ -72,7 +72,9 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         if path and not Path(path).is_file():
             raise UserError(f"no such file: {path} ({flag})")
     parse_shape_overrides(input_shape)
-    _check_outputs(model, output, report_path, html)
+    if explorer and Path(model).suffix == ".pt2":
+        raise UserError("--model-explorer: overlays are written for ONNX models only (not .pt2)")
+    _check_outputs(model, output, report_path, html, explorer)
     progress = Progress(console)
     try:
         out, report = api.optimize(model, specs, inputs=inputs, input_shape=input_shape, force=force,
@@ -106,6 +108,15 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
         write_pipeline_page(steps, report, html, report.feeds)
         console.print(f"wrote {html}")
     console.print(f"wrote {output}" + (f" (weights in {data})" if data else ""))
+    if explorer:
+        from attn_opt.tools import explorer as me
+
+        with progress.step("Model Explorer overlay"):
+            notes = me.write(explorer, model, output, report)
+        for n in notes:
+            console.print(f"note: {n}")
+        console.print(f"wrote {explorer} and {me.error_path(explorer)} (Model Explorer node data; "
+                      f"attn-opt view {output} --overlay {explorer})")
 
 
 def nothing_found(model: str, misses) -> str:
@@ -118,12 +129,17 @@ def nothing_found(model: str, misses) -> str:
             "nothing written (--allow-empty writes it unchanged)")
 
 
-def _check_outputs(model: str, output: str, report: str | None, html: str | None) -> None:
+def _check_outputs(model: str, output: str, report: str | None, html: str | None,
+                   explorer: str | None = None) -> None:
     """Every path to be written can be, and names neither the input nor another output:
     checked before anything runs, so no model is written when its report could not be."""
     from attn_opt.core.io import check_writable
 
     named = [("-o", output)] + [(flag, p) for flag, p in (("--report", report), ("--html", html)) if p]
+    if explorer:
+        from attn_opt.tools.explorer import error_path
+
+        named += [("--model-explorer", explorer), ("--model-explorer", error_path(explorer))]
     for i, (flag, p) in enumerate(named):
         for other_flag, other in [("the input model", model)] + named[:i]:
             if Path(p).resolve() == Path(other).resolve() or (Path(p).exists() and _same_file(p, other)):

@@ -194,14 +194,18 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
                    "the form's own), layer by layer (the fidelity inputs are the held-out set).")
 @click.option("--lora", type=click.IntRange(min=0), default=0, metavar="R",
               help="With --calibrate: also fit a rank-R correction of each rewritten site's output projection.")
+@click.option("--share-weights", is_flag=True,
+              help="The output references the input's external weight files in place instead of a copy (-o in "
+                   "the input's folder); OUT.data holds only what the passes added. The output then reads the "
+                   "input's files: keep them unchanged.")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora, max_memory):
+             calibrate, lora, share_weights, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora, max_memory)
+        html, check, calibrate, lora, max_memory, share_weights)
 
 
 @cli.command("passes")

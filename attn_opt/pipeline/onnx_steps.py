@@ -74,10 +74,9 @@ class OnnxSteps:
         """View, match, one run (outputs + probes + missing shapes), detect, count. With
         `known` (the same function before an opset conversion) its values are reused and
         the model runs only if they lack something."""
-        om = onnx_adapter.with_shapes(model)
+        om, proto = onnx_adapter.shaped(model)
         gv = onnx_adapter.view(om)
         found = match(gv)
-        proto = om.graph_proto()
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
         probed, outputs = {}, None
         names = [v.name for v in needed(found) if v.const is None]

@@ -211,17 +211,18 @@ class OnnxModel:
                 Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
             raise UserError(f"{data} holds the input model's weights; choose another -o")
         copied = 0 if share else sum(t.nbytes for t in self._external_tensors())
-        check_space(dest.parent, self.graph_proto().ByteSize() + copied, str(dest))
+        proto = self.graph_proto()
+        check_space(dest.parent, proto.ByteSize() + copied, str(dest))
         with os_errors(dest), atomic_dir(dest.parent) as tmp:
             staged = Path(tmp) / dest.name
             if share:  # the input's weight files referenced where they are
-                save_shared(self.graph_proto(), self.folder, dest, tmp, data.name, SPILL_BYTES)
+                save_shared(proto, self.folder, dest, tmp, data.name, SPILL_BYTES)
             elif data is None and self.folder:  # inline output: weights streamed from their files
-                save_inline(self.graph_proto(), self.folder, staged)
+                save_inline(proto, self.folder, staged)
             elif data is None:
                 ir.save(self.ir, staged)
             else:  # weights copied file to file, the graph written once
-                save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
+                save_external(proto, self.folder, staged, data.name, SPILL_BYTES)
             pairs = [(Path(tmp) / data.name, data)] if data is not None and (Path(tmp) / data.name).exists() else []
             switch_in(pairs + [(staged, dest)])  # the weights and the graph that names them, together
         return data if pairs else None

@@ -43,8 +43,8 @@ def feeds_key(feeds: Mapping[str, np.ndarray]) -> str:
 
 
 class Memo:
-    """What runs of one graph gave: (feeds digest) -> values or the error; reset when the
-    graph's content changes (its digest)."""
+    """What runs of one graph gave: (feeds digest) -> values or the error, for the input
+    sets of the latest call that ran; reset when the graph's content changes (its digest)."""
 
     def __init__(self):
         self.digest, self.values, self.checked = None, {}, set()
@@ -87,7 +87,8 @@ def run(model, feeds: Mapping[str, np.ndarray], extra=(), also=()) -> dict[str, 
         if any(keys[t[0]] == key for t in todo):  # the same inputs twice: run once
             continue
         todo.append((i, f, want))
-    if todo:
+    if todo:  # what earlier calls ran on other inputs is let go: memory holds one call's sets
+        memo.values = {k: v for k, v in memo.values.items() if k in keys}
         if model.weight_bytes() > WHOLE_RUN_BYTES:
             from attn_opt.core.ir.onnx_segments import run_segmented_sets
 
@@ -101,7 +102,7 @@ def run(model, feeds: Mapping[str, np.ndarray], extra=(), also=()) -> dict[str, 
     result = memo.values[keys[0]]
     if isinstance(result, Exception):
         raise result
-    return {k: result[k] for k in first if k in result}
+    return {k: np.array(result[k]) for k in first if k in result}  # the caller's own: the memo stays as run
 
 
 def _whole(model, proto, sets: list) -> list:

@@ -53,7 +53,7 @@ def _run_sub(model: OnnxModel, proto, nodes, envs: list, outputs: list[str]) -> 
     inits = _sizes(proto)
     names = [x for x in dict.fromkeys(x for n in nodes for x in reads(n)) if x and x not in produced and x not in inits]
     ins = [{x: env[x] for x in names if x in env} for env in envs]
-    sess = OnnxModel.from_proto(_sub_model(proto, nodes, ins[0], outputs), model.folder).session()
+    sess = model.session(proto=_sub_model(proto, nodes, ins[0], outputs))  # its weights: `model`'s files
     counted(sum(inits[x] for x in {x for n in nodes for x in reads(n)} if x in inits))
     got = []
     for i, feed in enumerate(ins):

@@ -83,7 +83,8 @@ class OnnxSteps:
         control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
         have = dict(known.view.probed) if known is not None else {}
         if known is not None and all(n in have for n in names + missing + control) and (known.outputs is not None or not run):
-            outputs, probed = known.outputs, {n: have[n] for n in names + control if n in have}
+            # the values whose shapes inference missed are kept too: the next observe may miss them again
+            outputs, probed = known.outputs, {n: have[n] for n in names + missing + control if n in have}
             shapes.update({k: tuple(np.shape(have[k])) for k in missing})
             gv.remember(feeds, probed)
         else:

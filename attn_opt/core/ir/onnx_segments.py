@@ -74,11 +74,12 @@ def _sizes(proto: onnx.ModelProto) -> dict[str, int]:
             for t in proto.graph.initializer}
 
 
-def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
-    """Node indices cut where the weights a segment reads pass `budget` bytes."""
+def segments(proto: onnx.ModelProto, budget: int, nodes: list | None = None) -> list[list[int]]:
+    """Indices into `nodes` (default: the graph's) cut where the weights a segment reads
+    pass `budget` bytes."""
     sizes = _sizes(proto)
     out, cur, used = [], [], 0
-    for i, n in enumerate(proto.graph.node):
+    for i, n in enumerate(proto.graph.node if nodes is None else nodes):
         w = sum(sizes.get(x, 0) for x in set(reads(n)))
         if cur and used + w > budget:
             out.append(cur)
@@ -86,6 +87,20 @@ def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
         cur.append(i)
         used += w
     return out + ([cur] if cur else [])
+
+
+def cone(nodes: list, wanted: set[str]) -> list:
+    """The nodes the `wanted` values are computed from, in graph order: a run for a mask or
+    a shape deep in the model computes that value's ancestors, not every layer before it."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    keep: set[int] = set()
+    todo = [producer[w] for w in wanted if w in producer]
+    while todo:
+        i = todo.pop()
+        if i not in keep:
+            keep.add(i)
+            todo += [producer[x] for x in reads(nodes[i]) if x in producer and producer[x] not in keep]
+    return [nodes[i] for i in sorted(keep)]
 
 
 def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int) -> dict:
@@ -100,21 +115,16 @@ def run_segmented_sets(model: OnnxModel, proto, sets: list, budget: int) -> list
     initialised once per segment whatever the number of sets. A set that fails (a variant
     the model does not run on) gives its error and is not run further; the first set's
     error is raised."""
-    nodes = list(proto.graph.node)
+    envs = [dict(f) for f, _ in sets]
+    wanted = [w for _, w in sets]
+    every = set().union(*wanted)
+    nodes = cone(list(proto.graph.node), every)  # only what the wanted values are computed from
     last = {}
     for i, n in enumerate(nodes):
         for x in reads(n):
             last[x] = i
-    for o in proto.graph.output:
-        last[o.name] = len(nodes)
-    envs = [dict(f) for f, _ in sets]
-    wanted = [w for _, w in sets]
-    every = set().union(*wanted)
     errors: dict[int, Exception] = {}
-    stop = max((i for i, n in enumerate(nodes) if any(o in every for o in n.output)), default=-1)
-    for seg in segments(proto, budget):
-        if seg[0] > stop:  # nothing wanted comes later: the rest of the model is not run
-            break
+    for seg in segments(proto, budget, nodes):
         end = seg[-1]
         seg_nodes = [nodes[i] for i in seg]
         live = [i for i in range(len(sets)) if i not in errors]

@@ -8,10 +8,13 @@ Models (random weights, real geometry, built once into --workdir):
   llama3-8b-geometry                4096 hidden, 32 heads, 8 kv heads, --llama8b-layers layers
                                     (external data; checked with --check=sites)
 
-Each command runs in its own process; peak RSS is that process's (os.wait4).
+Each command runs in its own process; peak RSS is that process's (os.wait4). Every tool
+runs --repeat times, interleaved (round r runs each tool once, the order rotated), and
+the table gives medians, each tool's ratio to onnxscript's, and the load average seen.
 
     python benchmarks/pipeline_scale.py                       # everything (needs ~25 GB disk)
-    python benchmarks/pipeline_scale.py --models bert-base-ts # one model
+    python benchmarks/pipeline_scale.py --models bert-base-dynamo --repeat 5
+    python benchmarks/pipeline_scale.py --models tinyllama-1.1b --tools "check sites" onnxscript
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -73,7 +77,7 @@ ir.save(m, out, external_data=os.path.basename(out) + ".data")
 MODELS = {  # name: (exporter, layers, heads, hidden, ORT model type, external data, check)
     "bert-base-ts": ("torchscript", 12, 12, 768, "bert", False, "model"),
     "bert-base-dynamo": ("dynamo", 12, 12, 768, "bert", True, "model"),
-    "tinyllama-1.1b": ("dynamo", 22, 32, 2048, "gpt_neox", True, "model"),
+    "tinyllama-1.1b": ("dynamo", 22, 32, 2048, "gpt_neox", True, "sites"),
     "llama3-8b-geometry": ("dynamo", 4, 32, 4096, "gpt_neox", True, "sites"),
 }
 
@@ -116,27 +120,65 @@ def weights_mb(path: Path) -> int:
     return round(sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name)) / 2**20)
 
 
-def run_model(name: str, path: Path, out: Path) -> list[dict]:
+def tools(name: str, path: Path, out: Path) -> list[tuple[str, str, list[str]]]:
+    """(tool, check, command) per tool compared on `name`; outputs under `out` (--share-weights
+    writes beside the input: its weight files are referenced where they are)."""
     exporter, layers, heads, hidden, kind, external, check = MODELS[name]
     ours = [PY, "-m", "attn_opt"]
+    fuse = ours + [str(path), "--pass", "fuse"]
+    rows = [("attn-opt inspect", "", ours + ["inspect", str(path)]),
+            ("attn-opt --pass fuse", check, fuse + ["--check", check, "-o", str(out / "fuse.onnx")]),
+            ("attn-opt --pass fuse --check none", "none", fuse + ["--check", "none", "-o", str(out / "none.onnx")])]
+    if check != "sites":
+        rows.append(("attn-opt --pass fuse --check sites", "sites",
+                     fuse + ["--check", "sites", "-o", str(out / "sites.onnx")]))
+    if external:
+        rows.append(("attn-opt --pass fuse --share-weights", check,
+                     fuse + ["--check", check, "--share-weights", "-o", str(path.parent / "shared.onnx")]))
+    if name.startswith("bert"):  # the sparse pass, and ORT's optimizer where it fits in memory (bert)
+        rows.append(("attn-opt --pass sparse:window=256,sinks=4", check,
+                     ours + [str(path), "--pass", "sparse:window=256,sinks=4", "--check", check,
+                             "-o", str(out / "sparse.onnx")]))
+        rows.append(("ORT transformer optimizer", "", [PY, "-c", ORT_OPT, str(path), str(out / "ort.onnx"), kind,
+                                                         str(heads), str(hidden)]))
+    rows.append(("onnxscript optimize_for_ort + save", "", [PY, "-c", ONNXSCRIPT, str(path),
+                                                             str(out / "onnxscript.onnx")]))
+    return rows
+
+
+def run_model(name: str, path: Path, out: Path, repeat: int, only: list[str] | None) -> list[dict]:
+    """Every tool `repeat` times, interleaved (round r runs each tool once, the order rotated
+    by r), so the machine's load falls on all of them alike; per tool the medians."""
+    cmds = [t for t in tools(name, path, out) if not only or any(o in t[0] for o in only)]
+    got: dict[str, list[dict]] = {t: [] for t, _, _ in cmds}
+    for r in range(repeat):
+        for tool, check, cmd in cmds[r % len(cmds):] + cmds[:r % len(cmds)]:
+            rep = out / "report.json"
+            one = measured(cmd + (["--report", str(rep)] if "attn-opt --" in tool else []))
+            one["load"] = round(os.getloadavg()[0], 2)
+            if rep.exists():
+                data = json.loads(rep.read_text())
+                one["sites"] = len(data["passes"][0]["sites_rewritten"])
+                one["steps"] = data["steps"]
+            print(json.dumps({"model": name, "tool": tool, "round": r, **{k: v for k, v in one.items()
+                                                                           if k != "steps"}}), file=sys.stderr)
+            got[tool].append(one)
+            for f in list(out.iterdir()) + list(path.parent.glob("shared.onnx*")):  # the disk for the next
+                f.unlink()
     rows = []
-    cmds = [("attn-opt inspect", ours + ["inspect", str(path)]),
-            ("attn-opt --pass fuse", ours + [str(path), "--pass", "fuse", "--check", check, "-o", str(out / "fuse.onnx")]),
-            ("attn-opt --pass sparse:window=256,sinks=4",
-             ours + [str(path), "--pass", "sparse:window=256,sinks=4", "--check", check, "-o", str(out / "sparse.onnx")]),
-            ("ORT transformer optimizer", [PY, "-c", ORT_OPT, str(path), str(out / "ort.onnx"), kind, str(heads), str(hidden)]),
-            ("onnxscript optimize_for_ort", [PY, "-c", ONNXSCRIPT, str(path), str(out / "onnxscript.onnx")])]
-    for tool, cmd in cmds:
-        rep = out / "report.json"
-        r = measured(cmd + (["--report", str(rep)] if "attn-opt --" in tool else []))
-        if rep.exists():
-            passes = json.loads(rep.read_text())["passes"]
-            r["sites"] = len(passes[0]["sites_rewritten"])
-        r.update(model=name, tool=tool, weights_mb=weights_mb(path), check=check if "attn-opt --" in tool else "")
-        print(json.dumps(r), file=sys.stderr)
-        rows.append(r)
-        for f in out.iterdir():  # keep the disk for the next tool
-            f.unlink()
+    for tool, check, _ in cmds:
+        runs = got[tool]
+        row = {"model": name, "tool": tool, "check": check, "weights_mb": weights_mb(path), "repeat": len(runs),
+               "seconds": statistics.median(x["seconds"] for x in runs),
+               "seconds_all": [x["seconds"] for x in runs],
+               "peak_mb": statistics.median(x["peak_mb"] for x in runs),
+               "rc": max((x["rc"] for x in runs), key=abs), "sites": runs[-1]["sites"], "tail": runs[-1]["tail"],
+               "load": [x["load"] for x in runs]}
+        if runs[-1].get("steps"):
+            names = [s for s, _ in runs[-1]["steps"]]
+            row["steps"] = {s: round(statistics.median(dict(x["steps"]).get(s, 0.0) for x in runs if x.get("steps")), 3)
+                            for s in names}
+        rows.append(row)
     return rows
 
 
@@ -145,6 +187,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "attn-opt" / "scale"))
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--llama8b-layers", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5, help="Rounds of every tool, interleaved; medians reported.")
+    ap.add_argument("--tools", nargs="*", help="Only the tools whose name contains one of these words.")
     ap.add_argument("--build-only", action="store_true", help="Build (export) the models and stop.")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -156,20 +200,38 @@ def main() -> int:
             continue
         out = work / "out"
         out.mkdir(parents=True, exist_ok=True)
-        rows += run_model(name, path, out)
+        rows += run_model(name, path, out, args.repeat, args.tools)
     if args.build_only:
         return 0
-    cols = ["model", "weights MB", "tool", "check", "s", "peak RSS MB", "sites", "rc"]
-    table = [[r["model"], str(r["weights_mb"]), r["tool"], r["check"], f"{r['seconds']:.1f}", str(r["peak_mb"]),
-              "-" if r["sites"] is None else str(r["sites"]), str(r["rc"]) + ("" if r["rc"] == 0 else f" ({r['tail']})")]
-             for r in rows]
+    peers = {r["model"]: r for r in rows if r["tool"].startswith("onnxscript")}
+    cols = ["model", "weights MB", "tool", "check", "s (median)", "peak RSS MB", "vs onnxscript s / RSS", "sites",
+            "rc", "load (1 min)"]
+    table = []
+    for r in rows:
+        peer = peers.get(r["model"])
+        ratio = (f"{r['seconds'] / peer['seconds']:.2f}x / {r['peak_mb'] / peer['peak_mb']:.2f}x"
+                 if peer and peer["seconds"] else "-")
+        table.append([r["model"], str(r["weights_mb"]), r["tool"], r["check"],
+                      f"{r['seconds']:.2f} ({min(r['seconds_all']):.2f}-{max(r['seconds_all']):.2f})",
+                      str(round(r["peak_mb"])), ratio, "-" if r["sites"] is None else str(r["sites"]),
+                      str(r["rc"]) + ("" if r["rc"] == 0 else f" ({r['tail']})"),
+                      f"{min(r['load']):.1f}-{max(r['load']):.1f}"])
+    steps = [f"- {r['model']}, {r['tool']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
+             for r in rows if r.get("steps")]
     write("pipeline_scale", "real-size models: attn-opt vs ORT optimizer vs onnxscript", cols, table, rows,
           preface=["# Real-size models through the pipeline", "",
-                   "Wall time and peak RSS per command, each its own process, same files for every tool; "
-                   "random weights with real geometry (benchmarks/pipeline_scale.py). attn-opt's commands "
-                   "include every check (validity, one run per pass for fidelity, FLOPs); the peers check "
-                   "nothing. Sites: attention ops in the peer's output.", ""],
-          footer="rc -9: the process was killed by the kernel (out of memory on this 24 GB machine).")
+                   "Wall time and peak RSS per command, each its own process (os.wait4), same files for every "
+                   "tool; random weights with real geometry (benchmarks/pipeline_scale.py). Every tool ran "
+                   f"{args.repeat} times, interleaved (each round runs each tool once, the order rotated), and the "
+                   "table gives medians (range in brackets) and the 1-minute load average seen after each run: the "
+                   "machine is shared, so compare the ratios within one table, not with other runs. attn-opt's "
+                   "commands include every check their `check` says (model: validity, the original and each "
+                   "pass's model on the fidelity inputs and the padded and length+5 variants, FLOPs; sites: each "
+                   "rewritten site alone; none: validity only) and writing the output with its weights (copied, "
+                   "or referenced in place with --share-weights); the peers check nothing. Sites: attention ops "
+                   "in the output.", ""],
+          footer="attn-opt's own steps (median seconds):\n\n" + "\n".join(steps)
+                 + "\n\nrc -9: the process was killed by the kernel (out of memory).")
     return 0
 
 

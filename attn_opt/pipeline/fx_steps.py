@@ -254,6 +254,9 @@ class FxSteps:
         fx.node.map_arg(out.args, visit)
         return max(eps + [e for e in [outputs_epsilon(state.outputs)] if e is not None], default=None)
 
+    def run_along(self, sets: list) -> None:
+        """torch.fx runs each input set by itself: nothing is set up to share."""
+
     def outputs_on(self, gm: fx.GraphModule, feeds) -> dict:
         """The module's outputs on other inputs (the fidelity variants)."""
         return run_module(gm, args_of(gm, feeds))

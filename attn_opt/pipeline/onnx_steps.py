@@ -27,6 +27,12 @@ def _opset(proto_or_model) -> int:
 
 class OnnxSteps:
     ir = "onnx"
+    along: list = []  # input sets each whole run of a model also runs (run_along)
+
+    def run_along(self, sets: list) -> None:
+        """Run `sets` with every observing run: the session serves them too, and later runs of
+        that graph on them are answered from what it gave (core/ir/onnx_runs.py)."""
+        self.along = list(sets)
 
     def load(self, path: str) -> OnnxModel:
         return onnx_adapter.load(path)
@@ -44,8 +50,8 @@ class OnnxSteps:
     def weight_bytes(self, model: OnnxModel) -> int:
         return model.weight_bytes()
 
-    def save(self, model: OnnxModel, path: str, feeds) -> str | None:
-        data = model.save(path)
+    def save(self, model: OnnxModel, path: str, feeds, share: bool = False) -> str | None:
+        data = model.save(path, share=share)
         return data.name if data else None
 
     def variants(self, model: OnnxModel, feeds, overrides) -> list:
@@ -69,28 +75,29 @@ class OnnxSteps:
         """View, match, one run (outputs + probes + missing shapes), detect, count. With
         `known` (the same function before an opset conversion) its values are reused and
         the model runs only if they lack something."""
-        om = onnx_adapter.with_shapes(model)
+        om, proto = onnx_adapter.shaped(model)
         gv = onnx_adapter.view(om)
         feeds = with_empty_caches(gv, onnx_adapter.input_specs(gv), feeds)
         found = match(gv)
-        proto = om.graph_proto()
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
         probed, outputs = {}, None
         names = [v.name for v in needed(found) if v.const is None]
         control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
         have = dict(known.view.probed) if known is not None else {}
         if known is not None and all(n in have for n in names + missing + control) and (known.outputs is not None or not run):
-            outputs, probed = known.outputs, {n: have[n] for n in names + control if n in have}
+            # the values whose shapes inference missed are kept too: the next observe may miss them again
+            outputs, probed = known.outputs, {n: have[n] for n in names + missing + control if n in have}
             shapes.update({k: tuple(np.shape(have[k])) for k in missing})
             gv.remember(feeds, probed)
         else:
             try:
                 if run:
-                    top = lambda ns: om.run(feeds, ns)  # noqa: E731
+                    top = lambda ns: om.run(feeds, ns, also=self.along)  # noqa: E731
                 else:  # what detection and counting need, one segment of weights in memory at a time
+                    from attn_opt.core.ir.onnx_runs import segment_budget
                     from attn_opt.core.ir.onnx_segments import run_segmented
 
-                    budget = max(om.weight_bytes() // max(1, len(found.candidates)), 64 << 20)
+                    budget = segment_budget(om.weight_bytes(), parts=len(found.candidates))  # about a layer
                     top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
                 got = onnx_adapter.probe(gv, feeds, names + missing + control, top)  # regions: run alone
             except UserError:  # refused before it ran (the memory limit): said as it is

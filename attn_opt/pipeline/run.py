@@ -281,6 +281,7 @@ def run(steps: Steps, model, passes: list[Pass], feeds: dict[str, np.ndarray], o
     check_chain(passes)
     progress = opts.progress = opts.progress or Progress(None)
     report = Report(inputs=opts.input_note or {k: list(v.shape) for k, v in feeds.items()}, check=check.name)
+    steps.run_along([f for _, f in getattr(check, "variants", []) if not callable(f)])  # one session per model
     with progress.step("observe the model (one run: outputs, probes, shapes)" if check.runs
                        else "observe the model (structure only)"):
         cur = steps.observe(model, feeds, run=check.runs)

@@ -64,6 +64,10 @@ class Steps(Protocol):
         """Fit the rewritten sites' parameters (pipeline/calibrate.py): the fits."""
 
     # -- checking
+    def run_along(self, sets: list) -> None:
+        """Input sets (the check's variants) every whole run of a model serves too, where the
+        IR can share its runs (ONNX: one session per model); a no-op elsewhere."""
+
     def outputs_on(self, model, feeds) -> dict[str, np.ndarray]:
         """The model's outputs on other inputs (a callable variant is called with the model)."""
 

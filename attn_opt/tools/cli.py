@@ -206,14 +206,18 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
               help="A model with no attention site is written unchanged (exit 0) instead of exit status 3.")
 @click.option("--model-explorer", "explorer", metavar="FILE.json", help="Write Model Explorer node data (site, "
               "passes, attention FLOPs, error per node) to FILE.json, the error alone to FILE.error.json.")
+@click.option("--share-weights", is_flag=True,
+              help="The output references the input's external weight files in place instead of a copy (-o in "
+                   "the input's folder); OUT.data holds only what the passes added. The output then reads the "
+                   "input's files: keep them unchanged.")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora, allow_empty, explorer, max_memory):
+             calibrate, lora, allow_empty, explorer, share_weights, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora, max_memory, allow_empty, explorer=explorer)
+        html, check, calibrate, lora, max_memory, allow_empty, explorer=explorer, share_weights=share_weights)
 
 
 @cli.command()

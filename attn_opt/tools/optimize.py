@@ -44,7 +44,7 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
              calibrate: str | None = None, lora: int = 0, max_memory: str | None = None,
-             allow_empty: bool = False, explorer: str | None = None) -> None:
+             allow_empty: bool = False, explorer: str | None = None, share_weights: bool = False) -> None:
     """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
     from attn_opt import api
     from attn_opt import passes as registry
@@ -66,6 +66,11 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if pt2 != (Path(output).suffix == ".pt2"):
         raise UserError(f"a {'.pt2' if pt2 else 'ONNX'} model is written as {'.pt2' if pt2 else '.onnx'}; "
                         f"-o {output} has the other kind")
+    if share_weights and pt2:
+        raise UserError("--share-weights applies to ONNX models with external data (a .pt2 is written whole)")
+    if share_weights and Path(output).resolve().parent != Path(model).resolve().parent:
+        raise UserError(f"--share-weights: -o must be in the input model's folder ({Path(model).resolve().parent}): "
+                        "external data is read from the model's own folder")
     if max_error is not None and not max_error >= 0:
         raise UserError(f"--max-error must be a number >= 0 (got {max_error:g})")
     for path, flag in ((inputs, "--inputs"), (calibrate, "--calibrate")):
@@ -101,13 +106,15 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             console.print(calibration_table(p))
     steps = api.steps_for(report.ir)
     with progress.step("write"):
-        data = steps.save(out, output, report.feeds)
+        data = steps.save(out, output, report.feeds, share=True) if share_weights else steps.save(
+            out, output, report.feeds)
     if report_path:
         _write_json(report_path, report.to_json())
     if html:
         write_pipeline_page(steps, report, html, report.feeds)
         console.print(f"wrote {html}")
-    console.print(f"wrote {output}" + (f" (weights in {data})" if data else ""))
+    console.print(f"wrote {output}" + (f" (weights in {data})" if data else "")
+                  + (" (the input's weight files referenced in place: keep them unchanged)" if share_weights else ""))
     if explorer:
         from attn_opt.tools import explorer as me
 

@@ -74,11 +74,17 @@ def _keep_ranks(g: onnx.GraphProto, plain: onnx.GraphProto) -> None:
 def with_shapes(om: OnnxModel) -> OnnxModel:
     """The model re-read from its weightless proto after shape inference, so its values
     carry inferred shapes; the weights are shared, not copied."""
+    return shaped(om)[0]
+
+
+def shaped(om: OnnxModel) -> tuple[OnnxModel, onnx.ModelProto]:
+    """`with_shapes(om)` and the inferred proto it was read from (what `graph_proto()` of
+    it would give, without serialising it again)."""
     proto = infer_shapes(om.graph_proto())
     model = ir.serde.deserialize_model(proto)
     if om.folder:
         ir.external_data.set_base_dir(model.graph, om.folder)
-    return OnnxModel(model, om.folder, om.source, om.external_input, om._keep)
+    return OnnxModel(model, om.folder, om.source, om.external_input, om._keep), proto
 
 
 def _dims(shape) -> tuple | None:

@@ -22,13 +22,12 @@ import onnx_ir as ir
 from onnx import external_data_helper
 
 from attn_opt.core.errors import UserError, first_line as _first_line
-from attn_opt.core.ir.onnx_wire import load_weightless, save_external, save_inline
+from attn_opt.core.ir.onnx_runs import Memo
+from attn_opt.core.ir.onnx_wire import load_weightless, save_external, save_inline, save_shared
 
 SPILL_BYTES = 1024  # inline tensors at least this large go to the weight file
 SPILL_MODEL_BYTES = 64 << 20  # models smaller than this keep their weights inline (no temp file)
 PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models must keep their weights outside
-SEGMENTED_ABOVE = 1 << 30  # probes of larger models run one segment at a time ...
-SEGMENT_BYTES = 256 << 20  # ... of about this many bytes of weights
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
@@ -46,6 +45,7 @@ class OnnxModel:
         self.source = source
         self.external_input = external_input  # the user's file had external data
         self._keep = keep  # the temporary weight folder, removed with the last model using it
+        self._memo = Memo()  # what runs of this graph gave (core/ir/onnx_runs.py)
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -138,17 +138,21 @@ class OnnxModel:
             raise UserError(f"the rewritten model is not valid ONNX ({_first_line(e)})") from None
 
     # ---- running ---------------------------------------------------------------------------
-    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False):
-        """An ONNX Runtime session; `extra` names intermediate values to return as well.
+    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False,
+                proto: onnx.ModelProto | None = None):
+        """An ONNX Runtime session; `extra` names intermediate values to return as well
+        (`proto`: this model's weightless proto, where the caller has it already).
         Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
-        asked for: the pipeline runs each session once, where it costs seconds and memory."""
+        asked for: the pipeline runs each session on a few small input sets, where it costs
+        seconds and memory."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)
-        proto = self.graph_proto()
-        if extra:
-            have = {o.name for o in proto.graph.output}
-            proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra) if n not in have)
+        if proto is None:
+            proto = self.graph_proto()
+        have = {o.name for o in proto.graph.output}
+        added = [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra) if n and n not in have]
+        proto.graph.output.extend(added)
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         if threads:
@@ -158,30 +162,24 @@ class OnnxModel:
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         data = proto.SerializeToString()
-        del proto
+        if added:  # the caller's proto as it was
+            del proto.graph.output[len(proto.graph.output) - len(added):]
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
-    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
-        """Run once in ONNX Runtime, when the run fits the memory limit (estimated from the
-        shapes: core/ir/onnx_memory.py); the session is released before returning."""
-        from attn_opt.core.ir.onnx_memory import check_run
+    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = (), also=()) -> dict[str, np.ndarray]:
+        """The outputs and `extra` values of a run on `feeds`, when it fits the memory limit
+        (estimated from the shapes: core/ir/onnx_memory.py). The sets in `also` are run by
+        the same session and remembered, as every run of this graph is: a run it already
+        made is not made again (core/ir/onnx_runs.py). Past `WHOLE_RUN_BYTES` of weights
+        it runs one segment at a time."""
+        from attn_opt.core.ir.onnx_runs import run
 
-        check_run(self.graph_proto(), {k: np.shape(v) for k, v in feeds.items()})
-        sess = self.session(extra)
-        names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-        del sess
-        return dict(zip(names, out))
+        return run(self, feeds, extra, also)
 
     def probe(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        """The named values of one run; a model over SEGMENTED_ABOVE runs one segment of
-        weights at a time, so memory holds about one layer."""
-        if self.weight_bytes() <= SEGMENTED_ABOVE:
-            return self.run(feeds, names)
-        from attn_opt.core.ir.onnx_segments import run_segmented
-
-        return run_segmented(self, feeds, set(names), SEGMENT_BYTES)
+        """The named values of one run (a large model's run goes one segment of weights at
+        a time, so memory holds about one layer's)."""
+        return self.run(feeds, names)
 
     # ---- writing ---------------------------------------------------------------------------
     def to_proto(self) -> onnx.ModelProto:
@@ -191,31 +189,43 @@ class OnnxModel:
             external_data_helper.load_external_data_for_model(proto, self.folder)
         return proto
 
-    def save(self, dest: str | os.PathLike, external: bool | None = None) -> Path | None:
+    def save(self, dest: str | os.PathLike, external: bool | None = None, share: bool = False) -> Path | None:
         """Write atomically. With external data (when the input had it, or when the model is
-        over protobuf's limit) the weights go to DEST.data next to DEST. Returns that path."""
+        over protobuf's limit) the weights go to DEST.data next to DEST. Returns that path.
+        `share` (--share-weights): the output references the input's weight files in place
+        (DEST must be in their folder); DEST.data holds only what the passes added, and is
+        not written when they added nothing."""
         from attn_opt.core.io import atomic_dir, check_space, os_errors, switch_in
 
         dest = Path(dest)
+        if share and not (self.external_input and self.folder):
+            raise UserError("--share-weights: the input model keeps its weights inline, so there is no weight "
+                            "file to share; write without --share-weights")
+        if share and dest.parent.resolve() != Path(self.folder).resolve():
+            raise UserError(f"--share-weights: -o must be in the folder of the input's weight files ({self.folder}): "
+                            "external data is read from the model's own folder")
         if external is None:
-            external = self.external_input or self.weight_bytes() >= PROTO_LIMIT - (64 << 20)
+            external = share or self.external_input or self.weight_bytes() >= PROTO_LIMIT - (64 << 20)
         data = dest.with_name(dest.name + ".data") if external else None
         if data is not None and self.folder and any(
                 Path(self.folder, t.location).resolve() == data.resolve() for t in self._external_tensors()):
             raise UserError(f"{data} holds the input model's weights; choose another -o")
-        check_space(dest.parent, self.graph_proto().ByteSize() + sum(t.nbytes for t in self._external_tensors()),
-                    str(dest))
+        copied = 0 if share else sum(t.nbytes for t in self._external_tensors())
+        proto = self.graph_proto()
+        check_space(dest.parent, proto.ByteSize() + copied, str(dest))
         with os_errors(dest), atomic_dir(dest.parent) as tmp:
             staged = Path(tmp) / dest.name
-            if data is None and self.folder:  # inline output: weights streamed from their files
-                save_inline(self.graph_proto(), self.folder, staged)
+            if share:  # the input's weight files referenced where they are
+                save_shared(proto, self.folder, dest, tmp, data.name, SPILL_BYTES)
+            elif data is None and self.folder:  # inline output: weights streamed from their files
+                save_inline(proto, self.folder, staged)
             elif data is None:
                 ir.save(self.ir, staged)
             else:  # weights copied file to file, the graph written once
-                save_external(self.graph_proto(), self.folder, staged, data.name, SPILL_BYTES)
+                save_external(proto, self.folder, staged, data.name, SPILL_BYTES)
             pairs = [(Path(tmp) / data.name, data)] if data is not None and (Path(tmp) / data.name).exists() else []
             switch_in(pairs + [(staged, dest)])  # the weights and the graph that names them, together
-        return data
+        return data if pairs else None
 
     def _external_tensors(self):
         for v in self.ir.graph.initializers.values():

@@ -31,31 +31,55 @@ def reads(n: onnx.NodeProto) -> list[str]:
 
 
 def _sub_model(proto: onnx.ModelProto, nodes: list, inputs: dict[str, np.ndarray], outputs: list[str]):
+    """The nodes as a model reading `inputs` (declared by dtype and rank only: every input
+    set's shapes run through one session)."""
     inits = {t.name: t for t in proto.graph.initializer}
     used = {x for n in nodes for x in reads(n) if x in inits}
     graph = helper.make_graph(
         nodes, "segment",
-        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
          for k, a in inputs.items()],
         [onnx.ValueInfoProto(name=o) for o in outputs], [inits[k] for k in sorted(used)])
     return helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
                              functions=list(proto.functions))
 
 
-def _run_sub(model: OnnxModel, proto, nodes, env: dict, outputs: list[str]) -> dict[str, np.ndarray]:
+def _run_sub(model: OnnxModel, proto, nodes, envs: list, outputs: list[str]) -> list:
+    """The nodes run by one session on each environment (name -> array); per environment
+    its `outputs`, or the error (the first environment's is raised)."""
+    from attn_opt.core.ir.onnx_runs import COUNTS, counted
+
     produced = {o for n in nodes for o in n.output}
-    inits = {t.name for t in proto.graph.initializer}
-    ins = {x: env[x] for n in nodes for x in reads(n) if x and x not in produced and x not in inits}
-    sub = OnnxModel.from_proto(_sub_model(proto, nodes, ins, outputs), model.folder)
-    return sub.run(ins, outputs)
+    inits = _sizes(proto)
+    names = [x for x in dict.fromkeys(x for n in nodes for x in reads(n)) if x and x not in produced and x not in inits]
+    ins = [{x: env[x] for x in names if x in env} for env in envs]
+    sess = model.session(proto=_sub_model(proto, nodes, ins[0], outputs))  # its weights: `model`'s files
+    counted(sum(inits[x] for x in {x for n in nodes for x in reads(n)} if x in inits))
+    got = []
+    for i, feed in enumerate(ins):
+        try:
+            got.append(dict(zip(outputs, sess.run(outputs, feed))))
+            COUNTS["runs"] += 1
+        except Exception as e:
+            if not i:
+                raise
+            got.append(e)
+    del sess
+    return got
 
 
-def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
-    """Node indices cut where the weights a segment reads pass `budget` bytes."""
-    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-             for t in proto.graph.initializer}
+def _sizes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of each initializer."""
+    return {t.name: int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            for t in proto.graph.initializer}
+
+
+def segments(proto: onnx.ModelProto, budget: int, nodes: list | None = None) -> list[list[int]]:
+    """Indices into `nodes` (default: the graph's) cut where the weights a segment reads
+    pass `budget` bytes."""
+    sizes = _sizes(proto)
     out, cur, used = [], [], 0
-    for i, n in enumerate(proto.graph.node):
+    for i, n in enumerate(proto.graph.node if nodes is None else nodes):
         w = sum(sizes.get(x, 0) for x in set(reads(n)))
         if cur and used + w > budget:
             out.append(cur)
@@ -65,29 +89,56 @@ def segments(proto: onnx.ModelProto, budget: int) -> list[list[int]]:
     return out + ([cur] if cur else [])
 
 
+def cone(nodes: list, wanted: set[str]) -> list:
+    """The nodes the `wanted` values are computed from, in graph order: a run for a mask or
+    a shape deep in the model computes that value's ancestors, not every layer before it."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    keep: set[int] = set()
+    todo = [producer[w] for w in wanted if w in producer]
+    while todo:
+        i = todo.pop()
+        if i not in keep:
+            keep.add(i)
+            todo += [producer[x] for x in reads(nodes[i]) if x in producer and producer[x] not in keep]
+    return [nodes[i] for i in sorted(keep)]
+
+
 def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int) -> dict:
     """The `wanted` values of one run on `feeds`, computed segment by segment."""
-    proto = model.graph_proto()
-    nodes = list(proto.graph.node)
+    got = run_segmented_sets(model, model.graph_proto(), [(feeds, wanted)], budget)[0]
+    return got
+
+
+def run_segmented_sets(model: OnnxModel, proto, sets: list, budget: int) -> list:
+    """Per (feeds, wanted names) set, the wanted values of one run on it, computed segment by
+    segment: each segment is one session that every set runs through, so the weights are
+    initialised once per segment whatever the number of sets. A set that fails (a variant
+    the model does not run on) gives its error and is not run further; the first set's
+    error is raised."""
+    envs = [dict(f) for f, _ in sets]
+    wanted = [w for _, w in sets]
+    every = set().union(*wanted)
+    nodes = cone(list(proto.graph.node), every)  # only what the wanted values are computed from
     last = {}
     for i, n in enumerate(nodes):
         for x in reads(n):
             last[x] = i
-    for o in proto.graph.output:
-        last[o.name] = len(nodes)
-    env = dict(feeds)
-    segs = segments(proto, budget)
-    stop = max((i for i, n in enumerate(nodes) if any(o in wanted for o in n.output)), default=-1)
-    for seg in segs:
-        if seg[0] > stop:  # nothing wanted comes later: the rest of the model is not run
-            break
+    errors: dict[int, Exception] = {}
+    for seg in segments(proto, budget, nodes):
         end = seg[-1]
         seg_nodes = [nodes[i] for i in seg]
-        outs = [o for n in seg_nodes for o in n.output if o and (last.get(o, -1) > end or o in wanted)]
-        if outs:
-            env.update(_run_sub(model, proto, seg_nodes, env, outs))
-        env = {x: a for x, a in env.items() if x in wanted or last.get(x, -1) > end}
-    return {k: env[k] for k in wanted if k in env}
+        live = [i for i in range(len(sets)) if i not in errors]
+        outs = [o for n in seg_nodes for o in n.output if o and (last.get(o, -1) > end or o in every)]
+        if outs and live:
+            for i, got in zip(live, _run_sub(model, proto, seg_nodes, [envs[i] for i in live], outs)):
+                if isinstance(got, Exception):
+                    errors[i] = got
+                else:
+                    envs[i].update(got)
+        envs = [{x: a for x, a in env.items() if x in wanted[i] or last.get(x, -1) > end}
+                for i, env in enumerate(envs)]
+    return [errors[i] if i in errors else {k: envs[i][k] for k in wanted[i] if k in envs[i]}
+            for i in range(len(sets))]
 
 
 def check_sites(before: OnnxModel, after: OnnxModel, site_ids, feeds) -> dict:
@@ -117,13 +168,15 @@ def check_sites(before: OnnxModel, after: OnnxModel, site_ids, feeds) -> dict:
         pairs += [(x, x) for x in produced if x in outs]  # a site output that is a graph output keeps its name
         plans[sid] = (nodes, inputs, dict(pairs))
         wanted |= inputs | set(dict(pairs).values())
-    budget = max(before.weight_bytes() // max(1, len(tagged)), 64 << 20)
+    from attn_opt.core.ir.onnx_runs import segment_budget
+
+    budget = segment_budget(before.weight_bytes(), parts=len(tagged))  # about a layer's weights
     env = run_segmented(before, feeds, wanted, budget)
     result = {}
     for sid, (nodes, inputs, pairs) in plans.items():
         if not pairs or any(x not in env for x in inputs):
             continue
-        got = _run_sub(after, proto, nodes, env, list(pairs))
+        got = _run_sub(after, proto, nodes, [env], list(pairs))[0]
         per = {new: fidelity.compare(env[old], got[new]) for new, old in pairs.items() if old in env}
         if per:
             result[sid] = fidelity.worst(per)

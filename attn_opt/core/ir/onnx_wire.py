@@ -185,43 +185,109 @@ def save_inline(proto: onnx.ModelProto, folder: str, dest: str | os.PathLike) ->
             m.close()
 
 
+def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def _sources(proto: onnx.ModelProto, folder: str | None) -> dict:
+    """Per external data file the model reads: the (tensor, offset, length) it reads there."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    out: dict = {}
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            src = data_path(folder or os.getcwd(), info.location, t.name, links=False)
+            size = os.path.getsize(src)
+            length = info.length if info.length else size - (info.offset or 0)
+            if (info.offset or 0) + length > size:
+                raise UserError(f"tensor {t.name!r}: external data runs past the end of {info.location}")
+            out.setdefault(src, []).append((t, info.offset or 0, length))
+    return out
+
+
+WHOLE_FILE_SHARE = 0.9  # a data file the output reads this much of is copied whole (offsets kept)
+
+
 def save_external(proto: onnx.ModelProto, folder: str | None, dest: str | os.PathLike, data_name: str,
                   threshold: int) -> None:
     """Write `proto` to `dest` with its weights in DEST's folder/`data_name`: external
-    tensors are copied file to file by the kernel (nothing passes through memory), inline
-    ones of at least `threshold` bytes are appended too."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
+    tensors are copied file to file by the kernel (nothing passes through memory): a source
+    file the output reads almost all of is copied whole (a reflink where the filesystem
+    has them, else `copy_file_range`), its tensors keeping their offsets; other tensors one
+    by one; inline ones of at least `threshold` bytes are appended."""
     dest = os.fspath(dest)
     out_path = os.path.join(os.path.dirname(dest), data_name)
     with open(out_path, "wb") as out:
-        for t in proto.graph.initializer:
-            if uses_external_data(t):
-                info = ExternalDataInfo(t)
-                src = data_path(folder or os.getcwd(), info.location, t.name, links=False)
-                length = info.length if info.length else os.path.getsize(src) - (info.offset or 0)
-                if (info.offset or 0) + length > os.path.getsize(src):
-                    raise UserError(f"tensor {t.name!r}: external data runs past the end of {info.location}")
-                out.flush()  # the kernel copy writes at the descriptor's position
-                offset = out.tell()
-                with open(src, "rb") as f:
-                    _copy_range(f, out, info.offset or 0, length)
-            elif t.HasField("raw_data") and len(t.raw_data) >= threshold:
-                offset, length = out.tell(), len(t.raw_data)
-                out.write(t.raw_data)
-                t.ClearField("raw_data")
-            else:
-                continue
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
+        for src, used in _sources(proto, folder).items():
+            size = os.path.getsize(src)
+            with open(src, "rb") as f:
+                if sum(n for _, _, n in used) >= WHOLE_FILE_SHARE * size:
+                    base = _align(out)
+                    _copy_range(f, out, 0, size)
+                    for t, offset, length in used:
+                        _set_location(t, data_name, base + offset, length)
+                    continue
+                for t, offset, length in used:
+                    base = _align(out)
+                    _copy_range(f, out, offset, length)
+                    _set_location(t, data_name, base, length)
+        _append_inline(proto, out, data_name, threshold)
     with open(dest, "wb") as f:
         f.write(proto.SerializeToString())
 
 
+def save_shared(proto: onnx.ModelProto, folder: str, dest: str | os.PathLike, staged_dir: str | os.PathLike,
+                data_name: str, threshold: int) -> None:
+    """Write `proto` to `staged_dir`/DEST's name with its external tensors referencing the
+    input's data files in place (`--share-weights`; DEST is in their folder: external data
+    is a file in the model's folder, and a hard link is refused as one); only inline
+    tensors of at least `threshold` bytes (what the passes added) go to `data_name`,
+    which is not written when there are none."""
+    for src, used in _sources(proto, folder).items():
+        location = os.path.relpath(src, os.path.abspath(folder))
+        for t, offset, length in used:
+            _set_location(t, location, offset, length)
+    out_path = os.path.join(staged_dir, data_name)
+    with open(out_path, "wb") as out:
+        _append_inline(proto, out, data_name, threshold)
+    if not os.path.getsize(out_path):
+        os.unlink(out_path)
+    with open(os.path.join(staged_dir, os.path.basename(dest)), "wb") as f:
+        f.write(proto.SerializeToString())
+
+
+def _align(out, to: int = 4096) -> int:
+    """Pad the file to a multiple of `to` bytes (tensors start page-aligned, so ORT can map
+    them); the new end."""
+    out.flush()
+    end = out.tell()
+    if end % to:
+        out.write(b"\0" * (to - end % to))
+        out.flush()
+    return out.tell()
+
+
+def _append_inline(proto: onnx.ModelProto, out, data_name: str, threshold: int) -> None:
+    """Inline tensors of at least `threshold` bytes appended to `out`, referenced there."""
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= threshold:
+            offset, length = _align(out), len(t.raw_data)
+            out.write(t.raw_data)
+            t.ClearField("raw_data")
+            _set_location(t, data_name, offset, length)
+
+
 def _copy_range(src, dst, offset: int, length: int) -> None:
+    """`length` bytes of `src` from `offset` appended to `dst` by the kernel: a reflink
+    (FICLONERANGE) where the filesystem shares blocks, else copy_file_range, else a buffer."""
+    dst.flush()
+    if _reflink(src, dst, offset, length):
+        return
     done = 0
     while done < length:
         try:
@@ -234,3 +300,23 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
         if n <= 0:
             raise OSError(f"short copy from {src.name}")
         done += n
+
+
+FICLONERANGE = 0x4020940D  # linux/fs.h: _IOW(0x94, 13, struct file_clone_range)
+
+
+def _reflink(src, dst, offset: int, length: int) -> bool:
+    """Share `src`'s blocks with `dst` (btrfs, xfs, ...); False where the filesystem or the
+    alignment does not allow it (then the bytes are copied)."""
+    import fcntl
+    import struct
+
+    start = dst.tell()
+    if offset % 4096 or start % 4096 or not hasattr(fcntl, "ioctl"):
+        return False
+    try:
+        fcntl.ioctl(dst.fileno(), FICLONERANGE, struct.pack("qQQQ", src.fileno(), offset, length, start))
+    except OSError:
+        return False
+    dst.seek(start + length)
+    return True

@@ -323,6 +323,10 @@ class StreamCache:
     sinks: int
     window: int
     rotary: Any = None
+    # per-head streaming (None: every group capped, the cache keeps its names): the KV groups
+    # that keep the full cache, possibly none; their cache keeps the past input's name and
+    # the full length, the capped groups' is a second input/output named after it + "_stream"
+    full_groups: tuple[int, ...] | None = None
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")

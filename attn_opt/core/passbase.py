@@ -120,6 +120,10 @@ class Pass:
     def needs_diagnostics(self) -> bool:
         return False
 
+    def diag_skip_reason(self, site, diag: dict | None = None) -> str | None:
+        """Why this pass leaves `site` as it is once its diagnostics are known, or None."""
+        return None
+
     def touches_sites(self) -> bool:
         return True
 

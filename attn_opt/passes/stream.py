@@ -1,7 +1,7 @@
 """stream: a decoder step whose cache stays S + W tokens long, however long it runs
 (StreamingLLM: attention sinks plus a recent window).
 
-    stream:sinks=S,window=W[,positions=original|cache][,target=own|onnx|ort|auto]
+    stream:sinks=S,window=W[,positions=original|cache][,full_heads=auto|G+G|L:G+L:G][,target=own|onnx|ort|auto]
 
 Each site attends as `sparse:window=W,sinks=S` with a causal window: a query sees the
 first S tokens and the W most recent ones (itself included). The step's `present`
@@ -24,6 +24,17 @@ left_window_size, ONNX Runtime's GroupQueryAttention with local_window_size; sin
 neither keeps sink tokens), the cache capped the same way; auto times both at the site's
 shape and keeps the faster (backends/onnx/stream_ops.py); own (default) is attn-opt's
 lowering in standard ops. A site an op cannot take is skipped with the reason.
+
+full_heads: per-head streaming (DuoAttention): the named KV groups keep the full cache and
+attend densely, the others stream. The step then takes two caches per site: the full
+groups' under the old names (`past_key_values.0.key` -> `present.0.key`, every position,
+so the attention mask stays over past + new), the streaming groups' as
+`past_key_values.0.key_stream` -> `present.0.key_stream` (S + W positions). auto keeps a
+group full where the stream pattern drops more than full_above of its attention on the
+calibration inputs (the largest over its query heads); a site whose groups all come out
+full is skipped with that reason. The streaming groups' attention is still computed over
+the full length (their dropped positions are zeros the pattern masks): the cache shrinks,
+the per-token time does not yet.
 """
 
 from __future__ import annotations
@@ -49,6 +60,10 @@ class Stream(Pass):
     target: str = option("own", "who computes the window: attn-opt's own ONNX lowering, ONNX Attention-25, ORT "
                                 "GroupQueryAttention, or the faster of the two ops (auto; the ops need sinks=0)",
                          choices=STREAM_TARGETS)
+    full_heads: str | None = option(None, "KV groups that keep the full cache, the others stream",
+                                    accepts="auto, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
+    full_above: float = option(0.05, "full_heads=auto: a group keeps the full cache when the stream pattern drops "
+                               "more than this share of its attention on the calibration inputs", low=0, high=1)
 
     def __post_init__(self):
         if self.window is None:
@@ -56,6 +71,66 @@ class Stream(Pass):
         if self.target in ("onnx", "ort") and self.sinks:
             raise UserError(f"stream: target={self.target} computes the window with one op that keeps no sink tokens: "
                             "give sinks=0 (or target=own|auto)")
+        if self.full_heads is not None:
+            if self.target != "own":
+                raise UserError(f"stream: full_heads with target={self.target} is not implemented (the runtimes' "
+                                "windowed ops cap every head; use target=own)")
+            if self.positions == "cache":
+                raise UserError("stream: full_heads with positions=cache is not implemented yet (use "
+                                "positions=original)")
+            self.groups()  # parsed now, so a bad list is refused before anything runs
+
+    def groups(self) -> tuple[tuple[int | None, int], ...] | None:
+        """full_heads as (layer or None for every layer, group) pairs; None for auto."""
+        if self.full_heads in (None, "auto"):
+            return None
+        out = []
+        for item in str(self.full_heads).split("+"):
+            layer, _, group = item.rpartition(":")
+            try:
+                pair = (int(layer) if layer else None, int(group))
+            except ValueError:
+                raise UserError(f"stream: full_heads={self.full_heads}: expected auto, or KV groups like 0+3 or "
+                                "1:0+2:1 (layer:group)") from None
+            if pair[1] < 0 or (pair[0] is not None and pair[0] < 0):
+                raise UserError(f"stream: full_heads={self.full_heads}: groups and layers are >= 0")
+            out.append(pair)
+        return tuple(out)
+
+    def needs_diagnostics(self) -> bool:
+        return self.full_heads == "auto"
+
+    def full_groups(self, site, diag=None) -> tuple[tuple[int, ...], str]:
+        """The site's KV groups that keep the full cache, and why (per-head streaming)."""
+        pairs = self.groups()
+        if pairs is not None:
+            full = sorted({g for layer, g in pairs if layer is None or layer == site.layer})
+            if full and full[-1] >= site.kv_heads:
+                raise UserError(f"stream: full_heads names KV group {full[-1]}, but site {site.id} has "
+                                f"{site.kv_heads} KV groups")
+            return tuple(full), f"KV groups {full or 'none'} keep the full cache (full_heads={self.full_heads})"
+        if not diag:
+            raise UserError(f"stream: no attention probabilities for site {site.id} to choose full_heads=auto from")
+        from attn_opt.patterns.diagnostics import outside_stream
+
+        p = diag.probs
+        per_group = outside_stream(p, self.sinks, self.window).reshape(site.kv_heads, -1).max(1)
+        full = tuple(int(g) for g in range(site.kv_heads) if per_group[g] > self.full_above)
+        note = (f"KV groups {list(full) or 'none'} keep the full cache: attention the stream pattern drops, per "
+                f"group (its largest head) {[round(float(m), 3) for m in per_group]} vs {self.full_above:g}, on "
+                f"{p.shape[-1]} keys")
+        if p.shape[-1] <= self.sinks + self.window:
+            note += (f" (the calibration inputs' {p.shape[-1]} keys fit in sinks + window: nothing falls outside; "
+                     "give longer inputs to choose from)")
+        return full, note
+
+    def diag_skip_reason(self, site, diag=None) -> str | None:
+        """Said where every KV group of the site keeps the full cache: nothing streams."""
+        if self.full_heads is None:
+            return None
+        full, note = self.full_groups(site, diag)
+        return f"every KV group keeps the full cache, nothing streams here ({note})" \
+            if len(full) == site.kv_heads else None
 
     def skip_reason(self, site) -> str | None:
         if site.cache is None:
@@ -70,8 +145,18 @@ class Stream(Pass):
         return form_skip_reason(site)
 
     def form(self, site, diag=None) -> Form:
-        pattern = Pattern("window", True, self.window, 1, sinks=self.sinks)
         limit = self.sinks + self.window
+        if self.full_heads is not None:
+            full, why = self.full_groups(site, diag)
+            per = site.heads // site.kv_heads
+            dense = tuple(h for g in full for h in range(g * per, (g + 1) * per))
+            pattern = Pattern("window", True, self.window, 1, sinks=self.sinks, dense_heads=dense)
+            notes = [why, f"the other groups' cache kept to {self.sinks} sink + {self.window} recent positions "
+                     f"({limit} in all) as {site.cache.past_key}_stream / {site.cache.present_key}_stream; the full "
+                     "groups' keeps its names and every position"]
+            return Form(pattern=pattern, normaliser=site.normaliser,
+                        stream=StreamCache(self.sinks, self.window, None, full), notes=tuple(notes))
+        pattern = Pattern("window", True, self.window, 1, sinks=self.sinks)
         notes = [f"cache kept to {self.sinks} sink + {self.window} recent positions ({limit} in all): exact while a "
                  f"sequence fits in {limit} tokens, the sink + window approximation after that"]
         rot = None

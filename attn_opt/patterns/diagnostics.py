@@ -109,3 +109,16 @@ def for_pass(gv, sites: list[AttentionSite], feeds, window: int | None) -> dict[
     """Per site id, what a pass that chooses from diagnostics gets."""
     probs = probabilities(gv, sites, feeds)
     return {s.id: SiteDiagnostics(head_stats(s, probs[s.id], window), probs[s.id]) for s in sites if s.id in probs}
+
+
+def outside_stream(p: np.ndarray, sinks: int, window: int) -> np.ndarray:
+    """Per head [H]: the mean attention mass a causal `window` plus the first `sinks` keys
+    would drop (stream's pattern), over the rows that see some key; queries are the last
+    Tq of Tk keys."""
+    tq, tk = p.shape[2], p.shape[3]
+    i = np.arange(tq)[:, None] + (tk - tq)
+    j = np.arange(tk)[None, :]
+    keep = Pattern("window", True, window, 1).window_visible(i, j, tk) | ((j < sinks) & (j <= i))
+    rows = p.sum(-1) > 0.5  # [B, H, Tq]
+    dropped = (p * ~keep).sum(-1)  # [B, H, Tq]
+    return np.array([float(dropped[:, h][rows[:, h]].mean()) if rows[:, h].any() else 0.0 for h in range(p.shape[1])])

@@ -428,6 +428,10 @@ class StreamCache:
     window: int
     rotary: Any = None
     target: str = "own"  # STREAM_TARGETS: attn-opt's own lowering, or a runtime's windowed op (sinks = 0)
+    # per-head streaming (None: every group capped, the cache keeps its names): the KV groups
+    # that keep the full cache, possibly none; their cache keeps the past input's name and
+    # the full length, the capped groups' is a second input/output named after it + "_stream"
+    full_groups: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -113,10 +113,23 @@ def with_empty_caches(gv, specs: list[InputSpec], feeds: dict) -> dict:
     return out
 
 
+def own_loop(model, loop: Loop) -> Loop:
+    """`loop` where `model` reads the same cache inputs, else the model's own loop (a
+    per-head streaming step reads a second, capped cache beside the full one)."""
+    caches = {v.name for v in model.ir.graph.inputs} - {loop.ids, loop.mask, loop.positions}
+    if caches == set(loop.pasts):
+        return loop
+    from attn_opt.core.ir import onnx as onnx_adapter
+
+    gv = onnx_adapter.view(model)
+    return loop_of(gv, onnx_adapter.input_specs(gv)) or loop
+
+
 class Stepper:
     """One model in the loop: an ONNX Runtime session kept open across steps."""
 
     def __init__(self, model, loop: Loop):
+        loop = own_loop(model, loop)
         self.sess, self.loop = model.session(), loop
         self.names = [o.name for o in self.sess.get_outputs()]
         self.inputs = {i.name for i in self.sess.get_inputs()}
@@ -208,3 +221,58 @@ def decode_check(loop: Loop, prompt: np.ndarray, steps: int = DECODE_STEPS):
         return {f"{loop.logits}@step{i}": x for i, x in enumerate(g.logits)}
 
     return outputs
+
+
+@dataclass
+class Forced:
+    """A teacher-forced pass over text: per scored position, the log-probability of the
+    true next token and the model's top-1 choice ([B, N - prompt] each)."""
+    logprob: np.ndarray
+    top1: np.ndarray
+    target: np.ndarray
+    cache_bytes: int  # the cache after the last step
+    seconds: float
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def teacher_forced(model, loop: Loop, tokens: np.ndarray, prompt: int = 1) -> Forced:
+    """Feed `tokens` [B, N] through the step: the first `prompt` in one call, then one per
+    call with the cache, as generation does, but each step given the true next token.
+    Position t (t >= prompt) is scored by the logits the step produced before it."""
+    if tokens.ndim != 2 or not 1 <= prompt < tokens.shape[1]:
+        raise UserError(f"teacher forcing needs [B, N] tokens with 1 <= prompt < N, got {tokens.shape}, {prompt}")
+    s = Stepper(model, loop)
+    cache = s.start(tokens.shape[0])
+    t0 = time.perf_counter()
+    logits, cache = s.step(tokens[:, :prompt], cache, 0)
+    rows = [logits[:, -1]]
+    for t in range(prompt, tokens.shape[1] - 1):
+        logits, cache = s.step(tokens[:, t:t + 1], cache, t)
+        rows.append(logits[:, -1])
+    lp = _log_softmax(np.stack(rows, 1))  # [B, N - prompt, V]
+    target = tokens[:, prompt:]
+    return Forced(np.take_along_axis(lp, target[..., None], -1)[..., 0], lp.argmax(-1), target,
+                  sum(int(v.nbytes) for v in cache.values()), time.perf_counter() - t0)
+
+
+def forced_quality(f: Forced, dense: Forced | None = None, split: int | None = None, prompt: int = 1) -> dict:
+    """Next-token NLL (nats/token), top-1 accuracy, and top-1 agreement with `dense` over
+    every scored position; with `split`, the same over positions < split and >= split."""
+    def part(sel) -> dict:
+        out = {"tokens": int(sel.sum()), "nll": float(-f.logprob[sel].mean()) if sel.any() else None,
+               "top1": float((f.top1 == f.target)[sel].mean()) if sel.any() else None}
+        if dense is not None:
+            out["agreement"] = float((f.top1 == dense.top1)[sel].mean()) if sel.any() else None
+            out["nll_vs_dense"] = float((dense.logprob - f.logprob)[sel].mean()) if sel.any() else None
+        return out
+
+    pos = np.broadcast_to(np.arange(prompt, prompt + f.target.shape[1]), f.target.shape)
+    out = {"all": part(np.ones(f.target.shape, bool))}
+    if split is not None:
+        out["before"], out["after"] = part(pos < split), part(pos >= split)
+    return out

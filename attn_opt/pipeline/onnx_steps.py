@@ -13,7 +13,7 @@ from attn_opt.patterns.detect import match, needed
 from attn_opt.core.errors import DoesNotRun, UserError, first_line as _first_line
 from attn_opt.core.ir import onnx as onnx_adapter
 from attn_opt.core.ir import onnx_flops
-from attn_opt.core.ir.onnx_model import OnnxModel
+from attn_opt.core.ir.onnx_model import OnnxModel, split_feeds
 from attn_opt.pipeline.onnx_decode import with_empty_caches
 from attn_opt.pipeline.run import State, outputs_epsilon
 
@@ -76,6 +76,7 @@ class OnnxSteps:
         `known` (the same function before an opset conversion) its values are reused and
         the model runs only if they lack something."""
         om, proto = onnx_adapter.shaped(model)
+        feeds = split_feeds(om.ir, feeds)  # a cache a rewrite split by KV group (per-head streaming)
         gv = onnx_adapter.view(om)
         feeds = with_empty_caches(gv, onnx_adapter.input_specs(gv), feeds)
         found = match(gv)

@@ -193,7 +193,8 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         diag = {sid: {"x": got[v.name]} for sid, v in wanted.items() if v.name in got}
     rewritten, notes = [], []
     for site in chosen:
-        reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site)
+        reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site) \
+            or p.diag_skip_reason(site, diag.get(site.id))
         if reason is None and p.is_exact() and p.computes_attention and getattr(site, "quantized", False):
             reason = ("its scores/probabilities are rounded by QuantizeLinear/DequantizeLinear inside; "
                       f"{p.name} would compute them in float, so it is not exact here")

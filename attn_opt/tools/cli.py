@@ -373,15 +373,18 @@ def generate(model: str, prompt: str, max_new_tokens: int, other: str | None, as
 @click.option("--exporter", type=click.Choice(["dynamo", "dynamo23", "torchscript"]), default="dynamo",
               show_default=True)
 def zoo(name: str | None, output: str | None, exporter: str):
-    """Build a small random-weight model from the test zoo and export it to ONNX."""
+    """Build a small random-weight model from the test zoo (or the trained llama-bytes) and export it to ONNX."""
     from attn_opt.tools import zoo as z
 
     if name is None:
         for k, m in z.MODELS.items():
             click.echo(f"{k:18s} {m.expected.sites} sites, {m.expected.heads} heads, {m.expected.kv_heads} kv heads")
+        for k, what in z.TRAINED.items():
+            click.echo(f"{k:18s} decoder step, trained: {what} ({k}-full: the whole sequence)")
         return
-    if name not in z.MODELS:
-        raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(z.MODELS)}")
+    trained = {**{n: True for n in z.TRAINED}, **{f"{n}-full": False for n in z.TRAINED}}  # step / full sequence
+    if name not in z.MODELS and name not in trained:
+        raise UserError(f"unknown zoo model {name!r}; choose from {', '.join([*z.MODELS, *trained])}")
     if not output:
         raise UserError("missing -o OUTPUT.onnx")
     from attn_opt.core.io import atomic_path, check_writable
@@ -391,7 +394,10 @@ def zoo(name: str | None, output: str | None, exporter: str):
     from attn_opt.core.progress import Progress
 
     with atomic_path(output) as tmp, Progress(out_console()).step(f"build {name} and export it ({exporter})"):
-        z.export_onnx(name, exporter, tmp)
+        if name in trained:  # trained weights: a decoder step (past/present), or -full: the whole sequence
+            z.export_trained(name.removesuffix("-full"), exporter, tmp, step=trained[name])
+        else:
+            z.export_onnx(name, exporter, tmp)
     click.echo(f"wrote {output} ({name}, {exporter} exporter)")
 
 

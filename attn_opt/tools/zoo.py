@@ -321,7 +321,13 @@ def decoder_step(name: str, **config) -> tuple[DecoderStep, tuple, tuple[str, ..
 
 def export_decoder_step(name: str, exporter: str, path: str | Path, **config) -> Path:
     """A decoder step exported with a dynamic batch, new-token and past-length axis."""
-    step, args, names, outs = decoder_step(name, **config)
+    return _export_step(decoder_step(name, **config), exporter, path)
+
+
+def _export_step(built: tuple, exporter: str, path: str | Path) -> Path:
+    step, args, names, outs = built
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}")
     path = Path(path)
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -339,3 +345,51 @@ def export_decoder_step(name: str, exporter: str, path: str | Path, **config) ->
                                      dynamic_shapes=shapes, verbose=False)
             prog.save(str(path))
     return path
+
+
+# -- a decoder with trained weights (tools/train_decoder.py): learned sinks, local and long-range heads
+TRAINED = {  # name: what it is
+    "llama-bytes": "byte-level LLaMA (4 layers, d 256, 8 heads, 2 kv heads, RoPE, RMSNorm) trained on the "
+                   "Python standard library's source; weights checked against their SHA-256",
+}
+
+
+def trained_model(name: str = "llama-bytes") -> nn.Module:
+    """The trained causal LM (float32, eager attention, eval mode)."""
+    if name not in TRAINED:
+        raise ValueError(f"unknown trained model {name!r}; choose from {', '.join(TRAINED)}")
+    from attn_opt.tools import train_decoder
+
+    return train_decoder.load_model()
+
+
+def trained_step(name: str = "llama-bytes") -> tuple[DecoderStep, tuple, tuple[str, ...], tuple[str, ...]]:
+    """decoder_step's tuple for the trained model: byte ids, 2 new tokens after 3 cached."""
+    step = DecoderStep(trained_model(name))
+    c = step.model.config
+    d = c.hidden_size // c.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randint(32, 127, (1, 2), generator=g), torch.ones(1, 5, dtype=torch.long), torch.arange(3, 5)[None],
+            *(torch.randn(1, c.num_key_value_heads, 3, d, generator=g) for _ in range(2 * step.layers)))
+    kvs = [f"{i}.{x}" for i in range(step.layers) for x in ("key", "value")]
+    return step, args, ("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kvs)), \
+        ("logits", *(f"present.{n}" for n in kvs))
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def export_trained(name: str, exporter: str, path: str | Path, step: bool = True) -> Path:
+    """The trained model as a decoder step (past/present per layer, as export_decoder_step)
+    or, with step=False, as a full-sequence model (input_ids, attention_mask) -> logits."""
+    if not step:
+        model = _Logits(trained_model(name))
+        ids = torch.tensor([list(b"def main():\n    return 0\n")])
+        return export_module(model, (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), exporter, path)
+    return _export_step(trained_step(name), exporter, path)

@@ -14,6 +14,7 @@ compose on one site.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -30,7 +31,9 @@ from attn_opt.patterns.capability import Capabilities
 from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays, selection_reason
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
+from attn_opt.core.errors import NotSupported
 from attn_opt.core.graph import FORM_KEY, param_name
+from attn_opt.core.ir.onnx_model import SPLIT_KEY
 
 OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
 
@@ -113,6 +116,8 @@ def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
     """The site's present key/value outputs keep the first `sinks` positions and the last
     `window` ones (all of them while the sequence is no longer than sinks + window); the
     attention still reads the whole concatenation."""
+    if stream.full_groups is not None:
+        return split_cache(e, stream)
     c = e.site.cache
     for name in (c.present_key, c.present_value):
         full = next(v for v in e.graph.outputs if v.name == name)
@@ -123,6 +128,109 @@ def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
         dims = list(full.shape) if full.shape is not None else ["batch", "heads", None, "head_dim"]
         dims[2] = "cache_len"  # min(total, sinks + window)
         e.commit_output(full, e.op("Concat", [head, tail], {"axis": 2}), ir.Shape(dims))
+
+
+def _capped(e: SiteEdit, x: ir.Value, stream: StreamCache) -> ir.Value:
+    """[B, h, L, D] -> the first `sinks` and the last `window` positions (all while L fits)."""
+    start = e.op("Max", [e.ints(stream.sinks), e.op("Sub", [e.shape_dim(x, 2), e.ints(stream.window)])])
+    head = e.op("Slice", [x, e.ints(0), e.ints(stream.sinks), e.ints(2)])
+    return e.op("Concat", [head, e.op("Slice", [x, start, e.ints(2 ** 62), e.ints(2)])], {"axis": 2})
+
+
+def _source(v: ir.Value) -> ir.Value | None:
+    """The graph input `v` is, through copies and Concats with empty tensors."""
+    for _ in range(8):
+        n = v.producer()
+        if n is None:
+            return v
+        if n.op_type in ("Identity", "Cast"):
+            v = n.inputs[0]
+            continue
+        full = [i for i in n.inputs if i is not None and not (i.const_value is not None and i.const_value.size == 0)]
+        if n.op_type != "Concat" or len(full) != 1:
+            return None
+        v = full[0]
+    return None
+
+
+def _drop_unused(v: ir.Value) -> None:
+    """Remove `v`'s producer, and theirs, while nothing reads what they compute."""
+    n = v.producer()
+    if n is None or any(o.uses() or o.is_graph_output() for o in n.outputs):
+        return
+    inputs = [i for i in n.inputs if i is not None]
+    n.graph.remove(n, safe=True)
+    for i in inputs:
+        _drop_unused(i)
+
+
+def split_cache(e: SiteEdit, stream: StreamCache) -> None:
+    """Per-head streaming: the cache Concat(past, new) of every KV group becomes two, the
+    full groups' Concat(past, new[:, full]) (the past input and present output keep their
+    names, every position) and the streaming groups' Concat(past_stream, new[:, rest])
+    capped at sinks + window (`<past>_stream` in, `<present>_stream` out). The attention
+    reads the groups back in order at the full length, each streaming group's dropped
+    positions as zeros between its sinks and its window (the pattern never shows them):
+    the old Concat node is turned into that reassembly, so its readers are unchanged."""
+    c, graph = e.site.cache, e.model.graph
+    full = list(stream.full_groups)
+    rest = [g for g in range(e.site.kv_heads) if g not in full]
+    inverse = [(full + rest).index(g) for g in range(e.site.kv_heads)]
+    for past_name, present_name in ((c.past_key, c.present_key), (c.past_value, c.present_value)):
+        past = next(v for v in graph.inputs if v.name == past_name)
+        out = next(v for v in graph.outputs if v.name == present_name)
+        cat = out
+        while cat.producer() is not None and cat.producer().op_type in ("Identity", "Cast"):
+            cat = cat.producer().inputs[0]
+        node = cat.producer()
+        if node is None or node.op_type != "Concat" or len(node.inputs) != 2 or _source(node.inputs[0]) is not past:
+            raise NotSupported(f"stream full_heads: {present_name} is not Concat({past_name}, new) at the top level")
+        new = node.inputs[1]
+        dims = list(past.shape) if past.shape is not None else ["batch", e.site.kv_heads, "past", "head_dim"]
+        dtype = past.type.dtype.numpy() if past.type is not None else np.float32
+        past_stream = ir.Value(name=f"{past_name}_stream", type=past.type,
+                               shape=ir.Shape([dims[0], len(rest), f"{past_name}_stream_len", dims[3]]))
+        graph.inputs.append(past_stream)
+        split = json.loads(e.model.metadata_props.get(SPLIT_KEY, "{}"))  # how a feed of the old input splits
+        split[past_stream.name] = {"from": past_name, "of": e.site.kv_heads, "groups": rest,
+                                   "cap": [stream.sinks, stream.window]}
+        split[past_name] = {"from": past_name, "of": e.site.kv_heads, "groups": full, "cap": None}
+        e.model.metadata_props[SPLIT_KEY] = json.dumps(split)
+        past.shape = ir.Shape([dims[0], len(full), dims[2], dims[3]])
+        kept = e.op("Concat", [past, e.op("Gather", [new, e.ints(*full)], {"axis": 1})],
+                    {"axis": 2})
+        streamed = e.op("Concat", [past_stream, e.op("Gather", [new, e.ints(*rest)], {"axis": 1})], {"axis": 2})
+        present_stream = _capped(e, streamed, stream)
+        gap = e.op("Sub", [e.shape_dim(kept, 2), e.shape_dim(streamed, 2)])  # positions dropped so far
+        zeros = e.op("ConstantOfShape", [e.op("Concat", [e.shape_dim(streamed, 0), e.ints(len(rest)), gap,
+                                                         e.shape_dim(streamed, 3)], {"axis": 0})],
+                     {"value": ir.tensor(np.zeros(1, dtype))})
+        sinks = e.op("Slice", [streamed, e.ints(0), e.ints(stream.sinks), e.ints(2)])
+        recent = e.op("Slice", [streamed, e.ints(stream.sinks), e.ints(2 ** 62), e.ints(2)])
+        padded = e.op("Concat", [sinks, zeros, recent], {"axis": 2})
+        grouped = e.op("Gather", [e.op("Concat", [kept, padded], {"axis": 1}), e.ints(*inverse)], {"axis": 1})
+        node.graph.insert_before(node, e.nodes)
+        e.nodes = []
+        # the old Concat(past, new) on the sequence axis becomes Concat(grouped, nothing) on the head axis
+        was = node.inputs[0]
+        node.replace_input_with(0, grouped)
+        _drop_unused(was)
+        while was is not past and was.producer() is not None:  # copies of the past others may read: fewer heads now
+            was.shape = None
+            was = next(i for i in was.producer().inputs if i is not None and not (
+                i.const_value is not None and i.const_value.size == 0))
+        node.replace_input_with(1, e.op("Slice", [grouped, e.ints(0), e.ints(0), e.ints(1)]))
+        node.graph.insert_before(node, e.nodes)
+        e.nodes = []
+        node.attributes["axis"] = ir.AttrInt64("axis", 1)
+        i = next(i for i, v in enumerate(graph.outputs) if v is out)
+        out.name = f"{present_name}__full"
+        kept.name, kept.type = present_name, out.type
+        kept.shape = ir.Shape([dims[0], len(full), "total", dims[3]])
+        graph.outputs[i] = kept
+        present_stream.name, present_stream.type = f"{present_name}_stream", out.type
+        present_stream.shape = ir.Shape([dims[0], len(rest), "cache_len", dims[3]])
+        graph.outputs.append(present_stream)
 
 
 GRAPH_EDITS = {"drop_mlp": collapse.drop_mlp}
@@ -276,8 +384,9 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
         if not heads:
             continue
         idx = e.ints(*heads)
+        kv_idx = e.ints(*(h * site.kv_heads // site.heads for h in heads))  # GQA: each query head's KV group
         sub = dataclasses.replace(site, heads=len(heads), kv_heads=len(heads))
-        qkv = [e.op("Gather", [x, idx], {"axis": 1}) for x in (q, k, v)]
+        qkv = [e.op("Gather", [q, idx], {"axis": 1})] + [e.op("Gather", [x, kv_idx], {"axis": 1}) for x in (k, v)]
         if dense_part:
             outs.append(emit_explicit(e, sub, normaliser_fn(normaliser, sub, 5), qkv=qkv))
         else:

@@ -174,7 +174,8 @@ class OnnxModel:
         it runs one segment at a time."""
         from attn_opt.core.ir.onnx_runs import run
 
-        return run(self, feeds, extra, also)
+        feeds = split_feeds(self.ir, feeds)  # a cache a rewrite split by KV group (per-head streaming)
+        return run(self, feeds, extra, [split_feeds(self.ir, f) for f in also])
 
     def probe(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """The named values of one run (a large model's run goes one segment of weights at
@@ -310,3 +311,28 @@ def _spill(proto: onnx.ModelProto, folder: str) -> onnx.ModelProto:
         convert_attribute=False)
     external_data_helper.write_external_data_tensors(work, folder)
     return onnx.ModelProto.FromString(work.SerializeToString())  # frees the arena that held the weights
+
+
+SPLIT_KEY = "attn_opt.split_cache"  # model metadata: inputs a rewrite split off another (per-head streaming)
+
+
+def split_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Feeds for the inputs a rewrite split off another (SPLIT_KEY: per input, JSON
+    {"from": the input it came from, "of": its KV heads, "groups": the ones kept, "cap":
+    [sinks, window] or null}), made from a feed of the original input: its KV groups, the
+    first sinks and last window positions where capped. Feeds already split pass as they are."""
+    spec = model.metadata_props.get(SPLIT_KEY)
+    if not spec:
+        return feeds
+    import json
+
+    out = dict(feeds)
+    for name, s in json.loads(spec).items():
+        src = feeds.get(s["from"])
+        if src is None or np.ndim(src) != 4 or np.shape(src)[1] != s["of"]:
+            continue
+        x = np.asarray(src)[:, s["groups"]]
+        if s["cap"] and x.shape[2] > sum(s["cap"]):
+            x = np.concatenate([x[:, :, :s["cap"][0]], x[:, :, x.shape[2] - s["cap"][1]:]], 2)
+        out[name] = x
+    return out

@@ -22,20 +22,22 @@ from attn_opt.core.passbase import Pass, option
 DENSE = "dense"
 
 
-def parse_site_spec(site_id: str, spec) -> Pass | None:
-    """One site's spec to its pass (None for dense); a one-line error otherwise."""
+def parse_site_spec(site_id: str, spec, where: str | None = None) -> Pass | None:
+    """One site's spec to its pass (None for dense); a one-line error otherwise (said as
+    `where`, default "plan: site ID")."""
     from attn_opt import passes as registry
 
+    where = where or f"plan: site {site_id}"
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"plan: site {site_id}: the spec must be a form pass spec or 'dense' (got {spec!r})")
+        raise UserError(f"{where}: the spec must be a form pass spec or 'dense' (got {spec!r})")
     if spec.strip() == DENSE:
         return None
     try:
         p = registry.parse(spec)
     except UserError as e:
-        raise UserError(f"plan: site {site_id}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     if p.produces != "form" or not p.touches_sites():
-        raise UserError(f"plan: site {site_id}: {p.name} produces a {p.produces}, not a form; a plan holds "
+        raise UserError(f"{where}: {p.name} produces a {p.produces}, not a form; a plan holds "
                         "form passes (sparse, softplus, sinkfree, sigmoid, stream) or 'dense'")
     p.check_options()
     return p

@@ -84,7 +84,7 @@ def expand_candidates(text: str | None) -> list[str]:
             spec = name.strip() + (":" + ",".join(combo) if combo else "")
             if spec == DENSE:
                 continue  # dense is always a choice
-            parse_site_spec("(candidate)", spec)
+            parse_site_spec("", spec, f"--candidates {spec!r}")
             if spec not in out:
                 out.append(spec)
     if not out:

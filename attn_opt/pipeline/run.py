@@ -90,10 +90,14 @@ class Report:
     steps: list = field(default_factory=list)  # (step, seconds) of the whole invocation
     feeds: dict | None = field(default=None, repr=False)  # the fidelity inputs the run used (not in JSON)
     ir: str = ""  # "onnx" | "fx" (not in JSON)
+    plan: dict | None = field(default=None, repr=False)  # --budget: the plan chosen (written as OUT.plan.json)
 
     def to_json(self) -> dict:
-        return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
-                "passes": [p.to_json() for p in self.passes], "steps": self.steps}
+        out = {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
+               "passes": [p.to_json() for p in self.passes], "steps": self.steps}
+        if self.plan:
+            out["plan"] = {k: v for k, v in self.plan.items() if k != "tried"}
+        return out
 
 
 @dataclass

@@ -204,10 +204,38 @@ def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, cand
            objective: str = "auto", progress=None, per_head: bool = True) -> SearchResult:
     """Choose a form per site of the ONNX `model` meeting `budget` with the least measured
     fidelity loss on `feeds`; the chosen plan is measured on `heldout` too."""
+    return choose(measure(steps, model, feeds, heldout, budget.kind, candidates, objective, progress, per_head),
+                  budget)
+
+
+@dataclass
+class Measured:
+    """Every site's choices with their costs and losses: what any budget of one kind is
+    solved from (the expensive part of a search, done once)."""
+
+    steps: object
+    state: object
+    sites: list
+    choices: dict
+    feeds: dict
+    heldout: dict | None
+    objective: str
+    logits: set
+    base: float
+    kind: str
+    candidates: list
+    notes: list
+    phases: dict
+    held_refs: dict | None = None
+
+
+def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidates: list[str],
+            objective: str = "auto", progress=None, per_head: bool = True) -> Measured:
+    """One observation run, then each site's choices, their costs and their sensitivities."""
     from attn_opt.patterns.diagnostics import head_stats
     from attn_opt.pipeline import budget_measure as bm
 
-    if budget.kind == "cache":
+    if kind == "cache":
         raise NotSupported("--budget cache=F: cache budgets need per-head streaming (issue 26); not implemented yet")
     if objective not in OBJECTIVES:
         raise UserError(f"bad --objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
@@ -227,7 +255,6 @@ def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, cand
             continue
         why = bm.check_layout(s, env)
         if why:
-            notes.append(f"{s.id}: kept dense: {why}")
             cones.why[s.id] = why
             continue
         p = reference.probabilities(s, env)
@@ -236,27 +263,39 @@ def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, cand
     for s in sites:
         if s.id not in choices:
             choices[s.id] = [Choice(DENSE, DENSE, note=cones.why.get(s.id, "not measurable"))]
-            if s.id not in {n.split(":")[0] for n in notes}:
-                notes.append(f"{s.id}: kept dense: {cones.why.get(s.id)}")
+            notes.append(f"{s.id}: kept dense: {cones.why.get(s.id, 'not measurable')}")
     phases = {"observe and record": time.perf_counter() - t0}
-    totals = _costs(steps, state, sites, choices, feeds, env, budget, notes)
+    base = _costs(steps, state, sites, choices, feeds, env, kind, notes)
     phases["costs (FLOP counter)"] = time.perf_counter() - t0 - sum(phases.values())
     _sensitivities(steps, state, sites, choices, cones, env, refs, feeds, obj, logits, progress)
     phases["sensitivities"] = time.perf_counter() - t0 - sum(phases.values())
+    return Measured(steps, state, sites, choices, feeds, heldout, obj, logits, base, kind, candidates, notes, phases)
+
+
+def choose(m: Measured, budget: Budget) -> SearchResult:
+    """The assignment meeting `budget` with the least loss: the Pareto DP over the measured
+    choices, verified and refined on the whole model (`_refine`), measured on held-out inputs."""
+    from attn_opt.pipeline import budget_measure as bm
+
+    if budget.kind != m.kind:
+        raise UserError(f"--budget {budget.text()}: the choices were measured for a {m.kind} budget")
+    t0 = time.perf_counter()
+    sites, choices, obj, base = m.sites, m.choices, m.objective, m.base
     order = [s.id for s in sites]
     points = pareto([[c.cost for c in choices[i]] for i in order], [[c.loss for c in choices[i]] for i in order])
-    base = totals["base"]
     cheapest = base + min(p.cost for p in points)
     if cheapest > budget.fraction + 1e-9:
         raise UserError(f"--budget {budget.text()} cannot be met: the cheapest the candidates reach is "
                         f"{budget.kind}={cheapest:.3f}; nothing written")
-    measure = _measurer(steps, state, sites, choices, feeds, refs, obj, logits)
-    best, tried = _refine(points, choices, order, base, budget.fraction, measure)
-    phases["solve, verify, refine"] = time.perf_counter() - t0 - sum(phases.values())
-    plan = {sid: choices[sid][j].spec for sid, j in zip(order, best.picks)}
+    measure_ = _measurer(m.steps, m.state, sites, choices, m.feeds, m.state.outputs, obj, m.logits)
+    best, tried = _refine(points, choices, order, base, budget.fraction, measure_)
     held = None
-    if heldout is not None:
-        held = _measurer(steps, state, sites, choices, heldout, state.model.run(heldout), obj, logits)(best.picks)
+    if m.heldout is not None:
+        if m.held_refs is None:
+            m.held_refs = m.state.model.run(m.heldout)
+        held = _measurer(m.steps, m.state, sites, choices, m.heldout, m.held_refs, obj, m.logits)(best.picks)
+    phases = dict(m.phases, **{"solve, verify, refine": time.perf_counter() - t0})
+    plan = {sid: choices[sid][j].spec for sid, j in zip(order, best.picks)}
     entries = {}
     for s, j in zip(sites, best.picks):
         c = choices[s.id][j]
@@ -266,10 +305,10 @@ def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, cand
     summary = {"budget": budget.text(), "objective": obj, "cost_definition": KINDS[budget.kind],
                "cost": base + best.cost, "predicted_loss": best.loss, "measured_loss": best.measured,
                "heldout_loss": held, "heldout_fidelity": None if held is None else bm.score_text(obj, held),
-               "search_fidelity": bm.score_text(obj, best.measured), "candidates": candidates,
-               "seconds": time.perf_counter() - t0, "phases": phases, "notes": notes,
-               "inputs": {"search": {k: list(v.shape) for k, v in feeds.items()},
-                          "heldout": {k: list(v.shape) for k, v in heldout.items()} if heldout else None}}
+               "search_fidelity": bm.score_text(obj, best.measured), "candidates": m.candidates,
+               "seconds": sum(phases.values()), "phases": phases, "notes": list(m.notes),
+               "inputs": {"search": {k: list(v.shape) for k, v in m.feeds.items()},
+                          "heldout": {k: list(v.shape) for k, v in m.heldout.items()} if m.heldout else None}}
     pts = [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured} for p in points]
     pts += [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured, "refined": True}
             for p in tried if all(p.picks != q.picks for q in points)]
@@ -277,15 +316,15 @@ def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, cand
     return SearchResult(plan, entries, pts, chosen, summary)
 
 
-def _costs(steps, state, sites, choices, feeds, env, budget, notes) -> dict:
+def _costs(steps, state, sites, choices, feeds, env, kind: str, notes) -> float:
     """Each choice's cost as a fraction of the original's (attention or model matrix-product
     FLOPs), counted on copies with every site lowered to one choice template at once."""
     from attn_opt.pipeline import budget_measure as bm
 
-    which = 0 if budget.kind == "attention" else 1
+    which = 0 if kind == "attention" else 1
     total = state.flops.attention_matmul if which == 0 else state.flops.matmul
     if not total:
-        raise UserError(f"--budget {budget.text()}: the model has no {budget.kind} FLOPs to budget")
+        raise UserError(f"--budget {kind}=...: the model has no {kind} FLOPs to budget")
     dense = bm.site_flops(state.model, feeds, {s.id: set(s.nodes) for s in sites}, env)
     base = (total - sum(v[which] for v in dense.values())) / total
     templates = list(dict.fromkeys(c.template for cs in choices.values() for c in cs if c.spec != DENSE))
@@ -315,7 +354,7 @@ def _costs(steps, state, sites, choices, feeds, env, budget, notes) -> dict:
         for c in refused:
             notes.append(f"{sid}: {c.spec} {c.note}")
             cs.remove(c)
-    return {"base": base, "total": total}
+    return base
 
 
 def _sensitivities(steps, state, sites, choices, cones, env, refs, feeds, obj, logits, progress) -> None:

@@ -71,7 +71,7 @@ class Cones:
         ins = {k: env[k] for k in self.boundary[site_id]}
         sub = OnnxModel.from_proto(_sub_model(self.proto, self.cone[site_id], ins, self.outputs[site_id]),
                                    self.model.folder)
-        return sub.session()
+        return sub.session(prepack=True)  # run once per choice: packing the weights once pays
 
 
 def check_layout(site, env: dict) -> str | None:
@@ -133,14 +133,18 @@ def padding_mask(feeds: dict):
     return next((v for n, v in feeds.items() if "mask" in n.lower() and np.ndim(v) == 2), None)
 
 
+SPEARMAN_ROWS = 8  # fewer rows give too few pairs (28 at 8) for a ranking to tell choices apart
+
+
 def choose_objective(objective: str, refs: dict, logits: set) -> str:
     """The task's objective: KL for logits, the Spearman of pairwise similarities for a batch
-    of embeddings (≥ 3 rows), cosine otherwise; `objective` overrides it."""
+    of embeddings (≥ SPEARMAN_ROWS rows), cosine otherwise; `objective` overrides it."""
     if objective != "auto":
         return objective
     if any(k in logits for k in refs):
         return "kl"
-    if any(np.ndim(v) >= 2 and len(v) >= 3 and np.issubdtype(np.asarray(v).dtype, np.floating) for v in refs.values()):
+    if any(np.ndim(v) >= 2 and len(v) >= SPEARMAN_ROWS and np.issubdtype(np.asarray(v).dtype, np.floating)
+           for v in refs.values()):
         return "spearman"
     return "cosine"
 

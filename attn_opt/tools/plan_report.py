@@ -48,6 +48,7 @@ def write_pareto(plan: dict, path: str) -> None:
     ax.set_xlabel(plan["cost_definition"])
     ax.set_ylabel(f"fidelity loss ({plan['objective']}: {'KL' if plan['objective'] == 'kl' else '1 - score'})")
     ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

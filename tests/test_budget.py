@@ -202,3 +202,26 @@ def test_flags_that_cannot_go_together(toy, tmp_path):
                           (["--candidates", "softplus", "--pass", "fuse"], "give --budget too")):
         r = cli(path, *args, "-o", tmp_path / "o.onnx")
         assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+# -- torch.fx ---------------------------------------------------------------------------------
+def test_plan_on_torch_fx_and_budget_refused_there():
+    """A plan applies on torch.fx the same way (the site named gets its form, the other none);
+    the search itself is ONNX-only and says so in one line."""
+    from attn_opt.passes.plan import PlanPass
+    from attn_opt.tools import zoo
+
+    model, args, _ = zoo.MODELS["bert-eager"].build()
+    gm, report = attn_opt.optimize(model, example_inputs=args, plan={"a0": "sparse:window=2", "a1": "dense"},
+                                   force=True)
+    p = report.passes[0]
+    assert p.name == "plan" and p.sites_rewritten == ["a0"]
+    assert [s.reason for s in p.sites_skipped] == ["dense in the plan"]
+    assert p.attention_flops_after != p.attention_flops_before or p.fidelity["max_rel_error"] > 0
+    with pytest.raises(NotSupported, match="--budget searches ONNX models only"):
+        attn_opt.optimize(model, example_inputs=args, budget="attention=0.5")
+    fn = torch.compile(model, backend=attn_opt.backend(passes=[PlanPass.of({"a0": "sparse:window=2"})], check="none",
+                                                    inner="eager"))
+    with torch.no_grad():
+        out = fn(*args)
+    assert torch.isfinite(out).all()

@@ -41,6 +41,7 @@ OBJECTIVES = ("auto", "spearman", "kl", "top1", "cosine")
 HEAD_VARIANTS = (1, 2, 4)  # dense heads a sparse choice may keep
 VERIFY = 3  # best predicted assignments measured on the whole model
 GREEDY = 3  # greedy refinement steps (each one whole-model measurement)
+UNIFORM_SEEDS = 2  # uniform assignments (one form everywhere) also measured as starting points
 
 
 @dataclass(frozen=True)
@@ -399,15 +400,33 @@ def _fresh(steps, state, feeds):
     return steps.observe(state.model.clone(), feeds, run=False, known=state)
 
 
+def _uniform(choices, order, base: float, limit: float) -> list[Point]:
+    """The assignments that give every site the same choice template, within the limit, best
+    predicted first."""
+    out = []
+    for t in dict.fromkeys(c.template for sid in order for c in choices[sid]):
+        picks = tuple(next((j for j, c in enumerate(choices[sid]) if c.template == t), -1) for sid in order)
+        if t == DENSE or -1 in picks:
+            continue
+        p = Point(sum(choices[sid][j].cost for sid, j in zip(order, picks)),
+                  sum(choices[sid][j].loss for sid, j in zip(order, picks)), picks)
+        if base + p.cost <= limit + 1e-9:
+            out.append(p)
+    return sorted(out, key=lambda p: p.loss)
+
+
 def _refine(points: list[Point], choices, order, base: float, limit: float, measure):
-    """The best VERIFY predicted assignments within the limit measured on the whole model; the
-    best measured kept; then up to GREEDY single-site upgrades that fit the leftover budget,
+    """The best VERIFY predicted assignments within the limit, and the best UNIFORM_SEEDS
+    uniform ones, measured on the whole model; the best measured kept; then up to GREEDY single-site upgrades that fit the leftover budget,
     each kept only when the whole model's measurement confirms it."""
     under = sorted((p for p in points if base + p.cost <= limit + 1e-9), key=lambda p: p.loss)
     for p in under[:VERIFY]:
         p.measured = measure(p.picks)
-    best = min(under[:VERIFY], key=lambda p: p.measured)
-    tried = []
+    tried = [u for u in _uniform(choices, order, base, limit)[:UNIFORM_SEEDS]
+             if all(u.picks != p.picks for p in under[:VERIFY])]
+    for u in tried:  # one form everywhere is a seed too: the search never ends below the best uniform it measured
+        u.measured = measure(u.picks)
+    best = min(under[:VERIFY] + tried, key=lambda p: p.measured)
     for _ in range(GREEDY):
         slack = limit - base - best.cost
         moves = [(choices[sid][best.picks[i]].loss - c.loss, i, j) for i, sid in enumerate(order)

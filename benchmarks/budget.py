@@ -73,7 +73,7 @@ def main() -> int:
         uniform.append({"form": t, "cost": cost, "spearman": 1 - held(tuple(picks))})
         print(uniform[-1], file=sys.stderr)
     rows, records = [], []
-    budgets = sorted(set(BUDGETS) | {round(u["cost"], 4) for u in uniform if u["form"] != "dense"})
+    budgets = sorted(set(BUDGETS) | {u["cost"] for u in uniform if u["form"] != "dense" and 0.25 <= u["cost"] <= 0.9})
     for b in budgets:
         t1 = time.perf_counter()
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import resource
 import shutil
 import sys
@@ -74,12 +75,13 @@ def main() -> int:
         print(uniform[-1], file=sys.stderr)
     rows, records = [], []
     budgets = sorted(set(BUDGETS) | {u["cost"] for u in uniform if u["form"] != "dense" and 0.25 <= u["cost"] <= 0.9})
+    budgets.sort(key=lambda b: (b != 0.5, b))  # the headline budget first; results written after every budget
     for b in budgets:
         t1 = time.perf_counter()
         try:
             r = B.choose(m, B.Budget("attention", b))
         except Exception as e:  # an unreachable budget: said in the table
-            rows.append([f"{b:.3f}", "-", str(e).split(";")[0], "-", "-", "-"])
+            rows.append([f"{b:.4f}", "-", str(e).split(";")[0], "-", "-", "-"])
             continue
         plan_s = 1 - r.summary["heldout_loss"]
         best_u = max((u for u in uniform if u["cost"] <= b + 1e-9), key=lambda u: u["spearman"], default=None)
@@ -87,10 +89,16 @@ def main() -> int:
                "best_uniform": best_u, "plan": r.plan, "solve_seconds": time.perf_counter() - t1,
                "search_seconds": measure_s + time.perf_counter() - t1}
         records.append(rec)
-        rows.append([f"{b:.3f}", f"{r.summary['cost']:.3f}", f"{plan_s:.4f}",
-                     best_u["form"] if best_u else "none fits", f"{best_u['cost']:.3f}" if best_u else "-",
+        rows.append([f"{b:.4f}", f"{r.summary['cost']:.4f}", f"{plan_s:.4f}",
+                     best_u["form"] if best_u else "none fits", f"{best_u['cost']:.4f}" if best_u else "-",
                      f"{best_u['spearman']:.4f}" if best_u else "-"])
         print(rows[-1], file=sys.stderr)
+        report(args, text, half, m, measure_s, uniform, sorted(rows, key=lambda r: float(r[0])),
+               sorted(records, key=lambda r: r["budget"]), len(budgets))
+    return 0
+
+
+def report(args, text, half, m, measure_s, uniform, rows, records, planned) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     above = all(r["best_uniform"] is None or r["plan_spearman"] >= r["best_uniform"]["spearman"] for r in records)
     preface = ["# --budget on all-MiniLM-L6-v2: searched plan vs uniform forms (held-out sentences)", "",
@@ -99,15 +107,15 @@ def main() -> int:
                f"plus 1, 2 and 4 dense heads per sparse form; {sum(len(c) for c in m.choices.values())} (site, choice) "
                f"pairs measured once in {measure_s:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in m.phases.items())}), "
                "then each budget solved and verified from them (its seconds in the JSON). Peak RSS of the whole "
-               f"benchmark: {peak:.2f} GiB. Times measured with other jobs on the same 2 cores. The searched plan is "
-               f"{'at or above' if above else 'NOT above'} the best uniform form at every budget.", "",
-               "Uniform forms: " + "; ".join(f"{u['form']} {u['cost']:.3f} → {u['spearman']:.4f}" for u in uniform), ""]
+               f"benchmark: {peak:.2f} GiB. Times measured with other jobs on the same 2 cores (load average "
+               f"{os.getloadavg()[0]:.0f} when written). {len(records)} of {planned} budgets done. The searched plan is "
+               f"{'at or above' if above else 'NOT above'} the best uniform form within each budget done.", "",
+               "Uniform forms: " + "; ".join(f"{u['form']} {u['cost']:.4f} → {u['spearman']:.4f}" for u in uniform), ""]
     write("budget", "searched plan vs best uniform form at each attention budget (held-out Spearman)",
           ["budget", "plan cost", "plan Spearman", "best uniform within budget", "its cost", "its Spearman"],
           rows, {"records": records, "uniform": uniform, "measure_seconds": measure_s, "phases": m.phases,
                  "peak_rss_gib": peak}, preface, "![searched plan vs uniform forms](budget.png)")
     plot(records, uniform)
-    return 0
 
 
 def plot(records, uniform) -> None:
@@ -117,6 +125,7 @@ def plot(records, uniform) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    records = sorted(records, key=lambda r: r["plan_cost"])
     ax.plot([r["plan_cost"] for r in records], [r["plan_spearman"] for r in records], "o-", color="C3",
             label="searched plan (--budget attention=B)")
     for i, u in enumerate(u for u in uniform if u["form"] != "dense"):

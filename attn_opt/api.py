@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from attn_opt.core.errors import DoesNotRun, UserError
+from attn_opt.core.errors import DoesNotRun, NotSupported, UserError
 from attn_opt.patterns.detect import Detection, detect
 from attn_opt.pipeline.checks import check as check_strategy
 
@@ -94,7 +94,6 @@ def _plan_chain(passes, layers, sites, budget, candidates, plan):
 def _search(loaded, native, steps, f0, calib, budget, candidates, objective, progress):
     """The plan --budget chooses: searched on the calibration inputs where given, else on the
     first half of the fidelity inputs (the other half held out for its figure)."""
-    from attn_opt.core.errors import NotSupported
     from attn_opt.pipeline.budget import search
 
     if loaded.ir != "onnx":
@@ -148,6 +147,9 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
     if planned:
         from attn_opt.passes.plan import PlanPass
 
+        if want is not None and name != "model":
+            raise NotSupported(f"--budget runs the whole model on the search inputs; with --check={name} "
+                               "(a model larger than memory, or no run) the search is not implemented yet")
         if want is not None:
             result = _search(loaded, native, steps, f0, calib, want, cands, objective, progress)
             specs = result.plan

@@ -199,7 +199,8 @@ def test_flags_that_cannot_go_together(toy, tmp_path):
     path, feeds = toy
     for args, message in ((["--budget", "attention=0.5", "--pass", "fuse"], "give no --pass"),
                           (["--budget", "attention=0.5", "--plan", "x.json"], "not both"),
-                          (["--candidates", "softplus", "--pass", "fuse"], "give --budget too")):
+                          (["--candidates", "softplus", "--pass", "fuse"], "give --budget too"),
+                          (["--budget", "attention=0.5", "--check", "sites"], "with --check=sites (a model larger")):
         r = cli(path, *args, "-o", tmp_path / "o.onnx")
         assert r.returncode != 0 and message in r.stderr, r.stderr
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from typing import Any
 
-from attn_opt.core.errors import DoesNotRun, UserError
+import numpy as np
+
+from attn_opt.core.errors import DoesNotRun, NotSupported, UserError
 from attn_opt.patterns.detect import Detection, detect
 from attn_opt.pipeline.checks import check as check_strategy
 
@@ -42,7 +45,8 @@ def inspect(model: Any, example_inputs=None, feeds=None, max_memory: str | int |
 def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, inputs: str | None = None,
              input_shape=(), force: bool = False, layers=None, sites=None, max_error: float | None = None,
              check: str | None = None, calibrate=None, lora: int = 0, progress=None, keep_models: bool = False,
-             max_memory: str | int | None = None):
+             max_memory: str | int | None = None, budget: str | None = None, candidates: str | None = None,
+             plan: str | dict | None = None, objective: str = "auto"):
     """Run passes through the one pipeline; returns (rewritten model, report).
 
     `model`: an ONNX path, ModelProto or OnnxModel (a ModelProto comes back for a
@@ -58,21 +62,74 @@ def optimize(model: Any, passes=("fuse",), example_inputs=None, feeds=None, *, i
     output-projection correction fitted with them. `max_memory` (bytes, or "8G"), as
     `--max-memory`: inputs, runs and fits estimated (from their shapes) to need more are
     refused before anything is allocated; default: the memory available.
+    `budget` ("attention=0.5", "flops=0.8"): search a form per site (pipeline/budget.py) over
+    `candidates` ("sparse:window=8|16,sinks=auto;softplus") for the least `objective` loss
+    within the budget, then apply that plan (`report.plan`, the plan file's contents);
+    `plan` (a plan file's path, or site id -> spec) applies a plan without searching.
     """
     from attn_opt.core import limits
 
     with limits.use(max_memory):
         return _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, layers, sites, max_error,
-                         check, calibrate, lora, progress, keep_models)
+                         check, calibrate, lora, progress, keep_models, budget, candidates, plan, objective)
+
+
+def _plan_chain(passes, layers, sites, budget, candidates, plan):
+    """--budget / --plan: the plan pass replaces the chain; what cannot go with them is refused."""
+    from attn_opt.pipeline.budget import expand_candidates, parse_budget
+
+    if budget is not None and plan is not None:
+        raise UserError("give --budget (search a plan) or --plan (apply one), not both")
+    if tuple(p if isinstance(p, str) else p.name for p in (passes or ())) not in ((), ("fuse",)):
+        raise UserError(f"--{'budget' if budget is not None else 'plan'} chooses every site's form: give no --pass")
+    if layers is not None or sites is not None:
+        raise UserError("--budget and --plan choose the sites themselves: give no --layers or --sites")
+    if candidates is not None and budget is None:
+        raise UserError("--candidates narrows a --budget search; give --budget too")
+    if budget is not None:
+        return parse_budget(budget), expand_candidates(candidates)
+    return None, None
+
+
+def _search(loaded, native, steps, f0, calib, budget, candidates, objective, progress):
+    """The plan --budget chooses: searched on the calibration inputs where given, else on the
+    first half of the fidelity inputs (the other half held out for its figure)."""
+    from attn_opt.pipeline.budget import search
+
+    if loaded.ir != "onnx":
+        raise NotSupported("--budget searches ONNX models only (torch.fx / .pt2: not implemented yet; "
+                           "--plan applies a plan on both)")
+    if calib is not None:
+        on, held, where = calib, f0, "the calibration inputs (figures on the fidelity inputs)"
+    else:
+        rows = min(len(v) for v in f0.values() if np.ndim(v))
+        if rows >= 6:
+            on = {k: v[:rows // 2] if np.ndim(v) else v for k, v in f0.items()}
+            held = {k: v[rows // 2:] if np.ndim(v) else v for k, v in f0.items()}
+            where = "the first half of the fidelity inputs' rows (figures on the other half)"
+        else:
+            on, held, where = f0, None, "the fidelity inputs (too few rows to hold some out: give --calibrate)"
+    t0 = time.perf_counter()  # not a progress step: the search shows its own progress bar (one live display)
+    result = search(steps, native, on, held, budget, candidates, objective, progress, per_head=calib is None)
+    if progress is not None:
+        progress.seconds.append(("budget: search", time.perf_counter() - t0))
+    result.summary["searched_on"] = where
+    if calib is not None:
+        result.summary["notes"].append("with --calibrate, dense-head variants are left out (calibrating a form "
+                                       "with dense heads is not implemented yet)")
+    return result
 
 
 def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, layers, sites, max_error, check,
-              calibrate, lora, progress, keep_models):
+              calibrate, lora, progress, keep_models, budget=None, candidates=None, plan=None, objective="auto"):
     from attn_opt.core.inputs import parse_shape_overrides
     from attn_opt.core.ir import load
     from attn_opt.pipeline.run import RunOptions, parse_chain, run
 
-    chain = parse_chain(passes)
+    planned = budget is not None or plan is not None
+    if planned:
+        want, cands = _plan_chain(passes, layers, sites, budget, candidates, plan)
+    chain = parse_chain(passes) if not planned else []
     overrides = input_shape if isinstance(input_shape, dict) else parse_shape_overrides(tuple(input_shape or ()))
     loaded = load(model, example_inputs)
     steps = steps_for(loaded.ir)
@@ -92,6 +149,20 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
         if first is not f0:
             f0, note = first, dict(note, shapes={k: list(v.shape) for k, v in first.items()}, first_step="a pass replaces the KV cache: the fidelity inputs are the "
                                                     "step's first call (empty past); the loop checks the steps after")
+    result = None
+    if planned:
+        from attn_opt.passes.plan import PlanPass
+
+        if want is not None and name != "model":
+            raise NotSupported(f"--budget runs the whole model on the search inputs; with --check={name} "
+                               "(a model larger than memory, or no run) the search is not implemented yet")
+        if want is not None:
+            result = _search(loaded, native, steps, f0, calib, want, cands, objective, progress)
+            specs = result.plan
+        else:
+            specs = dict(PlanPass(file=str(plan)).specs) if isinstance(plan, (str, os.PathLike)) else dict(plan)
+        chain = parse_chain([PlanPass.of(specs)])
+        sites = set(specs)  # a site the plan names that the model lacks: refused in one line
     generated = feeds is None and inputs is None and example_inputs is None and not overrides
     batch1 = {k: v[:1] if v.ndim else v for k, v in f0.items()}  # a scalar (an If's condition) has no batch
     tries = [f0] + ([batch1] if generated else [])
@@ -112,7 +183,20 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
             if i + 1 == len(tries):
                 raise
     report.feeds, report.ir = f, loaded.ir
+    if result is not None:
+        report.plan = _plan_json(result, report)
     return _as_given(model, out), report
+
+
+def _plan_json(result, report) -> dict:
+    """The plan file: the search's summary, per site the spec, cost and measured loss, every
+    assignment tried, and the pipeline's own figures for the plan applied."""
+    p = report.passes[-1]
+    out = result.to_json()
+    out["applied"] = {"attention_flops": [p.attention_flops_before, p.attention_flops_after],
+                      "flops": [p.flops_before, p.flops_after], "fidelity": p.fidelity,
+                      "rewritten": p.sites_rewritten}
+    return out
 
 
 def _set(xs):

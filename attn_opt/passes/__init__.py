@@ -4,6 +4,7 @@ from attn_opt.passes.fuse import Fuse
 from attn_opt.passes.gated import Gated
 from attn_opt.passes.latent import LatentPass
 from attn_opt.passes.mlpfree import Mlpfree
+from attn_opt.passes.plan import PlanPass
 from attn_opt.passes.sigmoid import Sigmoid
 from attn_opt.passes.sinkfree import Sinkfree
 from attn_opt.passes.softplus import Softplus
@@ -13,7 +14,7 @@ from attn_opt.core.errors import UserError
 from attn_opt.core.passbase import Pass, parse_spec
 
 REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Fuse, Sparse, Gated, Softplus, Sinkfree, Sigmoid, Mlpfree,
-                                                              Stream, LatentPass)}
+                                                              Stream, LatentPass, PlanPass)}
 
 
 def parse(spec: str) -> Pass:
@@ -42,4 +43,4 @@ def check_chain(chain: list[Pass]) -> None:
 
 
 __all__ = ["REGISTRY", "parse", "check_chain", "Fuse", "Sparse", "Gated", "Softplus", "Sinkfree", "Sigmoid",
-           "Mlpfree", "Stream", "LatentPass"]
+           "Mlpfree", "Stream", "LatentPass", "PlanPass"]

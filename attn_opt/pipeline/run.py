@@ -94,11 +94,15 @@ class Report:
     ir: str = ""  # "onnx" | "fx" (not in JSON)
     sites_found: int = 0  # attention sites in the model as given
     near_misses: list = field(default_factory=list, repr=False)  # the softmaxes that are not sites, and why
+    plan: dict | None = field(default=None, repr=False)  # --budget: the plan chosen (written as OUT.plan.json)
 
     def to_json(self) -> dict:
-        return {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
-                "sites_found": self.sites_found, "softmaxes_not_sites": [m.to_json() for m in self.near_misses],
-                "passes": [p.to_json() for p in self.passes], "steps": self.steps}
+        out = {"inputs": self.inputs, "check": self.check, "flops": self.flops_definition,
+               "sites_found": self.sites_found, "softmaxes_not_sites": [m.to_json() for m in self.near_misses],
+               "passes": [p.to_json() for p in self.passes], "steps": self.steps}
+        if self.plan:
+            out["plan"] = {k: v for k, v in self.plan.items() if k != "tried"}
+        return out
 
 
 @dataclass

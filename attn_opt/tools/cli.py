@@ -210,14 +210,23 @@ def inspect(model: str, as_json: bool, why: bool, attention: bool, inputs, windo
               help="The output references the input's external weight files in place instead of a copy (-o in "
                    "the input's folder); OUT.data holds only what the passes added. The output then reads the "
                    "input's files: keep them unchanged.")
+@click.option("--budget", metavar="KIND=F", help="Search a form per site meeting a cost: attention=0.5 (attention "
+              "FLOPs), flops=0.8 (the model's); writes OUT.plan.json and OUT.pareto.png (instead of --pass).")
+@click.option("--candidates", metavar="SPECS", help="With --budget: the forms to choose from, ';' between forms, "
+              "'|' between an option's values (default: sparse:window=8|16|32,sinks=auto).")
+@click.option("--plan", "plan", metavar="PLAN.json", help="Apply a plan (what --budget wrote, or edited) without searching.")
+@click.option("--objective", type=click.Choice(["auto", "spearman", "kl", "top1", "cosine"]), default="auto",
+              help="With --budget: the fidelity to keep (auto: KL for logits, the Spearman of pairwise "
+                   "similarities for embeddings, cosine otherwise).")
 @MAX_MEMORY
 def optimize(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, html, check,
-             calibrate, lora, allow_empty, explorer, share_weights, max_memory):
+             calibrate, lora, allow_empty, explorer, share_weights, budget, candidates, plan, objective, max_memory):
     """Rewrite MODEL's attention with the given passes, checking fidelity and FLOPs after each."""
     from attn_opt.tools.optimize import optimize as run
 
     run(model, specs, output, report_path, inputs, input_shape, layers, sites, max_error, force, out_console(),
-        html, check, calibrate, lora, max_memory, allow_empty, explorer=explorer, share_weights=share_weights)
+        html, check, calibrate, lora, max_memory, allow_empty, explorer=explorer, share_weights=share_weights,
+        budget=budget, candidates=candidates, plan=plan, objective=objective)
 
 
 @cli.command()

@@ -44,7 +44,9 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
              input_shape: tuple[str, ...], layers: str | None, sites: str | None, max_error: float | None,
              force: bool, console: Console, html: str | None = None, check: str | None = None,
              calibrate: str | None = None, lora: int = 0, max_memory: str | None = None,
-             allow_empty: bool = False, explorer: str | None = None, share_weights: bool = False) -> None:
+             allow_empty: bool = False, explorer: str | None = None, share_weights: bool = False,
+             budget: str | None = None, candidates: str | None = None, plan: str | None = None,
+             objective: str = "auto") -> None:
     """The command: check the paths, run `attn_opt.optimize`, print the tables, write."""
     from attn_opt import api
     from attn_opt import passes as registry
@@ -53,10 +55,17 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     from attn_opt.core.progress import Progress
     from attn_opt.pipeline.run import FidelityError
 
-    if not specs:
+    planned = budget is not None or plan is not None
+    if candidates is not None and budget is None:
+        raise UserError("--candidates narrows a --budget search; give --budget too")
+    if not specs and not planned:
         raise UserError(f"no --pass given; passes: {', '.join(sorted(registry.REGISTRY))}")
+    if specs and planned:
+        raise UserError(f"--{'budget' if budget is not None else 'plan'} chooses every site's form: give no --pass")
     if not output:
         raise UserError("missing -o OUTPUT")
+    if planned:
+        _check_plan_flags(budget, candidates, plan)
     registry.check_chain([registry.parse(s) for s in specs])
     if not Path(model).exists():
         raise UserError(f"no such file: {model}")
@@ -79,13 +88,16 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     parse_shape_overrides(input_shape)
     if explorer and Path(model).suffix == ".pt2":
         raise UserError("--model-explorer: overlays are written for ONNX models only (not .pt2)")
-    _check_outputs(model, output, report_path, html, explorer)
+    extra = plan_outputs(output) if budget is not None else {}
+    _check_outputs(model, output, report_path, html, explorer, extra)
     progress = Progress(console)
     try:
         out, report = api.optimize(model, specs, inputs=inputs, input_shape=input_shape, force=force,
                                    layers=parse_ranges(layers), sites=parse_sites(sites), max_error=max_error,
                                    check=check, calibrate=calibrate, lora=lora, progress=progress,
-                                   keep_models=bool(html), max_memory=max_memory)
+                                   keep_models=bool(html), max_memory=max_memory,
+                                   **({"budget": budget, "candidates": candidates, "plan": plan, "objective": objective}
+                                      if planned else {}))
     except FidelityError as e:
         if report_path and getattr(e, "report", None):
             _write_json(report_path, e.report.to_json())
@@ -95,6 +107,10 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
     if report.inputs.get("check"):
         console.print(f"note: {report.inputs['check']}")
     console.print(pass_table(report))
+    if report.plan:
+        from attn_opt.tools.plan_report import plan_table
+
+        console.print(plan_table(report.plan))
     for p in report.passes:
         for s in p.sites_skipped:
             console.print(f"  {p.name}: skipped {s.id}: {s.reason}")
@@ -124,6 +140,30 @@ def optimize(model: str, specs: tuple[str, ...], output: str | None, report_path
             console.print(f"note: {n}")
         console.print(f"wrote {explorer} and {me.error_path(explorer)} (Model Explorer node data; "
                       f"attn-opt view {output} --overlay {explorer})")
+    if report.plan:
+        from attn_opt.tools.plan_report import write_pareto
+
+        _write_json(extra["plan"], report.plan)
+        write_pareto(report.plan, extra["pareto"])
+        console.print(f"wrote {extra['plan']} and {extra['pareto']}")
+
+
+def plan_outputs(output: str) -> dict[str, str]:
+    """Where --budget writes the plan and its Pareto plot: OUT.plan.json, OUT.pareto.png."""
+    stem = str(Path(output).with_suffix(""))
+    return {"plan": stem + ".plan.json", "pareto": stem + ".pareto.png"}
+
+
+def _check_plan_flags(budget, candidates, plan) -> None:
+    from attn_opt.pipeline.budget import expand_candidates, parse_budget
+
+    if budget is not None and plan is not None:
+        raise UserError("give --budget (search a plan) or --plan (apply one), not both")
+    if budget is not None:
+        parse_budget(budget)
+        expand_candidates(candidates)
+    elif not Path(plan).is_file():
+        raise UserError(f"no such file: {plan} (--plan)")
 
 
 def nothing_found(model: str, misses) -> str:
@@ -137,7 +177,7 @@ def nothing_found(model: str, misses) -> str:
 
 
 def _check_outputs(model: str, output: str, report: str | None, html: str | None,
-                   explorer: str | None = None) -> None:
+                   explorer: str | None = None, extra: dict | None = None) -> None:
     """Every path to be written can be, and names neither the input nor another output:
     checked before anything runs, so no model is written when its report could not be."""
     from attn_opt.core.io import check_writable
@@ -147,6 +187,7 @@ def _check_outputs(model: str, output: str, report: str | None, html: str | None
         from attn_opt.tools.explorer import error_path
 
         named += [("--model-explorer", explorer), ("--model-explorer", error_path(explorer))]
+    named += [(f"--budget's {k}", p) for k, p in (extra or {}).items()]
     for i, (flag, p) in enumerate(named):
         for other_flag, other in [("the input model", model)] + named[:i]:
             if Path(p).resolve() == Path(other).resolve() or (Path(p).exists() and _same_file(p, other)):

@@ -106,7 +106,7 @@ def test_auto_keeps_the_groups_the_window_drops_most_from(step, tmp_path):
     om, _, gv = onnx_adapter.load_view(str(path))
     sites = attn_opt.inspect(str(path)).sites
     diag = for_pass(gv, sites, feeds, 8)
-    per_group = {s.id: outside_stream(diag[s.id]["probs"], 2, 8).reshape(2, -1).max(1) for s in sites}
+    per_group = {s.id: outside_stream(diag[s.id].probs, 2, 8).reshape(2, -1).max(1) for s in sites}
     flat = sorted(v for g in per_group.values() for v in g)
     threshold = (flat[1] + flat[2]) / 2  # two groups above, two below
     _, rep = attn_opt.optimize(str(path), [f"stream:sinks=2,window=8,full_heads=auto,full_above={threshold}"],

@@ -155,7 +155,7 @@ class Stream(Pass):
                      f"({limit} in all) as {site.cache.past_key}_stream / {site.cache.present_key}_stream; the full "
                      "groups' keeps its names and every position"]
             return Form(pattern=pattern, normaliser=site.normaliser,
-                        stream=StreamCache(self.sinks, self.window, None, full), notes=tuple(notes))
+                        stream=StreamCache(self.sinks, self.window, None, full_groups=full), notes=tuple(notes))
         pattern = Pattern("window", True, self.window, 1, sinks=self.sinks)
         notes = [f"cache kept to {self.sinks} sink + {self.window} recent positions ({limit} in all): exact while a "
                  f"sequence fits in {limit} tokens, the sink + window approximation after that"]
@@ -171,5 +171,5 @@ class Stream(Pass):
             notes.append("target=auto: the windowed ops keep no sink tokens, so attn-opt's own lowering (sinks > 0)")
         target = "own" if self.target == "auto" and self.sinks else self.target
         return Form(pattern=pattern, normaliser=site.normaliser,
-                    stream=StreamCache(self.sinks, self.window, rot, target),
+                    stream=StreamCache(self.sinks, self.window, rot, target=target),
                     notes=tuple(notes))

@@ -147,7 +147,7 @@ def site_choices(sites, candidates: list[str], diag: dict, per_head: bool = True
             with_dense = dataclasses.replace(concrete, dense_heads=(0,))
             if with_dense.skip_reason(site):
                 continue
-            order = np.argsort(_dropped_per_head(concrete, site, d["probs"]))[::-1]
+            order = np.argsort(_dropped_per_head(concrete, site, d.probs))[::-1]
             for k in HEAD_VARIANTS:
                 if k < site.heads:
                     v = dataclasses.replace(concrete, dense_heads=tuple(sorted(int(h) for h in order[:k])))

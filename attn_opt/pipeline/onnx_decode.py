@@ -115,7 +115,8 @@ def with_empty_caches(gv, specs: list[InputSpec], feeds: dict) -> dict:
 
 def own_loop(model, loop: Loop) -> Loop:
     """`loop` where `model` reads the same cache inputs, else the model's own loop (a
-    per-head streaming step reads a second, capped cache beside the full one)."""
+    per-head streaming step reads a second, capped cache beside the full one; a latent
+    step reads its latent cache under new names)."""
     caches = {v.name for v in model.ir.graph.inputs} - {loop.ids, loop.mask, loop.positions}
     if caches == set(loop.pasts):
         return loop
@@ -197,17 +198,6 @@ def compare(a, b, loop: Loop, prompt: np.ndarray, new_tokens: int, loop_b: Loop 
     agree = [bool(np.all(x.argmax(-1) == y.argmax(-1))) for x, y in zip(ga.logits, gb.logits)]
     return {"steps": len(errs), "max_rel_error": max(errs), "per_step_error": errs,
             "token_agreement": sum(agree) / len(agree), "a": ga, "b": gb}
-
-
-def own_loop(model, loop: Loop) -> Loop:
-    """The loop of `model`: `loop`, or the model's own where a pass replaced its cache
-    (the latent cache: new past/present names)."""
-    from attn_opt.core.ir import onnx as onnx_adapter
-
-    if set(loop.pasts) <= {v.name for v in model.ir.graph.inputs}:
-        return loop
-    gv = onnx_adapter.view(model)
-    return loop_of(gv, onnx_adapter.input_specs(gv)) or loop
 
 
 def decode_check(loop: Loop, prompt: np.ndarray, steps: int = DECODE_STEPS):

@@ -389,7 +389,7 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
     if form.latent is not None and form.latent.cache:
         return ("latent on a torch.fx decoder step: the cache is a DynamicCache the graph fills from its inputs; "
                 "the latent cache is not implemented on torch.fx yet (the ONNX step has it)")
-    if site.zero_hidden_rows:
+    if site is not None and site.zero_hidden_rows:
         return "rows its mask hides completely are zeroed after the softmax: not lowered on torch.fx yet (ONNX is)"
     if not form.fused:
         return selection_reason(site, form)

@@ -203,7 +203,7 @@ class Measured:
 def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidates: list[str],
             objective: str = "auto", progress=None, per_head: bool = True) -> Measured:
     """One observation run, then each site's choices, their costs and their sensitivities."""
-    from attn_opt.patterns.diagnostics import head_stats
+    from attn_opt.patterns.diagnostics import SiteDiagnostics, head_stats
     from attn_opt.pipeline import budget_measure as bm
 
     if kind == "cache":
@@ -229,7 +229,7 @@ def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidat
             cones.why[s.id] = why
             continue
         p = reference.probabilities(s, env)
-        diag[s.id] = {"stats": head_stats(s, p), "probs": p}
+        diag[s.id] = SiteDiagnostics(head_stats(s, p), p)
     choices = site_choices([s for s in sites if s.id in diag], candidates, diag, per_head)
     for s in sites:
         if s.id not in choices:

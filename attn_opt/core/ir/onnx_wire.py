@@ -210,30 +210,37 @@ def _sources(proto: onnx.ModelProto, folder: str | None) -> dict:
     return out
 
 
-WHOLE_FILE_SHARE = 0.9  # a data file the output reads this much of is copied whole (offsets kept)
+def _covered(used: list) -> int:
+    """Bytes of a file the (tensor, offset, length) ranges cover, overlaps counted once."""
+    total, end = 0, 0
+    for _, offset, length in sorted(used, key=lambda u: u[1]):
+        total += max(0, offset + length - max(offset, end))
+        end = max(end, offset + length)
+    return total
 
 
 def save_external(proto: onnx.ModelProto, folder: str | None, dest: str | os.PathLike, data_name: str,
                   threshold: int) -> None:
     """Write `proto` to `dest` with its weights in DEST's folder/`data_name`: external
     tensors are copied file to file by the kernel (nothing passes through memory): a source
-    file the output reads almost all of is copied whole (a reflink where the filesystem
+    file the output reads every byte of is copied whole (a reflink where the filesystem
     has them, else `copy_file_range`), its tensors keeping their offsets; other tensors one
-    by one; inline ones of at least `threshold` bytes are appended."""
+    by one, packed; inline ones of at least `threshold` bytes are appended."""
     dest = os.fspath(dest)
     out_path = os.path.join(os.path.dirname(dest), data_name)
     with open(out_path, "wb") as out:
         for src, used in _sources(proto, folder).items():
             size = os.path.getsize(src)
             with open(src, "rb") as f:
-                if sum(n for _, _, n in used) >= WHOLE_FILE_SHARE * size:
+                if _covered(used) == size:  # no dead bytes: one copy, offsets kept
                     base = _align(out)
                     _copy_range(f, out, 0, size)
                     for t, offset, length in used:
                         _set_location(t, data_name, base + offset, length)
                     continue
                 for t, offset, length in used:
-                    base = _align(out)
+                    out.flush()
+                    base = out.tell()
                     _copy_range(f, out, offset, length)
                     _set_location(t, data_name, base, length)
         _append_inline(proto, out, data_name, threshold)
@@ -262,8 +269,8 @@ def save_shared(proto: onnx.ModelProto, folder: str, dest: str | os.PathLike, st
 
 
 def _align(out, to: int = 4096) -> int:
-    """Pad the file to a multiple of `to` bytes (tensors start page-aligned, so ORT can map
-    them); the new end."""
+    """Pad the file to a multiple of `to` bytes (a whole file copied after another starts on
+    a block, so it can be a reflink); the new end."""
     out.flush()
     end = out.tell()
     if end % to:
@@ -276,7 +283,8 @@ def _append_inline(proto: onnx.ModelProto, out, data_name: str, threshold: int) 
     """Inline tensors of at least `threshold` bytes appended to `out`, referenced there."""
     for t in proto.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= threshold:
-            offset, length = _align(out), len(t.raw_data)
+            out.flush()
+            offset, length = out.tell(), len(t.raw_data)
             out.write(t.raw_data)
             t.ClearField("raw_data")
             _set_location(t, data_name, offset, length)

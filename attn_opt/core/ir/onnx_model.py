@@ -138,7 +138,8 @@ class OnnxModel:
             raise UserError(f"the rewritten model is not valid ONNX ({_first_line(e)})") from None
 
     # ---- running ---------------------------------------------------------------------------
-    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False):
+    def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False,
+                optimize: bool = True):
         """An ONNX Runtime session; `extra` names intermediate values to return as well.
         Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
         asked for: the pipeline runs each session once, where it costs seconds and memory."""
@@ -157,17 +158,21 @@ class OnnxModel:
             opts.add_session_config_entry(FOLDER_KEY, self.folder)
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         data = proto.SerializeToString()
         del proto
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
-    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = ()) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = (),
+            optimize: bool = True) -> dict[str, np.ndarray]:
         """Run once in ONNX Runtime, when the run fits the memory limit (estimated from the
-        shapes: core/ir/onnx_memory.py); the session is released before returning."""
+        shapes: core/ir/onnx_memory.py); the session is released before returning.
+        `optimize=False`: ORT's graph optimizations off."""
         from attn_opt.core.ir.onnx_memory import check_run
 
         check_run(self.graph_proto(), {k: np.shape(v) for k, v in feeds.items()})
-        sess = self.session(extra)
+        sess = self.session(extra, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
         out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})

@@ -139,9 +139,10 @@ class OnnxModel:
 
     # ---- running ---------------------------------------------------------------------------
     def session(self, extra: list[str] = (), threads: int | None = None, prepack: bool = False,
-                proto: onnx.ModelProto | None = None):
+                proto: onnx.ModelProto | None = None, optimize: bool = True):
         """An ONNX Runtime session; `extra` names intermediate values to return as well
-        (`proto`: this model's weightless proto, where the caller has it already).
+        (`proto`: this model's weightless proto, where the caller has it already;
+        `optimize=False`: ORT's graph optimizations off).
         Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
         asked for: the pipeline runs each session on a few small input sets, where it costs
         seconds and memory."""
@@ -161,20 +162,34 @@ class OnnxModel:
             opts.add_session_config_entry(FOLDER_KEY, self.folder)
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         data = proto.SerializeToString()
         if added:  # the caller's proto as it was
             del proto.graph.output[len(proto.graph.output) - len(added):]
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
-    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = (), also=()) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], extra: list[str] = (), also=(),
+            optimize: bool = True) -> dict[str, np.ndarray]:
         """The outputs and `extra` values of a run on `feeds`, when it fits the memory limit
         (estimated from the shapes: core/ir/onnx_memory.py). The sets in `also` are run by
         the same session and remembered, as every run of this graph is: a run it already
         made is not made again (core/ir/onnx_runs.py). Past `WHOLE_RUN_BYTES` of weights
-        it runs one segment at a time."""
+        it runs one segment at a time. `optimize=False`: one plain run with ORT's graph
+        optimizations off (an If branch run alone), not remembered."""
+        feeds = split_feeds(self.ir, feeds)  # a cache a rewrite split by KV group (per-head streaming)
+        if not optimize:
+            from attn_opt.core.ir.onnx_memory import check_run
+
+            check_run(self.graph_proto(), {k: np.shape(v) for k, v in feeds.items()})
+            sess = self.session(extra, optimize=False)
+            names = [o.name for o in sess.get_outputs()]
+            wanted = {i.name for i in sess.get_inputs()}
+            out = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+            del sess
+            return dict(zip(names, out))
         from attn_opt.core.ir.onnx_runs import run
 
-        feeds = split_feeds(self.ir, feeds)  # a cache a rewrite split by KV group (per-head streaming)
         return run(self, feeds, extra, [split_feeds(self.ir, f) for f in also])
 
     def probe(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

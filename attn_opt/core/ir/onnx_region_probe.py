@@ -72,7 +72,9 @@ def _run(regions, plan: _Plan, got: dict, names: set[str]) -> dict:
     proto = _standalone(regions, plan, feeds)
     have = {i.name for i in proto.graph.input}
     wanted = [n for n in names if n not in have]
-    out = OnnxModel.from_proto(proto, regions.folder).run(feeds, wanted) if wanted else {}
+    # ORT's graph optimizations off: on an If branch run alone they can break a broadcast that
+    # the model runs (the no-cache branch of Optimum's merged T5 decoder: "4 by 16" in EncDecAttention)
+    out = OnnxModel.from_proto(proto, regions.folder).run(feeds, wanted, optimize=False) if wanted else {}
     out.update({n: feeds[n] for n in names if n in have})
     return {n: out[n] for n in names if n in out}
 

@@ -133,3 +133,21 @@ def test_rewrites_that_would_not_fit_are_skipped(tmp_path, module, spec, reason)
     _, report = attn_opt.optimize(str(src), ["fuse"], feeds=feeds)
     p = report.passes[0]
     assert p.sites_rewritten == ["a0"] and p.step_fidelity["max_rel_error"] <= 1e-4
+
+
+def test_fuse_keeps_a_sink_logit_as_one_more_key(variant_onnx, tmp_path):
+    """Outside a decoder step, fuse writes ONNX Attention over the keys plus a zero key whose
+    mask column is the sink logit (value 0): the same function, the sink a weight."""
+    import onnx
+
+    src = variant_onnx("sink-logits", "dynamo")
+    x = BY_NAME["sink-logits"].inputs()[0].numpy()
+    model, report = attn_opt.optimize(str(src), ["fuse"], feeds={"in0": x})
+    p = report.passes[0]
+    assert p.sites_rewritten == ["a0"] and p.step_fidelity["max_rel_error"] <= 1e-4
+    assert "the sink logit as one more key" in p.notes[0]
+    model.save(str(tmp_path / "f.onnx"))
+    g = onnx.load(str(tmp_path / "f.onnx")).graph
+    (att,) = [n for n in g.node if n.op_type == "Attention"]
+    sink = next(i for i in g.initializer if i.name == "attn_opt.a0.sink_logit")
+    assert np.allclose(onnx.numpy_helper.to_array(sink), np.linspace(-1, 2, 4)) and len(att.input) == 4

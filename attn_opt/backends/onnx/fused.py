@@ -43,6 +43,8 @@ def limits(site: AttentionSite, form: Form) -> str | None:
         return None
     if n.kind != "logit" or n.calibrated:
         return f"its normaliser ({n.describe()}) would be lost: the fused ops compute softmax"
+    if site.cache is None or not (site.cache.present_key and site.cache.present_value):
+        return None  # ONNX Attention with the sink as one more key (value 0): emit_fused
     if form.fused == "onnx":
         return "a sink logit, which ONNX Attention has not: fuse:target=ort writes GroupQueryAttention's head_sink"
     if (why := gqa_step_reason(site)) is not None:
@@ -84,6 +86,8 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
     if site.cache is not None and site.cache.present_key and site.cache.present_value:
         return _choose_step(site, target)
     dtype = site.output.dtype or site.q.value.dtype
+    if site.normaliser.kind == "logit":
+        return "onnx", "a sink logit: Attention with the sink as one more key whose value is 0"
     if target != "onnx" and dtype not in (None, "float32"):
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
     if target != "onnx" and site.gqa and not site.causal and site.kind == "self":  # an encoder's GQA
@@ -149,6 +153,8 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if s.softcap:
         attrs["softcap"] = float(s.softcap)
     cached = _with_cache(e, s)
+    if cached is None and s.normaliser.kind == "logit":
+        return _emit_sink_key(e, s, q, k, v, mask, is_bool, attrs)
     if cached is not None and choice == "gqa":
         return _emit_gqa(e, s, q, mask, cached, why)
     if cached is not None:  # past in, present out: the op's own cache inputs and outputs
@@ -164,6 +170,33 @@ def emit_fused(e: SiteEdit, target: str) -> str:
     if choice == "ort":
         why = "MultiHeadAttention has no grouped-query form"
     return f"Attention (opset 23): {why}"
+
+
+def _emit_sink_key(e: SiteEdit, s: AttentionSite, q, k, v, mask, is_bool: bool, attrs: dict) -> str:
+    """exp(S) / (exp(b_h) + Σ exp(S)) as Attention over the keys and one more: a zero key
+    (score 0) with bias b_h in the mask's column for it and a zero value, so it takes its
+    share of the weights and adds nothing. The causal triangle is written into the mask
+    (is_causal would hide the extra key)."""
+    zero = lambda x: e.op("Slice", [e.op("Sub", [x, x]), e.ints(0), e.ints(1), e.ints(2)])  # noqa: E731  [B, H, 1, D]
+    k1, v1 = e.op("Concat", [k, zero(k)], {"axis": 2}), e.op("Concat", [v, zero(v)], {"axis": 2})
+    dt = _np_dtype(s.q.value.dtype or "float32")
+    low = e.const(np.asarray(HIDE.get(s.q.value.dtype or "float32", HIDE["float32"]), dtype=dt))
+    if mask is not None and is_bool:
+        mask = e.op("Where", [mask, e.op("Sub", [low, low]), low])
+    if s.mask == "causal":
+        c = e.op("Where", [causal_visible(e, q, k), e.op("Sub", [low, low]), low])
+        mask = c if mask is None else e.op("Add", [mask, c])
+    attrs = dict(attrs, is_causal=0)
+    shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(int(s.heads)), e.shape_dim(q, 2), e.shape_dim(k, 2)], {"axis": 0})
+    bias = e.op("Reshape", [e.weight("sink_logit", s.normaliser.per_head_bias(s.heads)), e.ints(1, -1, 1, 1)])
+    if dt != np.float32:
+        bias = e.op("Cast", [bias], {"to": ir.DataType.FLOAT16 if dt == np.float16 else ir.DataType.BFLOAT16})
+    col = e.op("Expand", [bias, e.op("Concat", [e.op("Slice", [shape, e.ints(0), e.ints(3), e.ints(0)]), e.ints(1)],
+                                     {"axis": 0})])
+    scores = e.op("Sub", [low, low]) if mask is None else mask
+    full = e.op("Concat", [e.op("Expand", [scores, shape]), col], {"axis": -1})  # [B, H, Tq, Tk + 1]
+    e.commit(_zero_hidden_rows(e, s, e.op("Attention", [q, k1, v1, full], attrs)))
+    return "Attention (opset 23) with the sink logit as one more key: a zero key and value, its bias b_h in the mask"
 
 
 def _emit_gqa(e: SiteEdit, s: AttentionSite, q, mask, cached, why: str) -> str:

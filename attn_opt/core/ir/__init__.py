@@ -49,7 +49,23 @@ def _from_program(ep, source: str) -> Loaded:
     from attn_opt.core.ir import fx as fxa
 
     gm = ep.module()
-    return Loaded("fx", fxa.view(gm), gm, source, program=ep)
+    return Loaded("fx", fxa.view(gm, _program_examples(ep, gm)), gm, source, program=ep)
+
+
+def _program_examples(ep, gm) -> tuple | None:
+    """The example inputs the program was exported with (a .pt2 file keeps them), where
+    they are plain tensors for its positional inputs: sample inputs that read its masks as
+    the model's author fed them, rather than generated from the signature; else None."""
+    import torch
+
+    ex = getattr(ep, "example_inputs", None)
+    if not ex or len(ex) != 2 or ex[1]:
+        return None
+    args = ex[0]
+    n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+    if len(args) != n or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    return tuple(args)
 
 
 def load(obj: Any, example_inputs: tuple | list | None = None) -> Loaded:

@@ -324,3 +324,9 @@ def test_pyramid_bad_values(spec, msg):
 def test_pyramid_budget_sets_topk_at_the_site_length():
     _, rewritten, _, notes = apply_pass(attention_model(t=64, mask=None), passes.parse("sparse:pyramid=1,budget=0.5,block=8"))
     assert rewritten == ["a0"] and "budget 0.5 at 64 keys: topk=2" in notes[0]
+
+
+def test_calibrate_with_a_selection_is_refused_in_one_line(tmp_path):
+    np.savez(tmp_path / "cal.npz", **feeds())
+    with pytest.raises(NotSupported, match=r"--calibrate with a content selection \(topk\) is not implemented yet"):
+        attn_opt.optimize(attention_model(), ["sparse:topk=1,block=8"], calibrate=str(tmp_path / "cal.npz"))

@@ -87,11 +87,14 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--group", type=int, default=8, help="sentences concatenated per long text")
     ap.add_argument("--only", choices=("short", "long"), help="one input set (results/…_SET.json); --merge joins them")
-    ap.add_argument("--merge", action="store_true", help="write the table and plot from the two --only runs")
+    ap.add_argument("--merge", action="store_true", help="write the table and plot from the --only runs")
+    ap.add_argument("--forms", help="with --only: these specs (';'-separated, family 'FAMILY=spec;...') instead")
+    ap.add_argument("--tag", default="", help="with --only: results/real_weights_content_SET[_TAG].json")
     args = ap.parse_args()
     if args.merge:
-        parts = [json.loads((RESULTS / f"real_weights_content_{k}.json").read_text()) for k in ("short", "long")]
-        report([r for p in parts for r in p["rows"]], {k: tuple(p["shape"]) for k, p in zip(("short", "long"), parts)})
+        parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("real_weights_content_*.json"))]
+        shapes = {p["rows"][0]["inputs"]: tuple(p["shape"]) for p in parts if p["rows"]}
+        report([r for p in parts for r in p["rows"]], dict(sorted(shapes.items(), reverse=True)))
         return 0
     tok, bert = load_minilm()
     text = sentences(args.sentences)
@@ -108,10 +111,16 @@ def main() -> int:
             proto = proto or export(bert, feeds, Path(tmp) / "minilm.onnx")
             length = feeds["input_ids"].shape[1]
             shapes[label] = (len(texts), length, float(feeds["attention_mask"].sum(1).mean()))
-            rows += curve(proto, feeds, fixed_specs(length) | content_specs(length), label)
+            specs = fixed_specs(length) | content_specs(length)
+            if args.forms:
+                specs = {}
+                for item in args.forms.split(";"):
+                    family, spec = item.split("=", 1)
+                    specs.setdefault(family, []).append(spec)
+            rows += curve(proto, feeds, specs, label)
     if args.only:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"real_weights_content_{args.only}.json").write_text(
+        (RESULTS / f"real_weights_content_{args.only}{'_' + args.tag if args.tag else ''}.json").write_text(
             json.dumps({"rows": rows, "shape": shapes[args.only]}, indent=1))
         return 0
     report(rows, shapes)
@@ -119,6 +128,8 @@ def main() -> int:
 
 
 def report(rows, shapes) -> None:
+    refused = [f"- {r['inputs']}: {r['form']} rewrote nothing: {r['skipped'][0]}" for r in rows if r.get("skipped")]
+    rows = [r for r in rows if not r.get("skipped")]
     cols = ["inputs", "form", "Spearman", "cosine", "attention FLOPs vs dense"]
     table = [[r["inputs"], r["form"], f"{r['spearman']:.4f}", f"{r['cosine']:.4f}",
               f"{r['attention_flops'] / r['dense_attention_flops']:.3f}"] for r in rows]
@@ -135,7 +146,8 @@ def report(rows, shapes) -> None:
                "Inputs: " + "; ".join(f"{k}: {n} texts padded to {t} tokens (mean {m:.0f} real)"
                                       for k, (n, t, m) in shapes.items()) + ".",
                "Spearman: rank correlation of all pairwise text similarities with the original's (uncalibrated).",
-               "Attention FLOPs counted from each rewritten graph, the selection's own nodes included.", ""] + verdict + [""]
+               "Attention FLOPs counted from each rewritten graph, the selection's own nodes included.", ""] + verdict + [""] + refused
+    preface += [""] if refused else []
     write("real_weights_content", "all-MiniLM-L6-v2: content-based vs fixed sparse patterns", cols, table, rows,
           preface, "![fidelity vs attention FLOPs](real_weights_content.png)")
     plot(rows, shapes)

@@ -12,6 +12,7 @@ block scores included: every node the pass emits counts as attention). Writes
 benchmarks/results/real_weights_content.{md,json,png}.
 
     nice -n 10 python benchmarks/real_weights_content.py [--sentences 128] [--group 8]
+    (or the two sets apart: --only short, --only long, then --merge)
 """
 
 from __future__ import annotations
@@ -33,25 +34,21 @@ from attn_opt import passes
 from attn_opt.core.ir import onnx as onnx_adapter
 from attn_opt.tools import zoo
 
-FIXED = {"window": [f"sparse:window={w}" for w in (16, 32, 64, 128)],
-         "window + sinks": [f"sparse:window={w},sinks=1" for w in (16, 32, 64, 128)]}
+def fixed_specs(length: int) -> dict[str, list[str]]:
+    ws = (16, 32, 64) if length < 128 else (32, 64, 128)
+    return {"window": [f"sparse:window={w}" for w in ws], "window + sinks": [f"sparse:window={w},sinks=1" for w in ws]}
 
 
 def content_specs(length: int) -> dict[str, list[str]]:
-    """topk curves: blocks kept for about 15-60% of the key blocks at this length, with the
-    first token's block always kept (sinks=1), alone or with the query's own block (window=1)."""
-    out = {}
-    for block in (8, 16):
-        nb = -(-length // block)
-        if nb < 4:
-            continue
-        ks = sorted({max(1, round(f * nb)) - 1 for f in (0.15, 0.25, 0.35, 0.45, 0.6)} - {0})
-        out[f"topk, block {block}, sink"] = [f"sparse:topk={k},block={block},sinks=1" for k in ks]
-        out[f"topk, block {block}, sink + own block"] = [f"sparse:topk={k},block={block},sinks=1,window=1"
-                                                          for k in ks if k > 1]
-        out[f"pyramid 1, block {block}, sink"] = [f"sparse:pyramid=1,topk={k},block={block},sinks=1"
-                                                  for k in sorted({max(1, k // 2) for k in ks})]
-    return out
+    """topk and pyramid curves at one block size (8 on short texts, 16 on long ones): key
+    blocks kept for about 15-50% of the blocks at this length, the first token's block
+    always kept (sinks=1)."""
+    block = 8 if length < 128 else 16
+    nb = -(-length // block)
+    ks = sorted({max(1, round(f * nb)) - 1 for f in (0.15, 0.25, 0.35, 0.5)} - {0})
+    return {f"topk, block {block}, sink": [f"sparse:topk={k},block={block},sinks=1" for k in ks],
+            f"pyramid 1, block {block}, sink": [f"sparse:pyramid=1,topk={k},block={block},sinks=1"
+                                                for k in sorted({max(1, k // 2) for k in ks[1:]})]}
 
 
 def export(bert, feeds: dict, path: Path) -> onnx.ModelProto:
@@ -89,7 +86,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--group", type=int, default=8, help="sentences concatenated per long text")
+    ap.add_argument("--only", choices=("short", "long"), help="one input set (results/…_SET.json); --merge joins them")
+    ap.add_argument("--merge", action="store_true", help="write the table and plot from the --only runs")
+    ap.add_argument("--forms", help="with --only: these specs (';'-separated, family 'FAMILY=spec;...') instead")
+    ap.add_argument("--tag", default="", help="with --only: results/real_weights_content_SET[_TAG].json")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("real_weights_content_*.json"))]
+        shapes = {p["rows"][0]["inputs"]: tuple(p["shape"]) for p in parts if p["rows"]}
+        report([r for p in parts for r in p["rows"]], dict(sorted(shapes.items(), reverse=True)))
+        return 0
     tok, bert = load_minilm()
     text = sentences(args.sentences)
     long_text = [" ".join(text[i:i + args.group]) for i in range(0, len(text) - args.group + 1, args.group)]
@@ -97,18 +103,33 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         proto = None
         for label, texts, cap in (("short", text, 128), ("long", long_text, 512)):
+            if args.only and label != args.only:
+                continue
             enc = tok(texts, padding=True, truncation=True, max_length=cap, return_tensors="np")
             feeds = {"input_ids": enc["input_ids"].astype(np.int64),
                      "attention_mask": enc["attention_mask"].astype(np.int64)}
             proto = proto or export(bert, feeds, Path(tmp) / "minilm.onnx")
             length = feeds["input_ids"].shape[1]
             shapes[label] = (len(texts), length, float(feeds["attention_mask"].sum(1).mean()))
-            rows += curve(proto, feeds, FIXED | content_specs(length), label)
+            specs = fixed_specs(length) | content_specs(length)
+            if args.forms:
+                specs = {}
+                for item in args.forms.split(";"):
+                    family, spec = item.split("=", 1)
+                    specs.setdefault(family, []).append(spec)
+            rows += curve(proto, feeds, specs, label)
+    if args.only:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"real_weights_content_{args.only}{'_' + args.tag if args.tag else ''}.json").write_text(
+            json.dumps({"rows": rows, "shape": shapes[args.only]}, indent=1))
+        return 0
     report(rows, shapes)
     return 0
 
 
 def report(rows, shapes) -> None:
+    refused = [f"- {r['inputs']}: {r['form']} rewrote nothing: {r['skipped'][0]}" for r in rows if r.get("skipped")]
+    rows = [r for r in rows if not r.get("skipped")]
     cols = ["inputs", "form", "Spearman", "cosine", "attention FLOPs vs dense"]
     table = [[r["inputs"], r["form"], f"{r['spearman']:.4f}", f"{r['cosine']:.4f}",
               f"{r['attention_flops'] / r['dense_attention_flops']:.3f}"] for r in rows]
@@ -125,7 +146,8 @@ def report(rows, shapes) -> None:
                "Inputs: " + "; ".join(f"{k}: {n} texts padded to {t} tokens (mean {m:.0f} real)"
                                       for k, (n, t, m) in shapes.items()) + ".",
                "Spearman: rank correlation of all pairwise text similarities with the original's (uncalibrated).",
-               "Attention FLOPs counted from each rewritten graph, the selection's own nodes included.", ""] + verdict + [""]
+               "Attention FLOPs counted from each rewritten graph, the selection's own nodes included.", ""] + verdict + [""] + refused
+    preface += [""] if refused else []
     write("real_weights_content", "all-MiniLM-L6-v2: content-based vs fixed sparse patterns", cols, table, rows,
           preface, "![fidelity vs attention FLOPs](real_weights_content.png)")
     plot(rows, shapes)

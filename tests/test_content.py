@@ -12,7 +12,7 @@ import torch
 
 import attn_opt
 from attn_opt import passes
-from attn_opt.backends.torch import forms
+from attn_opt.backends.torch import forms, gathered
 from attn_opt.core.errors import NotSupported, UserError
 from attn_opt.core.ir import onnx as onnx_adapter
 from attn_opt.core.ir import onnx_flops
@@ -99,7 +99,7 @@ def test_ties_go_to_the_lowest_block_in_every_backend():
     f["k"][:] = 0.25
     pattern = _pattern("sparse:topk=2,block=8", False)
     assert (R.selected_blocks(pattern, f["q"], f["k"], 8 ** -0.5) == [0, 1]).all()
-    idx = forms.choose_blocks(pattern, torch.from_numpy(f["q"]), torch.from_numpy(f["k"]), 8 ** -0.5)
+    idx = gathered.choose_blocks(pattern, torch.from_numpy(f["q"]), torch.from_numpy(f["k"]), 8 ** -0.5)
     assert (idx.numpy() == [0, 1]).all()
     new, *_ = apply_pass(attention_model(mask=None), passes.parse("sparse:topk=2,block=8"))
     f["v"] = np.random.default_rng(1).standard_normal(f["v"].shape).astype(np.float32)
@@ -324,3 +324,9 @@ def test_pyramid_bad_values(spec, msg):
 def test_pyramid_budget_sets_topk_at_the_site_length():
     _, rewritten, _, notes = apply_pass(attention_model(t=64, mask=None), passes.parse("sparse:pyramid=1,budget=0.5,block=8"))
     assert rewritten == ["a0"] and "budget 0.5 at 64 keys: topk=2" in notes[0]
+
+
+def test_calibrate_with_a_selection_is_refused_in_one_line(tmp_path):
+    np.savez(tmp_path / "cal.npz", **feeds())
+    with pytest.raises(NotSupported, match=r"--calibrate with a content selection \(topk\) is not implemented yet"):
+        attn_opt.optimize(attention_model(), ["sparse:topk=1,block=8"], calibrate=str(tmp_path / "cal.npz"))

@@ -209,6 +209,9 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         if calibrating and p.produces == "form":
             if form.pattern is not None and form.pattern.dense_heads:
                 raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
+            if form.pattern is not None and form.pattern.selection is not None:
+                raise NotSupported(f"{p.name}: --calibrate with a content selection ({form.pattern.kind}) "
+                                   "is not implemented yet")
             form = dataclasses.replace(form, normaliser=form.normaliser.calibrate(heads=site.heads), lora=lora)
         if (reason := steps.supports(site, form)) is not None:  # the backend's own word, before anything is emitted
             skipped.append(Skipped(site.id, reason))

@@ -24,9 +24,10 @@ absorbed: the step computes P·[c, 1] (R + 1 values per head and query) and then
 [R + 1, dv] product per head, instead of up-projecting the whole cache to V (exact; the
 ones column carries the bias). K's part of the latent (no rotary, or partial RoPE) is not
 absorbed into the queries yet: those steps up-project the cached latent to K and V.
-The new cache tensors are named after the ones they replace (past_key_values.0.value → past_key_values.0.latent, past_key_values.0.key →
-past_key_values.0.key_rope, present.* likewise), and the usual loop drives them (every
-present* fed back as the past* of the same name).
+The new cache tensors are named after the ones they replace (past_key_values.0.value →
+past_key_values.0.latent, past_key_values.0.key → past_key_values.0.key_rope, present.*
+likewise), and the usual loop drives them (every present* fed back as the past* of the
+same name).
 """
 
 from __future__ import annotations

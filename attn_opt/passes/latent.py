@@ -23,10 +23,11 @@ Where K keeps its own cache (the default on a rotary step), V's up-projection is
 absorbed: the step computes P·[c, 1] (R + 1 values per head and query) and then one
 [R + 1, dv] product per head, instead of up-projecting the whole cache to V (exact; the
 ones column carries the bias). K's part of the latent (no rotary, or partial RoPE) is not
-absorbed into the queries yet: those steps up-project the cached latent to K and V. The new cache tensors are named after the ones they replace
-(past_key_values.0.value → past_key_values.0.latent, past_key_values.0.key →
-past_key_values.0.key_rope, present.* likewise), and the usual loop drives them (every
-present* fed back as the past* of the same name).
+absorbed into the queries yet: those steps up-project the cached latent to K and V.
+The new cache tensors are named after the ones they replace (past_key_values.0.value →
+past_key_values.0.latent, past_key_values.0.key → past_key_values.0.key_rope, present.*
+likewise), and the usual loop drives them (every present* fed back as the past* of the
+same name).
 """
 
 from __future__ import annotations
@@ -167,13 +168,15 @@ class LatentPass(Pass):
 
     def skip_reason(self, site) -> str | None:
         if site.region:
-            return f"latent rewrites projections and the cache where the model's graph holds them (site in {site.region})"
+            return ("latent rewrites projections and the cache where the model's graph holds them "
+                    f"(site in {site.region})")
         if reads_own_cache(site):
             return "a fused op that reads its own present cache: rewrite the step before fusing it"
         if site.head_dim is None or site.kv_heads is None:
             return "heads or head size unknown (the model did not run on sample inputs)"
         if self.rope_dims is not None and self.rope_dims > site.head_dim:
-            raise UserError(f"latent: rope_dims={self.rope_dims} is above the head dim ({site.head_dim}) of site {site.id}")
+            raise UserError(f"latent: rope_dims={self.rope_dims} is above the head dim ({site.head_dim}) "
+                            f"of site {site.id}")
         k, v = site.projections.get("k"), site.projections.get("v")
         if k is None or v is None or k.weight.const is None or v.weight.const is None:
             return "K or V is not computed by a projection with constant weights"
@@ -192,7 +195,8 @@ class LatentPass(Pass):
                 return "its cache is not Concat(past, new projection) for K and V"
             if self.partial(site):
                 if self.rope_dims % 2:
-                    raise UserError(f"latent: rope_dims={self.rope_dims} is odd: rotary dims come in pairs (i, i + d/2)")
+                    raise UserError(f"latent: rope_dims={self.rope_dims} is odd: rotary dims come in pairs "
+                                    "(i, i + d/2)")
                 if isinstance(why := rotary(site.q.value, site.head_dim), str):
                     return f"partial RoPE turns the queries' dropped rotary dims back: {why}"
                 if "q" not in site.projections or site.projections["q"].weight.const is None:

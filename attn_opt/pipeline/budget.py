@@ -126,6 +126,20 @@ def _dropped_per_head(concrete, site, probs) -> list[float]:
             for h in range(probs.shape[1])]
 
 
+def _probs(d):
+    """The probabilities in a site's diagnostics (a SiteDiagnostics, or the older dict)."""
+    return d.probs if hasattr(d, "probs") else d["probs"]
+
+
+def diagnostics(site, probs: np.ndarray):
+    """What a pass choosing from data gets for one site, in the form the passes read."""
+    from attn_opt.patterns import diagnostics as dg
+
+    stats = dg.head_stats(site, probs)
+    make = getattr(dg, "SiteDiagnostics", None)
+    return make(stats, probs) if make is not None else {"stats": stats, "probs": probs}
+
+
 def site_choices(sites, candidates: list[str], diag: dict, per_head: bool = True) -> dict[str, list[Choice]]:
     """Per site: dense, then each candidate that applies, made concrete from the site's
     diagnostics, then (per_head) its variants with the heads that lose most kept dense."""
@@ -144,10 +158,12 @@ def site_choices(sites, candidates: list[str], diag: dict, per_head: bool = True
                 continue
             if site.kv_heads != site.heads or concrete.skip_reason(site):
                 continue
-            with_dense = dataclasses.replace(concrete, dense_heads=(0,))
-            if with_dense.skip_reason(site):
+            try:  # a form that cannot keep heads dense (a content selection) says so when built
+                if dataclasses.replace(concrete, dense_heads=(0,)).skip_reason(site):
+                    continue
+            except UserError:
                 continue
-            order = np.argsort(_dropped_per_head(concrete, site, d["probs"]))[::-1]
+            order = np.argsort(_dropped_per_head(concrete, site, _probs(d)))[::-1]
             for k in HEAD_VARIANTS:
                 if k < site.heads:
                     v = dataclasses.replace(concrete, dense_heads=tuple(sorted(int(h) for h in order[:k])))
@@ -203,7 +219,6 @@ class Measured:
 def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidates: list[str],
             objective: str = "auto", progress=None, per_head: bool = True) -> Measured:
     """One observation run, then each site's choices, their costs and their sensitivities."""
-    from attn_opt.patterns.diagnostics import head_stats
     from attn_opt.pipeline import budget_measure as bm
 
     if kind == "cache":
@@ -228,8 +243,7 @@ def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidat
         if why:
             cones.why[s.id] = why
             continue
-        p = reference.probabilities(s, env)
-        diag[s.id] = {"stats": head_stats(s, p), "probs": p}
+        diag[s.id] = diagnostics(s, reference.probabilities(s, env))
     choices = site_choices([s for s in sites if s.id in diag], candidates, diag, per_head)
     for s in sites:
         if s.id not in choices:

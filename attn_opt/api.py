@@ -91,6 +91,24 @@ def _plan_chain(passes, layers, sites, budget, candidates, plan):
     return None, None
 
 
+def _planned(loaded, native, steps, f0, calib, check, progress, plan, want, cands, objective):
+    """(the chain: one plan pass, the sites it names, the search's result or None)."""
+    from attn_opt.passes.plan import PlanPass
+    from attn_opt.pipeline.run import parse_chain
+
+    result = None
+    name = choose_check(check, steps.weight_bytes(native))[0]
+    if want is not None and name != "model":
+        raise NotSupported(f"--budget runs the whole model on the search inputs; with --check={name} "
+                           "(a model larger than memory, or no run) the search is not implemented yet")
+    if want is not None:
+        result = _search(loaded, native, steps, f0, calib, want, cands, objective, progress)
+        specs = result.plan
+    else:
+        specs = dict(PlanPass(file=str(plan)).specs) if isinstance(plan, (str, os.PathLike)) else dict(plan)
+    return parse_chain([PlanPass.of(specs)]), set(specs), result  # a site the plan names and the model lacks: refused
+
+
 def _search(loaded, native, steps, f0, calib, budget, candidates, objective, progress):
     """The plan --budget chooses: searched on the calibration inputs where given, else on the
     first half of the fidelity inputs (the other half held out for its figure)."""
@@ -138,6 +156,8 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
     f0, note = _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded,
                                 steps.run_check(native, "give smaller --inputs" if inputs else "give smaller --input-shape"))
     calib = _calibration_inputs(specs, calibrate, steps.run_check(native, "give smaller --calibrate arrays"))
+    chain, sites, result = (_planned(loaded, native, steps, f0, calib, check, progress, plan, want, cands, objective)
+                            if planned else (chain, sites, None))
     if calib is not None:
         note = dict(note, calibration=calibrate if isinstance(calibrate, str) else "given", heldout="the fidelity inputs")
     name, why = choose_check(check, steps.weight_bytes(native))
@@ -149,20 +169,6 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
         if first is not f0:
             f0, note = first, dict(note, shapes={k: list(v.shape) for k, v in first.items()}, first_step="a pass replaces the KV cache: the fidelity inputs are the "
                                                     "step's first call (empty past); the loop checks the steps after")
-    result = None
-    if planned:
-        from attn_opt.passes.plan import PlanPass
-
-        if want is not None and name != "model":
-            raise NotSupported(f"--budget runs the whole model on the search inputs; with --check={name} "
-                               "(a model larger than memory, or no run) the search is not implemented yet")
-        if want is not None:
-            result = _search(loaded, native, steps, f0, calib, want, cands, objective, progress)
-            specs = result.plan
-        else:
-            specs = dict(PlanPass(file=str(plan)).specs) if isinstance(plan, (str, os.PathLike)) else dict(plan)
-        chain = parse_chain([PlanPass.of(specs)])
-        sites = set(specs)  # a site the plan names that the model lacks: refused in one line
     generated = feeds is None and inputs is None and example_inputs is None and not overrides
     batch1 = {k: v[:1] if v.ndim else v for k, v in f0.items()}  # a scalar (an If's condition) has no batch
     tries = [f0] + ([batch1] if generated else [])

@@ -4,21 +4,24 @@ from attn_opt.passes.fuse import Fuse
 from attn_opt.passes.gated import Gated
 from attn_opt.passes.latent import LatentPass
 from attn_opt.passes.mlpfree import Mlpfree
-from attn_opt.passes.plan import PlanPass
 from attn_opt.passes.sigmoid import Sigmoid
 from attn_opt.passes.sinkfree import Sinkfree
 from attn_opt.passes.softplus import Softplus
 from attn_opt.passes.sparse import Sparse
 from attn_opt.passes.stream import Stream
+from attn_opt.passes.plan import PlanPass
 from attn_opt.core.errors import UserError
 from attn_opt.core.passbase import Pass, parse_spec
 
 REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Fuse, Sparse, Gated, Softplus, Sinkfree, Sigmoid, Mlpfree,
-                                                              Stream, LatentPass, PlanPass)}
+                                                              Stream, LatentPass)}
 
 
 def parse(spec: str) -> Pass:
     return parse_spec(spec, REGISTRY)
+
+
+REGISTRY[PlanPass.name] = PlanPass  # plan:file=PLAN.json, a form per site (what --budget writes)
 
 
 def check_chain(chain: list[Pass]) -> None:

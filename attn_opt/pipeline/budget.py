@@ -144,8 +144,10 @@ def site_choices(sites, candidates: list[str], diag: dict, per_head: bool = True
                 continue
             if site.kv_heads != site.heads or concrete.skip_reason(site):
                 continue
-            with_dense = dataclasses.replace(concrete, dense_heads=(0,))
-            if with_dense.skip_reason(site):
+            try:  # a form that cannot keep heads dense (a content selection) says so when built
+                if dataclasses.replace(concrete, dense_heads=(0,)).skip_reason(site):
+                    continue
+            except UserError:
                 continue
             order = np.argsort(_dropped_per_head(concrete, site, d.probs))[::-1]
             for k in HEAD_VARIANTS:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from attn_opt.core import fidelity
+from attn_opt.core.errors import NotSupported
 from attn_opt.core.graph import SITE_TAG
 from attn_opt.core.ir import onnx_flops
 from attn_opt.core.ir.onnx_model import OnnxModel
@@ -22,12 +23,22 @@ from attn_opt.core.ir.onnx_segments import _run_sub, _sub_model, reads
 from attn_opt.patterns import reference
 
 
+WINDOWS = ("window", "shift", "stride", "grid")  # patterns whose kept pairs depend on positions only
+
+
 def form_probabilities(site, probed: dict, form) -> np.ndarray:
     """[B, H, Tq, Tk] weights of `form` at `site` from its probed Q/K and masks."""
     s, vis = reference.scores(site, probed)
     if form.pattern is not None:
         tq, tk = s.shape[-2:]
-        keep = np.broadcast_to(form.pattern.visible(tk)[-tq:], s.shape).copy()
+        if form.pattern.kind in WINDOWS:
+            keep = np.broadcast_to(form.pattern.visible(tk)[-tq:], s.shape).copy()
+        else:  # a content selection: which keys it keeps depends on Q and K
+            select = getattr(reference, "selected_visible", None)
+            if select is None:
+                raise NotSupported(f"--budget: no reference for a {form.pattern.kind} pattern")
+            q, k = (reference.operand(op, probed).astype(np.float64) for op in (site.q, site.k))
+            keep = np.array(np.broadcast_to(select(form.pattern, q, k, site.scale), s.shape))
         for h in form.pattern.dense_heads:
             keep[:, h] = True
         vis = vis & keep

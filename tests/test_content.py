@@ -148,6 +148,9 @@ def test_all_blocks_is_exact_on_the_variant_table(variant_onnx, v):
     x = v.inputs()
     _, rep = attn_opt.optimize(proto, [passes.parse(ALL)])  # generated inputs, and the pipeline's variant sets
     p = rep.passes[0]
+    if p.sites_skipped and "not lowered over gathered key blocks yet" in p.sites_skipped[0].reason:
+        assert v.name == "sink-logits"  # the model's own per-head sink logits: refused in words, never another form
+        return
     assert p.sites_rewritten == ["a0"], p.sites_skipped
     assert (p.step_fidelity_all or p.step_fidelity)["max_rel_error"] <= 1e-5  # every input set it checks
     gm, rep = attn_opt.optimize(v.make().eval(), [ALL], example_inputs=x)

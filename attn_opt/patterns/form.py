@@ -530,7 +530,13 @@ def banded_pays(site, pattern: Pattern) -> tuple[bool, str | None]:
 def selection_reason(site, form: Form) -> str | None:
     """Why a content pattern cannot be computed with this form (every backend's limit)."""
     p = form.pattern
-    if p is None or p.selection is None or not p.selection.pyramid:
+    if p is None or p.selection is None:
+        return None
+    n = form.normaliser
+    if any(isinstance(x, tuple) and len(x) > 1 for x in (n.bias, n.p, n.alpha)):
+        return (f"{p.selection.kind}: per-head {n.kind} parameters (a model's own sink logits) are not lowered over "
+                "gathered key blocks yet")
+    if not p.selection.pyramid:
         return None
     if not form.normaliser.is_softmax:
         return f"pyramid: a pooled key stands for its keys under softmax only (not {form.normaliser.kind})"

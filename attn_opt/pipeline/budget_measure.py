@@ -128,7 +128,7 @@ def site_flops(model: OnnxModel, feeds: dict, sites_nodes: dict[str, set[str]], 
         produced = {o for n in nodes for o in n.output if o}
         reads_ = {x for n in nodes for x in reads(n) if x and x not in produced and x not in inits}
         if reads_ <= set(known):
-            got = _run_sub(model, proto, nodes, known, sorted(produced))
+            got = _run_sub(model, proto, nodes, [known], sorted(produced))[0]
             here = {k: tuple(np.shape(v)) for k, v in got.items()}
             here.update({k: tuple(np.shape(known[k])) for k in reads_})
         else:

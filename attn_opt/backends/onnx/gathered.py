@@ -31,7 +31,7 @@ from attn_opt.patterns.site import MASKED, AttentionSite
 
 def _gather_mask(e: SiteEdit, s: AttentionSite, m, q, kclip6, nbq1, block: int) -> ir.Value:
     """A site mask (rank 2 or 4) at the gathered key positions, [B, Hkv, hg, nbq, b|1, C·b]."""
-    x = e.value(m)
+    x = e.term(m)
     shape = tuple(s.mask_shapes[m.name])  # as run: tells a per-head / per-query mask from a broadcast one
     if len(shape) == 2:  # [Tq, Tk] (nn.MultiheadAttention)
         x = e.op("Unsqueeze", [x, e.ints(0, 1)])
@@ -69,7 +69,7 @@ def _hidden_rows(e: SiteEdit, s: AttentionSite, q, nbq1, block: int) -> ir.Value
         return None
     sees, heads, per_query = None, 1, False
     for m, is_bool in masks:
-        x = e.value(m)
+        x = e.term(m)
         shape = tuple(s.mask_shapes[m.name])
         if len(shape) == 2:
             x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
@@ -113,7 +113,7 @@ def _key_weights(e: SiteEdit, s: AttentionSite, tk, tp) -> tuple[ir.Value, ir.Va
         return e.op("Pad", [x, e.op("Concat", [e.ints(0, 0, 0, 0, 0), pad], {"axis": 0})])
 
     for m in s.additive:
-        x = per_key(e.value(m))
+        x = per_key(e.term(m))
         kept = e.op("Greater", [x, e.const(np.float32(MASKED))])
         term = e.op("Where", [kept, x, e.const(np.float32(0))])
         t = term if t is None else e.op("Add", [t, term])

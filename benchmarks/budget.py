@@ -15,24 +15,17 @@ every site (sinks=auto resolved per site on the search half, as the pipeline doe
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
-import torch
 from _report import RESULTS, write
-from real_weights import Encoder, load_minilm, sentences
+from real_weights import split_export
 
 from attn_opt.api import steps_for
 from attn_opt.core.ir import load
 from attn_opt.pipeline import budget as B
-from attn_opt.tools import zoo
 
 CANDIDATES = "sparse:window=4|8|16|32,sinks=auto"
 BUDGETS = (0.25, 0.35, 0.5, 0.7, 0.9)
@@ -43,20 +36,8 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=96)
     ap.add_argument("--candidates", default=CANDIDATES)
     args = ap.parse_args()
-    tok, bert = load_minilm()
-    text = sentences(args.sentences)
+    search_on, heldout, path, text = split_export(args.sentences)
     half = len(text) // 2
-
-    def encode(part):
-        enc = tok(part, padding="max_length", truncation=True, max_length=64, return_tensors="np")
-        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-
-    search_on, heldout = encode(text[:half]), encode(text[half:])
-    tmp = tempfile.mkdtemp()
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    path = Path(tmp) / "minilm.onnx"
-    ids = torch.from_numpy(heldout["input_ids"][:2, :16])
-    zoo.export_module(Encoder(bert), (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), "dynamo", path)
     steps = steps_for("onnx")
     t0 = time.perf_counter()
     m = B.measure(steps, load(str(path)).native, search_on, heldout, "attention", B.expand_candidates(args.candidates),

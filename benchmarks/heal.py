@@ -14,23 +14,17 @@ against dense; calibration seconds per layer. Writes benchmarks/results/heal.{md
 from __future__ import annotations
 
 import argparse
-import atexit
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from _report import RESULTS, write
-from real_weights import Encoder, embed, load_minilm, sentences, spearman
+from real_weights import embed, spearman, split_export
 
 from attn_opt.core.ir import onnx as onnx_adapter
 import attn_opt
 from attn_opt.pipeline.run import parse_chain
-from attn_opt.tools import zoo
 
 FORMS = ["softplus", "sigmoid", "sinkfree:mode=relu", "sinkfree:mode=redistribute,alpha=0.5", "sparse:window=16",
          "sparse:window=16,sinks=auto", "sparse:window=32"]
@@ -42,20 +36,8 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=96)
     ap.add_argument("--forms", nargs="*", default=FORMS)
     args = ap.parse_args()
-    tok, bert = load_minilm()
-    text = sentences(args.sentences)
+    calib, heldout, path, text = split_export(args.sentences)
     half = len(text) // 2
-
-    def encode(part):
-        enc = tok(part, padding="max_length", truncation=True, max_length=64, return_tensors="np")
-        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-
-    calib, heldout = encode(text[:half]), encode(text[half:])
-    tmp = tempfile.mkdtemp()
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    path = Path(tmp) / "minilm.onnx"
-    ids = torch.from_numpy(heldout["input_ids"][:2, :16])
-    zoo.export_module(Encoder(bert), (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), "dynamo", path)
     proto = onnx.load(str(path))
     iu = np.triu_indices(len(text) - half, 1)
     ref = embed(list(onnx_adapter.run(proto, heldout).values())[0], heldout["attention_mask"])

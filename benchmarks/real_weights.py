@@ -94,6 +94,30 @@ def load_minilm():
     return AutoTokenizer.from_pretrained(str(d)), BertModel.from_pretrained(str(d), attn_implementation="eager").eval()
 
 
+def split_export(n: int) -> tuple[dict, dict, Path, list[str]]:
+    """`n` installed-documentation sentences padded to 64 tokens, halved: (first half,
+    held-out half) as feeds, the MiniLM encoder exported (dynamo) to a temporary file
+    removed at exit, and the sentences."""
+    import atexit
+    import shutil
+
+    tok, bert = load_minilm()
+    text = sentences(n)
+    half = len(text) // 2
+
+    def encode(part):
+        enc = tok(part, padding="max_length", truncation=True, max_length=64, return_tensors="np")
+        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+    first, heldout = encode(text[:half]), encode(text[half:])
+    tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    path = Path(tmp) / "minilm.onnx"
+    ids = torch.from_numpy(heldout["input_ids"][:2, :16])
+    zoo.export_module(Encoder(bert), (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), "dynamo", path)
+    return first, heldout, path, text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=48)

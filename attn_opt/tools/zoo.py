@@ -216,15 +216,22 @@ def _dynamic_shapes(names: tuple[str, ...], args: tuple[torch.Tensor, ...]):
     return dims
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' warnings and prints swallowed (errors still raise)."""
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def export_module(model: nn.Module, args: tuple, names: tuple[str, ...], exporter: str, path: str | Path,
                   dynamic: bool = True) -> Path:
     """Export with one of EXPORTERS: "dynamo" (default opset), "dynamo23", "torchscript"."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}")
     path = Path(path)
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        warnings.simplefilter("ignore")
+    with _quiet():
         if exporter == "torchscript":
             axes = {n: ({0: "batch"} if n == "pixel_values" or args[i].dim() < 2 else
                         {0: "batch", 1: "dec_seq" if n == "decoder_input_ids" else "seq"})
@@ -329,9 +336,7 @@ def _export_step(built: tuple, exporter: str, path: str | Path) -> Path:
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}")
     path = Path(path)
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        warnings.simplefilter("ignore")
+    with _quiet():
         if exporter == "torchscript":
             axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
                     "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}

@@ -73,6 +73,8 @@ def gqa_step_reason(site) -> str | None:
         return f"this site is {dtype}: attn-opt writes GroupQueryAttention for float32 steps"
     if not site.causal:
         return "not causal: GroupQueryAttention after a past cache is causal (causal=0 takes no multi-token batch)"
+    if site.head_dim is None or site.head_dim % 8:
+        return f"head size {site.head_dim}: GroupQueryAttention needs a multiple of 8"
     if site.bool_mask is not None:
         return "a boolean mask: GroupQueryAttention takes an additive attention_bias"
     n = site.normaliser
@@ -91,6 +93,8 @@ def choose(site: AttentionSite, target: str) -> tuple[str, str]:
     if target != "onnx" and dtype not in (None, "float32"):
         return "onnx", f"ORT's CPU MultiHeadAttention takes float32 only; this site is {dtype}"
     if target != "onnx" and site.gqa and not site.causal and site.kind == "self":  # an encoder's GQA
+        if site.head_dim is None or site.head_dim % 8:
+            return "onnx", f"head size {site.head_dim}: GroupQueryAttention needs a multiple of 8"
         if not ort.gqa_has_causal():
             return "onnx", "the installed ONNX Runtime's GroupQueryAttention has no causal=0 (bidirectional)"
         if target == "ort":

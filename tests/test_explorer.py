@@ -27,10 +27,10 @@ try:
     import model_explorer  # noqa: F401
     import model_explorer_onnx  # noqa: F401
 
-    EXPLORER = None
+    EXPLORER_MISSING = None
 except ImportError as e:
-    EXPLORER = f"Model Explorer is not installed here ({e.name}); pip install -e \".[explorer]\""
-needs_explorer = pytest.mark.skipif(EXPLORER is not None, reason=EXPLORER or "")
+    EXPLORER_MISSING = f"Model Explorer is not installed here ({e.name}); pip install -e \".[explorer]\""
+needs_explorer = pytest.mark.skipif(EXPLORER_MISSING is not None, reason=EXPLORER_MISSING or "")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromedriver are not installed")
 
@@ -83,7 +83,7 @@ def test_overlay_refusals(capsys, tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.skipif(EXPLORER is None, reason="Model Explorer is installed: view would start it")
+@pytest.mark.skipif(EXPLORER_MISSING is None, reason="Model Explorer is installed: view would start it")
 def test_view_without_model_explorer_is_one_line(capsys):
     assert main(["view", str(BERT), "--no-browser"]) == 2
     err = capsys.readouterr().err

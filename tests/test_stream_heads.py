@@ -158,3 +158,16 @@ def test_pass_options_refused_before_running():
 
     with pytest.raises(UserError, match="expected auto"):
         Stream(window=8, full_heads="a:b")
+
+
+@pytest.mark.parametrize("spec", ["{bad", '{"past.key_stream": {"of": 2}}', '{"past.key_stream": 3}'])
+def test_malformed_split_metadata_is_one_line(spec):
+    """A model whose cache-split metadata was edited by hand is refused in words, not
+    with a traceback from the JSON or its keys."""
+    from types import SimpleNamespace
+
+    from attn_opt.core.ir.onnx_model import SPLIT_KEY, split_feeds
+
+    model = SimpleNamespace(metadata_props={SPLIT_KEY: spec})
+    with pytest.raises(UserError, match="not a valid cache split"):
+        split_feeds(model, {"past.key": np.zeros((1, 2, 3, 4), np.float32)})

@@ -209,7 +209,7 @@ def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidat
     from attn_opt.pipeline import budget_measure as bm
 
     if kind == "cache":
-        raise NotSupported("--budget cache=F: cache budgets need per-head streaming (issue 26); not implemented yet")
+        raise NotSupported("--budget cache=F: cache budgets need per-head streaming in the search, not implemented yet (apply it by hand: stream:...,full_heads=...)")
     if objective not in OBJECTIVES:
         raise UserError(f"bad --objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     t0 = time.perf_counter()

@@ -342,12 +342,16 @@ def split_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> Mapping[str
     import json
 
     out = dict(feeds)
-    for name, s in json.loads(spec).items():
-        src = feeds.get(s["from"])
-        if src is None or np.ndim(src) != 4 or np.shape(src)[1] != s["of"]:
-            continue
-        x = np.asarray(src)[:, s["groups"]]
-        if s["cap"] and x.shape[2] > sum(s["cap"]):
-            x = np.concatenate([x[:, :, :s["cap"][0]], x[:, :, x.shape[2] - s["cap"][1]:]], 2)
-        out[name] = x
+    try:
+        for name, s in json.loads(spec).items():
+            src = feeds.get(s["from"])
+            if src is None or np.ndim(src) != 4 or np.shape(src)[1] != s["of"]:
+                continue
+            x = np.asarray(src)[:, s["groups"]]
+            if s["cap"] and x.shape[2] > sum(s["cap"]):
+                x = np.concatenate([x[:, :, :s["cap"][0]], x[:, :, x.shape[2] - s["cap"][1]:]], 2)
+            out[name] = x
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UserError(f"the model's {SPLIT_KEY} metadata is not a valid cache split ({type(e).__name__}: {e})") \
+            from None
     return out

@@ -13,7 +13,7 @@ import pytest
 import attn_opt
 from variants import BY_NAME
 
-SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax"]
+SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax", "folded-windows"]
 FORM_PASSES = ["fuse", "fuse:target=ort", "sparse:window=4", "softplus", "sigmoid", "sinkfree:mode=relu",
                "sinkfree:mode=logit,bias=-inf", "gated", "mlpfree:collapse=qk"]
 
@@ -151,3 +151,57 @@ def test_fuse_keeps_a_sink_logit_as_one_more_key(variant_onnx, tmp_path):
     (att,) = [n for n in g.node if n.op_type == "Attention"]
     sink = next(i for i in g.initializer if i.name == "attn_opt.a0.sink_logit")
     assert np.allclose(onnx.numpy_helper.to_array(sink), np.linspace(-1, 2, 4)) and len(att.input) == 4
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_heads_folded_with_windows_are_read_from_the_output_view(variant_onnx, tmp_path, exporter):
+    """SAM: [B·windows·H, q, k] scores never viewed as 4-D; the heads come from the reshape
+    that unfolds the output, the bias added in the folded layout is viewed per head, and
+    fuse writes one op whose bias is [B·windows, H, q, k]: exact, and the written model runs."""
+    import onnx
+
+    src = variant_onnx("folded-windows", exporter)
+    (s,) = _sites(src)
+    assert (s.heads, s.kv_heads, s.head_dim, s.q_len, s.k_len) == (4, 4, 8, 9, 9)
+    assert s.kind == "self" and s.mask == "additive" and s.folded_terms and s.window is None
+    feeds = {"in0": BY_NAME["folded-windows"].inputs()[0].numpy()}
+    for spec in ("fuse", "fuse:target=ort"):
+        model, report = attn_opt.optimize(str(src), [spec], feeds=feeds)
+        p = report.passes[0]
+        assert p.sites_rewritten == ["a0"] and p.step_fidelity["max_rel_error"] <= 1e-4
+        model.save(str(tmp_path / "f.onnx"))
+        m = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "f.onnx")))
+        (att,) = [n for n in m.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
+        attrs = {a.name: a.i for a in att.attribute}
+        if att.op_type == "MultiHeadAttention":
+            assert attrs["num_heads"] == 4
+        else:  # ONNX Attention on 4-D [B·windows, H, q, D] inputs
+            shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.value_info}
+            assert shapes[att.input[0]][1] == 4
+        got = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, feeds)[0]
+        want = ort.InferenceSession(str(src)).run(None, feeds)[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+class _SingleHeadBatch(torch.nn.Module):
+    """A batch of single-head attentions whose output is viewed spatially [N, h, w, D]: the
+    view does not split the batch axis, so no heads are read from it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):  # [N, 9, 8]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        o = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * 8 ** -0.5, -1) @ v
+        return o.reshape(x.shape[0], 3, 3, 8)
+
+
+def test_a_spatial_output_view_is_not_heads(tmp_path):
+    from attn_opt.tools import zoo
+
+    args = (torch.randn(6, 9, 8),)
+    src = zoo.export_module(_SingleHeadBatch().eval(), args, ("x",), "torchscript", tmp_path / "m.onnx", dynamic=False)
+    (s,) = _sites(src)
+    assert s.heads == 1 and s.head_dim == 8

@@ -242,6 +242,44 @@ def masked_after_only(q, k, v, mask):  # zeroed after the softmax, never renorma
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE, -1).masked_fill(~mask, 0.0) @ v
 
 
+class FoldedWindows(nn.Module):
+    """SAM's windowed attention: windows and heads folded into one batch axis, the scores
+    3-D [B·windows·H, q, k] with a decomposed relative-position bias (computed from the
+    queries) added in that layout, the output unfolded by a reshape to [B·windows, H, h, w, D]."""
+
+    def __init__(self, win: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.win = win
+        self.qkv = nn.Linear(D_MODEL, 3 * H * D)
+        self.proj = nn.Linear(H * D, D_MODEL)
+        self.rel_h = nn.Parameter(torch.randn(2 * win - 1, D) * 0.5)
+        self.rel_w = nn.Parameter(torch.randn(2 * win - 1, D) * 0.5)
+        c = torch.arange(win)
+        self.register_buffer("idx", (c[:, None] - c[None, :] + win - 1), persistent=False)
+
+    def forward(self, x):  # x: [B, Gh, Gw, C], the grid a multiple of the window
+        b, gh, gw, c = x.shape
+        w = self.win
+        x = x.view(b, gh // w, w, gw // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w, w, c)
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, w * w, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, n * H, w * w, D).unbind(0)
+        s = (q * SCALE) @ k.transpose(-2, -1)
+        rq = q.reshape(n * H, w, w, D)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, self.rel_h[self.idx])
+        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, self.rel_w[self.idx])
+        s = s + (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape_as(s)
+        o = (torch.softmax(s, dim=-1) @ v).reshape(n, H, w, w, D).permute(0, 2, 3, 1, 4).reshape(n, w, w, H * D)
+        o = self.proj(o).view(b, gh // w, gw // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
+        return o.reshape(b, gh, gw, c)
+
+
+def _x_grid():
+    torch.manual_seed(1)
+    return (torch.randn(B, 6, 6, D_MODEL),)
+
+
 def _x_bool_dead_row():
     x, m = _x_bool()
     m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
@@ -313,6 +351,7 @@ VARIANTS = [
     Variant("masked-after-softmax", _core(masked_after_softmax, _Masked), _x_bool_dead_row, 1, masks=PAD,
             skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),
     Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
+    Variant("folded-windows", FoldedWindows, _x_grid, 1, masks=frozenset({"additive"})),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
     Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),

@@ -40,6 +40,7 @@ class Candidate:
     quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
     unfold: Value | None = None  # the 4-D [B, H, Tq, Tk] view of 3-D scores (heads folded into the batch)
     folded_terms: list[Value] = field(default_factory=list)  # additive terms added to the 3-D scores
+    out_view: Value | None = None  # a reshape of a 3-D output [N, Tq, Dv] to [N/H, H, ...]: heads folded with windows (SAM)
     filled_terms: list[Value] = field(default_factory=list)  # additive terms added after the boolean mask's fill
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
     negated: list[Value] = field(default_factory=list)  # additive terms the scores subtract (s − 1e30·mask)

@@ -147,6 +147,8 @@ def _needed(cands: list[Candidate]) -> list[Value]:
             vals.append(c.bool_mask)
         if c.unfold is not None:
             vals.append(c.unfold)
+        if c.out_view is not None:
+            vals.append(c.out_view)
         if c.sink is not None and c.sink.const is None:
             vals.append(c.sink)
     return vals
@@ -182,7 +184,32 @@ def _fold(c: Candidate, probed: dict) -> int | None:
         a = _arr(c.unfold, probed)
         shape = a.shape if a is not None else c.unfold.shape
         return int(shape[1]) if shape is not None and isinstance(shape[1], int) else None
-    return 1
+    return _fold_from_output(c, probed) or 1
+
+
+def _fold_from_output(c: Candidate, probed: dict) -> int | None:
+    """Heads read from the reshape that unfolds the 3-D output [N, Tq, Dv] to
+    [N/H, H, ...] (SAM: batch, windows and heads in one axis, the scores never 4-D):
+    H where the view splits N and keeps the rest's size, else None."""
+    if c.out_view is None:
+        return None
+    view, q = _arr(c.out_view, probed), _arr(c.q.value, probed)
+    vs = view.shape if view is not None else _static_ints(c.out_view.shape)
+    qs = q.shape if q is not None else _static_ints(c.q.value.shape)
+    os_ = _static_ints(c.output.shape)
+    if vs is None or qs is None or len(qs) != 3:
+        return None
+    n, h = int(qs[0]), int(vs[1])
+    rest = int(np.prod(vs[2:]))
+    if h > 1 and int(vs[0]) * h == n and (os_ is None or rest == int(os_[1]) * int(os_[2])):
+        c.folded_terms = [a for a in c.additive if _rank(a, probed) == 3]
+        return h
+    return None
+
+
+def _rank(v: Value, probed: dict) -> int | None:
+    a = _arr(v, probed)
+    return a.ndim if a is not None else v.rank
 
 
 def _unfold_terms(c: Candidate, probed: dict, h: int | None) -> dict:
@@ -263,7 +290,8 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         c.q, c.k, c.v = (dataclasses.replace(x, fold=fold) for x in (c.q, c.k, c.v))
         probed = _unfold_terms(c, probed, fold)
         if c.rule == "eager":
-            notes.append(f"heads folded into the batch (3-D products): {fold} head(s)")
+            seen = " (read from the reshape that unfolds the output)" if c.unfold is None and fold > 1 else ""
+            notes.append(f"heads folded into the batch (3-D products): {fold} head(s){seen}")
     qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
     q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)
     heads, kv_heads, head_dim = c.heads_attr, c.kv_heads_attr, None

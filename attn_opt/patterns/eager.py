@@ -547,7 +547,17 @@ def match_eager(gv: GraphView, sm: Node) -> Candidate:
         raise Miss("scores reshaped to 4-D from a product whose operands are not 3-D", sm)
     c.output = pv.outputs[0]
     c.scope = sm.scope or qk.scope
+    if c.unfold is None and c.output.rank == 3:
+        c.out_view = _output_view(c.output)
     return c
+
+
+def _output_view(out: Value) -> Value | None:
+    """The one reshape that unfolds a 3-D output to rank 4 or more (SAM's
+    `(p @ v).reshape(b·windows, H, h, w, D)`): where heads folded into the batch show
+    when the scores are never viewed as 4-D."""
+    views = [u.outputs[0] for u in out.users if u.op == "Reshape" and (u.outputs[0].rank or 0) >= 4]
+    return views[0] if len(views) == 1 else None
 
 
 def scale_value(factors, probed) -> float:

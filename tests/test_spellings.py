@@ -13,7 +13,8 @@ import pytest
 import attn_opt
 from variants import BY_NAME
 
-SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax", "folded-windows"]
+SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax", "folded-windows",
+             "cosine-windows"]
 FORM_PASSES = ["fuse", "fuse:target=ort", "sparse:window=4", "softplus", "sigmoid", "sinkfree:mode=relu",
                "sinkfree:mode=logit,bias=-inf", "gated", "mlpfree:collapse=qk"]
 
@@ -205,3 +206,59 @@ def test_a_spatial_output_view_is_not_heads(tmp_path):
     src = zoo.export_module(_SingleHeadBatch().eval(), args, ("x",), "torchscript", tmp_path / "m.onnx", dynamic=False)
     (s,) = _sites(src)
     assert s.heads == 1 and s.head_dim == 8
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_cosine_attention_keeps_its_norms_and_temperature(variant_onnx, tmp_path, exporter):
+    """Swin v2: the normalised Q/K are the operands, exp(clamp(logit_scale)) per head is a
+    factor folded into Q, the shifted-window mask added in the [B/W, W, H, T, T] view is a
+    term of the 4-D scores: the reference softmax equals the graph's, fuse is exact and keeps
+    the norms outside the fused op, and fuse then sparse composes on the rewritten site."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.patterns import reference
+
+    src = variant_onnx("cosine-windows", exporter)
+    (s,) = _sites(src)
+    assert (s.heads, s.kv_heads, s.kind, s.causal, s.window) == (4, 4, "self", False, None)
+    assert s.q.factor is not None and s.k.factor is None and s.scale == 1.0
+    assert s.regroup == 2 and len(s.regrouped_terms) == 1 and s.blocked is None
+    x, m = (t.numpy() for t in BY_NAME["cosine-windows"].inputs())
+    feeds = {"in0": x, "in1": m}
+    _, _, gv = onnx_adapter.load_view(str(src))
+    probed = gv.probe(reference.needed(s) + [s.probs], feeds)
+    p = reference.probabilities(s, probed)
+    assert np.allclose(p, probed[s.probs.name], atol=1e-6)
+    assert p[1, :, :3, 3:].max() < 1e-30 and p[0, :, :3, 3:].min() > 1e-20  # window 1's regions apart, window 0 whole
+    model, report = attn_opt.optimize(str(src), ["fuse:target=onnx", "sparse:window=4"], feeds=feeds)
+    f, sp = report.passes
+    assert f.sites_rewritten == ["a0"] and f.step_fidelity["max_rel_error"] <= 1e-4
+    assert sp.sites_rewritten == ["a0"]
+    import onnx
+
+    model.save(str(tmp_path / "fs.onnx"))
+    norms = {"ReduceL2", "LpNormalization", "ReduceSumSquare", "Sqrt", "Pow"}
+
+    def count(path):
+        return sum(n.op_type in norms for n in onnx.load(str(path)).graph.node)
+
+    assert count(tmp_path / "fs.onnx") == count(src) > 0  # the norms stay outside the rewritten op
+    got = ort.InferenceSession(str(tmp_path / "fs.onnx")).run(None, feeds)[0]
+    assert np.isfinite(got).all()
+
+
+def test_a_term_added_before_the_head_factor_is_no_site(tmp_path):
+    """(s + b)·t scales the term too: not read as a factor folded into Q."""
+    from attn_opt.tools import zoo
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = torch.nn.Parameter(torch.linspace(1, 2, 4).reshape(4, 1, 1))
+
+        def forward(self, q, k, v, b):
+            return torch.softmax((q @ k.transpose(-2, -1) + b) * self.t, -1) @ v
+
+    args = tuple(torch.randn(2, 4, 5, 8) for _ in range(3)) + (torch.randn(2, 1, 5, 5),)
+    src = zoo.export_module(M().eval(), args, ("q", "k", "v", "b"), "torchscript", tmp_path / "m.onnx", dynamic=False)
+    det = attn_opt.inspect(str(src))
+    assert not det.sites and "before their per-head factor" in det.near_misses[0].reason

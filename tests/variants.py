@@ -280,6 +280,46 @@ def _x_grid():
     return (torch.randn(B, 6, 6, D_MODEL),)
 
 
+class CosineWindows(nn.Module):
+    """Swin v2: cosine scores normalize(q)·normalize(k)ᵀ times a learned per-head
+    temperature exp(clamp(logit_scale)), plus 16·σ(a small MLP over relative coordinates)
+    as the position bias, and the shifted-window mask added through view → add → view
+    ([B·windows, H, T, T] scores seen as [B, windows, H, T, T])."""
+
+    def __init__(self, windows: int = 2, t: int = S):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(D_MODEL, H * D), nn.Linear(D_MODEL, H * D, bias=False), nn.Linear(D_MODEL, H * D)
+        self.o = nn.Linear(H * D, D_MODEL)
+        self.logit_scale = nn.Parameter(torch.log(torch.linspace(5.0, 20.0, H)).reshape(H, 1, 1))
+        self.cpb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, H, bias=False))
+        c = torch.arange(t, dtype=torch.float32)
+        coords = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1) / t  # [T, T, 2] relative coordinates
+        self.register_buffer("coords", coords[:, :, :1] - coords[:, :, 1:].transpose(0, 1), persistent=False)
+        self.register_buffer("coords2", torch.cat([self.coords, self.coords.transpose(0, 1)], -1), persistent=False)
+        self.windows = windows
+
+    def forward(self, x, mask):  # x: [B·windows, T, C]; mask: [windows, T, T], 0 or -100 (shifted windows)
+        n, t, _ = x.shape
+        q, k, v = (f(x).view(n, t, H, D).transpose(1, 2) for f in (self.q, self.k, self.v))
+        s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        s = s * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        bias = 16 * torch.sigmoid(self.cpb(self.coords2).permute(2, 0, 1))
+        s = s + bias.unsqueeze(0)
+        s = s.view(n // self.windows, self.windows, H, t, t) + mask.unsqueeze(1).unsqueeze(0)
+        s = s.view(-1, H, t, t)
+        o = torch.softmax(s, dim=-1) @ v
+        return self.o(o.transpose(1, 2).reshape(n, t, H * D))
+
+
+def _x_shifted():
+    torch.manual_seed(1)
+    m = torch.zeros(2, S, S)
+    m[1, :3, 3:] = -100.0  # the second window's two regions do not see each other
+    m[1, 3:, :3] = -100.0
+    return torch.randn(2 * B, S, D_MODEL), m
+
+
 def _x_bool_dead_row():
     x, m = _x_bool()
     m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
@@ -352,6 +392,7 @@ VARIANTS = [
             skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),
     Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
     Variant("folded-windows", FoldedWindows, _x_grid, 1, masks=frozenset({"additive"})),
+    Variant("cosine-windows", CosineWindows, _x_shifted, 1, masks=frozenset({"additive"})),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
     Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),

@@ -53,7 +53,23 @@ class SiteEdit:
             x = self.op("Cast", [x], {"to": ir.DataType.FLOAT})
         if v.name in self.site.folded_terms:
             x = self.unfold(x, self.site.heads)
+        if v.name in self.site.regrouped_terms:
+            x = self.regrouped(x)
         return x
+
+    def regrouped(self, x: ir.Value) -> ir.Value:
+        """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask)
+        as a term of the 4-D scores: expanded over the B/W groups, W folded into the batch
+        (patterns/reference.py: regrouped)."""
+        w = self.site.regroup
+        q = self.site.q.value.native
+        n = self.op("Gather", [self.op("Shape", [q]), self.ints(0)], {"axis": 0})
+        if self.site.q.perm:
+            n = self.op("Gather", [self.op("Shape", [q]), self.ints(self.site.q.perm[0])], {"axis": 0})
+        groups = self.op("Div", [n, self.ints(w)])
+        x = self.op("Expand", [x, self.op("Concat", [groups, self.ints(w, 1, 1, 1)], {"axis": 0})])
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(2), self.ints(5), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1), rest], {"axis": 0})])
 
     def unfold(self, x: ir.Value, heads: int) -> ir.Value:
         """[B*H, a, b] -> [B, H, a, b]."""
@@ -135,6 +151,8 @@ class SiteEdit:
         if operand.packed:
             raise ValueError("packed [B, S, H*D] operand")
         v = self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
+        if operand.factor is not None:  # a per-head score factor (cosine attention's temperature) folded into Q
+            v = self.op("Mul", [v, self.value(operand.factor)])
         return self.unfold(v, operand.fold) if operand.fold else v
 
     def shape_dim(self, value: ir.Value, axis: int) -> ir.Value:

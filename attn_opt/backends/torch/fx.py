@@ -41,13 +41,25 @@ def _node(v, graph: fx.Graph):
 def _bhsd(op: Operand, graph: fx.Graph):
     x = _node(op.value, graph)
     x = graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
+    if op.factor is not None:  # a per-head score factor (cosine attention's temperature) folded into Q
+        x = graph.call_function(operator.mul, (x, _node(op.factor, graph)))
     return graph.call_method("unflatten", (x, 0, (-1, op.fold))) if op.fold else x  # [B*H, S, D] -> 4-D
 
 
 def _term(site: AttentionSite, t, graph: fx.Graph):
     """An additive term; one added to 3-D heads-in-batch scores viewed as [B, H, ·, ·]."""
     x = _signed(site, t, graph)
+    if t.name in site.regrouped_terms:
+        q = _node(site.q.value, graph)
+        x = graph.call_function(regrouped, (x, site.regroup, q, site.q.perm[0] if site.q.perm else 0))
     return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
+
+
+def regrouped(x: torch.Tensor, windows: int, q: torch.Tensor, batch_axis: int) -> torch.Tensor:
+    """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask) as
+    a term of the 4-D scores (patterns/reference.py: regrouped)."""
+    x = x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
+    return x.expand(q.shape[batch_axis] // windows, windows, -1, -1, -1).flatten(0, 1)
 
 
 def _signed(site: AttentionSite, t, graph: fx.Graph):

@@ -14,7 +14,7 @@ import attn_opt
 from variants import BY_NAME
 
 SPELLINGS = ["sink-logits", "subtracted-mask", "subtracted-inverse-mask", "masked-after-softmax", "folded-windows",
-             "cosine-windows"]
+             "cosine-windows", "stream-einsum"]
 FORM_PASSES = ["fuse", "fuse:target=ort", "sparse:window=4", "softplus", "sigmoid", "sinkfree:mode=relu",
                "sinkfree:mode=logit,bias=-inf", "gated", "mlpfree:collapse=qk"]
 
@@ -262,3 +262,27 @@ def test_a_term_added_before_the_head_factor_is_no_site(tmp_path):
     src = zoo.export_module(M().eval(), args, ("q", "k", "v", "b"), "torchscript", tmp_path / "m.onnx", dynamic=False)
     det = attn_opt.inspect(str(src))
     assert not det.sites and "before their per-head factor" in det.near_misses[0].reason
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_streams_in_one_einsum_are_merged_into_the_batch(variant_onnx, exporter):
+    """ProphetNet's `bnhtc,bnhsc->bnhts`: one site over both streams, the stream axis merged
+    into the batch, its 5-D bias and the mask broadcast over the streams as 4-D terms; the
+    reference equals the graph's softmax (the padded row's last keys hidden) and fuse is exact."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.patterns import reference
+
+    src = variant_onnx("stream-einsum", exporter)
+    (s,) = _sites(src)
+    assert (s.heads, s.kv_heads, s.head_dim, s.kind, s.causal) == (4, 4, 8, "self", False)
+    assert s.q.streams == 2 and s.regroup == 2 and len(s.regrouped_terms) == 2
+    x, m = (t.numpy() for t in BY_NAME["stream-einsum"].inputs())
+    feeds = {"in0": x, "in1": m}
+    _, _, gv = onnx_adapter.load_view(str(src))
+    probed = gv.probe(reference.needed(s) + [s.probs], feeds)
+    p = reference.probabilities(s, probed)
+    assert np.allclose(p, probed[s.probs.name].reshape(p.shape), atol=1e-6)
+    assert np.all(p[2:, ..., -2:] == 0) and np.all(p[:2] > 0)  # batch row 1 (both streams) padded
+    for spec in ("fuse:target=onnx", "fuse:target=ort"):
+        _, report = attn_opt.optimize(str(src), [spec], feeds=feeds)
+        assert report.passes[0].sites_rewritten == ["a0"] and report.passes[0].step_fidelity["max_rel_error"] <= 1e-4

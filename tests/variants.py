@@ -320,6 +320,31 @@ def _x_shifted():
     return torch.randn(2 * B, S, D_MODEL), m
 
 
+class StreamEinsum(_Attn):
+    """ProphetNet's n-gram predict streams: two query streams attend in one einsum
+    `bnhtc,bnhsc->bnhts` (scores [B, N, H, T, S]), a 5-D bias per stream, the mask
+    broadcast over the streams, and `bnhts,bnhsc->bnhtc` with V."""
+
+    def __init__(self):
+        super().__init__()
+        self.stream = nn.Parameter(torch.randn(2, 1, 1, D_MODEL) * 0.5)
+        self.bias = nn.Parameter(torch.randn(1, 2, H, S, S) * 0.5)
+
+    def forward(self, x, mask):  # mask: [B, 1, 1, 1, S], additive
+        b, t, _ = x.shape
+        xs = x.unsqueeze(1) + self.stream.transpose(0, 1)  # [B, N, T, C]: one query stream each
+        q = self.q(xs).view(b, 2, t, H, D).transpose(2, 3)
+        k, v = (f(xs).view(b, 2, t, H, D).transpose(2, 3) for f in (self.k, self.v))
+        s = torch.einsum("bnhtc,bnhsc->bnhts", q * SCALE, k) + self.bias + mask
+        o = torch.einsum("bnhts,bnhsc->bnhtc", torch.softmax(s, -1), v)
+        return self.o(o.transpose(2, 3).reshape(b, 2, t, H * D))
+
+
+def _x_stream_mask():
+    x, m = _x_additive()
+    return x, m.unsqueeze(1)
+
+
 def _x_bool_dead_row():
     x, m = _x_bool()
     m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
@@ -393,6 +418,7 @@ VARIANTS = [
     Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
     Variant("folded-windows", FoldedWindows, _x_grid, 1, masks=frozenset({"additive"})),
     Variant("cosine-windows", CosineWindows, _x_shifted, 1, masks=frozenset({"additive"})),
+    Variant("stream-einsum", StreamEinsum, _x_stream_mask, 1, masks=PAD),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
     Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),

@@ -179,7 +179,25 @@ def _bhsd(op: Operand, probed: dict, static: bool = False) -> tuple | None:
     shape = tuple(shape[p] for p in op.perm) if op.perm else tuple(shape)
     if op.fold and len(shape) == 3 and isinstance(shape[0], int):  # [B*H, S, D] -> [B, H, S, D]
         return (shape[0] // op.fold, op.fold) + shape[1:]
+    if op.streams and len(shape) == 5 and isinstance(shape[0], int):  # [B, N, H, S, D] -> [B*N, H, S, D]
+        return (shape[0] * shape[1],) + shape[2:]
     return shape
+
+
+def _streams(c: Candidate, probed: dict) -> int | None:
+    """N of a 5-D product `bnhtc,bnhsc->bnhts` (ProphetNet's predict streams): the stream
+    axis, merged into the batch; its 5-D terms are broadcast over it the same way."""
+    if c.q.perm is None or len(c.q.perm) != 5:
+        return None
+    a = _arr(c.q.value, probed)
+    shape = a.shape if a is not None else _static_ints(c.q.value.shape)
+    if shape is None:
+        return None
+    n = int(shape[c.q.perm[1]])
+    c.q, c.k, c.v = (dataclasses.replace(x, streams=n) for x in (c.q, c.k, c.v))
+    c.regrouped_terms = [t for t in c.additive if _rank(t, probed) == 5]
+    c.regroup = n
+    return n
 
 
 def _fold(c: Candidate, probed: dict) -> int | None:
@@ -223,6 +241,8 @@ def _regroup_terms(c: Candidate, probed: dict) -> tuple[int | None, dict, str | 
     q = _arr(c.q.value, probed)
     qs = q.shape if q is not None else _static_ints(c.q.value.shape)
     qs = tuple(qs[p] for p in c.q.perm) if qs is not None and c.q.perm else qs
+    if qs is not None and c.q.streams and len(qs) == 5:
+        qs = (qs[0] * qs[1],) + tuple(qs[2:])
     if c.regroup_view is None:  # a rewritten site: its record says W
         vs = (int(qs[0]) // c.regroup, c.regroup, int(qs[1])) if qs is not None and len(qs) == 4 else None
     else:
@@ -328,6 +348,8 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         c.q = dataclasses.replace(c.q, factor=c.q_factor)
         notes.append("a per-head factor multiplies its scores (cosine attention's learned temperature): "
                      "folded into Q")
+    if (n := _streams(c, probed)) is not None:
+        notes.append(f"{n} attention streams in one 5-D product, the stream axis merged into the batch")
     windows, probed, blocked_view = _regroup_terms(c, probed)
     qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
     q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)

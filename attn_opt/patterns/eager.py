@@ -537,31 +537,31 @@ def _einsum_terms(n: Node) -> tuple[str, str, str]:
     eq = str(n.attrs.get("equation", "")).replace(" ", "")
     lhs, _, out = eq.partition("->")
     terms = lhs.split(",")
-    if len(terms) != 2 or len(out) != 4 or any(len(t) != 4 for t in terms):
-        raise Miss(f"einsum {eq!r} is not a 4-D batched product", n)
+    if len(terms) != 2 or len(out) not in (4, 5) or any(len(t) != len(out) for t in terms):
+        raise Miss(f"einsum {eq!r} is not a 4-D batched product (or 5-D with a stream axis)", n)
     return terms[0], terms[1], out
 
 
 def _einsum_v(n: Node) -> Operand:
     """V of einsum("bhqk,bhkd->bhqd", P, V), with its layout."""
     pt, vt, out = _einsum_terms(n)
-    b, h, i, d = out
+    *bh, i, d = out  # b, h or b, n, h (ProphetNet's streams)
     ks = (set(pt) & set(vt)) - set(out)
-    if len(ks) != 1 or pt.index(i) != 2:
+    if len(ks) != 1 or pt.index(i) != len(out) - 2:
         raise Miss(f"einsum {pt},{vt}->{out} is not P·V", n)
     (k,) = ks
-    return Operand(n.input(1), tuple(vt.index(x) for x in (b, h, k, d)))
+    return Operand(n.input(1), tuple(vt.index(x) for x in (*bh, k, d)))
 
 
 def _einsum_operands(n: Node) -> tuple[Operand, Operand]:
     qt, kt, out = _einsum_terms(n)
-    b, h, i, j = out
+    *bh, i, j = out  # b, h or b, n, h: `bnhtc,bnhsc->bnhts` attends N streams at once (ProphetNet)
     d = (set(qt) & set(kt)) - set(out)
     if len(d) != 1 or j in qt or i in kt:
         raise Miss(f"einsum {qt},{kt}->{out} is not a batched Q·Kᵀ", n)
     (d,) = d
-    q_perm = tuple(qt.index(x) for x in (b, h, i, d))
-    k_perm = tuple(kt.index(x) for x in (b, h, j, d))
+    q_perm = tuple(qt.index(x) for x in (*bh, i, d))
+    k_perm = tuple(kt.index(x) for x in (*bh, j, d))
     return Operand(n.input(0), q_perm), Operand(n.input(1), k_perm)
 
 

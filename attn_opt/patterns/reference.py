@@ -258,6 +258,7 @@ def operand(op: Operand, probed: dict) -> np.ndarray:
     x = _get(op.value, probed)
     x = np.transpose(x, op.perm) if op.perm else x
     x = x * _get(op.factor, probed) if op.factor is not None else x  # a per-head score factor folded into Q
+    x = x.reshape((-1,) + x.shape[2:]) if op.streams else x  # [B, N, H, S, D] -> [B*N, H, S, D]
     return x.reshape((-1, op.fold) + x.shape[1:]) if op.fold else x
 
 

@@ -22,6 +22,7 @@ class Operand:
     packed: bool = False
     repeated: bool = False  # `value` holds the kv heads; the graph repeats them to H (GQA)
     fold: int | None = None  # `value` is 3-D [B*H, S, D] (after perm): heads folded into the batch
+    streams: int | None = None  # `value` is 5-D [B, N, H, S, D] (after perm): N streams merged into the batch
     factor: "Value | None" = None  # multiplies `value` (after perm) first: a per-head score factor folded into Q
 
 

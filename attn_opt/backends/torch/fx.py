@@ -43,6 +43,8 @@ def _bhsd(op: Operand, graph: fx.Graph):
     x = graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
     if op.factor is not None:  # a per-head score factor (cosine attention's temperature) folded into Q
         x = graph.call_function(operator.mul, (x, _node(op.factor, graph)))
+    if op.streams:  # [B, N, H, S, D] -> [B*N, H, S, D]
+        x = graph.call_method("flatten", (x, 0, 1))
     return graph.call_method("unflatten", (x, 0, (-1, op.fold))) if op.fold else x  # [B*H, S, D] -> 4-D
 
 
@@ -51,15 +53,18 @@ def _term(site: AttentionSite, t, graph: fx.Graph):
     x = _signed(site, t, graph)
     if t.name in site.regrouped_terms:
         q = _node(site.q.value, graph)
-        x = graph.call_function(regrouped, (x, site.regroup, q, site.q.perm[0] if site.q.perm else 0))
+        x = graph.call_function(regrouped, (x, site.regroup, q, site.q.perm[0] if site.q.perm else 0,
+                                            bool(site.q.streams)))
     return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
 
 
-def regrouped(x: torch.Tensor, windows: int, q: torch.Tensor, batch_axis: int) -> torch.Tensor:
-    """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask) as
-    a term of the 4-D scores (patterns/reference.py: regrouped)."""
+def regrouped(x: torch.Tensor, windows: int, q: torch.Tensor, batch_axis: int, streams: bool) -> torch.Tensor:
+    """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask; a
+    5-D product's streams: W = N and Q's batch axis is B) as a term of the 4-D scores
+    (patterns/reference.py: regrouped)."""
     x = x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
-    return x.expand(q.shape[batch_axis] // windows, windows, -1, -1, -1).flatten(0, 1)
+    groups = q.shape[batch_axis] if streams else q.shape[batch_axis] // windows
+    return x.expand(groups, windows, -1, -1, -1).flatten(0, 1)
 
 
 def _signed(site: AttentionSite, t, graph: fx.Graph):
@@ -75,6 +80,8 @@ def _filled(site: AttentionSite) -> tuple[int, ...]:
 
 def _refold(site: AttentionSite, new, graph: fx.Graph):
     """A heads-in-batch site's output back to [B*H, Tq, dv]."""
+    if site.q.streams:  # [B*N, H, S, dv] -> [B, N, H, S, dv]
+        return graph.call_method("unflatten", (new, 0, (-1, site.q.streams)))
     return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
 
 

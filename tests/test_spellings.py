@@ -286,3 +286,21 @@ def test_streams_in_one_einsum_are_merged_into_the_batch(variant_onnx, exporter)
     for spec in ("fuse:target=onnx", "fuse:target=ort"):
         _, report = attn_opt.optimize(str(src), [spec], feeds=feeds)
         assert report.passes[0].sites_rewritten == ["a0"] and report.passes[0].step_fidelity["max_rel_error"] <= 1e-4
+
+
+def test_sink_column_on_torch_fx_fuses_exactly():
+    """gpt-oss written in torch (cat([S, sinks], -1), S − max, softmax, [..., :-1]) on
+    torch.export: the sink logit read per head, and fuse writes SDPA over one more key of
+    value 0 scored by it (a parameter holding the model's own values): exact."""
+    v = BY_NAME["sink-logits"]
+    model, x = v.make().eval(), v.inputs()
+    (s,) = attn_opt.inspect(model, example_inputs=x).sites
+    assert s.normaliser.kind == "logit" and np.allclose(s.normaliser.bias, np.linspace(-1, 2, 4), atol=1e-6)
+    gm, report = attn_opt.optimize(model, ["fuse"], example_inputs=x)
+    p = report.passes[0]
+    assert p.sites_rewritten == ["a0"] and p.step_fidelity["max_rel_error"] <= 1e-4
+    assert "sink logit as one more key" in p.notes[0]
+    sink = dict(gm.named_parameters())["attn_opt_a0_sink_logit"]
+    assert np.allclose(sink.detach().numpy(), np.linspace(-1, 2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-5)

@@ -389,8 +389,6 @@ def _x_cross():
 
 PAD = frozenset({"additive", "boolean"})
 _NO_TS_GQA = {"torchscript": "the TorchScript exporter has no enable_gqa"}
-_FX_SINKS = {f"fx:{f}": "not read on torch.fx yet: the rule reads the sink column's max and slice as ONNX writes them"
-             for f in ("export", "dynamo", "symbolic_trace")}
 
 VARIANTS = [
     Variant("div-scale", _core(div_scale), _x, 1),
@@ -411,7 +409,7 @@ VARIANTS = [
     Variant("sdpa-bool-mask", _core(sdpa_bool_mask, _Masked), _x_bool, 1, masks=PAD),
     Variant("cross-attention", lambda: _core(div_scale, _Cross)(cross=True), _x_cross, 1, kind="cross"),
     Variant("probs-twice", ProbsTwice, _x, 1),
-    Variant("sink-logits", SinkLogits, _x, 1, skip=_FX_SINKS),
+    Variant("sink-logits", SinkLogits, _x, 1),
     Variant("subtracted-mask", _core(subtracted_mask, _Masked), _x_hidden, 1, masks=PAD),
     Variant("masked-after-softmax", _core(masked_after_softmax, _Masked), _x_bool_dead_row, 1, masks=PAD,
             skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),

@@ -74,9 +74,13 @@ class Arch:
     cfg: dict
     kind: str  # "encoder", "decoder", "seq2seq", "vision" or "audio"
     kv_heads: int = HEADS
+    image: int = 16  # a vision model's input size
+    expect: tuple | None = None  # (self, cross, causal) where the family's count is not the kind's
 
     def expected(self) -> dict:
         """Sites by (kind, causal): decoders' self-attention is causal, the rest is not."""
+        if self.expect is not None:
+            return dict(zip(("self", "cross", "causal"), self.expect))
         if self.kind in ("seq2seq", "audio"):
             return {"self": 2 * LAYERS, "cross": LAYERS, "causal": LAYERS}
         return {"self": LAYERS, "cross": 0, "causal": LAYERS if self.kind == "decoder" else 0}
@@ -137,10 +141,42 @@ ARCHS = [
     Arch("MarianModel", "MarianConfig", dict(BART, **TOKENS, decoder_start_token_id=0), "seq2seq"),
     Arch("WhisperModel", "WhisperConfig", dict(BART, **TOKENS, decoder_start_token_id=3, num_mel_bins=MEL,
                                                max_source_positions=FRAMES, max_target_positions=64), "audio"),
+    # the decoder's n-gram self-attention: a main stream and the predict streams in one
+    # 5-D einsum (bnhtc,bnhsc->bnhts) per layer; the main stream is causal
+    Arch("ProphetNetModel", "ProphetNetConfig", dict(
+        vocab_size=zoo.VOCAB, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=LAYERS,
+        num_decoder_layers=LAYERS, num_encoder_attention_heads=HEADS, num_decoder_attention_heads=HEADS, ngram=2,
+        num_buckets=8, relative_max_distance=16, max_position_embeddings=64, **TOKENS, decoder_start_token_id=0),
+        "seq2seq", expect=(3 * LAYERS, LAYERS, LAYERS)),
     Arch("ViTModel", "ViTConfig", VIT, "vision"),
     Arch("DeiTModel", "DeiTConfig", VIT, "vision"),
     Arch("CLIPVisionModel", "CLIPVisionConfig", VIT, "vision"),
+    # cosine attention, a per-head temperature, a bias from an MLP over relative coordinates,
+    # shifted windows (the second layer) masked through view → add → view: 4 windows of 16
+    Arch("Swinv2Model", "Swinv2Config", dict(image_size=16, patch_size=2, num_channels=3, embed_dim=32, depths=[LAYERS],
+                                             num_heads=[HEADS], window_size=4, mlp_ratio=2.0), "vision"),
+    # windows and heads folded into one batch axis with a decomposed relative-position bias
+    # (the first layer: 4 windows of 16), then a global layer
+    # (the last encoder layer's output: _EncoderPixels)
+    Arch("SamVisionModel", "SamVisionConfig", dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                   image_size=32, patch_size=4, window_size=4, global_attn_indexes=[1],
+                                                   output_channels=16, mlp_dim=64), "vision", image=32),
 ]
+
+
+class _EncoderPixels(zoo._HFWrapper):
+    """The last encoder layer's hidden states: SAM's neck (convolutions and norms initialised
+    to give ~1e-21 with random weights) would hide what attention does from every error."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # its own initialisation gives hidden states of ~1e-9 here too: random weights
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.05))
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
 
 
 class _Audio(zoo._HFWrapper):
@@ -159,7 +195,8 @@ def build(arch: Arch):
         names = ("input_ids", "attention_mask", "decoder_input_ids")
         return zoo._Seq2Seq(model), (ids, mask, ids[:, :5].clone()), names
     if arch.kind == "vision":
-        return zoo._Pixels(model), (torch.randn(zoo.BATCH, 3, 16, 16),), ("pixel_values",)
+        wrap = _EncoderPixels if arch.cls == "SamVisionModel" else zoo._Pixels
+        return wrap(model), (torch.randn(zoo.BATCH, 3, arch.image, arch.image),), ("pixel_values",)
     features = torch.randn(zoo.BATCH, MEL, 2 * FRAMES)
     return _Audio(model), (features, ids[:, :5].clone()), ("input_features", "decoder_input_ids")
 

@@ -242,6 +242,109 @@ def masked_after_only(q, k, v, mask):  # zeroed after the softmax, never renorma
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE, -1).masked_fill(~mask, 0.0) @ v
 
 
+class FoldedWindows(nn.Module):
+    """SAM's windowed attention: windows and heads folded into one batch axis, the scores
+    3-D [B·windows·H, q, k] with a decomposed relative-position bias (computed from the
+    queries) added in that layout, the output unfolded by a reshape to [B·windows, H, h, w, D]."""
+
+    def __init__(self, win: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.win = win
+        self.qkv = nn.Linear(D_MODEL, 3 * H * D)
+        self.proj = nn.Linear(H * D, D_MODEL)
+        self.rel_h = nn.Parameter(torch.randn(2 * win - 1, D) * 0.5)
+        self.rel_w = nn.Parameter(torch.randn(2 * win - 1, D) * 0.5)
+        c = torch.arange(win)
+        self.register_buffer("idx", (c[:, None] - c[None, :] + win - 1), persistent=False)
+
+    def forward(self, x):  # x: [B, Gh, Gw, C], the grid a multiple of the window
+        b, gh, gw, c = x.shape
+        w = self.win
+        x = x.view(b, gh // w, w, gw // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w, w, c)
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, w * w, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, n * H, w * w, D).unbind(0)
+        s = (q * SCALE) @ k.transpose(-2, -1)
+        rq = q.reshape(n * H, w, w, D)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, self.rel_h[self.idx])
+        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, self.rel_w[self.idx])
+        s = s + (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape_as(s)
+        o = (torch.softmax(s, dim=-1) @ v).reshape(n, H, w, w, D).permute(0, 2, 3, 1, 4).reshape(n, w, w, H * D)
+        o = self.proj(o).view(b, gh // w, gw // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
+        return o.reshape(b, gh, gw, c)
+
+
+def _x_grid():
+    torch.manual_seed(1)
+    return (torch.randn(B, 6, 6, D_MODEL),)
+
+
+class CosineWindows(nn.Module):
+    """Swin v2: cosine scores normalize(q)·normalize(k)ᵀ times a learned per-head
+    temperature exp(clamp(logit_scale)), plus 16·σ(a small MLP over relative coordinates)
+    as the position bias, and the shifted-window mask added through view → add → view
+    ([B·windows, H, T, T] scores seen as [B, windows, H, T, T])."""
+
+    def __init__(self, windows: int = 2, t: int = S):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(D_MODEL, H * D), nn.Linear(D_MODEL, H * D, bias=False), nn.Linear(D_MODEL, H * D)
+        self.o = nn.Linear(H * D, D_MODEL)
+        self.logit_scale = nn.Parameter(torch.log(torch.linspace(5.0, 20.0, H)).reshape(H, 1, 1))
+        self.cpb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, H, bias=False))
+        c = torch.arange(t, dtype=torch.float32)
+        coords = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1) / t  # [T, T, 2] relative coordinates
+        self.register_buffer("coords", coords[:, :, :1] - coords[:, :, 1:].transpose(0, 1), persistent=False)
+        self.register_buffer("coords2", torch.cat([self.coords, self.coords.transpose(0, 1)], -1), persistent=False)
+        self.windows = windows
+
+    def forward(self, x, mask):  # x: [B·windows, T, C]; mask: [windows, T, T], 0 or -100 (shifted windows)
+        n, t, _ = x.shape
+        q, k, v = (f(x).view(n, t, H, D).transpose(1, 2) for f in (self.q, self.k, self.v))
+        s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        s = s * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        bias = 16 * torch.sigmoid(self.cpb(self.coords2).permute(2, 0, 1))
+        s = s + bias.unsqueeze(0)
+        s = s.view(n // self.windows, self.windows, H, t, t) + mask.unsqueeze(1).unsqueeze(0)
+        s = s.view(-1, H, t, t)
+        o = torch.softmax(s, dim=-1) @ v
+        return self.o(o.transpose(1, 2).reshape(n, t, H * D))
+
+
+def _x_shifted():
+    torch.manual_seed(1)
+    m = torch.zeros(2, S, S)
+    m[1, :3, 3:] = -100.0  # the second window's two regions do not see each other
+    m[1, 3:, :3] = -100.0
+    return torch.randn(2 * B, S, D_MODEL), m
+
+
+class StreamEinsum(_Attn):
+    """ProphetNet's n-gram predict streams: two query streams attend in one einsum
+    `bnhtc,bnhsc->bnhts` (scores [B, N, H, T, S]), a 5-D bias per stream, the mask
+    broadcast over the streams, and `bnhts,bnhsc->bnhtc` with V."""
+
+    def __init__(self):
+        super().__init__()
+        self.stream = nn.Parameter(torch.randn(2, 1, 1, D_MODEL) * 0.5)
+        self.bias = nn.Parameter(torch.randn(1, 2, H, S, S) * 0.5)
+
+    def forward(self, x, mask):  # mask: [B, 1, 1, 1, S], additive
+        b, t, _ = x.shape
+        xs = x.unsqueeze(1) + self.stream.transpose(0, 1)  # [B, N, T, C]: one query stream each
+        q = self.q(xs).view(b, 2, t, H, D).transpose(2, 3)
+        k, v = (f(xs).view(b, 2, t, H, D).transpose(2, 3) for f in (self.k, self.v))
+        s = torch.einsum("bnhtc,bnhsc->bnhts", q * SCALE, k) + self.bias + mask
+        o = torch.einsum("bnhts,bnhsc->bnhtc", torch.softmax(s, -1), v)
+        return self.o(o.transpose(2, 3).reshape(b, 2, t, H * D))
+
+
+def _x_stream_mask():
+    x, m = _x_additive()
+    return x, m.unsqueeze(1)
+
+
 def _x_bool_dead_row():
     x, m = _x_bool()
     m[0, ..., :] = False  # a row that sees no key: zeros here, uniform weights without the second mask
@@ -286,8 +389,6 @@ def _x_cross():
 
 PAD = frozenset({"additive", "boolean"})
 _NO_TS_GQA = {"torchscript": "the TorchScript exporter has no enable_gqa"}
-_FX_SINKS = {f"fx:{f}": "not read on torch.fx yet: the rule reads the sink column's max and slice as ONNX writes them"
-             for f in ("export", "dynamo", "symbolic_trace")}
 
 VARIANTS = [
     Variant("div-scale", _core(div_scale), _x, 1),
@@ -308,11 +409,14 @@ VARIANTS = [
     Variant("sdpa-bool-mask", _core(sdpa_bool_mask, _Masked), _x_bool, 1, masks=PAD),
     Variant("cross-attention", lambda: _core(div_scale, _Cross)(cross=True), _x_cross, 1, kind="cross"),
     Variant("probs-twice", ProbsTwice, _x, 1),
-    Variant("sink-logits", SinkLogits, _x, 1, skip=_FX_SINKS),
+    Variant("sink-logits", SinkLogits, _x, 1),
     Variant("subtracted-mask", _core(subtracted_mask, _Masked), _x_hidden, 1, masks=PAD),
     Variant("masked-after-softmax", _core(masked_after_softmax, _Masked), _x_bool_dead_row, 1, masks=PAD,
             skip={"fx:export": "rows zeroed after the softmax are not lowered on torch.fx yet"}),
     Variant("subtracted-inverse-mask", _core(subtracted_inverse_mask, _Masked), _x_seen, 1, masks=PAD),
+    Variant("folded-windows", FoldedWindows, _x_grid, 1, masks=frozenset({"additive"})),
+    Variant("cosine-windows", CosineWindows, _x_shifted, 1, masks=frozenset({"additive"})),
+    Variant("stream-einsum", StreamEinsum, _x_stream_mask, 1, masks=PAD),
     # negatives: softmaxes that are not attention
     Variant("classifier-head", ClassifierHead, _x, 0),
     Variant("masked-after-only", _core(masked_after_only, _Masked), _x_bool, 0),

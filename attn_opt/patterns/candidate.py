@@ -40,6 +40,12 @@ class Candidate:
     quantized: bool = False  # QuantizeLinear/DequantizeLinear round scores or probabilities inside
     unfold: Value | None = None  # the 4-D [B, H, Tq, Tk] view of 3-D scores (heads folded into the batch)
     folded_terms: list[Value] = field(default_factory=list)  # additive terms added to the 3-D scores
+    regrouped_terms: list[Value] = field(default_factory=list)  # added to the scores viewed [B/W, W, H, Tq, Tk]
+    regroup_open: bool = False  # walking back inside that view (met its view back, not yet its view)
+    regroup_view: Value | None = None  # the view [B/W, W, H, Tq, Tk] itself (its shape gives W)
+    regroup: int | None = None  # W, where a rewritten site's record says it (no view left to probe)
+    q_factor: Value | None = None  # a per-head factor the scores are multiplied by (Swin v2's exp(logit_scale))
+    out_view: Value | None = None  # a reshape of a 3-D output [N, Tq, Dv] to [N/H, H, ...]: heads folded with windows (SAM)
     filled_terms: list[Value] = field(default_factory=list)  # additive terms added after the boolean mask's fill
     softcap: float | None = None  # scores soft-capped as c·tanh(S/c) after the scale, before masks
     negated: list[Value] = field(default_factory=list)  # additive terms the scores subtract (s − 1e30·mask)

@@ -14,6 +14,7 @@ from attn_opt.patterns.cache import cache_of
 from attn_opt.patterns.candidate import Candidate
 from attn_opt.patterns.form import Normaliser
 from attn_opt.patterns.layout import unexpanded
+from attn_opt.patterns.reference import regrouped
 from attn_opt.patterns.site import MASKED, AttentionSite, Miss, NearMiss, Operand
 from attn_opt.core.errors import first_line
 from attn_opt.core.graph import SITE_TAG, GraphView, Value, layer_of
@@ -147,6 +148,12 @@ def _needed(cands: list[Candidate]) -> list[Value]:
             vals.append(c.bool_mask)
         if c.unfold is not None:
             vals.append(c.unfold)
+        if c.out_view is not None:
+            vals.append(c.out_view)
+        if c.regroup_view is not None:
+            vals.append(c.regroup_view)
+        if c.q_factor is not None and c.q_factor.const is None:
+            vals.append(c.q_factor)
         if c.sink is not None and c.sink.const is None:
             vals.append(c.sink)
     return vals
@@ -155,7 +162,9 @@ def _needed(cands: list[Candidate]) -> list[Value]:
 def _arr(v: Value | None, probed: dict) -> np.ndarray | None:
     if v is None:
         return None
-    return v.const if v.const is not None else probed.get(v.name)
+    if v.name in probed:  # a term viewed per head or per window is probed under its own name
+        return probed[v.name]
+    return v.const
 
 
 def _bhsd(op: Operand, probed: dict, static: bool = False) -> tuple | None:
@@ -170,7 +179,25 @@ def _bhsd(op: Operand, probed: dict, static: bool = False) -> tuple | None:
     shape = tuple(shape[p] for p in op.perm) if op.perm else tuple(shape)
     if op.fold and len(shape) == 3 and isinstance(shape[0], int):  # [B*H, S, D] -> [B, H, S, D]
         return (shape[0] // op.fold, op.fold) + shape[1:]
+    if op.streams and len(shape) == 5 and isinstance(shape[0], int):  # [B, N, H, S, D] -> [B*N, H, S, D]
+        return (shape[0] * shape[1],) + shape[2:]
     return shape
+
+
+def _streams(c: Candidate, probed: dict) -> int | None:
+    """N of a 5-D product `bnhtc,bnhsc->bnhts` (ProphetNet's predict streams): the stream
+    axis, merged into the batch; its 5-D terms are broadcast over it the same way."""
+    if c.q.perm is None or len(c.q.perm) != 5:
+        return None
+    a = _arr(c.q.value, probed)
+    shape = a.shape if a is not None else _static_ints(c.q.value.shape)
+    if shape is None:
+        return None
+    n = int(shape[c.q.perm[1]])
+    c.q, c.k, c.v = (dataclasses.replace(x, streams=n) for x in (c.q, c.k, c.v))
+    c.regrouped_terms = [t for t in c.additive if _rank(t, probed) == 5]
+    c.regroup = n
+    return n
 
 
 def _fold(c: Candidate, probed: dict) -> int | None:
@@ -182,7 +209,59 @@ def _fold(c: Candidate, probed: dict) -> int | None:
         a = _arr(c.unfold, probed)
         shape = a.shape if a is not None else c.unfold.shape
         return int(shape[1]) if shape is not None and isinstance(shape[1], int) else None
-    return 1
+    return _fold_from_output(c, probed) or 1
+
+
+def _fold_from_output(c: Candidate, probed: dict) -> int | None:
+    """Heads read from the reshape that unfolds the 3-D output [N, Tq, Dv] to
+    [N/H, H, ...] (SAM: batch, windows and heads in one axis, the scores never 4-D):
+    H where the view splits N and keeps the rest's size, else None."""
+    if c.out_view is None:
+        return None
+    view, q = _arr(c.out_view, probed), _arr(c.q.value, probed)
+    vs = view.shape if view is not None else _static_ints(c.out_view.shape)
+    qs = q.shape if q is not None else _static_ints(c.q.value.shape)
+    os_ = _static_ints(c.output.shape)
+    if vs is None or qs is None or len(qs) != 3:
+        return None
+    n, h = int(qs[0]), int(vs[1])
+    rest = int(np.prod(vs[2:]))
+    if h > 1 and int(vs[0]) * h == n and (os_ is None or rest == int(os_[1]) * int(os_[2])):
+        c.folded_terms = [a for a in c.additive if _rank(a, probed) == 3]
+        return h
+    return None
+
+
+def _regroup_terms(c: Candidate, probed: dict) -> tuple[int | None, dict, str | None]:
+    """W of a [B/W, W, H, Tq, Tk] view of 4-D scores [B, H, Tq, Tk] that terms were added
+    to (Swin's shifted-window mask), the probed values with those terms as 4-D terms, and
+    why no pass may rewrite the site where the view is not that split of the batch axis."""
+    if c.regroup_view is None and not c.regroup:
+        return None, probed, None
+    q = _arr(c.q.value, probed)
+    qs = q.shape if q is not None else _static_ints(c.q.value.shape)
+    qs = tuple(qs[p] for p in c.q.perm) if qs is not None and c.q.perm else qs
+    if qs is not None and c.q.streams and len(qs) == 5:
+        qs = (qs[0] * qs[1],) + tuple(qs[2:])
+    if c.regroup_view is None:  # a rewritten site: its record says W
+        vs = (int(qs[0]) // c.regroup, c.regroup, int(qs[1])) if qs is not None and len(qs) == 4 else None
+    else:
+        view = _arr(c.regroup_view, probed)
+        vs = view.shape if view is not None else _static_ints(c.regroup_view.shape)
+    if vs is None or qs is None or len(qs) != 4 or int(vs[0]) * int(vs[1]) != int(qs[0]) or int(vs[2]) != int(qs[1]):
+        return None, probed, (f"its scores are viewed as {vs}, not as [B/W, W, H, Tq, Tk] of its batch: "
+                              "the terms added in that view cannot be placed")
+    w, out = int(vs[1]), dict(probed)
+    for t in c.regrouped_terms:
+        a = _arr(t, probed)
+        if a is not None:
+            out[t.name] = regrouped(a, w, int(qs[0]))
+    return w, out, None
+
+
+def _rank(v: Value, probed: dict) -> int | None:
+    a = _arr(v, probed)
+    return a.ndim if a is not None else v.rank
 
 
 def _unfold_terms(c: Candidate, probed: dict, h: int | None) -> dict:
@@ -263,7 +342,15 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         c.q, c.k, c.v = (dataclasses.replace(x, fold=fold) for x in (c.q, c.k, c.v))
         probed = _unfold_terms(c, probed, fold)
         if c.rule == "eager":
-            notes.append(f"heads folded into the batch (3-D products): {fold} head(s)")
+            seen = " (read from the reshape that unfolds the output)" if c.unfold is None and fold > 1 else ""
+            notes.append(f"heads folded into the batch (3-D products): {fold} head(s){seen}")
+    if c.q_factor is not None:
+        c.q = dataclasses.replace(c.q, factor=c.q_factor)
+        notes.append("a per-head factor multiplies its scores (cosine attention's learned temperature): "
+                     "folded into Q")
+    if (n := _streams(c, probed)) is not None:
+        notes.append(f"{n} attention streams in one 5-D product, the stream axis merged into the batch")
+    windows, probed, blocked_view = _regroup_terms(c, probed)
     qs, ks = _bhsd(c.q, {}, static=True), _bhsd(c.k, {}, static=True)
     q, k = _bhsd(c.q, probed) or _static_ints(qs), _bhsd(c.k, probed) or _static_ints(ks)
     heads, kv_heads, head_dim = c.heads_attr, c.kv_heads_attr, None
@@ -335,7 +422,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
     else:
         lq, lk = (qs[-2] if qs and len(qs) == 4 else None), (ks[-2] if ks and len(ks) == 4 else None)
         kind = "cross" if (lq is not None and lk is not None and lq != lk) or (tq and tk and tq != tk) else "self"
-    normaliser, blocked = c.normaliser, None
+    normaliser, blocked = c.normaliser, blocked_view
     if c.sink is not None:
         normaliser, blocked, said = _sink_logits(c, probed, heads)
         notes.append(said)
@@ -353,6 +440,7 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
         filled_terms=tuple(t.name for t in c.filled_terms), cache=cache_of(c.k.value, c.v.value),
         pattern=c.pattern, normaliser=normaliser, blocked=blocked,
         negated_terms=tuple(t.name for t in c.negated), zero_hidden_rows=c.zero_rows,
+        regrouped_terms=tuple(t.name for t in c.regrouped_terms), regroup=windows,
         mask_shapes={t.name: tuple(np.shape(a)) for t in terms if (a := _arr(t, probed)) is not None},
         run_shape=(int(q[0]), heads, tq, tk, head_dim) if q is not None and heads and tq and tk and head_dim else None)
 

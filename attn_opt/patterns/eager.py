@@ -133,10 +133,64 @@ def _add_term(c, n, v, m):
         raise Miss("an Add before the softmax has no single score operand", n)
     if c is not None:
         terms = [x for x in n.inputs if x is not paths[0]]
+        _before_factor(c, n)
         c.additive.extend(terms)
         if c.unfold is not None:  # added while the scores were 3-D: heads folded into the batch
             c.folded_terms.extend(terms)
+        if c.regroup_open:
+            c.regrouped_terms.extend(terms)
     return paths[0]
+
+
+def _before_factor(c, n):
+    if c.q_factor is not None:
+        raise Miss("a term added to the scores before their per-head factor (the factor would scale it)", n)
+
+
+def _head_factor(n: Node, v: Value):
+    """Mul(scores, t), t [.., H, 1, 1] computed from anything but the scores (Swin v2's
+    exp(clamp(logit_scale)) per head): the index of t, else None."""
+    if n.op != "Mul" or len(n.inputs) != 2:
+        return None
+    for i in (0, 1):
+        t, s = n.inputs[i], n.inputs[1 - i]
+        shape = t.const.shape if t is not None and t.const is not None else (t.shape if t is not None else None)
+        if (shape is not None and 3 <= len(shape) <= 4 and tuple(shape[-2:]) == (1, 1)
+                and all(isinstance(d, int) for d in shape) and not is_scalar(t)
+                and s is not None and s.rank is not None and s.rank >= len(shape)
+                and leads_to_product(s) and not leads_to_product(t)):
+            return i + 1  # 1-based: 0 would read as "no match"
+    return None
+
+
+def _head_factored(c, n, v, at):
+    t, s = n.inputs[at - 1], n.inputs[2 - at]
+    if c is not None:
+        if c.q_factor is not None or c.softcap is not None or c.sink is not None:
+            raise Miss("a per-head score factor with another factor, a soft-cap or a sink column", n)
+        c.q_factor = t
+    return s
+
+
+def _regroups(n: Node) -> bool:
+    """A Reshape between 4-D scores and a 5-D view of them (Swin: [B·W, H, T, T] viewed as
+    [B, W, H, T, T] to add the shifted-window mask per window, then viewed back)."""
+    if n.op != "Reshape" or n.input(0) is None:
+        return False
+    return {n.input(0).rank, n.outputs[0].rank} == {4, 5}
+
+
+def _regroup(c, n, v, m):
+    if c is not None:
+        if n.input(0).rank == 5:  # walking back: the view back to 4-D comes first
+            if c.regroup_open or c.regroup_view is not None:
+                raise Miss("the scores viewed at rank 5 twice before the softmax", n)
+            c.regroup_open = True
+        else:
+            if not c.regroup_open:
+                raise Miss("4-D scores viewed at rank 5 and never viewed back before the softmax", n)
+            c.regroup_open, c.regroup_view = False, n.outputs[0]
+    return n.input(0)
 
 
 def _where_mask(c, n, v, m):
@@ -146,6 +200,8 @@ def _where_mask(c, n, v, m):
     if on_x == on_y:
         raise Miss("a Where before the softmax has no single score operand", n)
     if c is not None:
+        if c.regroup_open or c.q_factor is not None:
+            raise Miss("a boolean mask inside a 5-D view of the scores or before their per-head factor", n)
         c.set_bool_mask(cond, keep=on_x, fill=y if on_x else x)
     return x if on_x else y
 
@@ -218,10 +274,13 @@ def _subtracted(n: Node, v: Value):
 def _negated_term(c, n, v, m):
     if c is not None:
         term = n.input(1)
+        _before_factor(c, n)
         c.additive.append(term)
         c.negated.append(term)
         if c.unfold is not None:
             c.folded_terms.append(term)
+        if c.regroup_open:
+            c.regrouped_terms.append(term)
     return n.input(0)
 
 
@@ -233,7 +292,9 @@ SCORE_STAGES = [
     Alt("pass-through", lambda n, v: n.op in PASS, _through, "Cast (fp16 exports), Dropout, Identity"),
     Alt("scale", lambda n, v: n.op in SCALE and (_scale_of(n, n.input(0)) or _scale_of(n, n.input(1))), _scaled,
         "Mul by 1/√d (dynamo), Div by √d (TorchScript's Pow/Div)"),
+    Alt("head factor", _head_factor, _head_factored, "scores times exp(clamp(logit_scale)) per head (Swin v2)"),
     Alt("additive term", lambda n, v: n.op == "Add", _add_term, "masks, ALiBi, relative-position biases"),
+    Alt("regroup", lambda n, v: _regroups(n), _regroup, "view → add the shifted-window mask → view (Swin)"),
     Alt("boolean mask", lambda n, v: n.op == "Where", _where_mask, "masked_fill (TorchScript), aten.where"),
     Alt("weight product", lambda n, v: n.op in ("Gemm", "Linear", "Conv"), _weight_product,
         "a projection, classifier or router softmax"),
@@ -476,31 +537,31 @@ def _einsum_terms(n: Node) -> tuple[str, str, str]:
     eq = str(n.attrs.get("equation", "")).replace(" ", "")
     lhs, _, out = eq.partition("->")
     terms = lhs.split(",")
-    if len(terms) != 2 or len(out) != 4 or any(len(t) != 4 for t in terms):
-        raise Miss(f"einsum {eq!r} is not a 4-D batched product", n)
+    if len(terms) != 2 or len(out) not in (4, 5) or any(len(t) != len(out) for t in terms):
+        raise Miss(f"einsum {eq!r} is not a 4-D batched product (or 5-D with a stream axis)", n)
     return terms[0], terms[1], out
 
 
 def _einsum_v(n: Node) -> Operand:
     """V of einsum("bhqk,bhkd->bhqd", P, V), with its layout."""
     pt, vt, out = _einsum_terms(n)
-    b, h, i, d = out
+    *bh, i, d = out  # b, h or b, n, h (ProphetNet's streams)
     ks = (set(pt) & set(vt)) - set(out)
-    if len(ks) != 1 or pt.index(i) != 2:
+    if len(ks) != 1 or pt.index(i) != len(out) - 2:
         raise Miss(f"einsum {pt},{vt}->{out} is not P·V", n)
     (k,) = ks
-    return Operand(n.input(1), tuple(vt.index(x) for x in (b, h, k, d)))
+    return Operand(n.input(1), tuple(vt.index(x) for x in (*bh, k, d)))
 
 
 def _einsum_operands(n: Node) -> tuple[Operand, Operand]:
     qt, kt, out = _einsum_terms(n)
-    b, h, i, j = out
+    *bh, i, j = out  # b, h or b, n, h: `bnhtc,bnhsc->bnhts` attends N streams at once (ProphetNet)
     d = (set(qt) & set(kt)) - set(out)
     if len(d) != 1 or j in qt or i in kt:
         raise Miss(f"einsum {qt},{kt}->{out} is not a batched Q·Kᵀ", n)
     (d,) = d
-    q_perm = tuple(qt.index(x) for x in (b, h, i, d))
-    k_perm = tuple(kt.index(x) for x in (b, h, j, d))
+    q_perm = tuple(qt.index(x) for x in (*bh, i, d))
+    k_perm = tuple(kt.index(x) for x in (*bh, j, d))
     return Operand(n.input(0), q_perm), Operand(n.input(1), k_perm)
 
 
@@ -543,11 +604,23 @@ def match_eager(gv: GraphView, sm: Node) -> Candidate:
         c.q = operand(_strip_scale(c, qk.input(0)), transposed=False)
         c.k = operand(_strip_scale(c, qk.input(1)), transposed=True)
     c.v = _einsum_v(pv) if pv.op == "Einsum" else operand(v_in, transposed=False)
+    if c.regroup_open:
+        raise Miss("the scores are viewed back to 4-D but never viewed at rank 5 before the product", sm)
     if c.unfold is not None and any(x.value.rank != 3 for x in (c.q, c.k, c.v)):
         raise Miss("scores reshaped to 4-D from a product whose operands are not 3-D", sm)
     c.output = pv.outputs[0]
     c.scope = sm.scope or qk.scope
+    if c.unfold is None and c.output.rank == 3:
+        c.out_view = _output_view(c.output)
     return c
+
+
+def _output_view(out: Value) -> Value | None:
+    """The one reshape that unfolds a 3-D output to rank 4 or more (SAM's
+    `(p @ v).reshape(b·windows, H, h, w, D)`): where heads folded into the batch show
+    when the scores are never viewed as 4-D."""
+    views = [u.outputs[0] for u in out.users if u.op == "Reshape" and (u.outputs[0].rank or 0) >= 4]
+    return views[0] if len(views) == 1 else None
 
 
 def scale_value(factors, probed) -> float:

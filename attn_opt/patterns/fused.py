@@ -152,6 +152,8 @@ def match_attn_opt(gv: GraphView, n: Node) -> Candidate:
     c.folded_terms = [v for v in c.additive if v.name in rec.folded_terms]
     c.filled_terms = [v for v in c.additive if v.name in rec.filled_terms]
     c.negated = [v for v in c.additive if v.name in rec.negated_terms]
+    c.regrouped_terms = [v for v in c.additive if v.name in rec.regrouped_terms]
+    c.regroup = rec.regroup
     c.zero_rows = rec.zero_rows
     if rec.bool and gv.value(rec.bool) is not None:
         c.bool_mask, c.bool_keep = gv.value(rec.bool), rec.bool_keep

@@ -50,6 +50,8 @@ class FormRecord:
     filled_terms: tuple[str, ...] = ()
     negated_terms: tuple[str, ...] = ()
     zero_rows: bool = False
+    regrouped_terms: tuple[str, ...] = ()
+    regroup: int | None = None
 
     @classmethod
     def of(cls, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> "FormRecord":
@@ -60,7 +62,7 @@ class FormRecord:
                    _name(site.bool_mask) if site.bool_mask is not None else None, site.bool_keep, site.scale,
                    bool(site.causal), site.heads, site.kv_heads, site.head_dim, pattern, normaliser, site.softcap,
                    site.mask_value, tuple(site.folded_terms), tuple(site.filled_terms), tuple(site.negated_terms),
-                   site.zero_hidden_rows)
+                   site.zero_hidden_rows, tuple(site.regrouped_terms), site.regroup)
 
     def to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -69,7 +71,7 @@ class FormRecord:
             d[key] = {"name": o.name, "perm": list(o.perm) if o.perm else None, "repeated": o.repeated, "fold": o.fold}
         d["pattern"] = self.pattern.to_json() if self.pattern else None
         d["normaliser"] = self.normaliser.to_json()
-        for key in ("additive", "folded_terms", "filled_terms", "negated_terms"):
+        for key in ("additive", "folded_terms", "filled_terms", "negated_terms", "regrouped_terms"):
             d[key] = list(d[key])
         return json.dumps(d)
 
@@ -86,7 +88,8 @@ class FormRecord:
                    d.get("heads"), d.get("kv_heads"), d.get("head_dim"), Pattern.from_json(d.get("pattern")),
                    Normaliser.from_json(d.get("normaliser")), d.get("softcap"), d.get("fill"),
                    tuple(d.get("folded_terms", ())), tuple(d.get("filled_terms", ())),
-                   tuple(d.get("negated_terms", ())), bool(d.get("zero_rows")))
+                   tuple(d.get("negated_terms", ())), bool(d.get("zero_rows")),
+                   tuple(d.get("regrouped_terms", ())), d.get("regroup"))
 
 
 def form_record(site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser) -> str:

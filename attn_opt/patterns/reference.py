@@ -242,6 +242,7 @@ CAPABILITIES = Capabilities(
 
 def needed(site: AttentionSite) -> list[Value]:
     vals = [site.q.value, site.k.value]
+    vals += [site.q.factor] if site.q.factor is not None and site.q.factor.const is None else []
     vals += [m for m in site.additive if m.const is None]
     if site.bool_mask is not None and site.bool_mask.const is None:
         vals.append(site.bool_mask)
@@ -256,7 +257,17 @@ def operand(op: Operand, probed: dict) -> np.ndarray:
     """A probed operand as [B, H, S, D] (its permutation applied, heads unfolded)."""
     x = _get(op.value, probed)
     x = np.transpose(x, op.perm) if op.perm else x
+    x = x * _get(op.factor, probed) if op.factor is not None else x  # a per-head score factor folded into Q
+    x = x.reshape((-1,) + x.shape[2:]) if op.streams else x  # [B, N, H, S, D] -> [B*N, H, S, D]
     return x.reshape((-1, op.fold) + x.shape[1:]) if op.fold else x
+
+
+def regrouped(a: np.ndarray, windows: int, batch: int) -> np.ndarray:
+    """A term added to scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask) as a
+    term of the 4-D scores [B, ·, ·, ·]: broadcast over the B/W groups, W folded back."""
+    a = np.asarray(a).reshape((1,) * (5 - np.ndim(a)) + np.shape(a))
+    a = np.broadcast_to(a, (batch // windows, windows) + a.shape[2:])
+    return a.reshape((-1,) + a.shape[2:])
 
 
 def _four_d(m: np.ndarray) -> np.ndarray:
@@ -278,6 +289,8 @@ def scores(site: AttentionSite, probed: dict) -> tuple[np.ndarray, np.ndarray]:
         a = np.asarray(_get(m, probed), dtype=np.float64) * (-1 if m.name in site.negated_terms else 1)
         if m.name in site.folded_terms and a.ndim == 3:
             a = a.reshape((-1, site.heads) + a.shape[1:])
+        if m.name in site.regrouped_terms:
+            a = regrouped(a, site.regroup, q.shape[0])
         a = _four_d(a)
         s = s + a
         vis &= a > MASKED

@@ -22,6 +22,8 @@ class Operand:
     packed: bool = False
     repeated: bool = False  # `value` holds the kv heads; the graph repeats them to H (GQA)
     fold: int | None = None  # `value` is 3-D [B*H, S, D] (after perm): heads folded into the batch
+    streams: int | None = None  # `value` is 5-D [B, N, H, S, D] (after perm): N streams merged into the batch
+    factor: "Value | None" = None  # multiplies `value` (after perm) first: a per-head score factor folded into Q
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class AttentionSite:
     window: int | None = None  # a causal sliding window its own mask implies (keys per query)
     quantized: bool = False  # QDQ rounds its scores or probabilities inside (a rewrite computes them in float)
     folded_terms: tuple[str, ...] = ()  # additive terms added while the scores were 3-D [B*H, Tq, Tk]
+    regrouped_terms: tuple[str, ...] = ()  # added while the scores were viewed [B, W, H, Tq, Tk] (Swin's shifted windows)
+    regroup: int | None = None  # W of that view: the batch axis split as [B/W, W]
     filled_terms: tuple[str, ...] = ()  # additive terms added after the boolean mask's fill (fill + term may be -inf)
     zero_hidden_rows: bool = False  # a row its mask hides completely gives zeros (masked again after the softmax)
     negated_terms: tuple[str, ...] = ()  # additive terms the scores subtract (s − 1e30·mask): a term counts as −term

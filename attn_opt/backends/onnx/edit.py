@@ -53,7 +53,23 @@ class SiteEdit:
             x = self.op("Cast", [x], {"to": ir.DataType.FLOAT})
         if v.name in self.site.folded_terms:
             x = self.unfold(x, self.site.heads)
+        if v.name in self.site.regrouped_terms:
+            x = self.regrouped(x)
         return x
+
+    def regrouped(self, x: ir.Value) -> ir.Value:
+        """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask)
+        as a term of the 4-D scores: expanded over the B/W groups, W folded into the batch
+        (patterns/reference.py: regrouped)."""
+        w = self.site.regroup
+        q = self.site.q.value.native
+        n = self.op("Gather", [self.op("Shape", [q]), self.ints(0)], {"axis": 0})
+        if self.site.q.perm:
+            n = self.op("Gather", [self.op("Shape", [q]), self.ints(self.site.q.perm[0])], {"axis": 0})
+        groups = n if self.site.q.streams else self.op("Div", [n, self.ints(w)])  # 5-D Q: its batch axis is B
+        x = self.op("Expand", [x, self.op("Concat", [groups, self.ints(w, 1, 1, 1)], {"axis": 0})])
+        rest = self.op("Slice", [self.op("Shape", [x]), self.ints(2), self.ints(5), self.ints(0)])
+        return self.op("Reshape", [x, self.op("Concat", [self.ints(-1), rest], {"axis": 0})])
 
     def unfold(self, x: ir.Value, heads: int) -> ir.Value:
         """[B*H, a, b] -> [B, H, a, b]."""
@@ -135,7 +151,22 @@ class SiteEdit:
         if operand.packed:
             raise ValueError("packed [B, S, H*D] operand")
         v = self.op("Transpose", [v], {"perm": list(operand.perm)}) if operand.perm else v
+        if operand.factor is not None:  # a per-head score factor (cosine attention's temperature) folded into Q
+            v = self.op("Mul", [v, self.value(operand.factor)])
+        if operand.streams:  # [B, N, H, S, D] -> [B*N, H, S, D]
+            rest = self.op("Slice", [self.op("Shape", [v]), self.ints(2), self.ints(5), self.ints(0)])
+            v = self.op("Reshape", [v, self.op("Concat", [self.ints(-1), rest], {"axis": 0})])
         return self.unfold(v, operand.fold) if operand.fold else v
+
+    def outward(self, x: ir.Value) -> ir.Value:
+        """A [B, H, S, dv] result in the site's output layout: heads folded back into the
+        batch ([B*H, S, dv]) or the streams split out of it ([B, N, H, S, dv])."""
+        if self.site.q.fold:
+            return self.fold(x)
+        if self.site.q.streams:
+            rest = self.op("Slice", [self.op("Shape", [x]), self.ints(1), self.ints(4), self.ints(0)])
+            return self.op("Reshape", [x, self.op("Concat", [self.ints(-1, self.site.q.streams), rest], {"axis": 0})])
+        return x
 
     def shape_dim(self, value: ir.Value, axis: int) -> ir.Value:
         """Size of one axis as a 1-element int64 tensor (Shape then Gather: valid at every
@@ -145,8 +176,8 @@ class SiteEdit:
     def commit(self, new_output: ir.Value, folded: bool = False) -> None:
         """Insert the new nodes after the site's last node and use `new_output` for its output
         (a heads-in-batch site's output goes back to [B*H, Tq, dv] unless already `folded`)."""
-        if self.site.q.fold and not folded:
-            new_output = self.fold(new_output)
+        if not folded:
+            new_output = self.outward(new_output)
         self.commit_value(self.site.output.native, new_output)
 
     def commit_output(self, old: ir.Value, new_output: ir.Value, shape: ir.Shape | None = None) -> None:

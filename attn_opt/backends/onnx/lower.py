@@ -351,7 +351,7 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, no
     else:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5))
     out = e.back(out)
-    out = e.op("Identity", [e.fold(out) if site.q.fold else out])  # the record's carrier: its output is the site's
+    out = e.op("Identity", [e.outward(out)])  # the record's carrier: its output is the site's
     out.producer().metadata_props[FORM_KEY] = form_record(site, pattern, normaliser)
     e.commit(out, folded=True)
     return note

@@ -41,13 +41,30 @@ def _node(v, graph: fx.Graph):
 def _bhsd(op: Operand, graph: fx.Graph):
     x = _node(op.value, graph)
     x = graph.call_function(torch.permute, (x, list(op.perm))) if op.perm else x
+    if op.factor is not None:  # a per-head score factor (cosine attention's temperature) folded into Q
+        x = graph.call_function(operator.mul, (x, _node(op.factor, graph)))
+    if op.streams:  # [B, N, H, S, D] -> [B*N, H, S, D]
+        x = graph.call_method("flatten", (x, 0, 1))
     return graph.call_method("unflatten", (x, 0, (-1, op.fold))) if op.fold else x  # [B*H, S, D] -> 4-D
 
 
 def _term(site: AttentionSite, t, graph: fx.Graph):
     """An additive term; one added to 3-D heads-in-batch scores viewed as [B, H, ·, ·]."""
     x = _signed(site, t, graph)
+    if t.name in site.regrouped_terms:
+        q = _node(site.q.value, graph)
+        x = graph.call_function(regrouped, (x, site.regroup, q, site.q.perm[0] if site.q.perm else 0,
+                                            bool(site.q.streams)))
     return graph.call_method("unflatten", (x, 0, (-1, site.heads))) if t.name in site.folded_terms else x
+
+
+def regrouped(x: torch.Tensor, windows: int, q: torch.Tensor, batch_axis: int, streams: bool) -> torch.Tensor:
+    """A term added to the scores viewed [B/W, W, H, Tq, Tk] (Swin's shifted-window mask; a
+    5-D product's streams: W = N and Q's batch axis is B) as a term of the 4-D scores
+    (patterns/reference.py: regrouped)."""
+    x = x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
+    groups = q.shape[batch_axis] if streams else q.shape[batch_axis] // windows
+    return x.expand(groups, windows, -1, -1, -1).flatten(0, 1)
 
 
 def _signed(site: AttentionSite, t, graph: fx.Graph):
@@ -63,6 +80,8 @@ def _filled(site: AttentionSite) -> tuple[int, ...]:
 
 def _refold(site: AttentionSite, new, graph: fx.Graph):
     """A heads-in-batch site's output back to [B*H, Tq, dv]."""
+    if site.q.streams:  # [B*N, H, S, dv] -> [B, N, H, S, dv]
+        return graph.call_method("unflatten", (new, 0, (-1, site.q.streams)))
     return graph.call_method("flatten", (new, 0, 1)) if site.q.fold else new
 
 
@@ -162,10 +181,17 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
                     low = g.call_method("type_as", (g.call_function(torch.where, (dead, -math.inf, low)), total))
                 mask = g.call_function(torch.where, (keep, mask if mask is not None else 0.0, low))
         causal = site.mask == "causal"
-        kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
-        if site.gqa:
-            kwargs["enable_gqa"] = True
-        new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
+        if site.normaliser.kind == "logit":  # a per-head sink logit: one more key, zero value (exact)
+            name = param_name(site.id, "sink_logit", "fx")
+            gm.register_parameter(name, torch.nn.Parameter(torch.tensor(site.normaliser.bias, dtype=torch.float32)))
+            new = g.call_function(scaled_dot_product_attention_with_sink, (q, k, v, mask, g.get_attr(name), float(site.scale),
+                                                   bool(causal), bool(site.gqa)))
+            new = _refold(site, new, g)
+        else:
+            kwargs = {"attn_mask": None if causal else mask, "scale": float(site.scale), "is_causal": causal}
+            if site.gqa:
+                kwargs["enable_gqa"] = True
+            new = _refold(site, g.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), g)
     out.replace_all_uses_with(new)
     new.meta[SITE_TAG] = site.id
     covered = set(site.nodes)
@@ -173,7 +199,27 @@ def fuse_site(gm: fx.GraphModule, site: AttentionSite) -> str:
         if "_assert" in str(n.target) and any(getattr(a, "name", None) in covered for a in n.args):
             g.erase_node(n)
     new.meta.update({k: out.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in out.meta})
+    if site.normaliser.kind == "logit":
+        return "scaled_dot_product_attention with the sink logit as one more key (value 0)"
     return "scaled_dot_product_attention"
+
+
+def scaled_dot_product_attention_with_sink(q, k, v, mask, sink, scale: float, causal: bool, gqa: bool) -> torch.Tensor:
+    """scaled_dot_product_attention over the keys plus one key of value 0 whose score is the
+    head's sink logit b_h: exp(b_h) joins only the denominator, which is the sink-logit
+    normaliser exactly (the ONNX fuse writes the same extra key)."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[-2]
+    k = torch.cat([k, k.new_zeros(k.shape[:-2] + (1, k.shape[-1]))], -2)
+    v = torch.cat([v, v.new_zeros(v.shape[:-2] + (1, v.shape[-1]))], -2)
+    m = q.new_zeros((b, h, tq, tk))
+    if causal:
+        m = m.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1 + tk - tq), float("-inf"))
+    if mask is not None:
+        m = m + (torch.zeros((), dtype=q.dtype).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                 else mask.to(q.dtype))
+    col = sink.to(q.dtype).reshape(1, h, 1, 1).expand(b, h, tq, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([m, col], -1), scale=scale, enable_gqa=gqa)
 
 
 def erase_dead(g: fx.Graph, names: set[str]) -> None:
@@ -395,7 +441,8 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
         return selection_reason(site, form)
     if form.pattern is not None:
         return f"its pattern ({form.pattern.describe()}) would be lost: a fused op keeps every pair"
-    if not form.normaliser.is_softmax:
+    if not form.normaliser.is_softmax and not (form.normaliser.kind == "logit" and site is not None
+                                               and site.normaliser == form.normaliser):
         return f"its normaliser ({form.normaliser.describe()}) would be lost: scaled_dot_product_attention computes softmax"
     return None
 

@@ -84,6 +84,10 @@ SPELLINGS: dict[str, list[Any]] = {
     + _aten("split", "Tensor") + _aten("split_with_sizes", "default") + _aten("chunk", "default")
     + _aten("unbind", "int") + _aten("unflatten", "int"),
     "Squeeze": _t(torch.squeeze, "squeeze") + _aten("squeeze", "dim", "dims", "default"),
+    # S − max(S) written out (gpt-oss): amax, or max(dim) whose values are taken by getitem 0
+    "ReduceMax": _t(torch.amax, "amax") + _aten("amax", "default"),
+    "MaxDim": _t(torch.max, "max") + _aten("max", "dim"),  # a (values, indices) pair where a dim is given
+    "Getattr": _t(getattr),
 }
 _BY_TARGET: dict[Any, str] = {}
 for _op, _targets in SPELLINGS.items():

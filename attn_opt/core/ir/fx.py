@@ -160,12 +160,50 @@ def _normalise(op: str, n: fx.Node, modules) -> tuple[str, list, dict]:
         return op, [a[0], a[1], _arg(n, 2, "bias")], {}
     if op == "RepeatInterleave":
         return op, [a[0]], {"repeats": _arg(n, 1, "repeats"), "dim": _arg(n, 2, "dim")}
+    if op == "ReduceMax":  # amax(x, dim, keepdim)
+        dims = _arg(n, 1, "dim", [])
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        return op, [a[0]], {"axes": dims, "keepdims": int(bool(_arg(n, 2, "keepdim", False)))}
+    if (op in ("Getitem", "Getattr") and isinstance(a[0], fx.Node) and a[1] in (0, "values")
+            and op_of(a[0], modules) == "MaxDim" and _arg(a[0], 1, "dim") is not None):
+        m = a[0]  # max(x, dim, keepdim).values
+        return "ReduceMax", [m.args[0]], {"axes": [_arg(m, 1, "dim")], "keepdims": int(bool(_arg(m, 2, "keepdim", False)))}
+    if op == "Slice" and n.target in _aten("slice", "Tensor"):  # slice(x, dim, start, end, step): ONNX's inputs
+        dim, start, end, step = (_arg(n, i, k, d) for i, k, d in ((1, "dim", 0), (2, "start", None), (3, "end", None),
+                                                                   (4, "step", 1)))
+        if all(isinstance(x, int) or x is None for x in (dim, start, end, step)):
+            big = 2 ** 63 - 1
+            return op, [a[0]] + [torch.tensor([x]) for x in (0 if start is None else start,
+                                                            big if end is None else end, dim, step)], {}
+    if op == "Getitem" and (sl := _one_slice(a[1])) is not None:  # x[..., :-1]: Slice on one axis
+        start, end, axis, step = sl
+        return "Slice", [a[0]] + [torch.tensor([x]) for x in (start, end, axis, step)], {}
     if op == "Getitem" and isinstance(a[1], tuple) and a[1].count(None) == 1 \
             and all(i is None or i == slice(None) for i in a[1]) and a[1].index(None) == 2:
         return "Unsqueeze", [a[0]], {"axes": [2]}  # x[:, :, None] in HF's repeat_kv
     inputs = []
     fx.node.map_arg((a, n.kwargs), inputs.append)
     return op, inputs, {}
+
+
+def _one_slice(index) -> tuple[int, int, int, int] | None:
+    """(start, end, axis, step) of an index that slices one axis with ints and keeps the
+    others whole (`[..., :-1]`, `[:, :, :, 1:]`), else None."""
+    if not isinstance(index, tuple) or index.count(Ellipsis) > 1:
+        return None
+    if any(not (i is Ellipsis or isinstance(i, slice)) for i in index):
+        return None
+    cut = [j for j, i in enumerate(index) if isinstance(i, slice) and i != slice(None)]
+    if len(cut) != 1:
+        return None
+    j, s = cut[0], index[cut[0]]
+    if any(not (x is None or isinstance(x, int)) for x in (s.start, s.stop, s.step)):
+        return None
+    if Ellipsis in index and index.index(Ellipsis) < j:
+        axis = j - len(index)  # counted from the end
+    else:
+        axis = j
+    return (s.start or 0, 2 ** 63 - 1 if s.stop is None else s.stop, axis, s.step or 1)
 
 
 def _to_numpy(t) -> np.ndarray | None:

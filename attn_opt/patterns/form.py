@@ -46,7 +46,9 @@ class Selection:
     `Pattern.window`, 0 = none). A causal query block never ranks a key block after it.
     Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
     interior block): forced ones, then the highest scores, ties to the lowest block index
-    in every backend. Query i then sees key j iff j's block is kept for i's block (and the
+    in every backend; a key block the site's masks hide from every query of the block
+    (padding, a causal mask given as a term) ranks below every block they do not hide,
+    so no kept block is spent on keys nobody sees. Query i then sees key j iff j's block is kept for i's block (and the
     site's masks and causality allow it), so with C = all blocks the form is exact.
 
     pyramid (PSA): the ranking goes on past C: the next topk·2 blocks are kept at level 1,

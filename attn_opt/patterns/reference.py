@@ -142,10 +142,28 @@ def _block_means(x: np.ndarray, block: int) -> np.ndarray:
     return sums / count[:, None]
 
 
-def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def seen_blocks(seen, block: int, kv_heads: int) -> np.ndarray:
+    """[B|1, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding at least
+    one pair the site's masks keep (`seen` [B|1, H|1, Tq|1, Tk] bool; a KV group sees a
+    block where any of its heads does)."""
+    seen = np.asarray(seen, bool)
+    seen = seen.reshape((1,) * (4 - seen.ndim) + seen.shape)
+    b, h, tq, tk = seen.shape
+    nbq, bq = (-(-tq // block), block) if tq > 1 else (1, 1)  # tq == 1: the same keys for every query
+    nbk = -(-tk // block)
+    x = np.pad(seen, ((0, 0), (0, 0), (0, nbq * bq - tq), (0, nbk * block - tk)))
+    x = x.reshape(b, h, nbq, bq, nbk, block).any((3, 5))
+    if h > 1:
+        x = x.reshape(b, kv_heads, h // kv_heads, nbq, nbk).any(2)
+    return x
+
+
+def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """The key blocks each query block keeps, [B, Hkv, nbq, C] (patterns/form.py:
-    Selection): forced blocks first, then by block score, ties to the lowest index. q is
-    [B, H, Tq, D], k [B, Hkv, Tk, D]; scores in float32 as the lowerings compute them."""
+    Selection): forced blocks first, then by block score, ties to the lowest index; a
+    block the site's masks hide from the whole query block (`seen`, see `seen_blocks`)
+    ranks below every block it does not hide. q is [B, H, Tq, D], k [B, Hkv, Tk, D];
+    scores in float32 as the lowerings compute them."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     qm = _block_means(q.astype(np.float32), pattern.block)  # [B, H, nbq, D]
@@ -153,6 +171,8 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     km = _block_means(k.astype(np.float32), pattern.block)  # [B, Hkv, nbk, D]
     score = qm @ np.swapaxes(km, -1, -2)  # [B, Hkv, nbq, nbk]
     a, c = np.arange(score.shape[2])[:, None], np.arange(score.shape[3])[None, :]
+    if seen is not None:
+        score = np.where(seen_blocks(seen, pattern.block, hkv), score, -np.inf)
     rank = np.where(pattern.forced(a, c), np.inf, score)
     if pattern.causal:
         rank = np.where(c > a, -np.inf, rank)
@@ -160,13 +180,14 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     return order[..., :sum(pattern.level_counts(score.shape[3]))]
 
 
-def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """[B, H, Tq, Tk] bool: the pairs a content pattern keeps (its selection, and
-    causality where the pattern is causal; the site's masks apply on top)."""
+    causality where the pattern is causal; the site's masks apply on top; `seen`: the
+    pairs they keep, which the selection ranks by)."""
     b, h, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     nbk = -(-tk // pattern.block)
-    idx = selected_blocks(pattern, q, k, scale)[..., :pattern.kept_blocks(nbk)]
+    idx = selected_blocks(pattern, q, k, scale, seen)[..., :pattern.kept_blocks(nbk)]
     kept = np.zeros(idx.shape[:3] + (nbk,), bool)
     np.put_along_axis(kept, idx, True, axis=-1)  # [B, Hkv, nbq, nbk]
     i, j = np.arange(tq), np.arange(tk)
@@ -176,11 +197,11 @@ def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: floa
     return np.repeat(vis, h // hkv, axis=1)
 
 
-def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """[B, Hkv, nbq, nbk]: the level each key block gets for each query block (0: its
     keys, l: pooled by 2^l, L + 1: dropped), from the ranking of `selected_blocks`."""
     nbk = -(-k.shape[2] // pattern.block)
-    idx = selected_blocks(pattern, q, k, scale)
+    idx = selected_blocks(pattern, q, k, scale, seen)
     counts = pattern.level_counts(nbk)
     levels = np.full(idx.shape[:3] + (nbk,), len(counts), np.int64)
     rank_level = np.repeat(np.arange(len(counts)), counts)  # the level of each rank position
@@ -195,7 +216,12 @@ def pyramid_attention(pattern: Pattern, q, k, v, scale: float, term=None, keep=N
     b, h, tq, _ = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], pattern.block
     nbk = -(-tk // blk)
-    levels = np.repeat(block_levels(pattern, q, k, scale), h // hkv, axis=1)  # [B, H, nbq, nbk]
+    seen = np.ones((1, 1, 1, tk), bool)  # the keys the per-key masks keep rank first
+    if term is not None:
+        seen = seen & (np.asarray(term, np.float64).reshape(-1, 1, 1, tk) > MASKED)
+    if keep is not None:
+        seen = seen & np.asarray(keep, bool).reshape(-1, 1, 1, tk)
+    levels = np.repeat(block_levels(pattern, q, k, scale, seen), h // hkv, axis=1)  # [B, H, nbq, nbk]
     q64, k64, v64 = (np.repeat(x.astype(np.float64), h // x.shape[1], axis=1) for x in (q, k, v))
     pad = nbk * blk - tk
     w = np.broadcast_to(np.arange(nbk * blk) < tk, (b, 1, nbk * blk)).astype(np.float64)

@@ -17,6 +17,7 @@ from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.visible import i64
 from attn_opt.core.graph import SELECTION_TAG
 from attn_opt.patterns.form import Pattern
+from attn_opt.patterns.site import MASKED, AttentionSite
 
 
 def pad_blocks(e: SiteEdit, x: ir.Value, t: ir.Value, nb: ir.Value, block: int) -> ir.Value:
@@ -65,10 +66,51 @@ def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value 
     return parts[0] if len(parts) == 1 else e.op("Or", parts)
 
 
+def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: int) -> ir.Value | None:
+    """[Bm, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding a pair the
+    site's masks keep (a KV group: any of its heads); None without masks. The ONNX
+    statement of `patterns/reference.py: seen_blocks`."""
+    masks = [(m, False) for m in s.additive] + ([(s.bool_mask, True)] if s.bool_mask is not None else [])
+    if not masks:
+        return None
+    sees, heads, per_query = None, 1, False
+    for m, is_bool in masks:
+        x = e.value(m) if is_bool else e.term(m)
+        shape = tuple(s.mask_shapes[m.name])
+        if len(shape) == 2:  # [Tq, Tk]
+            x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
+        if is_bool:
+            x = e.op("Cast", [x], {"to": ir.DataType.BOOL}) if m.dtype != "bool" else x
+            ok = x if s.bool_keep else e.op("Not", [x])
+        else:
+            ok = e.op("Greater", [x, e.const(np.float32(MASKED))])
+        sees = ok if sees is None else e.op("And", [sees, ok])
+        heads, per_query = max(heads, shape[1]), per_query or shape[2] != 1
+    sees = e.op("Cast", [sees], {"to": ir.DataType.FLOAT})  # [Bm, Hm, Tqm, Tk]
+    tk = length(e, k)
+    nbk = blocks_of(e, tk, block)
+    cols = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [nbk, i64(e, block)]), tk]), e.ints(0)])
+    if per_query:
+        tq = length(e, q)
+        rows = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [blocks_of(e, tq, block), i64(e, block)]), tq]), e.ints(0)])
+        sees = e.op("Pad", [sees, e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0), rows, cols], {"axis": 0})])
+        shape = e.op("Concat", [e.ints(0, 0, -1, block), e.shape_dim(sees, 3)], {"axis": 0})
+        sees = e.op("ReduceMax", [e.op("Reshape", [sees, shape]), e.ints(3)], {"keepdims": 0})
+    else:
+        sees = e.op("Pad", [sees, e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0), cols], {"axis": 0})])
+    sees = e.op("ReduceMax", [e.op("Reshape", [sees, e.ints(0, 0, 0, -1, block)]), e.ints(4)], {"keepdims": 0})
+    if heads == s.heads and s.heads > s.kv_heads:
+        shape = e.op("Concat", [e.shape_dim(sees, 0), e.ints(s.kv_heads, -1), e.op("Shape", [sees], {"start": 2})],
+                     {"axis": 0})
+        sees = e.op("ReduceMax", [e.op("Reshape", [sees, shape]), e.ints(2)], {"keepdims": 0})
+    return e.op("Greater", [sees, e.const(np.float32(0))])
+
+
 def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
-                  scale: float) -> tuple[ir.Value, ir.Value]:
+                  scale: float, site: AttentionSite | None = None) -> tuple[ir.Value, ir.Value]:
     """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
-    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
+    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d].
+    With `site`, a block its masks hide from the whole query block ranks below the others."""
     b, first = pattern.block, len(e.nodes)
     qm = block_means(e, q, b, heads, d)  # [B, H, nbq, D]
     qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
@@ -80,6 +122,9 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
     a = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbq, i64(e, 1)]), e.ints(1)])
     c = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbk, i64(e, 1)]), e.ints(0)])
     rank = score
+    seen = None if site is None else seen_blocks(e, site, q, k, b)
+    if seen is not None:
+        rank = e.op("Where", [seen, rank, e.const(np.float32(-np.inf))])
     f = forced(e, pattern, a, c)
     if f is not None:
         rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])

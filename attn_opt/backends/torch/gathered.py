@@ -32,15 +32,30 @@ def forced_blocks(f: Pattern, a, c):
     return out
 
 
-def choose_blocks(f: Pattern, q, k, scale: float):
+def seen_blocks(sees, block: int, kv_heads: int):
+    """[Bm, Hkv|1, nbq|1, nbk] bool from `sees` [Bm, Hm, Tqm, Tk] (the pairs the site's
+    masks keep): as patterns/reference.py: seen_blocks."""
+    b, h, tq, tk = sees.shape
+    nbq, bq = (-(-tq // block), block) if tq > 1 else (1, 1)
+    nbk = -(-tk // block)
+    x = F.pad(sees.float(), (0, nbk * block - tk, 0, nbq * bq - tq)).reshape(b, h, nbq, bq, nbk, block)
+    x = x.amax((3, 5)) > 0
+    return x.reshape(b, kv_heads, h // kv_heads, nbq, nbk).any(2) if h > 1 else x
+
+
+def choose_blocks(f: Pattern, q, k, scale: float, sees=None):
     """The key blocks each query block keeps, [B, Hkv, nbq, C]: forced blocks first, then
-    by mean-pooled score, ties to the lowest index (a stable sort; torch.topk does not
-    promise an order among equals). See patterns/reference.py: selected_blocks."""
+    by mean-pooled score (a block the site's masks hide from the whole query block, per
+    `sees` [Bm, Hm, Tqm, Tk], below the others), ties to the lowest index (a stable sort;
+    torch.topk does not promise an order among equals). See patterns/reference.py:
+    selected_blocks."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     qm = _block_means(q.float(), f.block).reshape(b, hkv, h // hkv, -1, d).sum(2) * scale
     km = _block_means(k.float(), f.block)
     score = qm @ km.transpose(-1, -2)  # [B, Hkv, nbq, nbk]
+    if sees is not None:
+        score = torch.where(seen_blocks(sees, f.block, hkv), score, -torch.inf)
     a = torch.arange(score.shape[2], device=q.device)[:, None]
     c = torch.arange(score.shape[3], device=q.device)[None, :]
     rank = torch.where(forced_blocks(f, a, c), torch.inf, score)
@@ -57,7 +72,12 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
     bsz, h, tq, d = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], form.block
     nbk = -(-tk // blk)
-    ranked = choose_blocks(form, q, k, scale)  # [B, Hkv, nbq, C (+ pooled levels)]
+    sees = None  # the pairs the site's masks keep, [Bm, Hm, Tqm, Tk]
+    if bias is not None or keep is not None:
+        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
+        sees = sees & _four(keep) if keep is not None else sees
+    ranked = choose_blocks(form, q, k, scale, sees)  # [B, Hkv, nbq, C (+ pooled levels)]
     idx = ranked[..., :form.kept_blocks(nbk)]
     nbq = idx.shape[2]
     bi = torch.arange(bsz, device=q.device)[:, None, None, None]
@@ -94,9 +114,6 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
         vis = vis & kept
     vis = vis.expand(s.shape)
     if bias is not None or keep is not None:  # a row its masks hide completely (over every key): as the original
-        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
-        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
-        sees = sees & _four(keep) if keep is not None else sees
         hidden = _heads5(~sees.any(-1, keepdim=True), h, hkv)  # [Bm, hk, hg, Tqm, 1]
         if hidden.shape[3] != 1:
             hidden = F.pad(hidden, (0, 0, 0, nbq * blk - hidden.shape[3])).reshape(*hidden.shape[:3], nbq, blk, 1)

@@ -41,7 +41,7 @@ def fixed_specs(length: int) -> dict[str, list[str]]:
 
 
 def content_specs(length: int) -> dict[str, list[str]]:
-    """topk curves at one block size (8 on short texts, 16 on long ones), the first
+    """topk curves at one block size (8 on short texts, 16 and 8 on long ones), the first
     token's block always kept (sinks=1), with and without the local band (window=1 on
     short texts: the query's own block; 16 on long ones: it and its neighbours): every
     K whose kept keys stay within half the (padded) sequence, at most four per curve. The
@@ -55,6 +55,8 @@ def content_specs(length: int) -> dict[str, list[str]]:
         ks = [k for k in range(1, length // block) if (k + forced) * block <= 0.5 * length]
         ks = ks[::max(1, -(-len(ks) // 4))]
         out[family] = [f"sparse:topk={k},block={block},sinks=1{extra}" for k in ks]
+    if length >= 128:  # finer blocks on long texts: 8 tokens, band 8 (the query's block and its neighbours)
+        out["topk, block 8, sink + band 8"] = [f"sparse:topk={k},block=8,sinks=1,window=8" for k in (2, 4, 8, 12)]
     out[f"pyramid 1, block {block}, sink"] = [f"sparse:pyramid=1,topk=1,block={block},sinks=1"]
     return out
 

@@ -29,7 +29,7 @@ from attn_opt.patterns.cache import PAST_INPUTS
 
 NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
 PATTERN_KINDS = ("window", "shift", "stride", "grid")  # every backend declares each (patterns/capability.py)
-SELECTION_KINDS = ("topk", "pyramid")  # content-based patterns: Pattern.selection (every backend declares each)
+SELECTION_KINDS = ("topk", "pyramid", "routing")  # content-based patterns: Pattern.selection (every backend declares each)
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,25 @@ class Selection:
     pooled key: over its n visible keys (inside the sequence, kept by the site's per-key
     mask) k̄ = mean k, v̄ = mean v, and its logit scale·q·k̄ + mean(additive terms) + log n,
     so it stands for the n keys it replaces; softmax runs over all of a row's keys and
-    pooled keys together. Bidirectional sites with per-key masks, softmax."""
+    pooled keys together. Bidirectional sites with per-key masks, softmax.
+
+    routing (Routing Transformer): per batch row and kv head, C centroids by k-means on the
+    sequence's unit-normalised queries (the group's heads) and keys: centroid c starts as
+    the mean of the c-th of C equal runs of keys, then `iterations` Lloyd steps (nearest
+    centroid by dot product, ties to the lowest index; a centroid left empty keeps its
+    place; keys the site's masks hide from every query move nothing). Each centroid's
+    cluster is its `size` (default ceil(Tk / C)) keys most similar to it (hidden keys
+    last, ties to the lowest index): balanced, so the cost is bounded. Query i sees key j
+    iff j is in the cluster of i's nearest centroid, or within the window W (as a window
+    pattern's band). Exact when every cluster holds every key (size >= Tk)."""
 
     kind: str  # SELECTION_KINDS
     topk: int  # key blocks kept per query block beyond the forced ones (pyramid: at level 0)
     levels: int = 1  # HiP's coarse-to-fine levels (1: score the blocks directly)
     pyramid: int = 0  # PSA's pooling levels L (kind "pyramid")
+    clusters: int = 0  # routing: k-means centroids C
+    size: int = 0  # routing: keys per cluster (0: ceil(Tk / C))
+    iterations: int = 3  # routing: Lloyd iterations on the sequence
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:

@@ -2,8 +2,8 @@
 forms' math that the ONNX, torch and Triton lowerings are tested against, and what the
 diagnostics and the sink-ratio report run on a site's probed Q, K and masks.
 
-A content pattern (patterns/form.py: Selection) is stated by `selected_visible`: the
-pairs it keeps given the probed Q and K.
+A content pattern (patterns/form.py: Selection) is stated by `selected_visible` (routing:
+`routing_visible`): the pairs it keeps given the probed Q and K.
 
 Every normaliser maps scores `s` [..., Tq, Tk] (scale and additive terms included) and
 `vis` (keys each row may see) to weights, 0 outside `vis`, a zero row where a row sees
@@ -197,6 +197,57 @@ def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: floa
     return np.repeat(vis, h // hkv, axis=1)
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.sqrt((x * x).sum(-1, keepdims=True)), np.float32(1e-12))
+
+
+def routing_clusters(pattern: Pattern, q: np.ndarray, k: np.ndarray, seen=None) -> tuple[np.ndarray, np.ndarray]:
+    """(members [B, Hkv, C, Tk] bool, nearest [B, H, Tq] int): each centroid's cluster of
+    keys and each query's nearest centroid (patterns/form.py: Selection, routing), in
+    float32 as the lowerings compute them."""
+    sel = pattern.selection
+    b, h, tq, d = q.shape
+    hkv, tk, c = k.shape[1], k.shape[2], sel.clusters
+    qn = _unit(q.astype(np.float32)).reshape(b, hkv, (h // hkv) * tq, d)
+    kn = _unit(k.astype(np.float32))
+    live = np.ones((b, 1, tk), bool)
+    if seen is not None:  # keys some query may see
+        x = np.asarray(seen, bool)
+        live = live & x.reshape((1,) * (4 - x.ndim) + x.shape).any((1, 2))[:, None, :]
+    w = np.broadcast_to(live, (b, hkv, tk)).astype(np.float32)
+    run = (np.arange(tk) * c) // tk  # key j starts in centroid run[j]
+    onehot = (run[:, None] == np.arange(c)[None, :]).astype(np.float32)  # [Tk, C]
+    mu = _unit(np.swapaxes(onehot[None, None] * w[..., None], -1, -2) @ kn)  # [B, Hkv, C, d]
+    pts = np.concatenate([qn, kn], 2)
+    wp = np.concatenate([np.ones((b, hkv, qn.shape[2]), np.float32), w], 2)
+    for _ in range(sel.iterations):
+        near = np.argmax(pts @ np.swapaxes(mu, -1, -2), -1)  # [B, Hkv, N]
+        m = (near[..., None] == np.arange(c)).astype(np.float32) * wp[..., None]  # [B, Hkv, N, C]
+        mass = m.sum(2)[..., None]
+        mu = np.where(mass > 0, _unit(np.swapaxes(m, -1, -2) @ pts), mu)
+    n = min(tk, sel.size or -(-tk // c))
+    sim = np.where(live[:, :, None, :], mu @ np.swapaxes(kn, -1, -2), -np.inf)  # [B, Hkv, C, Tk]
+    order = np.argsort(-sim, axis=-1, kind="stable")[..., :n]
+    members = np.zeros(sim.shape, bool)
+    np.put_along_axis(members, order, True, axis=-1)
+    nearest = np.argmax(qn @ np.swapaxes(mu, -1, -2), -1).reshape(b, h, tq)
+    return members, nearest
+
+
+def routing_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, seen=None) -> np.ndarray:
+    """[B, H, Tq, Tk] bool: the pairs a routing pattern keeps (its query's cluster, the
+    window band, causality where causal; the site's masks apply on top)."""
+    b, h, tq, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    members, nearest = routing_clusters(pattern, q, k, seen)
+    members = np.repeat(members, h // hkv, axis=1)  # [B, H, C, Tk]
+    vis = np.take_along_axis(members, nearest[..., None], axis=2)  # [B, H, Tq, Tk]
+    i, j = np.arange(tq)[:, None] + (tk - tq), np.arange(tk)[None, :]
+    if pattern.window > 0:
+        vis = vis | (((i - j >= 0) & (i - j < pattern.window)) if pattern.causal else (np.abs(i - j) <= pattern.window // 2))
+    return vis & (j <= i) if pattern.causal else vis
+
+
 def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """[B, Hkv, nbq, nbk]: the level each key block gets for each query block (0: its
     keys, l: pooled by 2^l, L + 1: dropped), from the ranking of `selected_blocks`."""
@@ -256,12 +307,16 @@ def _topk(pattern: Pattern, q, k, scale):
     return selected_visible(pattern, q, k, scale)
 
 
+def _routing(pattern: Pattern, q, k, scale):
+    return routing_visible(pattern, q, k)
+
+
 CAPABILITIES = Capabilities(
     "reference",
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={kind: Pattern.visible for kind in ("window", "shift", "stride", "grid")},
-    selection={"topk": _topk, "pyramid": pyramid_attention},
+    selection={"topk": _topk, "pyramid": pyramid_attention, "routing": _routing},
     declined={f: "the reference states the attention weights; the lowerings of this part are tested against "
                  "the original model" for f in FEATURES})
 

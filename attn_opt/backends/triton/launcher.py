@@ -52,7 +52,8 @@ CAPABILITIES = Capabilities(
               "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
               "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel",
               "latent": "the latent factorises projections outside the kernel (the FX lowering)",
-              "pyramid": "the kernel has no pooled key levels"},
+              "pyramid": "the kernel has no pooled key levels",
+              "routing": "the kernel takes key blocks, not per-query clusters of keys"},
     limits=_kernel_limits)
 
 

@@ -186,8 +186,8 @@ class Sparse(Pass):
         reason = form_skip_reason(site)
         if reason:
             return reason
-        if site.cache is not None:
-            return "topk on a decoder step (selecting blocks of the past cache) is not implemented yet"
+        if site.cache is not None and (self.pyramid is not None or self.routing is not None):
+            return "pyramid and routing on a decoder step (over its past cache) are not implemented yet"
         if site.kind == "cross" and self.window:
             return "a local band needs self-attention (queries and keys on one axis)"
         if site.causal and site.kind == "cross":

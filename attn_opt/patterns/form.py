@@ -43,7 +43,9 @@ class Selection:
     (means over the block's tokens inside the sequence). Forced blocks come first: the
     blocks holding the first `Pattern.sinks` tokens and the local band (the blocks within
     ceil((W//2)/block) of a, or ceil((W−1)/block) before it when causal; W =
-    `Pattern.window`, 0 = none). A causal query block never ranks a key block after it.
+    `Pattern.window`, 0 = none). A causal query block never ranks a key block after it;
+    it stands at the key block of its last query (queries are the last Tq of Tk positions:
+    on a decoder step, the end of the cache, so the step selects blocks of its past).
     Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
     interior block): forced ones, then the highest scores, ties to the lowest block index
     in every backend; a key block the site's masks hide from every query of the block

@@ -171,6 +171,9 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     km = _block_means(k.astype(np.float32), pattern.block)  # [B, Hkv, nbk, D]
     score = qm @ np.swapaxes(km, -1, -2)  # [B, Hkv, nbq, nbk]
     a, c = np.arange(score.shape[2])[:, None], np.arange(score.shape[3])[None, :]
+    if pattern.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        tq, tk = q.shape[2], k.shape[2]
+        a = (np.minimum((a + 1) * pattern.block, tq) - 1 + tk - tq) // pattern.block
     if seen is not None:
         score = np.where(seen_blocks(seen, pattern.block, hkv), score, -np.inf)
     rank = np.where(pattern.forced(a, c), np.inf, score)

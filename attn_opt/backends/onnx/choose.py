@@ -121,6 +121,10 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
     nbq, nbk = length(e, score, 2), length(e, score, 3)
     a = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbq, i64(e, 1)]), e.ints(1)])
     c = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbk, i64(e, 1)]), e.ints(0)])
+    if pattern.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        tq, tk = length(e, q), length(e, k)
+        last = e.op("Min", [e.op("Mul", [e.op("Add", [a, i64(e, 1)]), i64(e, b)]), tq])
+        a = e.op("Div", [e.op("Add", [e.op("Sub", [last, i64(e, 1)]), e.op("Sub", [tk, tq])]), i64(e, b)])
     rank = score
     seen = None if site is None else seen_blocks(e, site, q, k, b)
     if seen is not None:

@@ -58,6 +58,8 @@ def choose_blocks(f: Pattern, q, k, scale: float, sees=None):
         score = torch.where(seen_blocks(sees, f.block, hkv), score, -torch.inf)
     a = torch.arange(score.shape[2], device=q.device)[:, None]
     c = torch.arange(score.shape[3], device=q.device)[None, :]
+    if f.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        a = (((a + 1) * f.block).clamp(max=q.shape[2]) - 1 + k.shape[2] - q.shape[2]) // f.block
     rank = torch.where(forced_blocks(f, a, c), torch.inf, score)
     if f.causal:
         rank = torch.where(c > a, -torch.inf, rank)

@@ -55,8 +55,9 @@ def content_specs(length: int) -> dict[str, list[str]]:
         ks = [k for k in range(1, length // block) if (k + forced) * block <= 0.5 * length]
         ks = ks[::max(1, -(-len(ks) // 4))]
         out[family] = [f"sparse:topk={k},block={block},sinks=1{extra}" for k in ks]
-    if length >= 128:  # finer blocks on long texts: 8 tokens, band 8 (the query's block and its neighbours)
-        out["topk, block 8, sink + band 8"] = [f"sparse:topk={k},block=8,sinks=1,window=8" for k in (2, 4, 8, 12)]
+    if length >= 128:  # finer blocks on long texts: 8 tokens, band 8 (the query's block and its neighbours) or 1
+        out["topk, block 8, sink + band 8"] = [f"sparse:topk={k},block=8,sinks=1,window=8" for k in (1, 2, 4, 8, 12)]
+        out["topk, block 8, sink + own block"] = [f"sparse:topk={k},block=8,sinks=1,window=1" for k in (3, 6)]
     out[f"pyramid 1, block {block}, sink"] = [f"sparse:pyramid=1,topk=1,block={block},sinks=1"]
     return out
 

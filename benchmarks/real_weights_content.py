@@ -157,6 +157,14 @@ def report(rows, shapes) -> None:
             verdict.append(f"- {label}, ≤ {budget}× dense attention FLOPs: best fixed "
                            + (f"{fixed['form']} {fixed['spearman']:.4f}" if fixed else "none")
                            + "; best content " + (f"{content['form']} {content['spearman']:.4f}" if content else "none"))
+        lost = []  # every fixed point on the curve: the best content form at no more FLOPs
+        for r in (r for r in mine if r["family"].startswith("window")):
+            budget = r["attention_flops"] / r["dense_attention_flops"]
+            content = best_at(mine, lambda f: not f.startswith("window"), budget)
+            if content is None or content["spearman"] <= r["spearman"]:
+                lost.append(f"{r['form']} {r['spearman']:.4f} at {budget:.3f}×")
+        verdict.append(f"- {label}: " + ("a content form at no more FLOPs beats every fixed point on the curve"
+                                         if not lost else "fixed points no content form beats: " + "; ".join(lost)))
     preface = ["# Content-based sparse attention on real weights: all-MiniLM-L6-v2", "",
                "Inputs: " + "; ".join(f"{k}: {n} texts padded to {t} tokens (mean {m:.0f} real)"
                                       for k, (n, t, m) in shapes.items()) + ".",

@@ -53,6 +53,7 @@ CASES = [
     ("sparse:routing=4,window=3", dict(causal=True)),
     ("sparse:routing=3,size=6", dict(kvh=2)),
     ("sparse:routing=2,window=2", dict(kvh=1, t=23)),
+    ("sparse:routing=3", dict(mask=None, kvh=2)),
 ]
 
 

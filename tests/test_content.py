@@ -32,6 +32,9 @@ CASES = [  # (spec, model kwargs): one or more blocks dropped in every case
     ("sparse:topk=2,block=8", dict(kvh=2, mask="full")),  # GQA: one selection per KV group
     ("sparse:topk=1,block=8,window=4", dict(kvh=1, causal=True)),  # MQA
     ("sparse:topk=2,block=5", dict(t=23)),  # a ragged last block
+    ("sparse:topk=2,block=4,levels=2", dict()),  # HiP's coarse-to-fine search
+    ("sparse:topk=1,block=4,levels=3,window=4,sinks=1", dict(causal=True)),
+    ("sparse:topk=2,block=3,levels=2", dict(kvh=2, mask="full", t=23)),
 ]
 
 
@@ -138,6 +141,28 @@ def test_seen_blocks_per_query_and_per_kv_group():
     assert R.seen_blocks(np.ones((2, 1, 1, 9), bool), 4, 2).shape == (2, 1, 1, 3)  # per key: one row of blocks
 
 
+def test_levels_search_coarse_groups_first():
+    """levels=2: the topk best pairs of blocks first, then the topk best blocks inside
+    them. Keeping every group it is the flat ranking; here a block whose pair scores low
+    is passed over though it alone scores best."""
+    rng = np.random.default_rng(5)
+    q, k = rng.standard_normal((1, 1, 32, 4)).astype(np.float32), rng.standard_normal((1, 1, 32, 4)).astype(np.float32)
+    flat = Pattern("topk", False, 0, 4, selection=Selection("topk", 1))
+    coarse = Pattern("topk", False, 0, 4, selection=Selection("topk", 1, levels=2))
+    wide = Pattern("topk", False, 0, 4, selection=Selection("topk", 4, levels=2))  # every pair of blocks kept
+    assert (R.selected_blocks(wide, q, k, 0.5) == R.selected_blocks(
+        Pattern("topk", False, 0, 4, selection=Selection("topk", 4)), q, k, 0.5)).all()
+    u = np.eye(4, dtype=np.float32)[0]
+    q[0, 0, 28:] = u  # the last query block looks along u
+    k[0, 0, 8:12] = 3 * u  # block 2 scores best alone, its partner block 3 very low
+    k[0, 0, 12:16] = -6 * u
+    k[0, 0, 20:28] = 2 * u  # blocks 5 and 6: good together
+    assert R.selected_blocks(flat, q, k, 0.5)[0, 0, 7, 0] == 2
+    assert R.selected_blocks(coarse, q, k, 0.5)[0, 0, 7, 0] in (5, 6)
+    got = gathered.choose_blocks(coarse, torch.from_numpy(q), torch.from_numpy(k), 0.5)
+    assert (got.numpy() == R.selected_blocks(coarse, q, k, 0.5)).all()
+
+
 def test_ties_go_to_the_lowest_block_in_every_backend():
     """Keys all equal: every block scores the same, so each query block keeps the lowest
     indices, in the reference, ONNX (TopK) and torch (a stable sort)."""
@@ -238,7 +263,7 @@ def test_composes_with_a_normaliser():
     ("sparse:topk=2,window=-1", UserError, "window must be >= 0"),
     ("sparse:topk=2,stride=2", UserError, "not grid, stride"),
     ("sparse:topk=2,levels=0", UserError, "levels must be >= 1"),
-    ("sparse:topk=2,levels=2", NotSupported, "not implemented yet"),
+    ("sparse:pyramid=1,topk=2,levels=2", NotSupported, "levels > 1 with pyramid is not implemented yet"),
     ("sparse:topk=2,dense_heads=0", NotSupported, "not implemented yet"),
     ("sparse:window=4,levels=2", UserError, "levels needs topk"),
 ])

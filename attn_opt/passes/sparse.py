@@ -135,8 +135,8 @@ class Sparse(Pass):
             return self._check_routing()
         if self.size is not None:
             raise UserError("sparse: size needs routing=C")
-        if self.levels > 1:
-            raise NotSupported("sparse: levels > 1 (HiP's coarse-to-fine search) is not implemented yet")
+        if self.levels > 1 and self.pyramid is not None:
+            raise NotSupported("sparse: levels > 1 with pyramid is not implemented yet")
         if self.pyramid is None:
             if self.budget is not None:
                 raise UserError("sparse: budget needs pyramid=L")

@@ -46,6 +46,10 @@ class Selection:
     `Pattern.window`, 0 = none). A causal query block never ranks a key block after it;
     it stands at the key block of its last query (queries are the last Tq of Tk positions:
     on a decoder step, the end of the cache, so the step selects blocks of its past).
+    levels L > 1 (HiP's coarse-to-fine search): groups of 2^(L-1) blocks are scored first
+    (their keys' mean against the query block's), the topk best kept, each split in two
+    halves scored the same way, the topk best kept, down to single blocks: only those
+    compete for the non-forced places (causal and mask rules as for blocks).
     Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
     interior block): forced ones, then the highest scores, ties to the lowest block index
     in every backend; a key block the site's masks hide from every query of the block

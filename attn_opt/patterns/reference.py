@@ -174,8 +174,27 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     if pattern.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
         tq, tk = q.shape[2], k.shape[2]
         a = (np.minimum((a + 1) * pattern.block, tq) - 1 + tk - tq) // pattern.block
-    if seen is not None:
-        score = np.where(seen_blocks(seen, pattern.block, hkv), score, -np.inf)
+    seen_b = None if seen is None else seen_blocks(seen, pattern.block, hkv)
+    if seen_b is not None:
+        score = np.where(seen_b, score, -np.inf)
+    cand = None
+    for level in range(pattern.selection.levels - 1, 0, -1):  # HiP: coarse groups of 2^level blocks first
+        m = 2 ** level
+        s = qm @ np.swapaxes(_block_means(k.astype(np.float32), pattern.block * m), -1, -2)  # [B, Hkv, nbq, n_l]
+        g = np.arange(s.shape[-1])[None, :]
+        if seen_b is not None:  # a group some block of which the masks leave
+            pad = np.zeros(seen_b.shape[:-1] + (s.shape[-1] * m - seen_b.shape[-1],), bool)
+            s = np.where(np.concatenate([seen_b, pad], -1).reshape(seen_b.shape[:-1] + (-1, m)).any(-1), s, -np.inf)
+        if pattern.causal:
+            s = np.where(g * m > a, -np.inf, s)
+        if cand is not None:
+            s = np.where(cand, s, -np.inf)
+        top = np.argsort(-s, axis=-1, kind="stable")[..., :min(pattern.selection.topk, s.shape[-1])]
+        kept = np.zeros(s.shape, bool)
+        np.put_along_axis(kept, top, True, axis=-1)
+        cand = kept[..., np.arange(-(-score.shape[-1] // (m // 2))) // 2]  # their two halves, one level down
+    if cand is not None:
+        score = np.where(cand, score, -np.inf)
     rank = np.where(pattern.forced(a, c), np.inf, score)
     if pattern.causal:
         rank = np.where(c > a, -np.inf, rank)

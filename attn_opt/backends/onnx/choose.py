@@ -106,6 +106,38 @@ def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: 
     return e.op("Greater", [sees, e.const(np.float32(0))])
 
 
+def _coarse_to_fine(e: SiteEdit, pattern: Pattern, qs, k, kv_heads: int, d: int, a, seen, nbk) -> ir.Value | None:
+    """HiP's levels > 1: [B, Hkv, nbq, nbk] bool, the blocks left after the search from
+    groups of 2^(levels-1) blocks down (topk groups kept per level, each split in two);
+    patterns/reference.py: selected_blocks states it. None at levels = 1."""
+    cand, ninf = None, e.const(np.float32(-np.inf))
+    for level in range(pattern.selection.levels - 1, 0, -1):
+        m = 2 ** level
+        km = block_means(e, k, pattern.block * m, kv_heads, d)
+        s = e.op("MatMul", [qs, e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, n_l]
+        n = length(e, s, 3)
+        if seen is not None:  # a group some block of which the masks leave
+            amount = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [n, i64(e, m)]), nbk]), e.ints(0)])
+            x = e.op("Pad", [e.op("Cast", [seen], {"to": ir.DataType.FLOAT}),
+                             e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0), amount], {"axis": 0})])
+            x = e.op("ReduceMax", [e.op("Reshape", [x, e.ints(0, 0, 0, -1, m)]), e.ints(4)], {"keepdims": 0})
+            s = e.op("Where", [e.op("Greater", [x, e.const(np.float32(0))]), s, ninf])
+        if pattern.causal:
+            g = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), n, i64(e, 1)]), e.ints(0)])
+            s = e.op("Where", [e.op("Greater", [e.op("Mul", [g, i64(e, m)]), a]), ninf, s])
+        if cand is not None:
+            s = e.op("Where", [cand, s, ninf])
+        top = e.op("TopK", [s, e.op("Min", [e.op("Unsqueeze", [n, e.ints(0)]), e.ints(pattern.selection.topk)])],
+                   {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)[1]
+        zeros = e.op("Expand", [e.const(np.zeros((1, 1, 1, 1), np.float32)), e.op("Shape", [s])])
+        ones = e.op("Expand", [e.const(np.ones((1, 1, 1, 1), np.float32)), e.op("Shape", [top])])
+        kept = e.op("Greater", [e.op("ScatterElements", [zeros, top, ones], {"axis": -1}), e.const(np.float32(0))])
+        half = m // 2
+        below = e.op("Div", [e.op("Add", [nbk, i64(e, half - 1)]), i64(e, half)])
+        cand = e.op("Gather", [kept, e.op("Div", [e.op("Range", [i64(e, 0), below, i64(e, 1)]), i64(e, 2)])], {"axis": 3})
+    return cand
+
+
 def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
                   scale: float, site: AttentionSite | None = None) -> tuple[ir.Value, ir.Value]:
     """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
@@ -116,8 +148,8 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
     qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
               {"keepdims": 0})
     km = block_means(e, k, b, kv_heads, d)  # [B, Hkv, nbk, D]
-    score = e.op("MatMul", [e.op("Mul", [qm, e.const(np.float32(scale))]),
-                            e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, nbk]
+    qs = e.op("Mul", [qm, e.const(np.float32(scale))])
+    score = e.op("MatMul", [qs, e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, nbk]
     nbq, nbk = length(e, score, 2), length(e, score, 3)
     a = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbq, i64(e, 1)]), e.ints(1)])
     c = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbk, i64(e, 1)]), e.ints(0)])
@@ -129,6 +161,9 @@ def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads
     seen = None if site is None else seen_blocks(e, site, q, k, b)
     if seen is not None:
         rank = e.op("Where", [seen, rank, e.const(np.float32(-np.inf))])
+    cand = _coarse_to_fine(e, pattern, qs, k, kv_heads, d, a, seen, nbk)
+    if cand is not None:
+        rank = e.op("Where", [cand, rank, e.const(np.float32(-np.inf))])
     f = forced(e, pattern, a, c)
     if f is not None:
         rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])

@@ -54,12 +54,30 @@ def choose_blocks(f: Pattern, q, k, scale: float, sees=None):
     qm = _block_means(q.float(), f.block).reshape(b, hkv, h // hkv, -1, d).sum(2) * scale
     km = _block_means(k.float(), f.block)
     score = qm @ km.transpose(-1, -2)  # [B, Hkv, nbq, nbk]
-    if sees is not None:
-        score = torch.where(seen_blocks(sees, f.block, hkv), score, -torch.inf)
+    seen_b = None if sees is None else seen_blocks(sees, f.block, hkv)
+    if seen_b is not None:
+        score = torch.where(seen_b, score, -torch.inf)
     a = torch.arange(score.shape[2], device=q.device)[:, None]
     c = torch.arange(score.shape[3], device=q.device)[None, :]
     if f.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
         a = (((a + 1) * f.block).clamp(max=q.shape[2]) - 1 + k.shape[2] - q.shape[2]) // f.block
+    cand = None
+    for level in range(f.selection.levels - 1, 0, -1):  # HiP: coarse groups of 2^level blocks first
+        m = 2 ** level
+        sl = qm @ _block_means(k.float(), f.block * m).transpose(-1, -2)  # [B, Hkv, nbq, n_l]
+        g = torch.arange(sl.shape[-1], device=q.device)[None, :]
+        if seen_b is not None:
+            grouped = F.pad(seen_b.float(), (0, sl.shape[-1] * m - seen_b.shape[-1]))
+            sl = torch.where(grouped.reshape(*seen_b.shape[:-1], -1, m).amax(-1) > 0, sl, -torch.inf)
+        if f.causal:
+            sl = torch.where(g * m > a, -torch.inf, sl)
+        if cand is not None:
+            sl = torch.where(cand, sl, -torch.inf)
+        top = torch.sort(sl, dim=-1, descending=True, stable=True).indices[..., :min(f.selection.topk, sl.shape[-1])]
+        kept = torch.zeros(sl.shape, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+        cand = kept[..., torch.arange(-(-score.shape[-1] // (m // 2)), device=q.device) // 2]
+    if cand is not None:
+        score = torch.where(cand, score, -torch.inf)
     rank = torch.where(forced_blocks(f, a, c), torch.inf, score)
     if f.causal:
         rank = torch.where(c > a, -torch.inf, rank)

@@ -1,7 +1,7 @@
 """sparse: keep only some (query, key) pairs, and skip the rest of the work.
 
     sparse:window=W[,sinks=N|auto][,heads=all|auto][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
-    sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=1]
+    sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=L]
     sparse:pyramid=L[,topk=K|budget=F][,block=B][,window=W][,sinks=N]
     sparse:routing=C[,window=W][,size=N]
 

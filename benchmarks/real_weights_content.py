@@ -32,6 +32,7 @@ from real_weights import Encoder, embed, load_minilm, sentences, spearman
 import attn_opt
 from attn_opt import passes
 from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.patterns.form import Pattern, Selection
 from attn_opt.tools import zoo
 
 def fixed_specs(length: int) -> dict[str, list[str]]:
@@ -40,15 +41,25 @@ def fixed_specs(length: int) -> dict[str, list[str]]:
 
 
 def content_specs(length: int) -> dict[str, list[str]]:
-    """topk and pyramid curves at one block size (8 on short texts, 16 on long ones): key
-    blocks kept for about 15-50% of the blocks at this length, the first token's block
-    always kept (sinks=1)."""
-    block = 8 if length < 128 else 16
-    nb = -(-length // block)
-    ks = sorted({max(1, round(f * nb)) - 1 for f in (0.15, 0.25, 0.35, 0.5)} - {0})
-    return {f"topk, block {block}, sink": [f"sparse:topk={k},block={block},sinks=1" for k in ks],
-            f"pyramid 1, block {block}, sink": [f"sparse:pyramid=1,topk={k},block={block},sinks=1"
-                                                for k in sorted({max(1, k // 2) for k in ks[1:]})]}
+    """topk curves at one block size (8 on short texts, 16 and 8 on long ones), the first
+    token's block always kept (sinks=1), with and without the local band (window=1 on
+    short texts: the query's own block; 16 on long ones: it and its neighbours): every
+    K whose kept keys stay within half the (padded) sequence, at most four per curve. The
+    pyramid once per set (this export's [B,1,T,T] mask: refused in words)."""
+    block, band = (8, 1) if length < 128 else (16, 16)
+    out = {}
+    for family, extra in ((f"topk, block {block}, sink", ""), (f"topk, block {block}, sink + band {band}",
+                                                                f",window={band}")):
+        forced = Pattern("topk", False, band if extra else 0, block, sinks=1,
+                         selection=Selection("topk", 1)).forced_count()
+        ks = [k for k in range(1, length // block) if (k + forced) * block <= 0.5 * length]
+        ks = ks[::max(1, -(-len(ks) // 4))]
+        out[family] = [f"sparse:topk={k},block={block},sinks=1{extra}" for k in ks]
+    if length >= 128:  # finer blocks on long texts: 8 tokens, band 8 (the query's block and its neighbours) or 1
+        out["topk, block 8, sink + band 8"] = [f"sparse:topk={k},block=8,sinks=1,window=8" for k in (1, 2, 4, 8, 12)]
+        out["topk, block 8, sink + own block"] = [f"sparse:topk={k},block=8,sinks=1,window=1" for k in (3, 6)]
+    out[f"pyramid 1, block {block}, sink"] = [f"sparse:pyramid=1,topk=1,block={block},sinks=1"]
+    return out
 
 
 def export(bert, feeds: dict, path: Path) -> onnx.ModelProto:
@@ -86,6 +97,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--group", type=int, default=8, help="sentences concatenated per long text")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="held-out texts: skip the first SKIP sentences (sets labelled 'short, held-out', …)")
     ap.add_argument("--only", choices=("short", "long"), help="one input set (results/…_SET.json); --merge joins them")
     ap.add_argument("--merge", action="store_true", help="write the table and plot from the --only runs")
     ap.add_argument("--forms", help="with --only: these specs (';'-separated, family 'FAMILY=spec;...') instead")
@@ -97,7 +110,7 @@ def main() -> int:
         report([r for p in parts for r in p["rows"]], dict(sorted(shapes.items(), reverse=True)))
         return 0
     tok, bert = load_minilm()
-    text = sentences(args.sentences)
+    text = sentences(args.skip + args.sentences)[args.skip:]
     long_text = [" ".join(text[i:i + args.group]) for i in range(0, len(text) - args.group + 1, args.group)]
     rows, shapes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,18 +123,20 @@ def main() -> int:
                      "attention_mask": enc["attention_mask"].astype(np.int64)}
             proto = proto or export(bert, feeds, Path(tmp) / "minilm.onnx")
             length = feeds["input_ids"].shape[1]
-            shapes[label] = (len(texts), length, float(feeds["attention_mask"].sum(1).mean()))
+            name = label + (", held-out" if args.skip else "")
+            shapes[name] = (len(texts), length, float(feeds["attention_mask"].sum(1).mean()))
             specs = fixed_specs(length) | content_specs(length)
             if args.forms:
                 specs = {}
                 for item in args.forms.split(";"):
                     family, spec = item.split("=", 1)
                     specs.setdefault(family, []).append(spec)
-            rows += curve(proto, feeds, specs, label)
+            rows += curve(proto, feeds, specs, name)
     if args.only:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"real_weights_content_{args.only}{'_' + args.tag if args.tag else ''}.json").write_text(
-            json.dumps({"rows": rows, "shape": shapes[args.only]}, indent=1))
+        tag = args.tag or ("heldout" if args.skip else "")
+        (RESULTS / f"real_weights_content_{args.only}{'_' + tag if tag else ''}.json").write_text(
+            json.dumps({"rows": rows, "shape": next(iter(shapes.values())), "skip": args.skip}, indent=1))
         return 0
     report(rows, shapes)
     return 0
@@ -142,6 +157,14 @@ def report(rows, shapes) -> None:
             verdict.append(f"- {label}, ≤ {budget}× dense attention FLOPs: best fixed "
                            + (f"{fixed['form']} {fixed['spearman']:.4f}" if fixed else "none")
                            + "; best content " + (f"{content['form']} {content['spearman']:.4f}" if content else "none"))
+        lost = []  # every fixed point on the curve: the best content form at no more FLOPs
+        for r in (r for r in mine if r["family"].startswith("window")):
+            budget = r["attention_flops"] / r["dense_attention_flops"]
+            content = best_at(mine, lambda f: not f.startswith("window"), budget)
+            if content is None or content["spearman"] <= r["spearman"]:
+                lost.append(f"{r['form']} {r['spearman']:.4f} at {budget:.3f}×")
+        verdict.append(f"- {label}: " + ("a content form at no more FLOPs beats every fixed point on the curve"
+                                         if not lost else "fixed points no content form beats: " + "; ".join(lost)))
     preface = ["# Content-based sparse attention on real weights: all-MiniLM-L6-v2", "",
                "Inputs: " + "; ".join(f"{k}: {n} texts padded to {t} tokens (mean {m:.0f} real)"
                                       for k, (n, t, m) in shapes.items()) + ".",

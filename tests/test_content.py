@@ -32,6 +32,9 @@ CASES = [  # (spec, model kwargs): one or more blocks dropped in every case
     ("sparse:topk=2,block=8", dict(kvh=2, mask="full")),  # GQA: one selection per KV group
     ("sparse:topk=1,block=8,window=4", dict(kvh=1, causal=True)),  # MQA
     ("sparse:topk=2,block=5", dict(t=23)),  # a ragged last block
+    ("sparse:topk=2,block=4,levels=2", dict()),  # HiP's coarse-to-fine search
+    ("sparse:topk=1,block=4,levels=3,window=4,sinks=1", dict(causal=True)),
+    ("sparse:topk=2,block=3,levels=2", dict(kvh=2, mask="full", t=23)),
 ]
 
 
@@ -39,8 +42,17 @@ def _pattern(spec: str, causal: bool) -> Pattern:
     return passes.parse(spec).pattern(type("S", (), {"causal": causal, "run_shape": None})())
 
 
+def _seen(f: dict, causal: bool) -> np.ndarray | None:
+    """The pairs the hand-built model's masks keep (its causal mask is an additive term)."""
+    m, t = f.get("mask"), f["q"].shape[2]
+    seen = None if m is None else m if m.dtype == bool else m > np.finfo(np.float32).min
+    if causal:
+        seen = np.tril(np.ones((t, t), bool)) & (True if seen is None else seen)
+    return seen
+
+
 def _want(f: dict, pattern: Pattern, causal: bool) -> np.ndarray:
-    vis = R.selected_visible(pattern, f["q"], f["k"], f["q"].shape[-1] ** -0.5)
+    vis = R.selected_visible(pattern, f["q"], f["k"], f["q"].shape[-1] ** -0.5, _seen(f, causal))
     return reference(f, vis, causal=causal)
 
 
@@ -62,7 +74,7 @@ def test_onnx_and_torch_match_the_reference(spec, kw):
     causal = kw.get("causal", False)
     f = feeds(mask=kw.get("mask", "padding"), **{k: kw[k] for k in ("t", "kvh") if k in kw})
     pattern = _pattern(spec, causal)
-    vis = R.selected_visible(pattern, f["q"], f["k"], f["q"].shape[-1] ** -0.5)
+    vis = R.selected_visible(pattern, f["q"], f["k"], f["q"].shape[-1] ** -0.5, _seen(f, causal))
     assert not vis.all(), "the case must drop some blocks"
     want = _want(f, pattern, causal)
     new, rewritten, skipped, _ = apply_pass(attention_model(**kw), passes.parse(spec))
@@ -90,6 +102,65 @@ def test_the_selection_keeps_forced_blocks_and_the_best_scores():
     vis = R.selected_visible(causal, q, k, 0.5)
     assert not np.triu(vis[0, 0], 1).any()
     assert ((idx[0, 0] <= a) | (a < 2)).all()  # a later block only where fewer earlier ones exist
+
+
+@pytest.mark.parametrize("mask", ["padding", "full", "bool"])
+def test_a_block_the_masks_hide_ranks_last(mask):
+    """Keys past the last row's padding made to score highest: the selection keeps visible
+    blocks instead (reference, ONNX and torch alike), where ranking without the masks
+    would spend its blocks on keys nobody sees."""
+    f = feeds(t=32, mask=mask, pad=16)  # the last row: blocks 2 and 3 hidden
+    u = np.eye(8, dtype=np.float32)[0]
+    f["q"][-1] += 3 * u
+    f["k"][-1, :, 16:] += 3 * u
+    spec = "sparse:topk=1,block=8"
+    pattern = _pattern(spec, False)
+    idx = R.selected_blocks(pattern, f["q"], f["k"], 8 ** -0.5, _seen(f, False))[..., :1]
+    blind = R.selected_blocks(pattern, f["q"], f["k"], 8 ** -0.5)[..., :1]
+    assert (blind[-1] >= 2).all() and (idx[-1] < 2).all()
+    want = _want(f, pattern, False)
+    assert np.isfinite(want).all()
+    new, rewritten, skipped, _ = apply_pass(attention_model(t=32, mask=mask), passes.parse(spec))
+    assert rewritten == ["a0"], skipped
+    np.testing.assert_allclose(onnx_adapter.run(new, f)["o"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_torch(f, pattern, False), want, rtol=1e-5, atol=1e-5)
+
+
+def test_seen_blocks_per_query_and_per_kv_group():
+    """A per-query, per-head mask: a key block counts as seen by a query block where any
+    of its pairs, and any head of the KV group, is kept."""
+    seen = np.zeros((1, 4, 8, 8), bool)
+    seen[0, 1, 5, 2] = True  # head 1 (group 0), query 5 (block 1), key 2 (block 0)
+    seen[0, 2, 0, 7] = True  # head 2 (group 1), query 0 (block 0), key 7 (block 1)
+    got = R.seen_blocks(seen, 4, 2)
+    want = np.zeros((1, 2, 2, 2), bool)
+    want[0, 0, 1, 0] = want[0, 1, 0, 1] = True
+    assert (got == want).all()
+    got_t = gathered.seen_blocks(torch.from_numpy(seen), 4, 2)
+    assert (got_t.numpy() == want).all()
+    assert R.seen_blocks(np.ones((2, 1, 1, 9), bool), 4, 2).shape == (2, 1, 1, 3)  # per key: one row of blocks
+
+
+def test_levels_search_coarse_groups_first():
+    """levels=2: the topk best pairs of blocks first, then the topk best blocks inside
+    them. Keeping every group it is the flat ranking; here a block whose pair scores low
+    is passed over though it alone scores best."""
+    rng = np.random.default_rng(5)
+    q, k = rng.standard_normal((1, 1, 32, 4)).astype(np.float32), rng.standard_normal((1, 1, 32, 4)).astype(np.float32)
+    flat = Pattern("topk", False, 0, 4, selection=Selection("topk", 1))
+    coarse = Pattern("topk", False, 0, 4, selection=Selection("topk", 1, levels=2))
+    wide = Pattern("topk", False, 0, 4, selection=Selection("topk", 4, levels=2))  # every pair of blocks kept
+    assert (R.selected_blocks(wide, q, k, 0.5) == R.selected_blocks(
+        Pattern("topk", False, 0, 4, selection=Selection("topk", 4)), q, k, 0.5)).all()
+    u = np.eye(4, dtype=np.float32)[0]
+    q[0, 0, 28:] = u  # the last query block looks along u
+    k[0, 0, 8:12] = 3 * u  # block 2 scores best alone, its partner block 3 very low
+    k[0, 0, 12:16] = -6 * u
+    k[0, 0, 20:28] = 2 * u  # blocks 5 and 6: good together
+    assert R.selected_blocks(flat, q, k, 0.5)[0, 0, 7, 0] == 2
+    assert R.selected_blocks(coarse, q, k, 0.5)[0, 0, 7, 0] in (5, 6)
+    got = gathered.choose_blocks(coarse, torch.from_numpy(q), torch.from_numpy(k), 0.5)
+    assert (got.numpy() == R.selected_blocks(coarse, q, k, 0.5)).all()
 
 
 def test_ties_go_to_the_lowest_block_in_every_backend():
@@ -181,7 +252,7 @@ def test_composes_with_a_normaliser():
     new2, rewritten, skipped, notes = apply_pass(new, passes.parse("softplus"))
     assert rewritten == ["a0"], skipped
     pattern = _pattern("sparse:topk=1,block=8", False)
-    vis = R.selected_visible(pattern, f["q"], f["k"], 8 ** -0.5)
+    vis = R.selected_visible(pattern, f["q"], f["k"], 8 ** -0.5, _seen(f, False))
     want = reference(f, vis, normalise=R.softplus)
     np.testing.assert_allclose(onnx_adapter.run(new2, f)["o"], want, rtol=1e-5, atol=1e-5)
 
@@ -192,7 +263,7 @@ def test_composes_with_a_normaliser():
     ("sparse:topk=2,window=-1", UserError, "window must be >= 0"),
     ("sparse:topk=2,stride=2", UserError, "not grid, stride"),
     ("sparse:topk=2,levels=0", UserError, "levels must be >= 1"),
-    ("sparse:topk=2,levels=2", NotSupported, "not implemented yet"),
+    ("sparse:pyramid=1,topk=2,levels=2", NotSupported, "levels > 1 with pyramid is not implemented yet"),
     ("sparse:topk=2,dense_heads=0", NotSupported, "not implemented yet"),
     ("sparse:window=4,levels=2", UserError, "levels needs topk"),
 ])

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from attn_opt.backends.triton.launcher import attention, reference, use_kernel  # noqa: E402
-from attn_opt.patterns.form import Normaliser, Pattern  # noqa: E402
+from attn_opt.patterns.form import Normaliser, Pattern, Selection  # noqa: E402
 
 CASES = {
     "dense": dict(),
@@ -94,7 +94,8 @@ def test_padded_window_rows_are_zero():
     (Pattern("window", True, 5, 8, dilation=2), Normaliser("softplus", n_train=16, p=2.0), None),
     (Pattern("window", False, 8, 8), Normaliser("logit", bias=(-1.0, 0.0, 0.5, 2.0)), "bool"),
     (Pattern("window", True, 6, 8), Normaliser("sigmoid"), "padding"),
-], ids=["dense", "window+sinks", "softplus", "sink-logit", "sigmoid"])
+    (Pattern("topk", True, 0, 16, selection=Selection("topk", 1)), None, "padding"),
+], ids=["dense", "window+sinks", "softplus", "sink-logit", "sigmoid", "topk"])
 def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
     """backends.torch.forms.attention hands the forms the kernel covers to it (as it does for CUDA
     tensors); the result equals its PyTorch path."""
@@ -118,3 +119,61 @@ def test_fx_lowering_uses_the_kernel(pattern, normaliser, mask):
     got = form_attention(q, k, v, additive, boolean, use_triton=True, **kw)
     want = form_attention(q, k, v, additive, boolean, use_triton=False, **kw)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+CONTENT = {  # sparse:topk through the block-sparse kernel: (pattern options, case options)
+    "bidirectional": (dict(topk=1), dict()),
+    "causal": (dict(topk=1, causal=True), dict()),
+    "padded-rows": (dict(topk=1, sinks=1), dict(pad=True)),
+    "causal+band+padding": (dict(topk=1, causal=True, window=16), dict(pad=True)),
+    "bidirectional+band+sinks": (dict(topk=1, window=16, sinks=2), dict(t=120)),
+}
+
+
+@pytest.mark.parametrize("kvh", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("name", list(CONTENT))
+def test_block_sparse_kernel_matches_the_numpy_reference(name, kvh):
+    """The kernel visits only the chosen key blocks; its output equals the NumPy
+    reference's selection (patterns/reference.py: selected_visible) and softmax within 1e-5."""
+    import numpy as np
+
+    from attn_opt.patterns import reference as R
+    from attn_opt.patterns.form import Selection
+
+    popts, copts = CONTENT[name]
+    p = Pattern("topk", popts.get("causal", False), popts.get("window", 0), 16, sinks=popts.get("sinks", 0),
+                selection=Selection("topk", popts["topk"]))
+    g = torch.Generator().manual_seed(2)
+    b, h, t, d = 2, 4, copts.get("t", 61), 8
+    q, k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, kvh, t, d, generator=g), torch.randn(b, kvh, t, d, generator=g)
+    bias = None
+    if copts.get("pad"):
+        bias = torch.zeros(b, t)
+        bias[-1, -25:] = torch.finfo(torch.float32).min  # the last row: its last block and more hidden
+    got = attention(q, k, v, pattern=p, scale=d ** -0.5, causal=p.causal, key_bias=bias).numpy()
+    seen = None if bias is None else (bias.numpy() > -1e30)[:, None, None, :]
+    vis = R.selected_visible(p, q.numpy(), k.numpy(), d ** -0.5, seen)
+    assert not vis.all()  # blocks were dropped
+    q64, k64, v64 = (np.repeat(x.numpy().astype(np.float64), h // x.shape[1], 1) for x in (q, k, v))
+    s = q64 @ k64.transpose(0, 1, 3, 2) * d ** -0.5
+    if bias is not None:
+        s = s + bias.numpy()[:, None, None, :]
+        vis = vis & seen
+    if p.causal:
+        vis = vis & np.tril(np.ones((t, t), bool))
+    want = R.softmax(s, vis) @ v64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block,normaliser,why", [
+    (8, Normaliser(), "not a power of two >= 16"),
+    (16, Normaliser("softplus"), "softmax only"),
+])
+def test_block_sparse_kernel_refuses_in_words(block, normaliser, why):
+    from attn_opt.core.errors import NotSupported
+    from attn_opt.patterns.form import Selection
+
+    p = Pattern("topk", False, 0, block, selection=Selection("topk", 1))
+    q = torch.randn(1, 1, 32, 8)
+    with pytest.raises(NotSupported, match=why):
+        attention(q, q, q, pattern=p, normaliser=normaliser)

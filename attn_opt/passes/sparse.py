@@ -1,8 +1,9 @@
 """sparse: keep only some (query, key) pairs, and skip the rest of the work.
 
     sparse:window=W[,sinks=N|auto][,heads=all|auto][,causal=auto|true|false][,border=clip|shift][,stride=S][,block=B]
-    sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=1]
+    sparse:topk=K[,block=B][,window=W][,sinks=N|auto][,levels=L]
     sparse:pyramid=L[,topk=K|budget=F][,block=B][,window=W][,sinks=N]
+    sparse:routing=C[,window=W][,size=N]
 
 window: query i sees |i - j| <= W//2 (bidirectional) or 0 <= i - j < W (causal; `auto`
 follows the site). border=shift keeps exactly W keys per query at the ends
@@ -19,7 +20,10 @@ keys score highest against the block's mean-pooled queries, plus the blocks of t
 `sinks` tokens and of the local band `window` (patterns/form.py: Selection); only the
 chosen blocks are gathered and attended. pyramid=L (PSA) goes on down the ranking: the
 next K·2^l blocks at level l with their keys and values mean-pooled by 2^l (a pooled logit
-gets + log n for the n keys it stands for), the rest dropped.
+gets + log n for the n keys it stands for), the rest dropped. routing=C (Routing
+Transformer): C k-means centroids on the sequence's queries and keys, each query attends
+the `size` keys (default ceil(T/C)) nearest its own centroid, plus the window; computed
+as dense scores masked to the clusters on ONNX and torch.fx (no FLOPs saved yet, said).
 
 The form is a `Pattern` (patterns/form.py) with the site's normaliser kept. The ONNX and
 torch lowerings compute scores only inside a band of key blocks where that costs less
@@ -69,12 +73,15 @@ class Sparse(Pass):
     levels: int = option(1, "topk: HiP coarse-to-fine levels (1: score the blocks directly)", low=1)
     pyramid: int | None = option(None, "content-based (PSA): pooling levels L; after the topk blocks, topk·2^l "
                                        "blocks at level l with keys mean-pooled by 2^l", low=1)
+    routing: int | None = option(None, "content-based (Routing Transformer): C k-means centroids on the sequence; "
+                                       "each query attends its centroid's cluster (+ the window)", low=1)
+    size: int | None = option(None, "routing: keys per cluster (default ceil(T / C); >= T: exact)", low=1)
     budget: float | None = option(None, "pyramid without topk: the kept fraction of key columns (sets topk at the "
                                         "site's length)", accepts="0 < F <= 1")
 
     @property
     def content(self) -> bool:
-        return self.topk is not None or self.pyramid is not None
+        return self.topk is not None or self.pyramid is not None or self.routing is not None
 
     def __post_init__(self):
         if self.content:
@@ -83,6 +90,8 @@ class Sparse(Pass):
             raise UserError("sparse: budget needs pyramid=L")
         if self.levels != 1:
             raise UserError("sparse: levels needs topk=K")
+        if self.size is not None:
+            raise UserError("sparse: size needs routing=C")
         if self.window is None:
             raise UserError("sparse: window=W is required (e.g. sparse:window=128), or topk=K")
         if self.grid is not None:
@@ -122,8 +131,12 @@ class Sparse(Pass):
             raise UserError("sparse: topk takes block, window, sinks and levels; not grid, stride, dilation or border")
         if self.heads != "all" or self.dense_heads is not None:
             raise NotSupported("sparse: topk with heads=auto or dense_heads is not implemented yet")
-        if self.levels > 1:
-            raise NotSupported("sparse: levels > 1 (HiP's coarse-to-fine search) is not implemented yet")
+        if self.routing is not None:
+            return self._check_routing()
+        if self.size is not None:
+            raise UserError("sparse: size needs routing=C")
+        if self.levels > 1 and self.pyramid is not None:
+            raise NotSupported("sparse: levels > 1 with pyramid is not implemented yet")
         if self.pyramid is None:
             if self.budget is not None:
                 raise UserError("sparse: budget needs pyramid=L")
@@ -135,6 +148,13 @@ class Sparse(Pass):
                             f"multiple of it (got {self.block})")
         if self.block is None and self.pyramid > 4:
             raise UserError("sparse: pyramid > 4 needs block=B, a multiple of 2^L")
+
+    def _check_routing(self):
+        if self.routing == 1:
+            raise UserError("sparse: routing=1 is one cluster holding every key (dense attention); give C >= 2")
+        if self.topk is not None or self.pyramid is not None or self.block is not None or self.sinks != "0" \
+                or self.levels != 1 or self.budget is not None:
+            raise UserError("sparse: routing takes window and size; not topk, pyramid, block, sinks, levels or budget")
 
     def skip_reason(self, site: AttentionSite) -> str | None:
         if self.content:
@@ -166,8 +186,8 @@ class Sparse(Pass):
         reason = form_skip_reason(site)
         if reason:
             return reason
-        if site.cache is not None:
-            return "topk on a decoder step (selecting blocks of the past cache) is not implemented yet"
+        if site.cache is not None and (self.pyramid is not None or self.routing is not None):
+            return "pyramid and routing on a decoder step (over its past cache) are not implemented yet"
         if site.kind == "cross" and self.window:
             return "a local band needs self-attention (queries and keys on one axis)"
         if site.causal and site.kind == "cross":
@@ -243,6 +263,9 @@ class Sparse(Pass):
 
     def pattern(self, site: AttentionSite) -> Pattern:
         """The pairs these (concrete) options keep at `site`."""
+        if self.routing is not None:
+            return Pattern("routing", self.is_causal(site), self.window, 1,
+                           selection=Selection("routing", 0, clusters=self.routing, size=self.size or 0))
         if self.content:
             kind = "topk" if self.pyramid is None else "pyramid"
             return Pattern(kind, self.is_causal(site), self.window, self.content_block(site), sinks=int(self.sinks),
@@ -276,6 +299,8 @@ class Sparse(Pass):
     def _content_form(self, site: AttentionSite, note: str) -> Form:
         pattern = self.pattern(site)
         tk = site.k_len if isinstance(site.k_len, int) else (site.run_shape[3] if site.run_shape else None)
+        if self.routing is not None:
+            return Form(pattern=pattern, normaliser=site.normaliser, notes=tuple(self._routing_notes(site, tk)))
         if tk is not None and pattern.block > tk:
             raise UserError(f"sparse: block {pattern.block} is larger than the sequence ({tk} keys at site {site.id})")
         notes = [n for n in (note,) if n]
@@ -292,6 +317,16 @@ class Sparse(Pass):
         if not site.normaliser.is_softmax:
             notes.insert(0, f"{site.normaliser.kind} normaliser kept")
         return Form(pattern=pattern, normaliser=site.normaliser, notes=tuple(notes))
+
+
+    def _routing_notes(self, site: AttentionSite, tk: int | None) -> list[str]:
+        notes = [] if site.normaliser.is_softmax else [f"{site.normaliser.kind} normaliser kept"]
+        if tk is not None:
+            n = min(tk, self.size or -(-tk // self.routing))
+            notes.append(f"{self.routing} clusters of {n} keys at {tk} keys" + (
+                ": every cluster holds every key, this rewrite drops nothing" if n >= tk else ""))
+        notes.append("routing is computed as dense scores masked to the clusters: no FLOPs saved yet")
+        return notes
 
 
 def _pair(text: str, what: str) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from attn_opt.patterns.cache import PAST_INPUTS
 
 NORMALISERS = ("softmax", "softplus", "logit", "redistribute", "relu", "sigmoid")
 PATTERN_KINDS = ("window", "shift", "stride", "grid")  # every backend declares each (patterns/capability.py)
-SELECTION_KINDS = ("topk", "pyramid")  # content-based patterns: Pattern.selection (every backend declares each)
+SELECTION_KINDS = ("topk", "pyramid", "routing")  # content-based patterns: Pattern.selection (every backend declares each)
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,18 @@ class Selection:
     (means over the block's tokens inside the sequence). Forced blocks come first: the
     blocks holding the first `Pattern.sinks` tokens and the local band (the blocks within
     ceil((W//2)/block) of a, or ceil((W−1)/block) before it when causal; W =
-    `Pattern.window`, 0 = none). A causal query block never ranks a key block after it.
+    `Pattern.window`, 0 = none). A causal query block never ranks a key block after it;
+    it stands at the key block of its last query (queries are the last Tq of Tk positions:
+    on a decoder step, the end of the cache, so the step selects blocks of its past).
+    levels L > 1 (HiP's coarse-to-fine search): groups of 2^(L-1) blocks are scored first
+    (their keys' mean against the query block's), the topk best kept, each split in two
+    halves scored the same way, the topk best kept, down to single blocks: only those
+    compete for the non-forced places (causal and mask rules as for blocks).
     Each query block keeps C = min(blocks, topk + F) blocks (F: the forced blocks of an
     interior block): forced ones, then the highest scores, ties to the lowest block index
-    in every backend. Query i then sees key j iff j's block is kept for i's block (and the
+    in every backend; a key block the site's masks hide from every query of the block
+    (padding, a causal mask given as a term) ranks below every block they do not hide,
+    so no kept block is spent on keys nobody sees. Query i then sees key j iff j's block is kept for i's block (and the
     site's masks and causality allow it), so with C = all blocks the form is exact.
 
     pyramid (PSA): the ranking goes on past C: the next topk·2 blocks are kept at level 1,
@@ -55,12 +63,25 @@ class Selection:
     pooled key: over its n visible keys (inside the sequence, kept by the site's per-key
     mask) k̄ = mean k, v̄ = mean v, and its logit scale·q·k̄ + mean(additive terms) + log n,
     so it stands for the n keys it replaces; softmax runs over all of a row's keys and
-    pooled keys together. Bidirectional sites with per-key masks, softmax."""
+    pooled keys together. Bidirectional sites with per-key masks, softmax.
+
+    routing (Routing Transformer): per batch row and kv head, C centroids by k-means on the
+    sequence's unit-normalised queries (the group's heads) and keys: centroid c starts as
+    the mean of the c-th of C equal runs of keys, then `iterations` Lloyd steps (nearest
+    centroid by dot product, ties to the lowest index; a centroid left empty keeps its
+    place; keys the site's masks hide from every query move nothing). Each centroid's
+    cluster is its `size` (default ceil(Tk / C)) keys most similar to it (hidden keys
+    last, ties to the lowest index): balanced, so the cost is bounded. Query i sees key j
+    iff j is in the cluster of i's nearest centroid, or within the window W (as a window
+    pattern's band). Exact when every cluster holds every key (size >= Tk)."""
 
     kind: str  # SELECTION_KINDS
     topk: int  # key blocks kept per query block beyond the forced ones (pyramid: at level 0)
     levels: int = 1  # HiP's coarse-to-fine levels (1: score the blocks directly)
     pyramid: int = 0  # PSA's pooling levels L (kind "pyramid")
+    clusters: int = 0  # routing: k-means centroids C
+    size: int = 0  # routing: keys per cluster (0: ceil(Tk / C))
+    iterations: int = 3  # routing: Lloyd iterations on the sequence
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:

@@ -2,8 +2,8 @@
 forms' math that the ONNX, torch and Triton lowerings are tested against, and what the
 diagnostics and the sink-ratio report run on a site's probed Q, K and masks.
 
-A content pattern (patterns/form.py: Selection) is stated by `selected_visible`: the
-pairs it keeps given the probed Q and K.
+A content pattern (patterns/form.py: Selection) is stated by `selected_visible` (routing:
+`routing_visible`): the pairs it keeps given the probed Q and K.
 
 Every normaliser maps scores `s` [..., Tq, Tk] (scale and additive terms included) and
 `vis` (keys each row may see) to weights, 0 outside `vis`, a zero row where a row sees
@@ -142,10 +142,28 @@ def _block_means(x: np.ndarray, block: int) -> np.ndarray:
     return sums / count[:, None]
 
 
-def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def seen_blocks(seen, block: int, kv_heads: int) -> np.ndarray:
+    """[B|1, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding at least
+    one pair the site's masks keep (`seen` [B|1, H|1, Tq|1, Tk] bool; a KV group sees a
+    block where any of its heads does)."""
+    seen = np.asarray(seen, bool)
+    seen = seen.reshape((1,) * (4 - seen.ndim) + seen.shape)
+    b, h, tq, tk = seen.shape
+    nbq, bq = (-(-tq // block), block) if tq > 1 else (1, 1)  # tq == 1: the same keys for every query
+    nbk = -(-tk // block)
+    x = np.pad(seen, ((0, 0), (0, 0), (0, nbq * bq - tq), (0, nbk * block - tk)))
+    x = x.reshape(b, h, nbq, bq, nbk, block).any((3, 5))
+    if h > 1:
+        x = x.reshape(b, kv_heads, h // kv_heads, nbq, nbk).any(2)
+    return x
+
+
+def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """The key blocks each query block keeps, [B, Hkv, nbq, C] (patterns/form.py:
-    Selection): forced blocks first, then by block score, ties to the lowest index. q is
-    [B, H, Tq, D], k [B, Hkv, Tk, D]; scores in float32 as the lowerings compute them."""
+    Selection): forced blocks first, then by block score, ties to the lowest index; a
+    block the site's masks hide from the whole query block (`seen`, see `seen_blocks`)
+    ranks below every block it does not hide. q is [B, H, Tq, D], k [B, Hkv, Tk, D];
+    scores in float32 as the lowerings compute them."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     qm = _block_means(q.astype(np.float32), pattern.block)  # [B, H, nbq, D]
@@ -153,6 +171,30 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     km = _block_means(k.astype(np.float32), pattern.block)  # [B, Hkv, nbk, D]
     score = qm @ np.swapaxes(km, -1, -2)  # [B, Hkv, nbq, nbk]
     a, c = np.arange(score.shape[2])[:, None], np.arange(score.shape[3])[None, :]
+    if pattern.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        tq, tk = q.shape[2], k.shape[2]
+        a = (np.minimum((a + 1) * pattern.block, tq) - 1 + tk - tq) // pattern.block
+    seen_b = None if seen is None else seen_blocks(seen, pattern.block, hkv)
+    if seen_b is not None:
+        score = np.where(seen_b, score, -np.inf)
+    cand = None
+    for level in range(pattern.selection.levels - 1, 0, -1):  # HiP: coarse groups of 2^level blocks first
+        m = 2 ** level
+        s = qm @ np.swapaxes(_block_means(k.astype(np.float32), pattern.block * m), -1, -2)  # [B, Hkv, nbq, n_l]
+        g = np.arange(s.shape[-1])[None, :]
+        if seen_b is not None:  # a group some block of which the masks leave
+            pad = np.zeros(seen_b.shape[:-1] + (s.shape[-1] * m - seen_b.shape[-1],), bool)
+            s = np.where(np.concatenate([seen_b, pad], -1).reshape(seen_b.shape[:-1] + (-1, m)).any(-1), s, -np.inf)
+        if pattern.causal:
+            s = np.where(g * m > a, -np.inf, s)
+        if cand is not None:
+            s = np.where(cand, s, -np.inf)
+        top = np.argsort(-s, axis=-1, kind="stable")[..., :min(pattern.selection.topk, s.shape[-1])]
+        kept = np.zeros(s.shape, bool)
+        np.put_along_axis(kept, top, True, axis=-1)
+        cand = kept[..., np.arange(-(-score.shape[-1] // (m // 2))) // 2]  # their two halves, one level down
+    if cand is not None:
+        score = np.where(cand, score, -np.inf)
     rank = np.where(pattern.forced(a, c), np.inf, score)
     if pattern.causal:
         rank = np.where(c > a, -np.inf, rank)
@@ -160,13 +202,14 @@ def selected_blocks(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     return order[..., :sum(pattern.level_counts(score.shape[3]))]
 
 
-def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """[B, H, Tq, Tk] bool: the pairs a content pattern keeps (its selection, and
-    causality where the pattern is causal; the site's masks apply on top)."""
+    causality where the pattern is causal; the site's masks apply on top; `seen`: the
+    pairs they keep, which the selection ranks by)."""
     b, h, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     nbk = -(-tk // pattern.block)
-    idx = selected_blocks(pattern, q, k, scale)[..., :pattern.kept_blocks(nbk)]
+    idx = selected_blocks(pattern, q, k, scale, seen)[..., :pattern.kept_blocks(nbk)]
     kept = np.zeros(idx.shape[:3] + (nbk,), bool)
     np.put_along_axis(kept, idx, True, axis=-1)  # [B, Hkv, nbq, nbk]
     i, j = np.arange(tq), np.arange(tk)
@@ -176,11 +219,62 @@ def selected_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: floa
     return np.repeat(vis, h // hkv, axis=1)
 
 
-def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.sqrt((x * x).sum(-1, keepdims=True)), np.float32(1e-12))
+
+
+def routing_clusters(pattern: Pattern, q: np.ndarray, k: np.ndarray, seen=None) -> tuple[np.ndarray, np.ndarray]:
+    """(members [B, Hkv, C, Tk] bool, nearest [B, H, Tq] int): each centroid's cluster of
+    keys and each query's nearest centroid (patterns/form.py: Selection, routing), in
+    float32 as the lowerings compute them."""
+    sel = pattern.selection
+    b, h, tq, d = q.shape
+    hkv, tk, c = k.shape[1], k.shape[2], sel.clusters
+    qn = _unit(q.astype(np.float32)).reshape(b, hkv, (h // hkv) * tq, d)
+    kn = _unit(k.astype(np.float32))
+    live = np.ones((b, 1, tk), bool)
+    if seen is not None:  # keys some query may see
+        x = np.asarray(seen, bool)
+        live = live & x.reshape((1,) * (4 - x.ndim) + x.shape).any((1, 2))[:, None, :]
+    w = np.broadcast_to(live, (b, hkv, tk)).astype(np.float32)
+    run = (np.arange(tk) * c) // tk  # key j starts in centroid run[j]
+    onehot = (run[:, None] == np.arange(c)[None, :]).astype(np.float32)  # [Tk, C]
+    mu = _unit(np.swapaxes(onehot[None, None] * w[..., None], -1, -2) @ kn)  # [B, Hkv, C, d]
+    pts = np.concatenate([qn, kn], 2)
+    wp = np.concatenate([np.ones((b, hkv, qn.shape[2]), np.float32), w], 2)
+    for _ in range(sel.iterations):
+        near = np.argmax(pts @ np.swapaxes(mu, -1, -2), -1)  # [B, Hkv, N]
+        m = (near[..., None] == np.arange(c)).astype(np.float32) * wp[..., None]  # [B, Hkv, N, C]
+        mass = m.sum(2)[..., None]
+        mu = np.where(mass > 0, _unit(np.swapaxes(m, -1, -2) @ pts), mu)
+    n = min(tk, sel.size or -(-tk // c))
+    sim = np.where(live[:, :, None, :], mu @ np.swapaxes(kn, -1, -2), -np.inf)  # [B, Hkv, C, Tk]
+    order = np.argsort(-sim, axis=-1, kind="stable")[..., :n]
+    members = np.zeros(sim.shape, bool)
+    np.put_along_axis(members, order, True, axis=-1)
+    nearest = np.argmax(qn @ np.swapaxes(mu, -1, -2), -1).reshape(b, h, tq)
+    return members, nearest
+
+
+def routing_visible(pattern: Pattern, q: np.ndarray, k: np.ndarray, seen=None) -> np.ndarray:
+    """[B, H, Tq, Tk] bool: the pairs a routing pattern keeps (its query's cluster, the
+    window band, causality where causal; the site's masks apply on top)."""
+    b, h, tq, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    members, nearest = routing_clusters(pattern, q, k, seen)
+    members = np.repeat(members, h // hkv, axis=1)  # [B, H, C, Tk]
+    vis = np.take_along_axis(members, nearest[..., None], axis=2)  # [B, H, Tq, Tk]
+    i, j = np.arange(tq)[:, None] + (tk - tq), np.arange(tk)[None, :]
+    if pattern.window > 0:
+        vis = vis | (((i - j >= 0) & (i - j < pattern.window)) if pattern.causal else (np.abs(i - j) <= pattern.window // 2))
+    return vis & (j <= i) if pattern.causal else vis
+
+
+def block_levels(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float, seen=None) -> np.ndarray:
     """[B, Hkv, nbq, nbk]: the level each key block gets for each query block (0: its
     keys, l: pooled by 2^l, L + 1: dropped), from the ranking of `selected_blocks`."""
     nbk = -(-k.shape[2] // pattern.block)
-    idx = selected_blocks(pattern, q, k, scale)
+    idx = selected_blocks(pattern, q, k, scale, seen)
     counts = pattern.level_counts(nbk)
     levels = np.full(idx.shape[:3] + (nbk,), len(counts), np.int64)
     rank_level = np.repeat(np.arange(len(counts)), counts)  # the level of each rank position
@@ -195,7 +289,12 @@ def pyramid_attention(pattern: Pattern, q, k, v, scale: float, term=None, keep=N
     b, h, tq, _ = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], pattern.block
     nbk = -(-tk // blk)
-    levels = np.repeat(block_levels(pattern, q, k, scale), h // hkv, axis=1)  # [B, H, nbq, nbk]
+    seen = np.ones((1, 1, 1, tk), bool)  # the keys the per-key masks keep rank first
+    if term is not None:
+        seen = seen & (np.asarray(term, np.float64).reshape(-1, 1, 1, tk) > MASKED)
+    if keep is not None:
+        seen = seen & np.asarray(keep, bool).reshape(-1, 1, 1, tk)
+    levels = np.repeat(block_levels(pattern, q, k, scale, seen), h // hkv, axis=1)  # [B, H, nbq, nbk]
     q64, k64, v64 = (np.repeat(x.astype(np.float64), h // x.shape[1], axis=1) for x in (q, k, v))
     pad = nbk * blk - tk
     w = np.broadcast_to(np.arange(nbk * blk) < tk, (b, 1, nbk * blk)).astype(np.float64)
@@ -230,12 +329,16 @@ def _topk(pattern: Pattern, q, k, scale):
     return selected_visible(pattern, q, k, scale)
 
 
+def _routing(pattern: Pattern, q, k, scale):
+    return routing_visible(pattern, q, k)
+
+
 CAPABILITIES = Capabilities(
     "reference",
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={kind: Pattern.visible for kind in ("window", "shift", "stride", "grid")},
-    selection={"topk": _topk, "pyramid": pyramid_attention},
+    selection={"topk": _topk, "pyramid": pyramid_attention, "routing": _routing},
     declined={f: "the reference states the attention weights; the lowerings of this part are tested against "
                  "the original model" for f in FEATURES})
 

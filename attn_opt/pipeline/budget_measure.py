@@ -38,7 +38,9 @@ def form_probabilities(site, probed: dict, form) -> np.ndarray:
             if select is None:
                 raise NotSupported(f"--budget: no reference for a {form.pattern.kind} pattern")
             q, k = (reference.operand(op, probed).astype(np.float64) for op in (site.q, site.k))
-            keep = np.array(np.broadcast_to(select(form.pattern, q, k, site.scale), s.shape))
+            if form.pattern.kind == "routing":
+                select = lambda p, q_, k_, _scale, seen: reference.routing_visible(p, q_, k_, seen)  # noqa: E731
+            keep = np.array(np.broadcast_to(select(form.pattern, q, k, site.scale, vis), s.shape))
         for h in form.pattern.dense_heads:
             keep[:, h] = True
         vis = vis & keep

@@ -17,6 +17,7 @@ from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.visible import i64
 from attn_opt.core.graph import SELECTION_TAG
 from attn_opt.patterns.form import Pattern
+from attn_opt.patterns.site import MASKED, AttentionSite
 
 
 def pad_blocks(e: SiteEdit, x: ir.Value, t: ir.Value, nb: ir.Value, block: int) -> ir.Value:
@@ -65,21 +66,104 @@ def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value 
     return parts[0] if len(parts) == 1 else e.op("Or", parts)
 
 
+def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: int) -> ir.Value | None:
+    """[Bm, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding a pair the
+    site's masks keep (a KV group: any of its heads); None without masks. The ONNX
+    statement of `patterns/reference.py: seen_blocks`."""
+    masks = [(m, False) for m in s.additive] + ([(s.bool_mask, True)] if s.bool_mask is not None else [])
+    if not masks:
+        return None
+    sees, heads, per_query = None, 1, False
+    for m, is_bool in masks:
+        x = e.value(m) if is_bool else e.term(m)
+        shape = tuple(s.mask_shapes[m.name])
+        if len(shape) == 2:  # [Tq, Tk]
+            x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
+        if is_bool:
+            x = e.op("Cast", [x], {"to": ir.DataType.BOOL}) if m.dtype != "bool" else x
+            ok = x if s.bool_keep else e.op("Not", [x])
+        else:
+            ok = e.op("Greater", [x, e.const(np.float32(MASKED))])
+        sees = ok if sees is None else e.op("And", [sees, ok])
+        heads, per_query = max(heads, shape[1]), per_query or shape[2] != 1
+    sees = e.op("Cast", [sees], {"to": ir.DataType.FLOAT})  # [Bm, Hm, Tqm, Tk]
+    tk = length(e, k)
+    nbk = blocks_of(e, tk, block)
+    cols = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [nbk, i64(e, block)]), tk]), e.ints(0)])
+    if per_query:
+        tq = length(e, q)
+        rows = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [blocks_of(e, tq, block), i64(e, block)]), tq]), e.ints(0)])
+        sees = e.op("Pad", [sees, e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0), rows, cols], {"axis": 0})])
+        shape = e.op("Concat", [e.ints(0, 0, -1, block), e.shape_dim(sees, 3)], {"axis": 0})
+        sees = e.op("ReduceMax", [e.op("Reshape", [sees, shape]), e.ints(3)], {"keepdims": 0})
+    else:
+        sees = e.op("Pad", [sees, e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0), cols], {"axis": 0})])
+    sees = e.op("ReduceMax", [e.op("Reshape", [sees, e.ints(0, 0, 0, -1, block)]), e.ints(4)], {"keepdims": 0})
+    if heads == s.heads and s.heads > s.kv_heads:
+        shape = e.op("Concat", [e.shape_dim(sees, 0), e.ints(s.kv_heads, -1), e.op("Shape", [sees], {"start": 2})],
+                     {"axis": 0})
+        sees = e.op("ReduceMax", [e.op("Reshape", [sees, shape]), e.ints(2)], {"keepdims": 0})
+    return e.op("Greater", [sees, e.const(np.float32(0))])
+
+
+def _coarse_to_fine(e: SiteEdit, pattern: Pattern, qs, k, kv_heads: int, d: int, a, seen, nbk) -> ir.Value | None:
+    """HiP's levels > 1: [B, Hkv, nbq, nbk] bool, the blocks left after the search from
+    groups of 2^(levels-1) blocks down (topk groups kept per level, each split in two);
+    patterns/reference.py: selected_blocks states it. None at levels = 1."""
+    cand, ninf = None, e.const(np.float32(-np.inf))
+    for level in range(pattern.selection.levels - 1, 0, -1):
+        m = 2 ** level
+        km = block_means(e, k, pattern.block * m, kv_heads, d)
+        s = e.op("MatMul", [qs, e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, n_l]
+        n = length(e, s, 3)
+        if seen is not None:  # a group some block of which the masks leave
+            amount = e.op("Unsqueeze", [e.op("Sub", [e.op("Mul", [n, i64(e, m)]), nbk]), e.ints(0)])
+            x = e.op("Pad", [e.op("Cast", [seen], {"to": ir.DataType.FLOAT}),
+                             e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0, 0), amount], {"axis": 0})])
+            x = e.op("ReduceMax", [e.op("Reshape", [x, e.ints(0, 0, 0, -1, m)]), e.ints(4)], {"keepdims": 0})
+            s = e.op("Where", [e.op("Greater", [x, e.const(np.float32(0))]), s, ninf])
+        if pattern.causal:
+            g = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), n, i64(e, 1)]), e.ints(0)])
+            s = e.op("Where", [e.op("Greater", [e.op("Mul", [g, i64(e, m)]), a]), ninf, s])
+        if cand is not None:
+            s = e.op("Where", [cand, s, ninf])
+        top = e.op("TopK", [s, e.op("Min", [e.op("Unsqueeze", [n, e.ints(0)]), e.ints(pattern.selection.topk)])],
+                   {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)[1]
+        zeros = e.op("Expand", [e.const(np.zeros((1, 1, 1, 1), np.float32)), e.op("Shape", [s])])
+        ones = e.op("Expand", [e.const(np.ones((1, 1, 1, 1), np.float32)), e.op("Shape", [top])])
+        kept = e.op("Greater", [e.op("ScatterElements", [zeros, top, ones], {"axis": -1}), e.const(np.float32(0))])
+        half = m // 2
+        below = e.op("Div", [e.op("Add", [nbk, i64(e, half - 1)]), i64(e, half)])
+        cand = e.op("Gather", [kept, e.op("Div", [e.op("Range", [i64(e, 0), below, i64(e, 1)]), i64(e, 2)])], {"axis": 3})
+    return cand
+
+
 def choose_blocks(e: SiteEdit, pattern: Pattern, q: ir.Value, k: ir.Value, heads: int, kv_heads: int, d: int,
-                  scale: float) -> tuple[ir.Value, ir.Value]:
+                  scale: float, site: AttentionSite | None = None) -> tuple[ir.Value, ir.Value]:
     """(indices [B, Hkv, nbq, C] int64, C as a 1-element int64): the key blocks each query
-    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d]."""
+    block keeps, best first (a pyramid: its pooled levels' blocks after the full ones); q [B, H, Tq, d], k [B, Hkv, Tk, d].
+    With `site`, a block its masks hide from the whole query block ranks below the others."""
     b, first = pattern.block, len(e.nodes)
     qm = block_means(e, q, b, heads, d)  # [B, H, nbq, D]
     qm = e.op("ReduceSum", [e.op("Reshape", [qm, e.ints(0, kv_heads, heads // kv_heads, -1, d)]), e.ints(2)],
               {"keepdims": 0})
     km = block_means(e, k, b, kv_heads, d)  # [B, Hkv, nbk, D]
-    score = e.op("MatMul", [e.op("Mul", [qm, e.const(np.float32(scale))]),
-                            e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, nbk]
+    qs = e.op("Mul", [qm, e.const(np.float32(scale))])
+    score = e.op("MatMul", [qs, e.op("Transpose", [km], {"perm": [0, 1, 3, 2]})])  # [B, Hkv, nbq, nbk]
     nbq, nbk = length(e, score, 2), length(e, score, 3)
     a = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbq, i64(e, 1)]), e.ints(1)])
     c = e.op("Unsqueeze", [e.op("Range", [i64(e, 0), nbk, i64(e, 1)]), e.ints(0)])
+    if pattern.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        tq, tk = length(e, q), length(e, k)
+        last = e.op("Min", [e.op("Mul", [e.op("Add", [a, i64(e, 1)]), i64(e, b)]), tq])
+        a = e.op("Div", [e.op("Add", [e.op("Sub", [last, i64(e, 1)]), e.op("Sub", [tk, tq])]), i64(e, b)])
     rank = score
+    seen = None if site is None else seen_blocks(e, site, q, k, b)
+    if seen is not None:
+        rank = e.op("Where", [seen, rank, e.const(np.float32(-np.inf))])
+    cand = _coarse_to_fine(e, pattern, qs, k, kv_heads, d, a, seen, nbk)
+    if cand is not None:
+        rank = e.op("Where", [cand, rank, e.const(np.float32(-np.inf))])
     f = forced(e, pattern, a, c)
     if f is not None:
         rank = e.op("Where", [f, e.const(np.float32(np.inf)), rank])

@@ -105,10 +105,15 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
     if site.causal and (site.rule != "eager" or (not site.additive and site.bool_mask is None)):
         tri = causal_visible(e, q, k)  # a fused op's is_causal (harmless where its mask is causal already)
         vis = tri if vis is None else e.op("And", [vis, tri])
+    seen = vis  # the pairs the site's masks keep (None: all)
     if vis is None:
         vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
     else:
         s, vis = _hidden_rows_as_original(e, site, s, vis, c, filled)
+    if pattern is not None and pattern.selection is not None:  # routing: clusters chosen from Q and K
+        from attn_opt.backends.onnx.routing import routing_visible
+
+        return s, e.op("And", [vis, routing_visible(e, site, pattern, q, k, seen)])
     return s, vis if pattern is None else e.op("And", [vis, pattern_visible(e, pattern, q, k)])
 
 

@@ -164,7 +164,7 @@ def emit_gathered(e: SiteEdit, s: AttentionSite, pattern: Pattern, normalise, qk
     6-D scores (zero outside `visible`, zero rows where nothing is visible)."""
     q, k, v = qkv or (e.bhsd(s.q), e.bhsd(s.k), e.bhsd(s.v))
     hkv, g, b, d = s.kv_heads, s.heads // s.kv_heads, pattern.block, s.head_dim
-    ranked, _ = choose_blocks(e, pattern, q, k, s.heads, hkv, d, s.scale)  # [B, Hkv, nbq, C (+ pooled levels)]
+    ranked, _ = choose_blocks(e, pattern, q, k, s.heads, hkv, d, s.scale, s)  # [B, Hkv, nbq, C (+ pooled levels)]
     nominal = pattern.selection.topk + pattern.forced_count()
     idx = e.op("Slice", [ranked, e.ints(0), e.ints(nominal), e.ints(3)])  # level 0: full keys
     tq, tk = length(e, q), length(e, k)

@@ -401,6 +401,11 @@ def _topk(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normal
     return emit_gathered(e, site, pattern, normaliser_fn(normaliser, site, 6)), banded_pays(site, pattern)[1]
 
 
+def _routing(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
+    """Routing: dense scores masked to the clusters (routing.py); no FLOPs saved yet."""
+    return emit_explicit(e, site, normaliser_fn(normaliser, site, 5), pattern=pattern), None
+
+
 def _grid(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
     """Vision tokens: the prefix (class/register tokens) attends densely and stays visible
     to all; grid tokens attend to their kh x kw neighborhood, banded by grid row."""
@@ -455,7 +460,7 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
-    selection={"topk": _topk, "pyramid": _topk},
+    selection={"topk": _topk, "pyramid": _topk, "routing": _routing},
     feature={"fused": fused.emit_fused, "gate": emit_gate, "collapse": collapse.emit_collapse, "stream": cap_cache,
              "lora": emit_lora, "latent": emit_latent},
     limits=_limits)

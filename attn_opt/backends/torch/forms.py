@@ -153,8 +153,9 @@ def _softcap(s, c):
 
 
 def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None, pattern: Pattern | None = None,
-              after=None):
-    """Dense scores (masked to `pattern`'s pairs where one is given), then `norm`."""
+              after=None, visible=None):
+    """Dense scores (masked to `pattern`'s pairs, or to `visible` [B, H, Tq, Tk], where one
+    is given), then `norm`."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     q5 = (q * scale).reshape(b, hkv, h // hkv, tq, d)
@@ -173,6 +174,8 @@ def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None,
                          fill, None if after is None else _heads5(after, h, hkv))
     if pattern is not None:
         vis = vis & pattern_visible(pattern, tq, tk, q.device)
+    if visible is not None:
+        vis = vis & _heads5(visible, h, hkv)
     p = norm(s, vis, 5)
     return (p @ v.unsqueeze(2)).reshape(b, h, tq, v.shape[-1])
 
@@ -424,6 +427,20 @@ def _content(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, 
     return gathered(q, k, v, masks, scale, causal, form, norm, fill, softcap)
 
 
+def _routing(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap, banded):
+    """Routing attention: dense scores masked to the clusters (backends/torch/routing.py)."""
+    from attn_opt.backends.torch.routing import routing_visible
+
+    bias, keep, after = masks
+    sees = None
+    if bias is not None or keep is not None:
+        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
+        sees = sees & _four(keep) if keep is not None else sees
+    vis = routing_visible(form, q, k, sees)
+    return _explicit(q, k, v, bias, keep, scale, causal, norm, fill, softcap, after=after, visible=vis)
+
+
 def collapsed(xq, xk, w_qk, v, additive=(), bool_mask=None, *, bool_keep=True, scale, causal, heads,
               xv=None, w_vo=None, o_bias=None, fill=None, softcap=None, filled=()):
     """mlpfree on torch: scores_h = scale · X̃q W_qk,h X̃kᵀ (X̃ = [X, 1]); the output is P V as
@@ -475,4 +492,4 @@ CAPABILITIES = Capabilities(
     normaliser={"softmax": _softmax, "softplus": _softplus, "logit": _logit, "redistribute": _redistribute,
                 "relu": _relu, "sigmoid": _sigmoid},
     pattern={"window": _windowed, "shift": _windowed, "stride": _windowed, "grid": _grid},
-    selection={"topk": _content, "pyramid": _content})
+    selection={"topk": _content, "pyramid": _content, "routing": _routing})

@@ -32,17 +32,52 @@ def forced_blocks(f: Pattern, a, c):
     return out
 
 
-def choose_blocks(f: Pattern, q, k, scale: float):
+def seen_blocks(sees, block: int, kv_heads: int):
+    """[Bm, Hkv|1, nbq|1, nbk] bool from `sees` [Bm, Hm, Tqm, Tk] (the pairs the site's
+    masks keep): as patterns/reference.py: seen_blocks."""
+    b, h, tq, tk = sees.shape
+    nbq, bq = (-(-tq // block), block) if tq > 1 else (1, 1)
+    nbk = -(-tk // block)
+    x = F.pad(sees.float(), (0, nbk * block - tk, 0, nbq * bq - tq)).reshape(b, h, nbq, bq, nbk, block)
+    x = x.amax((3, 5)) > 0
+    return x.reshape(b, kv_heads, h // kv_heads, nbq, nbk).any(2) if h > 1 else x
+
+
+def choose_blocks(f: Pattern, q, k, scale: float, sees=None):
     """The key blocks each query block keeps, [B, Hkv, nbq, C]: forced blocks first, then
-    by mean-pooled score, ties to the lowest index (a stable sort; torch.topk does not
-    promise an order among equals). See patterns/reference.py: selected_blocks."""
+    by mean-pooled score (a block the site's masks hide from the whole query block, per
+    `sees` [Bm, Hm, Tqm, Tk], below the others), ties to the lowest index (a stable sort;
+    torch.topk does not promise an order among equals). See patterns/reference.py:
+    selected_blocks."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     qm = _block_means(q.float(), f.block).reshape(b, hkv, h // hkv, -1, d).sum(2) * scale
     km = _block_means(k.float(), f.block)
     score = qm @ km.transpose(-1, -2)  # [B, Hkv, nbq, nbk]
+    seen_b = None if sees is None else seen_blocks(sees, f.block, hkv)
+    if seen_b is not None:
+        score = torch.where(seen_b, score, -torch.inf)
     a = torch.arange(score.shape[2], device=q.device)[:, None]
     c = torch.arange(score.shape[3], device=q.device)[None, :]
+    if f.causal:  # a query block stands at the key block of its last query (a step: the cache's end)
+        a = (((a + 1) * f.block).clamp(max=q.shape[2]) - 1 + k.shape[2] - q.shape[2]) // f.block
+    cand = None
+    for level in range(f.selection.levels - 1, 0, -1):  # HiP: coarse groups of 2^level blocks first
+        m = 2 ** level
+        sl = qm @ _block_means(k.float(), f.block * m).transpose(-1, -2)  # [B, Hkv, nbq, n_l]
+        g = torch.arange(sl.shape[-1], device=q.device)[None, :]
+        if seen_b is not None:
+            grouped = F.pad(seen_b.float(), (0, sl.shape[-1] * m - seen_b.shape[-1]))
+            sl = torch.where(grouped.reshape(*seen_b.shape[:-1], -1, m).amax(-1) > 0, sl, -torch.inf)
+        if f.causal:
+            sl = torch.where(g * m > a, -torch.inf, sl)
+        if cand is not None:
+            sl = torch.where(cand, sl, -torch.inf)
+        top = torch.sort(sl, dim=-1, descending=True, stable=True).indices[..., :min(f.selection.topk, sl.shape[-1])]
+        kept = torch.zeros(sl.shape, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+        cand = kept[..., torch.arange(-(-score.shape[-1] // (m // 2)), device=q.device) // 2]
+    if cand is not None:
+        score = torch.where(cand, score, -torch.inf)
     rank = torch.where(forced_blocks(f, a, c), torch.inf, score)
     if f.causal:
         rank = torch.where(c > a, -torch.inf, rank)
@@ -57,7 +92,12 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
     bsz, h, tq, d = q.shape
     hkv, tk, blk = k.shape[1], k.shape[2], form.block
     nbk = -(-tk // blk)
-    ranked = choose_blocks(form, q, k, scale)  # [B, Hkv, nbq, C (+ pooled levels)]
+    sees = None  # the pairs the site's masks keep, [Bm, Hm, Tqm, Tk]
+    if bias is not None or keep is not None:
+        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
+        sees = sees & _four(keep) if keep is not None else sees
+    ranked = choose_blocks(form, q, k, scale, sees)  # [B, Hkv, nbq, C (+ pooled levels)]
     idx = ranked[..., :form.kept_blocks(nbk)]
     nbq = idx.shape[2]
     bi = torch.arange(bsz, device=q.device)[:, None, None, None]
@@ -94,9 +134,6 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
         vis = vis & kept
     vis = vis.expand(s.shape)
     if bias is not None or keep is not None:  # a row its masks hide completely (over every key): as the original
-        sees = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
-        sees = sees & (_four(bias) > MASKED) if bias is not None else sees
-        sees = sees & _four(keep) if keep is not None else sees
         hidden = _heads5(~sees.any(-1, keepdim=True), h, hkv)  # [Bm, hk, hg, Tqm, 1]
         if hidden.shape[3] != 1:
             hidden = F.pad(hidden, (0, 0, 0, nbq * blk - hidden.shape[3])).reshape(*hidden.shape[:3], nbq, blk, 1)

@@ -13,6 +13,9 @@ cover the attention forms:
 - GATE: the output multiplied by σ(g) per (batch, head, query) as an epilogue;
 - GQA through the kv-head index; KEY_BIAS: an additive per-key bias ([B, Tk], padding).
 A row that sees no key gives zeros.
+
+`block_sparse_fwd`: a content pattern's attention (sparse:topk), block-sparse
+FlashAttention over per-query-block key-block indices the launcher computes.
 """
 
 from __future__ import annotations
@@ -164,5 +167,54 @@ def attention_fwd(Q, K, V, O, KB, SL, G, SB, Tq, Tk, D, H, G_KV, scale, log_n_tr
     if GATE:
         g = tl.load(G + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
         out = out * (1.0 / (1.0 + tl.exp(-g)))[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
+             mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def block_sparse_fwd(Q, K, V, O, KB, IDX, Tq, Tk, D, H, G_KV, C, scale,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skbb, sib, sih, siq,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, KEY_BIAS: tl.constexpr):
+    """Block-sparse FlashAttention for a content pattern (patterns/form.py: Selection):
+    query block pid_m of (b, h) visits only the C key blocks IDX[b, h // G_KV, pid_m, :]
+    (one selection per KV group), online softmax over them; a key is visible inside the
+    sequence, causally (queries are the last Tq of Tk positions) and where KB keeps it.
+    A row that sees no key gives zeros."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // G_KV
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
+    k_ptrs = K + b * skb + kvh * skh
+    v_ptrs = V + b * svb + kvh * svh
+    idx_ptr = IDX + b * sib + kvh * sih + pid_m * siq
+    m_i = tl.full([BLOCK], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for c in range(0, C):
+        offs_n = tl.load(idx_ptr + c) * BLOCK + tl.arange(0, BLOCK)
+        kmask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(k_ptrs + offs_n[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_ptrs + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        vis = (offs_n[None, :] < Tk) & (offs_m[:, None] < Tq)
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+        if KEY_BIAS:
+            s += tl.load(KB + b * skbb + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
+            vis = vis & (s > MASKED)
+        m_new = tl.maximum(m_i, tl.max(tl.where(vis, s, -float("inf")), 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        pexp = tl.where(vis, tl.exp(s - m_safe[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(pexp, 1)
+        acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = tl.where((l_i > 0)[:, None], out, 0.0)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
              mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))

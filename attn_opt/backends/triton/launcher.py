@@ -23,7 +23,15 @@ def _window_switches(p: Pattern, t: int) -> dict:
     return dict(WINDOW=p.window, DILATION=p.dilation, SINKS=p.sinks)
 
 
+def _selection_switches(p: Pattern, t: int) -> dict:
+    return dict(BLOCK=p.block)
+
+
 def _kernel_limits(_site, form: Form) -> str | None:
+    p = form.pattern
+    if p is not None and p.selection is not None:
+        if form.normaliser.kind != "softmax":
+            return "the block-sparse kernel normalises with softmax only"
     if form.normaliser.calibrated:
         return "calibrated per-head parameters are not kernel switches"
     if form.pattern is not None and form.pattern.dense_heads:
@@ -35,6 +43,7 @@ CAPABILITIES = Capabilities(
     "triton",
     normaliser={kind: switch for kind, switch in NORM.items()},
     pattern={"window": _window_switches},
+    selection={"topk": _selection_switches},
     declined={"redistribute": "the kernel normalises in one pass; redistribute needs the sink mass first",
               "relu": "no ReLU branch in the kernel", "shift": "the kernel's window is a centred band",
               "stride": "the kernel's window is per query, not per query block",
@@ -42,9 +51,9 @@ CAPABILITIES = Capabilities(
               "gate": "a gate is an epilogue the FX lowering adds outside the kernel",
               "collapse": "collapsed weights are computed in PyTorch", "stream": "a cache is the graph's business",
               "lora": "a LoRA is an epilogue the FX lowering adds outside the kernel",
-              "topk": "the kernel does not take per-query-block key-block indices yet (block-sparse FlashAttention)",
               "latent": "the latent factorises projections outside the kernel (the FX lowering)",
-              "pyramid": "the kernel has no pooled key levels"},
+              "pyramid": "the kernel has no pooled key levels",
+              "routing": "the kernel takes key blocks, not per-query clusters of keys"},
     limits=_kernel_limits)
 
 
@@ -56,6 +65,9 @@ def reason(q, k, v, causal: bool, form: Form, key_bias) -> str | None:
         return why
     if v.shape[-1] != q.shape[-1]:
         return "values of another width than the queries"
+    p = form.pattern
+    if p is not None and p.selection is not None and (p.block < 16 or p.block & (p.block - 1)):
+        return f"the block-sparse kernel's tiles are the blocks: block={p.block} is not a power of two >= 16"
     if (causal or form.pattern is not None) and q.shape[2] != k.shape[2]:
         return "fewer queries than keys with a window or the causal triangle"
     return None
@@ -72,7 +84,9 @@ def reference(q, k, v, *, pattern: Pattern | None = None, normaliser: Normaliser
     scale = d ** -0.5 if scale is None else scale
     s = q.float() @ k.transpose(-1, -2) * scale
     tk = k.shape[2]
-    if pattern is not None:
+    if pattern is not None and pattern.selection is not None:
+        vis = _content_visible(pattern, q, k, scale, key_bias)
+    elif pattern is not None:
         vis = pattern_visible(pattern, tq, tk, q.device)
     else:
         vis = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
@@ -88,6 +102,49 @@ def reference(q, k, v, *, pattern: Pattern | None = None, normaliser: Normaliser
     if gate is not None:
         out = out * torch.sigmoid(gate)[..., None]
     return out.to(q.dtype)
+
+
+def _kept_blocks(pattern: Pattern, q, k, scale: float, key_bias):
+    """[B, Hkv, nbq, C] int64: the key blocks each query block keeps (the torch lowering's
+    choice, patterns/reference.py: selected_blocks; padding keys ranked last)."""
+    from attn_opt.backends.torch.gathered import choose_blocks
+
+    sees = None if key_bias is None else (key_bias > MASKED)[:, None, None, :]
+    nbk = -(-k.shape[2] // pattern.block)
+    return choose_blocks(pattern, q, k, scale, sees)[..., :pattern.kept_blocks(nbk)]
+
+
+def _content_visible(pattern: Pattern, q, k, scale: float, key_bias):
+    """[B, H, Tq, Tk] bool: the pairs the selection keeps (causality on top where causal)."""
+    tq, tk, blk = q.shape[2], k.shape[2], pattern.block
+    idx = _kept_blocks(pattern, q, k, scale, key_bias)
+    kept = torch.zeros(idx.shape[:3] + (-(-tk // blk),), dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    i, j = torch.arange(tq, device=q.device), torch.arange(tk, device=q.device)
+    vis = kept[:, :, i // blk][..., j // blk]
+    if pattern.causal:
+        vis = vis & (j[None, :] <= i[:, None] + tk - tq)
+    return vis.repeat_interleave(q.shape[1] // k.shape[1], 1)
+
+
+def _block_sparse(q, k, v, pattern: Pattern, scale: float, key_bias):
+    import triton
+
+    from attn_opt.backends.triton.kernels import block_sparse_fwd
+
+    b, h, tq, d = q.shape
+    tk, blk = k.shape[2], pattern.block
+    idx = _kept_blocks(pattern, q, k, scale, key_bias).to(torch.int32).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    kb = key_bias.contiguous().float() if key_bias is not None else torch.zeros(1, device=q.device)
+    block_sparse_fwd[(triton.cdiv(tq, blk), b * h)](
+        q, k, v, o, kb, idx, tq, tk, d, h, h // k.shape[1], idx.shape[-1], scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        kb.stride(0) if key_bias is not None else 0, idx.stride(0), idx.stride(1), idx.stride(2),
+        BLOCK=blk, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(pattern.causal),
+        KEY_BIAS=key_bias is not None)
+    return o
 
 
 def use_kernel(q: torch.Tensor) -> bool:
@@ -106,6 +163,8 @@ def attention(q, k, v, *, pattern: Pattern | None = None, normaliser: Normaliser
                 sink_logit=sink_logit, gate=gate)
     if not use_kernel(q):
         return reference(q, k, v, **opts)
+    if pattern is not None and pattern.selection is not None:
+        return _block_sparse(q, k, v, pattern, q.shape[-1] ** -0.5 if scale is None else scale, key_bias)
     import triton
 
     from attn_opt.backends.triton.kernels import attention_fwd

@@ -128,13 +128,10 @@ def _search(loaded, native, steps, f0, calib, budget, candidates, objective, pro
         else:
             on, held, where = f0, None, "the fidelity inputs (too few rows to hold some out: give --calibrate)"
     t0 = time.perf_counter()  # not a progress step: the search shows its own progress bar (one live display)
-    result = search(steps, native, on, held, budget, candidates, objective, progress, per_head=calib is None)
+    result = search(steps, native, on, held, budget, candidates, objective, progress)
     if progress is not None:
         progress.seconds.append(("budget: search", time.perf_counter() - t0))
     result.summary["searched_on"] = where
-    if calib is not None:
-        result.summary["notes"].append("with --calibrate, dense-head variants are left out (calibrating a form "
-                                       "with dense heads is not implemented yet)")
     return result
 
 

@@ -1,0 +1,90 @@
+"""A calibrated form with dense heads (what `--budget ... --calibrate` applies): each part of
+the dense-heads split reads its heads' values of the site's one set of per-head parameters
+(ONNX and torch against the NumPy reference, at values that are not the identity), and the
+fit moves only the sparse heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+
+import attn_opt
+from attn_opt.backends.torch.forms import attention
+from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.patterns import reference
+from attn_opt.patterns.form import Normaliser, Pattern
+from onnx_attention import attention_model, feeds
+
+DENSE = (0, 2)
+
+
+def _visible(pattern: Pattern, f: dict) -> np.ndarray:
+    """[B, H, T, T]: the window's pairs, every pair in the dense heads, the padding mask on all."""
+    b, h, t, _ = f["q"].shape
+    vis = np.broadcast_to(pattern.visible(t), (b, h, t, t)).copy()
+    vis[:, list(pattern.dense_heads)] = True
+    return vis & (f["mask"] > -1e4)
+
+
+def _scores(f: dict) -> np.ndarray:
+    q, k = f["q"].astype(np.float64), f["k"].astype(np.float64)
+    return q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5 + f["mask"]
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """sparse:window=8 with heads 0 and 2 dense on a one-site model, calibrated."""
+    f, c = feeds(), feeds(seed=1)
+    out, rep = attn_opt.optimize(attention_model(), ["sparse:window=8,dense_heads=0+2"], feeds=f, calibrate=c)
+    return out, rep.passes[0], f
+
+
+def test_fit_moves_only_the_sparse_heads(calibrated):
+    _, rep, _ = calibrated
+    assert rep.sites_rewritten == ["a0"] and "heads [0, 2] dense" in rep.notes[0]
+    fit = rep.calibration.sites[0]
+    assert fit.error_after < fit.error_before and fit.values
+    for name, v in fit.values.items():
+        np.testing.assert_array_equal(v[list(DENSE)], fit.start[name][list(DENSE)])  # exact: the dense heads
+    assert any(not np.allclose(v[[1, 3]], fit.start[name][[1, 3]]) for name, v in fit.values.items())
+
+
+def test_onnx_split_reads_each_heads_parameters(calibrated):
+    """Per-head values that differ on every head (dense ones included) written into the
+    site's initializers: the ONNX model computes the reference with exactly those values."""
+    model, _, f = calibrated
+    rng = np.random.default_rng(0)
+    values = {"temperature": rng.uniform(0.5, 2, 4), "offset": rng.uniform(-1, 1, 4), "gain": rng.uniform(0.5, 1.5, 4)}
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, v in values.items():
+        inits[f"attn_opt.a0.{name}"].CopyFrom(numpy_helper.from_array(v.astype(np.float32), f"attn_opt.a0.{name}"))
+    got = onnx_adapter.run(model, f)["o"]
+    pattern = Pattern("window", False, 8, 8, dense_heads=DENSE)
+    w = reference.normalise(Normaliser().calibrate(values), _scores(f), _visible(pattern, f))
+    np.testing.assert_allclose(got, w @ f["v"].astype(np.float64), rtol=1e-4, atol=2e-5)
+    values["gain"][1] *= 3  # a sparse head's value changes that head only
+    w2 = reference.normalise(Normaliser().calibrate(values), _scores(f), _visible(pattern, f))
+    assert not np.allclose(w2[:, 1], w[:, 1]) and np.allclose(w2[:, [0, 2, 3]], w[:, [0, 2, 3]])
+
+
+@pytest.mark.parametrize("banded", [True, False])
+@pytest.mark.parametrize("kind", ["softmax", "logit", "softplus"])
+def test_torch_split_reads_each_heads_parameters(kind, banded):
+    """The torch form with dense heads, calibrated with values that differ per head, and an
+    uncalibrated per-head sink logit: the reference's weights on every head."""
+    f = feeds()
+    rng = np.random.default_rng(1)
+    start = Normaliser(kind, bias=tuple(rng.uniform(-1, 1, 4)) if kind == "logit" else None)
+    values = {"temperature": rng.uniform(0.5, 2, 4), "gain": rng.uniform(0.5, 1.5, 4)}
+    pattern = Pattern("window", False, 8, 8, dense_heads=DENSE)
+    want_v = f["v"].astype(np.float64)
+    t = {k: torch.from_numpy(f[k].astype(np.float64)) for k in ("q", "k", "v", "mask")}
+    for n in (start, start.calibrate(values, heads=4)):
+        got = attention(t["q"], t["k"], t["v"], (t["mask"],), scale=8 ** -0.5, pattern=pattern, normaliser=n,
+                        banded=banded, use_triton=False)
+        want = reference.normalise(n, _scores(f), _visible(pattern, f)) @ want_v
+        rows = (f["mask"] > -1e4)[:, 0, 0]  # padded query rows: no key of theirs is read
+        np.testing.assert_allclose(got.numpy().transpose(0, 2, 1, 3)[rows], want.transpose(0, 2, 1, 3)[rows],
+                                   rtol=1e-6, atol=1e-8)

@@ -88,3 +88,30 @@ def test_torch_split_reads_each_heads_parameters(kind, banded):
         rows = (f["mask"] > -1e4)[:, 0, 0]  # padded query rows: no key of theirs is read
         np.testing.assert_allclose(got.numpy().transpose(0, 2, 1, 3)[rows], want.transpose(0, 2, 1, 3)[rows],
                                    rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mixed_folds,chosen", [((0.04, 0.09), (1, 1)), ((0.04, 0.06), "mixed")])
+def test_refine_keeps_the_uniform_form_unless_every_fold_agrees(mixed_folds, chosen):
+    """A per-site plan measured better than the best uniform form on the search rows but
+    worse on one fold of them does not replace it; better on every fold, it does."""
+    from attn_opt.pipeline.budget import Choice
+    from attn_opt.pipeline.budget_solve import _refine, pareto
+
+    choices = {sid: [Choice("dense", "dense", cost=0.5), Choice("A", "a", cost=0.2, loss=0.1),
+                     Choice("B", "b", cost=0.25, loss=0.08)] for sid in ("a0", "a1")}
+    order = ["a0", "a1"]
+    points = pareto([[c.cost for c in choices[s]] for s in order], [[c.loss for c in choices[s]] for s in order])
+    table = {(1, 1): (0.06, (0.06, 0.06)), (2, 2): (0.07, (0.07, 0.07)),
+             (1, 2): (0.05, mixed_folds), (2, 1): (0.05, mixed_folds)}
+    seen = []
+
+    def measure(picks):
+        seen.append(picks)
+        return table[picks]
+
+    best, _ = _refine(points, choices, order, 0.0, 0.5, measure)
+    assert (1, 1) in seen and any(p in seen for p in ((1, 2), (2, 1)))
+    if chosen == "mixed":
+        assert best.picks in ((1, 2), (2, 1)) and not best.uniform
+    else:
+        assert best.picks == chosen and best.uniform and best.measured == 0.06

@@ -87,7 +87,12 @@ def _plan_chain(passes, layers, sites, budget, candidates, plan):
     if candidates is not None and budget is None:
         raise UserError("--candidates narrows a --budget search; give --budget too")
     if budget is not None:
-        return parse_budget(budget), expand_candidates(candidates)
+        b = parse_budget(budget)
+        if b.kind == "cache" and candidates is None:
+            from attn_opt.pipeline.budget_cache import DEFAULT_CANDIDATES
+
+            candidates = DEFAULT_CANDIDATES
+        return b, expand_candidates(candidates)
     return None, None
 
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attn_opt.core.errors import NotSupported, UserError
+from attn_opt.core.errors import UserError
 from attn_opt.patterns import reference
 from attn_opt.core.passbase import Pass
 from attn_opt.passes.plan import DENSE, parse_site_spec
 from attn_opt.pipeline.budget_solve import Point, _bar, _refine, pareto  # noqa: F401 (Point: the API)
 
 KINDS = {"attention": "attention FLOPs / the original's", "flops": "matrix-product FLOPs / the original's",
-         "cache": "KV-cache bytes at the run's length / the original's"}
+         "cache": "KV-cache bytes after the search tokens / the original's"}
 DEFAULT_CANDIDATES = "sparse:window=8|16|32,sinks=auto"
 OBJECTIVES = ("auto", "spearman", "kl", "top1", "cosine")
 HEAD_VARIANTS = (1, 2, 4)  # dense heads a sparse choice may keep
@@ -178,7 +178,12 @@ class SearchResult:
 def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, candidates: list[str],
            objective: str = "auto", progress=None, per_head: bool = True) -> SearchResult:
     """Choose a form per site of the ONNX `model` meeting `budget` with the least measured
-    fidelity loss on `feeds`; the chosen plan is measured on `heldout` too."""
+    fidelity loss on `feeds`; the chosen plan is measured on `heldout` too. A cache budget
+    is searched in the step's generation loop (pipeline/budget_cache.py)."""
+    if budget.kind == "cache":
+        from attn_opt.pipeline.budget_cache import search_cache
+
+        return search_cache(steps, model, feeds, heldout, budget, candidates, progress)
     return choose(measure(steps, model, feeds, heldout, budget.kind, candidates, objective, progress, per_head),
                   budget)
 
@@ -211,11 +216,12 @@ def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidat
     from attn_opt.pipeline import budget_measure as bm
 
     if kind == "cache":
-        raise NotSupported("--budget cache=F: cache budgets need per-head streaming in the search, not implemented yet (apply it by hand: stream:...,full_heads=...)")
+        raise UserError("a cache budget is measured in the generation loop: budget.search (pipeline/budget_cache.py)")
     if objective not in OBJECTIVES:
         raise UserError(f"bad --objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     t0 = time.perf_counter()
     state = steps.observe(model, feeds, run=True)
+    state = steps.prepare(state, parse_site_spec("", candidates[0], "--candidates"), feeds)  # the forms' opset
     sites = [s for s in state.det.sites if not s.blocked]
     if not sites:
         raise UserError("--budget: the model has no attention site to choose a form for")

@@ -56,8 +56,9 @@ def _loss(ref, got) -> tuple[float, tuple[float, ...] | None]:
 
 
 def search_cache(steps, model, feeds: dict, heldout: dict | None, budget, candidates: list[str] | None,
-                 progress=None):
-    """The plan for a cache budget on the decoder step `model` (ONNX)."""
+                 progress=None, tokens: tuple[np.ndarray, np.ndarray] | None = None):
+    """The plan for a cache budget on the decoder step `model` (ONNX); `tokens`: (search,
+    held-out) [B, N] token ids to teacher-force (default: `tokens_for` the inputs)."""
     from attn_opt.core.ir import onnx as onnx_adapter
     from attn_opt.pipeline import budget as B
     from attn_opt.pipeline.onnx_decode import Stepper, loop_of, teacher_forced
@@ -75,8 +76,11 @@ def search_cache(steps, model, feeds: dict, heldout: dict | None, budget, candid
     sites = [s for s in state.det.sites if not s.blocked]
     stepper = Stepper(state.model, loop)
     vocab = stepper.step(np.ones((1, 1), np.int64), stepper.start(1), 0)[0].shape[-1]
-    tokens, where = tokens_for(feeds, loop, vocab, 0)
-    held_tokens = tokens_for(heldout, loop, vocab, 1)[0] if heldout is not None else tokens_for({}, loop, vocab, 1)[0]
+    if tokens is not None:
+        (tokens, held_tokens), where = tokens, f"the given {tokens[0].shape[0]} x {tokens[0].shape[1]} token ids"
+    else:
+        tokens, where = tokens_for(feeds, loop, vocab, 0)
+        held_tokens = tokens_for(heldout if heldout is not None else {}, loop, vocab, 1)[0]
     ref = teacher_forced(state.model, loop, tokens)
     notes = [f"searched by teacher forcing {where}; cost: the cache after {tokens.shape[1] - 1} positions, "
              f"{ref.cache_bytes} bytes in the original"]

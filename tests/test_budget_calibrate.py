@@ -115,3 +115,15 @@ def test_refine_keeps_the_uniform_form_unless_every_fold_agrees(mixed_folds, cho
         assert best.picks in ((1, 2), (2, 1)) and not best.uniform
     else:
         assert best.picks == chosen and best.uniform and best.measured == 0.06
+
+
+def test_html_page_shows_the_pareto_plot(zoo_onnx, tmp_path):
+    """--budget with --html: the page carries the search's Pareto plot (an inline PNG)."""
+    from test_pipeline import cli
+
+    page = tmp_path / "p.html"
+    r = cli(zoo_onnx("bert-eager", "dynamo"), "--budget", "attention=0.8", "--candidates", "sparse:window=4",
+            "--force", "-o", tmp_path / "o.onnx", "--html", page)
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    assert 'id="budget-pareto"' in text and "data:image/png;base64," in text and "--budget attention=0.8" in text

@@ -87,7 +87,12 @@ def _plan_chain(passes, layers, sites, budget, candidates, plan):
     if candidates is not None and budget is None:
         raise UserError("--candidates narrows a --budget search; give --budget too")
     if budget is not None:
-        return parse_budget(budget), expand_candidates(candidates)
+        b = parse_budget(budget)
+        if b.kind == "cache" and candidates is None:
+            from attn_opt.pipeline.budget_cache import DEFAULT_CANDIDATES
+
+            candidates = DEFAULT_CANDIDATES
+        return b, expand_candidates(candidates)
     return None, None
 
 
@@ -128,13 +133,10 @@ def _search(loaded, native, steps, f0, calib, budget, candidates, objective, pro
         else:
             on, held, where = f0, None, "the fidelity inputs (too few rows to hold some out: give --calibrate)"
     t0 = time.perf_counter()  # not a progress step: the search shows its own progress bar (one live display)
-    result = search(steps, native, on, held, budget, candidates, objective, progress, per_head=calib is None)
+    result = search(steps, native, on, held, budget, candidates, objective, progress)
     if progress is not None:
         progress.seconds.append(("budget: search", time.perf_counter() - t0))
     result.summary["searched_on"] = where
-    if calib is not None:
-        result.summary["notes"].append("with --calibrate, dense-head variants are left out (calibrating a form "
-                                       "with dense heads is not implemented yet)")
     return result
 
 

@@ -94,9 +94,9 @@ def test_pareto_solves_the_knapsack():
         assert (min(under) if under else None) == pytest.approx(brute)
 
 
-def test_cache_budget_says_it_is_not_implemented(toy):
+def test_cache_budget_needs_a_decoder_step(toy):
     path, feeds = toy
-    with pytest.raises(NotSupported, match="cache budgets need per-head streaming"):
+    with pytest.raises(UserError, match="needs a decoder step"):
         attn_opt.optimize(str(path), budget="cache=0.25", feeds=feeds)
 
 

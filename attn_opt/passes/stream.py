@@ -32,7 +32,10 @@ so the attention mask stays over past + new), the streaming groups' as
 `past_key_values.0.key_stream` -> `present.0.key_stream` (S + W positions). auto keeps a
 group full where the stream pattern drops more than full_above of its attention on the
 calibration inputs (the largest over its query heads); a site whose groups all come out
-full is skipped with that reason. The streaming groups' attention is still computed over
+full is skipped with that reason. empty: every group streams, with the split caches (the old
+names hold no group but still the full length): what a layer that streams whole takes in a
+model whose other layers keep the full cache (`--budget cache=F`), so the attention mask
+stays over every position. The streaming groups' attention is still computed over
 the full length (their dropped positions are zeros the pattern masks): the cache shrinks,
 the per-token time does not yet.
 """
@@ -61,7 +64,7 @@ class Stream(Pass):
                                 "GroupQueryAttention, or the faster of the two ops (auto; the ops need sinks=0)",
                          choices=STREAM_TARGETS)
     full_heads: str | None = option(None, "KV groups that keep the full cache, the others stream",
-                                    accepts="auto, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
+                                    accepts="auto, empty, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
     full_above: float = option(0.05, "full_heads=auto: a group keeps the full cache when the stream pattern drops "
                                "more than this share of its attention on the calibration inputs", low=0, high=1)
 
@@ -84,6 +87,8 @@ class Stream(Pass):
         """full_heads as (layer or None for every layer, group) pairs; None for auto."""
         if self.full_heads in (None, "auto"):
             return None
+        if self.full_heads == "empty":
+            return ()
         out = []
         for item in str(self.full_heads).split("+"):
             layer, _, group = item.rpartition(":")

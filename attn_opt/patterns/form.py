@@ -366,6 +366,21 @@ class Normaliser:
             changes["heads"] = None  # folded into α
         return dataclasses.replace(self, **changes)
 
+    def of_heads(self, heads: list[int], n_heads: int) -> "Normaliser":
+        """This normaliser on the subset `heads` of the site's `n_heads` heads, in that order
+        (a pattern's dense-heads split computes each part apart): every per-head value taken
+        at those heads, redistribute's `heads` renumbered. The lowerings read a calibrated
+        normaliser's parameters from the site's whole [n_heads] values, gathered the same way."""
+        def pick(v):
+            if v is None or np.ndim(v) == 0:
+                return v
+            return tuple(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (n_heads,))[list(heads)].tolist())
+
+        changes = {k: pick(getattr(self, k)) for k in ("p", "bias", "alpha", *AFFINE, "kappa")}
+        if self.heads is not None:
+            changes["heads"] = tuple(i for i, h in enumerate(heads) if h in self.heads)
+        return dataclasses.replace(self, **changes)
+
     def per_head_bias(self, heads: int) -> np.ndarray | None:
         """`bias` as [heads] float64, or None."""
         if self.bias is None:

@@ -12,9 +12,11 @@
                  probabilities come from the NumPy reference (patterns/reference.py), and only the
                  nodes downstream of the site's probabilities run again (one ORT session per site)
     solve        a multiple-choice knapsack as a Pareto DP over sites (cost summed, loss summed)
-    refine       the best predicted assignments under the budget lowered and measured on the
-                 whole model; the best measured kept, then leftover budget spent greedily where a
-                 whole-model measurement confirms the gain (`_refine`)
+    refine       the best predicted assignments under the budget and the best uniform ones lowered
+                 and measured on the whole model; a per-site plan replaces the best uniform form only
+                 where it is better on the search rows and on each fold of them, then leftover budget
+                 is spent greedily where a whole-model measurement confirms the gain the same way
+                 (`budget_solve._refine`)
 
 The search runs on the calibration inputs when given, else on the first half of the fidelity
 inputs; the plan's held-out figure is measured on the other inputs. ONNX only for now.
@@ -29,14 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attn_opt.core.errors import NotSupported, UserError
+from attn_opt.core.errors import UserError
 from attn_opt.patterns import reference
 from attn_opt.core.passbase import Pass
 from attn_opt.passes.plan import DENSE, parse_site_spec
 from attn_opt.pipeline.budget_solve import Point, _bar, _refine, pareto  # noqa: F401 (Point: the API)
 
 KINDS = {"attention": "attention FLOPs / the original's", "flops": "matrix-product FLOPs / the original's",
-         "cache": "KV-cache bytes at the run's length / the original's"}
+         "cache": "KV-cache bytes after the search tokens / the original's"}
 DEFAULT_CANDIDATES = "sparse:window=8|16|32,sinks=auto"
 OBJECTIVES = ("auto", "spearman", "kl", "top1", "cosine")
 HEAD_VARIANTS = (1, 2, 4)  # dense heads a sparse choice may keep
@@ -176,7 +178,12 @@ class SearchResult:
 def search(steps, model, feeds: dict, heldout: dict | None, budget: Budget, candidates: list[str],
            objective: str = "auto", progress=None, per_head: bool = True) -> SearchResult:
     """Choose a form per site of the ONNX `model` meeting `budget` with the least measured
-    fidelity loss on `feeds`; the chosen plan is measured on `heldout` too."""
+    fidelity loss on `feeds`; the chosen plan is measured on `heldout` too. A cache budget
+    is searched in the step's generation loop (pipeline/budget_cache.py)."""
+    if budget.kind == "cache":
+        from attn_opt.pipeline.budget_cache import search_cache
+
+        return search_cache(steps, model, feeds, heldout, budget, candidates, progress)
     return choose(measure(steps, model, feeds, heldout, budget.kind, candidates, objective, progress, per_head),
                   budget)
 
@@ -209,11 +216,12 @@ def measure(steps, model, feeds: dict, heldout: dict | None, kind: str, candidat
     from attn_opt.pipeline import budget_measure as bm
 
     if kind == "cache":
-        raise NotSupported("--budget cache=F: cache budgets need per-head streaming in the search, not implemented yet (apply it by hand: stream:...,full_heads=...)")
+        raise UserError("a cache budget is measured in the generation loop: budget.search (pipeline/budget_cache.py)")
     if objective not in OBJECTIVES:
         raise UserError(f"bad --objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     t0 = time.perf_counter()
     state = steps.observe(model, feeds, run=True)
+    state = steps.prepare(state, parse_site_spec("", candidates[0], "--candidates"), feeds)  # the forms' opset
     sites = [s for s in state.det.sites if not s.blocked]
     if not sites:
         raise UserError("--budget: the model has no attention site to choose a form for")
@@ -266,7 +274,7 @@ def choose(m: Measured, budget: Budget) -> SearchResult:
     if m.heldout is not None:
         if m.held_refs is None:
             m.held_refs = m.state.model.run(m.heldout)
-        held = _measurer(m.steps, m.state, sites, choices, m.heldout, m.held_refs, obj, m.logits)(best.picks)
+        held = _measurer(m.steps, m.state, sites, choices, m.heldout, m.held_refs, obj, m.logits)(best.picks)[0]
     phases = dict(m.phases, **{"solve, verify, refine": time.perf_counter() - t0})
     plan = {sid: choices[sid][j].spec for sid, j in zip(order, best.picks)}
     entries = {}
@@ -282,10 +290,13 @@ def choose(m: Measured, budget: Budget) -> SearchResult:
                "seconds": sum(phases.values()), "phases": phases, "notes": list(m.notes),
                "inputs": {"search": {k: list(v.shape) for k, v in m.feeds.items()},
                           "heldout": {k: list(v.shape) for k, v in m.heldout.items()} if m.heldout else None}}
-    pts = [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured} for p in points]
-    pts += [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured, "refined": True}
+    pts = [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured,
+            **({"fold_losses": list(p.folds)} if p.folds else {})} for p in points]
+    pts += [{"cost": base + p.cost, "predicted_loss": p.loss, "measured_loss": p.measured, "refined": True,
+             "uniform": p.uniform, **({"fold_losses": list(p.folds)} if p.folds else {})}
             for p in tried if all(p.picks != q.picks for q in points)]
-    chosen = {"cost": base + best.cost, "predicted_loss": best.loss, "measured_loss": best.measured}
+    chosen = {"cost": base + best.cost, "predicted_loss": best.loss, "measured_loss": best.measured,
+              "uniform": best.uniform, **({"fold_losses": list(best.folds)} if best.folds else {})}
     return SearchResult(plan, entries, pts, chosen, summary)
 
 
@@ -351,7 +362,8 @@ def _sensitivities(steps, state, sites, choices, cones, env, refs, feeds, obj, l
 
 
 def _measurer(steps, state, sites, choices, feeds, refs, obj, logits):
-    """picks -> the whole model's loss with every site lowered to its pick (a copy, run once)."""
+    """picks -> (the whole model's loss with every site lowered to its pick, the same per fold
+    of the rows: `bm.fold_losses`), from a copy run once."""
     from attn_opt.pipeline import budget_measure as bm
 
     def measure(picks) -> float:
@@ -361,7 +373,8 @@ def _measurer(steps, state, sites, choices, feeds, refs, obj, logits):
             if j:
                 steps.lower(copy, by_id[s.id], choices[s.id][j].form, "plan")
         steps.finish(copy)
-        return bm.loss(obj, refs, copy.model.run(feeds), feeds, logits)
+        outs = copy.model.run(feeds)
+        return bm.loss(obj, refs, outs, feeds, logits), bm.fold_losses(obj, refs, outs, feeds, logits)
 
     return measure
 

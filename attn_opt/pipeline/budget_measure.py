@@ -186,5 +186,25 @@ def loss(objective: str, refs: dict, outs: dict, feeds: dict, logits: set) -> fl
     return worst
 
 
+FOLDS = 2  # parts of the search rows a per-site plan must win on (budget_solve.Point.beats)
+
+
+def fold_losses(objective: str, refs: dict, outs: dict, feeds: dict, logits: set) -> tuple[float, ...] | None:
+    """`loss` on each of FOLDS contiguous parts of the rows (the batch axis of the feeds and
+    outputs); None where a part would hold too few rows to rank (SPEARMAN_ROWS) or to compare."""
+    rows = {np.shape(v)[0] for v in feeds.values() if np.ndim(v)}
+    if len(rows) != 1:
+        return None
+    n = rows.pop()
+    if n < FOLDS * (SPEARMAN_ROWS if objective == "spearman" else 2):
+        return None
+    out = []
+    for part in np.array_split(np.arange(n), FOLDS):
+        def cut(d):
+            return {k: v[part] if np.ndim(v) and np.shape(v)[0] == n else v for k, v in d.items()}
+        out.append(loss(objective, cut(refs), cut(outs), cut(feeds), logits))
+    return tuple(out)
+
+
 def score_text(objective: str, value: float) -> str:
     return f"KL {value:.4g}" if objective == "kl" else f"{objective} {1 - value:.4f}"

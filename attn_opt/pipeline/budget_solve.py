@@ -9,7 +9,7 @@ from attn_opt.passes.plan import DENSE
 
 VERIFY = 3  # best predicted assignments measured on the whole model
 GREEDY = 3  # greedy refinement steps (each one whole-model measurement)
-UNIFORM_SEEDS = 2  # uniform assignments (one form everywhere) also measured as starting points
+UNIFORM_SEEDS = 3  # uniform assignments (one form everywhere) also measured as starting points
 
 
 @dataclass
@@ -18,6 +18,18 @@ class Point:
     loss: float  # predicted: the sum of the sites' measured losses
     picks: tuple[int, ...]
     measured: float | None = None  # the whole model's loss with this assignment
+    folds: tuple[float, ...] | None = None  # the same on each fold of the search rows (None: too few rows)
+    uniform: bool = False  # one choice template on every site
+
+    def beats(self, other: "Point") -> bool:
+        """Measured better than `other` on the search rows and no worse on any fold of them:
+        a per-site plan must win on every part of the search data to replace a uniform form
+        (a win on the whole that one fold contradicts is what does not carry to new inputs)."""
+        if self.measured >= other.measured:
+            return False
+        if self.folds is None or other.folds is None or (self.uniform and other.uniform):
+            return True
+        return all(a <= b for a, b in zip(self.folds, other.folds))
 
 
 def pareto(costs: list[list[float]], losses: list[list[float]], resolution: float = 1e-3) -> list[Point]:
@@ -49,7 +61,7 @@ def _uniform(choices, order, base: float, limit: float) -> list[Point]:
         if t == DENSE or -1 in picks:
             continue
         p = Point(sum(choices[sid][j].cost for sid, j in zip(order, picks)),
-                  sum(choices[sid][j].loss for sid, j in zip(order, picks)), picks)
+                  sum(choices[sid][j].loss for sid, j in zip(order, picks)), picks, uniform=True)
         if base + p.cost <= limit + 1e-9:
             out.append(p)
     return sorted(out, key=lambda p: p.loss)
@@ -57,16 +69,26 @@ def _uniform(choices, order, base: float, limit: float) -> list[Point]:
 
 def _refine(points: list[Point], choices, order, base: float, limit: float, measure):
     """The best VERIFY predicted assignments within the limit, and the best UNIFORM_SEEDS
-    uniform ones, measured on the whole model; the best measured kept; then up to GREEDY single-site upgrades that fit the leftover budget,
-    each kept only when the whole model's measurement confirms it."""
+    uniform ones, measured on the whole model (`measure(picks)` -> (loss, per-fold losses));
+    the best uniform one kept unless a per-site plan `beats` it (better on the search rows
+    and on each fold of them); then up to GREEDY single-site upgrades that fit the leftover
+    budget, each kept only when the whole model's measurement `beats` the plan so far."""
+    def measured(p: Point) -> Point:
+        p.measured, p.folds = measure(p.picks)
+        return p
+
     under = sorted((p for p in points if base + p.cost <= limit + 1e-9), key=lambda p: p.loss)
-    for p in under[:VERIFY]:
-        p.measured = measure(p.picks)
-    tried = [u for u in _uniform(choices, order, base, limit)[:UNIFORM_SEEDS]
-             if all(u.picks != p.picks for p in under[:VERIFY])]
-    for u in tried:  # one form everywhere is a seed too: the search never ends below the best uniform it measured
-        u.measured = measure(u.picks)
-    best = min(under[:VERIFY] + tried, key=lambda p: p.measured)
+    seeds = [measured(p) for p in under[:VERIFY]]
+    tried = [measured(u) for u in _uniform(choices, order, base, limit)[:UNIFORM_SEEDS]
+             if all(u.picks != p.picks for p in seeds)]
+    for p in seeds:  # the DP's own uniform points count as uniform seeds
+        p.uniform = p.uniform or len({choices[sid][j].template for sid, j in zip(order, p.picks)}) == 1
+    uniform = [p for p in seeds + tried if p.uniform]
+    best = min(uniform, key=lambda p: p.measured) if uniform else None
+    for p in sorted((p for p in seeds + tried if not p.uniform), key=lambda p: p.measured):
+        if best is None or p.beats(best):
+            best = p
+            break
     for _ in range(GREEDY):
         slack = limit - base - best.cost
         moves = [(choices[sid][best.picks[i]].loss - c.loss, i, j) for i, sid in enumerate(order)
@@ -77,10 +99,9 @@ def _refine(points: list[Point], choices, order, base: float, limit: float, meas
         gain, i, j = max(moves)
         picks = best.picks[:i] + (j,) + best.picks[i + 1:]
         c_old, c_new = choices[order[i]][best.picks[i]], choices[order[i]][j]
-        cand = Point(best.cost - c_old.cost + c_new.cost, best.loss - gain, picks)
-        cand.measured = measure(picks)
+        cand = measured(Point(best.cost - c_old.cost + c_new.cost, best.loss - gain, picks))
         tried.append(cand)
-        if cand.measured < best.measured:
+        if cand.beats(best):
             best = cand
         else:
             break

@@ -146,7 +146,10 @@ def site_tensors(new_site, old_site, probed: dict):
     def kept(pattern):
         if pattern is None:
             return vis
-        return vis & pattern.visible(tk)[tk - tq:]
+        out = vis & pattern.visible(tk)[tk - tq:]
+        if pattern.dense_heads:  # those heads keep every pair the site's masks allow
+            out[:, list(pattern.dense_heads)] = vis[:, list(pattern.dense_heads)]
+        return out
 
     v = reference.operand(new_site.v, probed).astype(np.float64)
     v = np.repeat(v, s.shape[1] // v.shape[1], axis=1)
@@ -171,10 +174,11 @@ def row_error(a, b, live) -> float:
     return relative_error(np.where(m, a, 0.0), np.where(m, b, 0.0))
 
 
-def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float, float]:
+def fit(s, vis, v, target, normaliser, steps: int = STEPS, frozen: tuple[int, ...] = ()) -> tuple[dict, float, float]:
     """The calibrated `normaliser`'s per-head parameters minimising the squared error of its
     output against `target` on the live rows (`live_rows`), from the identity; (values,
-    error before, after)."""
+    error before, after). The heads in `frozen` (a pattern's dense heads: exact as they are)
+    keep their starting values."""
     import torch
 
     from attn_opt.backends.torch.forms import normalise
@@ -204,6 +208,8 @@ def fit(s, vis, v, target, normaliser, steps: int = STEPS) -> tuple[dict, float,
         opt.zero_grad()
         loss = ((((out() - T) / scale) ** 2) * rows).sum() / rows.sum()
         loss.backward()
+        for t in params.values():  # a zero gradient from the start: Adam leaves the value as it is
+            t.grad[list(frozen)] = 0
         opt.step()
         with torch.no_grad():
             for k, low in LOWER.items():
@@ -355,7 +361,8 @@ def fit_sites(gv, old_sites: dict, rewritten: list[str], calib: dict, heldout: d
             tensors = {s.id: site_tensors(s, old_sites[s.id], probed) for s in chosen}
             for s in chosen:
                 n = s.normaliser
-                values, before, after = fit(*tensors[s.id], normaliser=n)
+                dense = s.pattern.dense_heads if s.pattern is not None else ()
+                values, before, after = fit(*tensors[s.id], normaliser=n, frozen=dense)
                 start = n.values(s.heads)
                 if after < before:
                     write(s.id, values)

@@ -146,7 +146,9 @@ class Stepper:
         """Logits of the new tokens `ids` [B, T] after `done` cached ones, and the new cache."""
         b, t = ids.shape
         feeds = {self.loop.ids: ids.astype(np.int64), **cache}
-        held = next(iter(cache.values())).shape[2]  # the cache's length: `done`, or less where the step caps it
+        # the cache's length: `done`, or less where the step caps it; beside a per-head split's capped
+        # `_stream` caches the full ones (the longest) keep every position, and the mask covers them
+        held = max(v.shape[2] for v in cache.values())
         if self.loop.mask:
             feeds[self.loop.mask] = np.ones((b, held + t), np.int64)
         if self.loop.branch:

@@ -207,8 +207,6 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
             continue
         form = p.form(site, diag.get(site.id))
         if calibrating and p.produces == "form":
-            if form.pattern is not None and form.pattern.dense_heads:
-                raise NotSupported(f"{p.name}: --calibrate with dense heads is not implemented yet")
             if form.pattern is not None and form.pattern.selection is not None:
                 raise NotSupported(f"{p.name}: --calibrate with a content selection ({form.pattern.kind}) "
                                    "is not implemented yet")

@@ -254,5 +254,26 @@ def write_pipeline_page(steps, report, path: str, feeds) -> None:
     for p, (before, after) in zip(report.passes, report.models):
         d = diff_views(steps.view_for_diff(before, feeds), steps.view_for_diff(after, feeds), title=p.name)
         pages.append((d, p.to_json()))
+    page = render(pages)
+    if report.plan:  # --budget: the plan's Pareto plot under the tabs
+        page = page.replace("</body>", _pareto_section(report.plan) + "</body>", 1)
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(render(pages))
+        Path(tmp).write_text(page)
+
+
+def _pareto_section(plan: dict) -> str:
+    """The Pareto plot of a --budget search (every assignment tried, the chosen one marked)
+    as an inline PNG."""
+    import base64
+    import html
+    import tempfile
+
+    from attn_opt.tools.plan_report import write_pareto
+
+    with tempfile.TemporaryDirectory() as d:
+        png = Path(d) / "pareto.png"
+        write_pareto(plan, str(png))
+        data = base64.b64encode(png.read_bytes()).decode()
+    title = html.escape(f"--budget {plan['budget']}: every assignment tried (cost {plan['cost']:.3f} chosen)")
+    return (f'<section id="budget-pareto" style="margin:1em"><h3>{title}</h3>'
+            f'<img alt="Pareto plot of the budget search" src="data:image/png;base64,{data}"></section>\n')

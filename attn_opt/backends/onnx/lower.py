@@ -14,6 +14,7 @@ compose on one site.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -243,29 +244,38 @@ def per_head(e: SiteEdit, site: AttentionSite, values, ndim: int):
     return e.const(arr)
 
 
-def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int):
+def normaliser_fn(n: Normaliser, site: AttentionSite, ndim: int, heads: list[int] | None = None):
     """(edit, scores, visible) -> weights, for scores of rank `ndim` with heads as [Hkv, g].
     A calibrated normaliser reads its per-head parameters (patterns/form.py: the affine
     gain · N(temperature · S + offset) and the kind's own) from initializers calibration
-    sets, attn_opt.<site>.<name>, one value per head."""
+    sets, attn_opt.<site>.<name>, one value per head. `heads`: the scores hold only these
+    heads of the site, in order (one part of a dense-heads split, each head its own KV):
+    per-head values are taken at them, a calibrated parameter gathered from the site's one
+    [heads] initializer, so calibration writes every head's value in one place."""
+    part = site if heads is None else dataclasses.replace(site, heads=len(heads), kv_heads=len(heads))
+    own = n if heads is None else n.of_heads(heads, site.heads)
     if not n.calibrated:
-        return lambda e, s, vis: _kind(e, s, vis, site, n, ndim, None)
+        return lambda e, s, vis: _kind(e, s, vis, part, own, ndim, None)
 
     def calibrated(e, s, vis):
         start = n.values(site.heads)
-        prm = lambda name: _param(e, site, name, start[name], ndim)  # noqa: E731
+        prm = lambda name: _param(e, site, name, start[name], ndim, heads)  # noqa: E731
         s = e.op("Where", [vis, s, f32(e, 0)])  # hidden scores (-inf) stay out of the product
         s = e.op("Add", [e.op("Mul", [s, prm("temperature")]), prm("offset")])
-        return e.op("Mul", [_kind(e, s, vis, site, n, ndim, prm), prm("gain")])
+        return e.op("Mul", [_kind(e, s, vis, part, own, ndim, prm), prm("gain")])
 
     return calibrated
 
 
-def _param(e: SiteEdit, site: AttentionSite, name: str, values, ndim: int):
-    """The site's per-head initializer `name` ([heads]), viewed as [1, Hkv, g, 1, ...]."""
+def _param(e: SiteEdit, site: AttentionSite, name: str, values, ndim: int, heads: list[int] | None = None):
+    """The site's per-head initializer `name` ([heads]), viewed as [1, Hkv, g, 1, ...]; only
+    `heads` of it (as [1, len(heads), 1, 1, ...]) where given."""
     init = e.model.graph.initializers.get(param_name(site.id, name))
     if init is None:
         init = e.initializer(name, np.asarray(values, np.float32))
+    if heads is not None:
+        init = e.op("Gather", [init, e.ints(*heads)], {"axis": 0})
+        return e.op("Reshape", [init, e.ints(1, len(heads), 1, *([1] * (ndim - 3)))])
     shape = e.ints(1, site.kv_heads, site.heads // site.kv_heads, *([1] * (ndim - 3)))
     return e.op("Reshape", [init, shape])
 
@@ -357,10 +367,13 @@ def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, no
     return note
 
 
-def _sparse(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser, banded: bool, qkv=None):
+def _sparse(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser, banded: bool, qkv=None,
+            of=None):
+    """`of`: (the whole site, its heads these are) where `site` is one part of a dense-heads split."""
+    whole, heads = of or (site, None)
     if banded:
-        return emit_banded(e, site, pattern, normaliser_fn(normaliser, site, 6), qkv=qkv)
-    return emit_explicit(e, site, normaliser_fn(normaliser, site, 5), qkv=qkv, pattern=pattern)
+        return emit_banded(e, site, pattern, normaliser_fn(normaliser, whole, 6, heads), qkv=qkv)
+    return emit_explicit(e, site, normaliser_fn(normaliser, whole, 5, heads), qkv=qkv, pattern=pattern)
 
 
 def _windowed(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
@@ -374,8 +387,6 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
     through the dense form, then the heads put back in order."""
     if not pattern.dense_heads:
         return _sparse(e, site, pattern, normaliser, banded)
-    import dataclasses
-
     dense = sorted(pattern.dense_heads)
     sparse = [h for h in range(site.heads) if h not in dense]
     q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)
@@ -388,9 +399,9 @@ def _split_heads(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser:
         sub = dataclasses.replace(site, heads=len(heads), kv_heads=len(heads))
         qkv = [e.op("Gather", [q, idx], {"axis": 1})] + [e.op("Gather", [x, kv_idx], {"axis": 1}) for x in (k, v)]
         if dense_part:
-            outs.append(emit_explicit(e, sub, normaliser_fn(normaliser, sub, 5), qkv=qkv))
+            outs.append(emit_explicit(e, sub, normaliser_fn(normaliser, site, 5, heads), qkv=qkv))
         else:
-            outs.append(_sparse(e, sub, pattern.sparse_heads(), normaliser, banded, qkv=qkv))
+            outs.append(_sparse(e, sub, pattern.sparse_heads(), normaliser, banded, qkv=qkv, of=(site, heads)))
     order = dense + sparse
     inverse = [order.index(h) for h in range(site.heads)]
     return e.op("Gather", [e.op("Concat", outs, {"axis": 1}) if len(outs) > 1 else outs[0], e.ints(*inverse)], {"axis": 1})
@@ -413,8 +424,6 @@ def _grid(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normal
 
 
 def _grid_tokens(e: SiteEdit, site: AttentionSite, pattern: Pattern, normaliser: Normaliser):
-    import dataclasses
-
     site = dataclasses.replace(site, additive=(), bool_mask=None)  # mask kind "none": any term is a no-op
     n = pattern.sinks
     q, k, v = e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v)

@@ -372,16 +372,22 @@ def attention(q, k, v, additive=(), bool_mask=None, *, bool_keep=True, scale, ca
             return kernel(q, k, v, pattern=pattern, normaliser=n, scale=scale, causal=causal, key_bias=key_bias,
                           sink_logit=bias)
 
-    def per_head(values, ndim=5):
+    def per_head(values, ndim=5, groups=(hkv, h // hkv)):
         t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=q.dtype, device=q.device)
-        return t.to(q.dtype).reshape((1, hkv, h // hkv) + (1,) * (ndim - 3))
+        return t.to(q.dtype).reshape((1, *groups) + (1,) * (ndim - 3))
 
     params = dict(params or {})  # calibrated nn.Parameters, if any
     if bias is not None and n.kind == "logit" and not n.calibrated:
         params["bias"] = bias  # a trained sink logit
 
-    def norm(s, vis, ndim):
-        return normalise(n, s, vis, lambda vals: per_head(vals, ndim), h, params)
+    def norm(s, vis, ndim, heads=None):
+        """`heads`: the scores hold only these heads (one part of a dense-heads split, each
+        head its own KV): per-head values and parameters taken at them."""
+        if heads is None:
+            return normalise(n, s, vis, lambda vals: per_head(vals, ndim), h, params)
+        at = torch.tensor(heads, device=q.device)
+        return normalise(n.of_heads(heads, h), s, vis, lambda vals: per_head(vals, ndim, (len(heads), 1)), len(heads),
+                         {k: t[at] for k, t in params.items() if t is not None})
 
     masks = _masks(additive, bool_mask, bool_keep, filled)
     if pattern is None:
@@ -402,20 +408,24 @@ def _windowed(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap,
     """A window (plain, shifted or strided), its `dense_heads` through the dense form."""
     mask_bias, keep, after = masks
 
-    def sparse(q_, k_, v_, f):
+    def sparse(q_, k_, v_, f, nf):
         if banded:
-            return _banded(q_, k_, v_, mask_bias, keep, scale, f, norm, softcap=softcap)
-        return _explicit(q_, k_, v_, mask_bias, keep, scale, causal, norm, fill, softcap, pattern=f, after=after)
+            return _banded(q_, k_, v_, mask_bias, keep, scale, f, nf, softcap=softcap)
+        return _explicit(q_, k_, v_, mask_bias, keep, scale, causal, nf, fill, softcap, pattern=f, after=after)
 
     if not form.dense_heads:
-        return sparse(q, k, v, form)
+        return sparse(q, k, v, form, norm)
     h = q.shape[1]
     dense = sorted(form.dense_heads)
     rest = [x for x in range(h) if x not in dense]
-    outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, norm, fill, softcap,
-                      after=after)]
+
+    def part(heads):  # the normaliser on those heads only (per-head values taken at them)
+        return lambda s, vis, ndim: norm(s, vis, ndim, heads)
+
+    outs = [_explicit(q[:, dense], k[:, dense], v[:, dense], mask_bias, keep, scale, causal, part(dense), fill,
+                      softcap, after=after)]
     if rest:
-        outs.append(sparse(q[:, rest], k[:, rest], v[:, rest], form.sparse_heads()))
+        outs.append(sparse(q[:, rest], k[:, rest], v[:, rest], form.sparse_heads(), part(rest)))
     order = dense + rest
     return torch.cat(outs, 1)[:, [order.index(x) for x in range(h)]]
 

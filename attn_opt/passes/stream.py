@@ -31,10 +31,11 @@ groups' under the old names (`past_key_values.0.key` -> `present.0.key`, every p
 so the attention mask stays over past + new), the streaming groups' as
 `past_key_values.0.key_stream` -> `present.0.key_stream` (S + W positions). auto keeps a
 group full where the stream pattern drops more than full_above of its attention on the
-calibration inputs (the largest over its query heads); a site whose groups all come out
-full is skipped with that reason. The streaming groups' attention is still computed over
-the full length (their dropped positions are zeros the pattern masks): the cache shrinks,
-the per-token time does not yet.
+calibration inputs (the largest over its query heads); with --calibrate, by DuoAttention's
+gates instead (pipeline/stream_gates.py: a per-group mix of dense and streaming outputs
+fitted so the model's outputs match, L1 weight gate_l1, kept full above gate_above). A
+site whose groups all come out full is skipped with that reason. Each part of the heads attends over its own cache
+(backends/onnx/stream_heads.py): a streaming group's step reads only its sinks + window.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class Stream(Pass):
                                     accepts="auto, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
     full_above: float = option(0.05, "full_heads=auto: a group keeps the full cache when the stream pattern drops "
                                "more than this share of its attention on the calibration inputs", low=0, high=1)
+    gate_above: float = option(0.5, "full_heads=auto with --calibrate: a group keeps the full cache when its fitted "
+                               "DuoAttention gate ends above this", low=0, high=1)
+    gate_l1: float = option(0.05, "full_heads=auto with --calibrate: the L1 weight pulling the gates towards "
+                            "streaming (against the model's relative output error)", low=0)
 
     def __post_init__(self):
         if self.window is None:
@@ -100,6 +105,10 @@ class Stream(Pass):
     def needs_diagnostics(self) -> bool:
         return self.full_heads == "auto"
 
+    def fits_gates(self) -> bool:
+        """With --calibrate, full_heads=auto fits DuoAttention's gates (pipeline/stream_gates.py)."""
+        return self.full_heads == "auto"
+
     def full_groups(self, site, diag=None) -> tuple[tuple[int, ...], str]:
         """The site's KV groups that keep the full cache, and why (per-head streaming)."""
         pairs = self.groups()
@@ -109,6 +118,11 @@ class Stream(Pass):
                 raise UserError(f"stream: full_heads names KV group {full[-1]}, but site {site.id} has "
                                 f"{site.kv_heads} KV groups")
             return tuple(full), f"KV groups {full or 'none'} keep the full cache (full_heads={self.full_heads})"
+        if diag is not None and diag.gates is not None:
+            full = tuple(int(g) for g in range(site.kv_heads) if diag.gates[g] > self.gate_above)
+            return full, (f"KV groups {list(full) or 'none'} keep the full cache: DuoAttention gates "
+                          f"{[round(float(a), 3) for a in diag.gates]} vs {self.gate_above:g}, fitted so the model's "
+                          "outputs match on the calibration inputs")
         if not diag:
             raise UserError(f"stream: no attention probabilities for site {site.id} to choose full_heads=auto from")
         from attn_opt.patterns.diagnostics import outside_stream

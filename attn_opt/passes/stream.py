@@ -23,7 +23,10 @@ target=onnx|ort computes the window with a runtime's own op (ONNX Attention opse
 left_window_size, ONNX Runtime's GroupQueryAttention with local_window_size; sinks=0, as
 neither keeps sink tokens), the cache capped the same way; auto times both at the site's
 shape and keeps the faster (backends/onnx/stream_ops.py); own (default) is attn-opt's
-lowering in standard ops. A site an op cannot take is skipped with the reason.
+lowering in standard ops. target=ort_window_cache is GroupQueryAttention with its
+window-sized cache (sliding_window_cache=1: the op evicts inside, no cap after it), where
+the installed ONNX Runtime's schema has that attribute (else refused in one line); auto
+does not time it. A site an op cannot take is skipped with the reason.
 
 full_heads: per-head streaming (DuoAttention): the named KV groups keep the full cache and
 attend densely, the others stream. The step then takes two caches per site: the full
@@ -59,7 +62,8 @@ class Stream(Pass):
     window: int | None = option(None, "recent tokens each query sees and the cache keeps (required)", low=1)
     positions: str = option("original", "rotary positions of cached tokens", choices=("original", "cache"))
     target: str = option("own", "who computes the window: attn-opt's own ONNX lowering, ONNX Attention-25, ORT "
-                                "GroupQueryAttention, or the faster of the two ops (auto; the ops need sinks=0)",
+                                "GroupQueryAttention (with its window-sized cache: ort_window_cache), or the faster "
+                                "of Attention-25 and GroupQueryAttention (auto; the ops need sinks=0)",
                          choices=STREAM_TARGETS)
     full_heads: str | None = option(None, "KV groups that keep the full cache, the others stream",
                                     accepts="auto, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
@@ -73,7 +77,7 @@ class Stream(Pass):
     def __post_init__(self):
         if self.window is None:
             raise UserError("stream: window=W is required (e.g. stream:sinks=4,window=1024)")
-        if self.target in ("onnx", "ort") and self.sinks:
+        if self.target in ("onnx", "ort", "ort_window_cache") and self.sinks:
             raise UserError(f"stream: target={self.target} computes the window with one op that keeps no sink tokens: "
                             "give sinks=0 (or target=own|auto)")
         if self.full_heads is not None:

@@ -71,7 +71,7 @@ def test_large_l1_streams_every_group(step):
 
 
 def test_a_middle_l1_reports_each_sites_gates(step):
-    _, p = _gates(step, 0.05)
+    _, p = _gates(step, 1.0)
     said = [n for n in p.notes if "DuoAttention gates [" in n]
     assert said and len(said) == len(p.sites_rewritten)
     assert "of 4 KV groups above 0.5" in p.calibration.note

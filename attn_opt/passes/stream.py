@@ -71,8 +71,9 @@ class Stream(Pass):
                                "more than this share of its attention on the calibration inputs", low=0, high=1)
     gate_above: float = option(0.5, "full_heads=auto with --calibrate: a group keeps the full cache when its fitted "
                                "DuoAttention gate ends above this", low=0, high=1)
-    gate_l1: float = option(0.05, "full_heads=auto with --calibrate: the L1 weight pulling the gates towards "
-                            "streaming (against the model's relative output error)", low=0)
+    gate_l1: float = option(1.0, "full_heads=auto with --calibrate: the L1 weight pulling the gates towards "
+                            "streaming, against the output error relative to every group streaming (1: a group "
+                            "stays full where it carries more than an average share of that error)", low=0)
 
     def __post_init__(self):
         if self.window is None:

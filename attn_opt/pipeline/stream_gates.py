@@ -6,9 +6,12 @@ Each site's output becomes a per-group mix α_g · dense + (1 − α_g) · strea
 (backends/onnx/duo.py, α as graph inputs), and α is fitted on the calibration inputs so
 the model's outputs match the untouched model's, with an L1 pull towards streaming:
 
-    min_α  Σ_o ‖y_o(α) − y_o(1)‖² / ‖y_o(1)‖²  +  λ · mean(α),   0 ≤ α ≤ 1
+    min_α  E(α) / E(0)  +  λ · mean(α),   0 ≤ α ≤ 1,   E(α) = Σ_o ‖y_o(α) − y_o(1)‖² / ‖y_o(1)‖²
 
-(y_o: each output that is not a returned cache). ONNX Runtime has no gradients, so the
+(y_o: each output that is not a returned cache; E(0): every group streaming). The error is
+taken relative to E(0), so λ is scale-free: near α's optimum a group's error grows as
+(1 − α)², and its gate ends above 0.5 where it accounts for more than λ / G of E(0) (G
+groups): λ = 1 keeps the groups with more than an average share. ONNX Runtime has no gradients, so the
 fit is Gauss-Newton on finite differences: per iteration one run per group for the
 Jacobian, then the bounded quadratic model minimised by projected gradient inside a
 trust region, the step kept only where the true loss fell. A group keeps the full cache
@@ -38,8 +41,9 @@ class GateFit:
     def describe(self, above: float) -> str:
         g = np.concatenate(list(self.gates.values()))
         return (f"DuoAttention gates fitted on the calibration inputs ({self.runs} runs, {self.seconds:.1f} s): "
-                f"{int((g > above).sum())} of {g.size} KV groups above {above:g}; output error "
-                f"{self.error_all_stream:.3g} with every group streaming, loss {self.loss[0]:.3g} -> {self.loss[-1]:.3g}")
+                f"{int((g > above).sum())} of {g.size} KV groups above {above:g}; relative output error "
+                f"{self.error_all_stream:.3g} with every group streaming; loss (error / that + L1) "
+                f"{self.loss[0]:.3g} -> {self.loss[-1]:.3g}")
 
 
 def fit_gates(om, site_ids: list[str], feeds: dict, sinks: int, window: int, l1: float) -> GateFit:
@@ -73,14 +77,20 @@ def fit_gates(om, site_ids: list[str], feeds: dict, sinks: int, window: int, l1:
     def residual(alpha):
         return np.concatenate([((np.asarray(y, np.float64) - r) / s).ravel() for y, r, s in zip(run(alpha), ref, scale)])
 
-    def loss(alpha, r):
-        return float(r @ r) + l1 * float(alpha.mean())
-
     n = sum(sizes)
     fit.error_all_stream = float((r0 := residual(np.zeros(n))) @ r0)
     alpha = np.ones(n)
     r = residual(alpha)
     fit.error_all_dense = float(r @ r)
+    if fit.error_all_stream <= 1e-12:  # the window drops nothing here: every group streams, exactly
+        fit.gates = dict(zip((s.id for s in sites), np.split(np.zeros(n), np.cumsum(sizes)[:-1])))
+        fit.loss, fit.seconds = [0.0], time.perf_counter() - t0
+        return fit
+    norm = np.sqrt(fit.error_all_stream)
+
+    def loss(alpha, r):
+        return float(r @ r) / fit.error_all_stream + l1 * float(alpha.mean())
+
     fit.loss.append(loss(alpha, r))
     trust = 1.0
     for _ in range(ITERATIONS):
@@ -90,7 +100,7 @@ def fit_gates(om, site_ids: list[str], feeds: dict, sinks: int, window: int, l1:
             a = alpha.copy()
             a[g] += h
             jac[:, g] = (residual(a) - r) / h
-        step = _bounded_step(jac, r, alpha, l1 / n, trust)
+        step = _bounded_step(jac / norm, r / norm, alpha, l1 / n, trust)
         cand = np.clip(alpha + step, 0, 1)
         rc = residual(cand)
         if loss(cand, rc) < fit.loss[-1]:

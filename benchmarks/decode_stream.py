@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,12 @@ SINKS, WINDOW, STEPS = 4, 1024, 16
 LATENT, ROPE = 32, 16  # latent rank (a quarter of 2 kv heads x 64), rotated K dims kept per kv head (partial RoPE)
 
 
+NOT_RUN: dict[str, str] = {}  # windowed op -> why the installed runtime cannot run it
+CAPS = {"stream": SINKS + WINDOW, "op_onnx": WINDOW, "op_ort_window_cache": WINDOW}  # every group capped
+NAMES = {"dense": "dense", "stream": "stream", "ort_gqa_window": "ORT GQA window",
+         "latent": f"latent:rank={LATENT},rope_dims={ROPE}", "stream_heads": "per-head 1/4 full",
+         "op_onnx": "Attention-25 window", "op_ort_window_cache": "ORT GQA sliding_window_cache"}
+CHECKS: dict[str, float] = {}  # model -> max relative logit error vs dense, 8 loop steps that fit
 FULL = "0:0+1:1"  # per-head streaming: 2 of the 8 KV groups (4 layers x 2) keep the full cache
 
 
@@ -58,6 +65,13 @@ def build(folder: Path) -> tuple[Path, ...]:
     assert len(report.passes[0].sites_rewritten) == CONFIG["num_hidden_layers"], report.passes[0].sites_skipped
     out.save(heads)
     gqa_local_window(dense, peer, WINDOW)
+    ops = {target: folder / f"op_{target}.onnx" for target in ("onnx", "ort_window_cache")}
+    for target, path in ops.items():  # the runtimes' windowed ops computing stream (no sinks: they keep none)
+        out, report = optimize(str(dense), [f"stream:sinks=0,window={WINDOW},target={target}"])
+        if not report.passes[0].sites_rewritten:  # an onnxruntime without the op or attribute: said, not timed
+            NOT_RUN[target] = report.passes[0].sites_skipped[0].reason
+            continue
+        out.save(path)
     for path, spec in ((latent, f"latent:rank={LATENT},rope_dims={ROPE}"), (full, "latent:rank=128")):
         out, report = optimize(str(dense), [spec], force=True)  # rank 128, K kept whole: exact (checked below)
         assert len(report.passes[0].sites_rewritten) == CONFIG["num_hidden_layers"], report.passes[0].sites_skipped
@@ -67,10 +81,12 @@ def build(folder: Path) -> tuple[Path, ...]:
 
     om, _, gv = onnx_adapter.load_view(str(dense))
     loop = loop_of(gv, onnx_adapter.input_specs(gv))
-    for other in (stream, peer, full, heads):  # equal to dense while the sequence fits the window / at full rank
+    for other in (stream, peer, full, heads, *[p for t, p in ops.items() if t not in NOT_RUN]):  # equal to dense
+        # while the sequence fits the window / at full rank
         got = compare(om, onnx_adapter.load(str(other)), loop, np.array([[5, 6, 7]]), 8)
         assert got["max_rel_error"] < 1e-3, (other.name, got["max_rel_error"])
-    return dense, stream, peer, latent, heads
+        CHECKS[other.stem] = got["max_rel_error"]
+    return dense, stream, peer, latent, heads, *[p for t, p in ops.items() if t not in NOT_RUN]
 
 
 def gqa_local_window(src: Path, dst: Path, window: int) -> None:
@@ -121,11 +137,12 @@ def one(model: str, length: int) -> dict:
     om, _, gv = onnx_adapter.load_view(model)
     loop = loop_of(gv, onnx_adapter.input_specs(gv))
     s = Stepper(om, loop)
-    capped = min(length - 1, SINKS + WINDOW)
-    uniform = Path(model).stem == "stream"  # every group capped; per-head: only the `_stream` caches
+    cap = CAPS.get(Path(model).stem)  # every group capped; per-head: only the `_stream` caches
 
     def kept(past):
-        return capped if uniform or past.endswith("_stream") else length - 1
+        if cap is not None:
+            return min(length - 1, cap)
+        return min(length - 1, SINKS + WINDOW) if past.endswith("_stream") else length - 1
     rng = np.random.default_rng(0)
     cache = {past: rng.standard_normal((1, shape[1], kept(past), shape[3])).astype(np.float32)
              for past, (shape, _) in loop.pasts.items()}
@@ -142,13 +159,18 @@ def one(model: str, length: int) -> dict:
 
 def quality(args) -> int:
     """--quality-only: on the trained decoder (zoo.TRAINED), teacher-forced held-out NLL,
-    top-1 agreement with dense and the cache, for dense, stream and per-head streaming
-    (full_heads=auto, and the quarter of the KV groups whose attention the window drops most)."""
+    top-1 agreement with dense and the cache, for dense, stream and per-head streaming with
+    the KV groups chosen two ways: by the attention the window drops (diagnostics:
+    full_heads=auto, and the quarter of the groups it drops most from) and by DuoAttention's
+    gates fitted on calibration text (full_heads=auto with --calibrate, and the quarter of
+    the groups with the largest gates)."""
     import attn_opt
     from attn_opt.core.ir import onnx as onnx_adapter
     from attn_opt.patterns.detect import detect
     from attn_opt.patterns.diagnostics import for_pass, outside_stream
     from attn_opt.pipeline.onnx_decode import Stepper, forced_quality, loop_of, teacher_forced
+    from attn_opt.pipeline.onnx_steps import OnnxSteps
+    from attn_opt.pipeline.stream_gates import fit_gates
     from attn_opt.tools import train_decoder, zoo
 
     sinks, window, length, segments = args.sinks, args.window, args.length, args.segments
@@ -159,22 +181,33 @@ def quality(args) -> int:
     text = np.frombuffer(train_decoder.held_out_text(), np.uint8).astype(np.int64)
     stride = (len(text) - length) // segments
     evaluate = np.stack([text[i * stride: i * stride + length] for i in range(segments)])
-    # calibration: other held-out bytes (half a stride on), one step after a 256-byte cache the dense step built
+    # calibration: other held-out bytes (half a stride on), never the evaluated ones
     cal = np.stack([text[i * stride + stride // 2: i * stride + stride // 2 + 257] for i in range(segments)])
     s = Stepper(om, loop)
     _, cache = s.step(cal[:, :256], s.start(segments), 0)
     feeds = {loop.ids: cal[:, 256:], loop.mask: np.ones((segments, 257), np.int64),
-             loop.positions: np.full((segments, 1), 256, np.int64), **cache}
+             loop.positions: np.full((segments, 1), 256, np.int64), **cache}  # one step after a 256-byte cache
+    prefill = {loop.ids: cal, loop.mask: np.ones(cal.shape, np.int64),  # the gates' calibration: 257 bytes at once
+               loop.positions: np.broadcast_to(np.arange(cal.shape[1]), cal.shape).copy(), **s.start(segments)}
     sites = detect(gv).sites
     diag = for_pass(gv, sites, feeds, window)
     ranked = sorted(((float(m), s.layer, g) for s in sites
-                     for g, m in enumerate(outside_stream(diag[s.id]["probs"], sinks, window)
+                     for g, m in enumerate(outside_stream(diag[s.id].probs, sinks, window)
                                            .reshape(s.kv_heads, -1).max(1))), reverse=True)
     quarter = ranked[: max(1, len(ranked) // 4)]
-    specs = {"stream": f"stream:sinks={sinks},window={window}",
-             "per-head auto": f"stream:sinks={sinks},window={window},full_heads=auto,full_above={args.full_above}",
-             "per-head 1/4 full": f"stream:sinks={sinks},window={window},full_heads="
-                                  + "+".join(f"{layer}:{g}" for _, layer, g in quarter)}
+    upgraded = OnnxSteps().upgrade(onnx_adapter.load(str(dense)), 18, "the gate model")
+    fit = fit_gates(upgraded, [s.id for s in sites], prefill, sinks, window, args.gate_l1)
+    by_gate = sorted(((float(a), next(x.layer for x in sites if x.id == sid), g)
+                      for sid, gates in fit.gates.items() for g, a in enumerate(gates)), reverse=True)
+    top = by_gate[: len(quarter)]
+    base_spec = f"stream:sinks={sinks},window={window}"
+    specs = {"stream": (base_spec, None),
+             "per-head auto, diagnostics": (f"{base_spec},full_heads=auto,full_above={args.full_above}", None),
+             "per-head auto, DuoAttention gates": (f"{base_spec},full_heads=auto,gate_l1={args.gate_l1}", prefill),
+             "per-head 1/4 full, diagnostics": (f"{base_spec},full_heads=" + "+".join(f"{l}:{g}" for _, l, g in quarter),
+                                                None),
+             "per-head 1/4 full, DuoAttention gates": (f"{base_spec},full_heads=" + "+".join(f"{l}:{g}" for _, l, g in top),
+                                                       None)}
     base = teacher_forced(om, loop, evaluate)
     rows, records = [], []
 
@@ -182,13 +215,14 @@ def quality(args) -> int:
         q = forced_quality(f, base, train_decoder.CONTEXT)
         records.append({"model": name, "spec": spec, "note": note, "cache_bytes": f.cache_bytes,
                         **{f"{k}_{m}": v for k, d in q.items() for m, v in d.items()}})
-        rows.append([name, f"{q['all']['nll']:.4f}", f"{q['after']['nll']:.4f}", f"{q['all'].get('agreement', 1):.3f}",
+        rows.append([name, f"{q['all']['nll']:.4f}", f"{q['before']['nll']:.4f}", f"{q['after']['nll']:.4f}",
+                     f"{q['before'].get('agreement', 1):.3f}", f"{q['all'].get('agreement', 1):.3f}",
                      f"{f.cache_bytes / 2**10:.0f}", f"{f.cache_bytes / base.cache_bytes:.2f}"])
         print(rows[-1], note, file=sys.stderr, flush=True)
 
     add("dense", "", base)
-    for name, spec in specs.items():
-        out, rep = attn_opt.optimize(str(dense), [spec], feeds=feeds, force=True)
+    for name, (spec, calibrate) in specs.items():
+        out, rep = attn_opt.optimize(str(dense), [spec], feeds=feeds, calibrate=calibrate, force=True)
         p = rep.passes[0]
         if not p.sites_rewritten:
             add(name, spec, base, "nothing streams: " + "; ".join(k.reason for k in p.sites_skipped[:1]))
@@ -196,18 +230,30 @@ def quality(args) -> int:
         out.save(str(tmp / "m.onnx"))
         chosen = [n.split(":")[0] + ": " + next(x.strip() for x in n.split(";") if "keep the full cache" in x)
                   for n in p.notes if "keep the full cache" in n]
+        chosen += [f"{k.id}: every group full" for k in p.sites_skipped]
         add(name, spec, teacher_forced(onnx_adapter.load(str(tmp / "m.onnx")), loop, evaluate), " | ".join(chosen))
-    preface = ["# Decoding quality on the trained decoder: dense vs stream vs per-head streaming", "",
-               f"`llama-bytes` (trained at {train_decoder.CONTEXT} bytes), TorchScript export, ONNX Runtime CPU. "
+    ctx = train_decoder.CONTEXT
+    preface = ["# Decoding quality on the trained decoder: dense vs stream vs per-head streaming, the groups chosen by "
+               "diagnostics or by DuoAttention's gates", "",
+               f"`llama-bytes` (trained at {ctx} bytes), TorchScript export, ONNX Runtime CPU. "
                f"{segments} held-out segments of {length} bytes teacher-forced one byte per step through the cache "
-               f"({evaluate[:, 1:].size} scored); stream with {sinks} sinks + a window of {window}. Per-head groups "
-               f"chosen on other held-out bytes (one step after a 256-byte cache): auto keeps a group full where the "
-               f"window drops > {args.full_above} of its attention; 1/4 full: the {len(quarter)} of {len(ranked)} "
-               f"groups it drops most from ({', '.join(f'layer {l} group {g}: {m:.3f}' for m, l, g in quarter)}).",
+               f"({evaluate[:, 1:].size} scored); stream with {sinks} sinks + a window of {window}. NLL < {ctx}: the "
+               f"positions inside the context the model was trained at (where dense is the reference and a closer "
+               f"match is better); NLL >= {ctx}: past it (where dense itself degrades).", "",
+               f"Choices made on other held-out bytes ({segments} x 257). Diagnostics (no --calibrate): the attention "
+               f"mass the window drops, one step after a 256-byte cache; auto keeps a group full above "
+               f"{args.full_above}; 1/4 full: the {len(quarter)} of {len(ranked)} groups it drops most from "
+               f"({', '.join(f'layer {l} group {g}: {m:.3f}' for m, l, g in quarter)}). DuoAttention (--calibrate): "
+               f"per-group gates mixing dense and streaming outputs, fitted on the 257-byte prefill so the logits "
+               f"match, L1 weight {args.gate_l1} ({fit.runs} model runs, {fit.seconds:.1f} s; relative logit error "
+               f"with every group streaming {fit.error_all_stream:.4f}); auto keeps a group full where its gate ends "
+               f"above 0.5; 1/4 full: the {len(top)} largest gates "
+               f"({', '.join(f'layer {l} group {g}: {a:.3f}' for a, l, g in top)}). All gates: "
+               + "; ".join(f"{sid} {np.round(g, 3).tolist()}" for sid, g in fit.gates.items()) + ".",
                "", *[f"- {r['model']}: {r['note']}" for r in records if r["note"]], ""]
     write("decode_stream_quality", "decode quality on the trained decoder",
-          ["model", "NLL nats/byte", f"NLL >= {train_decoder.CONTEXT}", "agreement with dense", "cache KiB",
-           "cache / dense"], rows, records, preface)
+          ["model", "NLL nats/byte", f"NLL < {ctx}", f"NLL >= {ctx}", f"agreement with dense < {ctx}",
+           "agreement with dense", "cache KiB", "cache / dense"], rows, records, preface)
     return 0
 
 
@@ -267,6 +313,7 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=640, help="--quality-only: bytes per held-out segment")
     ap.add_argument("--segments", type=int, default=4, help="--quality-only: held-out segments")
     ap.add_argument("--full-above", type=float, default=0.15, help="--quality-only: full_heads=auto's threshold")
+    ap.add_argument("--gate-l1", type=float, default=1.0, help="--quality-only: the DuoAttention gates' L1 weight")
     args = ap.parse_args()
     if args.quality_only:
         return quality(args)
@@ -276,6 +323,7 @@ def main() -> int:
         print(json.dumps(one(args.one[0], int(args.one[1]))))
         return 0
     rows, records = [], []
+    load = [os.getloadavg()[0]]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory() as tmp:
         models = build(Path(tmp))
         for length in args.lengths:
@@ -284,13 +332,17 @@ def main() -> int:
                 r = subprocess.run([sys.executable, __file__, "--one", str(m), str(length)], capture_output=True,
                                    text=True, check=True)
                 got[m.stem] = json.loads(r.stdout.strip().splitlines()[-1])
-            order = [got[m.stem] for m in models]  # dense, stream, peer, latent, per-head
             records.append({"length": length, **{f"{k}_{m}": v for m, g in got.items() for k, v in g.items()}})
-            rows.append([str(length)] + [f"{g['ms_per_token']:.2f}" for g in order]
-                        + [f"{g['cache_bytes'] / 2**20:.1f}" for g in order] + [f"{g['loop_rss_mb']:.0f}" for g in order])
-            print(rows[-1], file=sys.stderr)
-    preface = ["# Decoding: dense cache vs stream:sinks=4,window=1024 vs ORT GroupQueryAttention local_window_size=1024 "
-               f"vs latent:rank={LATENT},rope_dims={ROPE}",
+            d = got["dense"]
+            for m in models:
+                g = got[m.stem]
+                rows.append([str(length), NAMES[m.stem], f"{g['ms_per_token']:.2f}",
+                             f"{g['ms_per_token'] / d['ms_per_token']:.2f}", f"{g['cache_bytes'] / 2**20:.1f}",
+                             f"{g['cache_bytes'] / d['cache_bytes']:.2f}", f"{g['loop_rss_mb']:.0f}"])
+                print(rows[-1], file=sys.stderr)
+            load.append(os.getloadavg()[0])
+    preface = ["# Decoding: dense cache vs stream:sinks=4,window=1024, per-head streaming, the runtimes' windowed ops, "
+               f"ORT GroupQueryAttention local_window_size=1024 (full cache), latent:rank={LATENT},rope_dims={ROPE}",
                "",
                "LLaMA-shaped step (4 layers, 8 heads of 64, 2 kv heads, hidden 512, random weights), TorchScript "
                f"export, ONNX Runtime CPU, 2 cores. {STEPS} greedy steps after a cache of L - 1 positions; median ms "
@@ -302,13 +354,21 @@ def main() -> int:
                f"{(LATENT + 2 * ROPE) / 256:.0%} of dense per token (approximate: random weights, no heal); "
                "latent:rank=128 (V in the latent at full rank, K kept whole) is checked equal to dense through 8 loop steps before timing.",
                "",
-               f"Per-head 1/4 full: stream:...,full_heads={FULL} (2 of the 8 KV groups keep the full cache; the streaming "
-               "groups' attention is still computed over the full length, zeros where dropped, so its ms/token stays near "
-               "dense). Quality on the trained decoder: decode_stream_quality.md (--quality-only).", ""]
-    cols = ["total length L"] + [f"{m} {what}" for what in ("ms/token", "cache MiB", "loop RSS MiB")
-                                 for m in ("dense", "stream", "ORT GQA window", f"latent:rank={LATENT},rope_dims={ROPE}",
-                                           "per-head 1/4 full")]
-    write("decode_stream", "decode: dense vs stream vs ORT GQA window vs latent vs per-head", cols, rows, records, preface)
+               f"Per-head 1/4 full: stream:...,full_heads={FULL} (2 of the 8 KV groups keep the full cache and attend "
+               "over every position; the other 6 attend over their own sinks + window cache only). Goals at 32k: cache "
+               "<= 1/3 of dense, ms/token <= 1/2 of dense. Quality on the trained decoder: decode_stream_quality.md "
+               "(--quality-only).", ""]
+    preface += [f"1-minute load average of the shared 2-core machine at the start and after each length: "
+                f"{', '.join(f'{x:.1f}' for x in load)}.", ""]
+    preface += ["Checked before timing, max relative logit error vs dense through 8 loop steps after a 3-token prompt "
+                "(the sequence fits the window; latent_full: rank 128): "
+                + ", ".join(f"{k} {v:.1e}" for k, v in CHECKS.items()), ""]
+    preface += [f"Attention-25 window / ORT GQA sliding_window_cache: stream:sinks=0,window={WINDOW},target=onnx / "
+                "target=ort_window_cache (the runtimes' windowed ops keep no sinks; the cache is the window)."
+                + "".join(f" {t}: not run, {why}." for t, why in NOT_RUN.items()), ""]
+    cols = ["total length L", "model", "ms/token", "ms/token / dense", "cache MiB", "cache / dense", "loop RSS MiB"]
+    write("decode_stream", "decode: dense vs stream, per-head, the runtimes' windowed ops, latent", cols, rows, records,
+          preface)
     return 0
 
 

@@ -166,3 +166,31 @@ def test_partial_rope_keeps_some_rotated_dims_in_their_own_cache(llama_step, tmp
     for t in range(2, 5):
         logits, past = _first_call(new, ids[:, t:t + 1], pos[:, t:t + 1], past)
         assert np.abs(logits[0, -1] - whole[0, t]).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_partial_rope_step_scores_in_the_latent_space(llama_step, tmp_path):
+    """K's and V's up-projections absorbed: no step up-projects the cache, so the attention's
+    matrix products grow by 2·H·(kept + 2R + 2) per cached token and layer (scores over the
+    kept rotated dims and [c, 1], then P·[c, 1]), not by the up-projection's R·Hkv·(d_nope + dv)."""
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.core.ir.onnx_flops import count
+
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert cli(llama_step, "--pass", "latent:rank=24,rope_dims=4", "-o", out, "--report", rep, "--force").returncode == 0
+    notes = " ".join(_report(rep)["notes"])
+    assert "K's and V's up-projections absorbed" in notes
+    m = onnx.load(str(out), load_external_data=False).graph
+    inits = {i.name for i in m.initializer}
+    assert any(n.endswith("latent_up_k_heads") for n in inits) and not any(n.endswith("latent_up_k") for n in inits)
+    om = onnx_adapter.load(str(out))
+
+    def flops(past: int) -> int:
+        feeds = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, past + 1), np.int64),
+                 "position_ids": np.array([[past]])}
+        for i in range(2):
+            feeds[f"past_key_values.{i}.key_rope"] = np.zeros((1, 2, past, 4), np.float32)
+            feeds[f"past_key_values.{i}.latent"] = np.zeros((1, 1, past, 24), np.float32)
+        return count(om, feeds).attention_matmul
+
+    heads, kept, rank, layers = 4, 4, 24, 2
+    assert flops(300) - flops(100) == 200 * layers * 2 * heads * (kept + 2 * rank + 2)

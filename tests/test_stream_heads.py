@@ -16,6 +16,7 @@ import pytest
 import attn_opt
 from attn_opt.core.errors import UserError
 from attn_opt.core.ir import onnx as onnx_adapter
+from attn_opt.patterns.detect import detect
 from attn_opt.patterns.diagnostics import for_pass, outside_stream
 from attn_opt.pipeline.onnx_decode import loop_of, teacher_forced
 from attn_opt.tools import zoo
@@ -171,3 +172,32 @@ def test_malformed_split_metadata_is_one_line(spec):
     model = SimpleNamespace(metadata_props={SPLIT_KEY: spec})
     with pytest.raises(UserError, match="not a valid cache split"):
         split_feeds(model, {"past.key": np.zeros((1, 2, 3, 4), np.float32)})
+
+
+def _attention_flops(path, past: int, stream_past: int | None) -> int:
+    """Attention matmul FLOPs of one decode step after `past` cached tokens (the
+    `_stream` caches, where the model has them, hold `stream_past`)."""
+    from attn_opt.core.ir.onnx_flops import count
+
+    om, _, gv = onnx_adapter.load_view(str(path))
+    feeds = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, past + 1), np.int64),
+             "position_ids": np.array([[past]])}
+    for v in gv.inputs:
+        if "past" in v.name:
+            length = stream_past if v.name.endswith("_stream") else past
+            feeds[v.name] = np.zeros((1, v.shape[1], length, v.shape[3]), np.float32)
+    nodes = {n for s in detect(gv).sites for n in s.nodes}
+    return count(om, feeds, nodes).attention_matmul
+
+
+def test_streaming_groups_read_only_their_window(step, forced):
+    """The step skips the work of what it dropped: with one of the two KV groups full, the
+    attention's matrix products at a 400-token cache are about half of dense (the full
+    group over 401 keys, the streaming one over 2 + 8 + 1), and growing the cache to 800
+    grows them by half of what it grows dense's."""
+    path, _ = step
+    _, heads = forced("stream:sinks=2,window=8,full_heads=1")
+    dense = {n: _attention_flops(path, n, None) for n in (400, 800)}
+    split = {n: _attention_flops(heads, n, 10) for n in (400, 800)}
+    assert split[400] < 0.55 * dense[400], (split, dense)
+    assert abs((split[800] - split[400]) - (dense[800] - dense[400]) / 2) <= 0.01 * (dense[800] - dense[400])

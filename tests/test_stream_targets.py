@@ -31,7 +31,8 @@ def own(step, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("target,op", [("ort", "GroupQueryAttention"), ("onnx", "Attention"), ("auto", None)])
+@pytest.mark.parametrize("target,op", [("ort", "GroupQueryAttention"), ("onnx", "Attention"), ("auto", None),
+                                       ("ort_window_cache", "GroupQueryAttention")])
 def test_windowed_op_equals_the_own_lowering_past_the_window(step, own, tmp_path, target, op):
     from attn_opt.core.ir import onnx as onnx_adapter
     from attn_opt.pipeline.onnx_decode import compare, loop_of
@@ -42,6 +43,10 @@ def test_windowed_op_equals_the_own_lowering_past_the_window(step, own, tmp_path
     p = json.loads(rep.read_text())["passes"][0]
     assert p["sites_rewritten"] == ["a0", "a1"]
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    if target == "ort_window_cache":  # the op's own window-sized cache, said
+        gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+        assert all({a.name: a.i for a in n.attribute}["sliding_window_cache"] == 1 for n in gqa)
+        assert all("sliding_window_cache=1" in n for n in p["notes"][:2])
     if op is not None:
         assert ops.count(op) == 2
     else:  # auto: one of the two, with both timings in the note
@@ -51,6 +56,22 @@ def test_windowed_op_equals_the_own_lowering_past_the_window(step, own, tmp_path
     got = compare(a, onnx_adapter.load(str(out)), loop_of(gv, onnx_adapter.input_specs(gv)), np.array([[5, 6, 7, 8]]), 20)
     assert got["max_rel_error"] <= 1e-5  # 24 tokens: 18 past the window of 6
     assert got["b"].cache_bytes == got["a"].cache_bytes == 4 * (1 * 2 * 6 * 8) * 4  # capped at 6
+
+
+def test_window_cache_refused_in_words_where_the_schema_lacks_it(step, monkeypatch):
+    """An onnxruntime whose GroupQueryAttention has no sliding_window_cache: the site is
+    refused with the version and what to use instead."""
+    from attn_opt.backends.onnx import ort, stream_ops
+    from attn_opt.core.ir import onnx as onnx_adapter
+    from attn_opt.patterns.detect import detect
+    from attn_opt.patterns.form import StreamCache
+
+    site = detect(onnx_adapter.load_view(str(step))[2]).sites[0]
+    monkeypatch.setattr(ort, "has_attribute", lambda *a: False)
+    why = stream_ops.op_reason(site, StreamCache(0, 6, target="ort_window_cache"), "ort_window_cache")
+    assert why.startswith(f"the installed onnxruntime {ort.ort_version()}'s GroupQueryAttention has no "
+                          "sliding_window_cache")
+    assert stream_ops.op_reason(site, StreamCache(0, 6, target="ort"), "ort") is None
 
 
 def test_windowed_ops_take_no_sink_tokens(step, tmp_path):

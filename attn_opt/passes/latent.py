@@ -22,8 +22,10 @@ their position dependence: approximate at any rank (exact where every position i
 Where K keeps its own cache (the default on a rotary step), V's up-projection is
 absorbed: the step computes P·[c, 1] (R + 1 values per head and query) and then one
 [R + 1, dv] product per head, instead of up-projecting the whole cache to V (exact; the
-ones column carries the bias). K's part of the latent (no rotary, or partial RoPE) is not
-absorbed into the queries yet: those steps up-project the cached latent to K and V.
+ones column carries the bias). Where K's part is in the latent too (no rotary, or partial
+RoPE) and it costs fewer multiply-adds per cached token, K's up-projection is absorbed into
+the queries as well: scores are (q_nope·[W_uk; b_k]ᵀ)·[c, 1]ᵀ beside the kept rotated dims'
+q_rope·k_ropeᵀ, so no step up-projects the cache (the note gives both costs).
 The new cache tensors are named after the ones they replace (past_key_values.0.value →
 past_key_values.0.latent, past_key_values.0.key → past_key_values.0.key_rope, present.*
 likewise), and the usual loop drives them (every present* fed back as the past* of the
@@ -211,12 +213,34 @@ class LatentPass(Pass):
                             f"give rank <= {full}")
         return None
 
+    def _costs(self, site, up_k, up_v, partial) -> tuple[int, int]:
+        """Multiply-adds per cached token per step, K in the latent: (absorbed, up-projected).
+        Absorbed: H·(kept + R + 1) scores + H·(R + 1) for P·[c, 1]; up-projected: the cache
+        to K's latent dims and V, R·(Hkv·d_nope + Hkv·dv), then H·(d + dv) for QKᵀ and PV."""
+        h, r, d = site.heads, self.rank, site.head_dim
+        kept = len(self.rope_kept(site)) if partial else 0
+        dv = up_v.shape[1] // site.kv_heads
+        return h * (kept + 2 * r + 2), r * (up_k.shape[1] + up_v.shape[1]) + h * (d + dv)
+
+    def _absorb_pays(self, site, up_k, up_v, partial) -> bool:
+        absorbed, projected = self._costs(site, up_k, up_v, partial)
+        return absorbed < projected
+
     def _absorb_note(self, site, lat) -> str:
         h, hkv, r = site.heads, site.kv_heads, self.rank
         dv = lat.up_v.shape[1] // hkv
+        if lat.up_k is not None:
+            absorbed, projected = self._costs(site, lat.up_k, lat.up_v, lat.rope is not None)
+            if lat.absorb:
+                return (f"; K's and V's up-projections absorbed: scores (q·W_ukᵀ)·[c, 1]ᵀ and P·[c, 1] in the latent "
+                        f"space, {absorbed} multiply-adds per cached token per step instead of {projected} up-projecting "
+                        "the cache")
+            return (f"; up-projections not absorbed (a heads-in-batch or non-float32 site, or absorbing costs "
+                    f"{absorbed} multiply-adds per cached token per step against {projected}): each step "
+                    "up-projects the cached latent")
         if not lat.absorb:
-            return ("; up-projections not absorbed (K's part of the latent, partial RoPE, a heads-in-batch or "
-                    "non-float32 site): each step up-projects the cached latent")
+            return ("; up-projections not absorbed (a heads-in-batch or non-float32 site): each step up-projects the "
+                    "cached latent")
         return (f"; V's up-projection absorbed: per cached token a step multiplies H·(R+1) = {h * (r + 1)} values of "
                 f"P·[c, 1] instead of up-projecting R·Hkv·dv = {r * hkv * dv} (then one [R+1, dv] product per head "
                 "and query)")
@@ -237,7 +261,8 @@ class LatentPass(Pass):
         bias_k = added_bias(k) if step and nk else None
         if partial and bias_k is not None:
             bias_k = self._k_nope(site, bias_k)
-        absorb = step and not nk and not site.q.fold and site.output.dtype in (None, "float32")
+        absorb = step and not site.q.fold and site.output.dtype in (None, "float32") and (
+            not nk or self._absorb_pays(site, up_k, up_v, partial))
         lat = Latent(self.rank, v.x, k, v, down, up_k, up_v, bias_k=bias_k, bias_v=added_bias(v) if step else None,
                      cache=step, rope=self.rope_kept(site) if partial else None,
                      rotary=rotary(site.q.value, site.head_dim) if partial else None, absorb=absorb)

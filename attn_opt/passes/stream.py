@@ -23,7 +23,10 @@ target=onnx|ort computes the window with a runtime's own op (ONNX Attention opse
 left_window_size, ONNX Runtime's GroupQueryAttention with local_window_size; sinks=0, as
 neither keeps sink tokens), the cache capped the same way; auto times both at the site's
 shape and keeps the faster (backends/onnx/stream_ops.py); own (default) is attn-opt's
-lowering in standard ops. A site an op cannot take is skipped with the reason.
+lowering in standard ops. target=ort_window_cache is GroupQueryAttention with its
+window-sized cache (sliding_window_cache=1: the op evicts inside, no cap after it), where
+the installed ONNX Runtime's schema has that attribute (else refused in one line); auto
+does not time it. A site an op cannot take is skipped with the reason.
 
 full_heads: per-head streaming (DuoAttention): the named KV groups keep the full cache and
 attend densely, the others stream. The step then takes two caches per site: the full
@@ -31,13 +34,15 @@ groups' under the old names (`past_key_values.0.key` -> `present.0.key`, every p
 so the attention mask stays over past + new), the streaming groups' as
 `past_key_values.0.key_stream` -> `present.0.key_stream` (S + W positions). auto keeps a
 group full where the stream pattern drops more than full_above of its attention on the
-calibration inputs (the largest over its query heads); a site whose groups all come out
-full is skipped with that reason. empty: every group streams, with the split caches (the old
-names hold no group but still the full length): what a layer that streams whole takes in a
-model whose other layers keep the full cache (`--budget cache=F`), so the attention mask
-stays over every position. The streaming groups' attention is still computed over
-the full length (their dropped positions are zeros the pattern masks): the cache shrinks,
-the per-token time does not yet.
+calibration inputs (the largest over its query heads); with --calibrate, by DuoAttention's
+gates instead (pipeline/stream_gates.py: a per-group mix of dense and streaming outputs
+fitted so the model's outputs match, L1 weight gate_l1, kept full above gate_above). A
+site whose groups all come out full is skipped with that reason. empty: every group
+streams, with the split caches (the old names hold no group but still the full length):
+what a layer that streams whole takes in a model whose other layers keep the full cache
+(`--budget cache=F`), so the attention mask stays over every position. Each part of the
+heads attends over its own cache (backends/onnx/stream_heads.py): a streaming group's step
+reads only its sinks + window.
 """
 
 from __future__ import annotations
@@ -61,17 +66,23 @@ class Stream(Pass):
     window: int | None = option(None, "recent tokens each query sees and the cache keeps (required)", low=1)
     positions: str = option("original", "rotary positions of cached tokens", choices=("original", "cache"))
     target: str = option("own", "who computes the window: attn-opt's own ONNX lowering, ONNX Attention-25, ORT "
-                                "GroupQueryAttention, or the faster of the two ops (auto; the ops need sinks=0)",
+                                "GroupQueryAttention (with its window-sized cache: ort_window_cache), or the faster "
+                                "of Attention-25 and GroupQueryAttention (auto; the ops need sinks=0)",
                          choices=STREAM_TARGETS)
     full_heads: str | None = option(None, "KV groups that keep the full cache, the others stream",
                                     accepts="auto, empty, or groups G+G (every layer) / L:G+L:G (layer L's group G)")
     full_above: float = option(0.05, "full_heads=auto: a group keeps the full cache when the stream pattern drops "
                                "more than this share of its attention on the calibration inputs", low=0, high=1)
+    gate_above: float = option(0.5, "full_heads=auto with --calibrate: a group keeps the full cache when its fitted "
+                               "DuoAttention gate ends above this", low=0, high=1)
+    gate_l1: float = option(1.0, "full_heads=auto with --calibrate: the L1 weight pulling the gates towards "
+                            "streaming, against the output error relative to every group streaming (1: a group "
+                            "stays full where it carries more than an average share of that error)", low=0)
 
     def __post_init__(self):
         if self.window is None:
             raise UserError("stream: window=W is required (e.g. stream:sinks=4,window=1024)")
-        if self.target in ("onnx", "ort") and self.sinks:
+        if self.target in ("onnx", "ort", "ort_window_cache") and self.sinks:
             raise UserError(f"stream: target={self.target} computes the window with one op that keeps no sink tokens: "
                             "give sinks=0 (or target=own|auto)")
         if self.full_heads is not None:
@@ -105,6 +116,10 @@ class Stream(Pass):
     def needs_diagnostics(self) -> bool:
         return self.full_heads == "auto"
 
+    def fits_gates(self) -> bool:
+        """With --calibrate, full_heads=auto fits DuoAttention's gates (pipeline/stream_gates.py)."""
+        return self.full_heads == "auto"
+
     def full_groups(self, site, diag=None) -> tuple[tuple[int, ...], str]:
         """The site's KV groups that keep the full cache, and why (per-head streaming)."""
         pairs = self.groups()
@@ -114,6 +129,11 @@ class Stream(Pass):
                 raise UserError(f"stream: full_heads names KV group {full[-1]}, but site {site.id} has "
                                 f"{site.kv_heads} KV groups")
             return tuple(full), f"KV groups {full or 'none'} keep the full cache (full_heads={self.full_heads})"
+        if diag is not None and diag.gates is not None:
+            full = tuple(int(g) for g in range(site.kv_heads) if diag.gates[g] > self.gate_above)
+            return full, (f"KV groups {list(full) or 'none'} keep the full cache: DuoAttention gates "
+                          f"{[round(float(a), 3) for a in diag.gates]} vs {self.gate_above:g}, fitted so the model's "
+                          "outputs match on the calibration inputs")
         if not diag:
             raise UserError(f"stream: no attention probabilities for site {site.id} to choose full_heads=auto from")
         from attn_opt.patterns.diagnostics import outside_stream

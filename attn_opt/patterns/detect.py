@@ -378,7 +378,9 @@ def _finalize(gv: GraphView, c: Candidate, index: int, probed: dict, err: str | 
 
     hidden, bias = _masked(c, probed) if probed or not (c.additive or c.bool_mask) else (None, False)
     causal, window = c.causal_attr, None
-    if hidden is not None and tq and tk:
+    # a mask wider than the keys (GroupQueryAttention's window-sized cache reads the columns of
+    # the positions it holds out of a past + new mask) says nothing about the pattern by shape
+    if hidden is not None and tq and tk and hidden.shape[-1] in (1, tk):
         is_causal = _causal_pattern(hidden, tq, tk)
         causal = causal or is_causal
         if not causal and (window := _causal_window(hidden, tq, tk)) is not None:

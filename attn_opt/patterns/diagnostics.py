@@ -48,7 +48,8 @@ class SiteDiagnostics:
     """What a pass that chooses from data (sinks=auto, heads=auto) gets for one site: the
     per-head statistics and the probabilities they were read from, [B, H, Tq, Tk]."""
     stats: list[HeadStats]
-    probs: np.ndarray
+    probs: np.ndarray | None
+    gates: np.ndarray | None = None  # per KV group, DuoAttention's fitted α (pipeline/stream_gates.py)
 
 
 def outside_mask(tq: int, tk: int, window: int, causal: bool) -> np.ndarray:

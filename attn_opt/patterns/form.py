@@ -499,7 +499,7 @@ class Latent:
 
 
 FUSED_TARGETS = ("onnx", "ort", "auto")
-STREAM_TARGETS = ("own", "onnx", "ort", "auto")
+STREAM_TARGETS = ("own", "onnx", "ort", "ort_window_cache", "auto")
 
 
 @dataclass(frozen=True, eq=False)

@@ -218,6 +218,10 @@ class FxSteps:
 
         return calibrate_fx(gm, old_sites, rewritten, calib, heldout, progress, lora, targets)
 
+    def stream_gates(self, state: State, site_ids, feeds, p):
+        raise NotSupported(f"{p.name}: full_heads=auto with --calibrate (DuoAttention gate fitting) is implemented on "
+                           "ONNX models only; on torch.fx give full_heads=auto without --calibrate, or name the groups")
+
     def graph_edit(self, state: State, edit: str) -> list[str]:
         from attn_opt.backends.torch.fx import GRAPH_EDITS
 

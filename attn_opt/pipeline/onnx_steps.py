@@ -179,6 +179,11 @@ class OnnxSteps:
 
         return calibrate(model, old_sites, rewritten, calib, heldout, progress, lora, targets)
 
+    def stream_gates(self, state: State, site_ids, feeds, p):
+        from attn_opt.pipeline.stream_gates import fit_gates
+
+        return fit_gates(state.model, site_ids, feeds, p.sinks, p.window, p.gate_l1)
+
     def graph_edit(self, state: State, edit: str) -> list[str]:
         from attn_opt.backends.onnx.lower import GRAPH_EDITS
 

@@ -124,6 +124,7 @@ class Applied:
     notes: list[str]
     sink_ratio: dict = field(default_factory=dict)
     exact: bool = True  # the pass is exact on every site it rewrote (Pass.exact_on)
+    fitted: str | None = None  # what --calibrate fitted to choose the forms (DuoAttention gates), where it did
 
 
 def parse_chain(passes) -> list[Pass]:
@@ -195,7 +196,13 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         wanted = p.activations(chosen)
         got = state.view.probe(list(wanted.values()), choose_on)
         diag = {sid: {"x": got[v.name]} for sid, v in wanted.items() if v.name in got}
-    rewritten, notes = [], []
+    rewritten, notes, fitted = [], [], None
+    if calibrating and chosen and getattr(p, "fits_gates", lambda: False)():  # DuoAttention: the choice is the fit
+        from attn_opt.patterns.diagnostics import SiteDiagnostics
+
+        fitted = steps.stream_gates(state, [s.id for s in chosen], choose_on if choose_on is not None else feeds, p)
+        diag = {sid: dataclasses.replace(diag[sid], gates=g) if sid in diag else SiteDiagnostics([], None, g)
+                for sid, g in fitted.gates.items()}
     for site in chosen:
         reason = rewrite_reason(site, p, calibrating and p.produces == "form") or p.skip_reason(site) \
             or p.diag_skip_reason(site, diag.get(site.id))
@@ -206,7 +213,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
             skipped.append(Skipped(site.id, reason))
             continue
         form = p.form(site, diag.get(site.id))
-        if calibrating and p.produces == "form":
+        if calibrating and p.produces == "form" and fitted is None:
             if form.pattern is not None and form.pattern.selection is not None:
                 raise NotSupported(f"{p.name}: --calibrate with a content selection ({form.pattern.kind}) "
                                    "is not implemented yet")
@@ -225,7 +232,7 @@ def rewrite(steps, state: State, p: Pass, layers=None, ids=None, feeds=None, wan
         sinks = sink_ratios(state.view, [s for s in chosen if s.id in rewritten], p, feeds)
     steps.finish(state)
     exact = p.is_exact() and all(p.exact_on(s) for s in chosen if s.id in rewritten)
-    return Applied(rewritten, skipped, notes, sinks, exact)
+    return Applied(rewritten, skipped, notes, sinks, exact, fitted.describe(p.gate_above) if fitted else None)
 
 
 def sink_ratios(gv, sites, p: Pass, feeds) -> dict:
@@ -337,7 +344,9 @@ def _one_pass(steps: Steps, p: Pass, cur: State, feeds, opts: RunOptions, check,
     with progress.step(f"{p.name}: validate"):
         steps.validate(cur.model)
     calibration = None
-    if calibrating and applied.rewritten:
+    if calibrating and applied.fitted:
+        calibration = Calibration(note=f"{p.name}: {applied.fitted} (the choice is the fit: no parameters after)")
+    elif calibrating and applied.rewritten:
         calibration = _calibrate(steps, cur.model, old_sites, applied.rewritten, opts.calibrate, feeds, ref_cal, ref,
                                  progress, opts.lora, targets, steps.logit_outputs(cur))
     elif opts.calibrate is not None and hasattr(p, "activations"):

@@ -63,6 +63,9 @@ class Steps(Protocol):
     def calibrate(self, model, old_sites, rewritten, calib, heldout, progress, lora=0, targets=None) -> list:
         """Fit the rewritten sites' parameters (pipeline/calibrate.py): the fits."""
 
+    def stream_gates(self, state, site_ids, feeds, p):
+        """DuoAttention's gates per KV group of the sites (pipeline/stream_gates.py): a GateFit."""
+
     # -- checking
     def run_along(self, sets: list) -> None:
         """Input sets (the check's variants) every whole run of a model serves too, where the

@@ -57,23 +57,32 @@ def softcap(e: SiteEdit, site: AttentionSite, s: ir.Value) -> ir.Value:
     return e.op("Mul", [e.op("Tanh", [e.op("Div", [s, c])]), c])
 
 
-def _mask5(e: SiteEdit, site: AttentionSite, m) -> ir.Value:
-    """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]."""
+def _mask5(e: SiteEdit, site: AttentionSite, m, masks=None) -> ir.Value:
+    """A mask of rank 2 or 4 as 5-D [Bm, hk, hg, Tqm, Tk]. `masks` (stream_heads.Masks):
+    `site` holds only some of the heads the term was written for, and maybe only some of
+    its keys."""
     x = e.term(m)
     shape = site.mask_shapes.get(m.name) or m.shape
+    if masks is not None and masks.keys is not None and shape[-1] != 1:
+        x = masks.keys(x)
     if len(shape) == 2:
         return e.op("Unsqueeze", [x, e.ints(0, 1, 2)])
-    if shape[1] == site.heads and site.heads > 1:
+    per_head = shape[1] == (masks.of if masks is not None else site.heads) and shape[1] != 1
+    if per_head and masks is not None:
+        x = e.op("Gather", [x, e.ints(*masks.heads)], {"axis": 1})
+    if per_head and site.heads > 1:
         dims = e.op("Concat", [e.shape_dim(x, 0), e.ints(site.kv_heads, site.heads // site.kv_heads),
                                e.op("Shape", [x], {"start": 2})], {"axis": 0})
         return e.op("Reshape", [x, dims])
     return e.op("Unsqueeze", [x, e.ints(2)])
 
 
-def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Pattern | None = None, sink_q=None):
+def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Pattern | None = None, sink_q=None,
+                          masks=None):
     """Scores [B, Hkv, g, Tq, Tk] and the keys each row sees: the site's masks and
     causality, and `pattern`'s pairs where one is given (the masked-dense lowering).
-    `sink_q` = (n, f): the first n key columns are scored with the queries f(q, k)."""
+    `sink_q` = (n, f): the first n key columns are scored with the queries f(q, k).
+    `masks`: how a part of the site's heads and keys reads its mask terms (`_mask5`)."""
     hkv, g = site.kv_heads, site.heads // site.kv_heads
 
     def q5(x):
@@ -90,14 +99,14 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
     s = softcap(e, site, s)  # [B, Hkv, g, Tq, Tk]
     vis = filled = c = None
     for m in site.additive:
-        m5 = _mask5(e, site, m)
+        m5 = _mask5(e, site, m, masks)
         s = e.op("Add", [s, m5])
         hide = e.op("Greater", [m5, f32(e, MASKED)])
         vis = hide if vis is None else e.op("And", [vis, hide])
         if m.name in site.filled_terms:
             filled = m5 if filled is None else e.op("Add", [filled, m5])
     if site.bool_mask is not None:
-        c = _mask5(e, site, site.bool_mask)
+        c = _mask5(e, site, site.bool_mask, masks)
         if site.bool_mask.dtype != "bool":
             c = e.op("Cast", [c], {"to": ir.DataType.BOOL})
         c = c if site.bool_keep else e.op("Not", [c])
@@ -147,10 +156,10 @@ def _hidden_rows_as_original(e: SiteEdit, site: AttentionSite, s, vis, keep=None
 
 
 def emit_explicit(e: SiteEdit, site: AttentionSite, normalise: NormaliserFn, qkv=None,
-                  pattern: Pattern | None = None, sink_q=None) -> ir.Value:
+                  pattern: Pattern | None = None, sink_q=None, masks=None) -> ir.Value:
     """The dense scores, masked to `pattern` where one is given, then `normalise`."""
     q, k, v = qkv or (e.bhsd(site.q), e.bhsd(site.k), e.bhsd(site.v))
-    s, vis = scores_and_visibility(e, site, q, k, pattern, sink_q)
+    s, vis = scores_and_visibility(e, site, q, k, pattern, sink_q, masks)
     p = normalise(e, s, vis)
     o = e.op("MatMul", [p, e.op("Unsqueeze", [v, e.ints(2)])])  # [B, Hkv, g, Tq, Dv]
     shape = e.op("Concat", [e.shape_dim(q, 0), e.ints(site.heads), e.shape_dim(q, 2), e.shape_dim(v, 3)], {"axis": 0})

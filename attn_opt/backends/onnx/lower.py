@@ -28,13 +28,13 @@ from attn_opt.backends.onnx.latent import emit_latent
 from attn_opt.backends.onnx.explicit import (MIN, emit_explicit, f32, row_max, row_sum, safe_div,
                                              softmax_visible)
 from attn_opt.backends.onnx.gathered import emit_gathered
+from attn_opt.backends.onnx.stream_heads import emit_split, split_cache
+from attn_opt.backends.onnx.stream_heads import limits as split_limits
 from attn_opt.patterns.capability import Capabilities
 from attn_opt.patterns.form import Form, Gate, Normaliser, Pattern, StreamCache, banded_pays, selection_reason
 from attn_opt.patterns.record import form_record
 from attn_opt.patterns.site import AttentionSite
-from attn_opt.core.errors import NotSupported
 from attn_opt.core.graph import FORM_KEY, param_name
-from attn_opt.core.ir.onnx_model import SPLIT_KEY
 
 OPSET = {"fused": 23, "form": 18, "collapse": 18, "latent": 18}  # Attention; ReduceMax/ReduceSum with axes as an input
 
@@ -60,11 +60,15 @@ def lower(e: SiteEdit, form: Form) -> str | None:
         from attn_opt.backends.onnx.stream_ops import emit_stream_op
 
         return emit_stream_op(e, form.stream, form.stream.target, feature("stream"))
-    if form.stream is not None:  # first: the outputs keep their names, the record names the full cache
+    compute = None
+    if form.stream is not None and form.stream.full_groups is not None:  # per-head: two caches, two parts
+        parts = split_cache(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
+        compute = lambda: emit_split(e, parts, form.pattern, normaliser_fn, form.normaliser)  # noqa: E731
+    elif form.stream is not None:  # first: the outputs keep their names, the record names the full cache
         feature("stream")(SiteEdit(e.model, e.site, e.pass_name, "cache"), form.stream)
         if form.stream.rotary is not None:
             sink_q = (form.stream.sinks, lambda q, k: cache_positioned(e, q, form.stream))
-    note = emit_attention(e, e.site, form.pattern, form.normaliser, sink_q)
+    note = emit_attention(e, e.site, form.pattern, form.normaliser, sink_q, compute)
     if form.lora:
         lora = feature("lora")(SiteEdit(e.model, e.site, e.pass_name, "lora"), form.lora)
         note = "; ".join(n for n in (note, lora) if n)
@@ -116,9 +120,7 @@ def emit_lora(e: SiteEdit, rank: int) -> str:
 def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
     """The site's present key/value outputs keep the first `sinks` positions and the last
     `window` ones (all of them while the sequence is no longer than sinks + window); the
-    attention still reads the whole concatenation."""
-    if stream.full_groups is not None:
-        return split_cache(e, stream)
+    attention still reads the whole concatenation. (Per-head streaming: stream_heads.py.)"""
     c = e.site.cache
     for name in (c.present_key, c.present_value):
         full = next(v for v in e.graph.outputs if v.name == name)
@@ -129,109 +131,6 @@ def cap_cache(e: SiteEdit, stream: StreamCache) -> None:
         dims = list(full.shape) if full.shape is not None else ["batch", "heads", None, "head_dim"]
         dims[2] = "cache_len"  # min(total, sinks + window)
         e.commit_output(full, e.op("Concat", [head, tail], {"axis": 2}), ir.Shape(dims))
-
-
-def _capped(e: SiteEdit, x: ir.Value, stream: StreamCache) -> ir.Value:
-    """[B, h, L, D] -> the first `sinks` and the last `window` positions (all while L fits)."""
-    start = e.op("Max", [e.ints(stream.sinks), e.op("Sub", [e.shape_dim(x, 2), e.ints(stream.window)])])
-    head = e.op("Slice", [x, e.ints(0), e.ints(stream.sinks), e.ints(2)])
-    return e.op("Concat", [head, e.op("Slice", [x, start, e.ints(2 ** 62), e.ints(2)])], {"axis": 2})
-
-
-def _source(v: ir.Value) -> ir.Value | None:
-    """The graph input `v` is, through copies and Concats with empty tensors."""
-    for _ in range(8):
-        n = v.producer()
-        if n is None:
-            return v
-        if n.op_type in ("Identity", "Cast"):
-            v = n.inputs[0]
-            continue
-        full = [i for i in n.inputs if i is not None and not (i.const_value is not None and i.const_value.size == 0)]
-        if n.op_type != "Concat" or len(full) != 1:
-            return None
-        v = full[0]
-    return None
-
-
-def _drop_unused(v: ir.Value) -> None:
-    """Remove `v`'s producer, and theirs, while nothing reads what they compute."""
-    n = v.producer()
-    if n is None or any(o.uses() or o.is_graph_output() for o in n.outputs):
-        return
-    inputs = [i for i in n.inputs if i is not None]
-    n.graph.remove(n, safe=True)
-    for i in inputs:
-        _drop_unused(i)
-
-
-def split_cache(e: SiteEdit, stream: StreamCache) -> None:
-    """Per-head streaming: the cache Concat(past, new) of every KV group becomes two, the
-    full groups' Concat(past, new[:, full]) (the past input and present output keep their
-    names, every position) and the streaming groups' Concat(past_stream, new[:, rest])
-    capped at sinks + window (`<past>_stream` in, `<present>_stream` out). The attention
-    reads the groups back in order at the full length, each streaming group's dropped
-    positions as zeros between its sinks and its window (the pattern never shows them):
-    the old Concat node is turned into that reassembly, so its readers are unchanged."""
-    c, graph = e.site.cache, e.model.graph
-    full = list(stream.full_groups)
-    rest = [g for g in range(e.site.kv_heads) if g not in full]
-    inverse = [(full + rest).index(g) for g in range(e.site.kv_heads)]
-    for past_name, present_name in ((c.past_key, c.present_key), (c.past_value, c.present_value)):
-        past = next(v for v in graph.inputs if v.name == past_name)
-        out = next(v for v in graph.outputs if v.name == present_name)
-        cat = out
-        while cat.producer() is not None and cat.producer().op_type in ("Identity", "Cast"):
-            cat = cat.producer().inputs[0]
-        node = cat.producer()
-        if node is None or node.op_type != "Concat" or len(node.inputs) != 2 or _source(node.inputs[0]) is not past:
-            raise NotSupported(f"stream full_heads: {present_name} is not Concat({past_name}, new) at the top level")
-        new = node.inputs[1]
-        dims = list(past.shape) if past.shape is not None else ["batch", e.site.kv_heads, "past", "head_dim"]
-        dtype = past.type.dtype.numpy() if past.type is not None else np.float32
-        past_stream = ir.Value(name=f"{past_name}_stream", type=past.type,
-                               shape=ir.Shape([dims[0], len(rest), f"{past_name}_stream_len", dims[3]]))
-        graph.inputs.append(past_stream)
-        split = json.loads(e.model.metadata_props.get(SPLIT_KEY, "{}"))  # how a feed of the old input splits
-        split[past_stream.name] = {"from": past_name, "of": e.site.kv_heads, "groups": rest,
-                                   "cap": [stream.sinks, stream.window]}
-        split[past_name] = {"from": past_name, "of": e.site.kv_heads, "groups": full, "cap": None}
-        e.model.metadata_props[SPLIT_KEY] = json.dumps(split)
-        past.shape = ir.Shape([dims[0], len(full), dims[2], dims[3]])
-        kept = e.op("Concat", [past, e.op("Gather", [new, e.ints(*full)], {"axis": 1})],
-                    {"axis": 2})
-        streamed = e.op("Concat", [past_stream, e.op("Gather", [new, e.ints(*rest)], {"axis": 1})], {"axis": 2})
-        present_stream = _capped(e, streamed, stream)
-        gap = e.op("Sub", [e.shape_dim(kept, 2), e.shape_dim(streamed, 2)])  # positions dropped so far
-        zeros = e.op("ConstantOfShape", [e.op("Concat", [e.shape_dim(streamed, 0), e.ints(len(rest)), gap,
-                                                         e.shape_dim(streamed, 3)], {"axis": 0})],
-                     {"value": ir.tensor(np.zeros(1, dtype))})
-        sinks = e.op("Slice", [streamed, e.ints(0), e.ints(stream.sinks), e.ints(2)])
-        recent = e.op("Slice", [streamed, e.ints(stream.sinks), e.ints(2 ** 62), e.ints(2)])
-        padded = e.op("Concat", [sinks, zeros, recent], {"axis": 2})
-        grouped = e.op("Gather", [e.op("Concat", [kept, padded], {"axis": 1}), e.ints(*inverse)], {"axis": 1})
-        node.graph.insert_before(node, e.nodes)
-        e.nodes = []
-        # the old Concat(past, new) on the sequence axis becomes Concat(grouped, nothing) on the head axis
-        was = node.inputs[0]
-        node.replace_input_with(0, grouped)
-        _drop_unused(was)
-        while was is not past and was.producer() is not None:  # copies of the past others may read: fewer heads now
-            was.shape = None
-            was = next(i for i in was.producer().inputs if i is not None and not (
-                i.const_value is not None and i.const_value.size == 0))
-        node.replace_input_with(1, e.op("Slice", [grouped, e.ints(0), e.ints(0), e.ints(1)]))
-        node.graph.insert_before(node, e.nodes)
-        e.nodes = []
-        node.attributes["axis"] = ir.AttrInt64("axis", 1)
-        i = next(i for i, v in enumerate(graph.outputs) if v is out)
-        out.name = f"{present_name}__full"
-        kept.name, kept.type = present_name, out.type
-        kept.shape = ir.Shape([dims[0], len(full), "total", dims[3]])
-        graph.outputs[i] = kept
-        present_stream.name, present_stream.type = f"{present_name}_stream", out.type
-        present_stream.shape = ir.Shape([dims[0], len(rest), "cache_len", dims[3]])
-        graph.outputs.append(present_stream)
 
 
 GRAPH_EDITS = {"drop_mlp": collapse.drop_mlp}
@@ -348,12 +247,16 @@ def _sigmoid(e, s, vis, site, n: Normaliser, ndim, prm):
 
 
 def emit_attention(e: SiteEdit, site: AttentionSite, pattern: Pattern | None, normaliser: Normaliser,
-                   sink_q=None) -> str | None:
+                   sink_q=None, compute=None) -> str | None:
     """Emit `site` with this form, commit it, and record the form on the output node.
-    `sink_q`: (sinks, q -> the queries the sink keys are scored with) for positions=cache."""
+    `sink_q`: (sinks, q -> the queries the sink keys are scored with) for positions=cache;
+    `compute`: () -> the output [B, H, Tq, Dv], where the form's own lowering gives it."""
     e.compute_in_fp32()
     note = None
-    if sink_q is not None:
+    if compute is not None:
+        out = compute()
+        note = "each part of the heads over its own cache: the streaming groups read only their sinks + window"
+    elif sink_q is not None:
         out = emit_explicit(e, site, normaliser_fn(normaliser, site, 5), pattern=pattern, sink_q=sink_q)
         note = "dense scores masked to the pattern (the sink columns are scored at cache positions)"
     elif pattern is not None:
@@ -461,6 +364,8 @@ def _limits(site: AttentionSite, form: Form) -> str | None:
         targets = TARGETS if form.stream.target == "auto" else (form.stream.target,)
         why = [op_reason(site, form.stream, t) for t in targets]
         return None if any(w is None for w in why) else "; ".join(dict.fromkeys(why))
+    if form.stream is not None and form.stream.full_groups is not None:
+        return split_limits(site, form)
     return fused.limits(site, form) if form.fused else selection_reason(site, form)
 
 

@@ -221,6 +221,50 @@ def fastest_window(b: int, h: int, kvh: int, p: int, d: int, window: int) -> tup
                   f"{g * 1e3:.3f} ms at B={b} H={h} kvH={kvh} cache={p} d={d}")
 
 
+@functools.lru_cache(maxsize=None)
+def has_attribute(op: str, name: str, domain: str = MS) -> bool:
+    """The installed ONNX Runtime's schema of `op` has attribute `name`."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    return any(s.name == op and s.domain == domain and name in s.attributes for s in C.get_all_operator_schema())
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def window_cache_attention(e: SiteEdit, s: AttentionSite, q, cached, mask, window: int):
+    """The step as GroupQueryAttention with its windowed KV cache (sliding_window_cache=1,
+    capacity = window): (output [B, H, S, D], present key, present value), the present
+    holding the min(T, window) most recent positions, as stream caps them. The op wants a
+    past of the capacity from the first call, so a shorter past (the loop starts empty) is
+    padded with zeros at its end; its rows past the P valid ones are never read. T, the
+    tokens seen, is taken as P + S: once the cache is full the op works in cache-relative
+    positions (the rotary is applied before it), so any T >= window gives the same result,
+    and the mask the loop feeds (past + new) has exactly T columns as attention_bias wants."""
+    e.ensure_opset(MS, 1)
+    k_new, v_new, past_k, past_v = cached
+    i32 = lambda x: e.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
+    new, batch, past = e.shape_dim(q, 2), e.shape_dim(q, 0), e.shape_dim(past_k, 2)
+    total = e.op("Add", [past, new])
+    pad = e.op("Max", [e.op("Sub", [e.ints(window), past]), e.ints(0)])
+    pads = e.op("Concat", [e.ints(0, 0, 0, 0, 0, 0), pad, e.ints(0)], {"axis": 0})
+    padded = [e.op("Pad", [x, pads]) for x in (past_k, past_v)]
+    attrs = {"num_heads": int(s.heads), "kv_num_heads": int(s.kv_heads), "scale": float(s.scale), "do_rotary": 0,
+             "local_window_size": int(window), "sliding_window_cache": 1}
+    if s.softcap:
+        attrs["softcap"] = float(s.softcap)
+    inputs = [_packed(e, q), _packed(e, k_new), _packed(e, v_new), *padded,
+              i32(e.op("Expand", [e.op("Sub", [total, e.ints(1)]), batch])), i32(e.op("Squeeze", [total, e.ints(0)])),
+              None, None, None, mask, None, None, None, None, None, i32(e.op("Expand", [new, batch]))]
+    y3, present_k, present_v = e.op("GroupQueryAttention", inputs, attrs, domain=MS, outputs=3)
+    y = e.op("Transpose", [e.op("Reshape", [y3, e.ints(0, 0, int(s.heads), -1)])], {"perm": [0, 2, 1, 3]})
+    kept = e.op("Min", [total, e.ints(window)])  # rows [0, L) are the window, the rest unspecified
+    return y, *(e.op("Slice", [x, e.ints(0), kept, e.ints(2)]) for x in (present_k, present_v))
+
+
 def group_query_attention(e: SiteEdit, s: AttentionSite, q, cached, mask, window: int | None = None):
     """The decoder step as one GroupQueryAttention reading the step's own past cache:
     (output [B, H, S, D], present key, present value). seqlens_k is total - 1 for every

@@ -9,10 +9,12 @@ cache are the same whichever op computes the window.
     auto  whichever of the two runs faster in ONNX Runtime at the site's shape (one new
           token after a cache of W positions), said in the report
 
+    ort_window_cache  GroupQueryAttention with sliding_window_cache=1 (the op evicts inside
+          a window-sized cache; ort.py: window_cache_attention pads the loop's shorter first
+          pasts to the capacity), where the installed ONNX Runtime's schema has it
+
 Neither op has sink tokens (GroupQueryAttention's head_sink is a sink *logit*): these
-targets take sinks=0. GroupQueryAttention's `sliding_window_cache` (a ring buffer of a
-fixed capacity) is not written: its past must be window-sized from the first call, which
-the usual loop (an empty past first, every present fed back) does not give.
+targets take sinks=0.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ def op_reason(site, stream: StreamCache, target: str) -> str | None:
     """Why `target`'s windowed op cannot compute this stream form, or None."""
     if stream.sinks:
         return f"sinks={stream.sinks}: neither windowed op keeps sink tokens (give sinks=0, or target=own)"
-    if target == "ort" and (why := gqa_step_reason(site)) is not None:
+    if target in ("ort", "ort_window_cache") and (why := gqa_step_reason(site)) is not None:
         return f"not GroupQueryAttention: {why}"
+    if target == "ort_window_cache" and not ort.has_attribute("GroupQueryAttention", "sliding_window_cache"):
+        return (f"the installed onnxruntime {ort.ort_version()}'s GroupQueryAttention has no sliding_window_cache "
+                "(use target=ort: a capped cache around the op)")
     if any(op.perm or op.packed or op.fold for op in (site.k, site.v)) or site.cache is None:
         return "its K/V are not Concat(past input, new) in [B, H, S, D] layout"
     if site.normaliser.calibrated or site.normaliser.kind != "softmax":
@@ -58,6 +63,13 @@ def emit_stream_op(e: SiteEdit, stream: StreamCache, target: str, cap) -> str:
     q = e.bhsd(s.q)
     mask, _ = attention_mask(e, s, q)
     cached = _with_cache(e, s)
+    if choice == "ort_window_cache":  # the op keeps the window itself: nothing to cap after it
+        y, present_k, present_v = ort.window_cache_attention(e, s, q, cached, mask, stream.window)
+        e.commit(y)
+        e.replace_output(s.cache.present_key, present_k)
+        e.replace_output(s.cache.present_value, present_v)
+        return (f"GroupQueryAttention (com.microsoft) local_window_size={stream.window}, sliding_window_cache=1: "
+                f"its own window-sized cache ({why})")
     if choice == "ort":
         y, present_k, present_v = ort.group_query_attention(e, s, q, cached, mask, window=stream.window)
         what = f"GroupQueryAttention (com.microsoft) local_window_size={stream.window}"

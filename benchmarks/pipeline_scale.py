@@ -191,7 +191,8 @@ def run_model(name: str, path: Path, out: Path, repeat: int, only: list[str] | N
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "attn-opt" / "scale"))
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS),
+                    help="Models to run (none: rewrite the table from results/pipeline_scale.json).")
     ap.add_argument("--llama8b-layers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5, help="Rounds of every tool, interleaved; medians reported.")
     ap.add_argument("--tools", nargs="*", help="Only the tools whose name contains one of these words.")
@@ -225,6 +226,10 @@ def main() -> int:
                       str(round(r["peak_mb"])), ratio, "-" if r["sites"] is None else str(r["sites"]),
                       str(r["rc"]) + ("" if r["rc"] == 0 else f" ({r['tail']})"),
                       f"{min(r['load']):.1f}-{max(r['load']):.1f}"])
+    loads = [x for r in rows for x in r["load"]]
+    shared = (f"The 1-minute load average over this run was {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} "
+              f"cores: besides the command measured, about {max(0, round(statistics.median(loads)) - 1)} other "
+              "processes were runnable at any time (other engineers' tests and benchmarks). " if loads else "")
     steps = [f"- {r['model']}, {r['tool']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
              for r in rows if r.get("steps")]
     write("pipeline_scale", "real-size models: attn-opt vs ORT optimizer vs onnxscript", cols, table, rows,
@@ -233,7 +238,8 @@ def main() -> int:
                    "tool; random weights with real geometry (benchmarks/pipeline_scale.py). Every tool ran "
                    f"{args.repeat} times, interleaved (each round runs each tool once, the order rotated), and the "
                    "table gives medians (range in brackets) and the 1-minute load average seen after each run: the "
-                   "machine is shared, so compare the ratios within one table, not with other runs. attn-opt's "
+                   "machine is shared, so compare the ratios within one table, not with other runs. " + shared
+                   + "attn-opt's "
                    "commands include every check their `check` says (model: validity, the original and each "
                    "pass's model on the fidelity inputs and the padded and length+5 variants, FLOPs; sites: each "
                    "rewritten site alone; none: validity only) and writing the output with its weights (copied, "

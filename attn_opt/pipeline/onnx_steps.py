@@ -37,8 +37,8 @@ class OnnxSteps:
     def load(self, path: str) -> OnnxModel:
         return onnx_adapter.load(path)
 
-    def input_specs(self, model: OnnxModel) -> list:
-        return onnx_adapter.input_specs(onnx_adapter.view(model))
+    def input_specs(self, model: OnnxModel, view=None) -> list:
+        return onnx_adapter.input_specs(view if view is not None else onnx_adapter.view(model))
 
     def run_check(self, model: OnnxModel, hint: str):
         """What refuses, from shapes alone, a run of the model that would not fit in memory."""
@@ -54,13 +54,13 @@ class OnnxSteps:
         data = model.save(path, share=share)
         return data.name if data else None
 
-    def variants(self, model: OnnxModel, feeds, overrides) -> list:
+    def variants(self, model: OnnxModel, feeds, overrides, view=None) -> list:
         """A padded batch, another length, and for a decoder step, four steps of its
         generation loop after the fidelity inputs' first row of tokens as the prompt."""
         from attn_opt.core.inputs import fidelity_variants
         from attn_opt.pipeline.onnx_decode import DECODE_STEPS, decode_check, loop_of
 
-        gv = onnx_adapter.view(model)
+        gv = view if view is not None else onnx_adapter.view(model)
         specs = onnx_adapter.input_specs(gv)
         out = fidelity_variants(feeds, specs, overrides)
         try:

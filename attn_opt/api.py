@@ -154,7 +154,8 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
     loaded = load(model, example_inputs)
     steps = steps_for(loaded.ir)
     native = copy.deepcopy(loaded.native) if loaded.ir == "fx" else loaded.native  # the caller's module untouched
-    specs = steps.input_specs(native)
+    seen = loaded.view if loaded.ir == "onnx" else None  # the ONNX view load made (of `native`): not built again
+    specs = steps.input_specs(native, seen)
     f0, note = _fidelity_inputs(specs, feeds, inputs, overrides, example_inputs, loaded,
                                 steps.run_check(native, "give smaller --inputs" if inputs else "give smaller --input-shape"))
     calib = _calibration_inputs(specs, calibrate, steps.run_check(native, "give smaller --calibrate arrays"))
@@ -176,7 +177,8 @@ def _optimize(model, passes, example_inputs, feeds, inputs, input_shape, force, 
     tries = [f0] + ([batch1] if generated else [])
     for i, f in enumerate(tries):
         try:
-            variants = steps.variants(native, f, overrides or bool(inputs) or i > 0) if name == "model" else []
+            variants = (steps.variants(native, f, overrides or bool(inputs) or i > 0, seen)
+                        if name == "model" else [])
             if fresh:  # every input set a first step too
                 variants = [(label, v if callable(v) else steps.first_step(native, v)) for label, v in variants]
             opts = RunOptions(check=check_strategy(name, variants), layers=_layers(layers), ids=_set(sites),

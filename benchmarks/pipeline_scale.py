@@ -4,6 +4,8 @@ optimizer and onnxscript's `optimize_for_ort`, on the same files in one run.
 
 Models (random weights, real geometry, built once into --workdir):
   bert-base-ts / bert-base-dynamo  12 layers, 768 hidden, 12 heads (440 MB fp32, inline)
+  bert-24-layers                    24 layers, 64 hidden, 4 heads (TorchScript export): whole-process
+                                    `inspect` vs ORT's optimizer on a deep, small model
   tinyllama-1.1b                    22 layers, 2048 hidden, 32 heads, 4 kv heads (4.4 GB, external data)
   llama3-8b-geometry                4096 hidden, 32 heads, 8 kv heads, --llama8b-layers layers
                                     (external data; checked with --check=sites)
@@ -39,7 +41,10 @@ BUILD = r'''
 import sys, torch
 from attn_opt.tools import zoo
 name, exporter, out, layers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-if name.startswith("bert"):
+if name == "bert-24-layers":  # benchmarks/detect_speed.py's large-model row: many layers, small weights
+    m = zoo._hf("BertModel", "BertConfig", "eager", vocab_size=zoo.VOCAB, hidden_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+elif name.startswith("bert"):
     m = zoo._hf("BertModel", "BertConfig", "eager", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
                 num_attention_heads=12, intermediate_size=3072)
 elif name.startswith("tinyllama"):
@@ -48,7 +53,7 @@ elif name.startswith("tinyllama"):
 else:
     m = zoo._hf("LlamaModel", "LlamaConfig", "eager", vocab_size=128256, hidden_size=4096, num_hidden_layers=layers,
                 num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=2048)
-ids, mask = zoo._ids_and_padded_mask(2, 16)
+ids, mask = zoo._ids_and_padded_mask() if name == "bert-24-layers" else zoo._ids_and_padded_mask(2, 16)
 zoo.export_module(zoo._Text(m), (ids, mask), ("input_ids", "attention_mask"), exporter, out)
 '''
 
@@ -77,6 +82,7 @@ ir.save(m, out, external_data=os.path.basename(out) + ".data")
 MODELS = {  # name: (exporter, layers, heads, hidden, ORT model type, external data, check)
     "bert-base-ts": ("torchscript", 12, 12, 768, "bert", False, "model"),
     "bert-base-dynamo": ("dynamo", 12, 12, 768, "bert", True, "model"),
+    "bert-24-layers": ("torchscript", 24, 4, 64, "bert", False, "model"),
     "tinyllama-1.1b": ("dynamo", 22, 32, 2048, "gpt_neox", True, "sites"),
     "llama3-8b-geometry": ("dynamo", 4, 32, 4096, "gpt_neox", True, "sites"),
 }
@@ -103,7 +109,7 @@ def build(name: str, work: Path, layers: int) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = layers if name == "llama3-8b-geometry" else default_layers
+    n = layers if name == "llama3-8b-geometry" else default_layers  # (bert-24-layers: its 24)
     r = measured([PY, "-c", BUILD, name, exporter, str(path), str(n)])
     if r["rc"] != 0:
         raise SystemExit(f"building {name} failed: {r['tail']}")
@@ -185,7 +191,8 @@ def run_model(name: str, path: Path, out: Path, repeat: int, only: list[str] | N
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "attn-opt" / "scale"))
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS),
+                    help="Models to run (none: rewrite the table from results/pipeline_scale.json).")
     ap.add_argument("--llama8b-layers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5, help="Rounds of every tool, interleaved; medians reported.")
     ap.add_argument("--tools", nargs="*", help="Only the tools whose name contains one of these words.")
@@ -219,6 +226,10 @@ def main() -> int:
                       str(round(r["peak_mb"])), ratio, "-" if r["sites"] is None else str(r["sites"]),
                       str(r["rc"]) + ("" if r["rc"] == 0 else f" ({r['tail']})"),
                       f"{min(r['load']):.1f}-{max(r['load']):.1f}"])
+    loads = [x for r in rows for x in r["load"]]
+    shared = (f"The 1-minute load average over this run was {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} "
+              f"cores: besides the command measured, about {max(0, round(statistics.median(loads)) - 1)} other "
+              "processes were runnable at any time (other engineers' tests and benchmarks). " if loads else "")
     steps = [f"- {r['model']}, {r['tool']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
              for r in rows if r.get("steps")]
     write("pipeline_scale", "real-size models: attn-opt vs ORT optimizer vs onnxscript", cols, table, rows,
@@ -227,7 +238,8 @@ def main() -> int:
                    "tool; random weights with real geometry (benchmarks/pipeline_scale.py). Every tool ran "
                    f"{args.repeat} times, interleaved (each round runs each tool once, the order rotated), and the "
                    "table gives medians (range in brackets) and the 1-minute load average seen after each run: the "
-                   "machine is shared, so compare the ratios within one table, not with other runs. attn-opt's "
+                   "machine is shared, so compare the ratios within one table, not with other runs. " + shared
+                   + "attn-opt's "
                    "commands include every check their `check` says (model: validity, the original and each "
                    "pass's model on the fidelity inputs and the padded and length+5 variants, FLOPs; sites: each "
                    "rewritten site alone; none: validity only) and writing the output with its weights (copied, "

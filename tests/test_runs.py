@@ -193,3 +193,53 @@ def test_share_weights_refuses_an_inline_model_in_one_line(zoo_onnx, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--share-weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_static_shape_nodes_give_what_onnx_runtime_computes():
+    """A Shape node of a sized value becomes a Constant with the same value (start/end,
+    negative and clamped, included); an unsized one stays."""
+    from onnx import TensorProto, helper
+
+    from attn_opt.core.ir.onnx_segments import static_shape_nodes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])
+    nodes = [helper.make_node("Shape", ["x"], ["s0"]), helper.make_node("Shape", ["x"], ["s1"], start=1, end=-1),
+             helper.make_node("Shape", ["x"], ["s2"], start=-9, end=9), helper.make_node("Shape", ["y"], ["s3"]),
+             helper.make_node("Identity", ["x"], ["y"])]
+    outs = [onnx.ValueInfoProto(name=n) for n in ("s0", "s1", "s2", "s3")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outs), opset_imports=[helper.make_opsetid("", 21)])
+    want = OnnxModel.from_proto(m).run({"x": np.zeros((2, 3, 4, 5), np.float32)})
+    replaced = static_shape_nodes(nodes, {"x": (2, 3, 4, 5), "y": (2, None, 4, 5)})
+    assert [n.op_type for n in replaced] == ["Constant"] * 3 + ["Shape", "Identity"]
+    got = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in replaced[:3]}
+    assert all(np.array_equal(got[k], want[k]) for k in got), (got, want)
+
+
+def test_observing_without_a_run_computes_no_projection(ext, monkeypatch):
+    """Without a run (--check none / sites) Q, K and V are read for their shapes only: no
+    MatMul runs, and the sites (heads, lengths, masks, run shapes) are the ones a full run
+    finds; the rewritten model's observation reuses what the model before the pass read
+    (its own mask nodes run, nothing that reads a weight)."""
+    import attn_opt.core.ir.onnx_segments as seg
+    from attn_opt.pipeline.onnx_steps import OnnxSteps
+
+    ran, real = [], seg._run_sub
+    monkeypatch.setattr(seg, "_run_sub", lambda m, p, nodes, *a: ran.append([n.op_type for n in nodes]) or
+                        real(m, p, nodes, *a))
+    monkeypatch.setattr(onnx_runs, "MIN_SEGMENT_BYTES", 0)
+
+    def fields(state):
+        return [(s.id, s.heads, s.kv_heads, s.head_dim, s.q_len, s.k_len, s.mask, s.causal, s.scale, s.run_shape,
+                 s.mask_shapes) for s in state.det.sites]
+
+    steps = OnnxSteps()
+    quick = steps.observe(OnnxModel.load(ext), FEEDS, run=False)
+    assert ran and not any(op in ("MatMul", "Gemm") for ops in ran for op in ops), ran
+    full = steps.observe(OnnxModel.load(ext), FEEDS, run=True)
+    assert fields(quick) == fields(full) and len(full.det.sites) == 2
+    assert quick.flops.matmul == full.flops.matmul and quick.flops.attention_matmul == full.flops.attention_matmul
+    ran.clear()
+    _, rep, n = _optimize(ext, "fuse", check="none")
+    assert len(rep.passes[0].sites_rewritten) == 2
+    assert not any(op in ("MatMul", "Gemm") for ops in ran for op in ops), ran
+    assert len(ran) == n["sessions"] <= 2, n

@@ -143,8 +143,8 @@ class FxSteps:
 
         return load(path).native
 
-    def input_specs(self, gm: fx.GraphModule) -> list:
-        return fx_adapter.input_specs(fx_adapter.view(gm))
+    def input_specs(self, gm: fx.GraphModule, view=None) -> list:
+        return fx_adapter.input_specs(view if view is not None else fx_adapter.view(gm))
 
     def run_check(self, gm: fx.GraphModule, hint: str):
         return None  # a program's run is not estimated from shapes (its inputs are, by their headers)
@@ -160,10 +160,10 @@ class FxSteps:
         with atomic_path(path) as tmp:
             torch.export.save(program, tmp)
 
-    def variants(self, gm: fx.GraphModule, feeds, overrides) -> list:
+    def variants(self, gm: fx.GraphModule, feeds, overrides, view=None) -> list:
         from attn_opt.core.inputs import fidelity_variants
 
-        return fidelity_variants(feeds, self.input_specs(gm), overrides)
+        return fidelity_variants(feeds, self.input_specs(gm, view), overrides)
 
     def observe(self, gm: fx.GraphModule, feeds, run: bool = True, known: State | None = None) -> State:
         """With `run`: one run gives the outputs, the probed values and each node's FLOPs.

@@ -37,8 +37,8 @@ class OnnxSteps:
     def load(self, path: str) -> OnnxModel:
         return onnx_adapter.load(path)
 
-    def input_specs(self, model: OnnxModel) -> list:
-        return onnx_adapter.input_specs(onnx_adapter.view(model))
+    def input_specs(self, model: OnnxModel, view=None) -> list:
+        return onnx_adapter.input_specs(view if view is not None else onnx_adapter.view(model))
 
     def run_check(self, model: OnnxModel, hint: str):
         """What refuses, from shapes alone, a run of the model that would not fit in memory."""
@@ -54,13 +54,13 @@ class OnnxSteps:
         data = model.save(path, share=share)
         return data.name if data else None
 
-    def variants(self, model: OnnxModel, feeds, overrides) -> list:
+    def variants(self, model: OnnxModel, feeds, overrides, view=None) -> list:
         """A padded batch, another length, and for a decoder step, four steps of its
         generation loop after the fidelity inputs' first row of tokens as the prompt."""
         from attn_opt.core.inputs import fidelity_variants
         from attn_opt.pipeline.onnx_decode import DECODE_STEPS, decode_check, loop_of
 
-        gv = onnx_adapter.view(model)
+        gv = view if view is not None else onnx_adapter.view(model)
         specs = onnx_adapter.input_specs(gv)
         out = fidelity_variants(feeds, specs, overrides)
         try:
@@ -73,24 +73,26 @@ class OnnxSteps:
 
     def observe(self, model: OnnxModel, feeds, run: bool = True, known: State | None = None) -> State:
         """View, match, one run (outputs + probes + missing shapes), detect, count. With
-        `known` (the same function before an opset conversion) its values are reused and
-        the model runs only if they lack something."""
+        `known` (the same function before an opset conversion, or the model before a pass
+        when nothing runs) its values are reused and the model runs only for what they lack.
+        Without a run, Q, K and V (read for their shapes) stand in as zero-strided arrays
+        where inference sized them, so no layer's projections are computed for them."""
         om, proto = onnx_adapter.shaped(model)
         feeds = split_feeds(om.ir, feeds)  # a cache a rewrite split by KV group (per-head streaming)
         gv = onnx_adapter.view(om)
         feeds = with_empty_caches(gv, onnx_adapter.input_specs(gv), feeds)
         found = match(gv)
         shapes, missing = onnx_flops.static_shapes(proto, feeds)
-        probed, outputs = {}, None
-        names = [v.name for v in needed(found) if v.const is None]
+        stand_ins = {} if run else _shape_stand_ins(found, shapes)
+        names = [v.name for v in needed(found) if v.const is None and v.name not in stand_ins]
         control = [n for n in onnx_flops.control_values(proto) if n not in feeds]  # If taken, Loop trips
-        have = dict(known.view.probed) if known is not None else {}
-        if known is not None and all(n in have for n in names + missing + control) and (known.outputs is not None or not run):
-            # the values whose shapes inference missed are kept too: the next observe may miss them again
-            outputs, probed = known.outputs, {n: have[n] for n in names + missing + control if n in have}
-            shapes.update({k: tuple(np.shape(have[k])) for k in missing})
-            gv.remember(feeds, probed)
-        else:
+        want = list(dict.fromkeys(names + missing + control))
+        have = dict(known.view.probed) if known is not None and (known.outputs is not None or not run) else {}
+        lack = [n for n in want if n not in have]
+        outputs = known.outputs if run and known is not None else None
+        # the values whose shapes inference missed are kept too: the next observe may miss them again
+        probed = {n: have[n] for n in want if n in have}
+        if lack or (run and outputs is None):
             try:
                 if run:
                     top = lambda ns: om.run(feeds, ns, also=self.along)  # noqa: E731
@@ -99,8 +101,8 @@ class OnnxSteps:
                     from attn_opt.core.ir.onnx_segments import run_segmented
 
                     budget = segment_budget(om.weight_bytes(), parts=len(found.candidates))  # about a layer
-                    top = lambda ns: run_segmented(om, feeds, set(ns), budget)  # noqa: E731
-                got = onnx_adapter.probe(gv, feeds, names + missing + control, top)  # regions: run alone
+                    top = lambda ns: run_segmented(om, feeds, set(ns), budget, shapes)  # noqa: E731
+                got = onnx_adapter.probe(gv, feeds, lack, top)  # regions: run alone
             except UserError:  # refused before it ran (the memory limit): said as it is
                 raise
             except Exception as e:
@@ -108,10 +110,10 @@ class OnnxSteps:
                                 "give --inputs FILE.npz or --input-shape NAME=DIMS") from None
             outs = {o.name for o in proto.graph.output}
             outputs = {k: v for k, v in got.items() if k in outs} if run else None
-            probed = {k: v for k, v in got.items() if k not in outs or k in names}
-            shapes.update({k: tuple(np.shape(v)) for k, v in got.items()})
-            gv.remember(feeds, probed)
-        det = found.finish(gv, probed, None, feeds)
+            probed.update({k: v for k, v in got.items() if k not in outs or k in names})
+        shapes.update({k: tuple(np.shape(v)) for k, v in probed.items()})
+        gv.remember(feeds, probed)
+        det = found.finish(gv, {**stand_ins, **probed}, None, feeds)
         attention = {n for s in det.sites for n in s.nodes}
         flops = onnx_flops.count_shapes(proto, shapes, attention, {**probed, **feeds})
         return State(om, gv, det, outputs, flops, onnx_flops.params(proto))
@@ -234,3 +236,19 @@ class OnnxSteps:
         from attn_opt.core.ir.onnx_segments import check_sites
 
         return check_sites(before, after, site_ids, feeds)
+
+
+def _shape_stand_ins(found, shapes: dict) -> dict[str, np.ndarray]:
+    """Q, K, V (and the 4-D scores of heads folded into the batch) of each candidate, where
+    static inference gave their shape and they are in the model's own graph: detection
+    reads only their shapes, so a zero-strided array of that shape serves (no memory, no
+    run). Values it did not size are run as before."""
+    out = {}
+    for c in found.candidates:
+        for v in (c.q.value, c.k.value, c.v.value, c.unfold):
+            if (v is None or v.const is not None or v.name not in shapes or not v.dtype
+                    or (v.producer is not None and v.producer.region)):
+                continue
+            out[v.name] = np.broadcast_to(np.zeros((), np.dtype(v.dtype)), shapes[v.name])
+    return out
+

@@ -17,8 +17,9 @@ class Steps(Protocol):
     def load(self, path: str) -> Any:
         """The model in a file (weights left where they are), vetted; UserError if unreadable."""
 
-    def input_specs(self, model) -> list:
-        """The model's inputs (core/inputs.py: InputSpec) for generated and checked feeds."""
+    def input_specs(self, model, view=None) -> list:
+        """The model's inputs (core/inputs.py: InputSpec) for generated and checked feeds
+        (`view`: the model's view where the caller has it, so it is not built again)."""
 
     def run_check(self, model, hint: str):
         """A function refusing (UserError, `hint` said) input shapes a run would not fit in
@@ -30,7 +31,7 @@ class Steps(Protocol):
     def save(self, model, path: str, feeds: dict[str, np.ndarray]) -> str | None:
         """Write the model atomically; the external data file's name, if one was written."""
 
-    def variants(self, model, feeds: dict, overrides) -> list:
+    def variants(self, model, feeds: dict, overrides, view=None) -> list:
         """(label, feeds or a function of the model) the passes are also checked on."""
 
     # -- one model as the pipeline sees it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -109,15 +110,22 @@ def _dtype(v: ir.Value) -> str | None:
 def _scope(node: ir.Node) -> str | None:
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if scopes:  # the dynamo exporter: ['', 'model', ..., 'model.encoder.layer.0.attention.self', 'softmax']
-        try:
-            names = ast.literal_eval(scopes)
-            return names[-2] if len(names) >= 2 else None
-        except (ValueError, SyntaxError):
-            return None
+        return _module_scope(scopes)
     name = node.name or ""
     if name.startswith("/"):  # the TorchScript exporter: /model/encoder/layer.0/attention/self/Softmax
         return ".".join(p for p in name.strip("/").split("/")[:-1])
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _module_scope(scopes: str) -> str | None:
+    """The module of a dynamo name-scope list (parsed once per distinct list: the nodes of
+    one module share it)."""
+    try:
+        names = ast.literal_eval(scopes)
+        return names[-2] if len(names) >= 2 else None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
 
 
 def _op(node: ir.Node) -> str:
@@ -126,7 +134,7 @@ def _op(node: ir.Node) -> str:
 
 def _attr_value(a):
     v = a.value
-    if isinstance(v, (ir.TensorProtocol,)):
+    if a.type == ir.AttributeType.TENSOR:  # (not isinstance of the protocol: that check costs more than the rest)
         return v.numpy()
     if isinstance(v, bytes):
         return v.decode()

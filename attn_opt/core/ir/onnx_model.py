@@ -145,7 +145,11 @@ class OnnxModel:
         `optimize=False`: ORT's graph optimizations off).
         Weight prepacking (copies of every MatMul weight in ORT's own layout) is off unless
         asked for: the pipeline runs each session on a few small input sets, where it costs
-        seconds and memory."""
+        seconds and memory. Such a session's threads also sleep between ops instead of
+        spinning, and its memory arena is off (freed with each run): on shared cores a
+        spinning pool doubled each run's time (measured on BERT-base), and the arena kept
+        every segment's activations. Sessions asked to prepack (timing, repeated runs)
+        keep ORT's defaults."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)
@@ -162,6 +166,8 @@ class OnnxModel:
             opts.add_session_config_entry(FOLDER_KEY, self.folder)
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.enable_cpu_mem_arena = False
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         data = proto.SerializeToString()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from attn_opt.core import fidelity
 from attn_opt.core.graph import SITE_TAG
@@ -103,10 +103,33 @@ def cone(nodes: list, wanted: set[str]) -> list:
     return [nodes[i] for i in sorted(keep)]
 
 
-def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int) -> dict:
-    """The `wanted` values of one run on `feeds`, computed segment by segment."""
-    got = run_segmented_sets(model, model.graph_proto(), [(feeds, wanted)], budget)[0]
-    return got
+def static_shape_nodes(nodes: list, sizes: dict) -> list:
+    """`nodes` with each Shape node whose input static inference sized (`sizes`: name ->
+    dims, for the feeds' shapes) replaced by a Constant of that shape: a value that reads
+    only the shape of, say, Q no longer makes a run compute Q's projections."""
+    out = []
+    for n in nodes:
+        dims = sizes.get(n.input[0]) if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.input else None
+        if dims is None or not all(isinstance(d, int) and d >= 0 for d in dims):
+            out.append(n)
+            continue
+        a, r = {x.name: x.i for x in n.attribute}, len(dims)
+        start, end = (min(max(x + r if x < 0 else x, 0), r) for x in (a.get("start", 0), a.get("end", r)))
+        value = numpy_helper.from_array(np.array(dims[start:end], np.int64))
+        out.append(helper.make_node("Constant", [], [n.output[0]], name=n.name, value=value))
+    return out
+
+
+def run_segmented(model: OnnxModel, feeds: dict, wanted: set[str], budget: int, sizes: dict | None = None) -> dict:
+    """The `wanted` values of one run on `feeds`, computed segment by segment (`sizes`:
+    the values' static shapes on these feeds, read instead of computed where a Shape
+    node asks for one)."""
+    proto = model.graph_proto()
+    if sizes:
+        nodes = static_shape_nodes(list(proto.graph.node), sizes)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return run_segmented_sets(model, proto, [(feeds, wanted)], budget)[0]
 
 
 def run_segmented_sets(model: OnnxModel, proto, sets: list, budget: int) -> list:

@@ -304,3 +304,24 @@ def test_sink_column_on_torch_fx_fuses_exactly():
     assert np.allclose(sink.detach().numpy(), np.linspace(-1, 2, 4))
     with torch.no_grad():
         torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_5d_view_with_nothing_added_changes_nothing(tmp_path):
+    """Scores viewed [B, 2, H/2, T, T] and back with no term added in between: one site, not
+    blocked, fuse exact (the view is no regrouped term)."""
+    from attn_opt.tools import zoo
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-2, -1) * 8 ** -0.5
+            b, h, t, _ = s.shape
+            s = (s.view(b, 2, h // 2, t, t) * 1.0).view(b, h, t, t)
+            return torch.softmax(s, -1) @ v
+
+    args = tuple(torch.randn(2, 4, 5, 8) for _ in range(3))
+    src = zoo.export_module(M().eval(), args, ("q", "k", "v"), "torchscript", tmp_path / "m.onnx", dynamic=False)
+    (s,) = _sites(src)
+    assert s.blocked is None and s.regroup is None and not s.regrouped_terms
+    feeds = {n: a.numpy() for n, a in zip(("q", "k", "v"), args)}
+    _, report = attn_opt.optimize(str(src), ["fuse"], feeds=feeds)
+    assert report.passes[0].sites_rewritten == ["a0"] and report.passes[0].step_fidelity["max_rel_error"] <= 1e-4

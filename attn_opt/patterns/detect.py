@@ -236,8 +236,8 @@ def _regroup_terms(c: Candidate, probed: dict) -> tuple[int | None, dict, str | 
     """W of a [B/W, W, H, Tq, Tk] view of 4-D scores [B, H, Tq, Tk] that terms were added
     to (Swin's shifted-window mask), the probed values with those terms as 4-D terms, and
     why no pass may rewrite the site where the view is not that split of the batch axis."""
-    if c.regroup_view is None and not c.regroup:
-        return None, probed, None
+    if (c.regroup_view is None and not c.regroup) or not c.regrouped_terms:
+        return None, probed, None  # a view with nothing added in it changes nothing
     q = _arr(c.q.value, probed)
     qs = q.shape if q is not None else _static_ints(c.q.value.shape)
     qs = tuple(qs[p] for p in c.q.perm) if qs is not None and c.q.perm else qs

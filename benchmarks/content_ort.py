@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--name", default="content_ort", help="results/NAME.{md,json}")
     args = ap.parse_args()
     rows = []
     for kind, module in (("bidirectional", BidirectionalAttentionStack), ("causal", CausalAttentionStack)):
@@ -93,7 +94,7 @@ def main() -> int:
               f"{r['gflop_dense']:.2f}", f"{r['gflop_topk']:.2f} ({r['selection_gflop']:.3f})", f"{r['speedup']:.2f}x",
               f"{r['bound']:.2f}x", f"{r['realized_of_bound']:.0%}"] for r in rows]
     load = os.getloadavg()[0]
-    write("content_ort", "sparse:topk (1/8 of the key blocks) vs dense in ONNX Runtime (CPU)", cols, table, rows,
+    write(args.name, "sparse:topk (1/8 of the key blocks) vs dense in ONNX Runtime (CPU)", cols, table, rows,
           [f"# sparse:topk in ONNX Runtime (CPU, {torch.get_num_threads()} threads, load average {load:.1f})", "",
            "Model: 4 attention layers, 8 heads of 64, batch 1, no MLP. FLOPs: matrix products counted from each",
            "graph, the selection's block scores included. Bound: dense / top-k matrix FLOPs; realized/bound:",

@@ -301,7 +301,7 @@ class Sparse(Pass):
         tk = site.k_len if isinstance(site.k_len, int) else (site.run_shape[3] if site.run_shape else None)
         if self.routing is not None:
             return Form(pattern=pattern, normaliser=site.normaliser, notes=tuple(self._routing_notes(site, tk)))
-        if tk is not None and pattern.block > tk:
+        if tk is not None and pattern.block > tk and site.cache is None:  # a step's cache grows past it
             raise UserError(f"sparse: block {pattern.block} is larger than the sequence ({tk} keys at site {site.id})")
         notes = [n for n in (note,) if n]
         if self.pyramid is not None and self.topk is None:  # topk from the budget at the site's length

@@ -201,3 +201,15 @@ def test_streaming_groups_read_only_their_window(step, forced):
     split = {n: _attention_flops(heads, n, 10) for n in (400, 800)}
     assert split[400] < 0.55 * dense[400], (split, dense)
     assert abs((split[800] - split[400]) - (dense[800] - dense[400]) / 2) <= 0.01 * (dense[800] - dense[400])
+
+
+def test_torch_fx_refuses_per_head_streaming_in_words():
+    """torch.fx caps a stream step's whole cache: with full_heads the full groups would lose
+    their positions, so the backend refuses the form and says why."""
+    from attn_opt.backends.torch.fx import CAPABILITIES
+    from attn_opt.patterns.form import Form, Pattern, StreamCache
+
+    form = Form(pattern=Pattern("window", True, 8, 1, sinks=2, dense_heads=(2, 3)),
+                stream=StreamCache(2, 8, full_groups=(1,)))
+    assert "per-head streaming (full_heads) on torch.fx" in CAPABILITIES.limits(None, form)
+    assert "per-head streaming" not in (CAPABILITIES.limits(None, Form(stream=StreamCache(2, 8))) or "")

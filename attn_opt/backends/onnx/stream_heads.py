@@ -57,7 +57,7 @@ def limits(site: AttentionSite, form: Form) -> str | None:
             return f"its {name} is not [B, H, S, D] after the cache (packed or heads in the batch)"
     for m in site.additive + ((site.bool_mask,) if site.bool_mask is not None else ()):
         shape = site.mask_shapes.get(m.name) or m.shape
-        if len(shape) == 4 and shape[1] not in (1, site.heads):
+        if shape is not None and len(shape) == 4 and shape[1] not in (1, site.heads):
             return f"mask term {m.name} has {shape[1]} heads, neither 1 nor the site's {site.heads}"
     return None
 

@@ -429,6 +429,9 @@ GRAPH_EDITS = {"drop_mlp": drop_mlp}
 def _limits(site: AttentionSite, form: Form) -> str | None:
     """What scaled_dot_product_attention cannot keep of a site's own form; a latent cache;
     a content pattern's limits (patterns/form.py: selection_reason)."""
+    if form.stream is not None and form.stream.full_groups is not None:  # cap_stream would cap the full groups too
+        return ("per-head streaming (full_heads) on torch.fx: the split cache is not implemented on torch.fx yet "
+                "(the ONNX step has it); give stream without full_heads")
     if form.stream is not None and (form.stream.rotary is not None or form.stream.target != "own"):
         return ("stream on torch.fx: positions=cache and the runtime ops (target=onnx|ort|auto) are ONNX "
                 "lowerings; torch.fx takes positions=original, target=own")

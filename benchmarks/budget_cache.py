@@ -65,6 +65,18 @@ def main() -> int:
                      f"{nll - base:+.4f}", f"{rec['mean_abs_dlogp']:.4f}", "-" if seconds is None else f"{seconds:.0f}"])
         print(rows[-1], file=sys.stderr)
 
+    def report():  # after every row: a long search cut short keeps what it measured
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        preface = ["# --budget cache=F on the trained decoder (llama-bytes), held-out text", "",
+                   f"{args.rows} search and {args.rows} held-out segments of {length} bytes, teacher-forced through "
+                   f"the step's generation loop in ONNX Runtime; the original's NLL {base:.4f} nats/byte. Cache: what "
+                   f"the loop holds after the last byte, as a fraction of the original's ({dense.cache_bytes} bytes). "
+                   f"Candidates `{args.candidates}`; the plan chooses per layer and KV group. Peak RSS {peak:.2f} GiB; "
+                   "times on the shared 2-core machine under load.", ""]
+        write("budget_cache", "cache budget: searched plan vs one window everywhere (held-out bytes)",
+              ["form", "budget", "cache", "NLL", "vs original", "mean |Δ log p|", "search s"], rows,
+              {"records": records, "peak_rss_gib": peak}, preface)
+
     score(om, "original (full cache)", None)
     for spec in B.expand_candidates(args.candidates):
         model, _ = attn_opt.optimize(str(path), [spec], force=True, check="none")
@@ -81,16 +93,8 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         model, _ = attn_opt.optimize(str(path), plan=r.plan, force=True, check="none")
         score(model, f"searched plan, cache={b:g}", b, seconds, r.plan)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    preface = ["# --budget cache=F on the trained decoder (llama-bytes), held-out text", "",
-               f"{args.rows} search and {args.rows} held-out segments of {length} bytes, teacher-forced through the "
-               f"step's generation loop in ONNX Runtime; the original's NLL {base:.4f} nats/byte. Cache: what the loop "
-               f"holds after the last byte, as a fraction of the original's ({dense.cache_bytes} bytes). Candidates "
-               f"`{args.candidates}`; the plan chooses per layer and KV group. Peak RSS {peak:.2f} GiB; times on the "
-               "shared 2-core machine under load.", ""]
-    write("budget_cache", "cache budget: searched plan vs one window everywhere (held-out bytes)",
-          ["form", "budget", "cache", "NLL", "vs original", "mean |Δ log p|", "search s"], rows,
-          {"records": records, "peak_rss_gib": peak}, preface)
+        report()
+    report()
     return 0
 
 

@@ -239,3 +239,17 @@ def test_qoperator_near_miss(quantized):
     det = attn_opt.inspect(str(quantized("qoperator")))
     assert not det.sites and det.near_misses
     assert all("QOperator" in m.reason for m in det.near_misses)
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (2, 6), (1, 1, 4, 6), (2, 1, 4, 6)])
+def test_the_padded_set_shows_row_0_only_its_first_key(shape):
+    """The padded input set: row 0 sees key 0 only (every query of it, for a 4-D mask),
+    row 1 nothing; the batch is doubled where it is one row and may grow."""
+    from attn_opt.core.inputs import InputSpec, fidelity_variants
+
+    specs = [InputSpec("attention_mask", "int64", ("batch",) + shape[1:])]
+    padded = dict(fidelity_variants({"attention_mask": np.ones(shape, np.int64)}, specs))["padded"]
+    m = padded["attention_mask"]
+    assert m.shape == (2,) + shape[1:]
+    assert (m[0, ..., 0] == 1).all() and m[0, ..., 1:].sum() == 0
+    assert m[1].sum() == 0

@@ -274,7 +274,7 @@ def fidelity_variants(feeds: dict[str, np.ndarray], specs: list[InputSpec] | Non
         for k in masks:
             m = padded[k].copy()
             m[0] = 0
-            m[(0,) + (0,) * (m.ndim - 2)] = 1  # row 0: only its first token
+            m[0, ..., 0] = 1  # row 0: only its first key (every query of row 0, for a mask of higher rank)
             if m.shape[0] > 1:
                 m[1] = 0  # row 1: fully padded
             padded[k] = m

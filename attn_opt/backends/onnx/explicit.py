@@ -111,19 +111,30 @@ def scores_and_visibility(e: SiteEdit, site: AttentionSite, q, k, pattern: Patte
             c = e.op("Cast", [c], {"to": ir.DataType.BOOL})
         c = c if site.bool_keep else e.op("Not", [c])
         vis = c if vis is None else e.op("And", [vis, c])
+    tri = None
     if site.causal and (site.rule != "eager" or (not site.additive and site.bool_mask is None)):
         tri = causal_visible(e, q, k)  # a fused op's is_causal (harmless where its mask is causal already)
         vis = tri if vis is None else e.op("And", [vis, tri])
     seen = vis  # the pairs the site's masks keep (None: all)
+    hidden = None  # the rows the site's masks hide completely
     if vis is None:
         vis = e.op("Equal", [s, s])  # everything visible (a finite score equals itself)
     else:
         s, vis = _hidden_rows_as_original(e, site, s, vis, c, filled)
-    if pattern is not None and pattern.selection is not None:  # routing: clusters chosen from Q and K
+        hidden = e.op("Not", [_any(e, seen)])
+        if tri is not None:  # a fused op's causality hides with -inf: not in a hidden row's uniform
+            vis = e.op("And", [vis, tri])
+    if pattern is None:
+        return s, vis
+    if pattern.selection is not None:  # routing: clusters chosen from Q and K
         from attn_opt.backends.onnx.routing import routing_visible
 
-        return s, e.op("And", [vis, routing_visible(e, site, pattern, q, k, seen)])
-    return s, vis if pattern is None else e.op("And", [vis, pattern_visible(e, pattern, q, k)])
+        kept = routing_visible(e, site, pattern, q, k, seen)
+    else:
+        kept = pattern_visible(e, pattern, q, k)
+    # a hidden row is the original's whatever the pattern (its keys are a padded row's, over
+    # past + new on a decoder step, where the pattern's causality would cut off the new ones)
+    return s, e.op("And", [vis, kept if hidden is None else e.op("Or", [kept, hidden])])
 
 
 def _any(e: SiteEdit, x) -> ir.Value:

@@ -185,14 +185,16 @@ def emit_gathered(e: SiteEdit, s: AttentionSite, pattern: Pattern, normalise, qk
     kpos = e.op("Add", [e.op("Mul", [e.op("Unsqueeze", [idx, e.ints(4)]), i64(e, b)]),
                         e.op("Range", [i64(e, 0), i64(e, b), i64(e, 1)])])  # [B, Hkv, nbq, C, b]
     kpos6 = e.op("Unsqueeze", [e.op("Reshape", [kpos, e.ints(0, 0, 0, -1)]), e.ints(2, 4)])  # [B, Hkv, 1, nbq, 1, C·b]
-    vis = e.op("Less", [kpos6, tk])
+    vis = inside = e.op("Less", [kpos6, tk])  # gathered keys in the sequence
     if pattern.causal:  # queries are the last Tq of Tk positions
         qpos = e.op("Reshape", [e.op("Range", [e.op("Sub", [tk, tq]), e.op("Add", [e.op("Sub", [tk, tq]),
                                                                                    e.op("Mul", [nbq, i64(e, b)])]),
                                                i64(e, 1)]), e.ints(-1, b, 1)])  # [nbq, b, 1]
         vis = e.op("And", [vis, e.op("LessOrEqual", [kpos6, qpos])])
+        if s.causal and s.rule != "eager":  # a fused op's causality hides with -inf, in hidden rows too
+            inside = vis  # (an eager site's is in its masks' finite values: a hidden row sees past it)
     kclip6 = e.op("Min", [kpos6, e.op("Sub", [tk, i64(e, 1)])])
-    inside, keep, filled = vis, None, None  # gathered keys in the sequence (and causally allowed)
+    keep, filled = None, None
     for m in s.additive:
         mb = _gather_mask(e, s, m, q, kclip6, nbq1, b)
         scores = e.op("Add", [scores, mb])

@@ -170,12 +170,14 @@ def _explicit(q, k, v, bias, keep, scale, causal, norm, fill=None, softcap=None,
     if causal:
         i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         vis = vis & (torch.arange(tk, device=q.device)[None, :] <= i)
+    hidden = ~vis.expand(s.shape).any(-1, keepdim=True)  # the rows the site's masks hide completely
     s, vis = as_original(s, vis.expand(s.shape), bias is not None, None if keep is None else _heads5(keep, h, hkv),
                          fill, None if after is None else _heads5(after, h, hkv))
+    # a hidden row is the original's whatever the pattern (backends/onnx/explicit.py)
     if pattern is not None:
-        vis = vis & pattern_visible(pattern, tq, tk, q.device)
+        vis = vis & (pattern_visible(pattern, tq, tk, q.device) | hidden)
     if visible is not None:
-        vis = vis & _heads5(visible, h, hkv)
+        vis = vis & (_heads5(visible, h, hkv) | hidden)
     p = norm(s, vis, 5)
     return (p @ v.unsqueeze(2)).reshape(b, h, tq, v.shape[-1])
 

@@ -111,7 +111,7 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
     q6 = F.pad(q * scale, (0, 0, 0, nbq * blk - tq)).reshape(bsz, hkv, h // hkv, nbq, blk, d)
     s = _softcap(q6 @ kg.transpose(-1, -2), softcap)  # [B, Hkv, g, nbq, b, C·b]
     kpos = (idx[..., None] * blk + torch.arange(blk, device=q.device)).reshape(bsz, hkv, nbq, -1)[:, :, None, :, None]
-    vis = kpos < tk
+    vis = inside = kpos < tk  # gathered keys in the sequence (a hidden row sees past causality, as in the original)
     if form.causal:  # queries are the last Tq of Tk positions
         vis = vis & (kpos <= torch.arange(nbq * blk, device=q.device).reshape(nbq, blk, 1) + (tk - tq))
     kclip = kpos.clamp(max=tk - 1)
@@ -125,7 +125,7 @@ def gathered(q, k, v, masks, scale, causal, form: Pattern, norm, fill, softcap):
         flat = kclip.reshape(bsz, hkv, 1, 1, -1)
         return torch.gather(x5, 4, flat.expand(*x5.shape[:4], flat.shape[-1])).reshape(bsz, hkv, x5.shape[2], nbq, 1, -1)
 
-    inside, kept = vis, None  # gathered keys in the sequence (and causally allowed)
+    kept = None
     if bias is not None:
         mb = gather_mask(bias)
         s, vis = s + mb, vis & (mb > MASKED)

@@ -22,6 +22,7 @@ def _required(name: str, tested: str = "") -> str:
     """The options `name` cannot go without, less the one under test (an option is given once)."""
     need = {"sparse": {"window": "4"}, "sinkfree": {"mode": "redistribute", "alpha": "0.5"},
             "stream": {"window": "4"}, "latent": {"rank": "4"}}.get(name, {})
+    need = {**need, **{("sparse", "size"): {"routing": "2"}}.get((name, tested), {})}  # size is routing's
     return "".join(f"{k}={v}," for k, v in need.items() if k != tested)
 
 

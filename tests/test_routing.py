@@ -123,8 +123,8 @@ def test_triton_refuses_routing_in_words():
 
 
 @pytest.mark.parametrize("spec,msg", [
-    ("sparse:routing=1", "routing=1 is one cluster holding every key"),
-    ("sparse:routing=0", "routing must be >= 1"),
+    ("sparse:routing=1", "routing must be >= 2"),
+    ("sparse:routing=0", "routing must be >= 2"),
     ("sparse:routing=2,topk=1", "routing takes window and size"),
     ("sparse:routing=2,size=0", "size must be >= 1"),
     ("sparse:window=4,size=3", "size needs routing"),

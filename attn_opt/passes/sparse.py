@@ -74,7 +74,8 @@ class Sparse(Pass):
     pyramid: int | None = option(None, "content-based (PSA): pooling levels L; after the topk blocks, topk·2^l "
                                        "blocks at level l with keys mean-pooled by 2^l", low=1)
     routing: int | None = option(None, "content-based (Routing Transformer): C k-means centroids on the sequence; "
-                                       "each query attends its centroid's cluster (+ the window)", low=1)
+                                       "each query attends its centroid's cluster (+ the window); 1 would be one cluster "
+                                       "holding every key (dense attention)", low=2)
     size: int | None = option(None, "routing: keys per cluster (default ceil(T / C); >= T: exact)", low=1)
     budget: float | None = option(None, "pyramid without topk: the kept fraction of key columns (sets topk at the "
                                         "site's length)", accepts="0 < F <= 1")
@@ -150,8 +151,6 @@ class Sparse(Pass):
             raise UserError("sparse: pyramid > 4 needs block=B, a multiple of 2^L")
 
     def _check_routing(self):
-        if self.routing == 1:
-            raise UserError("sparse: routing=1 is one cluster holding every key (dense attention); give C >= 2")
         if self.topk is not None or self.pyramid is not None or self.block is not None or self.sinks != "0" \
                 or self.levels != 1 or self.budget is not None:
             raise UserError("sparse: routing takes window and size; not topk, pyramid, block, sinks, levels or budget")

@@ -66,16 +66,15 @@ def forced(e: SiteEdit, pattern: Pattern, a: ir.Value, c: ir.Value) -> ir.Value 
     return parts[0] if len(parts) == 1 else e.op("Or", parts)
 
 
-def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: int) -> ir.Value | None:
-    """[Bm, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding a pair the
-    site's masks keep (a KV group: any of its heads); None without masks. The ONNX
-    statement of `patterns/reference.py: seen_blocks`."""
+def mask_sees(e: SiteEdit, s: AttentionSite) -> tuple[ir.Value, int, bool] | None:
+    """(sees [Bm, Hm, Tqm, Tk] bool: the pairs every mask of the site keeps, Hm, whether the
+    masks differ per query); None without masks."""
     masks = [(m, False) for m in s.additive] + ([(s.bool_mask, True)] if s.bool_mask is not None else [])
     if not masks:
         return None
     sees, heads, per_query = None, 1, False
     for m, is_bool in masks:
-        x = e.value(m) if is_bool else e.term(m)
+        x = e.term(m)
         shape = tuple(s.mask_shapes[m.name])
         if len(shape) == 2:  # [Tq, Tk]
             x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
@@ -86,6 +85,17 @@ def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: 
             ok = e.op("Greater", [x, e.const(np.float32(MASKED))])
         sees = ok if sees is None else e.op("And", [sees, ok])
         heads, per_query = max(heads, shape[1]), per_query or shape[2] != 1
+    return sees, heads, per_query
+
+
+def seen_blocks(e: SiteEdit, s: AttentionSite, q: ir.Value, k: ir.Value, block: int) -> ir.Value | None:
+    """[Bm, Hkv|1, nbq|1, nbk] bool: the (query block, key block) pairs holding a pair the
+    site's masks keep (a KV group: any of its heads); None without masks. The ONNX
+    statement of `patterns/reference.py: seen_blocks`."""
+    seen = mask_sees(e, s)
+    if seen is None:
+        return None
+    sees, heads, per_query = seen
     sees = e.op("Cast", [sees], {"to": ir.DataType.FLOAT})  # [Bm, Hm, Tqm, Tk]
     tk = length(e, k)
     nbk = blocks_of(e, tk, block)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attn_opt.backends.onnx.choose import blocks_of, choose_blocks, length, pad_blocks
+from attn_opt.backends.onnx.choose import blocks_of, choose_blocks, length, mask_sees, pad_blocks
 from attn_opt.backends.onnx.edit import SiteEdit
 from attn_opt.backends.onnx.explicit import _hidden_rows_as_original, softcap
 from attn_opt.backends.onnx.visible import i64
@@ -64,23 +64,11 @@ def _gather_mask(e: SiteEdit, s: AttentionSite, m, q, kclip6, nbq1, block: int) 
 def _hidden_rows(e: SiteEdit, s: AttentionSite, q, nbq1, block: int) -> ir.Value | None:
     """[B|1, Hkv|1, hg, nbq|1, b|1, 1] bool: the rows the site's masks hide over every key
     (None: no mask)."""
-    masks = [(m, None) for m in s.additive] + ([(s.bool_mask, True)] if s.bool_mask is not None else [])
-    if not masks:
+    seen = mask_sees(e, s)
+    if seen is None:
         return None
-    sees, heads, per_query = None, 1, False
-    for m, is_bool in masks:
-        x = e.term(m)
-        shape = tuple(s.mask_shapes[m.name])
-        if len(shape) == 2:
-            x, shape = e.op("Unsqueeze", [x, e.ints(0, 1)]), (1, 1) + shape
-        if is_bool:
-            x = e.op("Cast", [x], {"to": ir.DataType.BOOL}) if m.dtype != "bool" else x
-            ok = x if s.bool_keep else e.op("Not", [x])
-        else:
-            ok = e.op("Greater", [x, e.const(np.float32(MASKED))])
-        sees = ok if sees is None else e.op("And", [sees, ok])
-        heads = max(heads, shape[1])
-        per_query = per_query or shape[2] != 1 or s.run_shape is None or s.run_shape[2] == 1
+    sees, heads, per_query = seen
+    per_query = per_query or s.run_shape is None or s.run_shape[2] == 1
     any_key = e.op("ReduceMax", [e.op("Cast", [sees], {"to": ir.DataType.FLOAT}), e.ints(-1)], {"keepdims": 1})
     hidden = e.op("Equal", [any_key, e.const(np.float32(0))])  # [Bm, Hm, Tqm, 1]
     hkv, g = s.kv_heads, s.heads // s.kv_heads

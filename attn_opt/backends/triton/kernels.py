@@ -89,6 +89,17 @@ def _scores(q, k_ptrs, kb_ptr, offs_m, offs_n, offs_d, tk, stride_kn, d_model, s
 
 
 @triton.jit
+def _softmax_step(m_i, l_i, acc, s, vis, v):
+    """One key block of the online softmax: running max, sum and weighted values updated
+    with the visible scores `s` and their values `v` (a row with nothing visible stays 0)."""
+    m_new = tl.maximum(m_i, tl.max(tl.where(vis, s, -float("inf")), 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    pexp = tl.where(vis, tl.exp(s - m_safe[:, None]), 0.0)
+    return m_new, l_i * alpha + tl.sum(pexp, 1), acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
+
+
+@triton.jit
 def attention_fwd(Q, K, V, O, KB, SL, G, SB, Tq, Tk, D, H, G_KV, scale, log_n_train, power,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skbb,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -142,13 +153,7 @@ def attention_fwd(Q, K, V, O, KB, SL, G, SB, Tq, Tk, D, H, G_KV, scale, log_n_tr
             v = tl.load(v_ptrs + offs_n[:, None] * svn + offs_d[None, :],
                         mask=(offs_n[:, None] < Tk) & (offs_d[None, :] < D), other=0.0)
             if NORM == 0:
-                m_new = tl.maximum(m_i, tl.max(tl.where(vis, s, -float("inf")), 1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                pexp = tl.where(vis, tl.exp(s - m_safe[:, None]), 0.0)
-                l_i = l_i * alpha + tl.sum(pexp, 1)
-                acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vis, v)
             elif NORM == 2:  # sigmoid: no normalisation, every visible key's weight stands alone
                 a = tl.where(vis, 1.0 / (1.0 + tl.exp(-tl.maximum(s + shift, -80.0))), 0.0)  # σ(-80) rounds to 0
                 acc += tl.dot(a.to(v.dtype), v)
@@ -207,13 +212,7 @@ def block_sparse_fwd(Q, K, V, O, KB, IDX, Tq, Tk, D, H, G_KV, C, scale,
         if KEY_BIAS:
             s += tl.load(KB + b * skbb + offs_n, mask=offs_n < Tk, other=0.0)[None, :]
             vis = vis & (s > MASKED)
-        m_new = tl.maximum(m_i, tl.max(tl.where(vis, s, -float("inf")), 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        pexp = tl.where(vis, tl.exp(s - m_safe[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(pexp, 1)
-        acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vis, v)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
